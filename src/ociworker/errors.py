@@ -1,0 +1,137 @@
+"""The one error hierarchy of ociworker.
+
+Every error says whose fault it was: ``UserError`` subclasses are caused by the
+caller's input (a Dockerfile, a context, a flag) and are fixed by changing that
+input; ``WorldError`` subclasses are caused by the host, the network or a remote
+service. The gRPC boundary maps each class to a status code once (see api/).
+"""
+
+from __future__ import annotations
+
+
+class OciworkerError(Exception):
+    """Base of all errors raised on purpose by ociworker."""
+
+    #: stable machine-readable code, carried across the gRPC boundary
+    code = "internal"
+
+
+# --- caller's fault -----------------------------------------------------------
+
+
+class UserError(OciworkerError):
+    """Bad input from the caller; nothing on the host was changed."""
+
+    code = "invalid"
+
+
+class DockerfileError(UserError):
+    """The Dockerfile cannot be parsed or converted.
+
+    ``line`` is 1-based; ``source_line`` is the offending text when known.
+    """
+
+    code = "dockerfile"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        filename: str | None = None,
+        line: int | None = None,
+        source_line: str | None = None,
+    ) -> None:
+        self.message = message
+        self.filename = filename
+        self.line = line
+        self.source_line = source_line
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = ""
+        if self.filename and self.line:
+            where = f"{self.filename}:{self.line}: "
+        elif self.line:
+            where = f"line {self.line}: "
+        text = f"{where}{self.message}"
+        if self.source_line:
+            text += f"\n    {self.source_line.rstrip()}"
+        return text
+
+
+class UnsafePathError(UserError):
+    """A path in a context, a tar or a COPY destination tries to leave its root."""
+
+    code = "unsafe_path"
+
+
+class NotFoundError(UserError):
+    """A named thing (file in the context, stage, image, cache record) does not exist."""
+
+    code = "not_found"
+
+
+class ConfigError(UserError):
+    """A flag or configuration value is invalid."""
+
+    code = "config"
+
+
+class UnsupportedError(UserError):
+    """The request is valid but this worker cannot do it (e.g. a foreign platform)."""
+
+    code = "unsupported"
+
+
+class ExecError(UserError):
+    """A command run by a step exited non-zero."""
+
+    code = "exec"
+
+    def __init__(self, step: str, command: str, exit_code: int) -> None:
+        self.step = step
+        self.command = command
+        self.exit_code = exit_code
+        super().__init__(
+            f"step {step}: process {command!r} did not complete successfully: "
+            f"exit code: {exit_code}"
+        )
+
+
+# --- the world's fault -------------------------------------------------------
+
+
+class WorldError(OciworkerError):
+    """The host, network or a remote service failed; the input may be fine."""
+
+    code = "unavailable"
+
+
+class RegistryError(WorldError):
+    """A registry answered with an error or could not be reached."""
+
+    code = "registry"
+
+
+class DigestMismatchError(WorldError):
+    """Content did not match the digest that named it."""
+
+    code = "digest_mismatch"
+
+
+class HostError(WorldError):
+    """The host lacks something we need (a runtime binary, overlayfs, a privilege)."""
+
+    code = "host"
+
+
+class RuntimeFailure(WorldError):
+    """The OCI runtime itself failed (as opposed to the command it ran)."""
+
+    code = "runtime"
+
+
+class BuildCancelled(OciworkerError):
+    """The build was cancelled by its caller."""
+
+    code = "cancelled"

@@ -1,0 +1,101 @@
+"""Snapshotters: overlayfs (default) and native copies (fallback).
+
+``open_snapshotter`` is the one place that picks between them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Literal
+
+import structlog
+
+from ociworker.core.mounts import Mount
+from ociworker.errors import ConfigError, HostError
+from ociworker.snapshot.mount import mount_all, unmount
+from ociworker.snapshot.native import DirSnapshotter, NativeSnapshotter
+from ociworker.snapshot.overlay import OverlaySnapshotter
+
+__all__ = [
+    "DirSnapshotter",
+    "NativeSnapshotter",
+    "OverlaySnapshotter",
+    "open_snapshotter",
+    "overlay_supported",
+]
+
+_log = structlog.get_logger(__name__)
+
+_probed: dict[str, bool] = {}
+_probe_lock = threading.Lock()
+
+
+def _probe(root: Path) -> bool:
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=root, prefix="overlay-probe-"))
+    try:
+        for d in ("l1", "l2", "upper", "work", "merged"):
+            (work / d).mkdir()
+        (work / "l1" / "a").write_text("a")
+        (work / "l2" / "b").write_text("b")
+        m = Mount(
+            type="overlay",
+            source="overlay",
+            options=(
+                f"lowerdir={work / 'l2'}:{work / 'l1'}",
+                f"upperdir={work / 'upper'}",
+                f"workdir={work / 'work'}",
+            ),
+        )
+        try:
+            mount_all([m], work / "merged")
+        except (HostError, OSError) as exc:
+            _log.debug("overlay probe failed", root=os.fspath(root), error=str(exc))
+            return False
+        try:
+            # A whiteout in the upper is what layers need; check it really works.
+            (work / "merged" / "a").unlink()
+            return (work / "merged" / "b").exists() and not (work / "merged" / "a").exists()
+        finally:
+            unmount(work / "merged")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def overlay_supported(root: Path) -> bool:
+    """Whether overlayfs with upper and work dirs on ``root``'s filesystem can be
+    mounted here. Probed once per root per process."""
+    key = os.path.abspath(root)
+    with _probe_lock:
+        if key not in _probed:
+            _probed[key] = _probe(Path(key))
+        return _probed[key]
+
+
+def open_snapshotter(
+    root: Path, kind: Literal["auto", "overlayfs", "native"] = "auto"
+) -> DirSnapshotter:
+    """The snapshotter for ``root``; ``auto`` prefers overlayfs when it works."""
+    if kind == "native":
+        return NativeSnapshotter(root)
+    if kind == "overlayfs":
+        if not overlay_supported(root):
+            raise HostError(
+                f"overlayfs snapshotter requested but overlayfs cannot be mounted under {root} "
+                "(needs root or CAP_SYS_ADMIN, the overlay module, and a filesystem that "
+                "supports overlay upper dirs); use the native snapshotter instead"
+            )
+        return OverlaySnapshotter(root)
+    if kind != "auto":
+        raise ConfigError(f"unknown snapshotter {kind!r}: use auto, overlayfs or native")
+    if overlay_supported(root):
+        return OverlaySnapshotter(root)
+    _log.warning(
+        "overlayfs unavailable, falling back to the native snapshotter (copies each layer)",
+        root=os.fspath(root),
+    )
+    return NativeSnapshotter(root)

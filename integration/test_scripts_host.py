@@ -1,0 +1,110 @@
+"""The prepared host, checked with real parts: the registry's base image, runc and crun."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import mounts_under
+
+_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def _get(url: str, accept: str | None = None) -> bytes:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        data: bytes = resp.read()
+        return data
+
+
+def _pull_layer(registry: str) -> tuple[dict[str, object], bytes]:
+    manifest = json.loads(_get(f"http://{registry}/v2/busybox/manifests/latest", _OCI_MANIFEST))
+    config = json.loads(_get(f"http://{registry}/v2/busybox/blobs/{manifest['config']['digest']}"))
+    (layer,) = manifest["layers"]
+    return config, gzip.decompress(_get(f"http://{registry}/v2/busybox/blobs/{layer['digest']}"))
+
+
+def test_base_image_content(registry: str) -> None:
+    config, layer = _pull_layer(registry)
+    assert config["os"] == "linux"
+    inner = config["config"]
+    assert isinstance(inner, dict)
+    assert inner["Cmd"] == ["sh"]
+    assert any(e.startswith("PATH=") for e in inner["Env"])
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        passwd = tar.extractfile("etc/passwd")
+        assert passwd is not None
+        users = {line.split(":")[0]: line.split(":")[2] for line in passwd.read().decode().split()}
+    assert members["bin/sh"].issym() and members["bin/sh"].linkname == "/bin/busybox"
+    assert members["bin/busybox"].isfile()
+    assert members["tmp"].mode == 0o1777
+    assert members["home/user"].uid == 1000
+    assert users == {"root": "0", "user": "1000", "nobody": "65534"}
+    assert {m.mtime for m in members.values()} == {members["bin/busybox"].mtime}
+
+
+def test_base_image_runs_under_runtime(
+    require_root: None, registry: str, runtime: str, state_dir: Path
+) -> None:
+    _, layer = _pull_layer(registry)
+    bundle = state_dir / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        # Our own image: keep the sticky /tmp and absolute applet symlinks as they are.
+        if hasattr(tarfile, "fully_trusted_filter"):
+            tar.extractall(bundle / "rootfs", filter="fully_trusted")
+        else:  # pragma: no cover - Python < 3.11.4 has no extraction filters
+            tar.extractall(bundle / "rootfs")
+    subprocess.run([runtime, "spec"], cwd=bundle, check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["terminal"] = False
+    spec["process"]["user"] = {"uid": 1000, "gid": 1000}
+    spec["process"]["args"] = ["sh", "-c", "id -un; touch /home/user/ok && echo wrote"]
+    spec["process"]["env"] = ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]
+    spec["root"]["readonly"] = False
+    (bundle / "config.json").write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [runtime, "--root", str(state_dir / "runtime"), "run", "--bundle", str(bundle), "t1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["user", "wrote"]
+
+
+def test_state_dir_sees_mounts(require_root: None, tmp_path: Path) -> None:
+    # The leak check in state_dir is only worth having if it can see a real mount.
+    target = tmp_path / "a dir"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+    try:
+        assert mounts_under(tmp_path) == [target]
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert mounts_under(tmp_path) == []
+
+
+@pytest.mark.parametrize("script", ["start-registry", "make-base-image"])
+def test_setup_scripts_are_idempotent(require_root: None, registry: str, script: str) -> None:
+    # The host is already prepared (the registry fixture proved it), so a re-run must be a no-op.
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [str(repo / "scripts" / script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "already" in proc.stderr

@@ -1,0 +1,491 @@
+"""The OCI runtime executor: one class for runc and crun (the runtime is a setting).
+
+One ``run`` is: bundle dir -> rootfs mounted -> user resolved in that rootfs ->
+config.json -> ``<runtime> run`` with output streamed -> exit code. Everything
+acquired is registered with a cleanup stack as soon as it exists, and the stack
+runs shielded from a second cancellation, so a cancelled build never leaves a
+container, a mount or a pinned namespace behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from ociworker.core.mounts import Mount, is_bind
+from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
+from ociworker.executor.base import OutputSink, ProcessSpec
+from ociworker.executor.network import create_loopback_netns, remove_netns
+from ociworker.executor.spec import SpecOptions, hosts_content, make_spec
+from ociworker.executor.user import resolve_user
+from ociworker.fsutil import clean, secure_join
+
+Flavour = Literal["runc", "crun"]
+
+T = TypeVar("T")
+
+#: how long a killed container may take to die before its runtime process is killed too
+_KILL_GRACE = 0.5
+_CHUNK = 65536
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+_HUGETLB_FIX = (
+    "mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb"
+)
+
+
+# --- mounting the rootfs ---------------------------------------------------
+# TODO(lead): switch to ociworker.snapshot.mount.mount_all/unmount once it lands;
+# these two are the minimal stand-ins with the same signatures.
+
+
+def _mount_all(mounts: Sequence[Mount], target: Path) -> None:
+    done = 0
+    try:
+        for m in mounts:
+            opts = list(m.options)
+            cmd = ["mount"]
+            if is_bind(m):
+                if "bind" not in opts and "rbind" not in opts:
+                    opts.insert(0, "rbind" if m.type == "rbind" else "bind")
+            else:
+                cmd += ["-t", m.type]
+            if opts:
+                cmd += ["-o", ",".join(opts)]
+            cmd += ["--", m.source, str(target)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise HostError(f"mount {m.type} {m.source} on {target}: {res.stderr.strip()}")
+            done += 1
+    except BaseException:
+        for _ in range(done):
+            _umount_once(target)
+        raise
+
+
+def _mountinfo_targets() -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            # mountinfo escapes space, tab, newline and backslash as \ooo
+            out.append(_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[4]))
+    return out
+
+
+def _is_mountpoint(path: Path) -> bool:
+    # os.path.ismount misses a bind mount of a directory of the same filesystem.
+    return os.path.realpath(path) in _mountinfo_targets()
+
+
+def _umount_once(target: Path) -> None:
+    res = subprocess.run(["umount", str(target)], capture_output=True, check=False)
+    if res.returncode != 0:
+        # Busy (a straggler still holds it): detach it now, the kernel frees it later.
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+def _unmount(target: Path) -> None:
+    # A rootfs may be several stacked mounts; peel until none is left.
+    for _ in range(64):
+        if not _is_mountpoint(target):
+            return
+        _umount_once(target)
+    raise HostError(f"cannot unmount {target}")
+
+
+# --- mount stubs ----------------------------------------------------------
+
+
+class _Stubs:
+    """Mount points the runtime is about to create in the rootfs, removed afterwards.
+
+    runc/crun create a missing mount destination (a dir, or an empty file for a
+    file bind) inside the rootfs; left there they would end up in the step's
+    layer. Like BuildKit, remember what did not exist before the run and remove
+    it after, if still empty, restoring the parent's timestamps.
+    """
+
+    def __init__(self, root: Path, destinations: Sequence[str]) -> None:
+        self._root = root
+        self._chains: list[tuple[list[Path], Path, tuple[int, int]]] = []
+        seen: set[Path] = set()
+        for dest in destinations:
+            parts = [p for p in clean(dest).split("/") if p]
+            for i in range(len(parts)):
+                first = secure_join(root, "/".join(parts[: i + 1]), follow_last=False)
+                if os.path.lexists(first):
+                    continue
+                if first in seen:
+                    break
+                parent = first.parent
+                try:
+                    st = os.lstat(parent)
+                except OSError:
+                    break
+                chain = [first]
+                chain += [
+                    secure_join(root, "/".join(parts[: j + 1]), follow_last=False)
+                    for j in range(i + 1, len(parts))
+                ]
+                seen.add(first)
+                self._chains.append((chain, parent, (st.st_atime_ns, st.st_mtime_ns)))
+                break
+
+    def remove(self) -> None:
+        for chain, parent, times in self._chains:
+            for path in reversed(chain):
+                if not _remove_if_empty(path):
+                    break
+            else:
+                with contextlib.suppress(OSError):
+                    os.utime(parent, ns=times, follow_symlinks=False)
+
+
+def _remove_if_empty(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return True
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(path)
+        elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            os.unlink(path)
+        else:
+            return False
+    except OSError:
+        return False
+    return True
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+async def _finish(aw: Awaitable[T]) -> T:
+    """Await ``aw`` to its end even when cancelled, then re-raise the cancellation.
+
+    For steps that change the host (a mount) and cannot be interrupted half-way:
+    the cleanup that follows must see the change made, not in flight.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+
+
+class _CleanupStack:
+    def __init__(self) -> None:
+        self._items: list[Callable[[], Awaitable[None]]] = []
+
+    def push(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._items.append(fn)
+
+    def push_sync(self, fn: Callable[[], None]) -> None:
+        async def call() -> None:
+            await asyncio.to_thread(fn)
+
+        self._items.append(call)
+
+    async def _run(self) -> None:
+        errors: list[BaseException] = []
+        while self._items:
+            fn = self._items.pop()
+            try:
+                await fn()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise HostError(f"cleanup after run failed: {errors[0]}") from errors[0]
+
+    async def aclose(self, *, quiet: bool = False) -> None:
+        """Run every cleanup, newest first; ``quiet`` when another error is in flight.
+
+        Shielded: a second cancel while we clean up must not leave a half-torn
+        down container; the task keeps going and the caller sees the cancel.
+        """
+        task = asyncio.ensure_future(self._run())
+        if quiet:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+        else:
+            await asyncio.shield(task)
+
+
+def _find_binary(runtime: str) -> str:
+    if "/" in runtime:
+        if os.path.isfile(runtime) and os.access(runtime, os.X_OK):
+            return os.path.abspath(runtime)
+        raise HostError(f"OCI runtime {runtime!r} not found or not executable")
+    found = shutil.which(runtime)
+    if found is None:
+        raise HostError(
+            f"OCI runtime {runtime!r} not found in PATH (install the {runtime} package)"
+        )
+    return found
+
+
+def _detect_flavour(binary: str) -> Flavour:
+    name = os.path.basename(binary)
+    if "crun" in name:
+        return "crun"
+    if "runc" in name:
+        return "runc"
+    # An oddly named binary: ask it.
+    try:
+        res = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HostError(f"cannot run {binary} --version: {exc}") from exc
+    first = res.stdout.strip().lower()
+    if first.startswith("crun"):
+        return "crun"
+    if first.startswith("runc"):
+        return "runc"
+    raise ConfigError(f"{binary} is neither runc nor crun (--version said {first[:60]!r})")
+
+
+def _runtime_errors(log: Path) -> list[str]:
+    """Error messages the runtime wrote to its JSON log (not the container's output)."""
+    try:
+        text = log.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+            out.append(str(entry.get("msg", "")).strip())
+    return [m for m in out if m]
+
+
+def _is_exec_failure(msg: str) -> bool:
+    low = msg.lower()
+    return "exec" in low and (
+        "not found" in low or "no such file" in low or "permission denied" in low
+    )
+
+
+class OCIRuntimeExecutor:
+    """``Executor`` on runc or crun; ``runtime`` is a name in PATH or a path."""
+
+    def __init__(self, state_dir: Path, runtime: str = "runc") -> None:
+        self._binary = _find_binary(runtime)
+        self._flavour: Flavour = _detect_flavour(self._binary)
+        self._state_dir = Path(state_dir).absolute()
+        self._runtime_root = self._state_dir / "runtime" / self._flavour
+
+    @property
+    def flavour(self) -> Flavour:
+        return self._flavour
+
+    @property
+    def binary(self) -> str:
+        return self._binary
+
+    @property
+    def runtime_root(self) -> Path:
+        """The runtime's ``--root`` (its container state lives there)."""
+        return self._runtime_root
+
+    def _cmd(self, *args: str, log: Path | None = None) -> list[str]:
+        cmd = [self._binary, f"--root={self._runtime_root}"]
+        if log is not None:
+            cmd += [f"--log={log}", "--log-format=json"]
+        return [*cmd, *args]
+
+    async def _ctl(self, *args: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *self._cmd(*args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        return proc.returncode or 0, err.decode(errors="replace").strip()
+
+    async def run(
+        self,
+        rootfs: Sequence[Mount],
+        process: ProcessSpec,
+        mounts: Sequence[Mount],
+        output: OutputSink,
+    ) -> int:
+        if not process.args:
+            raise UserError("no command to run (empty args)")
+        if not rootfs:
+            raise UserError("no rootfs mounts to run on")
+        for m in mounts:
+            if not m.target.startswith("/"):
+                raise UserError(f"mount target must be absolute, got {m.target!r}")
+
+        cid = "ociw-" + secrets.token_hex(8)
+        bundle = self._state_dir / "bundles" / cid
+        root_dir = bundle / "rootfs"
+        stack = _CleanupStack()
+        try:
+            bundle.mkdir(parents=True)
+            stack.push_sync(lambda: _remove_bundle(bundle))
+            root_dir.mkdir()
+            self._runtime_root.mkdir(parents=True, exist_ok=True)
+
+            await _finish(asyncio.to_thread(_mount_all, rootfs, root_dir))
+            stack.push_sync(lambda: _unmount(root_dir))
+
+            user = await asyncio.to_thread(resolve_user, root_dir, process.user)
+            cwd = clean(process.cwd or "/")
+            resolv, hosts = bundle / "resolv.conf", bundle / "hosts"
+            await asyncio.to_thread(_write_etc_files, resolv, hosts, process.hostname)
+
+            netns = ""
+            if process.network == "none":
+                netns_path = self._state_dir / "netns" / cid
+                await create_loopback_netns(netns_path)
+                stack.push_sync(lambda: remove_netns(netns_path))
+                netns = str(netns_path)
+
+            spec = make_spec(
+                SpecOptions(
+                    args=tuple(process.args),
+                    env=tuple(process.env),
+                    cwd=cwd,
+                    uid=user.uid,
+                    gid=user.gid,
+                    additional_gids=user.additional_gids,
+                    home=user.home,
+                    hostname=process.hostname,
+                    mounts=tuple(mounts),
+                    isolated_network=process.network != "host",
+                    netns_path=netns,
+                    resolv_conf=str(resolv),
+                    hosts=str(hosts),
+                )
+            )
+            stubs = await asyncio.to_thread(
+                _Stubs, root_dir, [m["destination"] for m in spec["mounts"]]
+            )
+            stack.push_sync(stubs.remove)
+            # The working dir is kept, not a stub: a RUN in a fresh WORKDIR
+            # creates it in the layer, as in docker build.
+            await asyncio.to_thread(_ensure_dir, root_dir, cwd)
+            (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+
+            code = await self._run_container(cid, bundle, output, stack)
+        except BaseException:
+            # The error in flight (or the cancellation) is what the caller must see.
+            await stack.aclose(quiet=True)
+            raise
+        await stack.aclose()
+        return code
+
+    async def _run_container(
+        self, cid: str, bundle: Path, output: OutputSink, stack: _CleanupStack
+    ) -> int:
+        log = bundle / "runtime.log"
+        proc = await asyncio.create_subprocess_exec(
+            *self._cmd("run", f"--bundle={bundle}", cid, log=log),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        pumps = [
+            asyncio.ensure_future(_pump(proc.stdout, "stdout", output)),
+            asyncio.ensure_future(_pump(proc.stderr, "stderr", output)),
+        ]
+
+        async def stop() -> None:
+            await self._stop(cid, proc, pumps)
+
+        stack.push(stop)
+        await asyncio.gather(*pumps)
+        rc = await proc.wait()
+        code = 128 - rc if rc < 0 else rc
+        if code != 0:
+            self._raise_runtime_error(_runtime_errors(log))
+        return code
+
+    async def _stop(
+        self, cid: str, proc: asyncio.subprocess.Process, pumps: Sequence[asyncio.Future[None]]
+    ) -> None:
+        if proc.returncode is None:
+            await self._ctl("kill", cid, "KILL")
+            try:
+                await asyncio.wait_for(proc.wait(), _KILL_GRACE)
+            except TimeoutError:
+                # Still creating (nothing to kill yet) or wedged: stop the
+                # runtime itself; `delete --force` below reaps what it made.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        # The pipes close once every process in the container is gone.
+        _, pending = await asyncio.wait(pumps, timeout=_KILL_GRACE)
+        for p in pending:
+            p.cancel()
+        for p in pumps:
+            if not p.cancelled():
+                with contextlib.suppress(BaseException):
+                    p.result()
+        await self._ctl("delete", "--force", cid)
+
+    def _raise_runtime_error(self, errors: list[str]) -> None:
+        if not errors:
+            return
+        msg = errors[-1]
+        if "hugetlb" in msg:
+            raise HostError(
+                f"{self._flavour} cannot set up cgroups on this hybrid cgroup host "
+                f"(hugetlb sits on the cgroup v2 hierarchy): {msg}; fix: {_HUGETLB_FIX}"
+            )
+        if _is_exec_failure(msg):
+            raise UserError(f"{self._flavour}: {msg}")
+        raise RuntimeFailure(f"{self._flavour} run failed: {msg}")
+
+
+async def _pump(stream: asyncio.StreamReader, name: str, output: OutputSink) -> None:
+    while chunk := await stream.read(_CHUNK):
+        output(name, chunk)
+
+
+def _write_etc_files(resolv: Path, hosts: Path, hostname: str) -> None:
+    try:
+        host_resolv = Path("/etc/resolv.conf").read_bytes()
+    except OSError:
+        host_resolv = b""
+    resolv.write_bytes(host_resolv)
+    hosts.write_text(hosts_content(hostname))
+
+
+def _ensure_dir(root: Path, path: str) -> None:
+    target = secure_join(root, path)
+    if not target.is_dir():
+        target.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def _remove_bundle(bundle: Path) -> None:
+    # Never rmtree: if unmounting failed, rootfs/ is still the caller's snapshot.
+    for name in ("config.json", "resolv.conf", "hosts", "runtime.log"):
+        with contextlib.suppress(FileNotFoundError):
+            (bundle / name).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (bundle / "rootfs").rmdir()
+    with contextlib.suppress(FileNotFoundError):
+        bundle.rmdir()

@@ -1,0 +1,193 @@
+"""OCI runtime-spec ``config.json`` for one build step (pure: values in, dict out).
+
+The defaults are Docker's and containerd's (which BuildKit inherits): the same
+capability set, the same /dev, /proc, /sys mounts, the same masked and read-only
+paths, so a RUN step behaves as it would under ``docker build``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ociworker.core.mounts import Mount, is_bind
+
+OCI_VERSION = "1.0.2"
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Docker's default capability set (moby oci/caps/defaults.go).
+DEFAULT_CAPABILITIES: tuple[str, ...] = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+)
+
+MASKED_PATHS: tuple[str, ...] = (
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+)
+
+READONLY_PATHS: tuple[str, ...] = (
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+)
+
+NOFILE_LIMIT = 1048576
+
+
+def hosts_content(hostname: str) -> str:
+    """The container's /etc/hosts: localhost, and the hostname on loopback (as BuildKit)."""
+    names = "localhost" if hostname in ("", "localhost") else f"localhost {hostname}"
+    return f"127.0.0.1\t{names}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def _m(destination: str, type_: str, source: str, options: tuple[str, ...]) -> dict[str, Any]:
+    return {"destination": destination, "type": type_, "source": source, "options": list(options)}
+
+
+SYSTEM_MOUNTS: tuple[dict[str, Any], ...] = (
+    _m("/proc", "proc", "proc", ("nosuid", "noexec", "nodev")),
+    _m("/dev", "tmpfs", "tmpfs", ("nosuid", "strictatime", "mode=755", "size=65536k")),
+    _m(
+        "/dev/pts",
+        "devpts",
+        "devpts",
+        ("nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"),
+    ),
+    _m("/dev/shm", "tmpfs", "shm", ("nosuid", "noexec", "nodev", "mode=1777", "size=65536k")),
+    _m("/dev/mqueue", "mqueue", "mqueue", ("nosuid", "noexec", "nodev")),
+    _m("/sys", "sysfs", "sysfs", ("nosuid", "noexec", "nodev", "ro")),
+    _m("/sys/fs/cgroup", "cgroup", "cgroup", ("nosuid", "noexec", "nodev", "relatime", "ro")),
+)
+
+
+@dataclass(frozen=True)
+class SpecOptions:
+    args: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: tuple[int, ...] = ()
+    home: str = "/"
+    hostname: str = "buildkitsandbox"
+    #: extra mounts, each with its ``target`` inside the container
+    mounts: tuple[Mount, ...] = ()
+    #: False: the host's network namespace; True: a new one (at ``netns_path`` if set)
+    isolated_network: bool = True
+    netns_path: str = ""
+    #: host files bind-mounted read-only at /etc/resolv.conf and /etc/hosts ("" = none)
+    resolv_conf: str = ""
+    hosts: str = ""
+    root_path: str = "rootfs"
+
+
+def process_env(env: tuple[str, ...], home: str) -> list[str]:
+    """``env`` plus a default PATH and HOME when the caller set none."""
+    out = list(env)
+    keys = {e.partition("=")[0] for e in env}
+    if "PATH" not in keys:
+        out.append(DEFAULT_PATH)
+    if "HOME" not in keys:
+        out.append(f"HOME={home or '/'}")
+    return out
+
+
+def user_mount(m: Mount) -> dict[str, Any]:
+    """An OCI mount entry for a caller's Mount (which must have a ``target``)."""
+    if not m.target.startswith("/"):
+        raise ValueError(f"mount target must be an absolute path, got {m.target!r}")
+    options = list(m.options)
+    if is_bind(m):
+        # The runtime only bind-mounts when the options say so; "rbind" keeps
+        # submounts of the source visible, which is what a bind of a tree means.
+        if "bind" not in options and "rbind" not in options:
+            options.insert(0, "rbind" if m.type == "rbind" else "bind")
+        return {"destination": m.target, "type": "bind", "source": m.source, "options": options}
+    return {"destination": m.target, "type": m.type, "source": m.source, "options": options}
+
+
+def make_spec(opts: SpecOptions) -> dict[str, Any]:
+    """The ``config.json`` document for ``opts``."""
+    caps = list(DEFAULT_CAPABILITIES)
+    mounts = [dict(m, options=list(m["options"])) for m in SYSTEM_MOUNTS]
+    if opts.resolv_conf:
+        mounts.append(
+            _m("/etc/resolv.conf", "bind", opts.resolv_conf, ("rbind", "ro", "nosuid", "nodev"))
+        )
+    if opts.hosts:
+        mounts.append(_m("/etc/hosts", "bind", opts.hosts, ("rbind", "ro", "nosuid", "nodev")))
+    mounts.extend(user_mount(m) for m in opts.mounts)
+
+    namespaces: list[dict[str, str]] = [
+        {"type": "pid"},
+        {"type": "ipc"},
+        {"type": "uts"},
+        {"type": "mount"},
+    ]
+    if opts.isolated_network:
+        ns: dict[str, str] = {"type": "network"}
+        if opts.netns_path:
+            ns["path"] = opts.netns_path
+        namespaces.append(ns)
+
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": {
+                "uid": opts.uid,
+                "gid": opts.gid,
+                "additionalGids": list(opts.additional_gids),
+            },
+            "args": list(opts.args),
+            "env": process_env(opts.env, opts.home),
+            "cwd": opts.cwd or "/",
+            "capabilities": {
+                "bounding": list(caps),
+                "effective": list(caps),
+                "permitted": list(caps),
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT}],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": opts.root_path, "readonly": False},
+        "hostname": opts.hostname,
+        "mounts": mounts,
+        "linux": {
+            # Deny every device node except the runtime's defaults (null, zero,
+            # tty, random...), as containerd's default spec does.
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": namespaces,
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+            # No seccomp profile yet: Docker's default profile is a large
+            # document of its own and is tracked as a follow-up; the
+            # capability set above is the only syscall restriction for now.
+        },
+    }

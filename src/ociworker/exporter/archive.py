@@ -1,0 +1,231 @@
+"""OCI image layout and ``docker load`` archives, streamed as tar.
+
+Both archives have the layout BuildKit's oci and docker exporters write (an OCI
+image layout: ``oci-layout``, ``index.json``, ``blobs/sha256/<hex>``); the docker
+one adds ``manifest.json`` and ``repositories``, which is what ``docker load``
+reads. Entries are sorted by name, as containerd's archive writer does, and
+blobs are copied from the content store in chunks, so ``out`` may be a pipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from ociworker.content.store import ContentStore
+from ociworker.core.digest import hex_part
+from ociworker.core.oci import (
+    ANNOTATION_IMAGE_NAME,
+    ANNOTATION_REF_NAME,
+    OCI_INDEX,
+    Descriptor,
+    layer_compression,
+)
+from ociworker.errors import DigestMismatchError, UnsupportedError, UserError
+from ociworker.exporter.image import ImageResult
+
+_DOCKER_HUB = "docker.io"
+
+
+def export_oci_archive(
+    store: ContentStore, image: ImageResult, names: Sequence[str], out: BinaryIO
+) -> None:
+    """Write ``image`` as an OCI image layout tar; one index entry per name."""
+    _write_archive(store, image, names, out, docker=False)
+
+
+def export_docker_archive(
+    store: ContentStore, image: ImageResult, names: Sequence[str], out: BinaryIO
+) -> None:
+    """Write ``image`` as a tar that ``docker load`` accepts and tags with ``names``."""
+    for layer in image.layers:
+        compression = _compression(layer.descriptor)
+        if compression not in ("", "gzip"):
+            # Docker Engine before 23.0 cannot decompress zstd and fails half-way
+            # through the load; refuse up front with something actionable.
+            raise UnsupportedError(
+                f"layer {layer.descriptor.digest} is {compression}-compressed; "
+                "docker archives need gzip or uncompressed layers (compression=gzip)"
+            )
+    _write_archive(store, image, names, out, docker=True)
+
+
+def _write_archive(
+    store: ContentStore,
+    image: ImageResult,
+    names: Sequence[str],
+    out: BinaryIO,
+    *,
+    docker: bool,
+) -> None:
+    full_names = [_full_name(n) for n in names]
+    blobs: dict[str, Descriptor] = {}
+    for desc in (image.manifest, image.config, *(la.descriptor for la in image.layers)):
+        blobs.setdefault(hex_part(desc.digest), desc)
+    for desc in blobs.values():
+        # Fail before the first byte is written: a pipe cannot be rewound.
+        size = store.size(desc.digest)
+        if size != desc.size:
+            raise DigestMismatchError(
+                f"blob {desc.digest}: descriptor says {desc.size} bytes, store has {size}"
+            )
+
+    files: dict[str, bytes] = {
+        "oci-layout": _json({"imageLayoutVersion": "1.0.0"}),
+        "index.json": _json(_index(image.manifest, full_names)),
+    }
+    if docker:
+        files["manifest.json"] = _json(_docker_manifest(image, full_names))
+        files["repositories"] = _json(_repositories(image, full_names))
+
+    entries: list[tuple[str, Descriptor | bytes | None]] = [
+        ("blobs", None),
+        ("blobs/sha256", None),
+    ]
+    entries += [(f"blobs/sha256/{h}", d) for h, d in blobs.items()]
+    entries += list(files.items())
+    entries.sort(key=lambda e: e[0])
+
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name, content in entries:
+            if content is None:
+                tar.addfile(_info(name, tarfile.DIRTYPE, 0o755, 0))
+            elif isinstance(content, bytes):
+                tar.addfile(_info(name, tarfile.REGTYPE, 0o644, len(content)), io.BytesIO(content))
+            else:
+                _add_blob(tar, store, name, content)
+
+
+def _add_blob(tar: tarfile.TarFile, store: ContentStore, name: str, desc: Descriptor) -> None:
+    with store.open(desc.digest) as f:
+        reader = _HashingReader(f)
+        tar.addfile(_info(name, tarfile.REGTYPE, 0o444, desc.size), reader)
+    # The store verified the digest at commit; re-checking while streaming costs
+    # little and catches a blob corrupted on disk since then.
+    got = "sha256:" + reader.hash.hexdigest()
+    if got != desc.digest:
+        raise DigestMismatchError(f"blob {desc.digest} in the content store now hashes to {got}")
+
+
+class _HashingReader:
+    """The read side tarfile needs; it copies in its own bounded chunks."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.hash = hashlib.sha256()
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._f.read(size)
+        self.hash.update(data)
+        return data
+
+
+def _info(name: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.size = size
+    info.mtime = 0
+    return info
+
+
+def _index(manifest: Descriptor, names: Sequence[str]) -> dict[str, object]:
+    base = manifest.to_json()
+    if names:
+        manifests = []
+        for name in names:
+            d = dict(base)
+            d["annotations"] = {
+                **base.get("annotations", {}),
+                ANNOTATION_IMAGE_NAME: name,
+                ANNOTATION_REF_NAME: _oci_ref_name(name),
+            }
+            manifests.append(d)
+    else:
+        manifests = [base]
+    return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+
+
+def _docker_manifest(image: ImageResult, names: Sequence[str]) -> list[dict[str, object]]:
+    return [
+        {
+            "Config": f"blobs/sha256/{hex_part(image.config.digest)}",
+            "RepoTags": [_familiar(n) for n in names],
+            "Layers": [f"blobs/sha256/{hex_part(la.descriptor.digest)}" for la in image.layers],
+        }
+    ]
+
+
+def _repositories(image: ImageResult, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    # Only the legacy (pre-1.10) loader reads this file; docker load prefers
+    # manifest.json. There are no v1 layer IDs here, so the image ID stands in.
+    repos: dict[str, dict[str, str]] = {}
+    for name in names:
+        repo, tag = _familiar(name).rsplit(":", 1)
+        repos.setdefault(repo, {})[tag] = hex_part(image.config.digest)
+    return repos
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _compression(desc: Descriptor) -> str:
+    try:
+        return layer_compression(desc.media_type)
+    except ValueError:
+        raise UnsupportedError(
+            f"layer {desc.digest} has unsupported media type {desc.media_type!r}"
+        ) from None
+
+
+# --- image names ----------------------------------------------------------------
+# Minimal docker reference handling: enough to tag an export. Names must carry a
+# tag (a bare repository gets ":latest"); digest references cannot be tags.
+
+
+def _split(name: str) -> tuple[str, str]:
+    """(repository, tag) of a name, with ``latest`` when it has no tag."""
+    if not name or "@" in name or any(c.isspace() for c in name):
+        raise UserError(f"invalid image name {name!r}: want [registry/]repository[:tag]")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        repo, tag = name[:colon], name[colon + 1 :]
+    else:
+        repo, tag = name, "latest"
+    if not repo or not tag or repo != repo.lower():
+        raise UserError(f"invalid image name {name!r}: want [registry/]repository[:tag]")
+    return repo, tag
+
+
+def _full_name(name: str) -> str:
+    """``foo`` -> ``docker.io/library/foo:latest`` (the normalized form)."""
+    repo, tag = _split(name)
+    first, _, rest = repo.partition("/")
+    if not rest:
+        repo = f"{_DOCKER_HUB}/library/{repo}"
+    elif not ("." in first or ":" in first or first == "localhost"):
+        repo = f"{_DOCKER_HUB}/{repo}"
+    return f"{repo}:{tag}"
+
+
+def _familiar(name: str) -> str:
+    """``docker.io/library/foo:latest`` -> ``foo:latest`` (what docker shows)."""
+    repo, tag = _split(_full_name(name))
+    if repo.startswith(f"{_DOCKER_HUB}/"):
+        repo = repo.removeprefix(f"{_DOCKER_HUB}/")
+        short = repo.removeprefix("library/")
+        if "/" not in short:
+            repo = short
+    return f"{repo}:{tag}"
+
+
+def _oci_ref_name(name: str) -> str:
+    # The OCI ref.name annotation holds only the tag; the full name goes in the
+    # containerd annotation (the same split containerd and BuildKit write).
+    return _split(name)[1]

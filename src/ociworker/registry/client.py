@@ -1,0 +1,696 @@
+"""OCI distribution client: resolve, pull and push over HTTP(S) with httpx.
+
+Everything read from a registry is verified against the digest that named it
+before anyone sees it: manifests in memory, blobs by the content store's
+ingest. Errors are mapped once, here, at the HTTP boundary: a registry's
+refusal or an unreachable host is a ``RegistryError`` carrying the URL and the
+registry's own message; a missing image is a ``NotFoundError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from ociworker.content.store import ContentStore
+from ociworker.core.digest import Digest, is_digest, sha256_bytes
+from ociworker.core.oci import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+)
+from ociworker.core.reference import DEFAULT_DOMAIN, Reference, parse_reference
+from ociworker.errors import (
+    DigestMismatchError,
+    NotFoundError,
+    RegistryError,
+    UnsupportedError,
+    UserError,
+)
+from ociworker.registry.auth import Challenge, CredentialsProvider, parse_www_authenticate
+
+DEFAULT_USER_AGENT = "ociworker/0.1"
+#: containerd's limit too: a manifest bigger than this is not a manifest
+MAX_MANIFEST_SIZE = 4 << 20
+MAX_CONFIG_SIZE = 32 << 20
+DEFAULT_CHUNK_SIZE = 16 << 20
+
+_MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+_SCHEMA1_TYPES = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+#: Docker Hub's API does not live at the name people use for it
+_API_HOSTS = {DEFAULT_DOMAIN: "registry-1.docker.io"}
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    ref: Reference
+    manifest: Descriptor  # the platform-specific manifest, with its platform when known
+    manifest_json: bytes
+    config_json: bytes
+    index_digest: Digest | None  # set when ``ref`` named an index / manifest list
+
+    @property
+    def config_descriptor(self) -> Descriptor:
+        return Descriptor.from_json(json.loads(self.manifest_json)["config"])
+
+    @property
+    def layer_descriptors(self) -> tuple[Descriptor, ...]:
+        return tuple(Descriptor.from_json(d) for d in json.loads(self.manifest_json)["layers"])
+
+
+# --- pure helpers --------------------------------------------------------------
+
+
+def _host_of(domain: str) -> str:
+    if domain.startswith("["):
+        return domain[1 : domain.index("]")]
+    return domain.rsplit(":", 1)[0]
+
+
+def is_loopback(domain: str) -> bool:
+    host = _host_of(domain)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _matches_insecure(domain: str, entry: str) -> bool:
+    if entry in (domain, _host_of(domain)):
+        return True
+    if "/" in entry:  # a CIDR, as Docker's insecure-registries accepts
+        try:
+            net = ipaddress.ip_network(entry, strict=False)
+            return ipaddress.ip_address(_host_of(domain)) in net
+        except ValueError:
+            return False
+    return False
+
+
+def _normalize_platform(p: Platform) -> Platform:
+    arch = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}.get(
+        p.architecture, p.architecture
+    )
+    variant = p.variant
+    # Same defaults as containerd: arm64 means v8, arm means v7, amd64 means v1.
+    if (arch == "arm64" and variant == "v8") or (arch == "amd64" and variant == "v1"):
+        variant = ""
+    if arch == "arm" and variant == "":
+        variant = "v7"
+    return Platform(os=p.os, architecture=arch, variant=variant)
+
+
+def platform_matches(have: Platform, want: Platform) -> bool:
+    """Whether an image built for ``have`` is what a caller asking for ``want``
+    gets; a request without a variant accepts any variant."""
+    h, w = _normalize_platform(have), _normalize_platform(want)
+    if h == w:
+        return True
+    return w.variant == "" and (h.os, h.architecture) == (w.os, w.architecture)
+
+
+def select_platform(index: dict[str, Any], want: Platform, name: str) -> Descriptor:
+    """The manifest in ``index`` that runs on ``want``, or ``NotFoundError``
+    naming the platforms that are there."""
+    try:
+        entries = [Descriptor.from_json(d) for d in index.get("manifests") or []]
+    except (TypeError, ValueError, KeyError, UserError) as exc:
+        raise RegistryError(f"invalid manifest list for {name}: {exc}") from None
+    candidates = [
+        (d, _normalize_platform(d.platform))
+        for d in entries
+        if d.platform is not None and d.media_type in MANIFEST_TYPES and d.platform.os != "unknown"
+    ]
+    target = _normalize_platform(want)
+    wanted = [target]
+    if target.architecture == "arm" and target.variant in ("v7", "v6"):
+        # An armv7 machine runs armv6 and armv5 binaries; prefer the closest.
+        for v in ("v6", "v5"):
+            if v < target.variant:
+                wanted.append(Platform(target.os, "arm", v))
+    for w in wanted:
+        for desc, plat in candidates:
+            if plat == w:
+                return desc
+    if target.variant == "":
+        for desc, plat in candidates:
+            if (plat.os, plat.architecture) == (target.os, target.architecture):
+                return desc
+    available = ", ".join(sorted({str(p) for _, p in candidates})) or "none"
+    raise NotFoundError(
+        f"no image for platform {want} in manifest list of {name} (available: {available})"
+    )
+
+
+def _manifest_media_type(data: dict[str, Any], header_type: str) -> str:
+    declared = data.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if header_type in MANIFEST_TYPES + INDEX_TYPES + _SCHEMA1_TYPES:
+        return header_type
+    # An OCI manifest may omit mediaType; its shape says what it is.
+    if "manifests" in data:
+        return OCI_INDEX
+    if "config" in data and "layers" in data:
+        return OCI_MANIFEST
+    return header_type
+
+
+def _registry_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+    except (ValueError, UnicodeDecodeError):
+        text = resp.text.strip()[:200] if resp.content else ""
+        return text
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list):
+        return ""
+    parts = []
+    for e in errors:
+        if isinstance(e, dict):
+            code = e.get("code", "")
+            msg = e.get("message", "")
+            parts.append(f"{code}: {msg}" if code else str(msg))
+    return "; ".join(parts)
+
+
+def _error(resp: httpx.Response, what: str = "") -> RegistryError:
+    req = resp.request
+    msg = _registry_message(resp)
+    text = f"{req.method} {req.url}: {resp.status_code} {resp.reason_phrase}"
+    if msg:
+        text += f": {msg}"
+    if what:
+        text = f"{what}: {text}"
+    return RegistryError(text)
+
+
+def _as_ref(ref: Reference | str) -> Reference:
+    return ref if isinstance(ref, Reference) else parse_reference(ref)
+
+
+def _scope(path: str, actions: str) -> str:
+    return f"repository:{path}:{actions}"
+
+
+# --- the client ----------------------------------------------------------------
+
+
+class RegistryClient:
+    """One client per process is enough: it keeps connections and tokens.
+
+    ``transport`` exists so unit tests can hand in ``httpx.MockTransport``.
+    """
+
+    def __init__(
+        self,
+        *,
+        insecure: Sequence[str] = (),
+        credentials: CredentialsProvider | None = None,
+        user_agent: str = DEFAULT_USER_AGENT,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._insecure = tuple(insecure)
+        self._credentials = credentials
+        self._chunk_size = chunk_size
+        self._http = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
+            headers={"User-Agent": user_agent},
+        )
+        self._tokens: dict[tuple[str, str], str] = {}  # (domain, scopes) -> header
+        self._challenges: dict[str, Challenge] = {}  # domain -> last bearer challenge
+        self._basic: dict[str, str] = {}  # domain -> header
+        self._creds: dict[str, tuple[str, str] | None] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- URLs --------------------------------------------------------------------
+
+    def scheme_for(self, domain: str) -> str:
+        # Like Docker, loopback registries are insecure by definition: no TLS try.
+        if is_loopback(domain) or any(_matches_insecure(domain, e) for e in self._insecure):
+            return "http"
+        return "https"
+
+    def _url(self, ref: Reference, tail: str) -> str:
+        host = _API_HOSTS.get(ref.domain, ref.domain)
+        return f"{self.scheme_for(ref.domain)}://{host}/v2/{ref.path}/{tail}"
+
+    # -- auth --------------------------------------------------------------------
+
+    async def _creds_for(self, domain: str) -> tuple[str, str] | None:
+        if self._credentials is None:
+            return None
+        if domain not in self._creds:
+            # Providers may run a credential helper process: keep it off the loop.
+            self._creds[domain] = await asyncio.to_thread(self._credentials, domain)
+        return self._creds[domain]
+
+    def _cached_auth(self, domain: str, scopes: str) -> str | None:
+        return self._tokens.get((domain, scopes)) or self._basic.get(domain)
+
+    async def _fetch_token(self, domain: str, challenge: Challenge, scopes: str) -> str:
+        realm = challenge.get("realm")
+        if not realm:
+            raise RegistryError(f"registry {domain} sent a bearer challenge without a realm")
+        params: list[tuple[str, str | int | float | bool | None]] = []
+        service = challenge.get("service")
+        if service:
+            params.append(("service", service))
+        wanted = scopes.split(" ")
+        extra = challenge.get("scope")
+        if extra:
+            wanted += [s for s in extra.split(" ") if s not in wanted]
+        params += [("scope", s) for s in wanted]
+        creds = await self._creds_for(domain)
+        auth = httpx.BasicAuth(*creds) if creds else None
+        try:
+            resp = await self._http.get(realm, params=params, auth=auth)
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"GET {realm}: token request failed: {exc}") from exc
+        if resp.status_code != 200:
+            raise _error(resp, f"authentication to {domain} failed")
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"GET {realm}: token response without a token")
+        return f"Bearer {token}"
+
+    async def _authenticate(self, resp: httpx.Response, domain: str, scopes: str) -> None:
+        """Learn from a 401 how to authenticate and get what it takes, or raise."""
+        challenges = parse_www_authenticate(", ".join(resp.headers.get_list("www-authenticate")))
+        for ch in challenges:
+            if ch.scheme == "bearer":
+                self._challenges[domain] = ch
+                key = (domain, scopes)
+                lock = self._locks.setdefault(key, asyncio.Lock())
+                stale = self._tokens.get(key)
+                async with lock:
+                    # Concurrent layer fetches all see the first 401; fetch once.
+                    if self._tokens.get(key) == stale:
+                        self._tokens[key] = await self._fetch_token(domain, ch, scopes)
+                return
+        for ch in challenges:
+            if ch.scheme == "basic":
+                creds = await self._creds_for(domain)
+                if creds is None:
+                    raise _error(resp, f"registry {domain} requires credentials; none configured")
+                raw = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+                self._basic[domain] = f"Basic {raw}"
+                return
+        raise _error(resp, f"registry {domain} refused access")
+
+    async def _send(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        ref: Reference,
+        scopes: str,
+        *,
+        headers: dict[str, str] | None = None,
+        content: bytes | None = None,
+        params: dict[str, str] | None = None,
+        stream: bool = False,
+    ) -> httpx.Response:
+        """Send with auth; on 401 authenticate and retry once. A streamed
+        response must be closed by the caller. Status codes are not checked."""
+        domain = ref.domain
+        if (
+            domain in self._challenges
+            and (domain, scopes) not in self._tokens
+            and domain not in self._basic
+        ):
+            # We know this registry wants tokens: get one before the request
+            # instead of paying for a 401 on every new scope.
+            await self._authenticate_with(domain, scopes)
+        for attempt in (0, 1):
+            request = self._http.build_request(
+                method, url, headers=headers, content=content, params=params
+            )
+            auth = self._cached_auth(domain, scopes)
+            if auth:
+                request.headers["Authorization"] = auth
+            try:
+                resp = await self._http.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                raise RegistryError(
+                    f"{method} {request.url}: {exc!s} ({type(exc).__name__})"
+                ) from exc
+            if resp.status_code == 401 and attempt == 0:
+                await resp.aread()
+                await resp.aclose()
+                await self._authenticate(resp, domain, scopes)
+                continue
+            if not stream or resp.status_code >= 400:
+                try:
+                    await resp.aread()
+                except httpx.HTTPError as exc:
+                    raise RegistryError(f"{method} {request.url}: {exc!s}") from exc
+                finally:
+                    await resp.aclose()
+            return resp
+        raise AssertionError("unreachable")
+
+    async def _authenticate_with(self, domain: str, scopes: str) -> None:
+        ch = self._challenges[domain]
+        key = (domain, scopes)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self._tokens:
+                self._tokens[key] = await self._fetch_token(domain, ch, scopes)
+
+    # -- manifests ---------------------------------------------------------------
+
+    async def fetch_manifest(
+        self, ref: Reference | str, expected: Descriptor | None = None
+    ) -> tuple[Descriptor, bytes]:
+        """The manifest or index ``ref`` names (or ``expected`` names, in ``ref``'s
+        repository), verified against its digest."""
+        ref = _as_ref(ref)
+        target = expected.digest if expected is not None else ref.api_reference
+        url = self._url(ref, f"manifests/{target}")
+        resp = await self._send(
+            "GET",
+            url,
+            ref,
+            _scope(ref.path, "pull"),
+            headers={"Accept": _MANIFEST_ACCEPT},
+            stream=True,
+        )
+        if resp.status_code == 404:
+            if expected is not None:
+                raise NotFoundError(f"manifest {expected.digest} of image {ref} not found")
+            raise NotFoundError(f"image {ref} not found")
+        if resp.status_code != 200:
+            raise _error(resp)
+        try:
+            data = await _read_limited(resp, MAX_MANIFEST_SIZE, f"manifest of {ref}")
+        finally:
+            await resp.aclose()
+        digest = sha256_bytes(data)
+        if is_digest(target) and digest != target:
+            raise DigestMismatchError(
+                f"manifest of {ref} from {url}: want digest {target}, got {digest}"
+            )
+        header_digest = resp.headers.get("docker-content-digest", "")
+        if is_digest(header_digest) and header_digest != digest:
+            raise DigestMismatchError(
+                f"manifest of {ref} from {url}: registry says {header_digest}, content is {digest}"
+            )
+        if expected is not None and expected.size != len(data):
+            raise DigestMismatchError(
+                f"manifest {digest} of {ref}: want {expected.size} bytes, got {len(data)}"
+            )
+        try:
+            parsed = json.loads(data)
+        except ValueError as exc:
+            raise RegistryError(f"manifest of {ref} from {url} is not JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise RegistryError(f"manifest of {ref} from {url} is not a JSON object")
+        header_type = resp.headers.get("content-type", "").split(";", 1)[0].strip()
+        media_type = _manifest_media_type(parsed, header_type)
+        if media_type in _SCHEMA1_TYPES:
+            raise UnsupportedError(
+                f"image {ref} uses the deprecated Docker schema 1 manifest format; "
+                "push it again with a current client"
+            )
+        if media_type not in MANIFEST_TYPES + INDEX_TYPES:
+            raise UnsupportedError(f"image {ref}: unsupported manifest media type {media_type!r}")
+        platform = expected.platform if expected is not None else None
+        return Descriptor(media_type, digest, len(data), platform=platform), data
+
+    async def resolve(
+        self,
+        ref: Reference | str,
+        platform: Platform,
+        *,
+        store: ContentStore | None = None,
+    ) -> ResolvedImage:
+        """Find the manifest of ``ref`` for ``platform`` and its config.
+
+        With ``store`` the config blob is read from / written to it, so a
+        cached image costs manifest requests only.
+        """
+        ref = _as_ref(ref)
+        desc, data = await self.fetch_manifest(ref)
+        index_digest: Digest | None = None
+        if desc.media_type in INDEX_TYPES:
+            index_digest = desc.digest
+            chosen = select_platform(json.loads(data), platform, str(ref))
+            desc, data = await self.fetch_manifest(ref, expected=chosen)
+            if desc.media_type not in MANIFEST_TYPES:
+                raise UnsupportedError(f"image {ref}: nested manifest lists are not supported")
+        try:
+            manifest = json.loads(data)
+            config_desc = Descriptor.from_json(manifest["config"])
+            for layer in manifest.get("layers") or []:
+                Descriptor.from_json(layer)
+        except (TypeError, ValueError, KeyError, UserError) as exc:
+            raise RegistryError(f"invalid manifest {desc.digest} of {ref}: {exc!r}") from None
+        config_json = await self._config(ref, config_desc, store)
+        if index_digest is None:
+            desc = self._check_single_platform(ref, desc, config_json, platform)
+        return ResolvedImage(
+            ref=ref,
+            manifest=desc,
+            manifest_json=data,
+            config_json=config_json,
+            index_digest=index_digest,
+        )
+
+    @staticmethod
+    def _check_single_platform(
+        ref: Reference, desc: Descriptor, config_json: bytes, want: Platform
+    ) -> Descriptor:
+        try:
+            config = json.loads(config_json)
+        except ValueError as exc:
+            raise RegistryError(f"image config of {ref} is not JSON: {exc}") from None
+        if not isinstance(config, dict) or not config.get("os") or not config.get("architecture"):
+            return desc  # nothing to check against: trust the caller
+        have = Platform.from_json(config)
+        if not platform_matches(have, want):
+            raise NotFoundError(f"image {ref} is for platform {have}, not {want}")
+        return Descriptor(desc.media_type, desc.digest, desc.size, platform=have)
+
+    async def _config(self, ref: Reference, desc: Descriptor, store: ContentStore | None) -> bytes:
+        if store is not None:
+            if not store.has(desc.digest):
+                await self.fetch_blob(ref, desc, store)
+            return store.read(desc.digest)
+        if desc.size > MAX_CONFIG_SIZE:
+            raise RegistryError(f"image config of {ref} is {desc.size} bytes; refusing")
+        resp = await self._blob_response(ref, desc)
+        try:
+            data = await _read_limited(resp, desc.size, f"blob {desc.digest}")
+        finally:
+            await resp.aclose()
+        got = sha256_bytes(data)
+        if got != desc.digest or len(data) != desc.size:
+            raise DigestMismatchError(
+                f"blob from {resp.request.url}: want {desc.digest} ({desc.size} bytes), "
+                f"got {got} ({len(data)} bytes)"
+            )
+        return data
+
+    async def push_manifest(self, ref: Reference | str, media_type: str, data: bytes) -> Digest:
+        """PUT a manifest or index under ``ref``'s tag (or digest); its digest."""
+        ref = _as_ref(ref)
+        digest = sha256_bytes(data)
+        if ref.digest is not None and ref.digest != digest:
+            raise DigestMismatchError(f"cannot push to {ref}: the manifest's digest is {digest}")
+        target = ref.tag if ref.tag is not None else digest
+        url = self._url(ref, f"manifests/{target}")
+        resp = await self._send(
+            "PUT",
+            url,
+            ref,
+            _scope(ref.path, "pull,push"),
+            headers={"Content-Type": media_type},
+            content=data,
+        )
+        if resp.status_code not in (200, 201):
+            raise _error(resp, f"push of manifest to {ref} failed")
+        header = resp.headers.get("docker-content-digest", "")
+        if is_digest(header) and header != digest:
+            raise DigestMismatchError(f"registry stored manifest {ref} as {header}, not {digest}")
+        return digest
+
+    # -- blobs -------------------------------------------------------------------
+
+    async def _blob_response(self, ref: Reference, desc: Descriptor) -> httpx.Response:
+        url = self._url(ref, f"blobs/{desc.digest}")
+        resp = await self._send("GET", url, ref, _scope(ref.path, "pull"), stream=True)
+        if resp.status_code == 404:
+            raise NotFoundError(f"blob {desc.digest} not found in {ref.repository}")
+        if resp.status_code != 200:
+            await resp.aclose()
+            raise _error(resp)
+        return resp
+
+    async def fetch_blob(self, ref: Reference | str, desc: Descriptor, store: ContentStore) -> None:
+        """Stream blob ``desc`` of ``ref``'s repository into ``store`` (no-op when
+        present); the store verifies digest and size before it commits."""
+        ref = _as_ref(ref)
+        if store.has(desc.digest):
+            return
+        resp = await self._blob_response(ref, desc)
+        try:
+            with store.ingest(expected=desc.digest, expected_size=desc.size) as ingest:
+                async for chunk in resp.aiter_bytes():
+                    ingest.write(chunk)
+                    if ingest.size > desc.size:
+                        raise DigestMismatchError(
+                            f"blob {desc.digest} from {resp.request.url}: "
+                            f"more than the expected {desc.size} bytes"
+                        )
+                try:
+                    await asyncio.to_thread(ingest.commit)
+                except DigestMismatchError as exc:
+                    raise DigestMismatchError(f"blob from {resp.request.url}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"GET {resp.request.url}: download failed: {exc}") from exc
+        finally:
+            await resp.aclose()
+
+    async def has_blob(self, ref: Reference | str, digest: Digest) -> bool:
+        ref = _as_ref(ref)
+        url = self._url(ref, f"blobs/{digest}")
+        resp = await self._send("HEAD", url, ref, _scope(ref.path, "pull"))
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        raise _error(resp)
+
+    async def push_blob(
+        self,
+        ref: Reference | str,
+        desc: Descriptor,
+        store: ContentStore,
+        *,
+        mount_from: Reference | str | None = None,
+    ) -> None:
+        """Upload blob ``desc`` from ``store`` unless the registry has it; with
+        ``mount_from`` (a repository on the same registry) try a cross-repo mount."""
+        ref = _as_ref(ref)
+        size = store.size(desc.digest)
+        if size != desc.size:
+            raise DigestMismatchError(
+                f"blob {desc.digest} in the content store is {size} bytes, descriptor says "
+                f"{desc.size}"
+            )
+        if await self.has_blob(ref, desc.digest):
+            return
+        scopes = _scope(ref.path, "pull,push")
+        params: dict[str, str] = {}
+        src = _as_ref(mount_from) if mount_from is not None else None
+        if src is not None and src.domain == ref.domain and src.path != ref.path:
+            params = {"mount": desc.digest, "from": src.path}
+            scopes += " " + _scope(src.path, "pull")
+        start_url = self._url(ref, "blobs/uploads/")
+        resp = await self._send("POST", start_url, ref, scopes, params=params)
+        if resp.status_code == 201 and params:
+            return  # mounted
+        if resp.status_code != 202:
+            raise _error(resp, f"push of blob {desc.digest} to {ref.repository} failed")
+        location = _location(resp)
+        if desc.size <= self._chunk_size:
+            data = await asyncio.to_thread(store.read, desc.digest)
+            put_url = location.copy_merge_params({"digest": desc.digest})
+            resp = await self._send(
+                "PUT",
+                put_url,
+                ref,
+                scopes,
+                headers={"Content-Type": "application/octet-stream"},
+                content=data,
+            )
+        else:
+            location = await self._upload_chunks(ref, desc, store, location, scopes)
+            put_url = location.copy_merge_params({"digest": desc.digest})
+            resp = await self._send("PUT", put_url, ref, scopes, content=b"")
+        if resp.status_code not in (201, 204):
+            raise _error(resp, f"push of blob {desc.digest} to {ref.repository} failed")
+
+    async def _upload_chunks(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        store: ContentStore,
+        location: httpx.URL,
+        scopes: str,
+    ) -> httpx.URL:
+        offset = 0
+        with store.open(desc.digest) as f:
+            while True:
+                chunk = await asyncio.to_thread(f.read, self._chunk_size)
+                if not chunk:
+                    return location
+                end = offset + len(chunk) - 1
+                resp = await self._send(
+                    "PATCH",
+                    location,
+                    ref,
+                    scopes,
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{end}",
+                    },
+                    content=chunk,
+                )
+                if resp.status_code != 202:
+                    raise _error(resp, f"push of blob {desc.digest} to {ref.repository} failed")
+                location = _location(resp)
+                offset = end + 1
+
+
+def _location(resp: httpx.Response) -> httpx.URL:
+    loc = resp.headers.get("location")
+    if not loc:
+        raise RegistryError(
+            f"{resp.request.method} {resp.request.url}: {resp.status_code} without a Location"
+        )
+    # Registries may answer with a path only; it is relative to the request.
+    return resp.request.url.join(loc)
+
+
+async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
+    buf = bytearray()
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        if len(buf) > limit:
+            raise DigestMismatchError(f"{what} from {resp.request.url}: more than {limit} bytes")
+    return bytes(buf)

@@ -1,0 +1,252 @@
+"""The asyncio scheduler.
+
+It knows vertices, cache keys and results, and nothing about runc, snapshots or
+Dockerfiles: ops are run by handlers behind the ``OpHandler`` Protocol, and past
+results are found through the ``CacheIndex`` Protocol. That is what lets the
+unit tests drive it with arithmetic vertices.
+
+Rules it keeps:
+- a vertex's inputs are solved concurrently; siblings of a failed vertex are
+  cancelled (TaskGroup), as a build fails as a whole;
+- a cache key seen before (index hit) never runs again, and its inputs are not
+  even solved;
+- identical work runs once: within a job by vertex digest, across concurrent
+  jobs by cache key. A shared run is cancelled only when every job waiting on it
+  is gone, so one client's Ctrl-C never breaks another's build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from ociworker.core.digest import Digest, digest_of
+from ociworker.core.graph import Vertex
+from ociworker.core.progress import EventSink, VertexStatus, discard
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a vertex produced: a committed snapshot, a local dir, or nothing (scratch)."""
+
+    kind: str  # "snapshot" | "dir" | "none"
+    ref: str = ""
+
+
+SCRATCH = Result("none")
+
+
+@dataclass
+class Job:
+    """One build's view of the solver: its events, its flags, its local sources."""
+
+    id: str
+    events: EventSink = discard
+    no_cache: bool = False
+    #: name -> directory for ``local://NAME`` sources, filled by the session
+    locals: dict[str, object] = field(default_factory=dict)
+
+
+class OpHandler(Protocol):
+    async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
+        """The key under which this vertex's result is remembered."""
+        ...
+
+    async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result: ...
+
+
+class Resolver(Protocol):
+    def handler(self, vertex: Vertex) -> OpHandler: ...
+
+
+class CacheIndex(Protocol):
+    async def lookup(self, key: str) -> Result | None:
+        """A still-valid result for ``key``, or None."""
+        ...
+
+    async def record(self, key: str, result: Result, description: str) -> None: ...
+
+
+def default_cache_key(vertex: Vertex, input_keys: Sequence[str]) -> Digest:
+    return digest_of({"op": vertex.op.to_json(), "inputs": list(input_keys)})
+
+
+class _SharedRun:
+    """A run of one cache key that several jobs may be waiting on."""
+
+    def __init__(self, task: asyncio.Task[Result]) -> None:
+        self.task = task
+        self.waiters = 0
+
+
+class Solver:
+    def __init__(
+        self, resolver: Resolver, cache: CacheIndex, max_parallelism: int | None = None
+    ) -> None:
+        self._resolver = resolver
+        self._cache = cache
+        self._limit = asyncio.Semaphore(max_parallelism) if max_parallelism else None
+        self._running: dict[str, _SharedRun] = {}
+
+    async def solve(self, target: Vertex | None, job: Job) -> Result:
+        if target is None:
+            return SCRATCH
+        run = _JobRun(self, job)
+        try:
+            return await run.result(target)
+        finally:
+            await run.close()
+
+    async def cache_key(self, target: Vertex, job: Job) -> str:
+        run = _JobRun(self, job)
+        try:
+            return await run.key(target)
+        finally:
+            await run.close()
+
+    # -- shared across jobs --------------------------------------------------
+
+    async def _run_shared(
+        self, key: str, vertex: Vertex, inputs: Sequence[Result], job: Job
+    ) -> Result:
+        shared = self._running.get(key)
+        if shared is None:
+            task = asyncio.get_running_loop().create_task(self._run(key, vertex, inputs, job))
+            shared = _SharedRun(task)
+            self._running[key] = shared
+            task.add_done_callback(functools.partial(self._forget, key))
+        shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.task)
+        except asyncio.CancelledError:
+            # This waiter is gone; the run dies only with its last waiter.
+            if shared.waiters == 1 and not shared.task.done():
+                shared.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await shared.task
+            raise
+        finally:
+            shared.waiters -= 1
+
+    def _forget(self, key: str, _task: asyncio.Task[Result]) -> None:
+        self._running.pop(key, None)
+
+    async def _run(self, key: str, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
+        handler = self._resolver.handler(vertex)
+        if self._limit is None:
+            result = await handler.run(vertex, inputs, job)
+        else:
+            async with self._limit:
+                result = await handler.run(vertex, inputs, job)
+        await self._cache.record(key, result, vertex.name)
+        return result
+
+
+class _JobRun:
+    """Memoises keys and results by vertex digest for one solve call."""
+
+    def __init__(self, solver: Solver, job: Job) -> None:
+        self._solver = solver
+        self._job = job
+        self._keys: dict[Digest, asyncio.Future[str]] = {}
+        self._results: dict[Digest, asyncio.Future[Result]] = {}
+
+    async def close(self) -> None:
+        """Cancel whatever this job still has running and wait for it to unwind,
+        so containers and mounts are released before solve() returns."""
+        futures: list[asyncio.Future[Any]] = [*self._keys.values(), *self._results.values()]
+        pending = [f for f in futures if not f.done()]
+        for f in pending:
+            f.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for f in futures:
+            if f.done() and not f.cancelled():
+                f.exception()  # mark retrieved: the error already reached the caller
+
+    async def key(self, v: Vertex) -> str:
+        fut = self._keys.get(v.digest)
+        if fut is None:
+            fut = asyncio.ensure_future(self._compute_key(v))
+            self._keys[v.digest] = fut
+        return await asyncio.shield(fut)
+
+    async def _compute_key(self, v: Vertex) -> str:
+        input_keys = await self._gather([self.key(i) for i in v.inputs if i is not None])
+        it = iter(input_keys)
+        keys = [next(it) if i is not None else "" for i in v.inputs]
+        return await self._solver._resolver.handler(v).cache_key(v, keys, self._job)
+
+    async def result(self, v: Vertex) -> Result:
+        fut = self._results.get(v.digest)
+        if fut is None:
+            fut = asyncio.ensure_future(self._compute_result(v))
+            self._results[v.digest] = fut
+        return await asyncio.shield(fut)
+
+    async def _compute_result(self, v: Vertex) -> Result:
+        job = self._job
+        key = await self.key(v)
+        if not (job.no_cache or v.ignore_cache):
+            hit = await self._solver._cache.lookup(key)
+            if hit is not None:
+                now = time.time()
+                job.events(VertexStatus(v.digest, v.name, started=now, completed=now, cached=True))
+                return hit
+        inputs = await self._gather(
+            [self.result(i) if i is not None else _scratch() for i in v.inputs]
+        )
+        started = time.time()
+        job.events(VertexStatus(v.digest, v.name, started=started))
+        try:
+            result = await self._solver._run_shared(key, v, inputs, job)
+        except asyncio.CancelledError:
+            job.events(
+                VertexStatus(v.digest, v.name, started, completed=time.time(), error="cancelled")
+            )
+            raise
+        except Exception as exc:
+            job.events(
+                VertexStatus(v.digest, v.name, started, completed=time.time(), error=str(exc))
+            )
+            raise
+        job.events(VertexStatus(v.digest, v.name, started=started, completed=time.time()))
+        return result
+
+    @staticmethod
+    async def _gather(aws: Sequence[Awaitable[T]]) -> list[T]:
+        if not aws:
+            return []
+        if len(aws) == 1:
+            return [await aws[0]]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(_as_coro(a)) for a in aws]
+        except BaseExceptionGroup as group:
+            # The build fails with the first real error, not a wrapper around it.
+            raise _first_error(group) from None
+        return [t.result() for t in tasks]
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+async def _scratch() -> Result:
+    return SCRATCH

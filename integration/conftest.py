@@ -12,10 +12,15 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from dockerd import dockerd
+
+# Re-exported so every integration test can request the private Docker Engine by name.
+__all__ = ["dockerd"]
 
 REGISTRY = "127.0.0.1:5000"
 BASE_IMAGE = f"{REGISTRY}/busybox:latest"
@@ -105,6 +110,12 @@ def mounts_under(root: Path) -> list[Path]:
             if point == root or root in point.parents:
                 found.append(point)
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+@pytest.fixture(name="mounts_under")
+def mounts_under_fixture() -> Callable[[Path], list[Path]]:
+    """The mount lister behind ``state_dir``, for tests that check their own clean-up."""
+    return mounts_under
 
 
 @pytest.fixture

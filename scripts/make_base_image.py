@@ -280,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     arch = host_arch()
     tag = split_ref(args.ref)[2]
-    image = build_image(build_layer_tar(args.busybox.read_bytes(), applet_paths(args.busybox)), arch)
+    image = build_image(
+        build_layer_tar(args.busybox.read_bytes(), applet_paths(args.busybox)), arch
+    )
     digest = image.manifest.digest
     print(f"==> base image: {args.ref} manifest {digest}", file=sys.stderr)
 

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-from test_exporter_helpers import base_config, make_layer
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import sha256_bytes
@@ -20,6 +19,7 @@ from ociworker.core.oci import (
 )
 from ociworker.errors import DigestMismatchError, NotFoundError, UnsupportedError, UserError
 from ociworker.exporter.image import load_image, read_image, write_image
+from test_exporter_helpers import base_config, make_layer
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_annotations_need_oci_media_types(store: ContentStore) -> None:
 def test_history_must_match_layers(store: ContentStore) -> None:
     layer = make_layer(store, {"a": b"1"})
     config = base_config(2)
-    with pytest.raises(UserError, match="2 entries that create a layer .* 1 layers"):
+    with pytest.raises(UserError, match=r"2 entries that create a layer .* 1 layers"):
         write_image(store, config, [layer])
     config["history"] = [{"created_by": "ENV a=b", "empty_layer": True}, {"created_by": "RUN"}]
     img = write_image(store, config, [layer])

@@ -55,6 +55,15 @@ def test_survives_reopen(tmp_path: Path) -> None:
     assert ImageStore(tmp_path).get("docker.io/library/foo:latest") == _desc(3)
 
 
+def test_names_are_normalized(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    store.put("foo", _desc(1))
+    assert store.get("docker.io/library/foo:latest") == _desc(1)
+    assert store.get("index.docker.io/library/foo") == _desc(1)
+    assert store.list() == [("docker.io/library/foo:latest", _desc(1))]
+    assert store.delete("foo:latest") is True
+
+
 def test_rejects_bad_names(tmp_path: Path) -> None:
     store = ImageStore(tmp_path)
     for bad in ("", " foo", "a\x00b"):
@@ -77,9 +86,7 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
             store.put("example.com/shared:latest", d)
         """
     )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(tmp_path), w]) for w in ("a", "b")
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), w]) for w in ("a", "b")]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     names = [n for n, _ in ImageStore(tmp_path).list()]
     assert len(names) == 201

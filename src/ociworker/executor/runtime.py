@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import signal
@@ -27,7 +28,7 @@ from ociworker.core.mounts import Mount, is_bind
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
 from ociworker.executor.base import OutputSink, ProcessSpec
 from ociworker.executor.network import create_loopback_netns, remove_netns
-from ociworker.executor.spec import SpecOptions, hosts_content, make_spec
+from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
 from ociworker.executor.user import resolve_user
 from ociworker.fsutil import clean, secure_join
 
@@ -38,6 +39,7 @@ T = TypeVar("T")
 #: how long a killed container may take to die before its runtime process is killed too
 _KILL_GRACE = 0.5
 _CHUNK = 65536
+_CAP_SYS_RESOURCE = 24
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 _HUGETLB_FIX = (
@@ -117,37 +119,30 @@ class _Stubs:
     """
 
     def __init__(self, root: Path, destinations: Sequence[str]) -> None:
-        self._root = root
-        self._chains: list[tuple[list[Path], Path, tuple[int, int]]] = []
-        seen: set[Path] = set()
+        self._created: set[Path] = set()
+        #: first missing component of a destination -> its parent's (atime, mtime)
+        self._tops: dict[Path, tuple[Path, tuple[int, int]]] = {}
         for dest in destinations:
             parts = [p for p in clean(dest).split("/") if p]
+            missing = False
             for i in range(len(parts)):
-                first = secure_join(root, "/".join(parts[: i + 1]), follow_last=False)
-                if os.path.lexists(first):
+                path = secure_join(root, "/".join(parts[: i + 1]), follow_last=False)
+                if not missing and os.path.lexists(path):
                     continue
-                if first in seen:
-                    break
-                parent = first.parent
-                try:
-                    st = os.lstat(parent)
-                except OSError:
-                    break
-                chain = [first]
-                chain += [
-                    secure_join(root, "/".join(parts[: j + 1]), follow_last=False)
-                    for j in range(i + 1, len(parts))
-                ]
-                seen.add(first)
-                self._chains.append((chain, parent, (st.st_atime_ns, st.st_mtime_ns)))
-                break
+                if not missing:
+                    missing = True
+                    try:
+                        st = os.lstat(path.parent)
+                    except OSError:
+                        break
+                    self._tops.setdefault(path, (path.parent, (st.st_atime_ns, st.st_mtime_ns)))
+                self._created.add(path)
 
     def remove(self) -> None:
-        for chain, parent, times in self._chains:
-            for path in reversed(chain):
-                if not _remove_if_empty(path):
-                    break
-            else:
+        for path in sorted(self._created, key=lambda p: len(p.parts), reverse=True):
+            _remove_if_empty(path)
+        for top, (parent, times) in self._tops.items():
+            if not os.path.lexists(top):
                 with contextlib.suppress(OSError):
                     os.utime(parent, ns=times, follow_symlinks=False)
 
@@ -346,8 +341,10 @@ class OCIRuntimeExecutor:
             root_dir.mkdir()
             self._runtime_root.mkdir(parents=True, exist_ok=True)
 
-            await _finish(asyncio.to_thread(_mount_all, rootfs, root_dir))
+            # Registered first: a cancel that lands once the mount is made must
+            # still find its unmount on the stack (_unmount is a no-op otherwise).
             stack.push_sync(lambda: _unmount(root_dir))
+            await _finish(asyncio.to_thread(_mount_all, rootfs, root_dir))
 
             user = await asyncio.to_thread(resolve_user, root_dir, process.user)
             cwd = clean(process.cwd or "/")
@@ -357,8 +354,8 @@ class OCIRuntimeExecutor:
             netns = ""
             if process.network == "none":
                 netns_path = self._state_dir / "netns" / cid
-                await create_loopback_netns(netns_path)
                 stack.push_sync(lambda: remove_netns(netns_path))
+                await create_loopback_netns(netns_path)
                 netns = str(netns_path)
 
             spec = make_spec(
@@ -369,6 +366,7 @@ class OCIRuntimeExecutor:
                     uid=user.uid,
                     gid=user.gid,
                     additional_gids=user.additional_gids,
+                    nofile=_nofile_limit(),
                     home=user.home,
                     hostname=process.hostname,
                     mounts=tuple(mounts),
@@ -399,6 +397,12 @@ class OCIRuntimeExecutor:
         self, cid: str, bundle: Path, output: OutputSink, stack: _CleanupStack
     ) -> int:
         log = bundle / "runtime.log"
+
+        async def delete() -> None:
+            # Also reaps a container left "created" by a runtime killed mid-start.
+            await self._ctl("delete", "--force", cid)
+
+        stack.push(delete)
         proc = await asyncio.create_subprocess_exec(
             *self._cmd("run", f"--bundle={bundle}", cid, log=log),
             stdin=subprocess.DEVNULL,
@@ -418,6 +422,8 @@ class OCIRuntimeExecutor:
         stack.push(stop)
         await asyncio.gather(*pumps)
         rc = await proc.wait()
+        # runc and crun exit with the container's status (128+n for a signal);
+        # a negative rc means the runtime itself died of signal -rc.
         code = 128 - rc if rc < 0 else rc
         if code != 0:
             self._raise_runtime_error(_runtime_errors(log))
@@ -432,7 +438,8 @@ class OCIRuntimeExecutor:
                 await asyncio.wait_for(proc.wait(), _KILL_GRACE)
             except TimeoutError:
                 # Still creating (nothing to kill yet) or wedged: stop the
-                # runtime itself; `delete --force` below reaps what it made.
+                # runtime itself; the `delete --force` that runs next reaps
+                # whatever it had made.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
@@ -440,11 +447,12 @@ class OCIRuntimeExecutor:
         _, pending = await asyncio.wait(pumps, timeout=_KILL_GRACE)
         for p in pending:
             p.cancel()
+        if pending:
+            await asyncio.wait(pending)
         for p in pumps:
             if not p.cancelled():
                 with contextlib.suppress(BaseException):
                     p.result()
-        await self._ctl("delete", "--force", cid)
 
     def _raise_runtime_error(self, errors: list[str]) -> None:
         if not errors:
@@ -463,6 +471,26 @@ class OCIRuntimeExecutor:
 async def _pump(stream: asyncio.StreamReader, name: str, output: OutputSink) -> None:
     while chunk := await stream.read(_CHUNK):
         output(name, chunk)
+
+
+def _nofile_limit() -> int:
+    """Docker's RLIMIT_NOFILE, capped at our own hard limit when we may not raise it.
+
+    Without CAP_SYS_RESOURCE (some sandboxes drop it even for root) the
+    runtime's setrlimit above our hard limit fails with EPERM and no step runs.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= NOFILE_LIMIT or _has_cap(_CAP_SYS_RESOURCE):
+        return NOFILE_LIMIT
+    return hard
+
+
+def _has_cap(bit: int) -> bool:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
 
 
 def _write_etc_files(resolv: Path, hosts: Path, hostname: str) -> None:

@@ -105,6 +105,7 @@ class SpecOptions:
     resolv_conf: str = ""
     hosts: str = ""
     root_path: str = "rootfs"
+    nofile: int = NOFILE_LIMIT
 
 
 def process_env(env: tuple[str, ...], home: str) -> list[str]:
@@ -173,7 +174,7 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
                 "effective": list(caps),
                 "permitted": list(caps),
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}],
             "noNewPrivileges": False,
         },
         "root": {"path": opts.root_path, "readonly": False},

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ociworker.errors import UserError
+from ociworker.errors import UnsafePathError, UserError
 from ociworker.fsutil import secure_join
 
 _MAX_ID = 2**31 - 1
@@ -143,11 +143,13 @@ def exec_user(spec: str, passwd: str | None, group: str | None) -> ExecUser:
 
 
 def _read_in_root(root: Path, path: str) -> str | None:
-    target = secure_join(root, path)
+    # Like runc, a file that cannot be read (absent, a directory, a symlink
+    # loop) counts as absent: numeric ids still work, names then fail clearly.
     try:
+        target = secure_join(root, path)
         with open(target, encoding="utf-8", errors="replace") as f:
             return f.read()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+    except (OSError, UnsafePathError):
         return None
 
 

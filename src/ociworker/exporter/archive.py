@@ -14,7 +14,7 @@ import io
 import json
 import tarfile
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import hex_part
@@ -25,21 +25,20 @@ from ociworker.core.oci import (
     Descriptor,
     layer_compression,
 )
+from ociworker.core.reference import Reference, parse_reference
 from ociworker.errors import DigestMismatchError, UnsupportedError, UserError
 from ociworker.exporter.image import ImageResult
 
-_DOCKER_HUB = "docker.io"
-
 
 def export_oci_archive(
-    store: ContentStore, image: ImageResult, names: Sequence[str], out: BinaryIO
+    store: ContentStore, image: ImageResult, names: Sequence[str], out: IO[bytes]
 ) -> None:
     """Write ``image`` as an OCI image layout tar; one index entry per name."""
     _write_archive(store, image, names, out, docker=False)
 
 
 def export_docker_archive(
-    store: ContentStore, image: ImageResult, names: Sequence[str], out: BinaryIO
+    store: ContentStore, image: ImageResult, names: Sequence[str], out: IO[bytes]
 ) -> None:
     """Write ``image`` as a tar that ``docker load`` accepts and tags with ``names``."""
     for layer in image.layers:
@@ -58,7 +57,7 @@ def _write_archive(
     store: ContentStore,
     image: ImageResult,
     names: Sequence[str],
-    out: BinaryIO,
+    out: IO[bytes],
     *,
     docker: bool,
 ) -> None:
@@ -102,25 +101,32 @@ def _write_archive(
 
 def _add_blob(tar: tarfile.TarFile, store: ContentStore, name: str, desc: Descriptor) -> None:
     with store.open(desc.digest) as f:
-        reader = _HashingReader(f)
-        tar.addfile(_info(name, tarfile.REGTYPE, 0o444, desc.size), reader)
-    # The store verified the digest at commit; re-checking while streaming costs
-    # little and catches a blob corrupted on disk since then.
-    got = "sha256:" + reader.hash.hexdigest()
-    if got != desc.digest:
-        raise DigestMismatchError(f"blob {desc.digest} in the content store now hashes to {got}")
+        tar.addfile(_info(name, tarfile.REGTYPE, 0o444, desc.size), _VerifyingReader(f, desc))
 
 
-class _HashingReader:
-    """The read side tarfile needs; it copies in its own bounded chunks."""
+class _VerifyingReader:
+    """Hashes a blob as tarfile copies it, and fails before handing over its last
+    chunk if the digest is wrong, so the archive is cut short (every reader
+    rejects it) instead of holding a well-formed but corrupt blob."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, desc: Descriptor) -> None:
         self._f = f
-        self.hash = hashlib.sha256()
+        self._desc = desc
+        self._hash = hashlib.sha256()
+        self._read = 0
 
     def read(self, size: int = -1, /) -> bytes:
         data = self._f.read(size)
-        self.hash.update(data)
+        self._hash.update(data)
+        self._read += len(data)
+        if self._read >= self._desc.size:
+            # The store checked the digest at commit; this catches a blob
+            # corrupted on disk since then, for the price of one hash pass.
+            got = "sha256:" + self._hash.hexdigest()
+            if got != self._desc.digest:
+                raise DigestMismatchError(
+                    f"blob {self._desc.digest} in the content store now hashes to {got}"
+                )
         return data
 
 
@@ -165,8 +171,8 @@ def _repositories(image: ImageResult, names: Sequence[str]) -> dict[str, dict[st
     # manifest.json. There are no v1 layer IDs here, so the image ID stands in.
     repos: dict[str, dict[str, str]] = {}
     for name in names:
-        repo, tag = _familiar(name).rsplit(":", 1)
-        repos.setdefault(repo, {})[tag] = hex_part(image.config.digest)
+        ref, tag = _tagged(name)
+        repos.setdefault(ref.familiar_name(), {})[tag] = hex_part(image.config.digest)
     return repos
 
 
@@ -184,48 +190,28 @@ def _compression(desc: Descriptor) -> str:
 
 
 # --- image names ----------------------------------------------------------------
-# Minimal docker reference handling: enough to tag an export. Names must carry a
-# tag (a bare repository gets ":latest"); digest references cannot be tags.
 
 
-def _split(name: str) -> tuple[str, str]:
-    """(repository, tag) of a name, with ``latest`` when it has no tag."""
-    if not name or "@" in name or any(c.isspace() for c in name):
-        raise UserError(f"invalid image name {name!r}: want [registry/]repository[:tag]")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        repo, tag = name[:colon], name[colon + 1 :]
-    else:
-        repo, tag = name, "latest"
-    if not repo or not tag or repo != repo.lower():
-        raise UserError(f"invalid image name {name!r}: want [registry/]repository[:tag]")
-    return repo, tag
+def _tagged(name: str) -> tuple[Reference, str]:
+    ref = parse_reference(name)
+    if ref.digest is not None or ref.tag is None:
+        # docker load can only tag, and OCI ref.name is a tag: a digest names
+        # the content itself, which the archive already does.
+        raise UserError(f"cannot name an exported image by digest: {name!r}; use a tag")
+    return ref, ref.tag
 
 
 def _full_name(name: str) -> str:
     """``foo`` -> ``docker.io/library/foo:latest`` (the normalized form)."""
-    repo, tag = _split(name)
-    first, _, rest = repo.partition("/")
-    if not rest:
-        repo = f"{_DOCKER_HUB}/library/{repo}"
-    elif not ("." in first or ":" in first or first == "localhost"):
-        repo = f"{_DOCKER_HUB}/{repo}"
-    return f"{repo}:{tag}"
+    return str(_tagged(name)[0])
 
 
 def _familiar(name: str) -> str:
     """``docker.io/library/foo:latest`` -> ``foo:latest`` (what docker shows)."""
-    repo, tag = _split(_full_name(name))
-    if repo.startswith(f"{_DOCKER_HUB}/"):
-        repo = repo.removeprefix(f"{_DOCKER_HUB}/")
-        short = repo.removeprefix("library/")
-        if "/" not in short:
-            repo = short
-    return f"{repo}:{tag}"
+    return _tagged(name)[0].familiar()
 
 
 def _oci_ref_name(name: str) -> str:
     # The OCI ref.name annotation holds only the tag; the full name goes in the
     # containerd annotation (the same split containerd and BuildKit write).
-    return _split(name)[1]
+    return _tagged(name)[1]

@@ -18,7 +18,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from ociworker.errors import HostError, UnsafePathError
 from ociworker.fsutil import secure_join
@@ -44,7 +44,7 @@ def export_local(src_root: Path, dest: Path) -> None:
         os.close(root_fd)
 
 
-def export_tar(src_root: Path, out: BinaryIO) -> None:
+def export_tar(src_root: Path, out: IO[bytes]) -> None:
     """Write the tree under ``src_root`` to ``out`` as a PAX tar stream.
 
     Entries are in sorted depth-first order, names relative without ``./``;

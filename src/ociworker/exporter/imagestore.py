@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ociworker.core.oci import Descriptor
-from ociworker.errors import UserError, WorldError
+from ociworker.core.reference import parse_reference
+from ociworker.errors import WorldError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -99,10 +100,9 @@ class ImageStore:
 
 
 def normalize_name(name: str) -> str:
-    """The canonical form under which ``name`` is stored."""
-    if not name or "\x00" in name or name != name.strip():
-        raise UserError(f"invalid image name {name!r}")
-    return name
+    """The canonical form under which ``name`` is stored (``foo`` ->
+    ``docker.io/library/foo:latest``), so every spelling finds the same entry."""
+    return str(parse_reference(name))
 
 
 def _row(row: tuple[str, str, float, float]) -> StoredImage:

@@ -46,7 +46,8 @@ class Challenge:
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
-_PARAM_RE = re.compile(rf"\s*({_TOKEN})\s*=\s*({_QUOTED}|{_TOKEN})\s*(,|$)")
+# Unquoted values are looser than RFC 7235 tokens: some registries send bare URLs.
+_PARAM_RE = re.compile(rf"\s*({_TOKEN})\s*=\s*({_QUOTED}|[^\s,\"]+)\s*(,|$)")
 _SCHEME_RE = re.compile(rf"\s*({_TOKEN})(?:\s+|$)")
 
 

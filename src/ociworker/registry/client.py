@@ -279,7 +279,9 @@ class RegistryClient:
     def _cached_auth(self, domain: str, scopes: str) -> str | None:
         return self._tokens.get((domain, scopes)) or self._basic.get(domain)
 
-    async def _fetch_token(self, domain: str, challenge: Challenge, scopes: str) -> str:
+    async def _fetch_token(
+        self, domain: str, challenge: Challenge, scopes: str, *, from_401: bool = True
+    ) -> str:
         realm = challenge.get("realm")
         if not realm:
             raise RegistryError(f"registry {domain} sent a bearer challenge without a realm")
@@ -288,7 +290,9 @@ class RegistryClient:
         if service:
             params.append(("service", service))
         wanted = scopes.split(" ")
-        extra = challenge.get("scope")
+        # The scope of a fresh 401 is what this request needs; a remembered
+        # challenge's scope belongs to an earlier request.
+        extra = challenge.get("scope") if from_401 else None
         if extra:
             wanted += [s for s in extra.split(" ") if s not in wanted]
         params += [("scope", s) for s in wanted]
@@ -389,7 +393,7 @@ class RegistryClient:
         key = (domain, scopes)
         async with self._locks.setdefault(key, asyncio.Lock()):
             if key not in self._tokens:
-                self._tokens[key] = await self._fetch_token(domain, ch, scopes)
+                self._tokens[key] = await self._fetch_token(domain, ch, scopes, from_401=False)
 
     # -- manifests ---------------------------------------------------------------
 

@@ -67,19 +67,29 @@ class OverlaySnapshotter(DirSnapshotter):
             upper = (f"upperdir={fs}", f"workdir={self.dir_of(row.id) / 'work'}")
             lowers = self._lowers(chain, upper)
             return [
-                Mount(type="overlay", source="overlay", options=("lowerdir=" + ":".join(lowers),) + upper)
+                Mount(
+                    type="overlay",
+                    source="overlay",
+                    options=("lowerdir=" + ":".join(lowers), *upper),
+                )
             ]
         if not chain:
             return [Mount(type="bind", source=fs, options=("rbind", "ro"))]
         if len(chain) == 1:
-            return [Mount(type="bind", source=os.fspath(self.fs_of(chain[0].id)), options=("rbind", "ro"))]
+            return [
+                Mount(
+                    type="bind", source=os.fspath(self.fs_of(chain[0].id)), options=("rbind", "ro")
+                )
+            ]
         lowers = self._lowers(chain, ())
         return [Mount(type="overlay", source="overlay", options=("lowerdir=" + ":".join(lowers),))]
 
     def _lowers(self, chain: list[Row], extra: tuple[str, ...]) -> list[str]:
         """Lower dirs (nearest first) for committed ``chain``, flattening if needed."""
         plain = [os.fspath(self.fs_of(r.id)) for r in chain]
-        candidate = Mount(type="overlay", source="overlay", options=("lowerdir=" + ":".join(plain),) + extra)
+        candidate = Mount(
+            type="overlay", source="overlay", options=("lowerdir=" + ":".join(plain), *extra)
+        )
         if len(plain) <= MAX_OVERLAY_LOWERS and overlay_data_fits(candidate):
             return plain
         depth = len(chain)
@@ -90,7 +100,7 @@ class OverlaySnapshotter(DirSnapshotter):
                 "the layer paths are too long even for flattening"
             )
         above = depth - checkpoint
-        return plain[:above] + [os.fspath(self._flat(chain[above:]))]
+        return [*plain[:above], os.fspath(self._flat(chain[above:]))]
 
     def _flat(self, chain: list[Row]) -> Path:
         """The cached merged copy of committed ``chain`` (its top first)."""
@@ -106,7 +116,13 @@ class OverlaySnapshotter(DirSnapshotter):
                 mnt = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix="flat-"))
                 try:
                     mount_all(
-                        [Mount(type="overlay", source="overlay", options=("lowerdir=" + ":".join(lowers),))],
+                        [
+                            Mount(
+                                type="overlay",
+                                source="overlay",
+                                options=("lowerdir=" + ":".join(lowers),),
+                            )
+                        ],
                         mnt,
                     )
                     try:

@@ -1,0 +1,513 @@
+"""Benchmark ociworker against BuildKit (dockerd's builder) and buildah on ../shared/bench.
+
+For every case the tools take turns (interleaved, so a noisy minute hurts all of them alike):
+  cold         empty build cache, base image already pulled
+  warm         unchanged rebuild
+  incremental  (context case only) one context file changed, rebuild
+Each tool keeps all its state in the run's work dir: ociworker a fresh --root, BuildKit a
+dockerd of its own (own data root and socket, no iptables, no bridge), buildah its own
+--root/--runroot and TMPDIR. Times are wall-clock seconds of the build command alone; the
+median over --repeat runs is reported. A tool that fails is reported as failed, never fatal.
+
+Run as root through benchmarks/run (which prepares the host first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_BENCH_DIR = REPO.parent / "shared" / "bench"
+DEFAULT_BASE = "127.0.0.1:5000/busybox:latest"
+ALL_CASES = ("steps", "fanout", "layer-export", "cachemount", "context")
+ALL_TOOLS = ("ociworker", "buildkit", "buildah")
+PHASES = ("cold", "warm", "incremental")
+DOCKER = "/usr/bin/docker"
+RUNC = "/usr/bin/runc"
+
+# The context case's generated tree: ~3,000 files, ~120 MiB, incompressible, reproducible.
+CONTEXT_DIRS = 30
+CONTEXT_FILES_PER_DIR = 100
+CONTEXT_BYTES = 120 * 1024 * 1024
+
+
+class ToolError(Exception):
+    """A tool's command failed; the message carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    dockerfile: Path
+    context: Path
+    phases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Result:
+    tool: str
+    case: str
+    phase: str
+    seconds: float | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    base: str
+    work: Path
+    logs: Path
+    timeout: float
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Tool(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def reset(self, case: Case) -> None:
+        """Bring the tool to the cold state for ``case``: no build cache, base image kept."""
+
+    def build(self, case: Case, log: Path) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run(
+    argv: Sequence[str],
+    log: Path,
+    *,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"$ {' '.join(argv)}\n".encode())
+        out.flush()
+        try:
+            proc = subprocess.run(
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ToolError(f"{argv[0]} timed out after {timeout:.0f}s (log {log})") from None
+        except OSError as exc:
+            raise ToolError(f"{argv[0]}: {exc}") from None
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-5:]
+        raise ToolError(f"{argv[0]} exited {proc.returncode} (log {log}): " + " | ".join(tail))
+
+
+def mounts_under(root: Path) -> list[Path]:
+    root = root.resolve()
+    points = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            point = Path(line.split(" ")[4].replace("\\040", " "))
+            if point == root or root in point.parents:
+                points.append(point)
+    return sorted(points, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that first detaches mounts left below ``path`` (rmtree would cross into them)."""
+    for point in mounts_under(path):
+        subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)
+    if path.exists():
+        shutil.rmtree(path)
+
+
+# --- ociworker -----------------------------------------------------------------------------
+
+
+class Ociworker:
+    name = "ociworker"
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.exe = REPO / ".venv" / "bin" / "ociworker"
+        self.root = s.work / "ociworker-root"
+        self.prime = s.work / "ociworker-prime"
+
+    def _build(self, *args: str) -> list[str]:
+        base = [str(self.exe), "build", f"--root={self.root}", "--progress=plain"]
+        return [*base, "--network=host", f"--build-arg=BASE={self.s.base}", *args]
+
+    def start(self) -> None:
+        run([str(self.exe), "build", "--help"], self.s.logs / "ociworker-start.log", timeout=60)
+        self.prime.mkdir(parents=True, exist_ok=True)
+        (self.prime / "Dockerfile").write_text("ARG BASE\nFROM $BASE\nRUN true\n")
+
+    def reset(self, case: Case) -> None:
+        # A fresh state dir is the only cold state every CLI version offers; the priming
+        # build puts the base image back so "cold" does not pay for the pull.
+        remove_tree(self.root)
+        log = self.s.logs / f"ociworker-{case.name}-prime.log"
+        run(self._build(str(self.prime)), log, timeout=self.s.timeout)
+
+    def build(self, case: Case, log: Path) -> None:
+        tag = f"bench-{case.name}:latest"
+        argv = self._build("-f", str(case.dockerfile), "-t", tag, str(case.context))
+        run(argv, log, timeout=self.s.timeout)
+
+    def stop(self) -> None:
+        remove_tree(self.root)
+
+
+# --- BuildKit through its own dockerd --------------------------------------------------------
+
+
+class BuildKit:
+    name = "buildkit"
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.dir = s.work / "dockerd"
+        self.sock = self.dir / "docker.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {"DOCKER_BUILDKIT": "1", "DOCKER_CONFIG": str(self.dir / "client")}
+
+    def docker(self, *args: str) -> list[str]:
+        return [DOCKER, "-H", f"unix://{self.sock}", *args]
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = (self.s.logs / "dockerd.log").open("ab")
+        # Own data/exec roots and containerd namespace: nothing shared with a system dockerd.
+        self.proc = subprocess.Popen(
+            [
+                "dockerd",
+                f"--data-root={self.dir / 'data'}",
+                f"--exec-root={self.dir / 'exec'}",
+                f"--pidfile={self.dir / 'dockerd.pid'}",
+                f"--host=unix://{self.sock}",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--containerd-namespace=ociworker-bench",
+                "--containerd-plugins-namespace=ociworker-bench-plugins",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ToolError(f"dockerd exited {self.proc.returncode} (log dockerd.log)")
+            ok = subprocess.run(self.docker("version"), capture_output=True, check=False)
+            if ok.returncode == 0:
+                break
+            time.sleep(0.3)
+        else:
+            raise ToolError("dockerd did not answer within 60s (log dockerd.log)")
+        run(
+            self.docker("pull", "-q", self.s.base),
+            self.s.logs / "buildkit-pull.log",
+            timeout=self.s.timeout,
+            env=self.env,
+        )
+
+    def reset(self, case: Case) -> None:
+        log = self.s.logs / f"buildkit-{case.name}-reset.log"
+        with contextlib.suppress(ToolError):  # absent on the first round
+            run(self.docker("rmi", "-f", f"bench-{case.name}:latest"), log, timeout=120)
+        run(self.docker("builder", "prune", "-af"), log, timeout=600, env=self.env)
+
+    def build(self, case: Case, log: Path) -> None:
+        argv = self.docker("build", "--network=host", "--progress=plain")
+        argv += ["--build-arg", f"BASE={self.s.base}", "-f", str(case.dockerfile)]
+        argv += ["-t", f"bench-{case.name}:latest", str(case.context)]
+        run(argv, log, timeout=self.s.timeout, env=self.env)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # terminate -> wait -> kill, so containerd and its shims go down with it.
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        remove_tree(self.dir)
+
+
+# --- buildah -------------------------------------------------------------------------------
+
+
+class Buildah:
+    name = "buildah"
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.dir = s.work / "buildah"
+        # buildah keeps RUN --mount=type=cache data under $TMPDIR; point it into the work dir.
+        self.env = {"TMPDIR": str(self.dir / "tmp")}
+
+    def buildah(self, *args: str) -> list[str]:
+        return [
+            "buildah",
+            "--root",
+            str(self.dir / "root"),
+            "--runroot",
+            str(self.dir / "run"),
+            "--storage-driver",
+            "overlay",
+            *args,
+        ]
+
+    def start(self) -> None:
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        run(
+            self.buildah("pull", "-q", "--tls-verify=false", self.s.base),
+            self.s.logs / "buildah-pull.log",
+            timeout=self.s.timeout,
+            env=self.env,
+        )
+
+    def reset(self, case: Case) -> None:
+        log = self.s.logs / f"buildah-{case.name}-reset.log"
+        with contextlib.suppress(ToolError):  # absent on the first round
+            run(self.buildah("rmi", "-f", f"localhost/bench-{case.name}:latest"), log, timeout=120)
+        # --layers leaves its cache as dangling intermediate images; the base stays tagged.
+        run(self.buildah("rmi", "--prune"), log, timeout=600, env=self.env)
+        for cache in (self.dir / "tmp").glob("buildah-cache-*"):
+            shutil.rmtree(cache)
+
+    def build(self, case: Case, log: Path) -> None:
+        argv = self.buildah("bud", "--layers", "--runtime", RUNC, "--tls-verify=false")
+        argv += ["--network", "host", "--build-arg", f"BASE={self.s.base}"]
+        argv += ["-f", str(case.dockerfile), "-t", f"bench-{case.name}:latest", str(case.context)]
+        run(argv, log, timeout=self.s.timeout, env=self.env)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ToolError):
+            run(self.buildah("rm", "--all"), self.s.logs / "buildah-stop.log", timeout=120)
+        remove_tree(self.dir)
+
+
+TOOL_TYPES: dict[str, type[Ociworker] | type[BuildKit] | type[Buildah]] = {
+    "ociworker": Ociworker,
+    "buildkit": BuildKit,
+    "buildah": Buildah,
+}
+
+
+# --- cases ---------------------------------------------------------------------------------
+
+
+def generate_context(
+    dest: Path,
+    *,
+    dirs: int = CONTEXT_DIRS,
+    files_per_dir: int = CONTEXT_FILES_PER_DIR,
+    total_bytes: int = CONTEXT_BYTES,
+    seed: int = 1,
+) -> None:
+    """Write a reproducible tree of random (incompressible) files of varied sizes."""
+    rng = random.Random(seed)
+    count = dirs * files_per_dir
+    weights = [rng.uniform(0.2, 1.8) for _ in range(count)]
+    scale = total_bytes / sum(weights)
+    sizes = [int(w * scale) for w in weights]
+    sizes[-1] += total_bytes - sum(sizes)
+    for i, size in enumerate(sizes):
+        path = dest / f"d{i // files_per_dir:02d}" / f"f{i % files_per_dir:03d}.bin"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(size))
+
+
+def touch_one_file(context: Path, generation: int) -> None:
+    """The incremental change: rewrite one small file with new content."""
+    (context / "d00" / "changed.txt").write_text(f"generation {generation}\n")
+
+
+def load_cases(bench_dir: Path, names: Sequence[str], work: Path) -> list[Case]:
+    cases = []
+    for name in names:
+        dockerfile = bench_dir / name / "Dockerfile"
+        if not dockerfile.is_file():
+            raise SystemExit(f"no benchmark case {name!r}: {dockerfile} is missing")
+        if name == "context":
+            # Dockerfile stays in the read-only shared dir; the generated tree is the context.
+            ctx = work / "context"
+            generate_context(ctx)
+            touch_one_file(ctx, 0)
+            cases.append(Case(name, dockerfile, ctx, ("cold", "warm", "incremental")))
+        else:
+            cases.append(Case(name, dockerfile, dockerfile.parent, ("cold", "warm")))
+    return cases
+
+
+# --- running and reporting -----------------------------------------------------------------
+
+
+def run_case(tool: Tool, case: Case, logs: Path, rep: int, counter: Iterator[int]) -> list[Result]:
+    results = []
+    for phase in case.phases:
+        try:
+            if phase == "cold":
+                tool.reset(case)
+            elif phase == "incremental":
+                touch_one_file(case.context, next(counter))
+            log = logs / f"{tool.name}-{case.name}-{phase}-{rep}.log"
+            t0 = time.perf_counter()
+            tool.build(case, log)
+            results.append(Result(tool.name, case.name, phase, time.perf_counter() - t0))
+        except ToolError as exc:
+            results.append(Result(tool.name, case.name, phase, None, str(exc)))
+    return results
+
+
+def summarise(results: Sequence[Result]) -> dict[tuple[str, str, str], float | None]:
+    """Median seconds per (case, phase, tool); None when any repeat failed."""
+    grouped: dict[tuple[str, str, str], list[Result]] = {}
+    for r in results:
+        grouped.setdefault((r.case, r.phase, r.tool), []).append(r)
+    return {
+        key: None
+        if any(r.seconds is None for r in rs)
+        else statistics.median(r.seconds for r in rs if r.seconds is not None)
+        for key, rs in grouped.items()
+    }
+
+
+def format_table(results: Sequence[Result], tools: Sequence[str]) -> str:
+    summary = summarise(results)
+    rows_keys = sorted(
+        {(c, p) for c, p, _ in summary},
+        key=lambda cp: (
+            ALL_CASES.index(cp[0]) if cp[0] in ALL_CASES else 99,
+            PHASES.index(cp[1]),
+        ),
+    )
+
+    def cell(key: tuple[str, str, str]) -> str:
+        if key not in summary:
+            return "-"
+        value = summary[key]
+        return "FAILED" if value is None else f"{value:.2f}"
+
+    def ratio(case: str, phase: str, other: str) -> str:
+        a = summary.get((case, phase, "ociworker"))
+        b = summary.get((case, phase, other))
+        return f"{a / b:.2f}x" if a is not None and b else "-"
+
+    header = ["case", "phase", *tools]
+    ratio_tools = [t for t in ("buildkit", "buildah") if t in tools and "ociworker" in tools]
+    header += [f"ociworker/{t}" for t in ratio_tools]
+    rows = [header]
+    for case, phase in rows_keys:
+        row = [case, phase, *(cell((case, phase, t)) for t in tools)]
+        row += [ratio(case, phase, t) for t in ratio_tools]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def progress_line(r: Result) -> str:
+    shown = f"FAILED: {r.error}" if r.seconds is None else f"{r.seconds:.2f}s"
+    return f"-- {r.case:<12} {r.phase:<11} {r.tool:<9} {shown}"
+
+
+def parse_list(value: str, allowed: Sequence[str]) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}; got {value!r}")
+    return items
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--cases", type=lambda v: parse_list(v, ALL_CASES), default=list(ALL_CASES))
+    p.add_argument("--tools", type=lambda v: parse_list(v, ALL_TOOLS), default=list(ALL_TOOLS))
+    p.add_argument("--repeat", "-n", type=int, default=1, help="runs per case (median shown)")
+    p.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH_DIR)
+    p.add_argument("--base", default=DEFAULT_BASE, help="base image (BASE build-arg)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per build")
+    p.add_argument("--keep", action="store_true", help="keep the work dir for inspection")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("benchmarks need root (dockerd, buildah, runc)")
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    logs = (args.out / f"logs-{stamp}").resolve()
+    logs.mkdir(parents=True)
+    # Short path under /tmp: dockerd's unix socket path must stay under 108 bytes.
+    work = Path(tempfile.mkdtemp(prefix="ocib-", dir="/tmp"))
+    settings = Settings(base=args.base, work=work, logs=logs, timeout=args.timeout)
+    results: list[Result] = []
+    tools: list[Tool] = []
+    try:
+        cases = load_cases(args.bench_dir, args.cases, work)
+        for name in args.tools:
+            tool: Tool = TOOL_TYPES[name](settings)
+            try:
+                tool.start()
+                tools.append(tool)
+            except ToolError as exc:
+                print(f"!! {name} failed to start: {exc}", file=sys.stderr)
+                for case in cases:
+                    results += [Result(name, case.name, ph, None, str(exc)) for ph in case.phases]
+        counter = iter(range(1, 1_000_000))
+        for case in cases:
+            for rep in range(args.repeat):
+                for tool in tools:
+                    for r in run_case(tool, case, logs, rep, counter):
+                        results.append(r)
+                        shown = (
+                            "FAILED: " + (r.error or "")
+                            if r.seconds is None
+                            else f"{r.seconds:.2f}s"
+                        )
+                        print(f"-- {r.case:<12} {r.phase:<11} {r.tool:<9} {shown}", file=sys.stderr)
+    finally:
+        for tool in tools:
+            try:
+                tool.stop()
+            except Exception as exc:  # one tool's clean-up must not hide the others'
+                print(f"!! {tool.name} clean-up failed: {exc}", file=sys.stderr)
+        if args.keep:
+            print(f"work dir kept: {work}", file=sys.stderr)
+        else:
+            remove_tree(work)
+
+    print(format_table(results, args.tools))
+    (args.out / f"results-{stamp}.json").write_text(
+        json.dumps([asdict(r) for r in results], indent=2) + "\n"
+    )
+    print(f"\nlogs and JSON results: {args.out}", file=sys.stderr)
+    return 1 if any(r.seconds is None for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""The shared snapshotter suite with real mounts, against overlay and native."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ociworker.snapshot import NativeSnapshotter, OverlaySnapshotter
+from ociworker.testing.snapshot_suite import CHECKS, FullSnapshotter, SuiteContext
+
+FACTORIES: dict[str, Callable[[Path], FullSnapshotter]] = {
+    "overlay": OverlaySnapshotter,
+    "native": NativeSnapshotter,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+@pytest.mark.parametrize("kind", sorted(FACTORIES))
+async def test_snapshotter_suite(kind: str, name: str, state_dir: Path, require_root: None) -> None:
+    ctx = SuiteContext(
+        factory=FACTORIES[kind],
+        base=state_dir,
+        real_mounts=True,
+        copies_parents=kind == "native",
+    )
+    await CHECKS[name](ctx)

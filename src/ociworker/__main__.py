@@ -1,0 +1,3 @@
+from ociworker.cli import main
+import sys
+sys.exit(main())

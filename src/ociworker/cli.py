@@ -1,0 +1,229 @@
+"""Command line: the composition root (flags -> config -> worker -> controller)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ociworker import controller
+from ociworker.core.progress import EventSink
+from ociworker.errors import ConfigError, OciworkerError
+from ociworker.progress_ui import PlainPrinter, QuietPrinter, RawJSONPrinter
+from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
+
+
+def _worker_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=Path(os.environ.get("OCIWORKER_ROOT", str(DEFAULT_ROOT))),
+        help="state directory (default /var/lib/ociworker, or $OCIWORKER_ROOT)",
+    )
+    p.add_argument("--runtime", default="runc", help="OCI runtime: runc, crun or a PATH")
+    p.add_argument("--snapshotter", choices=("auto", "overlayfs", "native"), default="auto")
+    p.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="use plain HTTP for this registry (localhost and 127.0.0.0/8 always are)",
+    )
+    p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ociworker", description="A BuildKit-class container image builder."
+    )
+    parser.add_argument("--log-format", choices=("console", "json"), default="console")
+    parser.add_argument("--debug", action="store_true", help="verbose logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="build an image from a Dockerfile")
+    b.add_argument("context", type=Path, help="build context directory")
+    b.add_argument(
+        "-f", "--file", type=Path, default=None, help="Dockerfile (default CONTEXT/Dockerfile)"
+    )
+    b.add_argument("-t", "--tag", action="append", default=[], help="name:tag for the image")
+    b.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--target", default="", help="stage to build")
+    b.add_argument(
+        "-o",
+        "--output",
+        action="append",
+        default=[],
+        help="type=oci|docker|tar|local|image[,dest=PATH][,compression=gzip|zstd]...",
+    )
+    b.add_argument(
+        "--progress", choices=("auto", "plain", "tty", "quiet", "rawjson"), default="auto"
+    )
+    b.add_argument("--no-cache", action="store_true", help="do not use the build cache")
+    b.add_argument("--network", choices=("host", "none", "default"), default="host")
+    b.add_argument("--iidfile", type=Path, default=None, help="write the image ID here")
+    b.add_argument("--metadata-file", type=Path, default=None, help="write build metadata here")
+    b.add_argument("-q", "--quiet", action="store_true", help="print the image ID only")
+    _worker_flags(b)
+
+    du = sub.add_parser("du", help="show build cache disk usage")
+    du.add_argument("--verbose", "-v", action="store_true")
+    _worker_flags(du)
+
+    pr = sub.add_parser("prune", help="remove build cache")
+    pr.add_argument("--all", "-a", action="store_true", help="remove all cache records")
+    pr.add_argument("--filter", action="append", default=[], help="e.g. type=regular")
+    pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
+    _worker_flags(pr)
+    return parser
+
+
+def _configure_logging(fmt: str, debug: bool) -> None:
+    processors: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso"),
+    ]
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*processors, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if debug else logging.WARNING
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+
+
+def _build_args(items: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        k, eq, v = item.partition("=")
+        if not k:
+            raise ConfigError(f"invalid --build-arg {item!r}: want KEY=VALUE")
+        if not eq:
+            # Docker takes the value from the environment when only a name is given.
+            if k in os.environ:
+                out[k] = os.environ[k]
+            continue
+        out[k] = v
+    return out
+
+
+def _worker(args: argparse.Namespace) -> Worker:
+    return Worker(
+        WorkerConfig(
+            root=args.root,
+            runtime=args.runtime,
+            snapshotter=args.snapshotter,
+            insecure_registries=tuple(args.insecure_registry),
+            max_parallelism=args.max_parallelism,
+        )
+    )
+
+
+async def _cmd_build(args: argparse.Namespace) -> int:
+    progress = "quiet" if args.quiet else args.progress
+    printer: EventSink
+    if progress == "rawjson":
+        printer = RawJSONPrinter(sys.stderr)
+    elif progress == "quiet":
+        printer = QuietPrinter()
+    else:
+        printer = PlainPrinter(sys.stderr)  # tty view: not yet, plain everywhere
+    req = controller.BuildRequest(
+        context=args.context,
+        dockerfile=args.file,
+        tags=tuple(args.tag),
+        build_args=_build_args(args.build_arg),
+        target=args.target,
+        outputs=tuple(controller.OutputSpec.parse(o) for o in args.output),
+        no_cache=args.no_cache,
+        network="host" if args.network == "default" else args.network,
+        iidfile=args.iidfile,
+        metadata_file=args.metadata_file,
+    )
+    worker = _worker(args)
+    try:
+        result = await controller.build(worker, req, printer)
+    finally:
+        await worker.aclose()
+    if progress == "quiet" and result.config_digest:
+        print(result.config_digest)
+    elif result.manifest is not None:
+        print(f"image digest: {result.manifest.digest}", file=sys.stderr)
+    return 0
+
+
+async def _cmd_du(args: argparse.Namespace) -> int:
+    worker = _worker(args)
+    try:
+        records = await controller.disk_usage(worker)
+    finally:
+        await worker.aclose()
+    print(f"{'ID':<25} {'TYPE':<18} {'SIZE':>10}  DESCRIPTION")
+    total = 0
+    for r in records:
+        total += r.size
+        desc = r.description if len(r.description) < 60 else r.description[:57] + "..."
+        print(f"{r.id[7:31]:<25} {r.type:<18} {_human(r.size):>10}  {desc}")
+    print(f"Total: {_human(total)}")
+    return 0
+
+
+async def _cmd_prune(args: argparse.Namespace) -> int:
+    worker = _worker(args)
+    try:
+        removed, freed = await controller.prune(worker, all_=args.all)
+    finally:
+        await worker.aclose()
+    print(f"Removed {removed} cache records; total reclaimed space: {_human(freed)}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}TB"
+
+
+async def _main(args: argparse.Namespace) -> int:
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        # SIGTERM cancels like Ctrl-C does, so containers and mounts are released.
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    if args.command == "build":
+        return await _cmd_build(args)
+    if args.command == "du":
+        return await _cmd_du(args)
+    return await _cmd_prune(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_format, args.debug)
+    try:
+        return asyncio.run(_main(args))
+    except OciworkerError as exc:
+        print(f"ERROR: failed to solve: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("ERROR: build cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""Applier: extract a layer blob onto a snapshot, never writing outside it.
+
+Every entry goes through the same steps:
+
+1. its name is cleaned lexically with ``..`` and ``/`` clamped at the root
+   (``../../x`` and ``/x`` both mean ``<root>/x``), as containerd does;
+2. its parent is resolved with ``secure_join`` (symlinks followed as if the
+   root were ``/``) and then opened one component at a time with
+   ``O_NOFOLLOW`` from a descriptor of the root, creating missing dirs;
+3. the final component is created relative to that parent descriptor with
+   exclusive, no-follow semantics after removing whatever was there (a dir
+   over a dir is kept and only its metadata updated).
+
+Hardlink targets must be relative and stay inside the root; whiteouts whose
+target is empty, ``.`` or ``..`` are rejected. Directory modes and times are
+set last, so a read-only dir can still receive its children and its mtime is
+not disturbed by them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import IO, Protocol, cast
+
+from ociworker.content.store import ContentStore
+from ociworker.core.digest import Digest
+from ociworker.core.mounts import Mount
+from ociworker.core.oci import Descriptor
+from ociworker.diff.tarutil import (
+    ANNOTATION_UNCOMPRESSED,
+    CHUNK,
+    DECOMPRESS_ERRORS,
+    WHITEOUT_META_PREFIX,
+    WHITEOUT_OPAQUE,
+    WHITEOUT_PREFIX,
+    XATTR_PAX_PREFIX,
+    HashingReader,
+    decompressed,
+    is_overlay_xattr,
+    map_os_error,
+    mounted,
+    parse_mounts,
+)
+from ociworker.errors import (
+    DigestMismatchError,
+    HostError,
+    UnsafePathError,
+    UnsupportedError,
+    UserError,
+)
+from ociworker.fsutil import clean, secure_join
+
+__all__ = ["LayerApplier", "apply_tar_stream"]
+
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class SupportsRead(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class LayerApplier:
+    """``Applier`` onto bind (native or base) and active overlay snapshots.
+
+    ``scratch_dir`` is where a temporary mount point for an overlay snapshot
+    is made; None means the system temp dir.
+    """
+
+    def __init__(self, store: ContentStore, *, scratch_dir: Path | None = None) -> None:
+        self._store = store
+        self._scratch = scratch_dir
+
+    async def apply(self, layer: Descriptor, mounts: Sequence[Mount]) -> Digest:
+        return await asyncio.to_thread(self.apply_sync, layer, mounts)
+
+    def apply_sync(self, layer: Descriptor, mounts: Sequence[Mount]) -> Digest:
+        view = parse_mounts(mounts)
+        if view.kind == "empty":
+            raise UserError("apply: the snapshot has no mounts")
+        if view.kind == "dir" and "ro" in view.options:
+            raise UserError("apply: the snapshot is mounted read-only")
+        if self._scratch is not None:
+            self._scratch.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="apply-", dir=self._scratch)
+        try:
+            with mounted(view, scratch, writable=True) as root:
+                return apply_blob(self._store, layer, Path(root))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def apply_blob(store: ContentStore, layer: Descriptor, root: Path) -> Digest:
+    """Extract blob ``layer`` from ``store`` onto directory ``root``; its diffID."""
+    with store.open(layer.digest) as raw:
+        blob = HashingReader(raw)
+        try:
+            tar_stream = HashingReader(decompressed(blob, layer.media_type))
+            apply_tar_stream(tar_stream, root)
+            # the diffID covers the whole uncompressed stream, including the
+            # padding after the end-of-archive blocks that tarfile never reads
+            tar_stream.drain()
+            blob.drain()
+        except DECOMPRESS_ERRORS as e:
+            raise UserError(f"layer {layer.digest}: corrupt compressed stream: {e}") from e
+    if blob.digest != layer.digest or blob.size != layer.size:
+        raise DigestMismatchError(
+            f"layer blob {layer.digest} ({layer.size} bytes) read back as "
+            f"{blob.digest} ({blob.size} bytes); the snapshot it was applied to is invalid"
+        )
+    want = dict(layer.annotations).get(ANNOTATION_UNCOMPRESSED)
+    if want is not None and want != tar_stream.digest:
+        raise DigestMismatchError(
+            f"layer {layer.digest}: diffID {tar_stream.digest} does not match {want}"
+        )
+    return tar_stream.digest
+
+
+def apply_tar_stream(fileobj: SupportsRead | IO[bytes], root: Path) -> None:
+    """Extract an uncompressed layer tar read from ``fileobj`` onto ``root``."""
+    _Extractor(root).run(fileobj)
+
+
+@dataclass(frozen=True)
+class _DirMeta:
+    mode: int
+    atime_ns: int
+    mtime_ns: int
+
+
+class _Extractor:
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.realpath(root)
+        self.privileged = os.geteuid() == 0
+        # resolved paths (relative to root) this layer wrote, and their
+        # ancestors: an opaque marker must not remove them
+        self.unpacked: set[str] = set()
+        self.dirs: dict[str, _DirMeta] = {}
+
+    # --- driver ----------------------------------------------------------------
+
+    def run(self, fileobj: SupportsRead | IO[bytes]) -> None:
+        try:
+            with tarfile.open(fileobj=cast(IO[bytes], fileobj), mode="r|", bufsize=CHUNK) as tar:
+                for member in tar:
+                    try:
+                        self._entry(tar, member)
+                    except OSError as e:
+                        raise map_os_error(f"layer entry {member.name!r}", e) from e
+        except tarfile.TarError as e:
+            raise UserError(f"corrupt layer tar: {e}") from e
+        self._finish_dirs()
+
+    def _entry(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        rel = clean(m.name).lstrip("/")
+        parent_rel, base = posixpath.split(rel)
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(parent_rel, base, m.name)
+            return
+        if rel == "":
+            if not m.isdir():
+                raise UnsafePathError(f"layer entry {m.name!r} would replace the root")
+            self._root_meta(m)
+            return
+        parent = self._resolve(parent_rel)
+        pfd = self._open_dirs(parent, create=True)
+        try:
+            self._create(tar, m, pfd, parent, base)
+        finally:
+            os.close(pfd)
+
+    # --- path resolution ---------------------------------------------------------
+
+    def _resolve(self, rel: str) -> str:
+        """``rel`` with symlinks resolved inside the root, relative to the root."""
+        p = os.fspath(secure_join(self.root, rel))
+        out = os.path.relpath(p, self.root)
+        if out == ".":
+            return ""
+        if out == ".." or out.startswith("../"):  # secure_join guarantees this never happens
+            raise UnsafePathError(f"{rel!r} resolves outside the root")
+        return out
+
+    def _open_dirs(self, rel: str, *, create: bool, flags: int = _DIR_PATH) -> int:
+        """A descriptor of directory ``rel`` (resolved), walked from the root one
+        component at a time without following any symlink."""
+        fd = os.open(self.root, _DIR_PATH)
+        try:
+            parts = rel.split("/") if rel else []
+            done: list[str] = []
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                want = flags if last else _DIR_PATH
+                try:
+                    nfd = os.open(part, want, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nfd = os.open(part, want, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise UserError(
+                            f"layer path {'/'.join([*done, part])!r} is not a directory"
+                        ) from e
+                    raise
+                os.close(fd)
+                fd = nfd
+                done.append(part)
+            if not parts and flags != _DIR_PATH:
+                nfd = os.open(".", flags, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _mark(self, rel: str) -> None:
+        while rel and rel not in self.unpacked:
+            self.unpacked.add(rel)
+            rel = posixpath.dirname(rel)
+
+    # --- entries -----------------------------------------------------------------
+
+    def _create(
+        self, tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, parent: str, base: str
+    ) -> None:
+        rel = posixpath.join(parent, base)
+        link_src: tuple[str, str] | None = None
+        if m.islnk():
+            link_src = self._link_source(m.linkname)
+            if posixpath.join(*link_src) == rel:
+                self._mark(rel)  # a link to itself: the file is already there
+                return
+        try:
+            existing: os.stat_result | None = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None and not (stat.S_ISDIR(existing.st_mode) and m.isdir()):
+            _remove(pfd, base, existing)
+        self._mark(rel)
+        mode = stat.S_IMODE(m.mode)
+        if m.isdir():
+            if existing is None or not stat.S_ISDIR(existing.st_mode):
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            dfd = os.open(base, _DIR_READ, dir_fd=pfd)
+            try:
+                self._owner_xattrs_fd(dfd, m)
+            finally:
+                os.close(dfd)
+            self.dirs[rel] = _DirMeta(mode, *_times_ns(m))
+        elif m.isreg():
+            fd = os.open(
+                base,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
+            try:
+                src = tar.extractfile(m)
+                if src is not None:
+                    with os.fdopen(fd, "wb", closefd=False) as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
+                self._owner_xattrs_fd(fd, m)
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=_times_ns(m))
+            finally:
+                os.close(fd)
+        elif m.issym():
+            os.symlink(m.linkname, base, dir_fd=pfd)
+            self._meta_at(pfd, base, m, chmod=False)
+        elif m.islnk():
+            assert link_src is not None
+            sparent, sbase = link_src
+            sfd = self._open_dirs(sparent, create=False)
+            try:
+                os.link(sbase, base, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+            finally:
+                os.close(sfd)
+        elif m.ischr() or m.isblk() or m.isfifo():
+            try:
+                if m.isfifo():
+                    os.mkfifo(base, 0o600, dir_fd=pfd)
+                else:
+                    kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+                    dev = os.makedev(m.devmajor, m.devminor)
+                    os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
+            except PermissionError as e:
+                raise HostError(f"cannot create device node {m.name!r}: needs root") from e
+            self._meta_at(pfd, base, m, chmod=True)
+        else:
+            raise UnsupportedError(f"layer entry {m.name!r} has unsupported tar type {m.type!r}")
+
+    def _link_source(self, linkname: str) -> tuple[str, str]:
+        """(resolved parent, name) of a hardlink's target inside the root."""
+        if linkname.startswith("/"):
+            raise UnsafePathError(f"hardlink target {linkname!r} is absolute")
+        norm = posixpath.normpath(linkname)
+        if norm == ".." or norm.startswith("../"):
+            raise UnsafePathError(f"hardlink target {linkname!r} leaves the root")
+        if norm in (".", ""):
+            raise UserError(f"hardlink target {linkname!r} is the root directory")
+        parent_rel, name = posixpath.split(norm)
+        parent = self._resolve(parent_rel)
+        pfd = self._open_dirs(parent, create=False)
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise UserError(f"hardlink target {linkname!r} does not exist") from None
+        finally:
+            os.close(pfd)
+        if stat.S_ISDIR(st.st_mode):
+            raise UserError(f"hardlink target {linkname!r} is a directory")
+        return parent, name
+
+    def _whiteout(self, parent_rel: str, base: str, name: str) -> None:
+        if base == WHITEOUT_OPAQUE:
+            self._opaque(parent_rel)
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return  # aufs bookkeeping (.wh..wh.plnk, ...): not part of the tree
+        victim = base[len(WHITEOUT_PREFIX) :]
+        if victim in ("", ".", ".."):
+            raise UnsafePathError(f"whiteout {name!r} names no entry")
+        try:
+            pfd = self._open_dirs(self._resolve(parent_rel), create=False)
+        except (FileNotFoundError, UserError):
+            return  # nothing below a missing or non-dir parent to remove
+        try:
+            st = os.stat(victim, dir_fd=pfd, follow_symlinks=False)
+            _remove(pfd, victim, st)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(pfd)
+
+    def _opaque(self, parent_rel: str) -> None:
+        parent = self._resolve(parent_rel)
+        try:
+            dfd = self._open_dirs(parent, create=False, flags=_DIR_READ)
+        except (FileNotFoundError, UserError):
+            return
+        try:
+            for child in os.listdir(dfd):
+                if posixpath.join(parent, child) in self.unpacked:
+                    continue
+                st = os.stat(child, dir_fd=dfd, follow_symlinks=False)
+                _remove(dfd, child, st)
+        finally:
+            os.close(dfd)
+
+    def _root_meta(self, m: tarfile.TarInfo) -> None:
+        fd = os.open(self.root, _DIR_READ)
+        try:
+            self._owner_xattrs_fd(fd, m)
+        finally:
+            os.close(fd)
+        self.dirs[""] = _DirMeta(stat.S_IMODE(m.mode), *_times_ns(m))
+
+    # --- metadata ------------------------------------------------------------------
+
+    def _owner_xattrs_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+        if self.privileged:
+            os.fchown(fd, m.uid, m.gid)
+        for name, value in _xattrs(m):
+            self._setxattr(fd, name, value)
+
+    def _meta_at(self, pfd: int, base: str, m: tarfile.TarInfo, *, chmod: bool) -> None:
+        """Metadata of an entry that cannot be opened (symlink, device, fifo)."""
+        if self.privileged:
+            os.chown(base, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        # setxattr has no dir_fd form; the /proc magic link pins the parent we hold
+        path = f"/proc/self/fd/{pfd}/{base}"
+        for name, value in _xattrs(m):
+            self._setxattr(path, name, value)
+        if chmod:
+            # just created by mknod/mkfifo, so the name is not a symlink
+            os.chmod(base, stat.S_IMODE(m.mode), dir_fd=pfd)
+        os.utime(base, ns=_times_ns(m), dir_fd=pfd, follow_symlinks=False)
+
+    def _setxattr(self, target: int | str, name: str, value: bytes) -> None:
+        try:
+            os.setxattr(target, name, value, follow_symlinks=False)
+        except OSError as e:
+            # no xattrs on this filesystem, or (unprivileged) a trusted./
+            # security. namespace we may not write: keep the file, drop the attr
+            if e.errno == errno.ENOTSUP or (e.errno == errno.EPERM and not self.privileged):
+                return
+            raise
+
+    def _finish_dirs(self) -> None:
+        # deepest first, so a parent's read-only mode never blocks a child
+        for rel in sorted(self.dirs, key=lambda r: r.count("/") + bool(r), reverse=True):
+            meta = self.dirs[rel]
+            try:
+                fd = self._open_dirs(rel, create=False, flags=_DIR_READ)
+            except (FileNotFoundError, UserError):
+                continue  # replaced or removed by a later entry of this layer
+            try:
+                os.fchmod(fd, meta.mode)
+                os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
+            finally:
+                os.close(fd)
+
+
+def _remove(dfd: int, name: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+
+
+def _xattrs(m: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
+    for key, value in m.pax_headers.items():
+        if not key.startswith(XATTR_PAX_PREFIX):
+            continue
+        name = key[len(XATTR_PAX_PREFIX) :]
+        # a layer must not plant overlay bookkeeping: the kernel would obey it
+        if is_overlay_xattr(name):
+            continue
+        yield name, value.encode("utf-8", "surrogateescape")
+
+
+def _times_ns(m: tarfile.TarInfo) -> tuple[int, int]:
+    mtime = _pax_time_ns(m.pax_headers.get("mtime"))
+    if mtime is None:
+        mtime = int(m.mtime) * 1_000_000_000
+    atime = _pax_time_ns(m.pax_headers.get("atime"))
+    return (mtime if atime is None else atime), mtime
+
+
+def _pax_time_ns(text: str | None) -> int | None:
+    """A PAX time record in ns, exactly (tarfile parses it into a lossy float)."""
+    if text is None:
+        return None
+    with contextlib.suppress(InvalidOperation, ValueError):
+        return int(Decimal(text) * 1_000_000_000)
+    return None

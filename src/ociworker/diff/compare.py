@@ -1,0 +1,309 @@
+"""Comparer: the changes between two snapshots, as an OCI layer blob.
+
+Two strategies, as in containerd and BuildKit:
+
+* overlay fast path: when ``upper`` is an active overlay snapshot stacked on
+  exactly the layers of ``lower``, its upperdir *is* the change set. Walk it,
+  turning overlay whiteouts (char device 0:0) into ``.wh.<name>`` and opaque
+  directories into ``<dir>/.wh..wh..opq``.
+* double walk: otherwise compare the merged lower tree with the upper tree
+  file by file (stat, xattrs, link targets; contents only when mtimes are
+  ambiguous) and emit adds, changes and whiteouts for deletions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ociworker.content.store import ContentStore
+from ociworker.core.mounts import Mount
+from ociworker.core.oci import Layer
+from ociworker.diff.base import CompressionOpts
+from ociworker.diff.tarutil import (
+    CHUNK,
+    LayerBlobWriter,
+    LayerTarWriter,
+    is_overlay_xattr,
+    map_os_error,
+    mounted,
+    parse_mounts,
+    read_xattrs,
+    scan_sorted,
+)
+
+__all__ = ["LayerComparer", "write_dir_layer"]
+
+
+class _NeedsDoubleWalk(Exception):
+    """The upperdir uses overlay features (redirect_dir, metacopy) whose changes
+    are not visible in the upperdir alone."""
+
+
+class LayerComparer:
+    """``Comparer`` over overlay and bind (native) snapshot mounts.
+
+    ``scratch_dir`` is where temporary mount points are made (it should live
+    with the caller's state, not in a shared /tmp); None means the system
+    temp dir.
+    """
+
+    def __init__(self, store: ContentStore, *, scratch_dir: Path | None = None) -> None:
+        self._store = store
+        self._scratch = scratch_dir
+
+    async def compare(
+        self, lower: Sequence[Mount], upper: Sequence[Mount], opts: CompressionOpts
+    ) -> Layer:
+        return await asyncio.to_thread(self.compare_sync, lower, upper, opts)
+
+    def compare_sync(
+        self, lower: Sequence[Mount], upper: Sequence[Mount], opts: CompressionOpts
+    ) -> Layer:
+        lv = parse_mounts(lower)
+        uv = parse_mounts(upper)
+        if uv.kind == "empty":
+            raise ValueError("compare: upper has no mounts")
+        if uv.kind == "dir" and lv.kind == "empty":
+            return write_dir_layer(self._store, Path(uv.layers[0]), opts)
+        if uv.kind == "overlay" and uv.upper and uv.layers == lv.all_dirs():
+            try:
+                return _write_layer(
+                    self._store,
+                    opts,
+                    lambda w: _walk_upperdir(w, uv.upper or "", uv.userxattr),
+                    userxattr=uv.userxattr,
+                )
+            except _NeedsDoubleWalk:
+                pass
+        with self._scratch_dir() as scratch, contextlib.ExitStack() as stack:
+            lower_dir = stack.enter_context(mounted(lv, scratch))
+            upper_dir = stack.enter_context(mounted(uv, scratch))
+            userxattr = uv.userxattr or lv.userxattr
+            return _write_layer(
+                self._store,
+                opts,
+                lambda w: _double_walk(w, lower_dir, upper_dir, userxattr),
+                userxattr=userxattr,
+            )
+
+    @contextlib.contextmanager
+    def _scratch_dir(self) -> Iterator[str]:
+        if self._scratch is not None:
+            self._scratch.mkdir(parents=True, exist_ok=True)
+        d = tempfile.mkdtemp(prefix="diff-", dir=self._scratch)
+        try:
+            yield d
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def write_dir_layer(store: ContentStore, root_dir: Path, opts: CompressionOpts) -> Layer:
+    """The whole tree under ``root_dir`` as one layer (a base layer)."""
+    root = os.fspath(root_dir)
+    return _write_layer(store, opts, lambda w: _walk_plain(w, root), userxattr=False)
+
+
+# --- writing ----------------------------------------------------------------------
+
+
+def _write_layer(
+    store: ContentStore,
+    opts: CompressionOpts,
+    walk: Callable[[LayerTarWriter], None],
+    *,
+    userxattr: bool,
+) -> Layer:
+    sink = LayerBlobWriter(store, opts)
+    try:
+        tw = LayerTarWriter(sink, userxattr=userxattr)
+        try:
+            walk(tw)
+        except OSError as e:
+            raise map_os_error("cannot read snapshot", e) from e
+        tw.close()
+        return sink.finish()
+    finally:
+        sink.abort()
+
+
+def _walk_plain(w: LayerTarWriter, root: str) -> None:
+    stack: list[tuple[str, str, Iterator[tuple[str, os.stat_result]]]] = [
+        ("", root, iter(scan_sorted(root)))
+    ]
+    while stack:
+        rel_dir, abs_dir, it = stack[-1]
+        item = next(it, None)
+        if item is None:
+            stack.pop()
+            continue
+        name, st = item
+        rel = os.path.join(rel_dir, name)
+        path = os.path.join(abs_dir, name)
+        w.add(rel, path, st, read_xattrs(path))
+        if stat.S_ISDIR(st.st_mode):
+            stack.append((rel, path, iter(scan_sorted(path))))
+
+
+def _walk_upperdir(w: LayerTarWriter, upper: str, userxattr: bool) -> None:
+    prefix = "user.overlay." if userxattr else "trusted.overlay."
+    opaque_key = prefix + "opaque"
+    # Either feature means the upperdir holds pointers into lower layers
+    # instead of the data; only a double walk sees the real tree.
+    unsupported = (prefix + "redirect", prefix + "metacopy")
+    stack: list[tuple[str, str, Iterator[tuple[str, os.stat_result]]]] = [
+        ("", upper, iter(scan_sorted(upper)))
+    ]
+    while stack:
+        rel_dir, abs_dir, it = stack[-1]
+        item = next(it, None)
+        if item is None:
+            stack.pop()
+            continue
+        name, st = item
+        rel = os.path.join(rel_dir, name)
+        path = os.path.join(abs_dir, name)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            w.add_whiteout(rel)
+            continue
+        xattrs = read_xattrs(path)
+        if any(k in xattrs for k in unsupported):
+            raise _NeedsDoubleWalk(rel)
+        w.add(rel, path, st, xattrs)
+        if stat.S_ISDIR(st.st_mode):
+            # "x" marks a dir holding xwhiteouts (composefs lowers); only "y" is opaque
+            if xattrs.get(opaque_key) == b"y":
+                w.add_opaque(rel)
+            stack.append((rel, path, iter(scan_sorted(path))))
+
+
+# --- double walk -------------------------------------------------------------------
+
+
+@dataclass
+class _Frame:
+    rel: str
+    lower: str | None  # None: everything below is new
+    upper: str
+    items: Iterator[tuple[str, os.stat_result | None, os.stat_result | None]]
+    # an unchanged dir, emitted only if something below it changes
+    pending: tuple[str, str, os.stat_result] | None = None
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def _merged(
+    lower: str | None, upper: str
+) -> Iterator[tuple[str, os.stat_result | None, os.stat_result | None]]:
+    lo = dict(scan_sorted(lower)) if lower is not None else {}
+    up = dict(scan_sorted(upper))
+    names = sorted(lo.keys() | up.keys(), key=os.fsencode)
+    for name in names:
+        yield name, lo.get(name), up.get(name)
+
+
+def _double_walk(w: LayerTarWriter, lower: str, upper: str, userxattr: bool) -> None:
+    stack = [_Frame("", lower, upper, _merged(lower, upper))]
+
+    def flush() -> None:
+        for f in stack:
+            if f.pending is not None:
+                rel, path, st = f.pending
+                w.add(rel, path, st, f.xattrs)
+                f.pending = None
+
+    while stack:
+        top = stack[-1]
+        item = next(top.items, None)
+        if item is None:
+            stack.pop()
+            continue
+        name, lst, ust = item
+        rel = os.path.join(top.rel, name)
+        upath = os.path.join(top.upper, name)
+        if ust is None:
+            flush()
+            w.add_whiteout(rel)
+            continue
+        uxattrs = read_xattrs(upath)
+        is_dir = stat.S_ISDIR(ust.st_mode)
+        if lst is None or top.lower is None or stat.S_IFMT(lst.st_mode) != stat.S_IFMT(ust.st_mode):
+            flush()
+            w.add(rel, upath, ust, uxattrs)
+            if is_dir:
+                stack.append(_Frame(rel, None, upath, _merged(None, upath)))
+            continue
+        lpath = os.path.join(top.lower, name)
+        changed = _differs(lpath, lst, upath, ust, uxattrs, userxattr)
+        if changed:
+            flush()
+            w.add(rel, upath, ust, uxattrs)
+        if is_dir:
+            frame = _Frame(rel, lpath, upath, _merged(lpath, upath))
+            if not changed:
+                frame.pending = (rel, upath, ust)
+                frame.xattrs = uxattrs
+            stack.append(frame)
+
+
+def _differs(
+    lpath: str,
+    lst: os.stat_result,
+    upath: str,
+    ust: os.stat_result,
+    uxattrs: dict[str, bytes],
+    userxattr: bool,
+) -> bool:
+    """Same rules as moby's statDifferent, plus xattrs, link targets and, when a
+    filesystem may have truncated mtimes, contents."""
+    if (lst.st_dev, lst.st_ino) == (ust.st_dev, ust.st_ino):
+        return False
+    if (
+        lst.st_mode != ust.st_mode
+        or lst.st_uid != ust.st_uid
+        or lst.st_gid != ust.st_gid
+        or lst.st_rdev != ust.st_rdev
+    ):
+        return True
+    if _layer_xattrs(read_xattrs(lpath), userxattr) != _layer_xattrs(uxattrs, userxattr):
+        return True
+    mode = ust.st_mode
+    if stat.S_ISDIR(mode):
+        # a dir's size and mtime change with its children, which are compared anyway
+        return False
+    if lst.st_size != ust.st_size:
+        return True
+    if stat.S_ISLNK(mode):
+        return os.readlink(lpath) != os.readlink(upath)
+    lsec, lns = divmod(lst.st_mtime_ns, 1_000_000_000)
+    usec, uns = divmod(ust.st_mtime_ns, 1_000_000_000)
+    if lsec != usec:
+        return True
+    if lns == uns and lns != 0:
+        return False
+    if lns != uns and lns != 0 and uns != 0:
+        return True
+    # one side has no sub-second part (a copy through a coarse filesystem or
+    # tar): only the bytes can tell
+    return stat.S_ISREG(mode) and not _same_content(lpath, upath)
+
+
+def _layer_xattrs(x: dict[str, bytes], userxattr: bool) -> dict[str, bytes]:
+    return {k: v for k, v in x.items() if not is_overlay_xattr(k, userxattr)}
+
+
+def _same_content(a: str, b: str) -> bool:
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        while True:
+            ca = fa.read(CHUNK)
+            cb = fb.read(CHUNK)
+            if ca != cb:
+                return False
+            if not ca:
+                return True

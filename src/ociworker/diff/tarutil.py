@@ -1,0 +1,449 @@
+"""Helpers shared by the comparer and the applier: the layer blob pipeline, the
+PAX entry writer, decompressing readers, xattr handling and temporary mounts.
+
+A layer is written in one pass: tar bytes -> sha256 (diffID) -> compressor ->
+content store ingest (which hashes the blob). Nothing holds a whole layer in
+memory; every stage works on bounded chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO, Literal, Protocol
+
+import zstandard
+
+from ociworker.content.store import ContentStore, Ingest
+from ociworker.core.digest import Digest
+from ociworker.core.mounts import Mount, is_bind
+from ociworker.core.oci import (
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    Descriptor,
+    Layer,
+    layer_compression,
+)
+from ociworker.diff.base import CompressionOpts
+from ociworker.errors import ConfigError, HostError, UnsupportedError, UserError
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+
+#: chunk size of every copy in the pipeline; bounds the memory of one layer
+CHUNK = 1 << 20
+
+# zlib's own default (6) is what Go's gzip.DefaultCompression maps to, which
+# is what BuildKit and containerd use when no level is configured.
+GZIP_DEFAULT_LEVEL = zlib.Z_DEFAULT_COMPRESSION
+ZSTD_DEFAULT_LEVEL = 3
+
+# containerd records the diffID of a blob under this annotation; when present
+# the applier checks the uncompressed stream against it.
+ANNOTATION_UNCOMPRESSED = "containerd.io/uncompressed"
+
+
+# --- media types ----------------------------------------------------------------
+
+
+def layer_media_type(opts: CompressionOpts) -> str:
+    if opts.compression == "zstd":
+        if not opts.oci_media_types:
+            raise ConfigError("zstd compression requires OCI media types")
+        return OCI_LAYER_ZSTD
+    if opts.compression == "gzip":
+        return OCI_LAYER_GZIP if opts.oci_media_types else DOCKER_LAYER_GZIP
+    if opts.compression == "uncompressed":
+        return OCI_LAYER if opts.oci_media_types else DOCKER_LAYER
+    raise ConfigError(f"unknown compression {opts.compression!r}")
+
+
+# --- write pipeline ---------------------------------------------------------------
+
+
+class _Compressor(Protocol):
+    def compress(self, data: bytes, /) -> bytes: ...
+
+    def flush(self) -> bytes: ...
+
+
+class _Identity:
+    def compress(self, data: bytes, /) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+def _compressor(opts: CompressionOpts) -> _Compressor:
+    if opts.compression == "gzip":
+        level = GZIP_DEFAULT_LEVEL if opts.level is None else opts.level
+        if not (level == -1 or 0 <= level <= 9):
+            raise ConfigError(f"gzip level must be 0-9, got {level}")
+        # wbits 31 = gzip container with a fixed header (mtime 0), so the same
+        # tar always gives the same blob digest.
+        return zlib.compressobj(level, zlib.DEFLATED, 31)
+    if opts.compression == "zstd":
+        level = ZSTD_DEFAULT_LEVEL if opts.level is None else opts.level
+        if not (-7 <= level <= 22):
+            raise ConfigError(f"zstd level must be -7..22, got {level}")
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        obj: _Compressor = cctx.compressobj()
+        return obj
+    return _Identity()
+
+
+class LayerBlobWriter:
+    """The file object ``tarfile`` writes into: hashes the tar (diffID),
+    compresses it and streams the result into a content store ingest."""
+
+    def __init__(self, store: ContentStore, opts: CompressionOpts) -> None:
+        self.media_type = layer_media_type(opts)
+        self._comp = _compressor(opts)
+        self._diff = hashlib.sha256()
+        self._ingest: Ingest = store.ingest()
+
+    def write(self, data: bytes) -> int:
+        self._diff.update(data)
+        out = self._comp.compress(data)
+        if out:
+            self._ingest.write(out)
+        return len(data)
+
+    def finish(self) -> Layer:
+        tail = self._comp.flush()
+        if tail:
+            self._ingest.write(tail)
+        size = self._ingest.size
+        digest = self._ingest.commit()
+        diff_id = Digest("sha256:" + self._diff.hexdigest())
+        return Layer(Descriptor(self.media_type, digest, size), diff_id)
+
+    def abort(self) -> None:
+        self._ingest.__exit__(None, None, None)
+
+
+# --- xattrs -----------------------------------------------------------------------
+
+
+def read_xattrs(path: str) -> dict[str, bytes]:
+    """All xattrs of ``path`` (not following a final symlink), sorted by name."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    out: dict[str, bytes] = {}
+    for name in sorted(names):
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as e:
+            # raced away, or a namespace we may list but not read
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                continue
+            raise
+    return out
+
+
+def is_overlay_xattr(name: str, userxattr: bool = True) -> bool:
+    """Overlayfs keeps its own bookkeeping in these; they never belong in a
+    layer (and a layer must never plant them: the kernel would obey them)."""
+    return name.startswith("trusted.overlay.") or (userxattr and name.startswith("user.overlay."))
+
+
+# --- tar entry writer -------------------------------------------------------------
+
+
+class LayerTarWriter:
+    """Emits PAX tar entries for files on disk, whiteouts and opaque markers.
+
+    Mtimes are truncated to whole seconds and uname/gname left empty, as
+    moby and containerd do, so that a layer depends only on the tree.
+    """
+
+    def __init__(self, out: LayerBlobWriter | IO[bytes], *, userxattr: bool = False) -> None:
+        self._out = out
+        self._userxattr = userxattr
+        # (st_dev, st_ino) of emitted multi-link files -> their name in the layer
+        self._links: dict[tuple[int, int], str] = {}
+
+    def add(self, rel: str, path: str, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
+        """Emit ``path`` (already lstat'ed as ``st``) under the layer name ``rel``."""
+        ti = tarfile.TarInfo(rel)
+        ti.mode = stat.S_IMODE(st.st_mode)
+        ti.uid = st.st_uid
+        ti.gid = st.st_gid
+        ti.uname = ti.gname = ""
+        ti.mtime = st.st_mtime_ns // 1_000_000_000
+        ti.pax_headers = {
+            XATTR_PAX_PREFIX + name: value.decode("utf-8", "surrogateescape")
+            for name, value in xattrs.items()
+            if not is_overlay_xattr(name, self._userxattr)
+        }
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            first = self._links.get(key) if st.st_nlink > 1 else None
+            if first is not None:
+                ti.type = tarfile.LNKTYPE
+                ti.linkname = first
+                self._write(ti)
+                return
+            if st.st_nlink > 1:
+                self._links[key] = rel
+            ti.type = tarfile.REGTYPE
+            ti.size = st.st_size
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                self._write(ti, f)
+            return
+        if stat.S_ISDIR(mode):
+            ti.type = tarfile.DIRTYPE
+        elif stat.S_ISLNK(mode):
+            ti.type = tarfile.SYMTYPE
+            ti.linkname = os.readlink(path)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            ti.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+            ti.devmajor = os.major(st.st_rdev)
+            ti.devminor = os.minor(st.st_rdev)
+        elif stat.S_ISFIFO(mode):
+            ti.type = tarfile.FIFOTYPE
+        else:
+            # sockets (and anything else) cannot be carried in a tar
+            return
+        self._write(ti)
+
+    def add_whiteout(self, rel: str) -> None:
+        parent, name = os.path.split(rel)
+        self._marker(os.path.join(parent, WHITEOUT_PREFIX + name))
+
+    def add_opaque(self, rel_dir: str) -> None:
+        self._marker(os.path.join(rel_dir, WHITEOUT_OPAQUE))
+
+    def close(self) -> None:
+        # end of archive: two zero blocks (no record padding, as Go's writer)
+        self._out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+
+    def _marker(self, name: str) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.type = tarfile.REGTYPE
+        ti.mode = 0
+        ti.mtime = 0
+        ti.uname = ti.gname = ""
+        self._write(ti)
+
+    def _write(self, ti: tarfile.TarInfo, data: BinaryIO | None = None) -> None:
+        # TarInfo.tobuf does the PAX encoding; the rest is blocks and padding.
+        # (TarFile itself would keep every member in memory for nothing.)
+        self._out.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        if data is None or ti.size == 0:
+            return
+        remaining = ti.size
+        while remaining:
+            chunk = data.read(min(CHUNK, remaining))
+            if not chunk:
+                raise OSError(errno.EIO, f"{ti.name}: file shrank while it was read")
+            self._out.write(chunk)
+            remaining -= len(chunk)
+        tail = ti.size % tarfile.BLOCKSIZE
+        if tail:
+            self._out.write(tarfile.NUL * (tarfile.BLOCKSIZE - tail))
+
+
+def scan_sorted(path: str) -> list[tuple[str, os.stat_result]]:
+    """Children of ``path`` with their lstat, in byte order of their names
+    (the order Go's tar writers use, and parents always precede children)."""
+    out: list[tuple[bytes, str, os.stat_result]] = []
+    with os.scandir(path) as it:
+        for entry in it:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            out.append((os.fsencode(entry.name), entry.name, st))
+    out.sort(key=lambda t: t[0])
+    return [(name, st) for _, name, st in out]
+
+
+# --- read pipeline ----------------------------------------------------------------
+
+
+class HashingReader:
+    """Read-through sha256 and byte count over a binary stream."""
+
+    def __init__(self, raw: IO[bytes] | Any) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        self._hash.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256:" + self._hash.hexdigest())
+
+
+def decompressed(raw: Any, media_type: str) -> Any:
+    """A reader of the uncompressed tar inside a layer blob of ``media_type``."""
+    try:
+        kind = layer_compression(media_type)
+    except ValueError:
+        raise UnsupportedError(f"unsupported layer media type {media_type!r}") from None
+    if kind == "gzip":
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if kind == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw
+
+
+#: errors a corrupt or truncated compressed stream raises from its reader
+DECOMPRESS_ERRORS: tuple[type[BaseException], ...] = (
+    zlib.error,
+    gzip.BadGzipFile,
+    EOFError,
+    zstandard.ZstdError,
+)
+
+
+# --- mounts -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """What a list of snapshot mounts means to a differ.
+
+    ``layers`` are the read-only layer directories, nearest first (a bind's
+    source is its only layer); ``upper`` is the writable upperdir of an
+    active overlay snapshot.
+    """
+
+    kind: Literal["empty", "dir", "overlay"]
+    layers: tuple[str, ...] = ()
+    upper: str | None = None
+    work: str | None = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def userxattr(self) -> bool:
+        return "userxattr" in self.options
+
+    def all_dirs(self) -> tuple[str, ...]:
+        """Every layer directory, nearest first (the upperdir counts as one)."""
+        return ((self.upper,) if self.upper else ()) + self.layers
+
+
+def parse_mounts(mounts: Sequence[Mount]) -> View:
+    if not mounts:
+        return View("empty")
+    if len(mounts) != 1:
+        raise UnsupportedError(f"differ supports one mount per snapshot, got {len(mounts)}")
+    m = mounts[0]
+    if is_bind(m):
+        return View("dir", layers=(m.source,), options=m.options)
+    if m.type == "overlay":
+        lower = m.option("lowerdir")
+        layers = tuple(d for d in (lower or "").split(":") if d)
+        if not layers:
+            raise UnsupportedError(f"overlay mount without lowerdir: {m.options}")
+        return View(
+            "overlay",
+            layers=layers,
+            upper=m.option("upperdir"),
+            work=m.option("workdir"),
+            options=m.options,
+        )
+    raise UnsupportedError(f"differ cannot read a {m.type!r} mount")
+
+
+_OVERLAY_OWN_OPTIONS = ("lowerdir=", "upperdir=", "workdir=")
+
+
+@contextlib.contextmanager
+def mounted(view: View, scratch: str, *, writable: bool = False) -> Iterator[str]:
+    """A directory showing the merged tree of ``view``; unmounted on exit.
+
+    Binds are read in place. Read-only overlay views stack the upperdir as
+    the top lowerdir (as containerd's read-only temp mounts do), so reading
+    never touches the snapshot's workdir; a single layer gets an empty
+    bottom layer because the kernel wants two lowerdirs without an upper.
+    """
+    if view.kind == "empty":
+        d = tempfile.mkdtemp(prefix="empty-", dir=scratch)
+        try:
+            yield d
+        finally:
+            os.rmdir(d)
+        return
+    if view.kind == "dir":
+        yield view.layers[0]
+        return
+    target = tempfile.mkdtemp(prefix="mnt-", dir=scratch)
+    extra: list[str] = []
+    try:
+        keep = [o for o in view.options if not o.startswith(_OVERLAY_OWN_OPTIONS)]
+        keep = [o for o in keep if o not in ("ro", "rw")]
+        if writable:
+            if not view.upper or not view.work:
+                raise UnsupportedError("cannot write into a read-only overlay view")
+            opts = [
+                "lowerdir=" + ":".join(view.layers),
+                f"upperdir={view.upper}",
+                f"workdir={view.work}",
+            ]
+        else:
+            dirs = list(view.all_dirs())
+            if len(dirs) < 2:
+                bottom = tempfile.mkdtemp(prefix="bottom-", dir=scratch)
+                extra.append(bottom)
+                dirs.append(bottom)
+            opts = ["ro", "lowerdir=" + ":".join(dirs)]
+        run_mount(["mount", "-t", "overlay", "overlay", "-o", ",".join(opts + keep), target])
+        try:
+            yield target
+        finally:
+            run_mount(["umount", target])
+    finally:
+        os.rmdir(target)
+        for d in extra:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def run_mount(argv: list[str]) -> None:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise HostError(f"{argv[0]} not found: the differ needs util-linux") from None
+    if proc.returncode != 0:
+        raise HostError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
+
+
+def map_os_error(what: str, e: OSError) -> Exception:
+    """The host's fault (disk full, I/O) vs the layer's (a path that cannot exist)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM):
+        return HostError(f"{what}: {e}")
+    return UserError(f"{what}: {e}")

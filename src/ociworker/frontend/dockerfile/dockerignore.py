@@ -1,0 +1,303 @@
+""".dockerignore: parsing and path matching with moby/patternmatcher semantics.
+
+Rules (the same as ``docker build`` and BuildKit):
+
+* a line starting with ``#`` is a comment; blank lines are skipped; surrounding
+  whitespace is trimmed;
+* patterns are lexically cleaned (``./a/../b`` -> ``b``) and a leading ``/`` is
+  dropped, so every pattern is relative to the context root;
+* ``*`` matches within one path element, ``?`` one character other than ``/``,
+  ``[...]`` a character class, ``**`` any number of elements (also none);
+  ``\\`` escapes the next character;
+* a pattern that matches a directory also matches everything below it;
+* ``!pattern`` re-includes what earlier patterns excluded; the last matching
+  pattern decides.
+
+All matching is pure; ``read_ignore_file`` is the only function touching disk.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ociworker.errors import DockerfileError
+
+__all__ = ["IgnoreMatcher", "parse_ignore", "read_ignore_file"]
+
+_IGNORE_FILE = ".dockerignore"
+# Characters that end the literal prefix of a pattern: past them, we can no
+# longer tell by string comparison which paths the pattern might reach.
+_WILDCARDS = frozenset("*?[\\")
+
+
+def _clean(path: str) -> str:
+    # Go's filepath.Clean: "" -> ".", no trailing slash, ".." resolved lexically.
+    if not path:
+        return "."
+    out = posixpath.normpath(path)
+    if out.startswith("//"):
+        out = "/" + out.lstrip("/")
+    return out
+
+
+def parse_ignore(text: str) -> tuple[str, ...]:
+    """The patterns of a .dockerignore file, normalised, in file order."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    patterns: list[str] = []
+    for line in text.splitlines():
+        # only a "#" in the very first column starts a comment
+        if line.startswith("#"):
+            continue
+        pattern = line.strip()
+        if not pattern:
+            continue
+        invert = pattern.startswith("!")
+        if invert:
+            pattern = pattern[1:].strip()
+        if pattern:
+            pattern = _clean(pattern)
+            if len(pattern) > 1 and pattern.startswith("/"):
+                pattern = pattern[1:]
+        patterns.append("!" + pattern if invert else pattern)
+    return tuple(patterns)
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    text: str
+    exclusion: bool
+    regex: re.Pattern[str] | None
+    prefix: str | None  # match by string prefix ("dir/**")
+    suffix: str | None  # match by string suffix ("**/name")
+    literal_prefix: str  # text before the first wildcard
+
+    def match(self, path: str) -> bool:
+        if self.prefix is not None:
+            return path.startswith(self.prefix)
+        if self.suffix is not None:
+            if path.endswith(self.suffix):
+                return True
+            # "**/foo" also matches "foo" at the root
+            return self.suffix.startswith("/") and path == self.suffix[1:]
+        assert self.regex is not None
+        return self.regex.fullmatch(path) is not None
+
+
+def _validate(pattern: str) -> None:
+    """Reject what Go's filepath.Match calls a bad pattern."""
+    i = 0
+    n = len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            if i + 1 >= n:
+                raise DockerfileError(
+                    f"invalid .dockerignore pattern {pattern!r}: trailing \\ escapes nothing"
+                )
+            i += 2
+            continue
+        if ch == "[":
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            start = j
+            while j < n and (pattern[j] != "]" or j == start):
+                if pattern[j] == "\\":
+                    j += 1
+                j += 1
+            if j >= n:
+                raise DockerfileError(
+                    f"invalid .dockerignore pattern {pattern!r}: expected ']' to close '['"
+                )
+            i = j + 1
+            continue
+        i += 1
+
+
+def _compile(text: str, exclusion: bool) -> _Pattern:
+    _validate(text)
+    out: list[str] = []
+    kind = "exact"
+    in_class = False
+    i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        i += 1
+        if in_class:
+            if ch == "]":
+                in_class = False
+                out.append("]")
+            elif ch == "\\" and i < n:
+                out.append(re.escape(text[i]))
+                i += 1
+            elif ch in "[&~|":
+                # literal inside a class; escaped so Python's re sees no set ops
+                out.append("\\" + ch)
+            else:
+                out.append(ch)
+            continue
+        if ch == "*":
+            if i < n and text[i] == "*":
+                i += 1
+                if i < n and text[i] == "/":
+                    i += 1  # "**/" is "**" that also ate the "/"
+                if i >= n:
+                    # trailing "**": everything below the prefix
+                    if kind == "exact":
+                        kind = "prefix"
+                    else:
+                        out.append(".*")
+                        kind = "regex"
+                else:
+                    out.append("(?:.*/)?")
+                    kind = "regex"
+                if i == 2 or (i == 3 and text[2:3] == ""):
+                    pass
+                if text.startswith("**") and out[:1] in ([], ["(?:.*/)?"]) and len(out) <= 1:
+                    # a leading "**" is matched by suffix when nothing but
+                    # literals follow (decided below)
+                    kind = "suffix" if kind != "regex" or out == ["(?:.*/)?"] else kind
+            else:
+                out.append("[^/]*")
+                kind = "regex"
+        elif ch == "?":
+            out.append("[^/]")
+            kind = "regex"
+        elif ch == "\\":
+            if i < n:
+                out.append(re.escape(text[i]))
+                i += 1
+                kind = "regex"
+            else:
+                out.append("\\\\")
+        elif ch == "[":
+            in_class = True
+            out.append("[")
+            if i < n and text[i] == "^":
+                out.append("^")
+                i += 1
+            kind = "regex"
+        else:
+            out.append(re.escape(ch))
+
+    literal = []
+    for ch in text:
+        if ch in _WILDCARDS:
+            break
+        literal.append(ch)
+    literal_prefix = "".join(literal)
+
+    regex = re.compile("".join(out), re.DOTALL)
+    prefix = suffix = None
+    if kind == "prefix":
+        prefix = text[: -2] if text.endswith("**") else None
+        if prefix is None:  # pragma: no cover - kind "prefix" implies "**" at the end
+            prefix = ""
+    return _Pattern(
+        text=text,
+        exclusion=exclusion,
+        regex=regex,
+        prefix=prefix,
+        suffix=suffix,
+        literal_prefix=literal_prefix,
+    )
+
+
+class IgnoreMatcher:
+    """Decides which context paths a list of .dockerignore patterns excludes."""
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self._patterns: list[_Pattern] = []
+        for raw in patterns:
+            text = raw.strip()
+            if not text:
+                continue
+            exclusion = text.startswith("!")
+            if exclusion:
+                text = text[1:]
+                if not text:
+                    raise DockerfileError('illegal exclusion pattern: "!" must be followed by a path')
+            self._patterns.append(_compile(_clean(text), exclusion))
+        self._has_exclusions = any(p.exclusion for p in self._patterns)
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return tuple(("!" if p.exclusion else "") + p.text for p in self._patterns)
+
+    def excluded(self, path: str) -> bool:
+        """True when ``path`` (relative to the context, "/"-separated) is ignored.
+
+        A path is ignored when the last pattern matching it or one of its parent
+        directories is not an exception.
+        """
+        path = _normalise(path)
+        if path == ".":
+            return False
+        parents = path.split("/")[:-1]
+        ancestors = ["/".join(parents[: i + 1]) for i in range(len(parents))]
+        matched = False
+        for pattern in self._patterns:
+            # An inclusion only matters while not excluded, an exception only
+            # while excluded.
+            if pattern.exclusion != matched:
+                continue
+            hit = pattern.match(path) or any(pattern.match(a) for a in ancestors)
+            if hit:
+                matched = not pattern.exclusion
+        return matched
+
+    def can_skip_dir(self, path: str) -> bool:
+        """True when ``path`` is excluded and nothing below it can be re-included.
+
+        This lets a context walker skip a whole directory. It is conservative:
+        an exception whose fixed text prefix is compatible with ``path/``
+        (including any exception starting with a wildcard) keeps the directory
+        walked.
+        """
+        if not self.excluded(path):
+            return False
+        if not self._has_exclusions:
+            return True
+        dir_slash = _normalise(path) + "/"
+        for pattern in self._patterns:
+            if not pattern.exclusion:
+                continue
+            lit = pattern.literal_prefix
+            if lit.startswith(dir_slash) or dir_slash.startswith(lit):
+                return False
+        return True
+
+
+def _normalise(path: str) -> str:
+    path = _clean(path)
+    while path.startswith("/"):
+        path = path[1:]
+    return path or "."
+
+
+def read_ignore_file(context: Path, dockerfile: Path | None) -> tuple[str, ...]:
+    """Read the ignore patterns for a build.
+
+    ``<Dockerfile name>.dockerignore`` next to the Dockerfile wins (so
+    ``app.Dockerfile`` can have ``app.Dockerfile.dockerignore``); otherwise
+    ``<context>/.dockerignore``; with neither, nothing is ignored. A relative
+    ``dockerfile`` is taken relative to the context.
+    """
+    candidates: list[Path] = []
+    if dockerfile is not None:
+        df = dockerfile if dockerfile.is_absolute() else context / dockerfile
+        candidates.append(df.with_name(df.name + _IGNORE_FILE))
+    candidates.append(context / _IGNORE_FILE)
+    for candidate in candidates:
+        try:
+            data = candidate.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        return parse_ignore(data.decode("utf-8", errors="replace"))
+    return ()

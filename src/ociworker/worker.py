@@ -1,0 +1,404 @@
+"""The worker: the IO shells wired together, and the handlers that run each op.
+
+This is the one place where concrete snapshotters, executors, differs and the
+registry client are chosen (the solver only sees Protocols).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from ociworker.content.store import ContentStore
+from ociworker.core.digest import Digest, check_digest, digest_of
+from ociworker.core.graph import Copy, ExecOp, FileOp, Mkdir, Mkfile, Rm, SourceOp, Vertex
+from ociworker.core.mounts import Mount
+from ociworker.core.oci import Descriptor, Layer, Platform
+from ociworker.core.progress import VertexLog
+from ociworker.diff.apply import LayerApplier
+from ociworker.diff.base import CompressionOpts
+from ociworker.diff.compare import LayerComparer
+from ociworker.errors import ExecError, NotFoundError, UserError
+from ociworker.executor.base import ProcessSpec
+from ociworker.executor.runtime import OCIRuntimeExecutor
+from ociworker.exporter.image import read_image
+from ociworker.exporter.imagestore import ImageStore
+from ociworker.fsutil import secure_join
+from ociworker.ops import fileops
+from ociworker.registry.client import RegistryClient
+from ociworker.snapshot import open_snapshotter
+from ociworker.snapshot.mount import mounted
+from ociworker.solver.cacheindex import SQLiteCacheIndex
+from ociworker.solver.scheduler import SCRATCH, Job, Result, Solver, default_cache_key
+from ociworker.sources.image import ImagePuller, PulledImage, layer_snapshot_name, unpack
+
+_log = structlog.get_logger("ociworker.worker")
+
+DEFAULT_ROOT = Path("/var/lib/ociworker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    root: Path = DEFAULT_ROOT
+    runtime: str = "runc"
+    snapshotter: Literal["auto", "overlayfs", "native"] = "auto"
+    insecure_registries: tuple[str, ...] = ()
+    max_parallelism: int | None = None
+    platform: Platform = field(default_factory=lambda: host_platform())
+
+
+def host_platform() -> Platform:
+    return Platform.parse(os.uname().machine)
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """A local source as the session hands it to the worker."""
+
+    root: Path
+    ignore: fileops.Ignore | None
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        root = config.root.absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o711)
+        self.root = root
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(exist_ok=True)
+        self.content = ContentStore(root / "content")
+        self.snapshots = open_snapshotter(root / "snapshots", config.snapshotter)
+        self.executor = OCIRuntimeExecutor(root / "executor", config.runtime)
+        self.applier = LayerApplier(self.content)
+        self.comparer = LayerComparer(self.content)
+        self.registry = RegistryClient(insecure=config.insecure_registries)
+        self.puller = ImagePuller(self.registry, self.content)
+        self.images = ImageStore(root / "images")
+        self.cache = SQLiteCacheIndex(root / "cache.db", validate=self._valid)
+        self.solver = Solver(_Resolver(self), self.cache, config.max_parallelism)
+        self._checksums: dict[tuple[str, int, int, int, int], str] = {}
+
+    async def aclose(self) -> None:
+        await self.registry.aclose()
+        self.cache.close()
+
+    async def _valid(self, result: Result) -> bool:
+        if result.kind == "snapshot":
+            return await self.snapshots.stat(result.ref) is not None
+        # local sources are re-read every build; their content is in the keys of
+        # the steps that use them
+        return result.kind == "none"
+
+    @contextlib.asynccontextmanager
+    async def view(self, name: str | None) -> AsyncIterator[Path]:
+        """A read-only mounted view of a committed snapshot (an empty dir for None)."""
+        if name is None:
+            d = self.tmp / f"empty-{uuid.uuid4().hex}"
+            d.mkdir()
+            try:
+                yield d
+            finally:
+                d.rmdir()
+            return
+        key = f"view-{uuid.uuid4().hex}"
+        mounts = await self.snapshots.view(key, name)
+        try:
+            async with mounted(mounts, self.tmp) as path:
+                yield path
+        finally:
+            await self.snapshots.remove(key)
+
+    async def snapshot_chain(self, name: str | None) -> list[str]:
+        """Committed snapshot names from the base to ``name``."""
+        chain: list[str] = []
+        while name is not None:
+            info = await self.snapshots.stat(name)
+            if info is None:
+                raise NotFoundError(f"snapshot {name} is gone from the snapshotter")
+            chain.append(name)
+            name = info.parent
+        chain.reverse()
+        return chain
+
+    async def layer_of(self, chain: Sequence[str], index: int, opts: CompressionOpts) -> Layer:
+        """The layer blob for chain[index] (its diff from chain[index-1]), made once."""
+        name = chain[index]
+        comp = opts.compression
+        layer = self.cache.get_layer(name, comp) or self.cache.get_layer(name, "source")
+        if layer is not None and self.content.has(layer.descriptor.digest):
+            return layer
+        parent = chain[index - 1] if index else None
+        upper_key = f"diff-{uuid.uuid4().hex}"
+        lower_key = f"diff-{uuid.uuid4().hex}"
+        upper = await self.snapshots.view(upper_key, name)
+        try:
+            lower: Sequence[Mount] = ()
+            if parent is not None:
+                lower = await self.snapshots.view(lower_key, parent)
+            try:
+                layer = await self.comparer.compare(lower, upper, opts)
+            finally:
+                if parent is not None:
+                    await self.snapshots.remove(lower_key)
+        finally:
+            await self.snapshots.remove(upper_key)
+        self.cache.put_layer(name, comp, layer)
+        return layer
+
+    # -- local context checksums ----------------------------------------------------
+
+    def content_checksum(self, ctx: LocalContext, patterns: Sequence[str]) -> str:
+        """Digest of the files that ``patterns`` select from a local context (content,
+        names, modes and link targets; not mtimes), reusing per-file hashes while the
+        file's inode, size and times are unchanged."""
+        src = fileops.Source(ctx.root, ctx.ignore, is_context=True)
+        h = hashlib.sha256()
+        for pattern in patterns:
+            h.update(b"\x00pattern\x00" + pattern.encode())
+            for rel in fileops.match_sources(src, pattern, allow_wildcard=True):
+                try:
+                    entries = list(fileops.walk_selected(src, rel, follow=True))
+                except NotFoundError:
+                    h.update(b"\x00missing\x00" + rel.encode())
+                    continue
+                for path, st in entries:
+                    h.update(f"\x00{path}\x00{stat.S_IMODE(st.st_mode):o}\x00".encode())
+                    if stat.S_ISREG(st.st_mode):
+                        h.update(self._file_hash(ctx.root, path, st).encode())
+                    elif stat.S_ISLNK(st.st_mode):
+                        link = os.readlink(secure_join(ctx.root, path, follow_last=False))
+                        h.update(b"L" + link.encode())
+                    elif stat.S_ISDIR(st.st_mode):
+                        h.update(b"D")
+        return "sha256:" + h.hexdigest()
+
+    def _file_hash(self, root: Path, rel: str, st: os.stat_result) -> str:
+        real = secure_join(root, rel, follow_last=True)
+        key = (str(real), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._checksums.get(key)
+        if cached is not None:
+            return cached
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        self._checksums[key] = h.hexdigest()
+        return h.hexdigest()
+
+    # -- images ------------------------------------------------------------------------
+
+    def image_from_store(self, reference: str, manifest_digest: Digest) -> PulledImage | None:
+        """An image whose manifest, config and layers are all in the content store."""
+        if not self.content.has(manifest_digest):
+            return None
+        manifest, config = read_image(self.content, manifest_digest)
+        layers_json = manifest.get("layers") or []
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        if len(layers_json) != len(diff_ids):
+            return None
+        layers = []
+        for lj, did in zip(layers_json, diff_ids, strict=True):
+            desc = Descriptor.from_json(lj)
+            if not self.content.has(desc.digest):
+                return None
+            layers.append(Layer(desc, check_digest(did)))
+        cfg_desc = Descriptor.from_json(manifest["config"])
+        return PulledImage(
+            reference=reference,
+            manifest=Descriptor(
+                str(manifest.get("mediaType", "")),
+                manifest_digest,
+                self.content.size(manifest_digest),
+            ),
+            config=config,
+            config_digest=cfg_desc.digest,
+            layers=tuple(layers),
+        )
+
+
+class _Resolver:
+    def __init__(self, worker: Worker) -> None:
+        self._source = _SourceHandler(worker)
+        self._exec = _ExecHandler(worker)
+        self._file = _FileHandler(worker)
+
+    def handler(self, vertex: Vertex) -> _SourceHandler | _ExecHandler | _FileHandler:
+        op = vertex.op
+        if isinstance(op, SourceOp):
+            return self._source
+        if isinstance(op, ExecOp):
+            return self._exec
+        return self._file
+
+
+class _SourceHandler:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+
+    async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
+        return default_cache_key(vertex, input_keys)
+
+    async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
+        op = vertex.op
+        assert isinstance(op, SourceOp)
+        scheme, _, rest = op.identifier.partition("://")
+        if scheme == "local":
+            if rest not in job.locals:
+                raise NotFoundError(f"no local source named {rest!r} in this session")
+            return Result("dir", rest)
+        if scheme != "docker-image":
+            raise UserError(f"unsupported source {op.identifier!r}")
+        name, _, digest = rest.rpartition("@")
+        image = self.w.image_from_store(name, check_digest(digest))
+        if image is None:
+            image = await self.w.puller.pull(rest, self.w.config.platform)
+        top = await unpack(image, self.w.snapshots, self.w.applier, self.w.snapshots)
+        # pulled layers are exported as they came, never diffed again
+        from ociworker.sources.image import chain_ids
+
+        for layer, chain_id in zip(image.layers, chain_ids(image.diff_ids), strict=True):
+            self.w.cache.put_layer(layer_snapshot_name(chain_id), "source", layer)
+        return Result("snapshot", top) if top else SCRATCH
+
+
+def _root_parent(inputs: Sequence[Result]) -> str | None:
+    if not inputs or inputs[0].kind == "none":
+        return None
+    if inputs[0].kind != "snapshot":
+        raise UserError("a step's root must be a snapshot")
+    return inputs[0].ref
+
+
+class _ExecHandler:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+
+    async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
+        return default_cache_key(vertex, input_keys)
+
+    async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
+        op = vertex.op
+        assert isinstance(op, ExecOp)
+        key = f"exec-{uuid.uuid4().hex}"
+        rootfs = await self.w.snapshots.prepare(key, _root_parent(inputs))
+        committed = False
+        try:
+
+            def out(stream: str, data: bytes) -> None:
+                job.events(
+                    VertexLog(vertex.digest, 1 if stream == "stdout" else 2, data, time.time())
+                )
+
+            process = ProcessSpec(
+                args=op.args,
+                env=op.env,
+                cwd=op.cwd or "/",
+                user=op.user,
+                hostname=op.hostname or "buildkitsandbox",
+                network="none" if op.network == "none" else "host",
+            )
+            code = await self.w.executor.run(rootfs, process, (), out)
+            if code != 0:
+                raise ExecError(vertex.name or "RUN", _command_text(op.args), code)
+            name = f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"
+            await self.w.snapshots.commit(name, key)
+            committed = True
+            return Result("snapshot", name)
+        finally:
+            if not committed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.w.snapshots.remove(key))
+
+
+def _command_text(args: Sequence[str]) -> str:
+    return " ".join(args)
+
+
+class _FileHandler:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+
+    async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
+        op = vertex.op
+        assert isinstance(op, FileOp)
+        keys = list(input_keys)
+        # Steps that copy from a local context are keyed by the content they
+        # select, so a change elsewhere in the context does not invalidate them.
+        for i, inp in enumerate(vertex.inputs):
+            if inp is None or not isinstance(inp.op, SourceOp):
+                continue
+            if not inp.op.identifier.startswith("local://"):
+                continue
+            ctx = job.locals.get(inp.op.identifier.removeprefix("local://"))
+            if not isinstance(ctx, LocalContext):
+                continue
+            patterns = [a.src for a in op.actions if isinstance(a, Copy) and a.src_input == i]
+            keys[i] = await asyncio.to_thread(self.w.content_checksum, ctx, patterns)
+        return digest_of({"op": op.to_json(), "inputs": keys})
+
+    async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
+        op = vertex.op
+        assert isinstance(op, FileOp)
+        key = f"file-{uuid.uuid4().hex}"
+        mounts = await self.w.snapshots.prepare(key, _root_parent(inputs))
+        committed = False
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                dest = await stack.enter_async_context(mounted(mounts, self.w.tmp))
+                sources: dict[int, fileops.Source] = {}
+                for a in op.actions:
+                    if isinstance(a, Copy) and a.src_input not in sources:
+                        sources[a.src_input] = await self._source(stack, inputs, a.src_input, job)
+                await asyncio.to_thread(_apply_actions, dest, op, sources)
+            name = f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"
+            await self.w.snapshots.commit(name, key)
+            committed = True
+            return Result("snapshot", name)
+        finally:
+            if not committed:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.w.snapshots.remove(key))
+
+    async def _source(
+        self, stack: contextlib.AsyncExitStack, inputs: Sequence[Result], i: int, job: Job
+    ) -> fileops.Source:
+        if i >= len(inputs):
+            raise UserError(f"copy names input {i}, but the step has {len(inputs)}")
+        r = inputs[i]
+        if r.kind == "dir":
+            ctx = job.locals.get(r.ref)
+            if not isinstance(ctx, LocalContext):
+                raise NotFoundError(f"no local source named {r.ref!r} in this session")
+            return fileops.Source(ctx.root, ctx.ignore, is_context=True)
+        root = await stack.enter_async_context(self.w.view(r.ref if r.kind == "snapshot" else None))
+        return fileops.Source(root)
+
+
+def _apply_actions(dest: Path, op: FileOp, sources: dict[int, fileops.Source]) -> None:
+    for a in op.actions:
+        if isinstance(a, Copy):
+            fileops.do_copy(dest, sources[a.src_input], a, op.cwd)
+        elif isinstance(a, Mkdir):
+            fileops.do_mkdir(dest, a, op.cwd)
+        elif isinstance(a, Mkfile):
+            fileops.do_mkfile(dest, a, op.cwd)
+        elif isinstance(a, Rm):
+            fileops.do_rm(dest, a, op.cwd)
+
+
+def config_json(config: dict[str, Any]) -> bytes:
+    return json.dumps(config, sort_keys=True).encode()

@@ -220,9 +220,7 @@ async def test_index_with_two_platforms(
     registry: Registry, client: RegistryClient, src: ContentStore, dst: ContentStore
 ) -> None:
     repo = f"{registry.host}/it/multi"
-    images = {
-        p: build_image(p, [{"arch": str(p).encode()}]) for p in (AMD64, ARM64)
-    }
+    images = {p: build_image(p, [{"arch": str(p).encode()}]) for p in (AMD64, ARM64)}
     entries = []
     for p, img in images.items():
         await push_image(client, src, repo, None, img)
@@ -306,8 +304,14 @@ async def test_skopeo_reads_what_we_pushed(
     img = build_image(AMD64, [{"a": b"a"}, {"b": b"b"}])
     repo = f"{registry.host}/it/skopeo"
     digest = await push_image(client, src, repo, "v1", img)
+    # skopeo as root records blobs in /var/lib/containers/cache; a tmpfs over
+    # /var/lib in a private mount namespace keeps the host untouched.
+    script = 'mount -t tmpfs tmpfs /var/lib && exec skopeo inspect --tls-verify=false "$1"'
     out = subprocess.run(
-        ["skopeo", "inspect", "--tls-verify=false", f"docker://{repo}:v1"],
+        [
+            *("unshare", "--mount", "--propagation", "private", "--"),
+            *("sh", "-c", script, "sh", f"docker://{repo}:v1"),
+        ],
         capture_output=True,
         check=True,
         timeout=60,

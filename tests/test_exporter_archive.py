@@ -130,7 +130,17 @@ def test_corrupt_blob_is_detected(store: ContentStore, image: ImageResult) -> No
     assert out.getvalue() == b"", "nothing may be written before sizes are checked"
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(DigestMismatchError, match="now hashes to"):
-        export_oci_archive(store, image, [], io.BytesIO())
+        export_oci_archive(store, image, [], out)
+    # what was written must not pass as a complete archive holding the bad blob
+    bad = f"blobs/sha256/{image.layers[0].descriptor.digest.split(':')[1]}"
+    with (
+        pytest.raises(tarfile.ReadError),
+        tarfile.open(fileobj=io.BytesIO(out.getvalue()), mode="r:") as tar,
+    ):
+        for member in tar:
+            f = tar.extractfile(member)
+            if f is not None and member.name == bad:
+                f.read()
 
 
 @pytest.mark.parametrize(

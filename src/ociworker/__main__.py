@@ -1,3 +1,5 @@
-from ociworker.cli import main
 import sys
+
+from ociworker.cli import main
+
 sys.exit(main())

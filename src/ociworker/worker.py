@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,7 +24,17 @@ import structlog
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest, check_digest, digest_of
-from ociworker.core.graph import Copy, ExecOp, FileOp, Mkdir, Mkfile, Rm, SourceOp, Vertex
+from ociworker.core.graph import (
+    Copy,
+    ExecMount,
+    ExecOp,
+    FileOp,
+    Mkdir,
+    Mkfile,
+    Rm,
+    SourceOp,
+    Vertex,
+)
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.core.progress import VertexLog
@@ -91,6 +102,7 @@ class Worker:
         self.cache = SQLiteCacheIndex(root / "cache.db", validate=self._valid)
         self.solver = Solver(_Resolver(self), self.cache, config.max_parallelism)
         self._checksums: dict[tuple[str, int, int, int, int], str] = {}
+        self.cache_mounts = CacheMounts(root / "cachemounts")
 
     async def aclose(self) -> None:
         await self.registry.aclose()
@@ -230,6 +242,60 @@ class Worker:
         )
 
 
+class CacheMounts:
+    """Persistent directories behind ``RUN --mount=type=cache`` (and tmpfs mounts).
+
+    A cache dir is named by a hash of its id, never by the id itself, so an id
+    such as ``../../etc`` cannot name a host path. ``locked`` serialises the
+    steps that share an id within this process and, through flock, across
+    processes on the same root.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def dir_for(self, cache_id: str) -> Path:
+        return self.root / hashlib.sha256(cache_id.encode()).hexdigest()
+
+    @contextlib.asynccontextmanager
+    async def mounts(self, specs: Sequence[ExecMount]) -> AsyncIterator[list[Mount]]:
+        out: list[Mount] = []
+        async with contextlib.AsyncExitStack() as stack:
+            for m in specs:
+                opts = dict(m.options)
+                if m.type == "tmpfs":
+                    tmpfs_opts = ["nosuid", "nodev"]
+                    if opts.get("size"):
+                        tmpfs_opts.append(f"size={opts['size']}")
+                    out.append(Mount("tmpfs", "tmpfs", tuple(tmpfs_opts), m.target))
+                    continue
+                if m.type != "cache":
+                    raise UserError(f"mount type {m.type!r} is not supported yet")
+                cache_id = opts.get("id", m.target)
+                d = self.dir_for(cache_id)
+                if not d.exists():
+                    d.mkdir(mode=int(opts.get("mode", "755"), 8))
+                    os.chown(d, int(opts.get("uid", "0")), int(opts.get("gid", "0")))
+                if opts.get("sharing") == "locked":
+                    await stack.enter_async_context(self._lock(cache_id, d))
+                rw = "ro" if m.readonly else "rw"
+                out.append(Mount("bind", str(d), ("rbind", rw), m.target))
+            yield out
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, cache_id: str, d: Path) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(cache_id, asyncio.Lock())
+        async with lock:
+            fd = os.open(d.parent / (d.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+
 class _Resolver:
     def __init__(self, worker: Worker) -> None:
         self._source = _SourceHandler(worker)
@@ -311,7 +377,8 @@ class _ExecHandler:
                 hostname=op.hostname or "buildkitsandbox",
                 network="none" if op.network == "none" else "host",
             )
-            code = await self.w.executor.run(rootfs, process, (), out)
+            async with self.w.cache_mounts.mounts(op.mounts) as extra:
+                code = await self.w.executor.run(rootfs, process, extra, out)
             if code != 0:
                 raise ExecError(vertex.name or "RUN", _command_text(op.args), code)
             name = f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ociworker.core.digest import Digest, check_digest
@@ -118,13 +118,3 @@ class Layer:
 
     descriptor: Descriptor
     diff_id: Digest
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """What the image store keeps for a built or pulled image."""
-
-    name: str
-    manifest: Descriptor
-    config_digest: Digest
-    labels: tuple[tuple[str, str], ...] = field(default=())

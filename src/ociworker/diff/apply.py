@@ -315,7 +315,10 @@ class _Extractor:
             raise UserError(f"hardlink target {linkname!r} is the root directory")
         parent_rel, name = posixpath.split(norm)
         parent = self._resolve(parent_rel)
-        pfd = self._open_dirs(parent, create=False)
+        try:
+            pfd = self._open_dirs(parent, create=False)
+        except FileNotFoundError:
+            raise UserError(f"hardlink target {linkname!r} does not exist") from None
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
@@ -393,7 +396,10 @@ class _Extractor:
 
     def _setxattr(self, target: int | str, name: str, value: bytes) -> None:
         try:
-            os.setxattr(target, name, value, follow_symlinks=False)
+            if isinstance(target, int):
+                os.setxattr(target, name, value)
+            else:
+                os.setxattr(target, name, value, follow_symlinks=False)
         except OSError as e:
             # no xattrs on this filesystem, or (unprivileged) a trusted./
             # security. namespace we may not write: keep the file, drop the attr

@@ -346,10 +346,10 @@ class OCIRuntimeExecutor:
             stack.push_sync(lambda: _unmount(root_dir))
             await _finish(asyncio.to_thread(_mount_all, rootfs, root_dir))
 
-            user = await asyncio.to_thread(resolve_user, root_dir, process.user)
+            user = await _finish(asyncio.to_thread(resolve_user, root_dir, process.user))
             cwd = clean(process.cwd or "/")
             resolv, hosts = bundle / "resolv.conf", bundle / "hosts"
-            await asyncio.to_thread(_write_etc_files, resolv, hosts, process.hostname)
+            await _finish(asyncio.to_thread(_write_etc_files, resolv, hosts, process.hostname))
 
             netns = ""
             if process.network == "none":
@@ -382,7 +382,7 @@ class OCIRuntimeExecutor:
             stack.push_sync(stubs.remove)
             # The working dir is kept, not a stub: a RUN in a fresh WORKDIR
             # creates it in the layer, as in docker build.
-            await asyncio.to_thread(_ensure_dir, root_dir, cwd)
+            await _finish(asyncio.to_thread(_ensure_dir, root_dir, cwd))
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))
 
             code = await self._run_container(cid, bundle, output, stack)

@@ -176,9 +176,10 @@ def _manifest_media_type(data: dict[str, Any], header_type: str) -> str:
 def _registry_message(resp: httpx.Response) -> str:
     try:
         body = resp.json()
+    except httpx.ResponseNotRead:
+        return ""  # an unread streamed body: the status line has to do
     except (ValueError, UnicodeDecodeError):
-        text = resp.text.strip()[:200] if resp.content else ""
-        return text
+        return resp.text.strip()[:200]
     errors = body.get("errors") if isinstance(body, dict) else None
     if not isinstance(errors, list):
         return ""
@@ -374,17 +375,12 @@ class RegistryClient:
                     f"{method} {request.url}: {exc!s} ({type(exc).__name__})"
                 ) from exc
             if resp.status_code == 401 and attempt == 0:
-                await resp.aread()
-                await resp.aclose()
+                await _drain(resp)
                 await self._authenticate(resp, domain, scopes)
                 continue
-            if not stream or resp.status_code >= 400:
-                try:
-                    await resp.aread()
-                except httpx.HTTPError as exc:
-                    raise RegistryError(f"{method} {request.url}: {exc!s}") from exc
-                finally:
-                    await resp.aclose()
+            if not stream or not resp.is_success:
+                # Error bodies are small and carry the registry's message.
+                await _drain(resp)
             return resp
         raise AssertionError("unreachable")
 
@@ -418,6 +414,7 @@ class RegistryClient:
                 raise NotFoundError(f"manifest {expected.digest} of image {ref} not found")
             raise NotFoundError(f"image {ref} not found")
         if resp.status_code != 200:
+            await resp.aclose()
             raise _error(resp)
         try:
             data = await _read_limited(resp, MAX_MANIFEST_SIZE, f"manifest of {ref}")
@@ -681,6 +678,16 @@ class RegistryClient:
                 offset = end + 1
 
 
+async def _drain(resp: httpx.Response) -> None:
+    try:
+        await resp.aread()
+    except httpx.HTTPError as exc:
+        req = resp.request
+        raise RegistryError(f"{req.method} {req.url}: {exc!s}") from exc
+    finally:
+        await resp.aclose()
+
+
 def _location(resp: httpx.Response) -> httpx.URL:
     loc = resp.headers.get("location")
     if not loc:
@@ -693,8 +700,13 @@ def _location(resp: httpx.Response) -> httpx.URL:
 
 async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
     buf = bytearray()
-    async for chunk in resp.aiter_bytes():
-        buf += chunk
-        if len(buf) > limit:
-            raise DigestMismatchError(f"{what} from {resp.request.url}: more than {limit} bytes")
+    try:
+        async for chunk in resp.aiter_bytes():
+            buf += chunk
+            if len(buf) > limit:
+                raise DigestMismatchError(
+                    f"{what} from {resp.request.url}: more than {limit} bytes"
+                )
+    except httpx.HTTPError as exc:
+        raise RegistryError(f"GET {resp.request.url}: download failed: {exc}") from exc
     return bytes(buf)

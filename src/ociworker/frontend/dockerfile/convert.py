@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ociworker.core.graph import Copy, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
+from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult
@@ -543,7 +543,24 @@ class Converter:
         self._history(st, "WORKDIR " + wd, True)
 
     def _i_run(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        _Flags(ins, ("mount", "network", "security"), self.opts.filename)
+        flags = _Flags(ins, ("mount", "network", "security"), self.opts.filename)
+        mounts = tuple(self._run_mount(st, ins, self._word(st, m)) for m in flags.all("mount"))
+        network = self.opts.network
+        if flags.get("network"):
+            network = flags.get("network")
+            if network == "default":
+                network = self.opts.network
+            if network not in ("host", "none"):
+                raise _err(
+                    f"unsupported RUN --network={network}: use default, none or host",
+                    ins,
+                    self.opts.filename,
+                )
+        if flags.get("security") and flags.get("security") != "sandbox":
+            raise UnsupportedError(
+                f"{self.opts.filename}:{ins.start_line}: RUN --security=insecure needs the "
+                "security.insecure entitlement, which this worker does not grant"
+            )
         if ins.json:
             args = list(ins.args)
         elif ins.heredocs and " ".join(ins.args).strip() == "<<" + ins.heredocs[0].name:
@@ -558,7 +575,8 @@ class Converter:
             env=self._run_env(st),
             cwd=st.config.get("WorkingDir") or "/",
             user=st.config.get("User") or "",
-            network=self.opts.network,
+            network=network,
+            mounts=mounts,
         )
         st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=self.opts.no_cache)
         shown = args if ins.json else [*st.shell, " ".join(ins.args)]
@@ -567,6 +585,60 @@ class Converter:
             # Docker records the build args a RUN saw, so a changed arg shows in history.
             prefix = f"|{len(st.args)} " + " ".join(f"{k}={v}" for k, v in st.args.items()) + " "
         self._history(st, "RUN " + prefix + " ".join(shown) + " # buildkit", True)
+
+    def _run_mount(self, st: _State, ins: Instruction, spec: str) -> ExecMount:
+        fields: dict[str, str] = {}
+        for part in spec.split(","):
+            k, eq, v = part.partition("=")
+            k = k.strip().lower()
+            fields[k] = v.strip() if eq else "true"
+        typ = fields.pop("type", "bind")
+        target = fields.pop("target", "") or fields.pop("dst", "") or fields.pop("destination", "")
+        if not target:
+            raise _err(f"RUN --mount={spec}: target is required", ins, self.opts.filename)
+        wd = st.config.get("WorkingDir") or "/"
+        target = posixpath.normpath(posixpath.join(wd, target))
+        known = {
+            "cache": {
+                "id",
+                "sharing",
+                "mode",
+                "uid",
+                "gid",
+                "ro",
+                "readonly",
+                "rw",
+                "from",
+                "source",
+                "src",
+            },
+            "tmpfs": {"size"},
+        }
+        if typ not in known:
+            raise UnsupportedError(
+                f"{self.opts.filename}:{ins.start_line}: RUN --mount=type={typ} is not "
+                "supported yet (cache and tmpfs are)"
+            )
+        unknown = set(fields) - known[typ]
+        if unknown:
+            raise _err(
+                f"RUN --mount=type={typ}: unknown option(s) {', '.join(sorted(unknown))}",
+                ins,
+                self.opts.filename,
+            )
+        if typ == "cache":
+            fields.setdefault("id", target)
+            sharing = fields.setdefault("sharing", "shared")
+            if sharing not in ("shared", "private", "locked"):
+                raise _err(
+                    f"RUN --mount=type=cache: invalid sharing {sharing!r}",
+                    ins,
+                    self.opts.filename,
+                )
+            ro = fields.pop("ro", fields.pop("readonly", "false")).lower() in ("true", "1")
+            fields.pop("rw", None)
+            return ExecMount(target, "cache", -1, "/", ro, tuple(sorted(fields.items())))
+        return ExecMount(target, "tmpfs", -1, "/", False, tuple(sorted(fields.items())))
 
     def _i_copy(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         self._copy(stage, st, ins, add=False)

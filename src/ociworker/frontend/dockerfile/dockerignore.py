@@ -71,55 +71,76 @@ def parse_ignore(text: str) -> tuple[str, ...]:
 class _Pattern:
     text: str
     exclusion: bool
+    kind: str  # "exact" | "prefix" | "suffix" | "regex"
     regex: re.Pattern[str] | None
-    prefix: str | None  # match by string prefix ("dir/**")
-    suffix: str | None  # match by string suffix ("**/name")
     literal_prefix: str  # text before the first wildcard
 
     def match(self, path: str) -> bool:
-        if self.prefix is not None:
-            return path.startswith(self.prefix)
-        if self.suffix is not None:
-            if path.endswith(self.suffix):
+        if self.kind == "exact":
+            return path == self.text
+        if self.kind == "prefix":
+            return path.startswith(self.text[:-2])
+        if self.kind == "suffix":
+            suffix = self.text[2:]
+            if path.endswith(suffix):
                 return True
             # "**/foo" also matches "foo" at the root
-            return self.suffix.startswith("/") and path == self.suffix[1:]
+            return suffix.startswith("/") and path == suffix[1:]
         assert self.regex is not None
         return self.regex.fullmatch(path) is not None
+
+
+def _bad(pattern: str, why: str) -> DockerfileError:
+    return DockerfileError(f"invalid .dockerignore pattern {pattern!r}: {why}")
 
 
 def _validate(pattern: str) -> None:
     """Reject what Go's filepath.Match calls a bad pattern."""
     i = 0
     n = len(pattern)
+
+    def class_char(j: int) -> int:
+        # one (possibly escaped) character of a class; returns the next index
+        if j >= n or pattern[j] in "-]":
+            raise _bad(pattern, "expected a character in '[...]'")
+        if pattern[j] == "\\":
+            j += 1
+            if j >= n:
+                raise _bad(pattern, "trailing \\ escapes nothing")
+        return j + 1
+
     while i < n:
         ch = pattern[i]
         if ch == "\\":
             if i + 1 >= n:
-                raise DockerfileError(
-                    f"invalid .dockerignore pattern {pattern!r}: trailing \\ escapes nothing"
-                )
+                raise _bad(pattern, "trailing \\ escapes nothing")
             i += 2
-            continue
-        if ch == "[":
-            j = i + 1
-            if j < n and pattern[j] == "^":
-                j += 1
-            start = j
-            while j < n and (pattern[j] != "]" or j == start):
-                if pattern[j] == "\\":
-                    j += 1
-                j += 1
-            if j >= n:
-                raise DockerfileError(
-                    f"invalid .dockerignore pattern {pattern!r}: expected ']' to close '['"
-                )
-            i = j + 1
-            continue
-        i += 1
+        elif ch == "[":
+            i += 1
+            if i < n and pattern[i] == "^":
+                i += 1
+            ranges = 0
+            while True:
+                if i < n and pattern[i] == "]" and ranges > 0:
+                    i += 1
+                    break
+                if i >= n:
+                    raise _bad(pattern, "expected ']' to close '['")
+                i = class_char(i)
+                if i < n and pattern[i] == "-":
+                    i = class_char(i + 1)
+                ranges += 1
+        else:
+            i += 1
 
 
 def _compile(text: str, exclusion: bool) -> _Pattern:
+    """Translate one cleaned pattern, choosing the cheapest way to match it.
+
+    As in patternmatcher: a pattern of literals is compared as a string, a
+    literal ending in "**" by prefix, "**" followed by literals by suffix,
+    anything else by regular expression.
+    """
     _validate(text)
     out: list[str] = []
     kind = "exact"
@@ -127,13 +148,14 @@ def _compile(text: str, exclusion: bool) -> _Pattern:
     i = 0
     n = len(text)
     while i < n:
+        token_start = i
         ch = text[i]
         i += 1
         if in_class:
             if ch == "]":
                 in_class = False
                 out.append("]")
-            elif ch == "\\" and i < n:
+            elif ch == "\\":
                 out.append(re.escape(text[i]))
                 i += 1
             elif ch in "[&~|":
@@ -141,14 +163,12 @@ def _compile(text: str, exclusion: bool) -> _Pattern:
                 out.append("\\" + ch)
             else:
                 out.append(ch)
-            continue
-        if ch == "*":
+        elif ch == "*":
             if i < n and text[i] == "*":
                 i += 1
                 if i < n and text[i] == "/":
                     i += 1  # "**/" is "**" that also ate the "/"
                 if i >= n:
-                    # trailing "**": everything below the prefix
                     if kind == "exact":
                         kind = "prefix"
                     else:
@@ -157,12 +177,8 @@ def _compile(text: str, exclusion: bool) -> _Pattern:
                 else:
                     out.append("(?:.*/)?")
                     kind = "regex"
-                if i == 2 or (i == 3 and text[2:3] == ""):
-                    pass
-                if text.startswith("**") and out[:1] in ([], ["(?:.*/)?"]) and len(out) <= 1:
-                    # a leading "**" is matched by suffix when nothing but
-                    # literals follow (decided below)
-                    kind = "suffix" if kind != "regex" or out == ["(?:.*/)?"] else kind
+                if token_start == 0:
+                    kind = "suffix"
             else:
                 out.append("[^/]*")
                 kind = "regex"
@@ -170,12 +186,9 @@ def _compile(text: str, exclusion: bool) -> _Pattern:
             out.append("[^/]")
             kind = "regex"
         elif ch == "\\":
-            if i < n:
-                out.append(re.escape(text[i]))
-                i += 1
-                kind = "regex"
-            else:
-                out.append("\\\\")
+            out.append(re.escape(text[i]))  # _validate guarantees a next char
+            i += 1
+            kind = "regex"
         elif ch == "[":
             in_class = True
             out.append("[")
@@ -186,26 +199,17 @@ def _compile(text: str, exclusion: bool) -> _Pattern:
         else:
             out.append(re.escape(ch))
 
-    literal = []
+    literal: list[str] = []
     for ch in text:
         if ch in _WILDCARDS:
             break
         literal.append(ch)
-    literal_prefix = "".join(literal)
-
-    regex = re.compile("".join(out), re.DOTALL)
-    prefix = suffix = None
-    if kind == "prefix":
-        prefix = text[: -2] if text.endswith("**") else None
-        if prefix is None:  # pragma: no cover - kind "prefix" implies "**" at the end
-            prefix = ""
     return _Pattern(
         text=text,
         exclusion=exclusion,
-        regex=regex,
-        prefix=prefix,
-        suffix=suffix,
-        literal_prefix=literal_prefix,
+        kind=kind,
+        regex=re.compile("".join(out)) if kind == "regex" else None,
+        literal_prefix="".join(literal),
     )
 
 
@@ -222,7 +226,9 @@ class IgnoreMatcher:
             if exclusion:
                 text = text[1:]
                 if not text:
-                    raise DockerfileError('illegal exclusion pattern: "!" must be followed by a path')
+                    raise DockerfileError(
+                        'illegal exclusion pattern: "!" must be followed by a path'
+                    )
             self._patterns.append(_compile(_clean(text), exclusion))
         self._has_exclusions = any(p.exclusion for p in self._patterns)
 

@@ -1,0 +1,439 @@
+"""End-to-end builds through the CLI, as a user runs them: real runc/crun, overlayfs,
+the local registry, and Docker Engine for the archives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dockerd import Dockerd
+
+SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
+BENCH_CASES = ("steps", "fanout", "layer-export", "cachemount", "context")
+
+
+def ow(
+    root: Path, *args: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run ``ociworker`` as a user would, with its own state dir."""
+    cmd = [sys.executable, "-m", "ociworker", *args[:1], "--root", str(root), *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"ociworker {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def write_runtime_spy(tmp: Path, real: str) -> tuple[Path, Path]:
+    """A runtime wrapper that logs every container start, to prove a rebuild starts none."""
+    log = tmp / "runtime-calls.log"
+    spy = tmp / f"spy-{real}"
+    spy.write_text(
+        f'#!/bin/sh\ncase "$*" in *" run "*|run*) echo "$*" >> {log};; esac\n'
+        f'exec {shutil.which(real)} "$@"\n'
+    )
+    spy.chmod(0o755)
+    return spy, log
+
+
+def step_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("#")]
+
+
+def runtime_containers(root: Path, runtime: str) -> str:
+    state = root / "executor" / "runtime" / runtime
+    out = subprocess.run(
+        [runtime, "--root", str(state), "list", "-q"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def make_context_case(dest: Path) -> Path:
+    ctx = dest / "context"
+    shutil.copytree(SHARED_BENCH / "context", ctx)
+    for i in range(40):
+        d = ctx / f"d{i % 5}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i}.txt").write_text(f"file {i}\n" * 100)
+    return ctx
+
+
+@pytest.mark.parametrize("case", BENCH_CASES)
+def test_bench_case_builds_then_rebuilds_fully_cached(
+    case: str,
+    runtime: str,
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+    mounts_under: Callable[[Path], list[Path]],
+) -> None:
+    root = tmp_path / "state"
+    ctx = make_context_case(tmp_path) if case == "context" else SHARED_BENCH / case
+    first = ow(root, "build", "--progress", "plain", "--runtime", runtime, str(ctx))
+    assert "DONE" in first.stderr
+
+    spy, log = write_runtime_spy(tmp_path, runtime)
+    again = ow(root, "build", "--progress", "plain", "--runtime", str(spy), str(ctx))
+    steps = [
+        line
+        for line in step_lines(again.stderr)
+        if line.split(" ", 1)[1].startswith("[")
+        and not line.split(" ", 1)[1].startswith("[internal]")
+    ]
+    names = {line.split(" ", 1)[0] for line in steps}
+    cached = {line.split(" ", 1)[0] for line in step_lines(again.stderr) if line.endswith("CACHED")}
+    assert names and names == cached, again.stderr
+    assert not log.exists(), f"a container was started on a cached rebuild: {log.read_text()}"
+    assert mounts_under(root) == []
+    assert runtime_containers(root, runtime) == ""
+
+
+def test_run_exit_code_fails_naming_step_command_and_code(
+    runtime: str,
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+    mounts_under: Callable[[Path], list[Path]],
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo before\nRUN exit 3\n")
+    root = tmp_path / "state"
+    proc = ow(root, "build", "--progress", "plain", "--runtime", runtime, str(ctx), check=False)
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert "RUN exit 3" in err
+    assert "/bin/sh -c exit 3" in err
+    assert "exit code: 3" in err
+    assert mounts_under(root) == []
+    assert runtime_containers(root, runtime) == ""
+    assert (
+        not any((root / "executor" / "bundles").iterdir())
+        if (root / "executor" / "bundles").exists()
+        else True
+    )
+
+
+def _image_config_from_oci(archive: Path) -> dict[str, object]:
+    with tarfile.open(archive) as tf:
+        index = json.load(tf.extractfile("index.json"))  # type: ignore[arg-type]
+        mdesc = index["manifests"][0]["digest"].split(":")[1]
+        manifest = json.load(tf.extractfile(f"blobs/sha256/{mdesc}"))  # type: ignore[arg-type]
+        cdesc = manifest["config"]["digest"].split(":")[1]
+        config: dict[str, object] = json.load(tf.extractfile(f"blobs/sha256/{cdesc}"))  # type: ignore[arg-type]
+        return config
+
+
+def test_oci_archive_image_config_and_skopeo(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "a.txt").write_text("a\n")
+    (ctx / "Dockerfile").write_text(
+        f"ARG BASE={base_image}\nFROM $BASE\n"
+        "ENV GREETING=hi OTHER=x\nLABEL org.example.k=v\nEXPOSE 8080 53/udp\n"
+        "WORKDIR /app\nCOPY a.txt .\nUSER user\nRUN id -u > /tmp/uid\n"
+        'ENTRYPOINT ["/bin/sh", "-c"]\nCMD ["echo $GREETING"]\n'
+    )
+    out = tmp_path / "img.oci.tar"
+    root = tmp_path / "state"
+    ow(
+        root,
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        "example/cfg:1",
+        "--output",
+        f"type=oci,dest={out}",
+        "--iidfile",
+        str(tmp_path / "iid"),
+        "--metadata-file",
+        str(tmp_path / "md.json"),
+        str(ctx),
+    )
+    inspect = subprocess.run(
+        ["skopeo", "inspect", f"oci-archive:{out}"], capture_output=True, text=True, check=True
+    )
+    assert json.loads(inspect.stdout)["Architecture"] == "amd64"
+    config = _image_config_from_oci(out)
+    c = config["config"]
+    assert isinstance(c, dict)
+    assert "GREETING=hi" in c["Env"] and "OTHER=x" in c["Env"]
+    assert c["Labels"] == {"org.example.k": "v"}
+    assert c["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
+    assert c["WorkingDir"] == "/app"
+    assert c["User"] == "user"
+    assert c["Entrypoint"] == ["/bin/sh", "-c"]
+    assert c["Cmd"] == ["echo $GREETING"]
+    history = config["history"]
+    assert isinstance(history, list)
+    ours = [h["created_by"] for h in history[-10:]]
+    assert any(h.startswith("RUN /bin/sh -c id -u") for h in ours)
+    assert any(h.startswith("COPY a.txt .") for h in ours)
+    rootfs = config["rootfs"]
+    assert isinstance(rootfs, dict)
+    assert len([h for h in history if not h.get("empty_layer")]) == len(rootfs["diff_ids"])
+    md = json.loads((tmp_path / "md.json").read_text())
+    iid = (tmp_path / "iid").read_text()
+    assert md["containerimage.config.digest"] == iid
+    assert md["containerimage.digest"].startswith("sha256:")
+
+
+def test_docker_archive_loads_runs_cmd_and_removed_file_is_gone(
+    tmp_path: Path, base_image: str, require_root: None, dockerd: Dockerd
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\nRUN echo doomed > /doomed && mkdir -p /keep && echo kept > /keep/k\n"
+        "RUN rm /doomed\n"
+        'CMD ["/bin/sh", "-c", "cat /keep/k; '
+        'test -e /doomed && echo doomed-present || echo doomed-absent"]\n'
+    )
+    out = tmp_path / "img.docker.tar"
+    ow(
+        tmp_path / "state",
+        "build",
+        "--progress",
+        "plain",
+        "-t",
+        "ociworker-test/loaded:v1",
+        "--output",
+        f"type=docker,dest={out}",
+        str(ctx),
+    )
+    load = dockerd.docker("load", "-i", str(out))
+    assert "ociworker-test/loaded:v1" in load.stdout
+    run = dockerd.docker("run", "--rm", "--network=none", "ociworker-test/loaded:v1")
+    assert run.stdout.split() == ["kept", "doomed-absent"]
+    dockerd.docker("rmi", "ociworker-test/loaded:v1")
+
+
+def test_changed_context_file_invalidates_exactly_its_steps(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "a.txt").write_text("a1\n")
+    (ctx / "b.txt").write_text("b1\n")
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\nCOPY a.txt /a\nRUN cat /a > /a2\nCOPY b.txt /b\nRUN cat /b > /b2\n"
+    )
+    root = tmp_path / "state"
+    ow(root, "build", "--progress", "plain", str(ctx))
+    (ctx / "b.txt").write_text("b2\n")
+    (ctx / "unrelated").write_text("x")
+    out = ow(
+        root,
+        "build",
+        "--progress",
+        "plain",
+        "--output",
+        f"type=local,dest={tmp_path / 'o'}",
+        str(ctx),
+    )
+    lines = step_lines(out.stderr)
+
+    def status(step: str) -> str:
+        ids = [line.split(" ", 1)[0] for line in lines if step in line]
+        if not ids:
+            return "NOT VISITED"  # an input of a cache hit is not even looked at
+        for line in lines:
+            if line.startswith(ids[0] + " ") and (line.endswith("CACHED") or " DONE " in line):
+                return "CACHED" if line.endswith("CACHED") else "RAN"
+        return "?"
+
+    assert status("RUN cat /a") == "CACHED"
+    assert status("COPY a.txt") in ("CACHED", "NOT VISITED")
+    assert status("COPY b.txt") == "RAN"
+    assert status("RUN cat /b") == "RAN"
+    assert (tmp_path / "o" / "b2").read_text() == "b2\n"
+    assert (tmp_path / "o" / "a2").read_text() == "a1\n"
+
+
+def test_target_builds_only_needed_stages_and_dockerignore_applies(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "keep.txt").write_text("keep")
+    (ctx / "secret.key").write_text("nope")
+    (ctx / ".dockerignore").write_text("*.key\n")
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image} AS broken\nRUN exit 1\n"
+        f"FROM {base_image} AS good\nCOPY . /ctx/\nRUN ls /ctx > /listing\n"
+        "FROM good AS final\nRUN exit 2\n"
+    )
+    root = tmp_path / "state"
+    out = ow(
+        root,
+        "build",
+        "--progress",
+        "plain",
+        "--target",
+        "good",
+        "--output",
+        f"type=local,dest={tmp_path / 'o'}",
+        str(ctx),
+    )
+    assert "exit 1" not in out.stderr and "exit 2" not in out.stderr
+    listing = (tmp_path / "o" / "listing").read_text().split()
+    assert "keep.txt" in listing and "secret.key" not in listing
+    bad = ow(root, "build", "--progress", "plain", "--target", "nosuch", str(ctx), check=False)
+    assert bad.returncode == 1 and "nosuch" in bad.stderr
+
+
+def test_tagged_image_is_usable_by_a_later_from(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    root = tmp_path / "state"
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo from-one > /one\n")
+    ow(root, "build", "--progress", "plain", "-t", "local/one:latest", str(one))
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "Dockerfile").write_text("FROM local/one:latest\nRUN cat /one > /two\n")
+    ow(
+        root,
+        "build",
+        "--progress",
+        "plain",
+        "--output",
+        f"type=local,dest={tmp_path / 'o'}",
+        str(two),
+    )
+    assert (tmp_path / "o" / "two").read_text() == "from-one\n"
+
+
+def test_user_from_image_passwd_and_network_none(
+    runtime: str, tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\nUSER user\nRUN id -u > /tmp/uid && id -g > /tmp/gid\n"
+        "USER root\nRUN --network=none ls /sys/class/net > /ifaces"
+        " && cat /sys/class/net/lo/operstate > /lo\n"
+    )
+    ow(
+        tmp_path / "state",
+        "build",
+        "--progress",
+        "plain",
+        "--runtime",
+        runtime,
+        "--output",
+        f"type=local,dest={tmp_path / 'o'}",
+        str(ctx),
+    )
+    o = tmp_path / "o"
+    assert (o / "tmp" / "uid").read_text().strip() == "1000"
+    assert (o / "tmp" / "gid").read_text().strip() == "1000"
+    assert (o / "ifaces").read_text().split() == ["lo"]
+    assert (o / "lo").read_text().strip() in ("unknown", "up")
+
+
+def test_hostile_context_paths_fail_and_touch_nothing_outside(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "host-secret").write_text("host secret")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    os.symlink(str(outside), ctx / "evil-link")
+    os.symlink("../outside", ctx / "evil-rel")
+    root = tmp_path / "state"
+    for src in ("evil-link/host-secret", "evil-rel/host-secret", "../outside/host-secret"):
+        (ctx / "Dockerfile").write_text(f"FROM {base_image}\nCOPY {src} /x\n")
+        proc = ow(
+            root,
+            "build",
+            "--progress",
+            "plain",
+            "--output",
+            f"type=local,dest={tmp_path / 'o'}",
+            str(ctx),
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert "not found" in proc.stderr
+        assert not (tmp_path / "o" / "x").exists()
+    # A COPY destination through a symlink in the image stays in the image.
+    (ctx / "f").write_text("payload")
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\nRUN ln -s {outside} /escape\nCOPY f /escape/written\n"
+    )
+    ow(
+        root,
+        "build",
+        "--progress",
+        "plain",
+        "--output",
+        f"type=local,dest={tmp_path / 'o2'}",
+        str(ctx),
+    )
+    assert sorted(p.name for p in outside.iterdir()) == ["host-secret"]
+    assert (tmp_path / "o2" / str(outside).lstrip("/") / "written").read_text() == "payload"
+
+
+def _interrupt_after(proc: subprocess.Popen[str], marker: str) -> None:
+    """Send Ctrl-C once ``marker`` shows in the build log; wait for the CLI to exit."""
+    assert proc.stderr is not None
+    deadline = time.time() + 120
+    for line in proc.stderr:
+        if marker in line:
+            break
+        assert time.time() < deadline
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 130
+
+
+def test_ctrl_c_kills_container_and_leaves_no_state(
+    runtime: str,
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+    mounts_under: Callable[[Path], list[Path]],
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo started && sleep 60\n")
+    root = tmp_path / "state"
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "build",
+            "--root",
+            str(root),
+            "--progress",
+            "plain",
+            "--runtime",
+            runtime,
+            str(ctx),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stderr is not None
+        _interrupt_after(proc, "started")
+    assert mounts_under(root) == []
+    assert runtime_containers(root, runtime) == ""
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "sleep 60" not in ps

@@ -80,11 +80,12 @@ def test_bench_case_builds_then_rebuilds_fully_cached(
 ) -> None:
     root = tmp_path / "state"
     ctx = make_context_case(tmp_path) if case == "context" else SHARED_BENCH / case
-    first = ow(root, "build", "--progress", "plain", "--runtime", runtime, str(ctx))
+    out = f"type=oci,dest={tmp_path / 'img.tar'}"
+    first = ow(root, "build", "--progress", "plain", "--runtime", runtime, "-o", out, str(ctx))
     assert "DONE" in first.stderr
 
     spy, log = write_runtime_spy(tmp_path, runtime)
-    again = ow(root, "build", "--progress", "plain", "--runtime", str(spy), str(ctx))
+    again = ow(root, "build", "--progress", "plain", "--runtime", str(spy), "-o", out, str(ctx))
     steps = [
         line
         for line in step_lines(again.stderr)

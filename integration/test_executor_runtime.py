@@ -266,3 +266,26 @@ async def test_cancel_cleans_up_within_a_second(executor: OCIRuntimeExecutor, ro
             continue
         assert marker.encode() not in cmdline, f"process {pid} survived the cancel"
     # the executor fixture checks: no container listed, no mount, no bundle, no netns
+
+
+async def test_killed_container_reports_128_plus_signal(
+    executor: OCIRuntimeExecutor, rootfs: Path, runtime: str
+) -> None:
+    task = asyncio.create_task(_run(executor, rootfs, "sleep", "30"))
+    listing: list[str] = []
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        listing = subprocess.run(
+            [runtime, "--root", str(executor.runtime_root), "list", "-q"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        if listing:
+            break
+    assert len(listing) == 1
+    subprocess.run(
+        [runtime, "--root", str(executor.runtime_root), "kill", listing[0], "KILL"], check=True
+    )
+    code, _ = await asyncio.wait_for(task, 5)
+    assert code == 128 + 9

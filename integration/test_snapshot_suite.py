@@ -15,9 +15,17 @@ FACTORIES: dict[str, Callable[[Path], FullSnapshotter]] = {
     "native": NativeSnapshotter,
 }
 
+# The 600-deep chain exists for overlay's lowerdir limits; native has none and
+# would spend minutes copying ever-growing trees (one full copy per layer).
+_CASES = [
+    (kind, name)
+    for kind in sorted(FACTORIES)
+    for name in sorted(CHECKS)
+    if (kind, name) != ("native", "deep_chain_600")
+]
 
-@pytest.mark.parametrize("name", sorted(CHECKS))
-@pytest.mark.parametrize("kind", sorted(FACTORIES))
+
+@pytest.mark.parametrize(("kind", "name"), _CASES)
 async def test_snapshotter_suite(kind: str, name: str, state_dir: Path, require_root: None) -> None:
     ctx = SuiteContext(
         factory=FACTORIES[kind],

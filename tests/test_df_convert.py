@@ -158,3 +158,14 @@ def test_errors_name_file_line_and_problem(text: str, match: str) -> None:
 def test_foreign_platform_is_refused_clearly() -> None:
     with pytest.raises(UnsupportedError, match="not supported on this worker"):
         _resolve("FROM --platform=linux/s390x busybox\nRUN true\n")
+
+
+def test_stage_from_stage_keeps_parent_steps_as_its_own_layers() -> None:
+    text = "FROM busybox AS base\nRUN mkdir /out\nFROM base\nRUN echo > /out/x\n"
+    plan = _resolve(text)
+    assert plan.base_layers == 1
+    steps = [h for h in plan.config["history"][len(plan.base_history) :]]
+    assert [h["created_by"].split()[0] for h in steps if not h.get("empty_layer")] == [
+        "RUN",
+        "RUN",
+    ]

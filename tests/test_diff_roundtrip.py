@@ -9,6 +9,7 @@ import os
 import stat
 import subprocess
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ociworker.core.oci import (
     Layer,
 )
 from ociworker.diff import CompressionOpts, LayerApplier, LayerComparer, write_dir_layer
+from ociworker.diff.tarutil import ParallelGzip
 from ociworker.errors import ConfigError, DigestMismatchError
 
 NS = 1_000_000_000
@@ -317,3 +319,25 @@ def test_layer_value_shape(tmp_path: Path, store: ContentStore) -> None:
     # an empty tree is just the end-of-archive marker
     assert store.read(layer.descriptor.digest) == b"\0" * 1024
     assert layer.diff_id == layer.descriptor.digest
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_parallel_gzip_is_one_valid_stream(workers: int) -> None:
+    data = os.urandom(ParallelGzip.BLOCK) + b"abc" * ParallelGzip.BLOCK + os.urandom(1000)
+    with ThreadPoolExecutor(workers) as pool:
+        gz = ParallelGzip(6, pool, workers)
+        out = b"".join(gz.compress(data[i : i + 70_000]) for i in range(0, len(data), 70_000))
+        out += gz.flush()
+    assert gzip.decompress(out) == data
+    # gzip(1) checks the CRC and length trailer as well
+    subprocess.run(["gzip", "-t"], input=out, check=True)
+    # the same bytes whatever the number of threads
+    with ThreadPoolExecutor(1) as pool:
+        single = ParallelGzip(6, pool, 1)
+        assert single.compress(data) + single.flush() == out
+
+
+def test_parallel_gzip_empty_stream() -> None:
+    with ThreadPoolExecutor(2) as pool:
+        out = ParallelGzip(6, pool, 2).flush()
+    assert gzip.decompress(out) == b""

@@ -22,8 +22,9 @@ def _spec(**kw: Any) -> dict[str, Any]:
 
 
 def _mount(spec: dict[str, Any], dest: str) -> dict[str, Any]:
-    (found,) = [m for m in spec["mounts"] if m["destination"] == dest]
-    return found
+    found: list[dict[str, Any]] = [m for m in spec["mounts"] if m["destination"] == dest]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def test_process_defaults() -> None:

@@ -74,3 +74,11 @@ def test_only_api_imports_grpc() -> None:
         if any(n.split(".")[0] == "grpc" for n in _imports(path)):
             bad.append(str(path.relative_to(PKG)))
     assert bad == []
+
+
+def test_test_module_names_are_unique_across_suites() -> None:
+    # pytest's default import mode keys modules by basename: a clash breaks collection.
+    root = PKG.parents[1]
+    unit = {p.name for p in (root / "tests").glob("test_*.py")}
+    integ = {p.name for p in (root / "integration").glob("test_*.py")}
+    assert unit & integ == set()

@@ -52,6 +52,7 @@ from ociworker.diff.tarutil import (
     map_os_error,
     mounted,
     parse_mounts,
+    remove_scratch,
 )
 from ociworker.errors import (
     DigestMismatchError,
@@ -99,7 +100,7 @@ class LayerApplier:
             with mounted(view, scratch, writable=True) as root:
                 return apply_blob(self._store, layer, Path(root))
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            remove_scratch(scratch)
 
 
 def apply_blob(store: ContentStore, layer: Descriptor, root: Path) -> Digest:

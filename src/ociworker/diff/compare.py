@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -36,8 +35,10 @@ from ociworker.diff.tarutil import (
     mounted,
     parse_mounts,
     read_xattrs,
+    remove_scratch,
     scan_sorted,
 )
+from ociworker.errors import UserError
 
 __all__ = ["LayerComparer", "write_dir_layer"]
 
@@ -70,7 +71,7 @@ class LayerComparer:
         lv = parse_mounts(lower)
         uv = parse_mounts(upper)
         if uv.kind == "empty":
-            raise ValueError("compare: upper has no mounts")
+            raise UserError("compare: the upper snapshot has no mounts")
         if uv.kind == "dir" and lv.kind == "empty":
             return write_dir_layer(self._store, Path(uv.layers[0]), opts)
         if uv.kind == "overlay" and uv.upper and uv.layers == lv.all_dirs():
@@ -102,7 +103,7 @@ class LayerComparer:
         try:
             yield d
         finally:
-            shutil.rmtree(d, ignore_errors=True)
+            remove_scratch(d)
 
 
 def write_dir_layer(store: ContentStore, root_dir: Path, opts: CompressionOpts) -> Layer:

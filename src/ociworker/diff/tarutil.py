@@ -8,6 +8,7 @@ memory; every stage works on bounded chunks.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import gzip
@@ -15,11 +16,13 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Literal, Protocol
 
@@ -91,31 +94,103 @@ class _Identity:
         return b""
 
 
-def _compressor(opts: CompressionOpts) -> _Compressor:
+def _compressor(opts: CompressionOpts, pool: ThreadPoolExecutor, workers: int) -> _Compressor:
     if opts.compression == "gzip":
         level = GZIP_DEFAULT_LEVEL if opts.level is None else opts.level
         if not (level == -1 or 0 <= level <= 9):
             raise ConfigError(f"gzip level must be 0-9, got {level}")
-        # wbits 31 = gzip container with a fixed header (mtime 0), so the same
-        # tar always gives the same blob digest.
-        return zlib.compressobj(level, zlib.DEFLATED, 31)
+        return ParallelGzip(level, pool, workers)
     if opts.compression == "zstd":
         level = ZSTD_DEFAULT_LEVEL if opts.level is None else opts.level
         if not (-7 <= level <= 22):
             raise ConfigError(f"zstd level must be -7..22, got {level}")
-        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        # libzstd gives the same frames for any worker count >= 1 (but not for
+        # 0), so -1 (one per CPU) keeps blobs reproducible across machines
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
         obj: _Compressor = cctx.compressobj()
         return obj
     return _Identity()
 
 
+class ParallelGzip:
+    """gzip on all CPUs, laid out like pigz: the stream is cut into fixed
+    blocks, each deflated on its own with the previous 32 KiB as dictionary
+    and ended with a sync flush, so the concatenation is one valid deflate
+    stream. Output depends only on the data, the level and ``BLOCK``, never
+    on the number of threads. zlib releases the GIL while it works."""
+
+    BLOCK = 1 << 20
+    _WINDOW = 32 * 1024
+    # a fixed header (mtime 0, OS unknown as Go writes it): blobs are reproducible
+    _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+
+    def __init__(self, level: int, pool: ThreadPoolExecutor, workers: int) -> None:
+        self._level = level
+        self._pool = pool
+        # bounds memory to a few blocks while keeping every worker busy
+        self._max_pending = 2 * workers
+        self._pending: collections.deque[Future[bytes]] = collections.deque()
+        self._buf = bytearray()
+        self._tail = b""
+        self._crc = 0
+        self._size = 0
+        self._started = False
+
+    def compress(self, data: bytes, /) -> bytes:
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        self._buf += data
+        out: list[bytes] = []
+        if not self._started:
+            out.append(self._HEADER)
+            self._started = True
+        while len(self._buf) >= self.BLOCK:
+            block = bytes(self._buf[: self.BLOCK])
+            del self._buf[: self.BLOCK]
+            self._submit(block, final=False)
+            if len(self._pending) > self._max_pending:
+                out.append(self._pending.popleft().result())
+        while self._pending and self._pending[0].done():
+            out.append(self._pending.popleft().result())
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        out = [] if self._started else [self._HEADER]
+        self._started = True
+        self._submit(bytes(self._buf), final=True)
+        self._buf.clear()
+        out.extend(f.result() for f in self._pending)
+        self._pending.clear()
+        out.append(struct.pack("<II", self._crc & 0xFFFFFFFF, self._size & 0xFFFFFFFF))
+        return b"".join(out)
+
+    def _submit(self, block: bytes, *, final: bool) -> None:
+        zdict = self._tail
+        self._tail = block[-self._WINDOW :]
+        self._pending.append(self._pool.submit(_deflate_block, block, zdict, self._level, final))
+
+
+def _deflate_block(block: bytes, zdict: bytes, level: int, final: bool) -> bytes:
+    if zdict:
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, zdict=zdict)
+    else:
+        c = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return c.compress(block) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
+
+
 class LayerBlobWriter:
-    """The file object ``tarfile`` writes into: hashes the tar (diffID),
+    """The sink ``LayerTarWriter`` writes into: hashes the tar (diffID),
     compresses it and streams the result into a content store ingest."""
 
     def __init__(self, store: ContentStore, opts: CompressionOpts) -> None:
         self.media_type = layer_media_type(opts)
-        self._comp = _compressor(opts)
+        workers = os.cpu_count() or 1
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gzip")
+        try:
+            self._comp = _compressor(opts, self._pool, workers)
+        except BaseException:
+            self._pool.shutdown()
+            raise
         self._diff = hashlib.sha256()
         self._ingest: Ingest = store.ingest()
 
@@ -130,12 +205,14 @@ class LayerBlobWriter:
         tail = self._comp.flush()
         if tail:
             self._ingest.write(tail)
+        self._pool.shutdown()
         size = self._ingest.size
         digest = self._ingest.commit()
         diff_id = Digest("sha256:" + self._diff.hexdigest())
         return Layer(Descriptor(self.media_type, digest, size), diff_id)
 
     def abort(self) -> None:
+        self._pool.shutdown(cancel_futures=True)
         self._ingest.__exit__(None, None, None)
 
 
@@ -426,11 +503,37 @@ def mounted(view: View, scratch: str, *, writable: bool = False) -> Iterator[str
         try:
             yield target
         finally:
-            run_mount(["umount", target])
-    finally:
+            unmount(target)
         os.rmdir(target)
+    except BaseException:
+        # never remove a directory that may still be a mount point: a
+        # recursive delete would go through it into the snapshot
+        if not os.path.ismount(target):
+            os.rmdir(target)
+        raise
+    finally:
         for d in extra:
-            shutil.rmtree(d, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def unmount(target: str) -> None:
+    """Unmount, detaching lazily if something still holds the mount busy."""
+    try:
+        run_mount(["umount", target])
+    except HostError:
+        run_mount(["umount", "--lazy", target])
+
+
+def remove_scratch(scratch: str) -> None:
+    """Remove a scratch dir made for temporary mounts, skipping (and so
+    keeping) anything that is still mounted."""
+    with os.scandir(scratch) as it:
+        for entry in it:
+            if not os.path.ismount(entry.path):
+                shutil.rmtree(entry.path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(scratch)
 
 
 def run_mount(argv: list[str]) -> None:

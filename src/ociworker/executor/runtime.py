@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import resource
 import secrets
 import shutil
@@ -24,15 +23,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from ociworker.core.mounts import Mount, is_bind
+import structlog
+
+from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
 from ociworker.executor.base import OutputSink, ProcessSpec
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
 from ociworker.executor.user import resolve_user
 from ociworker.fsutil import clean, secure_join
+from ociworker.snapshot.mount import mount_all, unmount
 
 Flavour = Literal["runc", "crun"]
+
+_log = structlog.get_logger("ociworker.executor")
 
 T = TypeVar("T")
 
@@ -40,70 +44,10 @@ T = TypeVar("T")
 _KILL_GRACE = 0.5
 _CHUNK = 65536
 _CAP_SYS_RESOURCE = 24
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 _HUGETLB_FIX = (
     "mkdir -p /sys/fs/cgroup/hugetlb && mount -t cgroup -o hugetlb cgroup /sys/fs/cgroup/hugetlb"
 )
-
-
-# --- mounting the rootfs ---------------------------------------------------
-# TODO(lead): switch to ociworker.snapshot.mount.mount_all/unmount once it lands;
-# these two are the minimal stand-ins with the same signatures.
-
-
-def _mount_all(mounts: Sequence[Mount], target: Path) -> None:
-    done = 0
-    try:
-        for m in mounts:
-            opts = list(m.options)
-            cmd = ["mount"]
-            if is_bind(m):
-                if "bind" not in opts and "rbind" not in opts:
-                    opts.insert(0, "rbind" if m.type == "rbind" else "bind")
-            else:
-                cmd += ["-t", m.type]
-            if opts:
-                cmd += ["-o", ",".join(opts)]
-            cmd += ["--", m.source, str(target)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise HostError(f"mount {m.type} {m.source} on {target}: {res.stderr.strip()}")
-            done += 1
-    except BaseException:
-        for _ in range(done):
-            _umount_once(target)
-        raise
-
-
-def _mountinfo_targets() -> list[str]:
-    out = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            # mountinfo escapes space, tab, newline and backslash as \ooo
-            out.append(_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split(" ")[4]))
-    return out
-
-
-def _is_mountpoint(path: Path) -> bool:
-    # os.path.ismount misses a bind mount of a directory of the same filesystem.
-    return os.path.realpath(path) in _mountinfo_targets()
-
-
-def _umount_once(target: Path) -> None:
-    res = subprocess.run(["umount", str(target)], capture_output=True, check=False)
-    if res.returncode != 0:
-        # Busy (a straggler still holds it): detach it now, the kernel frees it later.
-        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
-
-
-def _unmount(target: Path) -> None:
-    # A rootfs may be several stacked mounts; peel until none is left.
-    for _ in range(64):
-        if not _is_mountpoint(target):
-            return
-        _umount_once(target)
-    raise HostError(f"cannot unmount {target}")
 
 
 # --- mount stubs ----------------------------------------------------------
@@ -214,8 +158,10 @@ class _CleanupStack:
         """
         task = asyncio.ensure_future(self._run())
         if quiet:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.shield(task)
+            except Exception as exc:
+                _log.warning("executor cleanup failed", error=str(exc))
         else:
             await asyncio.shield(task)
 
@@ -342,9 +288,9 @@ class OCIRuntimeExecutor:
             self._runtime_root.mkdir(parents=True, exist_ok=True)
 
             # Registered first: a cancel that lands once the mount is made must
-            # still find its unmount on the stack (_unmount is a no-op otherwise).
-            stack.push_sync(lambda: _unmount(root_dir))
-            await _finish(asyncio.to_thread(_mount_all, rootfs, root_dir))
+            # still find its unmount on the stack (unmount is a no-op otherwise).
+            stack.push_sync(lambda: unmount(root_dir))
+            await _finish(asyncio.to_thread(mount_all, rootfs, root_dir))
 
             user = await _finish(asyncio.to_thread(resolve_user, root_dir, process.user))
             cwd = clean(process.cwd or "/")
@@ -397,6 +343,7 @@ class OCIRuntimeExecutor:
         self, cid: str, bundle: Path, output: OutputSink, stack: _CleanupStack
     ) -> int:
         log = bundle / "runtime.log"
+        pid_file = bundle / "init.pid"
 
         async def delete() -> None:
             # Also reaps a container left "created" by a runtime killed mid-start.
@@ -404,7 +351,7 @@ class OCIRuntimeExecutor:
 
         stack.push(delete)
         proc = await asyncio.create_subprocess_exec(
-            *self._cmd("run", f"--bundle={bundle}", cid, log=log),
+            *self._cmd("run", f"--bundle={bundle}", f"--pid-file={pid_file}", cid, log=log),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -417,7 +364,7 @@ class OCIRuntimeExecutor:
         ]
 
         async def stop() -> None:
-            await self._stop(cid, proc, pumps)
+            await self._stop(cid, proc, pid_file, pumps)
 
         stack.push(stop)
         await asyncio.gather(*pumps)
@@ -430,19 +377,26 @@ class OCIRuntimeExecutor:
         return code
 
     async def _stop(
-        self, cid: str, proc: asyncio.subprocess.Process, pumps: Sequence[asyncio.Future[None]]
+        self,
+        cid: str,
+        proc: asyncio.subprocess.Process,
+        pid_file: Path,
+        pumps: Sequence[asyncio.Future[None]],
     ) -> None:
+        """Kill the container and reap its runtime; bounded to about a second."""
         if proc.returncode is None:
+            # `kill` before the runtime has created the container finds nothing,
+            # and killing the runtime mid-create orphans the init it is making:
+            # wait (briefly) until the pid file says the container exists.
+            await _wait_for(lambda: pid_file.exists() or proc.returncode is not None, _KILL_GRACE)
             await self._ctl("kill", cid, "KILL")
-            try:
-                await asyncio.wait_for(proc.wait(), _KILL_GRACE)
-            except TimeoutError:
-                # Still creating (nothing to kill yet) or wedged: stop the
-                # runtime itself; the `delete --force` that runs next reaps
-                # whatever it had made.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        if not await _exited(proc, _KILL_GRACE):
+            # Wedged: kill the runtime; the `delete --force` that runs next
+            # reaps whatever it had made.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await self._ctl("delete", "--force", cid)
+            await _exited(proc, _KILL_GRACE)
         # The pipes close once every process in the container is gone.
         _, pending = await asyncio.wait(pumps, timeout=_KILL_GRACE)
         for p in pending:
@@ -458,7 +412,7 @@ class OCIRuntimeExecutor:
         if not errors:
             return
         msg = errors[-1]
-        if "hugetlb" in msg:
+        if "hugetlb" in msg or (self._flavour == "crun" and _hugetlb_on_hybrid_v2()):
             raise HostError(
                 f"{self._flavour} cannot set up cgroups on this hybrid cgroup host "
                 f"(hugetlb sits on the cgroup v2 hierarchy): {msg}; fix: {_HUGETLB_FIX}"
@@ -466,6 +420,31 @@ class OCIRuntimeExecutor:
         if _is_exec_failure(msg):
             raise UserError(f"{self._flavour}: {msg}")
         raise RuntimeFailure(f"{self._flavour} run failed: {msg}")
+
+
+def _hugetlb_on_hybrid_v2() -> bool:
+    """True on a hybrid host whose v2 hierarchy holds hugetlb, which crun 1.8 rejects."""
+    try:
+        controllers = Path("/sys/fs/cgroup/unified/cgroup.controllers").read_text()
+    except OSError:
+        return False
+    return "hugetlb" in controllers.split()
+
+
+async def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def _exited(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    # Not proc.wait(): on 3.11 it also waits for the pipes to close, which a
+    # surviving container process can hold open for as long as it lives.
+    return await _wait_for(lambda: proc.returncode is not None, timeout)
 
 
 async def _pump(stream: asyncio.StreamReader, name: str, output: OutputSink) -> None:
@@ -510,7 +489,7 @@ def _ensure_dir(root: Path, path: str) -> None:
 
 def _remove_bundle(bundle: Path) -> None:
     # Never rmtree: if unmounting failed, rootfs/ is still the caller's snapshot.
-    for name in ("config.json", "resolv.conf", "hosts", "runtime.log"):
+    for name in ("config.json", "resolv.conf", "hosts", "runtime.log", "init.pid"):
         with contextlib.suppress(FileNotFoundError):
             (bundle / name).unlink()
     with contextlib.suppress(FileNotFoundError):

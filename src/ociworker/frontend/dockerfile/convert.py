@@ -298,11 +298,13 @@ class Converter:
         st: _State
         if base is not None:
             parent = self._stage(base)
+            # The parent stage's steps stay steps of this image: each of its layers
+            # is a snapshot in our chain, exported (or dropped if empty) like ours.
             st = _State(
                 vertex=parent.vertex,
                 config=json.loads(json.dumps(parent.config)),
-                history=[],
-                base_history=parent.base_history + parent.history,
+                history=[dict(h) for h in parent.history],
+                base_history=parent.base_history,
                 base_layers=parent.base_layers,
                 args={},
                 step=1,

@@ -113,10 +113,3 @@ def test_stubs_never_leave_the_root(tmp_path: Path) -> None:
     (outside / "sub").mkdir()
     stubs.remove()
     assert (outside / "sub").is_dir()
-
-
-def test_is_mountpoint_reads_mountinfo(tmp_path: Path) -> None:
-    # Our own root is a mount point whatever the host; a plain tmp dir is not.
-    assert rt._is_mountpoint(Path("/"))
-    assert not rt._is_mountpoint(tmp_path)
-    assert rt._OCTAL.sub(lambda m: chr(int(m.group(1), 8)), r"/a\040b\134c") == "/a b\\c"

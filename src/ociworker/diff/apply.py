@@ -160,6 +160,11 @@ class _Extractor:
                         self._entry(tar, member)
                     except OSError as e:
                         raise map_os_error(f"layer entry {member.name!r}", e) from e
+                    except UnsafePathError as e:
+                        # a hostile layer is reported by the entry a user can find in it
+                        if repr(member.name) in str(e):
+                            raise
+                        raise UnsafePathError(f"layer entry {member.name!r}: {e}") from e
         except tarfile.TarError as e:
             raise UserError(f"corrupt layer tar: {e}") from e
         self._finish_dirs()

@@ -74,12 +74,21 @@ class LayerComparer:
             raise UserError("compare: the upper snapshot has no mounts")
         if uv.kind == "dir" and lv.kind == "empty":
             return write_dir_layer(self._store, Path(uv.layers[0]), opts)
+        # The change set is one directory when upper is lower plus one layer on
+        # top: the upperdir of an active snapshot, or the top lowerdir of a
+        # read-only view of a committed one (what export diffs).
+        top: str | None = None
         if uv.kind == "overlay" and uv.upper and uv.layers == lv.all_dirs():
+            top = uv.upper
+        elif uv.kind == "overlay" and not uv.upper and uv.layers[1:] == lv.all_dirs():
+            top = uv.layers[0]
+        if top is not None:
+            change_set = top
             try:
                 return _write_layer(
                     self._store,
                     opts,
-                    lambda w: _walk_upperdir(w, uv.upper or "", uv.userxattr),
+                    lambda w: _walk_upperdir(w, change_set, uv.userxattr),
                     userxattr=uv.userxattr,
                 )
             except _NeedsDoubleWalk:

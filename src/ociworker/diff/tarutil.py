@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal, Protocol
 
 import zstandard
@@ -43,6 +44,7 @@ from ociworker.core.oci import (
 )
 from ociworker.diff.base import CompressionOpts
 from ociworker.errors import ConfigError, HostError, UnsupportedError, UserError
+from ociworker.snapshot.mount import mount_all
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -499,7 +501,8 @@ def mounted(view: View, scratch: str, *, writable: bool = False) -> Iterator[str
                 extra.append(bottom)
                 dirs.append(bottom)
             opts = ["ro", "lowerdir=" + ":".join(dirs)]
-        run_mount(["mount", "-t", "overlay", "overlay", "-o", ",".join(opts + keep), target])
+        # snapshot.mount handles option strings longer than a page (deep chains)
+        mount_all([Mount("overlay", "overlay", tuple(opts + keep))], Path(target))
         try:
             yield target
         finally:

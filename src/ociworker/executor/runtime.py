@@ -42,6 +42,7 @@ T = TypeVar("T")
 
 #: how long a killed container may take to die before its runtime process is killed too
 _KILL_GRACE = 0.5
+_CTL_TIMEOUT = 10.0
 _CHUNK = 65536
 _CAP_SYS_RESOURCE = 24
 
@@ -259,7 +260,13 @@ class OCIRuntimeExecutor:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        _, err = await proc.communicate()
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), _CTL_TIMEOUT)
+        except TimeoutError:
+            # A wedged `kill`/`delete` must not hang the cleanup that called it.
+            proc.kill()
+            await proc.wait()
+            return -1, f"{self._flavour} {args[0]} timed out"
         return proc.returncode or 0, err.decode(errors="replace").strip()
 
     async def run(

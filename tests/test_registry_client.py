@@ -14,7 +14,7 @@ from ociworker.core.oci import DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, De
 from ociworker.core.reference import parse_reference
 from ociworker.errors import DigestMismatchError, NotFoundError, RegistryError, UnsupportedError
 from ociworker.registry.client import RegistryClient
-from test_registry_fake import FakeRegistry, image, seed_image, sha
+from ociworker.testing.fake_registry import FakeRegistry, image, seed_image, sha
 
 AMD64 = Platform("linux", "amd64")
 REG = "reg.test"

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -11,13 +10,13 @@ import pytest
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest
-from ociworker.core.mounts import Mount
-from ociworker.core.oci import DOCKER_FOREIGN_LAYER, OCI_MANIFEST, Descriptor, Layer, Platform
+from ociworker.core.oci import DOCKER_FOREIGN_LAYER, OCI_MANIFEST, Layer, Platform
 from ociworker.errors import DigestMismatchError, NotFoundError, RegistryError, UnsupportedError
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot.base import SnapshotInfo
 from ociworker.sources.image import ImagePuller, PulledImage, chain_ids, unpack
-from test_registry_fake import FakeRegistry, image, seed_image, sha
+from ociworker.testing.fake_registry import FakeRegistry, image, seed_image, sha
+from ociworker.testing.fakes import MemoryApplier, MemorySnapshotter
 
 AMD64 = Platform("linux", "amd64")
 REG = "reg.test"
@@ -123,69 +122,6 @@ async def test_pull_rejects_foreign_layers(store: ContentStore) -> None:
 # --- unpack with in-memory fakes -------------------------------------------------------
 
 
-class MemSnapshotter:
-    """Snapshotter + SnapshotCatalog in a dict, with containerd's rules:
-    keys and names share one namespace; commit of an existing name fails."""
-
-    def __init__(self) -> None:
-        self.snaps: dict[str, SnapshotInfo] = {}
-
-    async def prepare(self, key: str, parent: str | None) -> Sequence[Mount]:
-        await asyncio.sleep(0)
-        if key in self.snaps:
-            raise FileExistsError(key)
-        if parent is not None and getattr(self.snaps.get(parent), "kind", "") != "committed":
-            raise NotFoundError(f"parent {parent} is not committed")
-        self.snaps[key] = SnapshotInfo(key, "active", parent)
-        return [Mount("bind", f"/mem/{key}")]
-
-    async def view(self, key: str, parent: str | None) -> Sequence[Mount]:
-        raise AssertionError("unpack needs no views")
-
-    async def commit(self, name: str, key: str) -> None:
-        await asyncio.sleep(0)
-        if name in self.snaps:
-            raise FileExistsError(name)
-        info = self.snaps.pop(key)
-        assert info.kind == "active"
-        self.snaps[name] = SnapshotInfo(name, "committed", info.parent)
-
-    async def remove(self, key: str) -> None:
-        if key not in self.snaps:
-            raise NotFoundError(key)
-        if any(s.parent == key for s in self.snaps.values()):
-            raise RegistryError(f"{key} has children")
-        del self.snaps[key]
-
-    async def mounts(self, key: str) -> Sequence[Mount]:
-        return [Mount("bind", f"/mem/{key}")]
-
-    async def stat(self, key: str) -> SnapshotInfo | None:
-        return self.snaps.get(key)
-
-    async def usage(self, key: str) -> int:
-        return 0
-
-    async def walk(self) -> Sequence[SnapshotInfo]:
-        return list(self.snaps.values())
-
-
-class MemApplier:
-    """Applies uncompressed layers: the diffID is the blob's own digest."""
-
-    def __init__(self, store: ContentStore, fail_on: Digest | None = None) -> None:
-        self.store = store
-        self.fail_on = fail_on
-        self.applied: list[tuple[Digest, str]] = []
-
-    async def apply(self, layer: Descriptor, mounts: Sequence[Mount]) -> Digest:
-        await asyncio.sleep(0)
-        if layer.digest == self.fail_on:
-            raise OSError("disk full")
-        self.applied.append((layer.digest, mounts[0].source))
-        return Digest(sha(self.store.read(layer.digest)))
-
-
 async def _pulled(store: ContentStore, layers: list[bytes], repo: str = "app") -> PulledImage:
     reg = FakeRegistry()
     seed_image(reg, repo, "v1", layers)
@@ -193,13 +129,17 @@ async def _pulled(store: ContentStore, layers: list[bytes], repo: str = "app") -
         return await ImagePuller(c, store).pull(f"{REG}/{repo}:v1", AMD64)
 
 
+async def _snapshots(snaps: MemorySnapshotter) -> dict[str, SnapshotInfo]:
+    return {info.key: info for info in await snaps.walk()}
+
+
 async def test_unpack_commits_a_chain_named_by_chain_id(store: ContentStore) -> None:
     img = await _pulled(store, [b"base", b"mid", b"top"])
-    snaps, applier = MemSnapshotter(), MemApplier(store)
+    snaps, applier = MemorySnapshotter(), MemoryApplier(store)
     top = await unpack(img, snaps, applier, snaps)
     names = ["layer-" + c.split(":", 1)[1] for c in chain_ids(img.diff_ids)]
     assert top == names[-1]
-    assert snaps.snaps == {
+    assert await _snapshots(snaps) == {
         names[0]: SnapshotInfo(names[0], "committed", None),
         names[1]: SnapshotInfo(names[1], "committed", names[0]),
         names[2]: SnapshotInfo(names[2], "committed", names[1]),
@@ -208,17 +148,17 @@ async def test_unpack_commits_a_chain_named_by_chain_id(store: ContentStore) -> 
 
     # A second image sharing the two lower layers applies only its own top.
     other = await _pulled(store, [b"base", b"mid", b"other"], repo="other")
-    applier2 = MemApplier(store)
+    applier2 = MemoryApplier(store)
     top2 = await unpack(other, snaps, applier2, snaps)
     assert [d for d, _ in applier2.applied] == [sha(b"other")]
-    assert snaps.snaps[str(top2)].parent == names[1]
+    assert (await _snapshots(snaps))[str(top2)].parent == names[1]
 
 
 async def test_unpack_image_without_layers(store: ContentStore) -> None:
     img = await _pulled(store, [])
-    snaps = MemSnapshotter()
-    assert await unpack(img, snaps, MemApplier(store), snaps) is None
-    assert snaps.snaps == {}
+    snaps = MemorySnapshotter()
+    assert await unpack(img, snaps, MemoryApplier(store), snaps) is None
+    assert await _snapshots(snaps) == {}
 
 
 async def test_unpack_checks_diff_ids_and_cleans_up(store: ContentStore) -> None:
@@ -227,28 +167,28 @@ async def test_unpack_checks_diff_ids_and_cleans_up(store: ContentStore) -> None
     img = PulledImage(
         img.reference, img.manifest, img.config, img.config_digest, (img.layers[0], bad)
     )
-    snaps = MemSnapshotter()
+    snaps = MemorySnapshotter()
     with pytest.raises(DigestMismatchError, match="image config says"):
-        await unpack(img, snaps, MemApplier(store), snaps)
+        await unpack(img, snaps, MemoryApplier(store), snaps)
     # The good base layer stays committed; the failed key is gone.
-    assert [s.kind for s in snaps.snaps.values()] == ["committed"]
+    assert [s.kind for s in await snaps.walk()] == ["committed"]
 
 
 async def test_unpack_removes_the_key_when_apply_fails(store: ContentStore) -> None:
     img = await _pulled(store, [b"base", b"top"])
-    snaps = MemSnapshotter()
+    snaps = MemorySnapshotter()
     with pytest.raises(OSError, match="disk full"):
-        await unpack(img, snaps, MemApplier(store, fail_on=Digest(sha(b"top"))), snaps)
-    assert [s.kind for s in snaps.snaps.values()] == ["committed"]
+        await unpack(img, snaps, MemoryApplier(store, fail_on=Digest(sha(b"top"))), snaps)
+    assert [s.kind for s in await snaps.walk()] == ["committed"]
 
 
 async def test_concurrent_unpacks_of_one_chain_both_succeed(store: ContentStore) -> None:
     img = await _pulled(store, [b"base", b"mid", b"top"])
-    snaps = MemSnapshotter()
-    applier = MemApplier(store)
+    snaps = MemorySnapshotter()
+    applier = MemoryApplier(store)
     tops = await asyncio.gather(*(unpack(img, snaps, applier, snaps) for _ in range(3)))
     assert len(set(tops)) == 1
     # They really raced (each applied the base), and no active key was left behind.
     assert [str(d) for d, _ in applier.applied].count(sha(b"base")) > 1
-    assert {s.kind for s in snaps.snaps.values()} == {"committed"}
-    assert len(snaps.snaps) == 3
+    assert {s.kind for s in await snaps.walk()} == {"committed"}
+    assert len(await snaps.walk()) == 3

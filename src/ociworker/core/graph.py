@@ -94,8 +94,9 @@ class Copy:
     create_dest_path: bool = True
     dir_contents_only: bool = True
     dest_is_dir: bool = False  # the caller said so (trailing slash, several sources)
-    exclude: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()  # COPY --exclude patterns, matched below each source
     unpack_archive: bool = False  # ADD: a local tar archive is extracted
+    parents: bool = False  # COPY --parents: keep the source's parent dirs under dest
 
     def to_json(self) -> dict[str, Any]:
         return {"copy": _fields(self)}

@@ -1,16 +1,29 @@
 """In-memory fakes of ociworker's Protocols, for unit tests.
 
-Every fake here passes the same shared suite as the real implementation it
-stands in for (see ``tests/test_cacheindex.py``), so a unit test that passes
-with a fake says something about the real thing.
+Every fake here is held to the shared suite of the Protocol it stands in for,
+so a unit test that passes with a fake says something about the real thing:
+``MemoryCacheIndex`` to ``tests/test_scheduler.py::test_cache_index_suite``,
+``MemorySnapshotter`` to ``ociworker.testing.snapshot_suite`` (in
+``tests/test_fakes_suites.py``). The fake registry is in ``fake_registry.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import gzip
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
+import zstandard
+
+from ociworker.content.store import ContentStore
+from ociworker.core.digest import Digest, sha256_bytes
 from ociworker.core.graph import Vertex
+from ociworker.core.mounts import Mount
+from ociworker.core.oci import Descriptor, layer_compression
+from ociworker.errors import NotFoundError, UnsupportedError, UserError
+from ociworker.snapshot.base import Kind, SnapshotInfo
 from ociworker.solver.scheduler import Job, Result, default_cache_key
 
 
@@ -69,3 +82,151 @@ class ArithmeticHandler:
             return Result("snapshot", str(value))
         finally:
             self.active -= 1
+
+
+# --- snapshots and layers ----------------------------------------------------------
+
+#: The mount type of every ``MemorySnapshotter`` mount: no kernel knows it, so a
+#: fake mount that reaches a real ``mount`` fails loudly instead of binding some
+#: host path.
+MEMORY_MOUNT_TYPE = "memory"
+
+
+@dataclass
+class MemorySnapshotState:
+    """What a snapshotter root would hold on disk, kept in memory.
+
+    Several ``MemorySnapshotter`` objects on one state stand in for several
+    processes on one root (and a new object on an old state for a restart).
+    """
+
+    #: key or name -> (serial id, info); ids are never reused, like the row ids
+    #: of the real snapshotters, so a mount never names an earlier snapshot
+    snapshots: dict[str, tuple[int, SnapshotInfo]] = field(default_factory=dict)
+    last_id: int = 0
+
+
+class MemorySnapshotter:
+    """``Snapshotter`` + ``SnapshotCatalog`` that keeps only the bookkeeping.
+
+    Follows the rules of the real snapshotters (containerd's): keys and names
+    share one namespace; parents must be committed; a committed name cannot be
+    mounted, only viewed; a snapshot with children cannot be removed. It holds
+    no files: mounts are of type ``memory`` and ``usage`` is always 0, so code
+    that needs real trees must use ``NativeSnapshotter`` on a tmp dir instead.
+    """
+
+    def __init__(self, state: MemorySnapshotState | None = None) -> None:
+        self.state = state if state is not None else MemorySnapshotState()
+
+    def _get(self, key: str) -> tuple[int, SnapshotInfo]:
+        found = self.state.snapshots.get(key)
+        if found is None:
+            raise NotFoundError(f"no snapshot {key!r}")
+        return found
+
+    def _mount(self, ident: int, kind: Kind) -> list[Mount]:
+        mode = "rw" if kind == "active" else "ro"
+        return [Mount(type=MEMORY_MOUNT_TYPE, source=f"memory-snapshot-{ident}", options=(mode,))]
+
+    async def _create(self, key: str, parent: str | None, kind: Kind) -> Sequence[Mount]:
+        # One scheduling point per call, and none between check and change:
+        # concurrent callers interleave like processes, yet each call is atomic
+        # as a database transaction makes it for the real ones.
+        await asyncio.sleep(0)
+        if parent is not None:
+            p = self.state.snapshots.get(parent)
+            if p is None or p[1].kind != "committed":
+                raise NotFoundError(f"parent snapshot {parent!r} is not a committed snapshot")
+        if key in self.state.snapshots:
+            raise FileExistsError(f"snapshot {key!r} already exists")
+        self.state.last_id += 1
+        self.state.snapshots[key] = (self.state.last_id, SnapshotInfo(key, kind, parent))
+        return self._mount(self.state.last_id, kind)
+
+    async def prepare(self, key: str, parent: str | None) -> Sequence[Mount]:
+        return await self._create(key, parent, "active")
+
+    async def view(self, key: str, parent: str | None) -> Sequence[Mount]:
+        return await self._create(key, parent, "view")
+
+    async def commit(self, name: str, key: str) -> None:
+        await asyncio.sleep(0)
+        found = self.state.snapshots.get(key)
+        if found is None or found[1].kind != "active":
+            raise NotFoundError(f"no active snapshot {key!r} to commit")
+        if name != key and name in self.state.snapshots:
+            raise FileExistsError(f"snapshot {name!r} already exists")
+        ident, info = found
+        del self.state.snapshots[key]
+        self.state.snapshots[name] = (ident, SnapshotInfo(name, "committed", info.parent))
+
+    async def remove(self, key: str) -> None:
+        await asyncio.sleep(0)
+        self._get(key)
+        child = next((k for k, (_, i) in self.state.snapshots.items() if i.parent == key), None)
+        if child is not None:
+            raise UserError(
+                f"snapshot {key!r} is the parent of {child!r}; remove its children first"
+            )
+        del self.state.snapshots[key]
+
+    async def mounts(self, key: str) -> Sequence[Mount]:
+        await asyncio.sleep(0)
+        ident, info = self._get(key)
+        if info.kind == "committed":
+            raise UserError(f"snapshot {key!r} is committed; create a view of it to mount it")
+        return self._mount(ident, info.kind)
+
+    async def stat(self, key: str) -> SnapshotInfo | None:
+        await asyncio.sleep(0)
+        found = self.state.snapshots.get(key)
+        return None if found is None else found[1]
+
+    async def usage(self, key: str) -> int:
+        await asyncio.sleep(0)
+        self._get(key)
+        return 0  # it holds no files
+
+    async def walk(self) -> Sequence[SnapshotInfo]:
+        await asyncio.sleep(0)
+        return [info for _, info in sorted(self.state.snapshots.values(), key=lambda t: t[0])]
+
+
+class MemoryApplier:
+    """``Applier`` that records which layer went onto which mount instead of
+    extracting it, and returns the true diffID of the blob in ``store``.
+
+    ``fail_on``: the layer digest whose apply fails with ``OSError`` (disk full).
+    Refuses what ``diff.apply.LayerApplier`` refuses, with the same errors: no
+    mounts, read-only mounts, unknown layer media types.
+    """
+
+    def __init__(self, store: ContentStore, fail_on: Digest | None = None) -> None:
+        self.store = store
+        self.fail_on = fail_on
+        self.applied: list[tuple[Digest, Sequence[Mount]]] = []
+
+    async def apply(self, layer: Descriptor, mounts: Sequence[Mount]) -> Digest:
+        await asyncio.sleep(0)
+        if not mounts:
+            raise UserError("apply: the snapshot has no mounts")
+        if any(m.readonly for m in mounts):
+            raise UserError("apply: the snapshot is mounted read-only")
+        if layer.digest == self.fail_on:
+            raise OSError(errno.ENOSPC, "disk full")
+        blob = await asyncio.to_thread(self.store.read, layer.digest)
+        self.applied.append((layer.digest, mounts))
+        return sha256_bytes(_decompress(layer.media_type, blob))
+
+
+def _decompress(media_type: str, blob: bytes) -> bytes:
+    try:
+        compression = layer_compression(media_type)
+    except ValueError:
+        raise UnsupportedError(f"unsupported layer media type {media_type!r}") from None
+    if compression == "gzip":
+        return gzip.decompress(blob)
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    return blob

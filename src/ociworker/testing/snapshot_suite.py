@@ -10,7 +10,9 @@ Checks only go through the ``Snapshotter``/``SnapshotCatalog`` Protocols and
 the ``Mount`` values. With ``real_mounts=False`` (no root) a single bind mount
 is accessed through its source dir and an overlay upper through ``upperdir``,
 which is what a mount would show; anything else needs ``real_mounts=True``
-and raises ``UnsupportedError`` otherwise, so the caller can skip.
+and raises ``UnsupportedError`` otherwise, so the caller can skip. A fake that
+keeps only the bookkeeping (``contents=False``) is held to every check that
+reads or writes no files; the others raise ``UnsupportedError`` the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class SuiteContext:
     #: files the implementation keeps at the top of its root whatever it holds
     #: (e.g. its database); excluded from the "nothing left behind" check
     bookkeeping: frozenset[str] = frozenset({"metadata.db", "metadata.db-wal", "metadata.db-shm"})
+    #: False when the snapshots hold no files at all (in-memory fakes): checks
+    #: that read or write contents then raise UnsupportedError
+    contents: bool = True
 
     @property
     def root(self) -> Path:
@@ -75,6 +80,7 @@ async def _raises(exc: type[BaseException], aw: Awaitable[object], what: str) ->
 @contextlib.asynccontextmanager
 async def access(ctx: SuiteContext, mounts: Sequence[Mount]) -> AsyncIterator[Path]:
     """The tree that ``mounts`` show, mounted for real or read through the source."""
+    _need_contents(ctx)
     if ctx.real_mounts:
         async with mounted(mounts, ctx.scratch) as path:
             yield path
@@ -83,6 +89,11 @@ async def access(ctx: SuiteContext, mounts: Sequence[Mount]) -> AsyncIterator[Pa
         yield Path(mounts[0].source)
         return
     raise UnsupportedError("this check needs real mounts (root)")
+
+
+def _need_contents(ctx: SuiteContext) -> None:
+    if not ctx.contents:
+        raise UnsupportedError("this check reads or writes files; these snapshots hold none")
 
 
 def writable_dir(mounts: Sequence[Mount]) -> Path:
@@ -324,6 +335,7 @@ async def check_concurrent_commits(ctx: SuiteContext) -> None:
 
 
 async def check_crash_before_commit(ctx: SuiteContext) -> None:
+    _need_contents(ctx)
     s = ctx.open()
     await s.walk()
     baseline = _files_on_disk(ctx)
@@ -350,6 +362,66 @@ async def check_hostile_keys(ctx: SuiteContext) -> None:
     _expect(await _tree(ctx, await s.view("v", parent)) == want, "chain of odd keys")
 
 
+async def check_bookkeeping_and_remove_order(ctx: SuiteContext) -> None:
+    # What stat_walk_usage and remove_leaves_nothing check of the bookkeeping,
+    # without any files, so snapshotters that hold none are held to it too.
+    s = ctx.open()
+    for name, parent in (("a", None), ("b", "a")):
+        await s.prepare(f"k-{name}", parent)
+        await s.commit(name, f"k-{name}")
+    await s.prepare("act", "b")
+    await s.view("vw", "a")
+    await s.view("empty", None)
+    walked = {i.key: i for i in await s.walk()}
+    want = {
+        "a": _info("a", "committed", None),
+        "b": _info("b", "committed", "a"),
+        "act": _info("act", "active", "b"),
+        "vw": _info("vw", "view", "a"),
+        "empty": _info("empty", "view", None),
+    }
+    _expect(walked == want, f"walk: {walked}")
+    # (key, whether a child still blocks its removal), in this order.
+    steps = [
+        ("a", True),
+        ("b", True),
+        ("act", False),
+        ("b", False),
+        ("a", True),  # a view is a child too
+        ("vw", False),
+        ("a", False),
+        ("empty", False),
+    ]
+    for key, blocked in steps:
+        if blocked:
+            e = await _raises(UserError, s.remove(key), f"remove of parent {key}")
+            _expect(not isinstance(e, NotFoundError), f"wrong error for parent {key}: {e!r}")
+            _expect(await s.stat(key) == want[key], f"failed remove of {key} changed it")
+        else:
+            await s.remove(key)
+            _expect(await s.stat(key) is None, f"{key} still there after remove")
+    _expect(list(await s.walk()) == [], "walk after removing all")
+
+
+async def check_reopen_keeps_bookkeeping(ctx: SuiteContext) -> None:
+    # survives_reopen and crash_before_commit without any files.
+    s = ctx.open()
+    await s.prepare("k", None)
+    await s.commit("a", "k")
+    await s.prepare("act", "a")
+    await s.view("vw", "a")
+    del s
+    s2 = ctx.open()
+    _expect((await s2.stat("a")) == _info("a", "committed", None), "committed lost on reopen")
+    _expect((await s2.stat("act")) == _info("act", "active", "a"), "active lost on reopen")
+    _expect((await s2.stat("vw")) == _info("vw", "view", "a"), "view lost on reopen")
+    _expect(not any(map(_read_only, await s2.mounts("act"))), "active not writable on reopen")
+    _expect(all(map(_read_only, await s2.mounts("vw"))), "view not read-only on reopen")
+    await s2.commit("b", "act")
+    _expect((await s2.stat("b")) == _info("b", "committed", "a"), "commit after reopen")
+    await _raises(FileExistsError, s2.prepare("vw", None), "prepare of a key from before")
+
+
 async def check_view_is_read_only(ctx: SuiteContext) -> None:
     if not ctx.real_mounts:
         raise UnsupportedError("read-only is only enforced by real mounts")
@@ -362,6 +434,7 @@ async def check_view_is_read_only(ctx: SuiteContext) -> None:
 
 
 async def _deep_chain(ctx: SuiteContext, depth: int) -> None:
+    _need_contents(ctx)
     s = ctx.open()
     parent: str | None = None
     for i in range(depth):
@@ -396,6 +469,8 @@ CHECKS: dict[str, Check] = {
     "delete_hides_in_child_only": check_delete_hides_in_child_only,
     "commit_consumes_key": check_commit_consumes_key,
     "errors": check_errors,
+    "bookkeeping_and_remove_order": check_bookkeeping_and_remove_order,
+    "reopen_keeps_bookkeeping": check_reopen_keeps_bookkeeping,
     "stat_walk_usage": check_stat_walk_usage,
     "remove_leaves_nothing": check_remove_leaves_nothing,
     "survives_reopen": check_survives_reopen,

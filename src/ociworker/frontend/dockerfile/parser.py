@@ -23,6 +23,7 @@ The 64 KiB line limit is checked here too, because for a line of exactly
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import json
 import re
@@ -251,6 +252,7 @@ class _Source:
         self.filename = filename
         self.continuation = re.compile(re.escape(escape) + r"[ \t]*$")
         self._lines: list[str] | None = None
+        self._blank: list[int] | None = None
 
     @property
     def lines(self) -> list[str]:
@@ -260,6 +262,13 @@ class _Source:
                 lines[0] = lines[0][1:]
             self._lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
         return self._lines
+
+    def blank_within(self, first: int, last: int) -> bool:
+        """Whether a whitespace-only line lies in lines ``first+1..last``."""
+        if self._blank is None:
+            self._blank = [i for i, ln in enumerate(self.lines, start=1) if not ln.strip()]
+        at = bisect.bisect_right(self._blank, first)
+        return at < len(self._blank) and self._blank[at] <= last
 
     def line(self, number: int) -> str:
         lines = self.lines
@@ -343,7 +352,10 @@ def _located_error(text: str, message: str, filename: str) -> DockerfileError:
     """Attach a line to a GoParseError message.
 
     The parser stops at the first failing instruction, so the shortest prefix
-    of the file that fails with the same message ends on the failing line.
+    of the file failing with the same message ends on the failing line. To keep
+    this linear on big files, windows of lines are parsed on their own, each
+    starting where a complete instruction ended (plus the directive lines, so
+    the escape character stays the same).
     """
     if message == "file with no instructions":
         return DockerfileError(
@@ -351,25 +363,53 @@ def _located_error(text: str, message: str, filename: str) -> DockerfileError:
             filename=filename,
         )
     parts = text.split("\n")
+    total = len(parts)
+    header: list[str] = []
+    for line in parts:
+        if not _DIRECTIVE_RE.match(line.lstrip("\ufeff").rstrip("\r").lstrip()):
+            break
+        header.append(line)
 
-    def fails(n: int) -> bool:
+    def attempt(begin: int, stop: int) -> tuple[str | None, tuple[dockerfile.Command, ...]]:
+        lead = header if begin > 0 else []
         try:
-            dockerfile.parse_string("\n".join(parts[:n]))
+            cmds = dockerfile.parse_string("\n".join(lead + parts[begin:stop]))
         except dockerfile.GoParseError as exc:
-            return str(exc) == message
-        return False
+            return str(exc), ()
+        return None, cmds
 
-    lo, hi = 1, len(parts)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if fails(mid):
-            hi = mid
+    def found(begin: int, stop: int) -> DockerfileError:
+        lo, hi = begin + 1, stop
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if attempt(begin, mid)[0] == message:
+                hi = mid
+            else:
+                lo = mid + 1
+        source = parts[lo - 1].rstrip("\r")
+        if lo == 1:
+            source = source.lstrip("\ufeff")
+        return DockerfileError(message, filename=filename, line=lo, source_line=source)
+
+    begin, width = 0, 2048
+    while begin < total:
+        stop = min(begin + width, total)
+        error, cmds = attempt(begin, stop)
+        if error == message:
+            return found(begin, stop)
+        if stop == total:
+            break
+        if error is None and len(cmds) >= 2:
+            # the last instruction may be cut off; the one before is complete
+            shift = len(header) if begin > 0 else 0
+            begin = begin + cmds[-2].end_line - shift
+        elif error == "file with no instructions":
+            begin = stop
         else:
-            lo = mid + 1
-    source = parts[lo - 1].rstrip("\r")
-    if lo == 1:
-        source = source.lstrip("\ufeff")
-    return DockerfileError(message, filename=filename, line=lo, source_line=source)
+            width *= 2
+    # the windows disagreed with the whole file (should not happen): report
+    # the error without a line rather than a wrong one
+    return DockerfileError(message, filename=filename)
 
 
 def _split_command(line: str) -> tuple[str, str]:
@@ -535,42 +575,43 @@ def _unknown(name: str, line: int, src: _Source) -> DockerfileError:
 
 
 def _convert(command: dockerfile.Command, src: _Source, warnings: list[str]) -> Instruction:
+    # Hot path: runs once per instruction, so the common case does no string
+    # work beyond what the package already did.
     name = command.cmd.lower()
-    start, end = command.start_line, command.end_line
+    start = command.start_line
     if name not in KNOWN_INSTRUCTIONS:
         raise _unknown(command.cmd, start, src)
+    original = command.original
 
-    if end > start:
+    if command.end_line > start and src.blank_within(start, command.end_line):
         _, empty = src.logical_end(start)
         if empty:
             warnings.append(
                 src.warn(
                     start,
                     "empty continuation line found in: "
-                    f"{command.original.split(chr(10), 1)[0]} "
+                    f"{original.split(chr(10), 1)[0]} "
                     "(empty continuation lines will become errors in a future release)",
                 )
             )
 
+    if name == "onbuild":
+        return _convert_onbuild(command, original.split("\n", 1)[0], src, warnings)
     if name == "maintainer":
         warnings.append(
             src.warn(start, "MAINTAINER is deprecated: use LABEL maintainer=... instead")
         )
 
-    first_line = command.original.split("\n", 1)[0]
-    if name == "onbuild":
-        return _convert_onbuild(command, first_line, src, warnings)
-
     heredocs: tuple[Heredoc, ...] = ()
     if command.heredocs:
-        heredocs = _heredocs(command, first_line, src)
+        heredocs = _heredocs(command, original.split("\n", 1)[0], src)
 
-    args = tuple(command.value)
-    if command.json and _JSON_NUL in first_line:
-        args = _json_args(first_line, name, args)
+    args: tuple[str, ...] = command.value
+    if command.json and _JSON_NUL in original:
+        args = _json_args(original, name, args)
     kv_legacy = False
     if name in _KV_INSTRUCTIONS:
-        _, rest = _split_command(first_line)
+        _, rest = _split_command(original)
         _, rest = _extract_flags(rest)
         kv_legacy = _kv_legacy(rest, args)
         if kv_legacy:
@@ -582,15 +623,16 @@ def _convert(command: dockerfile.Command, src: _Source, warnings: list[str]) -> 
                 )
             )
     return Instruction(
-        cmd=name,
-        flags=tuple(command.flags),
-        args=args,
-        json=bool(command.json),
-        heredocs=heredocs,
-        start_line=start,
-        end_line=end,
-        original=command.original,
-        kv_legacy=kv_legacy,
+        name,
+        command.flags,
+        args,
+        command.json,
+        heredocs,
+        start,
+        command.end_line,
+        original,
+        None,
+        kv_legacy,
     )
 
 

@@ -1,9 +1,10 @@
 """An in-memory OCI distribution registry for ``httpx.MockTransport``.
 
 Used by the unit tests of the registry client and the image puller; the real
-registry is exercised in ``integration/test_registry_*.py``. It speaks the
-parts of the distribution API the client uses, with optional bearer or basic
-auth, and records every request so tests can count round trips.
+registry (Debian's ``docker-registry``) is exercised in
+``integration/test_registry_distribution.py``. It speaks the parts of the
+distribution API the client uses, with optional bearer or basic auth, and
+records every request so tests can count round trips.
 """
 
 from __future__ import annotations

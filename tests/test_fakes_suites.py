@@ -15,6 +15,8 @@ are the suite's bookkeeping_and_remove_order and reopen_keeps_bookkeeping.
 from __future__ import annotations
 
 import gzip
+import io
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +29,12 @@ from ociworker.core.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descri
 from ociworker.diff.apply import LayerApplier
 from ociworker.errors import UnsupportedError, UserError
 from ociworker.snapshot import NativeSnapshotter
-from ociworker.testing.fakes import MEMORY_MOUNT_TYPE, MemoryApplier, MemorySnapshotter
+from ociworker.testing.fakes import (
+    MEMORY_MOUNT_TYPE,
+    MemoryApplier,
+    MemorySnapshotState,
+    MemorySnapshotter,
+)
 from ociworker.testing.snapshot_suite import CHECKS, SuiteContext
 
 NEEDS_CONTENTS = {
@@ -48,7 +55,7 @@ NEEDS_CONTENTS = {
 def _memory_ctx(tmp_path: Path) -> SuiteContext:
     # One state for every object the check opens: the state is the "disk" that
     # two processes, or one process before and after a restart, would share.
-    state = MemorySnapshotter().state
+    state = MemorySnapshotState()
     return SuiteContext(
         factory=lambda _root: MemorySnapshotter(state), base=tmp_path, contents=False
     )
@@ -98,7 +105,11 @@ def store(tmp_path: Path) -> ContentStore:
     [
         (OCI_LAYER, lambda b: b),
         (OCI_LAYER_GZIP, gzip.compress),
-        (OCI_LAYER_ZSTD, lambda b: zstandard.ZstdCompressor().compress(b)),
+        # two frames: a zstd layer may be written in several
+        (
+            OCI_LAYER_ZSTD,
+            lambda b: b"".join(zstandard.ZstdCompressor().compress(h) for h in (b[:9], b[9:])),
+        ),
     ],
 )
 async def test_memory_applier_returns_the_uncompressed_digest(
@@ -134,13 +145,42 @@ async def test_memory_applier_refuses_what_the_real_one_refuses(store: ContentSt
     assert applier.applied == []
 
 
-async def test_real_applier_agrees_on_read_only_views(store: ContentStore, tmp_path: Path) -> None:
-    # The fake's refusal above is only worth something if the real pair refuses too.
+async def test_real_applier_refuses_the_same(store: ContentStore, tmp_path: Path) -> None:
+    # The fake's refusals above are only worth something if the real pair agrees.
     digest = store.put(b"layer")
     s = NativeSnapshotter(tmp_path / "snapshots")
+    real = LayerApplier(store, scratch_dir=tmp_path / "scratch")
     await s.prepare("k", None)
     await s.commit("a", "k")
     with pytest.raises(UserError, match="read-only"):
-        await LayerApplier(store, scratch_dir=tmp_path / "scratch").apply(
-            Descriptor(OCI_LAYER, digest, 5), await s.view("v", "a")
-        )
+        await real.apply(Descriptor(OCI_LAYER, digest, 5), await s.view("v", "a"))
+    with pytest.raises(UserError, match="no mounts"):
+        await real.apply(Descriptor(OCI_LAYER, digest, 5), [])
+    with pytest.raises(UnsupportedError, match="media type"):
+        await real.apply(Descriptor("text/plain", digest, 5), await s.prepare("k2", "a"))
+
+
+@pytest.mark.parametrize("media_type", [OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD])
+async def test_both_appliers_return_one_diff_id(
+    store: ContentStore, tmp_path: Path, media_type: str
+) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"fake\n"))
+    raw = buf.getvalue()
+    blob = {
+        OCI_LAYER: raw,
+        OCI_LAYER_GZIP: gzip.compress(raw),
+        OCI_LAYER_ZSTD: zstandard.ZstdCompressor().compress(raw),
+    }[media_type]
+    layer = Descriptor(media_type, store.put(blob), len(blob))
+    native = NativeSnapshotter(tmp_path / "snapshots")
+    real = LayerApplier(store, scratch_dir=tmp_path / "scratch")
+    want = await real.apply(layer, await native.prepare("k", None))
+    assert want == sha256_bytes(raw)
+    assert (
+        await MemoryApplier(store).apply(layer, await MemorySnapshotter().prepare("k", None))
+        == want
+    )

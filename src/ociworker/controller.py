@@ -21,8 +21,6 @@ from ociworker.core.progress import EventSink, Info, VertexStatus, Warning, disc
 from ociworker.core.reference import parse_reference
 from ociworker.diff.base import Compression, CompressionOpts
 from ociworker.errors import ConfigError, DockerfileError, NotFoundError, UserError
-from ociworker.exporter.archive import export_docker_archive, export_oci_archive
-from ociworker.exporter.fs import export_local, export_tar
 from ociworker.exporter.image import ImageResult, read_image, write_image
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
@@ -324,6 +322,10 @@ async def _export(
         for n in names:
             worker.images.put(n, image.manifest)
         return
+    # Exporters load only when a build has an output to write.
+    from ociworker.exporter.archive import export_docker_archive, export_oci_archive
+    from ociworker.exporter.fs import export_local, export_tar
+
     dest = out.get("dest")
     if out.type in ("oci", "docker"):
         assert image is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -38,12 +39,9 @@ from ociworker.core.graph import (
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.core.progress import VertexLog
-from ociworker.diff.apply import LayerApplier
-from ociworker.diff.base import CompressionOpts
-from ociworker.diff.compare import LayerComparer
+from ociworker.diff.base import Applier, Comparer, CompressionOpts
 from ociworker.errors import ExecError, NotFoundError, UserError
-from ociworker.executor.base import ProcessSpec
-from ociworker.executor.runtime import OCIRuntimeExecutor
+from ociworker.executor.base import Executor, ProcessSpec
 from ociworker.exporter.image import read_image
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.fsutil import secure_join
@@ -93,9 +91,6 @@ class Worker:
         self.tmp.mkdir(exist_ok=True)
         self.content = ContentStore(root / "content")
         self.snapshots = open_snapshotter(root / "snapshots", config.snapshotter)
-        self.executor = OCIRuntimeExecutor(root / "executor", config.runtime)
-        self.applier = LayerApplier(self.content, scratch_dir=self.tmp)
-        self.comparer = LayerComparer(self.content, scratch_dir=self.tmp)
         self.registry = RegistryClient(insecure=config.insecure_registries)
         self.puller = ImagePuller(self.registry, self.content)
         self.images = ImageStore(root / "images")
@@ -103,6 +98,26 @@ class Worker:
         self.solver = Solver(_Resolver(self), self.cache, config.max_parallelism)
         self._checksums: dict[tuple[str, int, int, int, int], str] = {}
         self.cache_mounts = CacheMounts(root / "cachemounts")
+
+    # The differ (tar, gzip, zstd) is imported only when a layer is pulled or
+    # exported: a fully cached build never needs it, and start-up is most of its cost.
+    @functools.cached_property
+    def executor(self) -> Executor:
+        from ociworker.executor.runtime import OCIRuntimeExecutor
+
+        return OCIRuntimeExecutor(self.root / "executor", self.config.runtime)
+
+    @functools.cached_property
+    def applier(self) -> Applier:
+        from ociworker.diff.apply import LayerApplier
+
+        return LayerApplier(self.content, scratch_dir=self.tmp)
+
+    @functools.cached_property
+    def comparer(self) -> Comparer:
+        from ociworker.diff.compare import LayerComparer
+
+        return LayerComparer(self.content, scratch_dir=self.tmp)
 
     async def aclose(self) -> None:
         await self.registry.aclose()

@@ -216,8 +216,9 @@ class MemoryApplier:
         if layer.digest == self.fail_on:
             raise OSError(errno.ENOSPC, "disk full")
         blob = await asyncio.to_thread(self.store.read, layer.digest)
+        diff_id = sha256_bytes(_decompress(layer.media_type, blob))
         self.applied.append((layer.digest, mounts))
-        return sha256_bytes(_decompress(layer.media_type, blob))
+        return diff_id
 
 
 def _decompress(media_type: str, blob: bytes) -> bytes:
@@ -228,5 +229,6 @@ def _decompress(media_type: str, blob: bytes) -> bytes:
     if compression == "gzip":
         return gzip.decompress(blob)
     if compression == "zstd":
-        return zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+        # Frame by frame, as the real applier reads: a layer may hold several.
+        return zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True).read()
     return blob

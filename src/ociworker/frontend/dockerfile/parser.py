@@ -370,6 +370,9 @@ def _located_error(text: str, message: str, filename: str) -> DockerfileError:
             break
         header.append(line)
 
+    escape = _directives("\n".join(header)).get("escape", "\\")
+    continuation = re.compile(re.escape(escape) + r"[ \t]*$")
+
     def attempt(begin: int, stop: int) -> tuple[str | None, tuple[dockerfile.Command, ...]]:
         lead = header if begin > 0 else []
         try:
@@ -386,6 +389,18 @@ def _located_error(text: str, message: str, filename: str) -> DockerfileError:
                 hi = mid
             else:
                 lo = mid + 1
+        # point at the first line of the instruction, not where it broke
+        j = lo - 1
+        while j >= 1:
+            prev = parts[j - 1].rstrip("\r")
+            stripped = prev.lstrip()
+            if not stripped or stripped.startswith("#"):
+                j -= 1
+                continue
+            if not continuation.search(prev):
+                break
+            lo = j
+            j -= 1
         source = parts[lo - 1].rstrip("\r")
         if lo == 1:
             source = source.lstrip("\ufeff")

@@ -124,12 +124,30 @@ async def test_output_streams_separately_in_order(
     assert out.text("stderr") == "err1\nerr2\n"
 
 
-async def test_output_arrives_while_running(executor: OCIRuntimeExecutor, rootfs: Path) -> None:
-    code, out = await _run(executor, rootfs, "sh", "-c", "echo first; sleep 1; echo second")
+async def test_output_arrives_while_running(
+    executor: OCIRuntimeExecutor, rootfs: Path, tmp_path: Path
+) -> None:
+    # Causal, not timed: the container prints "first" and then waits until the
+    # test has *received* that chunk and answered through a shared dir. Output
+    # held back until exit would leave it waiting, and it prints "never-released".
+    sync = tmp_path / "sync"
+    sync.mkdir()
+
+    class Answering(Output):
+        def __call__(self, name: str, data: bytes) -> None:
+            super().__call__(name, data)
+            if b"first" in data:
+                (sync / "go").touch()
+
+    out = Answering()
+    script = (
+        "echo first; i=0; while [ ! -e /sync/go ] && [ $i -lt 300 ]; do sleep 0.1; "
+        "i=$((i+1)); done; [ -e /sync/go ] && echo second || echo never-released"
+    )
+    mounts = (Mount(type="bind", source=str(sync), options=("ro",), target="/sync"),)
+    code = await executor.run(_root(rootfs), ProcessSpec(args=("sh", "-c", script)), mounts, out)
     assert code == 0
-    stamps = {d.decode().strip(): t for t, _, d in out.chunks}
-    assert stamps.keys() == {"first", "second"}
-    assert stamps["second"] - stamps["first"] >= 0.8
+    assert out.text("stdout") == "first\nsecond\n"
 
 
 async def test_exit_code(executor: OCIRuntimeExecutor, rootfs: Path) -> None:
@@ -248,17 +266,18 @@ async def test_extra_mounts(executor: OCIRuntimeExecutor, rootfs: Path, tmp_path
     assert sorted(os.listdir(data)) == ["hello"]
 
 
-async def test_cancel_cleans_up_within_a_second(executor: OCIRuntimeExecutor, rootfs: Path) -> None:
+async def test_cancel_kills_and_cleans_up_before_returning(
+    executor: OCIRuntimeExecutor, rootfs: Path
+) -> None:
     marker = secrets.token_hex(6)
     out = Output()
     process = ProcessSpec(args=("sh", "-c", f"sleep 30; echo {marker}"), network="none")
     task = asyncio.create_task(executor.run(_root(rootfs), process, (), out))
     await asyncio.sleep(0.5)
-    started = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert time.monotonic() - started < 1.0
+    # when the cancellation returns, the container is gone (timing: benchmarks)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

@@ -16,7 +16,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +51,13 @@ from ociworker.snapshot import open_snapshotter
 from ociworker.snapshot.mount import mounted
 from ociworker.solver.cacheindex import SQLiteCacheIndex
 from ociworker.solver.scheduler import SCRATCH, Job, Result, Solver, default_cache_key
-from ociworker.sources.image import ImagePuller, PulledImage, layer_snapshot_name, unpack
+from ociworker.sources.image import (
+    ImagePuller,
+    PulledImage,
+    chain_ids,
+    layer_snapshot_name,
+    unpack,
+)
 
 _log = structlog.get_logger("ociworker.worker")
 
@@ -148,6 +154,26 @@ class Worker:
                 yield path
         finally:
             await self.snapshots.remove(key)
+
+    async def new_snapshot(
+        self, parent: str | None, work: Callable[[Sequence[Mount]], Awaitable[None]]
+    ) -> Result:
+        """Prepare a snapshot on ``parent``, let ``work`` change it, commit it.
+
+        Whatever goes wrong (or a cancellation) removes the active snapshot, so
+        a failed step leaves nothing in the snapshotter.
+        """
+        key = f"active-{uuid.uuid4().hex}"
+        mounts = await self.snapshots.prepare(key, parent)
+        try:
+            await work(mounts)
+            name = f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"
+            await self.snapshots.commit(name, key)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.snapshots.remove(key))
+            raise
+        return Result("snapshot", name)
 
     async def snapshot_chain(self, name: str | None) -> list[str]:
         """Committed snapshot names from the base to ``name``."""
@@ -349,8 +375,6 @@ class _SourceHandler:
             image = await self.w.puller.pull(rest, self.w.config.platform)
         top = await unpack(image, self.w.snapshots, self.w.applier, self.w.snapshots)
         # pulled layers are exported as they came, never diffed again
-        from ociworker.sources.image import chain_ids
-
         for layer, chain_id in zip(image.layers, chain_ids(image.diff_ids), strict=True):
             self.w.cache.put_layer(layer_snapshot_name(chain_id), "source", layer)
         return Result("snapshot", top) if top else SCRATCH
@@ -374,36 +398,26 @@ class _ExecHandler:
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op
         assert isinstance(op, ExecOp)
-        key = f"exec-{uuid.uuid4().hex}"
-        rootfs = await self.w.snapshots.prepare(key, _root_parent(inputs))
-        committed = False
-        try:
 
-            def out(stream: str, data: bytes) -> None:
-                job.events(
-                    VertexLog(vertex.digest, 1 if stream == "stdout" else 2, data, time.time())
-                )
+        def out(stream: str, data: bytes) -> None:
+            job.events(VertexLog(vertex.digest, 1 if stream == "stdout" else 2, data, time.time()))
 
-            process = ProcessSpec(
-                args=op.args,
-                env=op.env,
-                cwd=op.cwd or "/",
-                user=op.user,
-                hostname=op.hostname or "buildkitsandbox",
-                network="none" if op.network == "none" else "host",
-            )
+        process = ProcessSpec(
+            args=op.args,
+            env=op.env,
+            cwd=op.cwd or "/",
+            user=op.user,
+            hostname=op.hostname or "buildkitsandbox",
+            network="none" if op.network == "none" else "host",
+        )
+
+        async def run_in(rootfs: Sequence[Mount]) -> None:
             async with self.w.cache_mounts.mounts(op.mounts) as extra:
                 code = await self.w.executor.run(rootfs, process, extra, out)
             if code != 0:
                 raise ExecError(vertex.name or "RUN", _command_text(op.args), code)
-            name = f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"
-            await self.w.snapshots.commit(name, key)
-            committed = True
-            return Result("snapshot", name)
-        finally:
-            if not committed:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.w.snapshots.remove(key))
+
+        return await self.w.new_snapshot(_root_parent(inputs), run_in)
 
 
 def _command_text(args: Sequence[str]) -> str:
@@ -435,10 +449,8 @@ class _FileHandler:
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op
         assert isinstance(op, FileOp)
-        key = f"file-{uuid.uuid4().hex}"
-        mounts = await self.w.snapshots.prepare(key, _root_parent(inputs))
-        committed = False
-        try:
+
+        async def edit(mounts: Sequence[Mount]) -> None:
             async with contextlib.AsyncExitStack() as stack:
                 dest = await stack.enter_async_context(mounted(mounts, self.w.tmp))
                 sources: dict[int, fileops.Source] = {}
@@ -446,14 +458,8 @@ class _FileHandler:
                     if isinstance(a, Copy) and a.src_input not in sources:
                         sources[a.src_input] = await self._source(stack, inputs, a.src_input, job)
                 await asyncio.to_thread(_apply_actions, dest, op, sources)
-            name = f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"
-            await self.w.snapshots.commit(name, key)
-            committed = True
-            return Result("snapshot", name)
-        finally:
-            if not committed:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.w.snapshots.remove(key))
+
+        return await self.w.new_snapshot(_root_parent(inputs), edit)
 
     async def _source(
         self, stack: contextlib.AsyncExitStack, inputs: Sequence[Result], i: int, job: Job

@@ -511,3 +511,23 @@ def test_zstd_compression_output(tmp_path: Path, base_image: str, require_root: 
     types = [layer["mediaType"] for layer in json.loads(raw)["layers"]]
     # the pulled base layer is kept as it came (gzip); our own layer is zstd
     assert types[-1] == "application/vnd.oci.image.layer.v1.tar+zstd"
+
+
+def test_copy_parents_key_covers_files_reached_by_double_star(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = tmp_path / "ctx"
+    deep = ctx / "src" / "a" / "b"
+    deep.mkdir(parents=True)
+    (deep / "x.txt").write_text("v1\n")
+    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nCOPY --parents src/**/*.txt /out/\n")
+    root = tmp_path / "state"
+    out = tmp_path / "o"
+    ow(root, "build", "--progress", "plain", "--output", f"type=local,dest={out}", str(ctx))
+    assert (out / "out" / "src" / "a" / "b" / "x.txt").read_text() == "v1\n"
+    (deep / "x.txt").write_text("v2\n")
+    again = ow(
+        root, "build", "--progress", "plain", "--output", f"type=local,dest={out}2", str(ctx)
+    )
+    assert "COPY --parents" in again.stderr
+    assert (tmp_path / "o2" / "out" / "src" / "a" / "b" / "x.txt").read_text() == "v2\n"

@@ -214,15 +214,17 @@ class Worker:
 
     # -- local context checksums ----------------------------------------------------
 
-    def content_checksum(self, ctx: LocalContext, patterns: Sequence[str]) -> str:
-        """Digest of the files that ``patterns`` select from a local context (content,
+    def content_checksum(self, ctx: LocalContext, copies: Sequence[Copy]) -> str:
+        """Digest of the files that ``copies`` select from a local context (content,
         names, modes and link targets; not mtimes), reusing per-file hashes while the
         file's inode, size and times are unchanged."""
         src = fileops.Source(ctx.root, ctx.ignore, is_context=True)
         h = hashlib.sha256()
-        for pattern in patterns:
-            h.update(b"\x00pattern\x00" + pattern.encode())
-            for rel in fileops.match_sources(src, pattern, allow_wildcard=True):
+        for copy in copies:
+            h.update(b"\x00pattern\x00" + copy.src.encode())
+            # the whole subtrees that decide what the copy takes (with --parents a
+            # ** reaches below what the pattern names literally)
+            for rel in fileops.source_roots(src, copy):
                 try:
                     entries = list(fileops.walk_selected(src, rel, follow=True))
                 except NotFoundError:
@@ -442,8 +444,8 @@ class _FileHandler:
             ctx = job.locals.get(inp.op.identifier.removeprefix("local://"))
             if not isinstance(ctx, LocalContext):
                 continue
-            patterns = [a.src for a in op.actions if isinstance(a, Copy) and a.src_input == i]
-            keys[i] = await asyncio.to_thread(self.w.content_checksum, ctx, patterns)
+            copies = [a for a in op.actions if isinstance(a, Copy) and a.src_input == i]
+            keys[i] = await asyncio.to_thread(self.w.content_checksum, ctx, copies)
         return digest_of({"op": op.to_json(), "inputs": keys})
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:

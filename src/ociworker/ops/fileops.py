@@ -1,29 +1,37 @@
-"""File actions (COPY, mkdir, mkfile, rm) done in-process on a mounted snapshot.
+"""File actions (COPY, ADD, mkdir, mkfile, rm) done in-process on a mounted snapshot.
 
 Every path on both sides goes through ``secure_join``: a context symlink that
 points at /etc, or a COPY destination that passes through a symlink in the
 image, is resolved inside its own root and can never reach the host. Sync
 code: callers run it in a thread.
+
+COPY follows BuildKit's file op: wildcards are matched one path component at a
+time with Go's ``filepath.Match`` rules; ``--exclude`` patterns (.dockerignore
+syntax) are matched against paths relative to each copied source; ``--parents``
+copies the tree below the source root (or below a ``/./`` pivot) filtered by the
+source pattern, keeping the directories between; ADD extracts local tar archives
+(see ``archive``).
 """
 
 from __future__ import annotations
 
 import errno
-import fnmatch
+import functools
 import os
 import posixpath
+import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ociworker.core.graph import Copy, Mkdir, Mkfile, Rm
 from ociworker.errors import NotFoundError, UnsafePathError, UserError
-from ociworker.fsutil import secure_join
-
-_MAGIC = set("*?[")
+from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
+from ociworker.fsutil import clean, secure_join
+from ociworker.ops.archive import ArchiveOwner, extract_archive, is_tar_archive
 
 
 class Ignore(Protocol):
@@ -53,7 +61,8 @@ class Source:
 
 
 def resolve_chown(dest_root: Path, spec: str) -> Owner | None:
-    """``--chown`` as Docker reads it: a user without group takes gid = uid."""
+    """``--chown`` as Docker documents it: names are looked up in the destination's
+    /etc/passwd and /etc/group; a user without a group takes gid = uid."""
     if not spec:
         return None
     from ociworker.executor.user import resolve_user
@@ -69,36 +78,93 @@ def abs_path(path: str, cwd: str) -> str:
     joined = posixpath.normpath(posixpath.join(cwd or "/", path))
     if not joined.startswith("/"):
         joined = "/" + joined
+    if joined.startswith("//"):
+        joined = "/" + joined.lstrip("/")
     return joined.rstrip("/") + "/" if trailing and joined != "/" else joined
 
 
-# --- source matching ----------------------------------------------------------------
+# --- patterns -------------------------------------------------------------------------
+
+
+def has_wildcards(pattern: str) -> bool:
+    """True when ``pattern`` holds an unescaped ``*``, ``?`` or ``[`` (BuildKit's rule)."""
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch in "*?[":
+            return True
+        i += 1
+    return False
+
+
+@functools.lru_cache(maxsize=512)
+def _component_regex(pattern: str) -> re.Pattern[str]:
+    """One path component of a Go ``filepath.Match`` pattern as a regex: ``*`` and ``?``
+    never cross '/', but match a leading dot; ``[^...]`` negates; ``\\`` escapes."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        i += 1
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "\\" and i < n:
+            out.append(re.escape(pattern[i]))
+            i += 1
+        elif ch == "[":
+            cls: list[str] = []
+            if i < n and pattern[i] == "^":
+                cls.append("^")
+                i += 1
+            start = i
+            while i < n and (pattern[i] != "]" or i == start):
+                if pattern[i] == "\\" and i + 1 < n:
+                    cls.append(re.escape(pattern[i + 1]))
+                    i += 2
+                    continue
+                cls.append("-" if pattern[i] == "-" else re.escape(pattern[i]))
+                i += 1
+            if i >= n:
+                raise UserError(f"invalid source pattern {pattern!r}: unclosed '['")
+            i += 1
+            out.append("[" + "".join(cls) + "]")
+        else:
+            out.append(re.escape(ch))
+    return re.compile("".join(out))
+
+
+def match_component(pattern: str, name: str) -> bool:
+    return _component_regex(pattern).fullmatch(name) is not None
 
 
 def match_sources(src: Source, pattern: str, allow_wildcard: bool) -> list[str]:
     """Paths (relative to the source root, '/'-separated, no leading '/') that
     ``pattern`` names. Wildcards are matched one component at a time, each
-    directory resolved inside the root, so a symlinked dir cannot widen the search."""
-    clean = posixpath.normpath("/" + pattern).lstrip("/")
-    if clean in ("", "."):
+    directory resolved inside the root, so a symlinked dir cannot widen the search.
+    A literal path is returned as it is, whether it exists or not."""
+    cleaned = clean(pattern).lstrip("/")
+    if not cleaned:
         return [""]
-    parts = clean.split("/")
-    if not allow_wildcard or not any(c in _MAGIC for c in clean):
-        return [clean]
+    if not allow_wildcard or not has_wildcards(cleaned):
+        return [cleaned]
     found = [""]
-    for part in parts:
+    for part in cleaned.split("/"):
         nxt: list[str] = []
         for base in found:
-            if not any(c in _MAGIC for c in part):
+            if not has_wildcards(part):
                 nxt.append(posixpath.join(base, part) if base else part)
                 continue
-            d = secure_join(src.root, base)
             try:
-                names = sorted(os.listdir(d))
+                names = sorted(os.listdir(secure_join(src.root, base)))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for name in names:
-                if fnmatch.fnmatchcase(name, part):
+                if match_component(part, name):
                     rel = posixpath.join(base, name) if base else name
                     if not src.excluded(rel):
                         nxt.append(rel)
@@ -106,18 +172,68 @@ def match_sources(src: Source, pattern: str, allow_wildcard: bool) -> list[str]:
     return [f for f in found if os.path.lexists(secure_join(src.root, f, follow_last=False))]
 
 
+def source_roots(src: Source, action: Copy) -> list[str]:
+    """Source paths whose whole subtrees decide what ``action`` copies: what a cache
+    key must hash. With ``--parents`` that is the literal part of the pattern below
+    the pivot, since a ``**`` can reach any depth there; otherwise the matches."""
+    if not action.parents:
+        return match_sources(src, action.src, action.allow_wildcard)
+    parent, pivot, pattern = action.src.partition("/./")
+    if not pivot:
+        parent, pattern = "", action.src
+    literal: list[str] = []
+    for part in clean(pattern).lstrip("/").split("/"):
+        if has_wildcards(part):
+            break
+        literal.append(part)
+    prefix = "/".join(p for p in literal if p)
+    bases = match_sources(src, clean(parent).lstrip("/"), action.allow_wildcard)
+    return [posixpath.join(b, prefix).strip("/") if prefix else b for b in bases]
+
+
 def _not_found(src: Source, rel: str) -> NotFoundError:
     hint = ""
-    if src.excluded(rel):
-        hint = " (it is excluded by .dockerignore)"
+    if src.excluded(rel) and os.path.lexists(secure_join(src.root, rel, follow_last=False)):
+        hint = " (it exists but is excluded by .dockerignore)"
     where = "build context" if src.is_context else "source"
     return NotFoundError(f'failed to compute cache key: "/{rel}": not found in {where}{hint}')
 
 
-def walk_selected(src: Source, rel: str, follow: bool) -> Iterator[tuple[str, os.stat_result]]:
+def _include_matcher(pattern: str) -> IgnoreMatcher:
+    # An include pattern is matched like a .dockerignore line, where a leading "!"
+    # would turn it into an exception; escaped, it stays a literal "!".
+    return IgnoreMatcher(["\\" + pattern if pattern.startswith("!") else pattern])
+
+
+def _may_match_below(pattern_parts: list[str], sub: str) -> bool:
+    """Whether something below the directory ``sub`` can match the include pattern."""
+    for i, name in enumerate(sub.split("/")):
+        if i >= len(pattern_parts):
+            return False
+        part = pattern_parts[i]
+        if "**" in part:
+            return True
+        if not match_component(part, name):
+            return False
+    return True
+
+
+# --- walking --------------------------------------------------------------------------
+
+
+def walk_selected(
+    src: Source,
+    rel: str,
+    follow: bool,
+    exclude: Ignore | None = None,
+    prune: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of ``rel`` and everything below it that is not excluded,
     in sorted order, directories before their contents. Never follows symlinks
-    below ``rel``; follows ``rel`` itself when ``follow`` (as COPY does)."""
+    below ``rel``; follows ``rel`` itself when ``follow`` (as COPY does).
+
+    ``exclude`` (COPY --exclude) and ``prune`` see paths relative to ``rel``;
+    ``prune(sub)`` true means nothing below the directory ``sub`` is wanted."""
     top = secure_join(src.root, rel, follow_last=follow)
     try:
         st = os.stat(top) if follow else os.lstat(top)
@@ -127,121 +243,297 @@ def walk_selected(src: Source, rel: str, follow: bool) -> Iterator[tuple[str, os
         raise _not_found(src, rel)
     yield rel, st
     if stat.S_ISDIR(st.st_mode):
-        yield from _walk_dir(src, top, rel)
+        yield from _walk_dir(src, top, rel, "", exclude, prune)
 
 
-def _walk_dir(src: Source, dirpath: Path, rel: str) -> Iterator[tuple[str, os.stat_result]]:
+def _walk_dir(
+    src: Source,
+    dirpath: Path,
+    rel: str,
+    sub: str,
+    exclude: Ignore | None,
+    prune: Callable[[str], bool] | None,
+) -> Iterator[tuple[str, os.stat_result]]:
     try:
         entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
     except FileNotFoundError:
         return
     for e in entries:
         child = posixpath.join(rel, e.name) if rel else e.name
-        if src.excluded(child):
-            assert src.ignore is not None
-            if e.is_dir(follow_symlinks=False) and not src.ignore.can_skip_dir(child):
-                # An exception pattern may still re-include something below.
-                yield from _walk_dir(src, Path(e.path), child)
+        child_sub = posixpath.join(sub, e.name) if sub else e.name
+        ignored = src.excluded(child)
+        dropped = exclude is not None and exclude.excluded(child_sub)
+        is_dir = e.is_dir(follow_symlinks=False)
+        if ignored or dropped:
+            # An exception pattern ("!x") may still re-include something below.
+            if (
+                is_dir
+                and not (ignored and src.ignore is not None and src.ignore.can_skip_dir(child))
+                and not (dropped and exclude is not None and exclude.can_skip_dir(child_sub))
+                and not (prune is not None and prune(child_sub))
+            ):
+                yield from _walk_dir(src, Path(e.path), child, child_sub, exclude, prune)
             continue
         st = e.stat(follow_symlinks=False)
         yield child, st
-        if stat.S_ISDIR(st.st_mode):
-            yield from _walk_dir(src, Path(e.path), child)
+        if stat.S_ISDIR(st.st_mode) and not (prune is not None and prune(child_sub)):
+            yield from _walk_dir(src, Path(e.path), child, child_sub, exclude, prune)
 
 
-# --- actions --------------------------------------------------------------------------
+# --- COPY / ADD -----------------------------------------------------------------------
+
+
+def _multi_source_error(action: Copy) -> UserError:
+    cmd = "ADD" if action.unpack_archive else "COPY"
+    return UserError(
+        f"When using {cmd} with more than one source file, "
+        "the destination must be a directory and end with a /"
+    )
 
 
 def do_copy(dest_root: Path, src: Source, action: Copy, cwd: str) -> None:
-    owner = resolve_chown(dest_root, action.chown)
-    if owner is None and src.is_context:
-        owner = Owner(0, 0)
+    chown = resolve_chown(dest_root, action.chown)
+    # Context files carry the client's owners, which mean nothing in the image.
+    owner = chown if chown is not None or not src.is_context else Owner(0, 0)
+    exclude = IgnoreMatcher(action.exclude) if action.exclude else None
+    dest = abs_path(action.dest, cwd)
+    copier = _Copier(dest_root, src, action, owner, chown, exclude)
+    if action.parents:
+        copier.copy_parents(dest)
+        return
+    wildcard = action.allow_wildcard and has_wildcards(action.src)
     matches = match_sources(src, action.src, action.allow_wildcard)
-    wildcard = action.allow_wildcard and any(c in _MAGIC for c in action.src)
+    if wildcard and exclude is not None:
+        # A wildcard match is itself subject to --exclude, by its name: that is how
+        # ``COPY --exclude=*.txt hom* /dir/`` leaves out homefile.txt.
+        matches = [m for m in matches if not exclude.excluded(posixpath.basename(m))]
     if not matches:
         if wildcard and action.allow_empty_wildcard:
             return
-        if wildcard:
-            raise NotFoundError(f"no source files were specified: {action.src!r} matched nothing")
-        raise _not_found(src, posixpath.normpath("/" + action.src).lstrip("/"))
-    dest = abs_path(action.dest, cwd)
-    dest_is_dir = action.dest_is_dir or dest.endswith("/") or len(matches) > 1 or wildcard
+        raise _not_found(src, clean(action.src).lstrip("/"))
+    dest_is_dir = action.dest_is_dir or dest.endswith("/")
+    if len(matches) > 1 and not dest_is_dir:
+        if not secure_join(dest_root, dest).is_dir():
+            raise _multi_source_error(action)
+        dest_is_dir = True
     for rel in matches:
-        _copy_one(dest_root, src, rel, dest, dest_is_dir, action, owner)
+        copier.copy_one(rel, dest, dest_is_dir)
 
 
-def _copy_one(
-    dest_root: Path,
-    src: Source,
-    rel: str,
-    dest: str,
-    dest_is_dir: bool,
-    action: Copy,
-    owner: Owner | None,
-) -> None:
-    top = secure_join(src.root, rel, follow_last=action.follow_symlinks)
-    try:
-        st = os.stat(top) if action.follow_symlinks else os.lstat(top)
-    except FileNotFoundError:
-        raise _not_found(src, rel) from None
-    dest_path = secure_join(dest_root, dest)
-    if stat.S_ISDIR(st.st_mode):
-        if action.dir_contents_only:
-            target = dest_path
+class _Copier:
+    """One Copy action: the source, the destination root and the metadata rules."""
+
+    def __init__(
+        self,
+        dest_root: Path,
+        src: Source,
+        action: Copy,
+        owner: Owner | None,
+        chown: Owner | None,
+        exclude: Ignore | None,
+    ) -> None:
+        self.root = dest_root
+        self.src = src
+        self.action = action
+        self.owner = owner
+        self.chown = chown
+        self.exclude = exclude
+        self.links: dict[tuple[int, int], Path] = {}
+
+    def out_path(self, container_path: str, follow_last: bool = False) -> Path:
+        return secure_join(self.root, container_path, follow_last=follow_last)
+
+    def copy_one(self, rel: str, dest: str, dest_is_dir: bool) -> None:
+        follow = self.action.follow_symlinks
+        top = secure_join(self.src.root, rel, follow_last=follow)
+        try:
+            st = os.stat(top) if follow else os.lstat(top)
+        except FileNotFoundError:
+            raise _not_found(self.src, rel) from None
+        if self.src.excluded(rel) and not stat.S_ISDIR(st.st_mode):
+            raise _not_found(self.src, rel)
+        if self.action.unpack_archive and stat.S_ISREG(st.st_mode) and is_tar_archive(top):
+            # BuildKit extracts into dest as a directory, slash or not.
+            target = self.out_path(dest, follow_last=True)
+            _ensure_dir(self.root, target, self.chown)
+            archive_owner = ArchiveOwner(self.chown.uid, self.chown.gid) if self.chown else None
+            extract_archive(top, self.root, "/" + str(target.relative_to(self.root)), archive_owner)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.copy_dir(rel, st, dest, dest_is_dir)
+            return
+        dest_path = self.out_path(dest, follow_last=True)
+        if dest_is_dir or dest_path.is_dir():
+            _ensure_dir(self.root, dest_path, self.owner)
+            out = self.out_path(posixpath.join(dest, posixpath.basename(rel)))
         else:
-            target = secure_join(dest_root, posixpath.join(dest, posixpath.basename(rel)))
-        _ensure_dir(dest_root, target, owner)
-        links: dict[tuple[int, int], Path] = {}
-        for child_rel, child_st in walk_selected(src, rel, action.follow_symlinks):
-            if child_rel == rel:
-                _apply_meta(target, child_st, owner, action.chmod, is_root=True)
+            _ensure_dir(self.root, dest_path.parent, self.owner)
+            out = self.out_path(dest)
+        self.copy_entry(top, out, st)
+
+    def copy_dir(self, rel: str, st: os.stat_result, dest: str, dest_is_dir: bool) -> None:
+        if self.action.dir_contents_only:
+            target_path = dest
+        else:
+            target_path = posixpath.join(dest, posixpath.basename(rel))
+            dest_is_dir = False
+        target = self.out_path(target_path, follow_last=True)
+        made: list[tuple[Path, os.stat_result]] = []
+        if dest_is_dir:
+            # "dest/" is made like ``mkdir -p``; an existing dir keeps its metadata.
+            _ensure_dir(self.root, target, self.owner)
+        elif not target.exists():
+            _ensure_dir(self.root, target.parent, self.owner)
+            os.mkdir(target, 0o700)
+            # The context root's own mode on the client says nothing about the image.
+            context_root = self.src.is_context and rel == ""
+            self.apply_meta(target, st, mode=0o755 if context_root else None)
+            made.append((target, st))
+        elif not target.is_dir():
+            raise UserError(f"cannot copy directory /{rel} onto the file {target_path}")
+        self.copy_tree(rel, "/" + str(target.relative_to(self.root)), None, made)
+
+    def copy_parents(self, dest: str) -> None:
+        raw = self.action.src
+        parent, pivot, pattern = raw.partition("/./")
+        if not pivot:
+            parent, pattern = "", raw
+        base_pattern = clean(parent).lstrip("/")
+        include_pattern = clean(pattern).lstrip("/")
+        bases = match_sources(self.src, base_pattern, self.action.allow_wildcard)
+        literal = not has_wildcards(parent) and not has_wildcards(pattern)
+        if literal:
+            want = posixpath.join(base_pattern, include_pattern).strip("/")
+            path = secure_join(self.src.root, want, follow_last=self.action.follow_symlinks)
+            if not os.path.lexists(path) or self.src.excluded(want):
+                raise _not_found(self.src, want)
+        include = _include_matcher(include_pattern) if include_pattern else None
+        target = self.out_path(dest, follow_last=True)
+        _ensure_dir(self.root, target, self.owner)
+        target_path = "/" + str(target.relative_to(self.root))
+        copied = 0
+        for base in bases:
+            top = secure_join(self.src.root, base)
+            if not top.is_dir():
                 continue
-            sub = child_rel[len(rel) :].lstrip("/") if rel else child_rel
-            out = secure_join(
-                dest_root, str(target.relative_to(dest_root)) + "/" + sub, follow_last=False
-            )
-            if not out.parent.exists():  # below a directory .dockerignore left out
-                _ensure_dir(dest_root, out.parent, owner)
-            _copy_entry(
-                secure_join(src.root, child_rel, follow_last=False),
-                out,
-                child_st,
-                owner,
-                action.chmod,
-                links,
-            )
-        # directory mtimes are settled after their contents were written
-        for child_rel, child_st in walk_selected(src, rel, action.follow_symlinks):
-            if stat.S_ISDIR(child_st.st_mode):
-                sub = child_rel[len(rel) :].lstrip("/") if rel else child_rel
-                p = target / sub if sub else target
-                os.utime(p, ns=(child_st.st_atime_ns, child_st.st_mtime_ns), follow_symlinks=False)
-        return
-    if src.excluded(rel):
-        raise _not_found(src, rel)
-    if dest_is_dir or (dest_path.is_dir() and not dest_path.is_symlink()):
-        _ensure_dir(dest_root, dest_path, owner)
-        out = secure_join(
-            dest_root, posixpath.join(dest, posixpath.basename(rel)), follow_last=False
-        )
-    else:
-        _ensure_dir(dest_root, dest_path.parent, owner)
-        out = secure_join(dest_root, dest, follow_last=False)
-    _copy_entry(top, out, st, owner, action.chmod, {})
+            copied += self.copy_tree(base, target_path, include, [])
+        if copied == 0 and not literal and not self.action.allow_empty_wildcard:
+            raise _not_found(self.src, clean(raw).lstrip("/"))
+
+    def copy_tree(
+        self,
+        top_rel: str,
+        target: str,
+        include: IgnoreMatcher | None,
+        made: list[tuple[Path, os.stat_result]],
+    ) -> int:
+        """Copy what is below ``top_rel`` to below ``target`` (an existing directory,
+        as a container path); with ``include``, only paths (relative to ``top_rel``)
+        it matches, plus the directories that lead to them. Returns the entry count."""
+        prune: Callable[[str], bool] | None = None
+        if include is not None:
+            parts = include.patterns[0].split("/")
+
+            def prune(sub: str) -> bool:
+                return not include.excluded(sub) and not _may_match_below(parts, sub)
+
+        present: set[str] = {""}
+        count = 0
+        walk = walk_selected(self.src, top_rel, self.action.follow_symlinks, self.exclude, prune)
+        for child_rel, st in walk:
+            if child_rel == top_rel:
+                continue
+            sub = child_rel[len(top_rel) :].lstrip("/") if top_rel else child_rel
+            if include is not None and not include.excluded(sub):
+                continue
+            self.make_ancestors(top_rel, target, sub, present, made)
+            out = self.out_path(posixpath.join(target, sub))
+            self.copy_entry(secure_join(self.src.root, child_rel, follow_last=False), out, st)
+            if stat.S_ISDIR(st.st_mode):
+                present.add(sub)
+                made.append((out, st))
+            count += 1
+        # Directory times are settled after their contents were written.
+        for path, st in reversed(made):
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        return count
+
+    def make_ancestors(
+        self,
+        top_rel: str,
+        target: str,
+        sub: str,
+        present: set[str],
+        made: list[tuple[Path, os.stat_result]],
+    ) -> None:
+        """Create the directories between ``target`` and ``sub`` that were not copied
+        themselves (left out by a pattern), with their source's metadata."""
+        parts = sub.split("/")[:-1]
+        for i in range(len(parts)):
+            a = "/".join(parts[: i + 1])
+            if a in present:
+                continue
+            out = self.out_path(posixpath.join(target, a), follow_last=True)
+            if not os.path.lexists(out):
+                src_rel = posixpath.join(top_rel, a) if top_rel else a
+                st = os.lstat(secure_join(self.src.root, src_rel, follow_last=False))
+                os.mkdir(out, 0o700)
+                self.apply_meta(out, st)
+                made.append((out, st))
+            elif not out.is_dir():
+                raise UserError(f"cannot copy into {posixpath.join(target, a)}: not a directory")
+            present.add(a)
+
+    def copy_entry(self, src_path: Path, out: Path, st: os.stat_result) -> None:
+        mode = st.st_mode
+        _remove_existing(out, stat.S_ISDIR(mode))
+        if stat.S_ISDIR(mode):
+            if not out.exists():
+                os.mkdir(out, 0o700)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src_path), out)
+        elif stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self.links:
+                os.link(self.links[key], out)
+                return
+            _copy_file(src_path, out)
+            if st.st_nlink > 1:
+                self.links[key] = out
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+            os.mknod(out, mode, st.st_rdev)
+        else:
+            return  # sockets are not copied, as in BuildKit
+        self.apply_meta(out, st)
+
+    def apply_meta(self, path: Path, st: os.stat_result, mode: int | None = None) -> None:
+        uid, gid = (self.owner.uid, self.owner.gid) if self.owner else (st.st_uid, st.st_gid)
+        os.lchown(path, uid, gid)
+        if stat.S_ISLNK(st.st_mode):
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            return
+        if self.action.chmod is not None:
+            mode = self.action.chmod
+        os.chmod(path, mode if mode is not None else stat.S_IMODE(st.st_mode))
+        if not stat.S_ISDIR(st.st_mode):
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
 def _ensure_dir(root: Path, path: Path, owner: Owner | None) -> None:
+    """``mkdir -p`` inside ``root``; new directories are 0755 and owned by ``owner``."""
     if not _inside(root, path):
         raise UnsafePathError(f"destination {path} escapes the root")
     missing: list[Path] = []
     p = path
-    while not p.exists() and p != root:
+    while not os.path.lexists(p) and p != root:
         missing.append(p)
         p = p.parent
-    if p.exists() and not p.is_dir():
-        raise UserError(f"cannot copy to {path.relative_to(root)}: a parent is not a directory")
+    if not p.is_dir():
+        shown = "/" + str(p.relative_to(root))
+        raise UserError(f"cannot copy to {shown}: it is not a directory")
     for d in reversed(missing):
         os.mkdir(d, 0o755)
+        os.chmod(d, 0o755)  # whatever the umask
         if owner is not None:
             os.lchown(d, owner.uid, owner.gid)
 
@@ -262,36 +554,6 @@ def _remove_existing(out: Path, new_is_dir: bool) -> None:
         shutil.rmtree(out)
     else:
         os.unlink(out)
-
-
-def _copy_entry(
-    src_path: Path,
-    out: Path,
-    st: os.stat_result,
-    owner: Owner | None,
-    chmod: int | None,
-    links: dict[tuple[int, int], Path],
-) -> None:
-    mode = st.st_mode
-    _remove_existing(out, stat.S_ISDIR(mode))
-    if stat.S_ISDIR(mode):
-        if not out.exists():
-            os.mkdir(out, 0o700)
-    elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src_path), out)
-    elif stat.S_ISREG(mode):
-        key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in links:
-            os.link(links[key], out)
-            return
-        _copy_file(src_path, out)
-        if st.st_nlink > 1:
-            links[key] = out
-    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-        os.mknod(out, mode, st.st_rdev)
-    else:
-        return  # sockets are not copied, as in BuildKit
-    _apply_meta(out, st, owner, chmod, is_root=False)
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -316,18 +578,7 @@ def _copy_file(src: Path, dst: Path) -> None:
                 shutil.copyfileobj(fin, fout, 1 << 20)
 
 
-def _apply_meta(
-    path: Path, st: os.stat_result, owner: Owner | None, chmod: int | None, is_root: bool
-) -> None:
-    uid, gid = (owner.uid, owner.gid) if owner else (st.st_uid, st.st_gid)
-    os.lchown(path, uid, gid)
-    if stat.S_ISLNK(st.st_mode):
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-        return
-    mode = chmod if chmod is not None else stat.S_IMODE(st.st_mode)
-    os.chmod(path, mode)
-    if not stat.S_ISDIR(st.st_mode):
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+# --- mkdir / mkfile / rm --------------------------------------------------------------
 
 
 def do_mkdir(root: Path, action: Mkdir, cwd: str) -> None:
@@ -351,13 +602,16 @@ def do_mkfile(root: Path, action: Mkfile, cwd: str) -> None:
     target = abs_path(action.path, cwd)
     path = secure_join(root, target, follow_last=False)
     _ensure_dir(root, path.parent, owner)
+    if path.is_dir() and not path.is_symlink():
+        # Never rmtree a directory to put a file there (COPY <<EOF /existing-dir).
+        raise UserError(f"cannot write file {target}: a directory is in the way")
     _remove_existing(path, False)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(action.data.encode())
-    os.chmod(path, action.mode)
     if owner is not None:
         os.lchown(path, owner.uid, owner.gid)
+    os.chmod(path, action.mode)  # after chown, which clears set-id bits
 
 
 def do_rm(root: Path, action: Rm, cwd: str) -> None:

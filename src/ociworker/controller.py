@@ -20,7 +20,13 @@ from ociworker.core.oci import Descriptor, Layer
 from ociworker.core.progress import EventSink, Info, VertexStatus, Warning, discard
 from ociworker.core.reference import parse_reference
 from ociworker.diff.base import Compression, CompressionOpts
-from ociworker.errors import ConfigError, DockerfileError, NotFoundError, UserError
+from ociworker.errors import (
+    ConfigError,
+    DockerfileError,
+    NotFoundError,
+    OciworkerError,
+    UserError,
+)
 from ociworker.exporter.image import ImageResult, read_image, write_image
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
@@ -146,9 +152,19 @@ async def plan_build(
         plan = convert(parsed, opts, images)
         if not plan.missing:
             break
+        hints = dict(plan.from_errors)
         with _Exporting(events, "[internal] load metadata for " + ", ".join(plan.missing)):
-            infos = await asyncio.gather(*(resolve_image(worker, m) for m in plan.missing))
-        images.update(zip(plan.missing, infos, strict=True))
+            got = await asyncio.gather(
+                *(resolve_image(worker, m) for m in plan.missing), return_exceptions=True
+            )
+        for name, info in zip(plan.missing, got, strict=True):
+            if isinstance(info, OciworkerError) and name in hints:
+                # ``COPY --from=name`` where name is no stage: most likely a typo of a
+                # stage name, which the registry's "not found" would hide.
+                raise hints[name] from info
+            if isinstance(info, BaseException):
+                raise info
+            images[name] = info
     else:
         raise DockerfileError("base images could not be resolved (too many rounds)")
     for w in plan.warnings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,14 @@ from typing import Any
 from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError
-from ociworker.frontend.dockerfile.parser import Instruction, ParseResult
-from ociworker.frontend.dockerfile.shell import expand, process_word
+from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote, parse
+from ociworker.frontend.dockerfile.shell import (
+    Expansion,
+    Lexer,
+    expand,
+    process_word,
+    process_words,
+)
 
 DEFAULT_SHELL = ("/bin/sh", "-c")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -57,6 +64,9 @@ class Plan:
     base_layers: int  # how many layers the base image brings
     missing: tuple[str, ...]  # image references to resolve before converting again
     warnings: tuple[str, ...]
+    #: ``--from`` names that are no stage and are being tried as images: the error to
+    #: raise instead of the registry's if one of them cannot be resolved
+    from_errors: tuple[tuple[str, DockerfileError], ...] = ()
 
 
 @dataclass
@@ -76,11 +86,21 @@ class _State:
     history: list[dict[str, Any]]
     base_history: list[dict[str, Any]]
     base_layers: int
-    args: dict[str, str]  # ARG values visible in the stage
+    #: the environment RUN sees and $VARs expand from: the image's ENV plus ARG values,
+    #: in one ordered map, so whichever of ENV / ARG came last wins (BuildKit's state env)
+    env: dict[str, str]
+    #: ARGs declared in this stage (and its parent stage), first declaration order and
+    #: last value, which is what RUN's history lists
+    build_args: dict[str, str | None]
     step: int
     total: int
     label: str
-    shell: tuple[str, ...] = DEFAULT_SHELL
+    cmd_set: bool = False  # a CMD in this stage: ENTRYPOINT then keeps it
+    onbuild: bool = False  # dispatching a trigger of the base image
+
+    @property
+    def shell(self) -> tuple[str, ...]:
+        return tuple(self.config.get("Shell") or DEFAULT_SHELL)
 
 
 def _err(msg: str, ins: Instruction, filename: str) -> DockerfileError:
@@ -103,11 +123,17 @@ def platform_args(platform: Platform) -> dict[str, str]:
 class _Flags:
     """BuildKit-style instruction flags: ``--name=value`` or a bare ``--bool``."""
 
-    def __init__(self, ins: Instruction, allowed: Sequence[str], filename: str) -> None:
+    def __init__(
+        self,
+        ins: Instruction,
+        allowed: Sequence[str],
+        filename: str,
+        repeatable: Sequence[str] = (),
+    ) -> None:
         self.values: dict[str, list[str]] = {}
         for raw in ins.flags:
             if not raw.startswith("--"):
-                raise _err(f"invalid flag {raw!r}", ins, filename)
+                raise _err(f"invalid flag {raw!r}: expected --name=value", ins, filename)
             name, eq, value = raw[2:].partition("=")
             if name not in allowed:
                 raise _err(
@@ -117,6 +143,8 @@ class _Flags:
                     ins,
                     filename,
                 )
+            if name in self.values and name not in repeatable:
+                raise _err(f"duplicate flag specified: --{name}", ins, filename)
             self.values.setdefault(name, []).append(value if eq else "true")
 
     def get(self, name: str, default: str = "") -> str:
@@ -130,26 +158,76 @@ class _Flags:
         return self.get(name, "false").lower() in ("true", "1", "")
 
 
+_SPECIAL_RE = re.compile(r"[$'\"]")
+_HEREDOC_ONLY_RE = re.compile(r"^[0-9]*<<-?(\S+)$")
+_OFFICIAL_FRONTEND_RE = re.compile(
+    r"^(docker\.io/)?(docker/dockerfile|docker/dockerfile-upstream)(:[\w.-]+)?(@sha256:[0-9a-f]{64})?$"
+)
+_SIGNALS = frozenset(
+    [
+        "ABRT",
+        "ALRM",
+        "BUS",
+        "CHLD",
+        "CLD",
+        "CONT",
+        "FPE",
+        "HUP",
+        "ILL",
+        "INT",
+        "IO",
+        "IOT",
+        "KILL",
+        "PIPE",
+        "POLL",
+        "PROF",
+        "PWR",
+        "QUIT",
+        "SEGV",
+        "STKFLT",
+        "STOP",
+        "SYS",
+        "TERM",
+        "TRAP",
+        "TSTP",
+        "TTIN",
+        "TTOU",
+        "URG",
+        "USR1",
+        "USR2",
+        "VTALRM",
+        "WINCH",
+        "XCPU",
+        "XFSZ",
+    ]
+)
+
+
 class Converter:
     def __init__(self, parsed: ParseResult, opts: Options, images: Mapping[str, ImageInfo]) -> None:
         self.parsed = parsed
         self.opts = opts
         self.images = images
+        self.escape = parsed.escape
         self.missing: list[str] = []
+        self.from_errors: dict[str, DockerfileError] = {}
         self.warnings: list[str] = list(parsed.warnings)
         self.used_args: set[str] = set()
-        self.global_args: dict[str, str] = {}
-        self.global_declared: set[str] = set()
+        #: BuildKit's global args: the automatic platform ARGs, then the ARGs before FROM
+        self.global_args: dict[str, str] = platform_args(opts.platform)
         self.stages: list[_Stage] = []
         self._done: dict[int, _State] = {}
         self._visiting: set[int] = set()
+        if parsed.syntax and not _OFFICIAL_FRONTEND_RE.match(parsed.syntax.strip()):
+            self.warnings.append(
+                f"{opts.filename}:1: the syntax directive names the frontend {parsed.syntax!r}; "
+                "ociworker ignores it and uses its built-in Dockerfile frontend"
+            )
         self._split_stages()
 
     # -- stages ------------------------------------------------------------------
 
     def _split_stages(self) -> None:
-        auto = platform_args(self.opts.platform)
-        env_for_from: dict[str, str] = dict(auto)
         stage: _Stage | None = None
         for ins in self.parsed.instructions:
             if ins.cmd == "from":
@@ -157,16 +235,24 @@ class Converter:
                 args = list(ins.args)
                 if len(args) not in (1, 3) or (len(args) == 3 and args[1].lower() != "as"):
                     raise _err(
-                        "FROM requires either one or three arguments", ins, self.opts.filename
+                        "FROM requires either one or three arguments: FROM image [AS name]",
+                        ins,
+                        self.opts.filename,
                     )
-                ex = expand(args[0], env_for_from)
+                ex = self._expand(args[0], self.global_args, ins)
                 self.used_args |= ex.used
+                if not ex.text:
+                    raise _err(
+                        f"base name ({args[0]}) should not be blank", ins, self.opts.filename
+                    )
                 name = args[2].lower() if len(args) == 3 else ""
                 if name and any(s.name == name for s in self.stages):
                     raise _err(f"duplicate stage name {name!r}", ins, self.opts.filename)
                 plat = flags.get("platform")
                 if plat:
-                    plat = process_word(plat, env_for_from)
+                    pex = self._expand(plat, self.global_args, ins)
+                    self.used_args |= pex.used
+                    plat = pex.text
                 stage = _Stage(len(self.stages), name, ex.text, [], ins, plat)
                 self.stages.append(stage)
             elif stage is None:
@@ -176,18 +262,29 @@ class Converter:
                         ins,
                         self.opts.filename,
                     )
-                for name, default in self._arg_pairs(ins, env_for_from):
-                    self.global_declared.add(name)
-                    value = self.opts.build_args.get(name, default)
-                    if value is not None:
-                        self.global_args[name] = value
-                        env_for_from[name] = value
+                for name, default in self._arg_pairs(ins, self.global_args):
+                    if name in self.opts.build_args:
+                        self.used_args.add(name)
+                        self.global_args[name] = self.opts.build_args[name]
+                    elif default is not None:
+                        self.global_args[name] = default
             else:
                 stage.instructions.append(ins)
         if not self.stages:
             raise DockerfileError(
-                "the Dockerfile has no FROM instruction", filename=self.opts.filename
+                "the Dockerfile has no FROM instruction: expected FROM image [AS name]",
+                filename=self.opts.filename,
             )
+
+    def _expand(self, word: str, env: Mapping[str, str], ins: Instruction) -> Expansion:
+        if not _SPECIAL_RE.search(word) and self.escape not in word:
+            # Nothing to expand or unquote (most words): skip the lexer, which
+            # dominates conversion time on big files.
+            return Expansion(word, frozenset())
+        try:
+            return expand(word, env, self.escape)
+        except DockerfileError as exc:
+            raise _err(exc.message, ins, self.opts.filename) from None
 
     def _arg_pairs(self, ins: Instruction, env: Mapping[str, str]) -> list[tuple[str, str | None]]:
         if not ins.args:
@@ -196,8 +293,8 @@ class Converter:
         for a in ins.args:
             name, eq, default = a.partition("=")
             if not name:
-                raise _err(f"invalid ARG {a!r}", ins, self.opts.filename)
-            out.append((name, process_word(default, env) if eq else None))
+                raise _err(f"invalid ARG {a!r}: expected NAME[=default]", ins, self.opts.filename)
+            out.append((name, self._expand(default, env, ins).text if eq else None))
         return out
 
     def stage_by_ref(self, ref: str) -> _Stage | None:
@@ -211,24 +308,26 @@ class Converter:
                 return self.stages[i]
         return None
 
+    def _stage_names(self) -> str:
+        return ", ".join(s.name for s in self.stages if s.name) or "none"
+
     # -- entry -----------------------------------------------------------------------
 
     def convert(self) -> Plan:
         if self.opts.target:
             target = self.stage_by_ref(self.opts.target)
             if target is None or not target.name:
-                names = ", ".join(s.name for s in self.stages if s.name) or "none"
                 raise DockerfileError(
-                    f"target stage {self.opts.target!r} could not be found (stages: {names})",
+                    f"target stage {self.opts.target!r} could not be found "
+                    f"(stages: {self._stage_names()})",
                     filename=self.opts.filename,
                 )
         else:
             target = self.stages[-1]
         st = self._stage(target)
+        auto = platform_args(self.opts.platform)
         unused = sorted(
-            k
-            for k in self.opts.build_args
-            if k not in self.used_args and k not in platform_args(self.opts.platform)
+            k for k in self.opts.build_args if k not in self.used_args and k not in auto
         )
         if unused:
             self.warnings.append(f"One or more build-args {unused} were not consumed")
@@ -240,6 +339,7 @@ class Converter:
             base_layers=st.base_layers,
             missing=tuple(dict.fromkeys(self.missing)),
             warnings=tuple(dict.fromkeys(self.warnings)),
+            from_errors=tuple(self.from_errors.items()),
         )
 
     def _image_config(self, st: _State) -> dict[str, Any]:
@@ -276,73 +376,133 @@ class Converter:
             return ""
         return stage.name or f"stage-{stage.index}"
 
+    def _check_platform(self, stage: _Stage) -> None:
+        try:
+            want = Platform.parse(stage.platform)
+        except ValueError as exc:
+            raise _err(str(exc), stage.from_line, self.opts.filename) from None
+        if (want.os, want.architecture) != (self.opts.platform.os, self.opts.platform.architecture):
+            raise UnsupportedError(
+                f"{self.opts.filename}:{stage.from_line.start_line}: platform {stage.platform} "
+                f"is not supported on this worker ({self.opts.platform}): cross-building is "
+                "not available yet"
+            )
+
     def _run_stage(self, stage: _Stage) -> _State:
-        total = 1 + sum(1 for i in stage.instructions if i.cmd in ("run", "copy", "add", "workdir"))
+        total = sum(1 for i in stage.instructions if i.cmd in ("run", "copy", "add", "workdir"))
         label = self._label(stage)
         if stage.platform:
-            try:
-                want = Platform.parse(stage.platform)
-            except ValueError as exc:
-                raise _err(str(exc), stage.from_line, self.opts.filename) from None
-            if (want.os, want.architecture) != (
-                self.opts.platform.os,
-                self.opts.platform.architecture,
-            ):
-                raise UnsupportedError(
-                    f"platform {stage.platform} is not supported on this worker "
-                    f"({self.opts.platform}): cross-building is not available yet"
-                )
+            self._check_platform(stage)
         base = self.stage_by_ref(stage.base_name) if stage.base_name else None
-        if base is not None and base.index >= stage.index:
-            base = None  # a later stage's name is an image name here, as in BuildKit
+        if base is not None and (base.index >= stage.index or not base.name):
+            base = None  # a later stage's name (or a number) is an image name here
+        triggers: list[Instruction] = []
         st: _State
         if base is not None:
             parent = self._stage(base)
             # The parent stage's steps stay steps of this image: each of its layers
             # is a snapshot in our chain, exported (or dropped if empty) like ours.
+            config = json.loads(json.dumps(parent.config))
+            config.pop("OnBuild", None)  # triggers do not carry over from a stage
             st = _State(
                 vertex=parent.vertex,
-                config=json.loads(json.dumps(parent.config)),
-                history=[dict(h) for h in parent.history],
+                config=config,
+                history=list(parent.history),
                 base_history=parent.base_history,
                 base_layers=parent.base_layers,
-                args={},
-                step=1,
+                env=dict(parent.env),
+                build_args=dict(parent.build_args),
+                step=0,
                 total=total,
                 label=label,
-                shell=parent.shell,
             )
+            # BuildKit runs the parent stage's own ONBUILD instructions as triggers here.
+            triggers = [i.sub for i in base.instructions if i.cmd == "onbuild" and i.sub]
         elif stage.base_name.lower() == "scratch":
-            st = _State(None, {"Env": [f"PATH={DEFAULT_PATH}"]}, [], [], 0, {}, 1, total, label)
+            st = _State(None, {}, [], [], 0, {}, {}, 0, total, label)
         else:
             info = self.images.get(stage.base_name)
             if info is None:
                 self.missing.append(stage.base_name)
                 info = ImageInfo(ref=f"{stage.base_name}@unresolved", config={})
-            inner = dict(info.config.get("config") or {})
+            config = json.loads(json.dumps(dict(info.config.get("config") or {})))
             hist = [dict(h) for h in (info.config.get("history") or [])]
             diff_ids = (info.config.get("rootfs") or {}).get("diff_ids") or []
-            vertex = Vertex(
-                SourceOp("docker-image://" + info.ref),
-                (),
-                name=self._name(label, 1, total, f"FROM {info.ref}"),
-            )
             st = _State(
-                vertex=vertex if diff_ids else None,
-                config=inner,
+                vertex=None,
+                config=config,
                 history=[],
                 base_history=hist,
                 base_layers=len(diff_ids),
-                args={},
-                step=1,
-                total=total,
+                env={},
+                build_args={},
+                step=0,
+                total=total + (1 if diff_ids else 0),
                 label=label,
             )
-            if not st.config.get("Env"):
-                st.config["Env"] = [f"PATH={DEFAULT_PATH}"]
+            if diff_ids:
+                st.step = 1
+                st.vertex = Vertex(
+                    SourceOp("docker-image://" + info.ref),
+                    (),
+                    name=self._name(label, 1, st.total, f"FROM {info.ref}"),
+                )
+            triggers = self._base_triggers(stage, config.pop("OnBuild", None) or [])
+        if not any(e.startswith("PATH=") for e in st.config.get("Env") or []):
+            st.config["Env"] = [*(st.config.get("Env") or []), f"PATH={DEFAULT_PATH}"]
+        if base is None:
+            for e in st.config["Env"]:
+                k, _, v = e.partition("=")
+                st.env[k] = v
+        st.total += sum(1 for t in triggers if t.cmd in ("run", "copy", "add", "workdir"))
+        st.onbuild = True
+        for trig in triggers:
+            self._dispatch(stage, st, trig)
+        st.onbuild = False
         for ins in stage.instructions:
             self._dispatch(stage, st, ins)
         return st
+
+    def _base_triggers(self, stage: _Stage, texts: Sequence[str]) -> list[Instruction]:
+        """The base image's ONBUILD triggers as instructions, located at our FROM."""
+        out: list[Instruction] = []
+        for text in texts:
+            try:
+                parsed = parse(str(text), self.opts.filename)
+            except DockerfileError as exc:
+                raise _err(
+                    f"ONBUILD trigger {text!r} of the base image: {exc.message}",
+                    stage.from_line,
+                    self.opts.filename,
+                ) from None
+            if len(parsed.instructions) != 1:
+                raise _err(
+                    f"ONBUILD trigger {text!r} of the base image should be a single instruction",
+                    stage.from_line,
+                    self.opts.filename,
+                )
+            trig = parsed.instructions[0]
+            if trig.cmd in ("onbuild", "from", "maintainer"):
+                raise _err(
+                    f"{trig.cmd.upper()} isn't allowed as an ONBUILD trigger (base image)",
+                    stage.from_line,
+                    self.opts.filename,
+                )
+            out.append(
+                Instruction(
+                    trig.cmd,
+                    trig.flags,
+                    trig.args,
+                    trig.json,
+                    trig.heredocs,
+                    stage.from_line.start_line,
+                    stage.from_line.end_line,
+                    trig.original,
+                    trig.sub,
+                    trig.kv_legacy,
+                )
+            )
+        return out
 
     @staticmethod
     def _name(label: str, step: int, total: int, text: str) -> str:
@@ -358,29 +518,26 @@ class Converter:
             env[k] = v
         return env
 
-    def _expand_env(self, st: _State) -> dict[str, str]:
-        """What $VARs expand to: stage ARGs overridden by ENV, as in Docker."""
-        env = dict(st.args)
-        env.update(self._env_map(st))
-        return env
-
-    def _word(self, st: _State, word: str) -> str:
-        ex = expand(word, self._expand_env(st), self.parsed.escape)
-        self.used_args |= ex.used & set(st.args)
+    def _word(self, st: _State, word: str, ins: Instruction) -> str:
+        ex = self._expand(word, st.env, ins)
         return ex.text
 
+    def _words(self, st: _State, word: str, ins: Instruction) -> list[str]:
+        if not _SPECIAL_RE.search(word) and self.escape not in word and " " not in word:
+            return [word] if word.strip() else []
+        try:
+            return process_words(word, st.env, self.escape)
+        except DockerfileError as exc:
+            raise _err(exc.message, ins, self.opts.filename) from None
+
     def _run_env(self, st: _State) -> tuple[str, ...]:
-        env = self._env_map(st)
-        out = [f"{k}={v}" for k, v in env.items()]
-        for k, v in st.args.items():
-            if k not in env:
-                out.append(f"{k}={v}")
-        return tuple(out)
+        return tuple(f"{k}={v}" for k, v in st.env.items())
 
     def _set_env(self, st: _State, key: str, value: str) -> None:
         env = self._env_map(st)
         env[key] = value
         st.config["Env"] = [f"{k}={v}" for k, v in env.items()]
+        st.env[key] = value
 
     def _history(self, st: _State, created_by: str, layer: bool) -> None:
         entry: dict[str, Any] = {"created_by": created_by, "comment": HISTORY_COMMENT}
@@ -388,9 +545,11 @@ class Converter:
             entry["empty_layer"] = True
         st.history.append(entry)
 
-    def _step_name(self, st: _State, ins: Instruction) -> str:
+    def _step_name(self, st: _State, ins: Instruction, suffix: str = "") -> str:
         st.step += 1
-        text = ins.original.split("\n")[0].strip()
+        text = ins.original.split("\n")[0].strip() + suffix
+        if st.onbuild:
+            text = "ONBUILD " + text
         return self._name(st.label, st.step, st.total, text)
 
     # -- instructions --------------------------------------------------------------------
@@ -402,89 +561,111 @@ class Converter:
         fn(stage, st, ins)
 
     def _i_arg(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        for name, default in self._arg_pairs(ins, self._expand_env(st)):
+        shown = []
+        for name, default in self._arg_pairs(ins, st.env):
+            value: str | None = default
             if name in self.opts.build_args:
-                value: str | None = self.opts.build_args[name]
-                self.used_args.add(name)
-            elif default is not None:
-                value = default
-            elif name in self.global_declared:
+                value = self.opts.build_args[name]
+            elif default is None:
                 value = self.global_args.get(name)
-            else:
-                value = platform_args(self.opts.platform).get(name)
+            self.used_args.add(name)
             if value is not None:
-                st.args[name] = value
-            else:
-                st.args.pop(name, None)
-        self._history(st, "ARG " + " ".join(ins.args), False)
+                st.env[name] = value
+            st.build_args[name] = value
+            shown.append(name if value is None else f"{name}={value}")
+        self._history(st, "ARG " + " ".join(shown), False)
+
+    def _pairs(self, st: _State, ins: Instruction, what: str) -> list[tuple[str, str]]:
+        pairs = list(ins.args)
+        if not pairs or len(pairs) % 2:
+            raise _err(f"{what} requires at least one key=value pair", ins, self.opts.filename)
+        # Every word is expanded with the environment from before the instruction,
+        # so ``ENV A=1 B=$A`` does not see the new A (as in BuildKit).
+        return [
+            (self._word(st, k, ins), self._word(st, v, ins))
+            for k, v in zip(pairs[::2], pairs[1::2], strict=True)
+        ]
 
     def _i_env(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        pairs = list(ins.args)
-        if not pairs or len(pairs) % 2:
-            raise _err("ENV requires key/value pairs", ins, self.opts.filename)
-        shown = []
-        for k, v in zip(pairs[::2], pairs[1::2], strict=True):
-            val = self._word(st, v)
-            self._set_env(st, k, val)
-            shown.append(f"{k}={val}")
-        self._history(st, "ENV " + " ".join(shown), False)
+        pairs = self._pairs(st, ins, "ENV")
+        for k, v in pairs:
+            if not k:
+                raise _err("ENV names must not be empty", ins, self.opts.filename)
+            self._set_env(st, k, v)
+        self._history(st, "ENV " + " ".join(f"{k}={v}" for k, v in pairs), False)
 
     def _i_label(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        pairs = list(ins.args)
-        if not pairs or len(pairs) % 2:
-            raise _err("LABEL requires key/value pairs", ins, self.opts.filename)
-        labels = dict(st.config.get("Labels") or {})
-        shown = []
-        for k, v in zip(pairs[::2], pairs[1::2], strict=True):
-            key, val = self._word(st, k), self._word(st, v)
-            labels[key] = val
-            shown.append(f"{key}={val}")
-        st.config["Labels"] = labels
-        self._history(st, "LABEL " + " ".join(shown), False)
+        pairs = self._pairs(st, ins, "LABEL")
+        # In place: the state owns its config (copied at FROM), and copying a big map
+        # per instruction would make long Dockerfiles quadratic.
+        _owned_map(st, "Labels").update(pairs)
+        self._history(st, "LABEL " + " ".join(f"{k}={v}" for k, v in pairs), False)
 
     def _i_maintainer(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        self.warnings.append(
-            f"{self.opts.filename}:{ins.start_line}: MAINTAINER is deprecated; use LABEL"
-        )
-        st.config["_maintainer"] = " ".join(ins.args)
-        self._history(st, "MAINTAINER " + " ".join(ins.args), False)
+        # BuildKit keeps it as the image author; the parser already warned.
+        text = " ".join(ins.args)
+        st.config["_maintainer"] = text
+        self._history(st, "MAINTAINER " + text, False)
 
     def _i_expose(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        ports = dict(st.config.get("ExposedPorts") or {})
+        if not ins.args:
+            raise _err("EXPOSE requires at least one argument", ins, self.opts.filename)
+        ports = _owned_map(st, "ExposedPorts")
+        words: list[str] = []
         for raw in ins.args:
-            for p in _expand_ports(self._word(st, raw), ins, self.opts.filename):
+            words.extend(self._words(st, raw, ins))
+        for w in words:
+            for p in _expand_ports(w, ins, self.opts.filename):
                 ports[p] = {}
-        st.config["ExposedPorts"] = ports
-        self._history(st, "EXPOSE " + " ".join(sorted(ports)), False)
+        self._history(st, "EXPOSE " + " ".join(words), False)
 
     def _i_user(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         if len(ins.args) != 1:
             raise _err("USER requires exactly one argument", ins, self.opts.filename)
-        st.config["User"] = self._word(st, ins.args[0])
+        st.config["User"] = self._word(st, ins.args[0], ins)
         self._history(st, "USER " + st.config["User"], False)
 
     def _i_stopsignal(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         if len(ins.args) != 1:
             raise _err("STOPSIGNAL requires exactly one argument", ins, self.opts.filename)
-        st.config["StopSignal"] = self._word(st, ins.args[0])
-        self._history(st, "STOPSIGNAL " + st.config["StopSignal"], False)
+        sig = self._word(st, ins.args[0], ins)
+        name = sig.upper().removeprefix("SIG")
+        if not (sig.isdigit() and 0 < int(sig) <= 64) and name not in _SIGNALS:
+            rt = name.removeprefix("RTMIN").removeprefix("RTMAX")
+            if not (name.startswith(("RTMIN", "RTMAX")) and (not rt or rt.lstrip("+-").isdigit())):
+                raise _err(
+                    f"invalid signal: {sig} (expected a name such as SIGTERM or a number)",
+                    ins,
+                    self.opts.filename,
+                )
+        st.config["StopSignal"] = sig
+        self._history(st, "STOPSIGNAL " + sig, False)
 
     def _i_volume(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        vols = dict(st.config.get("Volumes") or {})
+        vols = _owned_map(st, "Volumes")
+        paths: list[str] = []
         for v in ins.args:
-            path = self._word(st, v)
-            if not path:
+            if ins.json:
+                paths.append(self._word(st, v, ins))
+            else:
+                paths.extend(self._words(st, v, ins))
+        if not paths:
+            raise _err("VOLUME requires at least one argument", ins, self.opts.filename)
+        for path in paths:
+            if not path.strip():
                 raise _err("VOLUME specified can not be an empty string", ins, self.opts.filename)
             vols[path] = {}
-        st.config["Volumes"] = vols
-        self._history(st, "VOLUME " + json.dumps(list(ins.args)), False)
+        self._history(st, "VOLUME [" + " ".join(paths) + "]", False)
 
     def _i_shell(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        if not ins.json:
-            raise _err("SHELL requires the arguments to be in JSON form", ins, self.opts.filename)
-        st.shell = tuple(ins.args)
+        if not ins.json or not ins.args:
+            raise _err(
+                'SHELL requires the arguments to be in JSON form: SHELL ["executable", "param"]',
+                ins,
+                self.opts.filename,
+            )
         st.config["Shell"] = list(ins.args)
-        self._history(st, "SHELL " + json.dumps(list(ins.args)), False)
+        self._history(st, "SHELL [" + " ".join(ins.args) + "]", False)
 
     def _cmdline(self, st: _State, ins: Instruction) -> list[str]:
         if ins.json:
@@ -493,17 +674,21 @@ class Converter:
 
     def _i_cmd(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         st.config["Cmd"] = self._cmdline(st, ins)
-        self._history(st, "CMD " + json.dumps(st.config["Cmd"]), False)
+        st.cmd_set = True
+        self._history(st, "CMD " + _go_list(st.config["Cmd"]), False)
 
     def _i_entrypoint(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         st.config["Entrypoint"] = self._cmdline(st, ins)
-        st.config.pop("Cmd", None)  # Docker resets CMD inherited from the base
-        self._history(st, "ENTRYPOINT " + json.dumps(st.config["Entrypoint"]), False)
+        if not st.cmd_set:
+            st.config.pop("Cmd", None)  # a CMD inherited from the base no longer fits
+        self._history(st, "ENTRYPOINT " + _go_list(st.config["Entrypoint"]), False)
 
     def _i_onbuild(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        text = ins.original.split(None, 1)[1] if " " in ins.original.strip() else ""
-        st.config["OnBuild"] = [*(st.config.get("OnBuild") or []), text.strip()]
-        self._history(st, "ONBUILD " + text.strip(), False)
+        if ins.sub is None:
+            raise _err("ONBUILD requires an instruction to run later", ins, self.opts.filename)
+        # Stored as written, expanded only when a build uses this image as its base;
+        # BuildKit adds no history entry for it.
+        st.config["OnBuild"] = [*(st.config.get("OnBuild") or []), ins.sub.original.strip()]
 
     def _i_healthcheck(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         flags = _Flags(
@@ -513,11 +698,19 @@ class Converter:
         )
         args = list(ins.args)
         if args and args[0].upper() == "NONE":
+            if len(args) > 1 or flags.values:
+                raise _err("HEALTHCHECK NONE takes no arguments", ins, self.opts.filename)
             st.config["Healthcheck"] = {"Test": ["NONE"]}
         else:
             if not args or args[0].upper() != "CMD":
-                raise _err("HEALTHCHECK requires NONE or CMD", ins, self.opts.filename)
+                raise _err(
+                    "HEALTHCHECK expects NONE or CMD followed by a command",
+                    ins,
+                    self.opts.filename,
+                )
             rest = args[1:]
+            if not rest:
+                raise _err("HEALTHCHECK CMD requires a command", ins, self.opts.filename)
             test = ["CMD", *rest] if ins.json else ["CMD-SHELL", " ".join(rest)]
             hc: dict[str, Any] = {"Test": test}
             for flag, key in (
@@ -527,29 +720,52 @@ class Converter:
                 ("start-interval", "StartInterval"),
             ):
                 if flags.get(flag):
-                    hc[key] = _duration_ns(flags.get(flag), ins, self.opts.filename)
+                    ns = _duration_ns(flags.get(flag), ins, self.opts.filename)
+                    if 0 < ns < 10**6:
+                        raise _err(f"--{flag} cannot be less than 1ms", ins, self.opts.filename)
+                    if ns:
+                        hc[key] = ns
             if flags.get("retries"):
-                hc["Retries"] = int(flags.get("retries"))
+                try:
+                    retries = int(flags.get("retries"))
+                except ValueError:
+                    raise _err(
+                        f"invalid --retries {flags.get('retries')!r}: expected an integer",
+                        ins,
+                        self.opts.filename,
+                    ) from None
+                if retries < 0:
+                    raise _err("--retries cannot be negative", ins, self.opts.filename)
+                if retries:
+                    hc["Retries"] = retries
             st.config["Healthcheck"] = hc
         self._history(st, "HEALTHCHECK " + json.dumps(st.config["Healthcheck"]), False)
 
     def _i_workdir(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         if len(ins.args) != 1:
             raise _err("WORKDIR requires exactly one argument", ins, self.opts.filename)
-        path = self._word(st, ins.args[0])
-        wd = posixpath.normpath(posixpath.join(st.config.get("WorkingDir") or "/", path))
+        path = self._word(st, ins.args[0], ins)
+        wd = posixpath.normpath(posixpath.join("/", st.config.get("WorkingDir") or "/", path))
+        if wd.startswith("//"):
+            wd = "/" + wd.lstrip("/")
         st.config["WorkingDir"] = wd
+        if wd == "/":
+            st.total -= 1  # nothing to create: BuildKit runs no step and adds no layer
+            self._history(st, "WORKDIR /", False)
+            return
         name = self._step_name(st, ins)
         op = FileOp((Mkdir(wd, 0o755, True, st.config.get("User", "")),), cwd="/")
         st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=self.opts.no_cache)
         self._history(st, "WORKDIR " + wd, True)
 
     def _i_run(self, stage: _Stage, st: _State, ins: Instruction) -> None:
-        flags = _Flags(ins, ("mount", "network", "security"), self.opts.filename)
-        mounts = tuple(self._run_mount(st, ins, self._word(st, m)) for m in flags.all("mount"))
+        flags = _Flags(
+            ins, ("mount", "network", "security"), self.opts.filename, repeatable=("mount",)
+        )
+        mounts = [self._run_mount(st, ins, self._word(st, m, ins)) for m in flags.all("mount")]
         network = self.opts.network
         if flags.get("network"):
-            network = flags.get("network")
+            network = self._word(st, flags.get("network"), ins)
             if network == "default":
                 network = self.opts.network
             if network not in ("host", "none"):
@@ -558,35 +774,82 @@ class Converter:
                     ins,
                     self.opts.filename,
                 )
-        if flags.get("security") and flags.get("security") != "sandbox":
+        security = flags.get("security")
+        if security and security not in ("sandbox", "insecure"):
+            raise _err(
+                f"invalid RUN --security={security}: use sandbox or insecure",
+                ins,
+                self.opts.filename,
+            )
+        if security == "insecure":
             raise UnsupportedError(
                 f"{self.opts.filename}:{ins.start_line}: RUN --security=insecure needs the "
                 "security.insecure entitlement, which this worker does not grant"
             )
+        inputs: list[Vertex | None] = [st.vertex]
+        suffix = ""
         if ins.json:
             args = list(ins.args)
-        elif ins.heredocs and " ".join(ins.args).strip() == "<<" + ins.heredocs[0].name:
-            args = [*st.shell, ins.heredocs[0].content]
         else:
-            args = [*st.shell, " ".join(ins.args)]
-        if not args:
-            raise _err("RUN requires a command", ins, self.opts.filename)
-        name = self._step_name(st, ins)
+            cmdline = " ".join(ins.args)
+            if ins.heredocs:
+                args, suffix = self._run_heredoc(st, ins, cmdline, mounts, inputs)
+            else:
+                args = [*st.shell, cmdline]
+        if not args or not args[0]:
+            raise _err("RUN requires a command to run", ins, self.opts.filename)
+        name = self._step_name(st, ins, suffix)
         op = ExecOp(
             args=tuple(args),
             env=self._run_env(st),
             cwd=st.config.get("WorkingDir") or "/",
             user=st.config.get("User") or "",
             network=network,
-            mounts=mounts,
+            mounts=tuple(mounts),
         )
-        st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=self.opts.no_cache)
-        shown = args if ins.json else [*st.shell, " ".join(ins.args)]
-        prefix = ""
-        if st.args:
-            # Docker records the build args a RUN saw, so a changed arg shows in history.
-            prefix = f"|{len(st.args)} " + " ".join(f"{k}={v}" for k, v in st.args.items()) + " "
-        self._history(st, "RUN " + prefix + " ".join(shown) + " # buildkit", True)
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
+        self._history(st, "RUN " + self._run_history(st, args) + " # buildkit", True)
+
+    def _run_heredoc(
+        self,
+        st: _State,
+        ins: Instruction,
+        cmdline: str,
+        mounts: list[ExecMount],
+        inputs: list[Vertex | None],
+    ) -> tuple[list[str], str]:
+        """Process args for a RUN with heredocs, the way BuildKit builds them."""
+        first = ins.heredocs[0]
+        only = _HEREDOC_ONLY_RE.match(cmdline.strip())
+        if only is None:
+            # A heredoc fed to a command: hand the whole text back to the shell,
+            # which does the redirection, <<- tab stripping and expansion itself.
+            full = cmdline + "".join("\n" + h.content + h.name for h in ins.heredocs)
+            return [*st.shell, full], ""
+        data = first.body()
+        summary = data.strip().split("\n")
+        suffix = f" ({summary[0]}{'...' if len(summary) > 1 else ''})"
+        if data.startswith("#!"):
+            # A script with its own interpreter: mounted as an executable file.
+            script = Vertex(
+                FileOp((Mkfile("/" + first.name, data, 0o755),), cwd="/"),
+                (None,),
+                name="[internal] preparing inline document",
+            )
+            inputs.append(script)
+            mounts.append(ExecMount("/dev/pipes/", "bind", len(inputs) - 1, "/", True))
+            return [*st.shell, posixpath.join("/dev/pipes/", first.name)], suffix
+        # The body is the script; the shell expands it (the quoting of the delimiter
+        # is not honoured here, as in BuildKit).
+        return [*st.shell, data], suffix
+
+    def _run_history(self, st: _State, args: Sequence[str]) -> str:
+        # Docker records the build args a RUN saw, so a changed arg shows in history.
+        seen: dict[str, str] = {}
+        for k, v in st.build_args.items():
+            seen[k] = st.env.get(k, v or "")
+        parts = [f"|{len(seen)}", *(f"{k}={v}" for k, v in seen.items())] if seen else []
+        return " ".join([*parts, *args])
 
     def _run_mount(self, st: _State, ins: Instruction, spec: str) -> ExecMount:
         fields: dict[str, str] = {}
@@ -629,6 +892,11 @@ class Converter:
                 self.opts.filename,
             )
         if typ == "cache":
+            if fields.get("from") or fields.get("source") or fields.get("src"):
+                raise UnsupportedError(
+                    f"{self.opts.filename}:{ins.start_line}: RUN --mount=type=cache with "
+                    "from/source is not supported yet"
+                )
             fields.setdefault("id", target)
             sharing = fields.setdefault("sharing", "shared")
             if sharing not in ("shared", "private", "locked"):
@@ -648,78 +916,137 @@ class Converter:
     def _i_add(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         self._copy(stage, st, ins, add=True)
 
-    def _copy(self, stage: _Stage, st: _State, ins: Instruction, add: bool) -> None:
-        allowed = ["chown", "chmod", "link"]
-        allowed += ["keep-git-dir", "checksum"] if add else ["from", "parents", "exclude"]
-        flags = _Flags(ins, allowed, self.opts.filename)
-        args = [self._word(st, a) for a in ins.args]
-        if len(args) < 2:
+    def _copy_source(self, stage: _Stage, st: _State, ins: Instruction, ref: str) -> Vertex | None:
+        """The vertex a ``--from`` names: an earlier stage, else an image."""
+        try:
+            literal = process_word(ref, {}, self.escape)
+        except DockerfileError:
+            literal = ""
+        if literal != ref:
             raise _err(
-                f"{ins.cmd.upper()} requires at least two arguments", ins, self.opts.filename
+                "variable expansion is not supported for --from: define a new stage with "
+                "FROM using an ARG from the global scope instead",
+                ins,
+                self.opts.filename,
             )
-        *srcs, dest = args
-        chown = self._word(st, flags.get("chown")) if flags.get("chown") else ""
-        chmod: int | None = None
-        if flags.get("chmod"):
-            try:
-                chmod = int(self._word(st, flags.get("chmod")), 8)
-            except ValueError:
+        src_stage = self.stage_by_ref(ref)
+        if ref.isdigit() and src_stage is None:
+            raise _err(f"invalid stage index {ref}", ins, self.opts.filename)
+        if src_stage is not None:
+            if src_stage.index == stage.index:
+                raise _err(f"circular dependency detected on stage {ref}", ins, self.opts.filename)
+            if src_stage.index > stage.index:
                 raise _err(
-                    f"invalid --chmod {flags.get('chmod')!r}: want an octal mode",
-                    ins,
-                    self.opts.filename,
-                ) from None
-        src_vertex: Vertex | None
-        is_context = True
-        from_ref = self._word(st, flags.get("from")) if flags.get("from") else ""
-        if from_ref:
-            is_context = False
-            src_stage = self.stage_by_ref(from_ref)
-            if src_stage is not None and src_stage.index == stage.index:
-                raise _err(
-                    f"circular dependency detected on stage {from_ref}", ins, self.opts.filename
-                )
-            if src_stage is not None and src_stage.index < stage.index:
-                src_vertex = self._stage(src_stage).vertex
-            elif src_stage is not None:
-                raise _err(
-                    f"COPY --from={from_ref}: stage {from_ref!r} is defined after this one",
+                    f"cannot copy from stage {ref!r}: it needs to be defined before the "
+                    f"current stage {stage.name or stage.index!s}",
                     ins,
                     self.opts.filename,
                 )
+            return self._stage(src_stage).vertex
+        info = self.images.get(ref)
+        if info is None:
+            self.missing.append(ref)
+            info = ImageInfo(ref=f"{ref}@unresolved", config={})
+            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", ref):
+                self.from_errors[ref] = _err(
+                    f"--from={ref}: no stage or image named {ref!r} "
+                    f"(stages: {self._stage_names()})",
+                    ins,
+                    self.opts.filename,
+                )
+        if not (info.config.get("rootfs") or {}).get("diff_ids") and info.config:
+            return None
+        return Vertex(SourceOp("docker-image://" + info.ref), (), name=f"FROM {info.ref}")
+
+    def _copy(self, stage: _Stage, st: _State, ins: Instruction, add: bool) -> None:
+        allowed = ["chown", "chmod", "link", "exclude"]
+        allowed += ["keep-git-dir", "checksum", "unpack"] if add else ["from", "parents"]
+        flags = _Flags(ins, allowed, self.opts.filename, repeatable=("exclude",))
+        if len(ins.args) < 2:
+            raise _err(
+                f"{ins.cmd.upper()} requires at least two arguments: source(s) and destination",
+                ins,
+                self.opts.filename,
+            )
+        heredocs = {h.name: h for h in ins.heredocs}
+        words: list[str] = []
+        for idx, a in enumerate(ins.args):
+            if ins.heredocs and idx < len(ins.args) - 1 and _HEREDOC_ONLY_RE.match(a):
+                words.append(a)  # heredoc sources are not expanded as paths
             else:
-                if "/" not in from_ref and ":" not in from_ref and from_ref.isidentifier():
-                    names = ", ".join(s.name for s in self.stages if s.name) or "none"
-                    self.warnings.append(
-                        f"{self.opts.filename}:{ins.start_line}: --from={from_ref} names no "
-                        f"stage (stages: {names}); using it as an image"
-                    )
-                info = self.images.get(from_ref)
-                if info is None:
-                    self.missing.append(from_ref)
-                    info = ImageInfo(ref=f"{from_ref}@unresolved", config={})
-                src_vertex = Vertex(
-                    SourceOp("docker-image://" + info.ref), (), name=f"FROM {info.ref}"
+                words.append(self._word(st, a, ins))
+        *srcs, dest = words
+        chown = self._word(st, flags.get("chown"), ins) if flags.get("chown") else ""
+        chmod_text = self._word(st, flags.get("chmod"), ins) if flags.get("chmod") else ""
+        chmod: int | None = None
+        if chmod_text:
+            try:
+                chmod = int(chmod_text, 8)
+            except ValueError:
+                if chmod_text.isdigit():
+                    raise _err(
+                        f"invalid chmod parameter: {chmod_text!r}: it should be an octal "
+                        "string between 0 and 07777",
+                        ins,
+                        self.opts.filename,
+                    ) from None
+                raise UnsupportedError(
+                    f"{self.opts.filename}:{ins.start_line}: --chmod={chmod_text}: only octal "
+                    "modes (such as 0755) are supported"
+                ) from None
+            if not 0 <= chmod <= 0o7777:
+                raise _err(
+                    f"invalid chmod parameter: {chmod_text!r}: it should be an octal string "
+                    "between 0 and 07777",
+                    ins,
+                    self.opts.filename,
                 )
-        else:
-            src_vertex = self._context_vertex()
-        if any(s.startswith(("http://", "https://")) for s in srcs) or any(
-            s.startswith("git@") or s.endswith(".git") for s in srcs
-        ):
+        remote = [s for s in srcs if s.startswith(("http://", "https://", "git@"))]
+        if remote:
+            if not add:
+                raise _err(
+                    f"COPY source can't be a URL or git ref ({remote[0]}): use ADD",
+                    ins,
+                    self.opts.filename,
+                )
             raise UnsupportedError(
                 f"{self.opts.filename}:{ins.start_line}: "
                 "remote sources (URLs, git) in ADD are not supported yet"
             )
+        if flags.get("checksum"):
+            raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
+        if flags.get("keep-git-dir"):
+            raise _err("--keep-git-dir requires a Git source", ins, self.opts.filename)
+        from_ref = flags.get("from")
+        is_context = not from_ref
+        src_vertex = (
+            self._copy_source(stage, st, ins, from_ref) if from_ref else self._context_vertex()
+        )
         wd = st.config.get("WorkingDir") or "/"
+        if dest in ("", "."):
+            dest = "./"
         dest_is_dir = dest.endswith("/") or len(srcs) > 1
+        unpack = add and is_context
+        if flags.get("unpack"):
+            unpack = flags.bool("unpack")
         actions: list[Copy | Mkfile] = []
-        heredoc_names = {h.name: h for h in ins.heredocs}
+        shown: list[str] = []
+        shown_docs: list[str] = []
         for s in srcs:
-            if s.startswith("<<") and s.lstrip("<-").strip("'\"") in heredoc_names:
-                h = heredoc_names[s.lstrip("<-").strip("'\"")]
+            m = _HEREDOC_ONLY_RE.match(s)
+            name = m.group(1).strip("'\"") if m else ""
+            if m and name in heredocs:
+                h = heredocs[name]
+                data = h.body()
+                if h.expand:
+                    data = self._expand_raw(st, data, ins)
                 target = posixpath.join(dest, h.name) if dest_is_dir else dest
-                actions.append(Mkfile(_abs(target, wd), h.content, chmod or 0o644, chown))
+                actions.append(
+                    Mkfile(_abs(target, wd), data, 0o644 if chmod is None else chmod, chown)
+                )
+                shown_docs.append("<<" + h.name)
                 continue
+            shown.append(s)
             actions.append(
                 Copy(
                     src_input=1,
@@ -728,15 +1055,33 @@ class Converter:
                     chown=chown,
                     chmod=chmod,
                     dest_is_dir=dest_is_dir,
-                    exclude=tuple(flags.all("exclude")),
-                    unpack_archive=add and is_context,
+                    exclude=tuple(self._word(st, e, ins) for e in flags.all("exclude")),
+                    unpack_archive=unpack,
+                    parents=flags.bool("parents") if flags.get("parents") else False,
                 )
             )
         name = self._step_name(st, ins)
         op = FileOp(tuple(actions), cwd=wd)
-        st.vertex = Vertex(op, (st.vertex, src_vertex), name=name, ignore_cache=self.opts.no_cache)
-        shown = " ".join(ins.flags + ins.args)
-        self._history(st, f"{ins.cmd.upper()} {shown} # buildkit", True)
+        inputs: tuple[Vertex | None, ...] = (st.vertex,)
+        if any(isinstance(a, Copy) for a in actions):
+            inputs = (st.vertex, src_vertex)
+        st.vertex = Vertex(op, inputs, name=name, ignore_cache=self.opts.no_cache)
+        msg = [ins.cmd.upper()]
+        if flags.get("parents") and flags.bool("parents"):
+            msg.append("--parents")
+        if chown:
+            msg.append("--chown=" + chown)
+        if chmod_text:
+            msg.append("--chmod=" + chmod_text)
+        msg += shown + shown_docs + [words[-1]]
+        self._history(st, " ".join(msg) + " # buildkit", True)
+
+    def _expand_raw(self, st: _State, data: str, ins: Instruction) -> str:
+        # Heredoc bodies expand $VARs but keep quotes, as BuildKit's raw expansion does.
+        try:
+            return Lexer(skip_process_quotes=True).process(data, st.env).text
+        except DockerfileError as exc:
+            raise _err(exc.message, ins, self.opts.filename) from None
 
     def _context_vertex(self) -> Vertex:
         attrs: list[tuple[str, str]] = []
@@ -747,6 +1092,19 @@ class Converter:
             (),
             name=f"[internal] load build context {self.opts.context_name}",
         )
+
+
+def _owned_map(st: _State, key: str) -> dict[str, Any]:
+    """A map of the config to edit in place (base images often store null)."""
+    value = st.config.get(key)
+    if not isinstance(value, dict):
+        value = st.config[key] = {}
+    return value
+
+
+def _go_list(items: Sequence[str]) -> str:
+    """A string list the way Go's ``%q`` prints it (Docker's history text)."""
+    return "[" + " ".join(go_quote(i) for i in items) + "]"
 
 
 def _abs(path: str, wd: str) -> str:

@@ -159,6 +159,21 @@ def test_heredocs_in_run_and_copy(tmp_path: Path, runtime: str, base_image: str)
     assert b.text("four") == "hi world\n"
 
 
+def test_shebang_heredoc_runs_as_a_script_file(
+    tmp_path: Path, runtime: str, base_image: str
+) -> None:
+    # BuildKit runs a #! heredoc as a file bind-mounted at /dev/pipes/NAME.
+    df = (
+        f"FROM {base_image}\n"
+        'RUN <<EOF\n#!/bin/sh\necho "script $0" > /script\nEOF\n'
+        "RUN <<EOT sh\necho fed-to-sh > /fed\nEOT\n"
+    )
+    b = build(tmp_path, runtime, df)
+    assert b.text("script") == "script /dev/pipes/EOF\n"
+    assert b.text("fed") == "fed-to-sh\n"
+    assert not (b.out / "dev" / "pipes").exists()  # the mount point stub is gone
+
+
 def test_multi_stage_builds_only_what_the_target_needs(
     tmp_path: Path, runtime: str, base_image: str
 ) -> None:

@@ -414,12 +414,50 @@ class _ExecHandler:
         )
 
         async def run_in(rootfs: Sequence[Mount]) -> None:
-            async with self.w.cache_mounts.mounts(op.mounts) as extra:
-                code = await self.w.executor.run(rootfs, process, extra, out)
+            async with contextlib.AsyncExitStack() as stack:
+                inputs_bound = [
+                    await self._bind_input(stack, m, inputs, job)
+                    for m in op.mounts
+                    if m.type == "bind" and m.input >= 0
+                ]
+                others = [m for m in op.mounts if not (m.type == "bind" and m.input >= 0)]
+                extra = await stack.enter_async_context(self.w.cache_mounts.mounts(others))
+                code = await self.w.executor.run(rootfs, process, [*inputs_bound, *extra], out)
             if code != 0:
                 raise ExecError(vertex.name or "RUN", _command_text(op.args), code)
 
         return await self.w.new_snapshot(_root_parent(inputs), run_in)
+
+    async def _bind_input(
+        self, stack: contextlib.AsyncExitStack, m: ExecMount, inputs: Sequence[Result], job: Job
+    ) -> Mount:
+        """A bind mount of (a path in) one of the step's inputs.
+
+        A snapshot input is a read-only view, or with ``rw`` a throwaway active
+        snapshot whose writes are discarded after the step; a local context is
+        bound as it is, read-only.
+        """
+        if m.input >= len(inputs):
+            raise UserError(
+                f"mount at {m.target} names input {m.input}, the step has {len(inputs)}"
+            )
+        r = inputs[m.input]
+        if r.kind == "dir":
+            ctx = job.locals.get(r.ref)
+            if not isinstance(ctx, LocalContext):
+                raise NotFoundError(f"no local source named {r.ref!r} in this session")
+            return Mount("bind", str(secure_join(ctx.root, m.selector)), ("rbind", "ro"), m.target)
+        if r.kind == "snapshot" and not m.readonly:
+            key = f"bind-{uuid.uuid4().hex}"
+            mounts = await self.w.snapshots.prepare(key, r.ref)
+            stack.push_async_callback(self.w.snapshots.remove, key)
+            root = await stack.enter_async_context(mounted(mounts, self.w.tmp))
+        else:
+            root = await stack.enter_async_context(
+                self.w.view(r.ref if r.kind == "snapshot" else None)
+            )
+        source = secure_join(root, m.selector)
+        return Mount("bind", str(source), ("rbind", "ro" if m.readonly else "rw"), m.target)
 
 
 def _command_text(args: Sequence[str]) -> str:

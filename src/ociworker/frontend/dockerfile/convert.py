@@ -79,6 +79,35 @@ class _Stage:
     platform: str = ""
 
 
+class _Env(dict[str, str]):
+    """What RUN sees (ENV and ARG values, in order). ``pairs()`` is remembered
+    until the next change: every RUN needs it, and rebuilding it each time was
+    quadratic work on long Dockerfiles."""
+
+    _pairs: tuple[str, ...] | None = None
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._pairs = None
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self._pairs = None
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._pairs = None
+        return super().pop(key, *default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self._pairs = None
+        super().update(*args, **kwargs)
+
+    def pairs(self) -> tuple[str, ...]:
+        if self._pairs is None:
+            self._pairs = tuple(f"{k}={v}" for k, v in self.items())
+        return self._pairs
+
+
 @dataclass
 class _State:
     vertex: Vertex | None
@@ -88,7 +117,7 @@ class _State:
     base_layers: int
     #: the environment RUN sees and $VARs expand from: the image's ENV plus ARG values,
     #: in one ordered map, so whichever of ENV / ARG came last wins (BuildKit's state env)
-    env: dict[str, str]
+    env: _Env
     #: ARGs declared in this stage (and its parent stage), first declaration order and
     #: last value, which is what RUN's history lists
     build_args: dict[str, str | None]
@@ -402,7 +431,7 @@ class Converter:
             parent = self._stage(base)
             # The parent stage's steps stay steps of this image: each of its layers
             # is a snapshot in our chain, exported (or dropped if empty) like ours.
-            config = json.loads(json.dumps(parent.config))
+            config = _copy_config(parent.config)
             config.pop("OnBuild", None)  # triggers do not carry over from a stage
             st = _State(
                 vertex=parent.vertex,
@@ -410,7 +439,7 @@ class Converter:
                 history=list(parent.history),
                 base_history=parent.base_history,
                 base_layers=parent.base_layers,
-                env=dict(parent.env),
+                env=_Env(parent.env),
                 build_args=dict(parent.build_args),
                 step=0,
                 total=total,
@@ -419,13 +448,13 @@ class Converter:
             # BuildKit runs the parent stage's own ONBUILD instructions as triggers here.
             triggers = [i.sub for i in base.instructions if i.cmd == "onbuild" and i.sub]
         elif stage.base_name.lower() == "scratch":
-            st = _State(None, {}, [], [], 0, {}, {}, 0, total, label)
+            st = _State(None, {}, [], [], 0, _Env(), {}, 0, total, label)
         else:
             info = self.images.get(stage.base_name)
             if info is None:
                 self.missing.append(stage.base_name)
                 info = ImageInfo(ref=f"{stage.base_name}@unresolved", config={})
-            config = json.loads(json.dumps(dict(info.config.get("config") or {})))
+            config = _copy_config(info.config.get("config") or {})
             hist = [dict(h) for h in (info.config.get("history") or [])]
             diff_ids = (info.config.get("rootfs") or {}).get("diff_ids") or []
             st = _State(
@@ -434,7 +463,7 @@ class Converter:
                 history=[],
                 base_history=hist,
                 base_layers=len(diff_ids),
-                env={},
+                env=_Env(),
                 build_args={},
                 step=0,
                 total=total + (1 if diff_ids else 0),
@@ -531,7 +560,7 @@ class Converter:
             raise _err(exc.message, ins, self.opts.filename) from None
 
     def _run_env(self, st: _State) -> tuple[str, ...]:
-        return tuple(f"{k}={v}" for k, v in st.env.items())
+        return st.env.pairs()
 
     def _set_env(self, st: _State, key: str, value: str) -> None:
         env = self._env_map(st)
@@ -1105,6 +1134,21 @@ def _owned_map(st: _State, key: str) -> dict[str, Any]:
 def _go_list(items: Sequence[str]) -> str:
     """A string list the way Go's ``%q`` prints it (Docker's history text)."""
     return "[" + " ".join(go_quote(i) for i in items) + "]"
+
+
+def _copy_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy a stage can edit without touching its parent's: image config values
+    are strings, lists of strings and maps of (maps of) strings. Explicit rather
+    than a JSON round trip, which was the slowest step on long Dockerfiles."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, list):
+            out[k] = list(v)
+        elif isinstance(v, dict):
+            out[k] = {kk: dict(vv) if isinstance(vv, dict) else vv for kk, vv in v.items()}
+        else:
+            out[k] = v
+    return out
 
 
 def _abs(path: str, wd: str) -> str:

@@ -486,10 +486,14 @@ def _heredoc_words(line: str) -> list[tuple[str, int, bool, bool]]:
     The delimiter is lexed twice, once keeping quotes: if the two results
     differ in quote count, part of it was quoted and the body is literal.
     """
-    try:
-        words = _HEREDOC_LINE_LEXER.process(line, {}).words
-    except DockerfileError:
-        return []
+    if not any(c in line for c in "'\"\\$"):
+        # nothing to lex: plain white-space splitting gives the same words
+        words = line.split()
+    else:
+        try:
+            words = list(_HEREDOC_LINE_LEXER.process(line, {}).words)
+        except DockerfileError:
+            return []
     docs: list[tuple[str, int, bool, bool]] = []
     for word in words:
         m = _HEREDOC_WORD_RE.match(word)

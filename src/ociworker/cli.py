@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import structlog
-
-from ociworker import controller
+from ociworker import controller, log
 from ociworker.core.progress import EventSink
 from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PlainPrinter, QuietPrinter, RawJSONPrinter
@@ -86,24 +82,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(fmt: str, debug: bool) -> None:
-    processors: list[Any] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso"),
-    ]
-    # KeyValueRenderer rather than structlog.dev's ConsoleRenderer: the latter
-    # imports rich, which costs ~60 ms on every (mostly cached) build.
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.processors.KeyValueRenderer(key_order=["timestamp", "level", "event"])
-    )
-    structlog.configure(
-        processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if debug else logging.WARNING
-        ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
+    log.configure(fmt, debug)
 
 
 def _build_args(items: Sequence[str]) -> dict[str, str]:

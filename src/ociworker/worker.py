@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import structlog
-
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest, check_digest, digest_of
 from ociworker.core.graph import (
@@ -45,6 +43,7 @@ from ociworker.executor.base import Executor, ProcessSpec
 from ociworker.exporter.image import read_image
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.fsutil import secure_join
+from ociworker.log import get_logger
 from ociworker.ops import fileops
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot import open_snapshotter
@@ -59,7 +58,7 @@ from ociworker.sources.image import (
     unpack,
 )
 
-_log = structlog.get_logger("ociworker.worker")
+_log = get_logger("ociworker.worker")
 
 DEFAULT_ROOT = Path("/var/lib/ociworker")
 

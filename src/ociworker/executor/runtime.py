@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
-import structlog
-
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
 from ociworker.executor.base import OutputSink, ProcessSpec
@@ -32,11 +30,12 @@ from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
 from ociworker.executor.user import resolve_user
 from ociworker.fsutil import clean, secure_join
+from ociworker.log import get_logger
 from ociworker.snapshot.mount import mount_all, unmount
 
 Flavour = Literal["runc", "crun"]
 
-_log = structlog.get_logger("ociworker.executor")
+_log = get_logger("ociworker.executor")
 
 T = TypeVar("T")
 

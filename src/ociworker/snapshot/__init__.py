@@ -12,10 +12,9 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-import structlog
-
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError
+from ociworker.log import get_logger
 from ociworker.snapshot.mount import mount_all, unmount
 from ociworker.snapshot.native import DirSnapshotter, NativeSnapshotter
 from ociworker.snapshot.overlay import OverlaySnapshotter
@@ -28,7 +27,7 @@ __all__ = [
     "overlay_supported",
 ]
 
-_log = structlog.get_logger(__name__)
+_log = get_logger(__name__)
 
 _probed: dict[str, bool] = {}
 _probe_lock = threading.Lock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -413,7 +414,9 @@ def test_ctrl_c_kills_container_and_leaves_no_state(
 ) -> None:
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo started && sleep 60\n")
+    # a duration no other process on the machine uses: ps must find exactly ours
+    marker = f"sleep {secrets.randbelow(8000) + 1000}"
+    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo started && {marker}\n")
     root = tmp_path / "state"
     with subprocess.Popen(
         [
@@ -437,7 +440,7 @@ def test_ctrl_c_kills_container_and_leaves_no_state(
     assert mounts_under(root) == []
     assert runtime_containers(root, runtime) == ""
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "sleep 60" not in ps
+    assert marker not in ps
 
 
 def test_du_lists_cache_and_prune_all_empties_it(

@@ -144,7 +144,9 @@ def _write_layer(
         sink.abort()
 
 
-def _walk_plain(w: LayerTarWriter, root: str) -> None:
+def _walk_sorted(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(relative path, absolute path, lstat) of everything below ``root``, sorted,
+    each directory before its contents; iterative, so depth costs no recursion."""
     stack: list[tuple[str, str, Iterator[tuple[str, os.stat_result]]]] = [
         ("", root, iter(scan_sorted(root)))
     ]
@@ -157,9 +159,14 @@ def _walk_plain(w: LayerTarWriter, root: str) -> None:
         name, st = item
         rel = os.path.join(rel_dir, name)
         path = os.path.join(abs_dir, name)
-        w.add(rel, path, st, read_xattrs(path))
+        yield rel, path, st
         if stat.S_ISDIR(st.st_mode):
             stack.append((rel, path, iter(scan_sorted(path))))
+
+
+def _walk_plain(w: LayerTarWriter, root: str) -> None:
+    for rel, path, st in _walk_sorted(root):
+        w.add(rel, path, st, read_xattrs(path))
 
 
 def _walk_upperdir(w: LayerTarWriter, upper: str, userxattr: bool) -> None:
@@ -168,18 +175,7 @@ def _walk_upperdir(w: LayerTarWriter, upper: str, userxattr: bool) -> None:
     # Either feature means the upperdir holds pointers into lower layers
     # instead of the data; only a double walk sees the real tree.
     unsupported = (prefix + "redirect", prefix + "metacopy")
-    stack: list[tuple[str, str, Iterator[tuple[str, os.stat_result]]]] = [
-        ("", upper, iter(scan_sorted(upper)))
-    ]
-    while stack:
-        rel_dir, abs_dir, it = stack[-1]
-        item = next(it, None)
-        if item is None:
-            stack.pop()
-            continue
-        name, st = item
-        rel = os.path.join(rel_dir, name)
-        path = os.path.join(abs_dir, name)
+    for rel, path, st in _walk_sorted(upper):
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
             w.add_whiteout(rel)
             continue
@@ -187,11 +183,9 @@ def _walk_upperdir(w: LayerTarWriter, upper: str, userxattr: bool) -> None:
         if any(k in xattrs for k in unsupported):
             raise _NeedsDoubleWalk(rel)
         w.add(rel, path, st, xattrs)
-        if stat.S_ISDIR(st.st_mode):
-            # "x" marks a dir holding xwhiteouts (composefs lowers); only "y" is opaque
-            if xattrs.get(opaque_key) == b"y":
-                w.add_opaque(rel)
-            stack.append((rel, path, iter(scan_sorted(path))))
+        # "x" marks a dir holding xwhiteouts (composefs lowers); only "y" is opaque
+        if stat.S_ISDIR(st.st_mode) and xattrs.get(opaque_key) == b"y":
+            w.add_opaque(rel)
 
 
 # --- double walk -------------------------------------------------------------------

@@ -164,7 +164,7 @@ async def _cmd_du(args: argparse.Namespace) -> int:
 async def _cmd_prune(args: argparse.Namespace) -> int:
     worker = _worker(args)
     try:
-        removed, freed = await controller.prune(worker, all_=args.all)
+        removed, freed = await controller.prune(worker)
     finally:
         await worker.aclose()
     print(f"Removed {removed} cache records; total reclaimed space: {_human(freed)}")

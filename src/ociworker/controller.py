@@ -32,6 +32,7 @@ from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, conv
 from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.solver.scheduler import Job
+from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import LocalContext, Worker
 
 #: diffIDs of a tar with no entries (Go's writer pads to 2 blocks, Python's to a record)
@@ -263,7 +264,7 @@ async def _make_image(
 ) -> ImageResult:
     chain = await worker.snapshot_chain(top)
     base_n = plan.base_layers
-    ours = [h for h in plan.config["history"][len(plan.base_history) :]]
+    ours = plan.config["history"][len(plan.base_history) :]
     layer_steps = [h for h in ours if not h.get("empty_layer")]
     if len(chain) != base_n + len(layer_steps):
         raise UserError(
@@ -398,18 +399,15 @@ async def disk_usage(worker: Worker) -> list[UsageRecord]:
         size = 0
         with contextlib.suppress(Exception):
             size = await worker.snapshots.usage(rec.result.ref)
-        kind = (
-            "source.image"
-            if rec.description.startswith(("FROM", "[")) and "FROM" in rec.description
-            else "regular"
-        )
+        # pulled layers are the snapshots named by ChainID; everything else was built
+        kind = "source.image" if rec.result.ref.startswith(LAYER_SNAPSHOT_PREFIX) else "regular"
         out.append(UsageRecord(rec.key, kind, size, rec.description, rec.last_used))
     return out
 
 
-async def prune(worker: Worker, all_: bool = True) -> tuple[int, int]:
-    """Remove cache records and the snapshots only they kept; (records, bytes) freed."""
-    keep_refs: set[str] = set()
+async def prune(worker: Worker) -> tuple[int, int]:
+    """Remove every cache record, every committed snapshot and every blob no stored
+    image uses; (records, bytes) freed."""
     removed = 0
     freed = 0
     for rec in worker.cache.records():
@@ -421,7 +419,7 @@ async def prune(worker: Worker, all_: bool = True) -> tuple[int, int]:
     for info in infos:
         if info.parent:
             children[info.parent] = children.get(info.parent, 0) + 1
-    pending = [i for i in infos if i.kind == "committed" and i.key not in keep_refs]
+    pending = [i for i in infos if i.kind == "committed"]
     progress = True
     while pending and progress:
         progress = False

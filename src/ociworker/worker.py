@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import json
 import os
 import stat
 import time
@@ -19,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest, check_digest, digest_of
@@ -43,7 +42,6 @@ from ociworker.executor.base import Executor, ProcessSpec
 from ociworker.exporter.image import read_image
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.fsutil import secure_join
-from ociworker.log import get_logger
 from ociworker.ops import fileops
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot import open_snapshotter
@@ -57,8 +55,6 @@ from ociworker.sources.image import (
     layer_snapshot_name,
     unpack,
 )
-
-_log = get_logger("ociworker.worker")
 
 DEFAULT_ROOT = Path("/var/lib/ociworker")
 
@@ -423,7 +419,7 @@ class _ExecHandler:
                 extra = await stack.enter_async_context(self.w.cache_mounts.mounts(others))
                 code = await self.w.executor.run(rootfs, process, [*inputs_bound, *extra], out)
             if code != 0:
-                raise ExecError(vertex.name or "RUN", _command_text(op.args), code)
+                raise ExecError(vertex.name or "RUN", " ".join(op.args), code)
 
         return await self.w.new_snapshot(_root_parent(inputs), run_in)
 
@@ -457,10 +453,6 @@ class _ExecHandler:
             )
         source = secure_join(root, m.selector)
         return Mount("bind", str(source), ("rbind", "ro" if m.readonly else "rw"), m.target)
-
-
-def _command_text(args: Sequence[str]) -> str:
-    return " ".join(args)
 
 
 class _FileHandler:
@@ -525,7 +517,3 @@ def _apply_actions(dest: Path, op: FileOp, sources: dict[int, fileops.Source]) -
             fileops.do_mkfile(dest, a, op.cwd)
         elif isinstance(a, Rm):
             fileops.do_rm(dest, a, op.cwd)
-
-
-def config_json(config: dict[str, Any]) -> bytes:
-    return json.dumps(config, sort_keys=True).encode()

@@ -75,7 +75,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="remove build cache")
     pr.add_argument("--all", "-a", action="store_true", help="remove all cache records")
-    pr.add_argument("--filter", action="append", default=[], help="e.g. type=regular")
+    pr.add_argument("--filter", action="append", default=[], help="not supported yet")
     pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
     _worker_flags(pr)
     return parser
@@ -162,6 +162,12 @@ async def _cmd_du(args: argparse.Namespace) -> int:
 
 
 async def _cmd_prune(args: argparse.Namespace) -> int:
+    if args.filter:
+        # Refused rather than ignored: an ignored filter would prune everything.
+        raise ConfigError(
+            f"prune --filter {args.filter[0]!r} is not supported yet; "
+            "use prune --all to remove the whole cache"
+        )
     worker = _worker(args)
     try:
         removed, freed = await controller.prune(worker)

@@ -20,6 +20,7 @@ from pathlib import Path
 from ociworker.core.oci import Descriptor
 from ociworker.core.reference import parse_reference
 from ociworker.errors import WorldError
+from ociworker.sqlitedb import enable_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -46,8 +47,7 @@ class ImageStore:
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "images.db"
         with self._db() as db:
-            # journal_mode is persistent in the file; setting it every open is cheap
-            db.execute("PRAGMA journal_mode=WAL")
+            enable_wal(db, _BUSY_TIMEOUT_S)
             db.execute(_SCHEMA)
 
     def put(self, name: str, desc: Descriptor) -> None:

@@ -39,6 +39,7 @@ from ociworker.core.mounts import Mount
 from ociworker.errors import HostError, NotFoundError, UserError
 from ociworker.snapshot.base import Kind, SnapshotInfo
 from ociworker.snapshot.mount import mountpoints_under
+from ociworker.sqlitedb import enable_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -166,7 +167,7 @@ class DirSnapshotter:
                 self.tmp_dir.mkdir(exist_ok=True)
                 conn = self._open()
                 try:
-                    conn.execute("PRAGMA journal_mode=WAL")
+                    enable_wal(conn, 60)
                     conn.executescript(_SCHEMA)
                     self._sweep(conn)
                 finally:

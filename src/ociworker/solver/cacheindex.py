@@ -18,6 +18,7 @@ from pathlib import Path
 from ociworker.core.digest import check_digest
 from ociworker.core.oci import Descriptor, Layer
 from ociworker.solver.scheduler import Result
+from ociworker.sqlitedb import enable_wal
 
 Validator = Callable[[Result], Awaitable[bool]]
 
@@ -59,7 +60,7 @@ class SQLiteCacheIndex:
     def __init__(self, path: Path, validate: Validator = _always_valid) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        enable_wal(self._db, 30)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._validate = validate

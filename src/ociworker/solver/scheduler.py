@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ociworker.core.digest import Digest, digest_of
 from ociworker.core.graph import Vertex
 from ociworker.core.progress import EventSink, VertexStatus, discard
+from ociworker.core.session import NoSecrets, NoSSH, Secrets, SSHAgents
 
 T = TypeVar("T")
 
@@ -52,6 +53,12 @@ class Job:
     no_cache: bool = False
     #: name -> directory for ``local://NAME`` sources, filled by the session
     locals: dict[str, object] = field(default_factory=dict)
+    #: what the client lends to ``RUN --mount=type=secret|ssh``
+    secrets: Secrets = field(default_factory=NoSecrets)
+    ssh: SSHAgents = field(default_factory=NoSSH)
+    #: called with each vertex's result as it becomes known (run or cache hit),
+    #: e.g. to stream a step's layer before the build ends
+    on_result: Callable[[Vertex, Result], None] | None = None
 
 
 class OpHandler(Protocol):
@@ -199,6 +206,8 @@ class _JobRun:
             if hit is not None:
                 now = time.time()
                 job.events(VertexStatus(v.digest, v.name, started=now, completed=now, cached=True))
+                if job.on_result is not None:
+                    job.on_result(v, hit)
                 return hit
         inputs = await self._gather(
             [self.result(i) if i is not None else _scratch() for i in v.inputs]
@@ -218,6 +227,8 @@ class _JobRun:
             )
             raise
         job.events(VertexStatus(v.digest, v.name, started=started, completed=time.time()))
+        if job.on_result is not None:
+            job.on_result(v, result)
         return result
 
     @staticmethod

@@ -9,12 +9,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ociworker import controller, log
 from ociworker.core.progress import EventSink
 from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
+
+if TYPE_CHECKING:  # grpc loads only when a command talks to a daemon
+    from ociworker.api.client import Client
 
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
@@ -34,6 +38,36 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
         help="use plain HTTP for this registry (localhost and 127.0.0.0/8 always are)",
     )
     p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
+    _client_flags(p)
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    # With an address (or $OCIWORKER_HOST) the command runs on that daemon;
+    # without, on the embedded worker.
+    p.add_argument(
+        "--addr",
+        default=os.environ.get("OCIWORKER_HOST") or None,
+        help="daemon address unix:///PATH or tcp://HOST:PORT (default $OCIWORKER_HOST)",
+    )
+    p.add_argument("--tlscacert", default=None, help="CA certificate of the daemon (tcp://)")
+    p.add_argument("--tlscert", default=None, help="client certificate (tcp://)")
+    p.add_argument("--tlskey", default=None, help="client key (tcp://)")
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    # Defaults are None so the config file's values count unless a flag is given.
+    p.add_argument("--addr", default=None, help="unix:///PATH (default) or tcp://HOST:PORT")
+    p.add_argument("--root", type=Path, default=None, help="state directory")
+    p.add_argument("--config", type=Path, default=None, help="TOML config file")
+    p.add_argument("--group", default=None, help="group owning the unix socket (mode 0660)")
+    p.add_argument("--tlscacert", default=None, help="CA that signs client certificates")
+    p.add_argument("--tlscert", default=None, help="server certificate")
+    p.add_argument("--tlskey", default=None, help="server key")
+    p.add_argument("--runtime", default=None, help="OCI runtime: runc, crun or a PATH")
+    p.add_argument("--snapshotter", choices=("auto", "overlayfs", "native"), default=None)
+    p.add_argument("--insecure-registry", action="append", default=None, metavar="HOST")
+    p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
+    p.add_argument("--log-cap", default=None, help="per-step log cap (bytes or e.g. 2MiB)")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -78,6 +112,9 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--filter", action="append", default=[], help="not supported yet")
     pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
     _worker_flags(pr)
+
+    sv = sub.add_parser("serve", help="run the worker daemon (gRPC)")
+    _serve_flags(sv)
     return parser
 
 
@@ -133,11 +170,15 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
     )
-    worker = _worker(args)
-    try:
-        result = await controller.build(worker, req, printer)
-    finally:
-        await worker.aclose()
+    if args.addr:
+        async with _client(args) as client:
+            result = await client.build(req, events=printer)
+    else:
+        worker = _worker(args)
+        try:
+            result = await controller.build(worker, req, printer)
+        finally:
+            await worker.aclose()
     if progress == "quiet" and result.config_digest:
         print(result.config_digest)
     elif result.manifest is not None:
@@ -145,12 +186,22 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Client:
+    from ociworker.api.client import Client
+
+    return Client(args.addr, tlscacert=args.tlscacert, tlscert=args.tlscert, tlskey=args.tlskey)
+
+
 async def _cmd_du(args: argparse.Namespace) -> int:
-    worker = _worker(args)
-    try:
-        records = await controller.disk_usage(worker)
-    finally:
-        await worker.aclose()
+    if args.addr:
+        async with _client(args) as client:
+            records = await client.disk_usage()
+    else:
+        worker = _worker(args)
+        try:
+            records = await controller.disk_usage(worker)
+        finally:
+            await worker.aclose()
     print(f"{'ID':<25} {'TYPE':<18} {'SIZE':>10}  DESCRIPTION")
     total = 0
     for r in records:
@@ -168,13 +219,36 @@ async def _cmd_prune(args: argparse.Namespace) -> int:
             f"prune --filter {args.filter[0]!r} is not supported yet; "
             "use prune --all to remove the whole cache"
         )
-    worker = _worker(args)
-    try:
-        removed, freed = await controller.prune(worker)
-    finally:
-        await worker.aclose()
+    if args.addr:
+        async with _client(args) as client:
+            removed, freed = await client.prune()
+    else:
+        worker = _worker(args)
+        try:
+            removed, freed = await controller.prune(worker)
+        finally:
+            await worker.aclose()
     print(f"Removed {removed} cache records; total reclaimed space: {_human(freed)}")
     return 0
+
+
+async def _cmd_serve(args: argparse.Namespace) -> int:
+    from ociworker.api import daemon
+
+    overrides = {
+        "addr": args.addr,
+        "root": args.root,
+        "group": args.group,
+        "tlscacert": args.tlscacert,
+        "tlscert": args.tlscert,
+        "tlskey": args.tlskey,
+        "runtime": args.runtime,
+        "snapshotter": args.snapshotter,
+        "insecure_registries": args.insecure_registry,
+        "max_parallelism": args.max_parallelism,
+        "log_cap": args.log_cap,
+    }
+    return await daemon.serve(daemon.load_config(args.config, overrides))
 
 
 def _human(n: float) -> str:
@@ -195,6 +269,8 @@ async def _main(args: argparse.Namespace) -> int:
         return await _cmd_build(args)
     if args.command == "du":
         return await _cmd_du(args)
+    if args.command == "serve":
+        return await _cmd_serve(args)
     return await _cmd_prune(args)
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -83,6 +83,14 @@ class BuildRequest:
     network: str = "host"
     iidfile: Path | None = None
     metadata_file: Path | None = None
+    #: make the image even with no output asking for it (a remote client's
+    #: iidfile / metadata file, written on its side from the result)
+    want_image: bool = False
+
+
+#: opens the byte stream an output is written to, instead of its ``dest``
+#: (the daemon sends those bytes to its client; ``local`` then becomes a tar)
+OutputOpener = Callable[[OutputSpec], contextlib.AbstractContextManager[BinaryIO]]
 
 
 @dataclass(frozen=True)
@@ -187,11 +195,18 @@ async def resolve_image(worker: Worker, name: str) -> ImageInfo:
     return ImageInfo(ref=f"{repo}@{resolved.manifest.digest}", config=config)
 
 
-async def build(worker: Worker, req: BuildRequest, events: EventSink = discard) -> BuildResult:
+async def build(
+    worker: Worker,
+    req: BuildRequest,
+    events: EventSink = discard,
+    *,
+    opener: OutputOpener | None = None,
+    job_id: str | None = None,
+) -> BuildResult:
     outputs = list(req.outputs)
     plan, matcher = await plan_build(worker, req, events)
     job = Job(
-        id=uuid.uuid4().hex,
+        id=job_id or uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
         locals={"context": LocalContext(req.context.absolute(), matcher)},
@@ -202,6 +217,7 @@ async def build(worker: Worker, req: BuildRequest, events: EventSink = discard) 
     compression = _compression(outputs)
     need_image = bool(req.tags) or any(o.type in ("image", "oci", "docker") for o in outputs)
     need_image = need_image or req.iidfile is not None or req.metadata_file is not None
+    need_image = need_image or req.want_image
     image: ImageResult | None = None
     if need_image:
         with _Exporting(events, "exporting layers"):
@@ -219,7 +235,7 @@ async def build(worker: Worker, req: BuildRequest, events: EventSink = discard) 
         if req.tags:
             metadata["image.name"] = ",".join(str(parse_reference(t)) for t in req.tags)
     for out in outputs:
-        await _export(worker, out, image, top, req.tags, events)
+        await _export(worker, out, image, top, req.tags, events, opener)
     if req.iidfile is not None and image is not None:
         _write_atomic(req.iidfile, image.config.digest.encode())
     if req.metadata_file is not None:
@@ -331,6 +347,7 @@ async def _export(
     top: str | None,
     tags: Sequence[str],
     events: EventSink,
+    opener: OutputOpener | None = None,
 ) -> None:
     names = [out.get("name")] if out.get("name") else list(tags)
     names = [str(parse_reference(n)) for n in names]
@@ -344,6 +361,10 @@ async def _export(
     from ociworker.exporter.fs import export_local, export_tar
 
     dest = out.get("dest")
+
+    def open_dest() -> contextlib.AbstractContextManager[BinaryIO]:
+        return opener(out) if opener is not None else _open_dest(dest)
+
     if out.type in ("oci", "docker"):
         assert image is not None
         fn = export_oci_archive if out.type == "oci" else export_docker_archive
@@ -352,7 +373,7 @@ async def _export(
             events(Info(f"writing image {image.manifest.digest}"))
 
             def write() -> None:
-                with _open_dest(dest) as f:
+                with open_dest() as f:
                     fn(worker.content, image, names, f)
 
             await asyncio.to_thread(write)
@@ -361,12 +382,12 @@ async def _export(
         events, f"exporting to client {'directory' if out.type == 'local' else 'tarball'}"
     ):
         async with worker.view(top) as root:
-            if out.type == "local":
+            if out.type == "local" and opener is None:
                 await asyncio.to_thread(export_local, root, Path(dest))
             else:
 
                 def write_tar() -> None:
-                    with _open_dest(dest) as f:
+                    with open_dest() as f:
                         export_tar(root, f)
 
                 await asyncio.to_thread(write_tar)

@@ -1,0 +1,400 @@
+"""``ociworker.Client``: run builds, du, prune and info on a daemon.
+
+A build opens a session first (the client serves its context, secrets, ssh
+agents and registry credentials on it), then a ``Solve`` naming that session.
+Outputs are written here, on the client, from the bytes in the Solve stream.
+
+    async with ociworker.Client("unix:///run/ociworker/ociworker.sock") as c:
+        result = await c.build("ctx", tags=("app:dev",), outputs=("type=oci,dest=app.tar",))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+import tarfile
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+
+from ociworker.api import errors as api_errors
+from ociworker.api.convert import event_from_proto
+from ociworker.api.session import ClientSession
+from ociworker.api.v1 import control_pb2 as pb
+from ociworker.api.v1 import control_pb2_grpc as pb_grpc
+from ociworker.controller import BuildRequest, BuildResult, OutputSpec, UsageRecord
+from ociworker.core.digest import Digest
+from ociworker.core.oci import Descriptor
+from ociworker.core.progress import Event, EventSink, discard
+from ociworker.core.session import Credentials, Secrets, SSHAgents
+from ociworker.errors import ConfigError, NotFoundError
+from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
+
+DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
+
+#: a dead peer is noticed within keepalive_time + keepalive_timeout (10 s)
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+@dataclass(frozen=True)
+class OutputData:
+    """Bytes of output ``index`` of the request (the last chunk has ``eof``)."""
+
+    index: int
+    data: bytes
+    eof: bool
+
+
+@dataclass(frozen=True)
+class LayerData:
+    """Part of a committed step's layer for ``type=layers`` output ``index``."""
+
+    index: int
+    digest: str
+    descriptor_json: bytes
+    data: bytes
+    eof: bool
+
+
+@dataclass(frozen=True)
+class DaemonInfo:
+    version: str
+    root: str
+    runtime: str
+    snapshotter: str
+    running_builds: int
+
+
+SolveItem = Event | OutputData | LayerData | BuildResult
+
+
+def session_key(context: Path, dockerfile_name: str) -> str:
+    """The key under which the daemon keeps this context's last synced copy (as
+    buildx's shared key: this host, this context dir, this Dockerfile)."""
+    raw = f"{socket.gethostname()}:{context.resolve()}:{dockerfile_name}"
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _read_file(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _open_channel(
+    addr: str, tlscacert: str | None, tlscert: str | None, tlskey: str | None
+) -> grpc.aio.Channel:
+    options = list(KEEPALIVE_OPTIONS)
+    if addr.startswith("unix://"):
+        return grpc.aio.insecure_channel(addr, options=options)
+    if addr.startswith("tcp://"):
+        target = addr.removeprefix("tcp://")
+        if not (tlscacert and tlscert and tlskey):
+            raise ConfigError(
+                f"{addr}: TCP needs mutual TLS: give --tlscacert, --tlscert and --tlskey"
+            )
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read_file(tlscacert),
+            private_key=_read_file(tlskey),
+            certificate_chain=_read_file(tlscert),
+        )
+        return grpc.aio.secure_channel(target, creds, options=options)
+    raise ConfigError(f"invalid daemon address {addr!r}: use unix:///PATH or tcp://HOST:PORT")
+
+
+class Client:
+    def __init__(
+        self,
+        addr: str | None = None,
+        *,
+        tlscacert: str | None = None,
+        tlscert: str | None = None,
+        tlskey: str | None = None,
+    ) -> None:
+        self.addr = addr or os.environ.get("OCIWORKER_HOST") or DEFAULT_ADDR
+        self._channel = _open_channel(self.addr, tlscacert, tlscert, tlskey)
+        self._stub = pb_grpc.ControlStub(self._channel)
+
+    async def aclose(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- unary calls ---------------------------------------------------------------
+
+    async def info(self) -> DaemonInfo:
+        r = await self._unary(self._stub.Info, pb.InfoRequest())
+        return DaemonInfo(r.version, r.root, r.runtime, r.snapshotter, r.running_builds)
+
+    async def disk_usage(self) -> list[UsageRecord]:
+        r = await self._unary(self._stub.DiskUsage, pb.DiskUsageRequest())
+        return [UsageRecord(x.id, x.type, x.size, x.description, x.last_used) for x in r.records]
+
+    async def prune(self, *, all: bool = True, filters: Sequence[str] = ()) -> tuple[int, int]:
+        r = await self._unary(self._stub.Prune, pb.PruneRequest(all=all, filters=filters))
+        return r.removed, r.freed
+
+    async def list_workers(self) -> list[dict[str, Any]]:
+        r = await self._unary(self._stub.ListWorkers, pb.ListWorkersRequest())
+        return [
+            {"id": w.id, "platforms": list(w.platforms), "labels": dict(w.labels)}
+            for w in r.workers
+        ]
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request)
+        except grpc.aio.AioRpcError as err:
+            raise api_errors.from_rpc_error(err) from None
+
+    # -- builds ----------------------------------------------------------------------
+
+    async def solve(
+        self,
+        request: BuildRequest,
+        *,
+        build_id: str | None = None,
+        secrets: Secrets | None = None,
+        secret_ids: Sequence[str] = (),
+        ssh: SSHAgents | None = None,
+        ssh_ids: Sequence[str] = (),
+        credentials: Credentials | None = None,
+    ) -> AsyncIterator[SolveItem]:
+        """Run a build; yields its progress events, output and layer bytes, and
+        last the ``BuildResult``. Leaving the loop early cancels the build."""
+        from ociworker.controller import _read_dockerfile
+
+        if not request.context.is_dir():
+            raise NotFoundError(f"build context {request.context} is not a directory")
+        text, df_path = _read_dockerfile(request)
+        patterns = read_ignore_file(request.context, df_path)
+        ctx = request.context.absolute()
+        session = ClientSession(
+            uuid.uuid4().hex,
+            {"context": (ctx, IgnoreMatcher(patterns))},
+            secrets=secrets,
+            secret_ids=secret_ids,
+            ssh=ssh,
+            ssh_ids=ssh_ids,
+            credentials=credentials,
+        )
+        solve_req = pb.SolveRequest(
+            build_id=build_id or uuid.uuid4().hex,
+            session_id=session.id,
+            dockerfile_name=df_path.name,
+            dockerfile=text.encode(),
+            ignore_patterns=patterns,
+            tags=request.tags,
+            build_args=dict(request.build_args),
+            target=request.target,
+            outputs=[pb.Output(type=o.type, attrs=dict(o.attrs)) for o in request.outputs],
+            no_cache=request.no_cache,
+            network=request.network,
+            want_metadata=(
+                request.want_image
+                or request.iidfile is not None
+                or request.metadata_file is not None
+            ),
+            context_key=session_key(ctx, df_path.name),
+        )
+        try:
+            async with self._session(session):
+                call = self._stub.Solve(solve_req)
+                try:
+                    async for msg in call:
+                        item = _item(msg)
+                        if item is not None:
+                            yield item
+                finally:
+                    call.cancel()
+        except grpc.aio.AioRpcError as err:
+            raise api_errors.from_rpc_error(err) from None
+
+    async def status(self, build_id: str) -> AsyncIterator[SolveItem]:
+        """Attach to a build by id: what happened so far, then until it ends."""
+        call = self._stub.Status(pb.StatusRequest(build_id=build_id))
+        try:
+            async for msg in call:
+                item = _item(msg)
+                if item is not None:
+                    yield item
+        except grpc.aio.AioRpcError as err:
+            raise api_errors.from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _session(self, session: ClientSession) -> AsyncIterator[None]:
+        call = self._stub.Session()
+        await call.write(session.hello())
+        ack = await call.read()  # the daemon registered the session
+        if not isinstance(ack, pb.SessionMessage):
+            await call.code()  # raises the daemon's error when it refused
+            raise ConfigError("the daemon closed the session")
+        task = asyncio.create_task(session.serve(call, grpc.aio.EOF))
+        try:
+            yield
+        finally:
+            task.cancel()
+            call.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def build(
+        self,
+        request: BuildRequest | Path | str,
+        *,
+        events: EventSink = discard,
+        build_id: str | None = None,
+        secrets: Secrets | None = None,
+        secret_ids: Sequence[str] = (),
+        ssh: SSHAgents | None = None,
+        ssh_ids: Sequence[str] = (),
+        credentials: Credentials | None = None,
+        **fields: Any,
+    ) -> BuildResult:
+        """Run a build and write its outputs, iidfile and metadata file here.
+
+        ``request`` is a ``BuildRequest`` or a context dir with the request's
+        other fields as keywords (``outputs`` may be strings as ``--output``).
+        """
+        if not isinstance(request, BuildRequest):
+            outs = tuple(
+                o if isinstance(o, OutputSpec) else OutputSpec.parse(o)
+                for o in fields.pop("outputs", ())
+            )
+            request = BuildRequest(context=Path(request), outputs=outs, **fields)
+        elif fields:
+            request = replace(request, **fields)
+        writers = _OutputWriters(request.outputs)
+        result: BuildResult | None = None
+        try:
+            async for item in self.solve(
+                request,
+                build_id=build_id,
+                secrets=secrets,
+                secret_ids=secret_ids,
+                ssh=ssh,
+                ssh_ids=ssh_ids,
+                credentials=credentials,
+            ):
+                if isinstance(item, OutputData):
+                    await asyncio.to_thread(writers.write, item)
+                elif isinstance(item, LayerData):
+                    await asyncio.to_thread(writers.layer, item)
+                elif isinstance(item, BuildResult):
+                    result = item
+                else:
+                    events(item)
+        finally:
+            writers.close()
+        if result is None:
+            raise ConfigError("the daemon ended the build without a result")
+        meta = result.metadata
+        if request.iidfile is not None and result.config_digest:
+            _write_atomic(request.iidfile, result.config_digest.encode())
+        if request.metadata_file is not None:
+            _write_atomic(request.metadata_file, json.dumps(meta, indent=2).encode() + b"\n")
+        return result
+
+
+def _item(msg: pb.SolveEvent) -> SolveItem | None:
+    ev = event_from_proto(msg)
+    if ev is not None:
+        return ev
+    which = msg.WhichOneof("event")
+    if which == "output":
+        o = msg.output
+        return OutputData(o.output, o.data, o.eof)
+    if which == "layer":
+        la = msg.layer
+        return LayerData(la.output, la.digest, la.descriptor_json, la.data, la.eof)
+    if which == "result":
+        r = msg.result
+        meta = json.loads(r.metadata_json or b"{}")
+        desc = meta.get("containerimage.descriptor")
+        return BuildResult(
+            manifest=Descriptor.from_json(desc) if desc else None,
+            config_digest=Digest(r.config_digest) if r.config_digest else None,
+            metadata=meta,
+        )
+    return None
+
+
+class _OutputWriters:
+    """Client-side files of the outputs: written to a temp name, renamed at eof."""
+
+    def __init__(self, outputs: Sequence[OutputSpec]) -> None:
+        self.outputs = list(outputs)
+        self._files: dict[int, tuple[IO[bytes], Path | None]] = {}
+
+    def write(self, item: OutputData) -> None:
+        if not 0 <= item.index < len(self.outputs):
+            raise ConfigError(f"daemon sent output {item.index}, which was not asked for")
+        out = self.outputs[item.index]
+        got = self._files.get(item.index)
+        if got is None:
+            if out.get("dest") == "-" and out.type != "local":
+                got = (sys.stdout.buffer, None)
+            else:
+                path = Path(out.get("dest"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                part = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+                got = (open(part, "wb"), part)  # noqa: SIM115 (closed at eof or close())
+            self._files[item.index] = got
+        f, tmp = got
+        f.write(item.data)
+        if not item.eof:
+            return
+        del self._files[item.index]
+        if tmp is None:
+            f.flush()
+            return
+        f.close()
+        try:
+            if out.type == "local":
+                _extract_local(tmp, Path(out.get("dest")))
+            else:
+                os.replace(tmp, out.get("dest"))
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def layer(self, item: LayerData) -> None:
+        raise ConfigError("type=layers over the daemon is not wired yet")
+
+    def close(self) -> None:
+        for f, tmp in self._files.values():
+            if tmp is not None:
+                f.close()
+                tmp.unlink(missing_ok=True)
+        self._files.clear()
+
+
+def _extract_local(archive: Path, dest: Path) -> None:
+    """Unpack the tree the daemon sent for ``type=local``; the "tar" filter
+    refuses absolute names, ``..`` and links leaving ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tf:
+        tf.extractall(dest, numeric_owner=True, filter="tar")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,54 @@
+"""Progress events and records <-> protobuf messages."""
+
+from __future__ import annotations
+
+from ociworker.api.v1 import control_pb2 as pb
+from ociworker.core.progress import Event, Info, VertexLog, VertexStatus, Warning
+
+
+def event_to_proto(ev: Event) -> pb.SolveEvent:
+    if isinstance(ev, VertexStatus):
+        return pb.SolveEvent(
+            vertex=pb.VertexEvent(
+                digest=ev.digest,
+                name=ev.name,
+                started=ev.started or 0.0,
+                has_started=ev.started is not None,
+                completed=ev.completed or 0.0,
+                has_completed=ev.completed is not None,
+                cached=ev.cached,
+                error=ev.error or "",
+            )
+        )
+    if isinstance(ev, VertexLog):
+        return pb.SolveEvent(
+            log=pb.LogEvent(
+                digest=ev.digest, stream=ev.stream, data=ev.data, timestamp=ev.timestamp
+            )
+        )
+    if isinstance(ev, Warning):
+        return pb.SolveEvent(warning=pb.WarningEvent(message=ev.message, detail=ev.detail))
+    return pb.SolveEvent(info=pb.InfoEvent(message=ev.message, digest=ev.digest))
+
+
+def event_from_proto(msg: pb.SolveEvent) -> Event | None:
+    """The progress event in ``msg``; None for output, layer and result messages."""
+    which = msg.WhichOneof("event")
+    if which == "vertex":
+        v = msg.vertex
+        return VertexStatus(
+            digest=v.digest,
+            name=v.name,
+            started=v.started if v.has_started else None,
+            completed=v.completed if v.has_completed else None,
+            cached=v.cached,
+            error=v.error or None,
+        )
+    if which == "log":
+        lg = msg.log
+        return VertexLog(lg.digest, lg.stream, lg.data, lg.timestamp)
+    if which == "warning":
+        return Warning(msg.warning.message, msg.warning.detail)
+    if which == "info":
+        return Info(msg.info.message, msg.info.digest)
+    return None

@@ -1,0 +1,206 @@
+"""``ociworker serve``: the long-lived worker behind a gRPC socket.
+
+One Worker for all builds; the root is locked (flock) so two daemons never
+share it; a unix socket is mode 0660 with a configurable group; TCP only with
+mutual TLS; SIGTERM/SIGINT cancel every build, stop the server, close the
+worker and remove the socket. A root left by a killed daemon is recovered
+(containers killed, mounts released, active snapshots dropped) before serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import grp
+import os
+import re
+import signal
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ociworker.api.client import DEFAULT_ADDR
+from ociworker.api.server import ControlService, add_to_server
+from ociworker.errors import ConfigError, HostError
+from ociworker.log import get_logger
+from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
+
+_log = get_logger(__name__)
+
+DEFAULT_LOG_CAP = 2 * 1024 * 1024
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    # ping every 5 s, drop a peer silent for 5 s more: a dead client is noticed
+    # (and its build cancelled) within 10 s
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from 2097152, "2MiB", "2MB", "512k" (binary with i, decimal without)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"invalid size {value!r}: must not be negative")
+        return value
+    m = _SIZE.match(str(value))
+    if m is None:
+        raise ConfigError(f"invalid size {value!r}: want bytes or e.g. 2MiB")
+    num, unit = float(m.group(1)), (m.group(2) or "").lower().rstrip("b")
+    mult = 1024 ** {"k": 1, "m": 2, "g": 3}[unit[0]] if unit.endswith("i") else _UNITS[unit]
+    return int(num * mult)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    addr: str = DEFAULT_ADDR
+    root: Path = DEFAULT_ROOT
+    group: str = ""
+    tlscacert: str = ""
+    tlscert: str = ""
+    tlskey: str = ""
+    runtime: str = "runc"
+    snapshotter: str = "auto"
+    insecure_registries: tuple[str, ...] = ()
+    max_parallelism: int | None = None
+    log_cap: int = DEFAULT_LOG_CAP
+
+
+def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
+    """The TOML file's keys (the flag names with _), then the flags given on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(DaemonConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    if "root" in values:
+        values["root"] = Path(values["root"])
+    if "insecure_registries" in values:
+        values["insecure_registries"] = tuple(values["insecure_registries"])
+    if "log_cap" in values:
+        values["log_cap"] = parse_size(values["log_cap"])
+    if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
+        raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
+    cfg = DaemonConfig(**values)
+    _check_addr(cfg)
+    return cfg
+
+
+def _check_addr(cfg: DaemonConfig) -> None:
+    if cfg.addr.startswith("unix://"):
+        if not cfg.addr.removeprefix("unix://").startswith("/"):
+            raise ConfigError(f"invalid address {cfg.addr!r}: unix:// needs an absolute path")
+        return
+    if cfg.addr.startswith("tcp://"):
+        if not (cfg.tlscacert and cfg.tlscert and cfg.tlskey):
+            # As buildkitd: a TCP listener without client certificates would let
+            # anyone on the network run containers as root.
+            raise ConfigError(
+                f"refusing to listen on {cfg.addr} without mutual TLS: "
+                "give --tlscacert, --tlscert and --tlskey"
+            )
+        return
+    raise ConfigError(f"invalid address {cfg.addr!r}: use unix:///PATH or tcp://HOST:PORT")
+
+
+@contextlib.contextmanager
+def _root_lock(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "daemon.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HostError(f"another ociworker daemon is using {root}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _bind(server: grpc.aio.Server, cfg: DaemonConfig) -> Path | None:
+    if cfg.addr.startswith("tcp://"):
+        with open(cfg.tlskey, "rb") as k, open(cfg.tlscert, "rb") as c:
+            pair = (k.read(), c.read())
+        with open(cfg.tlscacert, "rb") as ca:
+            creds = grpc.ssl_server_credentials(
+                [pair], root_certificates=ca.read(), require_client_auth=True
+            )
+        server.add_secure_port(cfg.addr.removeprefix("tcp://"), creds)
+        return None
+    path = Path(cfg.addr.removeprefix("unix://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gid = -1
+    if cfg.group:
+        try:
+            gid = int(cfg.group) if cfg.group.isdigit() else grp.getgrnam(cfg.group).gr_gid
+        except KeyError:
+            raise ConfigError(f"no group {cfg.group!r}") from None
+    if path.is_socket():
+        path.unlink()  # left by a killed daemon: we hold the root's lock
+    # created 0660 from the start: no window where others may connect
+    old = os.umask(0o117)
+    try:
+        server.add_insecure_port(cfg.addr)
+    finally:
+        os.umask(old)
+    os.chown(path, -1, gid)
+    os.chmod(path, 0o660)
+    return path
+
+
+async def serve(cfg: DaemonConfig) -> int:
+    with _root_lock(cfg.root):
+        worker = Worker(
+            WorkerConfig(
+                root=cfg.root,
+                runtime=cfg.runtime,
+                snapshotter=cfg.snapshotter,  # type: ignore[arg-type]
+                insecure_registries=cfg.insecure_registries,
+                max_parallelism=cfg.max_parallelism,
+            )
+        )
+        sock: Path | None = None
+        try:
+            from ociworker.recovery import recover
+
+            await recover(worker)
+            service = ControlService(worker)
+            server = grpc.aio.server(options=list(SERVER_OPTIONS))
+            add_to_server(service, server)
+            sock = _bind(server, cfg)
+            await server.start()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            _log.info("serving", addr=cfg.addr, root=str(worker.root))
+            print(f"ociworker: serving on {cfg.addr}", flush=True)
+            await stop.wait()
+            _log.info("stopping: cancelling builds")
+            await service.cancel_all()
+            await server.stop(grace=2)
+        finally:
+            await worker.aclose()
+            if sock is not None:
+                sock.unlink(missing_ok=True)
+    return 0

@@ -1,0 +1,446 @@
+"""The ``Control`` service: builds, their event streams, du / prune / info, sessions.
+
+One ``Worker`` serves every build, so identical steps of concurrent builds run
+once (the solver dedups by cache key) and a build cancelled by its client
+cancels a shared step only with its last waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import grpc
+
+from ociworker import __version__, controller
+from ociworker.api import errors as api_errors
+from ociworker.api.convert import event_to_proto
+from ociworker.api.session import SessionHub, WorkerSession
+from ociworker.api.v1 import control_pb2 as pb
+from ociworker.api.v1 import control_pb2_grpc as pb_grpc
+from ociworker.core.progress import Event, EventSink, Info, VertexStatus
+from ociworker.errors import (
+    BuildCancelled,
+    ConfigError,
+    NotFoundError,
+    OciworkerError,
+    UserError,
+)
+from ociworker.fsutil import check_relative_name
+from ociworker.session.filesync import ContextStore
+from ociworker.worker import Worker
+
+_FINISHED_KEPT = 100  # finished builds Status can still replay
+_OUTPUT_CREDITS = 32  # output chunks in flight per build (backpressure on exporters)
+_CHUNK = 256 * 1024
+
+
+def human_size(n: float) -> str:
+    """go-units HumanSize, as BuildKit's progress prints sizes (1.23MB)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.4g}{unit}"
+        n /= 1000
+    return f"{n:.4g}PB"
+
+
+class _Build:
+    """One build's progress, kept for ``Status`` (replay, then follow)."""
+
+    def __init__(self, build_id: str) -> None:
+        self.id = build_id
+        self.history: list[pb.SolveEvent] = []
+        self.followers: set[asyncio.Queue[pb.SolveEvent | None]] = set()
+        self.done = False
+        self.result: pb.SolveResult | None = None
+        self.error: OciworkerError | None = None
+
+    def publish(self, msg: pb.SolveEvent) -> None:
+        self.history.append(msg)
+        for q in self.followers:
+            q.put_nowait(msg)
+
+    def finish(self, result: pb.SolveResult | None, error: OciworkerError | None) -> None:
+        self.done = True
+        self.result = result
+        self.error = error
+        for q in self.followers:
+            q.put_nowait(None)
+
+
+class _OutputStream(io.RawIOBase):
+    """A writable file whose bytes become OutputChunk messages of one output.
+
+    Written from an exporter thread; a threading semaphore of credits, given
+    back as the messages are sent, keeps the exporter from outrunning the
+    client. ``abort`` wakes a blocked writer when the build goes away.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        send: Callable[[pb.SolveEvent], None],
+        credits: threading.Semaphore,
+        aborted: threading.Event,
+    ) -> None:
+        super().__init__()
+        self._index = index
+        self._send = send
+        self._credits = credits
+        self._aborted = aborted
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        for i in range(0, len(data), _CHUNK):
+            self._chunk(data[i : i + _CHUNK], eof=False)
+        return len(data)
+
+    def _chunk(self, data: bytes, *, eof: bool) -> None:
+        while not self._credits.acquire(timeout=0.2):
+            if self._aborted.is_set():
+                raise BuildCancelled("build cancelled while its output was streamed")
+        self._send(pb.SolveEvent(output=pb.OutputChunk(output=self._index, data=data, eof=eof)))
+
+    def end(self) -> None:
+        self._chunk(b"", eof=True)
+
+
+class ControlService:
+    """Implements ``ociworker.v1.Control`` (registered with ``add_to_server``).
+
+    Streaming methods write with ``context.write`` rather than yielding, so a
+    failure can still set the status and its typed detail after the stream.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.sessions = SessionHub()
+        self.contexts = ContextStore(worker.root / "contexts")
+        self._builds: OrderedDict[str, _Build] = OrderedDict()
+        self._tasks: set[asyncio.Task[pb.SolveResult]] = set()
+        self._context_locks: dict[str, asyncio.Lock] = {}
+
+    async def cancel_all(self) -> None:
+        """Cancel every running build and wait until each has released what it held."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- Solve / Status ----------------------------------------------------------------
+
+    async def Solve(  # gRPC method names are CamelCase
+        self, request: pb.SolveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        build_id = request.build_id or uuid.uuid4().hex
+        old = self._builds.get(build_id)
+        if old is not None and not old.done:
+            await _abort(context, UserError(f"build id {build_id!r} is already running"))
+            return
+        rec = _Build(build_id)
+        self._builds[build_id] = rec
+        self._forget_old()
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[pb.SolveEvent | None] = asyncio.Queue()
+        credits = threading.Semaphore(_OUTPUT_CREDITS)
+        aborted = threading.Event()
+
+        def send_from_thread(msg: pb.SolveEvent) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, msg)
+
+        def progress(ev: Event) -> None:
+            msg = event_to_proto(ev)
+            rec.publish(msg)
+            out.put_nowait(msg)
+
+        task = asyncio.create_task(
+            self._run(request, rec.id, progress, send_from_thread, credits, aborted)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # the record ends when the task has unwound (containers killed, mounts released)
+        task.add_done_callback(lambda t: rec.finish(_result_of(t), _error_of(t)))
+        task.add_done_callback(lambda _t: out.put_nowait(None))
+        try:
+            while (msg := await out.get()) is not None:
+                await context.write(msg)
+                if msg.WhichOneof("event") == "output":
+                    credits.release()
+        finally:
+            aborted.set()
+            if not task.done():
+                # the client went away (or the daemon stops): cancel and wait
+                # for the build to release what it holds before returning
+                task.cancel()
+                await asyncio.wait({task})
+        error = _error_of(task)
+        if error is not None:
+            await _abort(context, error)
+            return
+        await context.write(pb.SolveEvent(result=rec.result))
+
+    async def _run(
+        self,
+        request: pb.SolveRequest,
+        build_id: str,
+        events: EventSink,
+        send: Callable[[pb.SolveEvent], None],
+        credits: threading.Semaphore,
+        aborted: threading.Event,
+    ) -> pb.SolveResult:
+        session = self.sessions.get(request.session_id)
+        name = request.dockerfile_name or "Dockerfile"
+        if "/" in name:
+            raise ConfigError(f"invalid dockerfile name {name!r}: want a file name")
+        check_relative_name(name)
+        outputs = [
+            controller.OutputSpec(o.type, tuple(sorted(o.attrs.items()))) for o in request.outputs
+        ]
+        for o in outputs:
+            if o.type not in controller.OUTPUT_TYPES:
+                raise ConfigError(f"unknown output type {o.type!r}")
+
+        @contextlib.contextmanager
+        def opener(spec: controller.OutputSpec) -> Iterator[BinaryIO]:
+            raw = _OutputStream(outputs.index(spec), send, credits, aborted)
+            buf = io.BufferedWriter(raw, buffer_size=_CHUNK)
+            yield cast(BinaryIO, buf)
+            buf.flush()
+            raw.end()
+
+        key = request.context_key or session.id
+        async with contextlib.AsyncExitStack() as stack:
+            ctx, sent = await self._sync_context(stack, session, key, events)
+            df_dir = self.worker.tmp / f"dockerfile-{uuid.uuid4().hex}"
+            df_dir.mkdir()
+            stack.callback(shutil.rmtree, df_dir, True)
+            (df_dir / name).write_bytes(request.dockerfile)
+            # next to the Dockerfile, so it wins over a .dockerignore in the context
+            (df_dir / f"{name}.dockerignore").write_text("\n".join(request.ignore_patterns))
+            req = controller.BuildRequest(
+                context=ctx,
+                dockerfile=df_dir / name,
+                tags=tuple(request.tags),
+                build_args=dict(request.build_args),
+                target=request.target,
+                outputs=tuple(outputs),
+                no_cache=request.no_cache,
+                network=request.network or "host",
+                want_image=request.want_metadata,
+            )
+            result = await controller.build(
+                self.worker, req, events, opener=opener, job_id=build_id
+            )
+        metadata = dict(result.metadata)
+        metadata["ociworker.context.bytes_sent"] = sent
+        return pb.SolveResult(
+            manifest_digest=result.manifest.digest if result.manifest else "",
+            config_digest=result.config_digest or "",
+            metadata_json=json.dumps(metadata).encode(),
+        )
+
+    async def _sync_context(
+        self,
+        stack: contextlib.AsyncExitStack,
+        session: WorkerSession,
+        key: str,
+        events: EventSink,
+    ) -> tuple[Path, int]:
+        digest = "context:" + uuid.uuid4().hex
+        name = "[internal] load build context"
+        started = time.time()
+        events(VertexStatus(digest, name, started=started))
+        try:
+            # The synced copy must not change under a running build that reads it.
+            lock = self._context_locks.setdefault(key, asyncio.Lock())
+            await stack.enter_async_context(lock)
+            stats = await session.stat("context")
+            transfer = await asyncio.to_thread(self.contexts.begin, key, stats)
+            stack.enter_context(transfer)
+            await session.fetch("context", transfer)
+            path = await asyncio.to_thread(transfer.finish)
+        except BaseException as exc:
+            err = str(exc) if not isinstance(exc, asyncio.CancelledError) else "cancelled"
+            events(VertexStatus(digest, name, started, completed=time.time(), error=err))
+            raise
+        sent = transfer.bytes_received
+        took = time.time() - started
+        events(Info(f"transferring context: {human_size(sent)} {took:.1f}s", digest))
+        events(VertexStatus(digest, name, started=started, completed=time.time()))
+        return path, sent
+
+    def _forget_old(self) -> None:
+        finished = [k for k, b in self._builds.items() if b.done]
+        for k in finished[: max(0, len(finished) - _FINISHED_KEPT)]:
+            del self._builds[k]
+
+    async def Status(
+        self, request: pb.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        rec = self._builds.get(request.build_id)
+        if rec is None:
+            await _abort(context, NotFoundError(f"no build {request.build_id!r}"))
+            return
+        q: asyncio.Queue[pb.SolveEvent | None] = asyncio.Queue()
+        replay = list(rec.history)
+        if not rec.done:
+            rec.followers.add(q)
+        else:
+            q.put_nowait(None)
+        try:
+            for msg in replay:
+                await context.write(msg)
+            while (follow := await q.get()) is not None:
+                await context.write(follow)
+        finally:
+            rec.followers.discard(q)
+        if rec.error is not None:
+            await _abort(context, rec.error)
+        elif rec.result is not None:
+            await context.write(pb.SolveEvent(result=rec.result))
+
+    # -- du / prune / info ---------------------------------------------------------------
+
+    async def DiskUsage(
+        self, request: pb.DiskUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DiskUsageResponse:
+        records = await controller.disk_usage(self.worker)
+        return pb.DiskUsageResponse(
+            records=[
+                pb.UsageRecord(
+                    id=r.id,
+                    type=r.type,
+                    size=r.size,
+                    description=r.description,
+                    last_used=r.last_used,
+                )
+                for r in records
+            ]
+        )
+
+    async def Prune(
+        self, request: pb.PruneRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PruneResponse:
+        try:
+            if request.filters:
+                raise ConfigError(
+                    f"prune --filter {request.filters[0]!r} is not supported yet; "
+                    "use prune --all to remove the whole cache"
+                )
+            removed, freed = await controller.prune(self.worker)
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.PruneResponse(removed=removed, freed=freed)
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListWorkersResponse:
+        cfg = self.worker.config
+        return pb.ListWorkersResponse(
+            workers=[
+                pb.WorkerRecord(
+                    id=socket.gethostname(),
+                    platforms=[str(cfg.platform)],
+                    labels={
+                        "org.mobyproject.buildkit.worker.executor": cfg.runtime,
+                        "org.mobyproject.buildkit.worker.snapshotter": cfg.snapshotter,
+                        "org.mobyproject.buildkit.worker.hostname": socket.gethostname(),
+                    },
+                )
+            ]
+        )
+
+    async def Info(
+        self, request: pb.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.InfoResponse:
+        cfg = self.worker.config
+        return pb.InfoResponse(
+            version=__version__,
+            root=str(self.worker.root),
+            runtime=cfg.runtime,
+            snapshotter=cfg.snapshotter,
+            running_builds=sum(1 for b in self._builds.values() if not b.done),
+        )
+
+    # -- Session -------------------------------------------------------------------------
+
+    async def Session(
+        self,
+        request_iterator: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        first = await context.read()
+        if not isinstance(first, pb.SessionMessage) or first.WhichOneof("msg") != "hello":
+            await _abort(context, UserError("a session starts with a hello"))
+            return
+        out: asyncio.Queue[pb.SessionMessage | None] = asyncio.Queue()
+        session = WorkerSession(first.hello, out.put_nowait)
+        try:
+            self.sessions.add(session)
+        except UserError as exc:
+            await _abort(context, exc)
+            return
+        # the echo tells the client the session is registered: a Solve may follow
+        await context.write(pb.SessionMessage(hello=first.hello))
+
+        async def read_loop() -> None:
+            try:
+                while isinstance(msg := await context.read(), pb.SessionMessage):
+                    session.dispatch(msg)
+            finally:
+                out.put_nowait(None)
+
+        reader = asyncio.create_task(read_loop())
+        try:
+            while (msg := await out.get()) is not None:
+                await context.write(msg)
+        finally:
+            self.sessions.remove(session)
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+def _result_of(task: asyncio.Task[pb.SolveResult]) -> pb.SolveResult | None:
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+def _error_of(task: asyncio.Task[Any]) -> OciworkerError | None:
+    if task.cancelled():
+        return BuildCancelled("build cancelled")
+    exc = task.exception()
+    if exc is None:
+        return None
+    if isinstance(exc, OciworkerError):
+        return exc
+    return OciworkerError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: OciworkerError) -> None:
+    context.set_trailing_metadata(api_errors.trailing_metadata(exc))
+    context.set_code(api_errors.status_code(exc))
+    context.set_details(str(exc))
+
+
+def add_to_server(service: ControlService, server: grpc.aio.Server) -> None:
+    pb_grpc.add_ControlServicer_to_server(cast(pb_grpc.ControlServicer, service), server)
+
+
+def unix_socket_path(addr: str) -> Path | None:
+    return Path(addr.removeprefix("unix://")) if addr.startswith("unix://") else None

@@ -1,0 +1,1 @@
+"""What a client lends a build: context sync, secrets, ssh agents, registry credentials."""

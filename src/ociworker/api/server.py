@@ -384,35 +384,40 @@ class ControlService:
         request_iterator: Any,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        first = await context.read()
-        if not isinstance(first, pb.SessionMessage) or first.WhichOneof("msg") != "hello":
-            await _abort(context, UserError("a session starts with a hello"))
-            return
-        out: asyncio.Queue[pb.SessionMessage | None] = asyncio.Queue()
-        session = WorkerSession(first.hello, out.put_nowait)
-        try:
-            self.sessions.add(session)
-        except UserError as exc:
-            await _abort(context, exc)
-            return
-        # the echo tells the client the session is registered: a Solve may follow
-        await context.write(pb.SessionMessage(hello=first.hello))
+        await serve_session(self.sessions, context)
 
-        async def read_loop() -> None:
-            try:
-                while isinstance(msg := await context.read(), pb.SessionMessage):
-                    session.dispatch(msg)
-            finally:
-                out.put_nowait(None)
 
-        reader = asyncio.create_task(read_loop())
+async def serve_session(hub: SessionHub, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """The worker's side of one Session call: register, then route both ways."""
+    first = await context.read()
+    if not isinstance(first, pb.SessionMessage) or first.WhichOneof("msg") != "hello":
+        await _abort(context, UserError("a session starts with a hello"))
+        return
+    out: asyncio.Queue[pb.SessionMessage | None] = asyncio.Queue()
+    session = WorkerSession(first.hello, out.put_nowait)
+    try:
+        hub.add(session)
+    except UserError as exc:
+        await _abort(context, exc)
+        return
+    # the echo tells the client the session is registered: a Solve may follow
+    await context.write(pb.SessionMessage(hello=first.hello))
+
+    async def read_loop() -> None:
         try:
-            while (msg := await out.get()) is not None:
-                await context.write(msg)
+            while isinstance(msg := await context.read(), pb.SessionMessage):
+                session.dispatch(msg)
         finally:
-            self.sessions.remove(session)
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            out.put_nowait(None)
+
+    reader = asyncio.create_task(read_loop())
+    try:
+        while (msg := await out.get()) is not None:
+            await context.write(msg)
+    finally:
+        hub.remove(session)
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 def _result_of(task: asyncio.Task[pb.SolveResult]) -> pb.SolveResult | None:

@@ -1,0 +1,183 @@
+"""The session stream over a real gRPC channel (a unix socket in tmp): context sync
+is incremental, keeps symlinks, applies the client's ignore rules, and the worker
+refuses names that leave the context; secrets flow on request only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from ociworker.api.server import serve_session
+from ociworker.api.session import ClientSession, SessionHub, WorkerSession
+from ociworker.api.v1 import control_pb2 as pb
+from ociworker.api.v1 import control_pb2_grpc as pb_grpc
+from ociworker.errors import UnsafePathError
+from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
+from ociworker.session import filesync
+
+
+class _SessionOnly(pb_grpc.ControlServicer):
+    def __init__(self, hub: SessionHub) -> None:
+        self.hub = hub
+
+    async def Session(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
+        await serve_session(self.hub, context)
+
+
+class _Secrets:
+    def __init__(self, values: dict[str, bytes]) -> None:
+        self.values = values
+        self.asked: list[str] = []
+
+    async def get_secret(self, secret_id: str) -> bytes | None:
+        self.asked.append(secret_id)
+        return self.values.get(secret_id)
+
+
+@dataclass
+class Link:
+    hub: SessionHub
+    open: Callable[[ClientSession], Any]
+
+
+@pytest.fixture
+async def link(tmp_path: Path) -> AsyncIterator[Link]:
+    hub = SessionHub()
+    server = grpc.aio.server()
+    pb_grpc.add_ControlServicer_to_server(_SessionOnly(hub), server)
+    addr = f"unix://{tmp_path}/s.sock"
+    server.add_insecure_port(addr)
+    await server.start()
+    channel = grpc.aio.insecure_channel(addr)
+    stub = pb_grpc.ControlStub(channel)
+    tasks: list[asyncio.Task[None]] = []
+    calls: list[Any] = []
+
+    async def open_session(cs: ClientSession) -> WorkerSession:
+        call = stub.Session()
+        calls.append(call)
+        await call.write(cs.hello())
+        assert isinstance(await call.read(), pb.SessionMessage)
+        tasks.append(asyncio.create_task(cs.serve(call, grpc.aio.EOF)))
+        return hub.get(cs.id)
+
+    yield Link(hub, open_session)
+    for t in tasks:
+        t.cancel()
+    for c in calls:
+        c.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await channel.close()
+    await server.stop(None)
+
+
+def _context(root: Path) -> Path:
+    ctx = root / "ctx"
+    (ctx / "sub").mkdir(parents=True)
+    for i in range(20):
+        (ctx / "sub" / f"f{i}").write_bytes(os.urandom(1000 + i))
+    (ctx / "big").write_bytes(os.urandom(300_000))
+    (ctx / "ignored.log").write_text("secret-ish\n")
+    (ctx / "link").symlink_to("/etc/passwd")
+    (ctx / "empty").write_bytes(b"")
+    return ctx
+
+
+async def _sync(ws: WorkerSession, store: filesync.ContextStore, key: str) -> tuple[Path, int]:
+    stats = await ws.stat("context")
+    with store.begin(key, stats) as transfer:
+        await ws.fetch("context", transfer)
+        return transfer.finish(), transfer.bytes_received
+
+
+async def test_sync_is_incremental_and_keeps_symlinks(link: Link, tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    matcher = IgnoreMatcher(["*.log"])
+    cs = ClientSession(uuid.uuid4().hex, {"context": (ctx, matcher)})
+    ws = await link.open(cs)
+    store = filesync.ContextStore(tmp_path / "store")
+
+    dest, first = await _sync(ws, store, "k")
+    total = sum(p.stat().st_size for p in ctx.rglob("*") if p.is_file() and not p.is_symlink())
+    assert first == total - len("secret-ish\n") == cs.bytes_sent
+    assert not (dest / "ignored.log").exists()
+    assert os.readlink(dest / "link") == "/etc/passwd"  # sent as a link, not followed
+    assert (dest / "big").read_bytes() == (ctx / "big").read_bytes()
+    assert (dest / "empty").read_bytes() == b""
+
+    (ctx / "sub" / "f3").write_bytes(b"changed")
+    (ctx / "sub" / "f4").unlink()
+    dest2, second = await _sync(ws, store, "k")
+    assert second == len(b"changed")
+    assert (dest2 / "sub" / "f3").read_bytes() == b"changed"
+    assert not (dest2 / "sub" / "f4").exists()
+    assert (dest2 / "big").read_bytes() == (ctx / "big").read_bytes()
+
+
+class _LyingClient(ClientSession):
+    """Serves a stat list naming a path outside the context."""
+
+    async def _stat(self, rid: int, name: str) -> None:
+        bad = filesync.FileStat("../escape", 0o100644, 3, 0)
+        raw = [json.dumps(bad.to_json()).encode()]
+        await self._put(id=rid, stat_batch=pb.StatBatch(stats_json=raw, done=True))
+
+
+async def test_worker_rejects_names_leaving_the_context(link: Link, tmp_path: Path) -> None:
+    cs = _LyingClient(uuid.uuid4().hex, {"context": (tmp_path, None)})
+    ws = await link.open(cs)
+    stats = await ws.stat("context")
+    with pytest.raises(UnsafePathError):
+        filesync.ContextStore(tmp_path / "store").begin("k", stats)
+    assert not (tmp_path / "store" / "escape").exists()
+
+
+async def test_worker_rejects_files_it_did_not_ask_for(link: Link, tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    cs = ClientSession(uuid.uuid4().hex, {"context": (ctx, None)})
+    ws = await link.open(cs)
+
+    class OnlyBig:
+        wanted = ["big"]
+
+        def write(self, path: str, chunk: bytes) -> None:
+            raise AssertionError("not reached")
+
+    # the client answers with "sub/f0" though the worker asked for "big"
+    orig = cs._files
+
+    async def swap(rid: int, name: str, paths: list[str]) -> None:
+        await orig(rid, name, ["sub/f0"])
+
+    cs._files = swap  # type: ignore[method-assign]
+    with pytest.raises(UnsafePathError):
+        await ws.fetch("context", OnlyBig())
+
+
+async def test_secrets_are_asked_only_when_offered(link: Link, tmp_path: Path) -> None:
+    secrets = _Secrets({"tok": b"s3cr3t"})
+    cs = ClientSession(uuid.uuid4().hex, {}, secrets=secrets, secret_ids=["tok", "gone"])
+    ws = await link.open(cs)
+    assert await ws.get_secret("tok") == b"s3cr3t"
+    assert await ws.get_secret("gone") is None
+    assert await ws.get_secret("never-offered") is None
+    assert secrets.asked == ["tok", "gone"]
+
+
+async def test_closed_session_fails_pending_requests(link: Link, tmp_path: Path) -> None:
+    cs = ClientSession(uuid.uuid4().hex, {"context": (tmp_path, None)})
+    ws = await link.open(cs)
+    link.hub.remove(ws)
+    from ociworker.api.session import SessionClosed
+
+    with pytest.raises(SessionClosed):
+        await ws.stat("context")

@@ -180,6 +180,11 @@ async def serve(cfg: DaemonConfig) -> int:
             )
         )
         sock: Path | None = None
+        # installed first: a SIGTERM during recovery or start-up still stops cleanly
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
             from ociworker.recovery import recover
 
@@ -189,10 +194,6 @@ async def serve(cfg: DaemonConfig) -> int:
             add_to_server(service, server)
             sock = _bind(server, cfg)
             await server.start()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
             _log.info("serving", addr=cfg.addr, root=str(worker.root))
             print(f"ociworker: serving on {cfg.addr}", flush=True)
             await stop.wait()

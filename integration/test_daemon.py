@@ -1,0 +1,438 @@
+"""The daemon end to end: ``ociworker serve`` on a unix socket in tmp with its own
+root, driven through the CLI (``build --addr``) and through ``ociworker.Client``;
+real runc, overlayfs and the local registry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import ociworker
+from ociworker.controller import BuildResult
+from ociworker.core.progress import Event, VertexStatus
+from ociworker.errors import BuildCancelled, ExecError
+from test_build import ow, runtime_containers, write_runtime_spy
+
+
+@dataclass
+class Daemon:
+    root: Path
+    sock: Path
+    proc: subprocess.Popen[bytes]
+    runtime: str
+
+    @property
+    def addr(self) -> str:
+        return f"unix://{self.sock}"
+
+
+def start_daemon(root: Path, sock: Path, runtime: str = "runc") -> Daemon:
+    log_path = root.parent / f"daemon-{uuid.uuid4().hex[:6]}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ociworker",
+                "serve",
+                "--addr",
+                f"unix://{sock}",
+                "--root",
+                str(root),
+                "--runtime",
+                runtime,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    # ready once it says so (a socket file may be a stale one of a killed daemon)
+    deadline = time.monotonic() + 60
+    while b"serving on" not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"daemon did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return Daemon(root, sock, proc, runtime)
+
+
+def stop_daemon(d: Daemon) -> int:
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+    return d.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, require_root: None, registry: str) -> Iterator[Daemon]:
+    root = tmp_path / "droot"
+    d = start_daemon(root, tmp_path / "d.sock")
+    yield d
+    assert stop_daemon(d) == 0
+
+
+def cli(
+    d: Daemon, *args: str, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "ociworker", args[0], "--addr", d.addr, *args[1:]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def context(tmp: Path, dockerfile: str, name: str = "ctx", **files: str) -> Path:
+    ctx = tmp / name
+    ctx.mkdir(parents=True)
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for k, v in files.items():
+        (ctx / k).write_text(v)
+    return ctx
+
+
+def test_cli_build_over_daemon_writes_client_side_outputs(
+    daemon: Daemon, tmp_path: Path, base_image: str, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    ctx = context(
+        tmp_path,
+        f"FROM {base_image}\nCOPY a.txt /a.txt\nRUN echo built > /b.txt\n",
+        **{"a.txt": "from the client\n", ".dockerignore": "*.log\n", "x.log": "ignored\n"},
+    )
+    out = tmp_path / "out"
+    proc = cli(
+        daemon,
+        "build",
+        "--progress",
+        "plain",
+        "-o",
+        f"type=oci,dest={out / 'img.tar'}",
+        "-o",
+        f"type=local,dest={out / 'fs'}",
+        "-o",
+        f"type=tar,dest={out / 'fs.tar'}",
+        "--metadata-file",
+        str(out / "meta.json"),
+        "--iidfile",
+        str(out / "iid"),
+        "-t",
+        "daemon/test:1",
+        str(ctx),
+    )
+    assert re.search(r"^#\d+ transferring context: [\d.]+k?B", proc.stderr, re.M), proc.stderr
+    assert (out / "fs" / "a.txt").read_text() == "from the client\n"
+    assert (out / "fs" / "b.txt").read_text() == "built\n"
+    with tarfile.open(out / "fs.tar") as tf:
+        assert "b.txt" in tf.getnames()
+    with tarfile.open(out / "img.tar") as tf:
+        assert "index.json" in tf.getnames()
+    meta = json.loads((out / "meta.json").read_text())
+    assert isinstance(meta["ociworker.context.bytes_sent"], int)
+    assert meta["ociworker.context.bytes_sent"] > 0
+    assert (out / "iid").read_text() == meta["containerimage.config.digest"]
+    # the output paths are the client's: nothing of them under the daemon's root
+    assert not any(p.name == "img.tar" for p in daemon.root.rglob("img.tar"))
+    assert mounts_under(daemon.root) == []
+    du = cli(daemon, "du")
+    assert "Total:" in du.stdout
+
+
+def test_failing_run_same_error_as_embedded_and_client_raises_exec_error(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN exit 3\n")
+    remote = cli(daemon, "build", "--progress", "plain", str(ctx), check=False)
+    local = ow(tmp_path / "embedded", "build", "--progress", "plain", str(ctx), check=False)
+    assert remote.returncode == local.returncode == 1
+    last = [ln for ln in remote.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert last and last == [ln for ln in local.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert "exit code: 3" in last[0]
+
+    async def via_client() -> ExecError:
+        async with ociworker.Client(daemon.addr) as c:
+            with pytest.raises(ExecError) as info:
+                await c.build(ctx)
+            return info.value
+
+    err = asyncio.run(via_client())
+    assert err.exit_code == 3 and "RUN exit 3" in err.step
+
+
+def test_client_api_build_streams_events_and_result(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN echo hello-from-run\n")
+    events: list[Event] = []
+
+    async def go() -> BuildResult:
+        async with ociworker.Client(daemon.addr) as c:
+            info = await c.info()
+            assert info.root == str(daemon.root.absolute())
+            return await c.build(ctx, events=events.append, want_image=True)
+
+    result = asyncio.run(go())
+    assert result.manifest is not None
+    assert result.metadata["containerimage.digest"] == result.manifest.digest
+    logs = b"".join(getattr(e, "data", b"") for e in events)
+    assert b"hello-from-run" in logs
+    assert any(isinstance(e, VertexStatus) and e.name.startswith("[2/2] RUN") for e in events)
+
+
+def test_eight_concurrent_cli_builds_run_a_common_step_once(
+    tmp_path: Path, base_image: str, require_root: None, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    spy, calls = write_runtime_spy(tmp_path, "runc")
+    d = start_daemon(tmp_path / "droot", tmp_path / "d.sock", runtime=str(spy))
+    try:
+        common = "RUN sleep 2 && echo common > /common\n"
+        procs = []
+        for i in range(8):
+            ctx = context(
+                tmp_path,
+                f"FROM {base_image}\n{common}COPY own.txt /\n",
+                name=f"ctx{i}",
+                **{"own.txt": f"client {i}\n"},
+            )
+            out = tmp_path / f"out{i}"
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "ociworker",
+                        "build",
+                        "--addr",
+                        d.addr,
+                        "--progress",
+                        "plain",
+                        "-o",
+                        f"type=local,dest={out}",
+                        str(ctx),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        for i, p in enumerate(procs):
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+            assert (tmp_path / f"out{i}" / "own.txt").read_text() == f"client {i}\n"
+            assert (tmp_path / f"out{i}" / "common").read_text() == "common\n"
+        started = calls.read_text().splitlines()
+        assert len(started) == 1, started  # the one RUN, shared by all 8 builds
+    finally:
+        assert stop_daemon(d) == 0
+    assert mounts_under(d.root) == []
+
+
+def _procs_with(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmd:
+            found.append(int(pid))
+    return found
+
+
+def test_cancel_mid_run_releases_everything_and_other_builds_go_on(
+    daemon: Daemon, tmp_path: Path, base_image: str, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    marker = f"cancel-{uuid.uuid4().hex}"
+    slow = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n", name="slow")
+    other = context(tmp_path, f"FROM {base_image}\nRUN sleep 1 && echo other > /o\n", name="other")
+    build_id = uuid.uuid4().hex
+
+    async def go() -> None:
+        async with ociworker.Client(daemon.addr) as c:
+            running = asyncio.Event()
+
+            def seen(ev: Event) -> None:
+                if isinstance(ev, VertexStatus) and "RUN sleep 60" in ev.name:
+                    running.set()
+
+            slow_task = asyncio.create_task(c.build(slow, events=seen, build_id=build_id))
+            other_task = asyncio.create_task(c.build(other, want_image=True))
+            await running.wait()
+            while not _procs_with(marker):  # the container's process is up
+                await asyncio.sleep(0.05)
+            slow_task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow_task
+            # the server says when the cancelled build has ended (after cleanup)
+            with pytest.raises(BuildCancelled):
+                async for _ in c.status(build_id):
+                    pass
+            assert _procs_with(marker) == []
+            # the other build is still going (and may hold a container and
+            # mounts of its own): it must succeed, and then nothing is left
+            result = await other_task
+            assert result.manifest is not None
+            assert runtime_containers(daemon.root, "runc") == ""
+            assert mounts_under(daemon.root) == []
+
+    asyncio.run(go())
+
+
+def _file_tree(ctx: Path, files: int, size: int) -> None:
+    for i in range(files):
+        d = ctx / f"d{i % 30:02d}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i:04d}.bin").write_bytes(os.urandom(size))
+
+
+def test_incremental_context_resends_only_the_changed_file(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    ctx = context(tmp_path, f"FROM {base_image}\nCOPY d00/f0000.bin /one\n")
+    _file_tree(ctx, 3000, 42 * 1024)  # ~123 MiB
+    total = sum(p.stat().st_size for p in ctx.rglob("*") if p.is_file())
+    meta = tmp_path / "meta.json"
+
+    def build() -> tuple[int, int]:
+        proc = cli(daemon, "build", "--progress", "plain", "--metadata-file", str(meta), str(ctx))
+        m = re.search(r"transferring context: ([\d.]+)(B|kB|MB|GB)", proc.stderr)
+        assert m, proc.stderr
+        scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)]
+        return json.loads(meta.read_text())["ociworker.context.bytes_sent"], int(
+            float(m.group(1)) * scale
+        )
+
+    first, first_line = build()
+    assert first == total
+    assert abs(first_line - total) <= total * 0.001
+    (ctx / "d07" / "f0007.bin").write_bytes(os.urandom(42 * 1024))
+    second, second_line = build()
+    assert second == 42 * 1024
+    assert second < total / 100 and second_line < total / 100
+
+
+def test_sigterm_during_build_exits_clean_and_restarts(
+    tmp_path: Path, base_image: str, require_root: None, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    root, sock = tmp_path / "droot", tmp_path / "d.sock"
+    d = start_daemon(root, sock)
+    marker = f"term-{uuid.uuid4().hex}"
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
+    client = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "build",
+            "--addr",
+            d.addr,
+            "--progress",
+            "plain",
+            str(ctx),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not _procs_with(marker):
+        assert time.monotonic() < deadline and client.poll() is None
+        time.sleep(0.05)
+    assert stop_daemon(d) == 0
+    _, err = client.communicate(timeout=60)
+    assert client.returncode != 0
+    assert "cancel" in err.lower(), err[-2000:]
+    assert _procs_with(marker) == []
+    assert mounts_under(root) == []
+    assert runtime_containers(root, "runc") == ""
+    assert not sock.exists()
+    d2 = start_daemon(root, sock)
+    try:
+        ok = context(tmp_path, f"FROM {base_image}\nRUN echo again > /a\n", name="ok")
+        cli(d2, "build", str(ok))
+    finally:
+        assert stop_daemon(d2) == 0
+
+
+def test_sigkill_then_restart_recovers_and_builds(
+    tmp_path: Path, base_image: str, require_root: None, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    root, sock = tmp_path / "droot", tmp_path / "d.sock"
+    d = start_daemon(root, sock)
+    marker = f"kill-{uuid.uuid4().hex}"
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
+    client = subprocess.Popen(
+        [sys.executable, "-m", "ociworker", "build", "--addr", d.addr, str(ctx)],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not _procs_with(marker):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    d.proc.kill()
+    d.proc.wait()
+    client.wait(timeout=60)
+    d2 = start_daemon(root, sock)  # finds the stale socket, the container, the mounts
+    try:
+        assert _procs_with(marker) == []
+        assert runtime_containers(root, "runc") == ""
+        ok = context(tmp_path, f"FROM {base_image}\nRUN echo again > /a\n", name="ok")
+        cli(d2, "build", str(ok))
+    finally:
+        assert stop_daemon(d2) == 0
+    assert mounts_under(root) == []
+
+
+def test_second_daemon_on_the_same_root_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "serve",
+            "--addr",
+            f"unix://{tmp_path}/2.sock",
+            "--root",
+            str(daemon.root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "another ociworker daemon" in proc.stderr
+
+
+def test_tcp_without_mutual_tls_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "serve",
+            "--addr",
+            "tcp://127.0.0.1:0",
+            "--root",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "mutual TLS" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_socket_is_0660(daemon: Daemon) -> None:
+    assert daemon.sock.stat().st_mode & 0o777 == 0o660

@@ -25,6 +25,7 @@ import pytest
 
 from ociworker.errors import HostError, UnsafePathError, UserError
 from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
+from ociworker.session import filesync
 from ociworker.session.filesync import ContextStore, FileStat, Transfer, read_chunks, scan
 
 ROOT = os.geteuid() == 0
@@ -624,3 +625,36 @@ def test_unclosed_transfer_warns(env: Env) -> None:
     other = env.store.try_begin("k", [])
     assert other is not None
     other.close()
+
+
+def test_writes_never_follow_links_even_without_validation(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # defence in depth: were a "through a symlink" entry ever let in, the O_NOFOLLOW
+    # descriptor walk still refuses to go through the link
+    monkeypatch.setattr(filesync, "_validate", lambda stats: {s.path: s for s in stats})
+    link = FileStat("link", stat.S_IFLNK | 0o777, 0, T0, 0, 0, linkname=str(env.sentinel))
+    stats = [link, FileStat("link/sub", stat.S_IFDIR | 0o755, 0, T0, 0, 0), _f("link/keep", 4)]
+    with env.store.begin("k", stats) as t:
+        t.write("link/keep", b"evil")
+        with pytest.raises(HostError):
+            t.finish()
+
+
+def test_read_only_dirs_can_be_refilled_and_removed(env: Env) -> None:
+    put(env.src, "ro/a", b"a")
+    put(env.src, "ro/deep/b", b"b")
+    (env.src / "ro/deep").chmod(0o500)
+    (env.src / "ro").chmod(0o555)
+    put(env.src, "gone/c", b"c")
+    (env.src / "gone").chmod(0o500)
+    env.sync()
+    (env.src / "ro").chmod(0o755)
+    put(env.src, "ro/new", b"new")
+    (env.src / "ro").chmod(0o555)
+    (env.src / "gone").chmod(0o700)
+    (env.src / "gone/c").unlink()
+    (env.src / "gone").rmdir()
+    out = env.sync()
+    assert out.wanted == ["ro/new"]
+    assert snapshot(out.tree) == snapshot(env.src)

@@ -658,3 +658,17 @@ def test_read_only_dirs_can_be_refilled_and_removed(env: Env) -> None:
     out = env.sync()
     assert out.wanted == ["ro/new"]
     assert snapshot(out.tree) == snapshot(env.src)
+
+
+def test_chunks_of_different_files_may_interleave(env: Env) -> None:
+    put(env.src, "a", b"aaaaaa")
+    put(env.src, "b", b"bbbbbb")
+    settle_dirs(env.src)
+    stats = scan(env.src, None)
+    with env.store.begin("k", stats) as t:
+        for i in range(0, 6, 2):
+            t.write("a", b"aaaaaa"[i : i + 2])
+            t.write("b", b"bbbbbb"[i : i + 2])
+        tree = t.finish()
+        assert t.bytes_received == 12
+        assert snapshot(tree) == snapshot(env.src)

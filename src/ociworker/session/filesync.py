@@ -254,8 +254,9 @@ def read_chunks(
 
     Refuses a symlink (at the end or on the way) and anything not a regular
     file. With ``size`` (what ``scan`` announced), a file that grew or shrank
-    since is an error instead of a short or long send. The file is opened on
-    the first ``next()``, and closed when the iterator ends or is closed.
+    since is an error instead of a short or long send. Nothing happens before
+    the first ``next()`` (errors surface there); the file is closed when the
+    iterator ends or is closed, so an abandoned iterator holds no descriptor.
     """
     name = _check_name(path)
     full = secure_join(root, name, follow_last=False)
@@ -389,7 +390,9 @@ class Transfer:
     """One sync of one key: which files to send, their content, then ``finish``.
 
     Use as a context manager (or call ``close``): closing releases the key and
-    drops content not yet applied.
+    drops content not yet applied. Keep it open while a build reads the dir
+    ``finish`` returned: the lock is what keeps another sync from changing it.
+    Not thread-safe: one caller drives a Transfer, one call at a time.
     """
 
     def __init__(self, paths: _KeyPaths, entries: dict[str, FileStat], lock_fd: int) -> None:

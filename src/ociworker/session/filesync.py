@@ -299,7 +299,9 @@ def _host_error(what: str, e: OSError) -> HostError:
 
 
 @dataclass(frozen=True)
-class _KeyPaths:
+class KeyPaths:
+    """Where a key's tree, record, lock and staging dir live (all named by its digest)."""
+
     tree: Path
     meta: Path
     lock: Path
@@ -314,9 +316,9 @@ class ContextStore:
         # contexts may hold private files: only the worker reads the store
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    def paths(self, key: str) -> _KeyPaths:
+    def paths(self, key: str) -> KeyPaths:
         name = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-        return _KeyPaths(
+        return KeyPaths(
             tree=self.root / name,
             meta=self.root / f"{name}.json",
             lock=self.root / f"{name}.lock",
@@ -395,7 +397,7 @@ class Transfer:
     Not thread-safe: one caller drives a Transfer, one call at a time.
     """
 
-    def __init__(self, paths: _KeyPaths, entries: dict[str, FileStat], lock_fd: int) -> None:
+    def __init__(self, paths: KeyPaths, entries: dict[str, FileStat], lock_fd: int) -> None:
         self._paths = paths
         self._entries = entries
         self._lock_fd: int | None = lock_fd

@@ -127,7 +127,7 @@ class _LyingClient(ClientSession):
     """Serves a stat list naming a path outside the context."""
 
     async def _stat(self, rid: int, name: str) -> None:
-        bad = filesync.FileStat("../escape", 0o100644, 3, 0)
+        bad = filesync.FileStat("../escape", 0o100644, 3, 0, 0, 0)
         raw = [json.dumps(bad.to_json()).encode()]
         await self._put(id=rid, stat_batch=pb.StatBatch(stats_json=raw, done=True))
 

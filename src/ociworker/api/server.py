@@ -132,7 +132,6 @@ class ControlService:
         self.contexts = ContextStore(worker.root / "contexts")
         self._builds: OrderedDict[str, _Build] = OrderedDict()
         self._tasks: set[asyncio.Task[pb.SolveResult]] = set()
-        self._context_locks: dict[str, asyncio.Lock] = {}
 
     async def cancel_all(self) -> None:
         """Cancel every running build and wait until each has released what it held."""
@@ -265,11 +264,10 @@ class ControlService:
         started = time.time()
         events(VertexStatus(digest, name, started=started))
         try:
-            # The synced copy must not change under a running build that reads it.
-            lock = self._context_locks.setdefault(key, asyncio.Lock())
-            await stack.enter_async_context(lock)
             stats = await session.stat("context")
-            transfer = await asyncio.to_thread(self.contexts.begin, key, stats)
+            # Held (open) until the build ends: the key's lock keeps another
+            # sync from changing the dir this build reads.
+            transfer = await self.contexts.abegin(key, stats)
             stack.enter_context(transfer)
             await session.fetch("context", transfer)
             path = await asyncio.to_thread(transfer.finish)

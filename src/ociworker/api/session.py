@@ -24,6 +24,7 @@ from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
 from ociworker.session import filesync
 
 _STAT_BATCH = 500
+_CHUNK = 256 * 1024  # file chunk per message (gRPC's default message limit is 4 MiB)
 _CLOSED = pb.SessionMessage()  # sentinel put on every pending queue when the stream ends
 
 
@@ -233,6 +234,7 @@ class ClientSession:
         self.bytes_sent = 0
         self._out: asyncio.Queue[pb.SessionMessage] = asyncio.Queue(maxsize=64)
         self._conns: dict[int, Duplex] = {}
+        self._sizes: dict[str, dict[str, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def hello(self) -> pb.SessionMessage:
@@ -330,6 +332,8 @@ class ClientSession:
     async def _stat(self, rid: int, name: str) -> None:
         root, ignore = self._dir(name)
         stats = await asyncio.to_thread(filesync.scan, root, ignore)
+        # sizes as announced: a file that changes size before it is sent fails
+        self._sizes[name] = {s.path: s.size for s in stats}
         for i in range(0, max(len(stats), 1), _STAT_BATCH):
             part = stats[i : i + _STAT_BATCH]
             done = i + _STAT_BATCH >= len(stats)
@@ -338,8 +342,9 @@ class ClientSession:
 
     async def _files(self, rid: int, name: str, paths: list[str]) -> None:
         root, _ = self._dir(name)
+        sizes = self._sizes.get(name, {})
         for path in paths:
-            it = await asyncio.to_thread(filesync.read_chunks, root, path)
+            it = filesync.read_chunks(root, path, _CHUNK, size=sizes.get(path))
             while True:
                 chunk = await asyncio.to_thread(next, it, None)
                 if chunk is None:

@@ -74,6 +74,15 @@ def stop_daemon(d: Daemon) -> int:
     return d.proc.wait(timeout=60)
 
 
+@pytest.fixture(autouse=True)
+def _detach_leaks(tmp_path: Path, mounts_under: Callable[[Path], list[Path]]) -> Iterator[None]:
+    # A failing test must not pin the host's tmp dir for the rest of the suite
+    # (its own assertions are what report the leak).
+    yield
+    for point in mounts_under(tmp_path):
+        subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)
+
+
 @pytest.fixture
 def daemon(tmp_path: Path, require_root: None, registry: str) -> Iterator[Daemon]:
     root = tmp_path / "droot"
@@ -436,3 +445,63 @@ def test_tcp_without_mutual_tls_is_refused(tmp_path: Path) -> None:
 
 def test_socket_is_0660(daemon: Daemon) -> None:
     assert daemon.sock.stat().st_mode & 0o777 == 0o660
+
+
+def test_dead_client_is_noticed_and_its_build_cancelled(
+    daemon: Daemon, tmp_path: Path, base_image: str, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    # A stopped client keeps its socket open but answers no keepalive ping: the
+    # daemon must drop it and cancel its build on its own.
+    marker = f"dead-{uuid.uuid4().hex}"
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 600; echo {marker}\n")
+    client = subprocess.Popen(
+        [sys.executable, "-m", "ociworker", "build", "--addr", daemon.addr, str(ctx)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _procs_with(marker):
+            assert time.monotonic() < deadline and client.poll() is None
+            time.sleep(0.05)
+        client.send_signal(signal.SIGSTOP)
+
+        async def wait_until_idle() -> None:
+            async with ociworker.Client(daemon.addr) as c:
+                # a guard, not a measurement: keepalive gives up after ~10 s
+                async with asyncio.timeout(60):
+                    while (await c.info()).running_builds:
+                        await asyncio.sleep(0.2)
+
+        asyncio.run(wait_until_idle())
+        assert _procs_with(marker) == []
+        assert runtime_containers(daemon.root, "runc") == ""
+        assert mounts_under(daemon.root) == []
+    finally:
+        client.kill()
+        client.wait()
+
+
+def test_client_death_and_sigterm_together_leave_nothing(
+    tmp_path: Path, base_image: str, require_root: None, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    # Two cancellations of one build (its client's and the daemon's) must not
+    # cut short the clean-up the first one started.
+    root, sock = tmp_path / "droot", tmp_path / "d.sock"
+    d = start_daemon(root, sock)
+    marker = f"both-{uuid.uuid4().hex}"
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
+    client = subprocess.Popen(
+        [sys.executable, "-m", "ociworker", "build", "--addr", d.addr, str(ctx)],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not _procs_with(marker):
+        assert time.monotonic() < deadline and client.poll() is None
+        time.sleep(0.05)
+    client.kill()  # no wait: the daemon's SIGTERM lands while it sees the client go
+    assert stop_daemon(d) == 0
+    client.wait()
+    assert _procs_with(marker) == []
+    assert mounts_under(root) == []
+    assert runtime_containers(root, "runc") == ""
+    assert not any((root / "executor" / "bundles").iterdir())

@@ -47,6 +47,9 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC core waits this long for any ping's ack (default 1 min); without it
+    # the keepalive timeout above is not what ends a dead connection
+    ("grpc.http2.ping_timeout_ms", 5000),
 )
 
 

@@ -43,6 +43,9 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
     ("grpc.http2.max_ping_strikes", 0),
+    # how long any ping waits for its ack (default 1 min): this, not only the
+    # keepalive timeout, is what ends a connection to a frozen peer
+    ("grpc.http2.ping_timeout_ms", 5000),
 )
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
@@ -168,6 +171,17 @@ def _bind(server: grpc.aio.Server, cfg: DaemonConfig) -> Path | None:
     return path
 
 
+async def _drain() -> None:
+    """Let cleanups that outlived their task (shielded unmounts, container
+    deletes) finish before the worker closes and the loop cancels them."""
+    me = asyncio.current_task()
+    others = [t for t in asyncio.all_tasks() if t is not me]
+    if others:
+        _, pending = await asyncio.wait(others, timeout=30)
+        if pending:
+            _log.warning("tasks still running at exit", count=len(pending))
+
+
 async def serve(cfg: DaemonConfig) -> int:
     with _root_lock(cfg.root):
         worker = Worker(
@@ -200,6 +214,7 @@ async def serve(cfg: DaemonConfig) -> int:
             _log.info("stopping: cancelling builds")
             await service.cancel_all()
             await server.stop(grace=2)
+            await _drain()
         finally:
             await worker.aclose()
             if sock is not None:

@@ -137,7 +137,10 @@ class ControlService:
         """Cancel every running build and wait until each has released what it held."""
         tasks = list(self._tasks)
         for t in tasks:
-            t.cancel()
+            # Once only: a second cancel would cut short the (shielded) cleanup
+            # the first one started, leaving it to run detached from the task.
+            if not t.cancelling():
+                t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- Solve / Status ----------------------------------------------------------------
@@ -184,7 +187,8 @@ class ControlService:
             if not task.done():
                 # the client went away (or the daemon stops): cancel and wait
                 # for the build to release what it holds before returning
-                task.cancel()
+                if not task.cancelling():
+                    task.cancel()
                 await asyncio.wait({task})
         error = _error_of(task)
         if error is not None:

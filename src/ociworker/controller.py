@@ -17,7 +17,15 @@ from typing import Any, BinaryIO
 
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor, Layer
-from ociworker.core.progress import EventSink, Info, VertexStatus, Warning, discard
+from ociworker.core.progress import (
+    DEFAULT_LOG_CAP,
+    EventSink,
+    Info,
+    VertexStatus,
+    Warning,
+    cap_logs,
+    discard,
+)
 from ociworker.core.reference import parse_reference
 from ociworker.diff.base import Compression, CompressionOpts
 from ociworker.errors import (
@@ -83,6 +91,8 @@ class BuildRequest:
     network: str = "host"
     iidfile: Path | None = None
     metadata_file: Path | None = None
+    #: bytes of log kept per step (BuildKit's max-log-size); <= 0: no cap
+    log_cap: int = DEFAULT_LOG_CAP
 
 
 @dataclass(frozen=True)
@@ -188,6 +198,7 @@ async def resolve_image(worker: Worker, name: str) -> ImageInfo:
 
 
 async def build(worker: Worker, req: BuildRequest, events: EventSink = discard) -> BuildResult:
+    events = cap_logs(events, req.log_cap)
     outputs = list(req.outputs)
     plan, matcher = await plan_build(worker, req, events)
     job = Job(

@@ -15,6 +15,7 @@ from ociworker import controller, log
 from ociworker.core.progress import EventSink
 from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
+from ociworker.session.credentials import DockerConfigCredentials
 from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
 
 
@@ -162,7 +163,10 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     worker = _worker(args)
     try:
         with view:  # the tty view prints its final state on every way out
-            result = await controller.build(worker, req, printer)
+            # The embedded build lends the caller's own docker login, as buildx does.
+            result = await controller.build(
+                worker, req, printer, credentials=DockerConfigCredentials()
+            )
     finally:
         await worker.aclose()
     if progress == "quiet" and result.config_digest:

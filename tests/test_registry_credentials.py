@@ -146,3 +146,17 @@ async def test_controller_and_solver_use_the_jobs_credentials(worker: Worker) ->
     with pytest.raises(RegistryError, match="401"):
         await worker.solver.solve(pull, Job(id="anonymous"))
     assert await worker.solver.solve(pull, Job(id="alice", credentials=ALICE)) == SCRATCH
+
+
+class _Refusing:
+    """Credentials that must not be asked for (a broken config, a missing helper)."""
+
+    async def credentials(self, host: str) -> tuple[str, str] | None:
+        raise AssertionError(f"credentials asked for {host}")
+
+
+async def test_an_open_registry_never_asks_for_credentials() -> None:
+    reg = FakeRegistry()
+    seed_image(reg, "app", "v1", [b"a"])
+    async with RegistryClient(transport=reg.transport()) as client:
+        await client.with_credentials(_Refusing()).resolve(f"{REG}/app:v1", AMD64)

@@ -317,8 +317,14 @@ class RegistryClient:
     async def _token_key(self, domain: str, scopes: str) -> tuple[str, str, str]:
         return domain, scopes, _identity(await self._creds_for(domain))
 
-    def _cached_auth(self, key: tuple[str, str, str]) -> str | None:
-        return self._shared.tokens.get(key) or self._basic.get(key[0])
+    async def _auth_header(self, domain: str, scopes: str) -> str | None:
+        # Credentials are asked for only once a registry has asked for auth: an
+        # open registry never runs a credential helper or reads a docker config.
+        if domain in self._basic:
+            return self._basic[domain]
+        if domain not in self._shared.challenges:
+            return None
+        return self._shared.tokens.get(await self._token_key(domain, scopes))
 
     async def _fetch_token(
         self, domain: str, challenge: Challenge, scopes: str, *, from_401: bool = True
@@ -406,20 +412,18 @@ class RegistryClient:
         """Send with auth; on 401 authenticate and retry once. A streamed
         response must be closed by the caller. Status codes are not checked."""
         domain = ref.domain
-        key = await self._token_key(domain, scopes)
-        if (
-            domain in self._shared.challenges
-            and key not in self._shared.tokens
-            and domain not in self._basic
-        ):
-            # We know this registry wants tokens: get one before the request
-            # instead of paying for a 401 on every new scope.
-            await self._authenticate_with(key)
+        shared = self._shared
+        if domain in shared.challenges and domain not in self._basic:
+            key = await self._token_key(domain, scopes)
+            if key not in shared.tokens:
+                # We know this registry wants tokens: get one before the request
+                # instead of paying for a 401 on every new scope.
+                await self._authenticate_with(key)
         for attempt in (0, 1):
             request = self._http.build_request(
                 method, url, headers=headers, content=content, params=params
             )
-            auth = self._cached_auth(key)
+            auth = await self._auth_header(domain, scopes)
             if auth:
                 request.headers["Authorization"] = auth
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -13,7 +14,8 @@ from pathlib import Path
 from ociworker import controller, log
 from ociworker.core.progress import EventSink
 from ociworker.errors import ConfigError, OciworkerError
-from ociworker.progress_ui import PlainPrinter, QuietPrinter, RawJSONPrinter
+from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
+from ociworker.session.credentials import DockerConfigCredentials
 from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
 
 
@@ -60,7 +62,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="type=oci|docker|tar|local|image[,dest=PATH][,compression=gzip|zstd]...",
     )
     b.add_argument(
-        "--progress", choices=("auto", "plain", "tty", "quiet", "rawjson"), default="auto"
+        "--progress",
+        choices=PROGRESS_MODES,
+        default=None,
+        help="auto (tty on a terminal, else plain), plain, tty, quiet, rawjson "
+        "(default $BUILDKIT_PROGRESS or auto)",
     )
     b.add_argument("--no-cache", action="store_true", help="do not use the build cache")
     b.add_argument("--network", choices=("host", "none", "default"), default="host")
@@ -112,15 +118,36 @@ def _worker(args: argparse.Namespace) -> Worker:
     )
 
 
+def _progress_mode(args: argparse.Namespace) -> str:
+    """--progress, else $BUILDKIT_PROGRESS (as buildx), else auto; auto is tty
+    when stderr is a terminal."""
+    if args.quiet:
+        return "quiet"
+    mode: str = args.progress or os.environ.get("BUILDKIT_PROGRESS") or "auto"
+    if mode not in PROGRESS_MODES:
+        raise ConfigError(
+            f"invalid progress mode {mode!r} (from BUILDKIT_PROGRESS): "
+            f"use one of {', '.join(PROGRESS_MODES)}"
+        )
+    if mode == "auto":
+        return "tty" if sys.stderr.isatty() else "plain"
+    return mode
+
+
 async def _cmd_build(args: argparse.Namespace) -> int:
-    progress = "quiet" if args.quiet else args.progress
+    progress = _progress_mode(args)
     printer: EventSink
+    view: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if progress == "rawjson":
         printer = RawJSONPrinter(sys.stderr)
     elif progress == "quiet":
         printer = QuietPrinter()
+    elif progress == "tty":
+        from ociworker.progress_ui import TTYPrinter  # imports rich: only when asked for
+
+        printer = view = TTYPrinter()
     else:
-        printer = PlainPrinter(sys.stderr)  # tty view: not yet, plain everywhere
+        printer = PlainPrinter(sys.stderr)
     req = controller.BuildRequest(
         context=args.context,
         dockerfile=args.file,
@@ -135,7 +162,11 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     )
     worker = _worker(args)
     try:
-        result = await controller.build(worker, req, printer)
+        with view:  # the tty view prints its final state on every way out
+            # The embedded build lends the caller's own docker login, as buildx does.
+            result = await controller.build(
+                worker, req, printer, credentials=DockerConfigCredentials()
+            )
     finally:
         await worker.aclose()
     if progress == "quiet" and result.config_digest:

@@ -17,8 +17,17 @@ from typing import Any, BinaryIO
 
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor, Layer
-from ociworker.core.progress import EventSink, Info, VertexStatus, Warning, discard
+from ociworker.core.progress import (
+    DEFAULT_LOG_CAP,
+    EventSink,
+    Info,
+    VertexStatus,
+    Warning,
+    cap_logs,
+    discard,
+)
 from ociworker.core.reference import parse_reference
+from ociworker.core.session import Credentials, NoCredentials
 from ociworker.diff.base import Compression, CompressionOpts
 from ociworker.errors import (
     ConfigError,
@@ -83,6 +92,8 @@ class BuildRequest:
     network: str = "host"
     iidfile: Path | None = None
     metadata_file: Path | None = None
+    #: bytes of log kept per step (BuildKit's max-log-size); <= 0: no cap
+    log_cap: int = DEFAULT_LOG_CAP
 
 
 @dataclass(frozen=True)
@@ -130,7 +141,10 @@ def _read_dockerfile(req: BuildRequest) -> tuple[str, Path]:
 
 
 async def plan_build(
-    worker: Worker, req: BuildRequest, events: EventSink = discard
+    worker: Worker,
+    req: BuildRequest,
+    events: EventSink = discard,
+    credentials: Credentials | None = None,
 ) -> tuple[Plan, IgnoreMatcher]:
     if not req.context.is_dir():
         raise NotFoundError(f"build context {req.context} is not a directory")
@@ -156,7 +170,8 @@ async def plan_build(
         hints = dict(plan.from_errors)
         with _Exporting(events, "[internal] load metadata for " + ", ".join(plan.missing)):
             got = await asyncio.gather(
-                *(resolve_image(worker, m) for m in plan.missing), return_exceptions=True
+                *(resolve_image(worker, m, credentials) for m in plan.missing),
+                return_exceptions=True,
             )
         for name, info in zip(plan.missing, got, strict=True):
             if isinstance(info, OciworkerError) and name in hints:
@@ -173,7 +188,9 @@ async def plan_build(
     return plan, matcher
 
 
-async def resolve_image(worker: Worker, name: str) -> ImageInfo:
+async def resolve_image(
+    worker: Worker, name: str, credentials: Credentials | None = None
+) -> ImageInfo:
     """Pin a FROM reference to a manifest digest: the image store first, then the registry."""
     ref = parse_reference(name)
     repo = ref.repository
@@ -182,19 +199,31 @@ async def resolve_image(worker: Worker, name: str) -> ImageInfo:
         if local is not None:
             _, config = read_image(worker.content, local.digest)
             return ImageInfo(ref=f"{repo}@{local.digest}", config=config)
-    resolved = await worker.registry.resolve(ref, worker.config.platform, store=worker.content)
+    registry = worker.registry.with_credentials(credentials)
+    resolved = await registry.resolve(ref, worker.config.platform, store=worker.content)
     config = json.loads(resolved.config_json)
     return ImageInfo(ref=f"{repo}@{resolved.manifest.digest}", config=config)
 
 
-async def build(worker: Worker, req: BuildRequest, events: EventSink = discard) -> BuildResult:
+async def build(
+    worker: Worker,
+    req: BuildRequest,
+    events: EventSink = discard,
+    *,
+    credentials: Credentials | None = None,
+) -> BuildResult:
+    """``credentials``: the registry credentials the caller lends this build
+    (anonymous when None; the CLI passes its docker config)."""
+    events = cap_logs(events, req.log_cap)
     outputs = list(req.outputs)
-    plan, matcher = await plan_build(worker, req, events)
+    credentials = credentials or NoCredentials()
+    plan, matcher = await plan_build(worker, req, events, credentials)
     job = Job(
         id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
         locals={"context": LocalContext(req.context.absolute(), matcher)},
+        credentials=credentials,
     )
     result = await worker.solver.solve(plan.target, job)
     top = result.ref if result.kind == "snapshot" else None

@@ -369,7 +369,9 @@ class _SourceHandler:
         name, _, digest = rest.rpartition("@")
         image = self.w.image_from_store(name, check_digest(digest))
         if image is None:
-            image = await self.w.puller.pull(rest, self.w.config.platform)
+            # The job's own credentials: under the daemon each client lends its own.
+            registry = self.w.registry.with_credentials(job.credentials)
+            image = await self.w.puller.pull(rest, self.w.config.platform, client=registry)
         top = await unpack(image, self.w.snapshots, self.w.applier, self.w.snapshots)
         # pulled layers are exported as they came, never diffed again
         for layer, chain_id in zip(image.layers, chain_ids(image.diff_ids), strict=True):

@@ -75,3 +75,53 @@ EventSink = Callable[[Event], None]
 
 def discard(_: Event) -> None:
     """An EventSink that drops everything."""
+
+
+#: BuildKit's default per-step log limit (``max-log-size``, 2 MiB)
+DEFAULT_LOG_CAP = 2 << 20
+
+
+def _bytes_size(n: int) -> str:
+    """``2097152`` -> ``2MiB``, as go-units' BytesSize that BuildKit prints."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.4g}{unit}"
+        size /= 1024
+    return f"{size:.4g}TiB"
+
+
+def clipped_line(limit: int) -> bytes:
+    return f"\n[output clipped, log limit {_bytes_size(limit)} reached]\n".encode()
+
+
+def cap_logs(sink: EventSink, limit: int = DEFAULT_LOG_CAP) -> EventSink:
+    """``sink``, but each vertex's log data stops after ``limit`` bytes.
+
+    A step that prints gigabytes would otherwise flood the terminal, the
+    daemon's stream and the client's memory; past the cap one clear line says
+    so (on stderr, as BuildKit does) and the rest is dropped. Statuses,
+    warnings and infos always pass. ``limit <= 0`` means no cap.
+    """
+    if limit <= 0:
+        return sink
+    sent: dict[str, int] = {}
+
+    def capped(ev: Event) -> None:
+        if not isinstance(ev, VertexLog):
+            sink(ev)
+            return
+        used = sent.get(ev.digest, 0)
+        if used > limit:
+            return  # already clipped
+        room = limit - used
+        if len(ev.data) <= room:
+            sent[ev.digest] = used + len(ev.data)
+            sink(ev)
+            return
+        if room:
+            sink(VertexLog(ev.digest, ev.stream, ev.data[:room], ev.timestamp))
+        sent[ev.digest] = limit + 1
+        sink(VertexLog(ev.digest, 2, clipped_line(limit), ev.timestamp))
+
+    return capped

@@ -57,7 +57,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--output",
         action="append",
         default=[],
-        help="type=oci|docker|tar|local|image[,dest=PATH][,compression=gzip|zstd]...",
+        help="type=oci|docker|tar|local|image|layers[,dest=PATH|-][,compression=gzip|zstd]...",
     )
     b.add_argument(
         "--progress", choices=("auto", "plain", "tty", "quiet", "rawjson"), default="auto"

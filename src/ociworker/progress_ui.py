@@ -6,7 +6,7 @@ import json
 import time
 from typing import TextIO
 
-from ociworker.core.progress import Event, Info, VertexLog, VertexStatus, Warning
+from ociworker.core.progress import Event, Info, LayerCommitted, VertexLog, VertexStatus, Warning
 
 
 class PlainPrinter:
@@ -42,6 +42,10 @@ class PlainPrinter:
                 self._write(f"#{self._ids[ev.digest]} {ev.message}")
             else:
                 self._write(ev.message)
+        elif isinstance(ev, LayerCommitted):
+            d = ev.descriptor
+            text = f"layer {d.digest} written ({d.size} bytes)"
+            self._write(f"#{self._ids[ev.vertex]} {text}" if ev.vertex in self._ids else text)
         self.out.flush()
 
     def _status(self, ev: VertexStatus) -> None:

@@ -182,7 +182,7 @@ def test_archives_stream_to_stdout(
         proc = subprocess.run(
             _cmd(
                 state_dir,
-                *["--runtime", "runc", "--progress=plain", str(ctx), "-t", "streamed:v1"],
+                *["--runtime", "runc", "-q", str(ctx), "-t", "streamed:v1"],
                 *["-o", "type=oci,dest=-", "-o", f"type=oci,dest={as_file}"],
                 *["--metadata-file", str(meta)],
             ),
@@ -192,8 +192,10 @@ def test_archives_stream_to_stdout(
             timeout=300,
         )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "#1 " in proc.stderr  # progress went to stderr, stdout holds only the archive
+    # stdout holds the archive and nothing else: -q's image id went to stderr
     assert from_stdout.read_bytes() == as_file.read_bytes()
+    config_digest = json.loads(meta.read_text())["containerimage.config.digest"]
+    assert proc.stderr.split() == [config_digest]
     inspected = subprocess.run(
         [skopeo, "inspect", f"oci-archive:{from_stdout}:v1"],
         capture_output=True,

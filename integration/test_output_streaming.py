@@ -168,6 +168,31 @@ def test_failed_build_stops_layer_writes_and_releases_everything(
     assert not list(layers.rglob("*.tmp")) if layers.exists() else True
 
 
+def test_unwritable_layers_dest_fails_the_build_at_once(
+    tmp_path: Path, state_dir: Path, base_image: str, require_root: None
+) -> None:
+    ctx = _context(tmp_path, f"FROM {base_image}\nRUN echo a > /a\nRUN sleep 60\nRUN echo c\n")
+    not_a_dir = tmp_path / "taken"
+    not_a_dir.write_bytes(b"a file where the layers dir should be")
+    proc = ow(
+        state_dir,
+        "build",
+        *["--runtime", "runc", "--progress=rawjson", str(ctx)],
+        *["-o", f"type=layers,dest={not_a_dir}"],
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert f"cannot write output type=layers to {not_a_dir}" in proc.stderr
+    assert not_a_dir.read_bytes() == b"a file where the layers dir should be"
+    # the failed write cut the build short: the sleep was cancelled, not waited for
+    sleep = [
+        json.loads(line)["vertex"]
+        for line in proc.stderr.splitlines()
+        if line.startswith('{"vertex"') and "RUN sleep 60" in line
+    ]
+    assert sleep[-1].get("error") == "cancelled"
+
+
 def test_archives_stream_to_stdout(
     tmp_path: Path, state_dir: Path, base_image: str, require_root: None
 ) -> None:

@@ -9,7 +9,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,13 +202,21 @@ async def build(
         locals={"context": LocalContext(req.context.absolute(), matcher)},
         on_result=streamer.on_result if streamer is not None else None,
     )
+    solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
+    if streamer is not None:
+        # A layer that cannot be written fails the build now, not when the solve ends.
+        streamer.on_failure = solving.cancel
     try:
-        result = await worker.solver.solve(plan.target, job)
+        result = await solving
         if streamer is not None:
             await streamer.wait()
-    except BaseException:
+    except BaseException as exc:
         if streamer is not None:
             await streamer.cancel()
+            me = asyncio.current_task()
+            ours = me is None or me.cancelling() == 0  # not a Ctrl-C of the whole build
+            if isinstance(exc, asyncio.CancelledError) and streamer.error is not None and ours:
+                raise streamer.error from None
         raise
     top = result.ref if result.kind == "snapshot" else None
 
@@ -405,6 +413,9 @@ class _LayerStreamer:
         self._index = {s.digest: i for i, s in enumerate(steps, 1)}
         self._claimed: set[int] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        #: the first layer write that failed, and what to call when one does
+        self.error: BaseException | None = None
+        self.on_failure: Callable[[], object] | None = None
 
     def on_result(self, vertex: Vertex, result: Result) -> None:
         index = self._index.get(vertex.digest)
@@ -412,7 +423,15 @@ class _LayerStreamer:
             return
         self._claimed.add(index)
         task = asyncio.get_running_loop().create_task(self._write_from(index, result.ref))
+        task.add_done_callback(self._done)
         self._tasks.append(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None or self.error is not None:
+            return
+        self.error = task.exception()
+        if self.on_failure is not None:
+            self.on_failure()
 
     async def wait(self) -> None:
         """Wait for every layer write; the first failure cancels the rest."""

@@ -19,6 +19,7 @@ Every method and function here blocks; async callers run them in a thread.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ from typing import BinaryIO, Protocol
 from ociworker.core.digest import hex_part
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import LayerCommitted
-from ociworker.errors import DigestMismatchError, UserError
+from ociworker.errors import DigestMismatchError, HostError, UserError
 
 _CHUNK = 1 << 20
 
@@ -67,8 +68,10 @@ class LocalExportTarget:
     def __init__(self, stdout: BinaryIO | None = None) -> None:
         self._stdout = stdout
 
-    def archive(self, out: OutputSpec) -> AbstractContextManager[BinaryIO]:
-        return open_archive_dest(out.get("dest"), stdout=self._stdout)
+    @contextlib.contextmanager
+    def archive(self, out: OutputSpec) -> Iterator[BinaryIO]:
+        with output_errors(out), open_archive_dest(out.get("dest"), stdout=self._stdout) as f:
+            yield f
 
     def local(self, out: OutputSpec, root: Path) -> None:
         # Exporters load only when a build has an output to write.
@@ -76,10 +79,25 @@ class LocalExportTarget:
 
         # Copying the mounted tree directly skips a tar round trip; the tests
         # check it gives what write_local_tar gives a remote client.
-        export_local(root, Path(out.get("dest")))
+        with output_errors(out):
+            export_local(root, Path(out.get("dest")))
 
     def layer(self, out: OutputSpec, layer: LayerCommitted, blob: BinaryIO) -> None:
-        write_layer(Path(out.get("dest")), layer, blob)
+        with output_errors(out):
+            write_layer(Path(out.get("dest")), layer, blob)
+
+
+@contextlib.contextmanager
+def output_errors(out: OutputSpec) -> Iterator[None]:
+    """OSErrors while writing ``out`` as our errors: a full disk is the host's
+    fault, a dest that cannot be written (not a dir, read-only...) the caller's."""
+    try:
+        yield
+    except OSError as e:
+        what = f"cannot write output type={out.type} to {out.get('dest')}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM):
+            raise HostError(f"{what}: {e}") from e
+        raise UserError(f"{what}: {e}") from e
 
 
 @contextlib.contextmanager

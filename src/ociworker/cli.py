@@ -59,7 +59,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--output",
         action="append",
         default=[],
-        help="type=oci|docker|tar|local|image[,dest=PATH][,compression=gzip|zstd]...",
+        help="type=oci|docker|tar|local|image|layers[,dest=PATH|-][,compression=gzip|zstd]...",
     )
     b.add_argument(
         "--progress",
@@ -170,7 +170,9 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     finally:
         await worker.aclose()
     if progress == "quiet" and result.config_digest:
-        print(result.config_digest)
+        # stdout belongs to an archive written there (dest=-); the id must not corrupt it
+        to_stdout = any(o.to_stdout for o in req.outputs)
+        print(result.config_digest, file=sys.stderr if to_stdout else sys.stdout)
     elif result.manifest is not None:
         print(f"image digest: {result.manifest.digest}", file=sys.stderr)
     return 0

@@ -7,20 +7,32 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from ociworker.core.digest import Digest
-from ociworker.core.oci import Descriptor, Layer
+from ociworker.core.graph import SourceOp, Vertex
+from ociworker.core.oci import (
+    ANNOTATION_STEP_INDEX,
+    ANNOTATION_UNCOMPRESSED,
+    ANNOTATION_VERTEX_DIGEST,
+    ANNOTATION_VERTEX_NAME,
+    Descriptor,
+    Layer,
+)
+
+# re-exported: callers spell them controller.OutputSpec, as before they moved to core
+from ociworker.core.outputs import OUTPUT_TYPES as OUTPUT_TYPES
+from ociworker.core.outputs import OutputSpec as OutputSpec
 from ociworker.core.progress import (
     DEFAULT_LOG_CAP,
     EventSink,
     Info,
+    LayerCommitted,
     VertexStatus,
     Warning,
     cap_logs,
@@ -37,10 +49,11 @@ from ociworker.errors import (
     UserError,
 )
 from ociworker.exporter.image import ImageResult, read_image, write_image
+from ociworker.exporter.target import ExportTarget, LocalExportTarget
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
 from ociworker.frontend.dockerfile.parser import parse
-from ociworker.solver.scheduler import Job
+from ociworker.solver.scheduler import Job, Result
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import LocalContext, Worker
 
@@ -48,36 +61,6 @@ from ociworker.worker import LocalContext, Worker
 _EMPTY_TAR_DIFF_IDS = frozenset(
     "sha256:" + hashlib.sha256(b"\0" * n).hexdigest() for n in (1024, 10240)
 )
-OUTPUT_TYPES = ("image", "oci", "docker", "local", "tar")
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    type: str
-    attrs: tuple[tuple[str, str], ...] = ()
-
-    def get(self, key: str, default: str = "") -> str:
-        return dict(self.attrs).get(key, default)
-
-    @classmethod
-    def parse(cls, text: str) -> OutputSpec:
-        """``type=oci,dest=out.tar`` (as buildx), or a bare path meaning type=local."""
-        if "=" not in text and "," not in text:
-            return cls("local", (("dest", text),))
-        attrs: dict[str, str] = {}
-        for part in text.split(","):
-            k, eq, v = part.partition("=")
-            if not eq:
-                raise ConfigError(f"invalid output {text!r}: {part!r} is not key=value")
-            attrs[k.strip()] = v.strip()
-        typ = attrs.pop("type", "local" if "dest" in attrs else "")
-        if typ == "registry":
-            raise ConfigError("type=registry is not supported yet; use type=oci and skopeo")
-        if typ not in OUTPUT_TYPES:
-            raise ConfigError(f"unknown output type {typ!r}: use one of {', '.join(OUTPUT_TYPES)}")
-        if typ in ("oci", "docker", "local", "tar") and not attrs.get("dest"):
-            raise ConfigError(f"output type={typ} needs dest=PATH")
-        return cls(typ, tuple(sorted(attrs.items())))
 
 
 @dataclass(frozen=True)
@@ -211,24 +194,51 @@ async def build(
     events: EventSink = discard,
     *,
     credentials: Credentials | None = None,
+    target: ExportTarget | None = None,
 ) -> BuildResult:
-    """``credentials``: the registry credentials the caller lends this build
+    """Plan, solve and export ``req``; every output is handed to ``target``
+    (default: written to the local filesystem, ``dest=-`` to stdout).
+    ``credentials``: the registry credentials the caller lends this build
     (anonymous when None; the CLI passes its docker config)."""
     events = cap_logs(events, req.log_cap)
+    if target is None:
+        target = LocalExportTarget()
     outputs = list(req.outputs)
+    if sum(o.to_stdout for o in outputs) > 1:
+        raise ConfigError("only one output can be written to stdout (dest=-)")
+    compression = _compression(outputs)
     credentials = credentials or NoCredentials()
     plan, matcher = await plan_build(worker, req, events, credentials)
+    layer_outs = [o for o in outputs if o.type == "layers"]
+    streamer: _LayerStreamer | None = None
+    if layer_outs:
+        streamer = _LayerStreamer(worker, plan.target, layer_outs, compression, target, events)
     job = Job(
         id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
         locals={"context": LocalContext(req.context.absolute(), matcher)},
         credentials=credentials,
+        on_result=streamer.on_result if streamer is not None else None,
     )
-    result = await worker.solver.solve(plan.target, job)
+    solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
+    if streamer is not None:
+        # A layer that cannot be written fails the build now, not when the solve ends.
+        streamer.on_failure = solving.cancel
+    try:
+        result = await solving
+        if streamer is not None:
+            await streamer.wait()
+    except BaseException as exc:
+        if streamer is not None:
+            await streamer.cancel()
+            me = asyncio.current_task()
+            ours = me is None or me.cancelling() == 0  # not a Ctrl-C of the whole build
+            if isinstance(exc, asyncio.CancelledError) and streamer.error is not None and ours:
+                raise streamer.error from None
+        raise
     top = result.ref if result.kind == "snapshot" else None
 
-    compression = _compression(outputs)
     need_image = bool(req.tags) or any(o.type in ("image", "oci", "docker") for o in outputs)
     need_image = need_image or req.iidfile is not None or req.metadata_file is not None
     image: ImageResult | None = None
@@ -248,7 +258,7 @@ async def build(
         if req.tags:
             metadata["image.name"] = ",".join(str(parse_reference(t)) for t in req.tags)
     for out in outputs:
-        await _export(worker, out, image, top, req.tags, events)
+        await _export(worker, out, image, top, req.tags, events, target)
     if req.iidfile is not None and image is not None:
         _write_atomic(req.iidfile, image.config.digest.encode())
     if req.metadata_file is not None:
@@ -336,23 +346,6 @@ def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
 
 
-@contextlib.contextmanager
-def _open_dest(dest: str) -> Iterator[BinaryIO]:
-    if dest == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    path = Path(dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 async def _export(
     worker: Worker,
     out: OutputSpec,
@@ -360,6 +353,7 @@ async def _export(
     top: str | None,
     tags: Sequence[str],
     events: EventSink,
+    target: ExportTarget,
 ) -> None:
     names = [out.get("name")] if out.get("name") else list(tags)
     names = [str(parse_reference(n)) for n in names]
@@ -368,11 +362,12 @@ async def _export(
         for n in names:
             worker.images.put(n, image.manifest)
         return
+    if out.type == "layers":
+        return  # written step by step while the build ran
     # Exporters load only when a build has an output to write.
     from ociworker.exporter.archive import export_docker_archive, export_oci_archive
-    from ociworker.exporter.fs import export_local, export_tar
+    from ociworker.exporter.fs import export_tar
 
-    dest = out.get("dest")
     if out.type in ("oci", "docker"):
         assert image is not None
         fn = export_oci_archive if out.type == "oci" else export_docker_archive
@@ -381,7 +376,7 @@ async def _export(
             events(Info(f"writing image {image.manifest.digest}"))
 
             def write() -> None:
-                with _open_dest(dest) as f:
+                with target.archive(out) as f:
                     fn(worker.content, image, names, f)
 
             await asyncio.to_thread(write)
@@ -391,14 +386,120 @@ async def _export(
     ):
         async with worker.view(top) as root:
             if out.type == "local":
-                await asyncio.to_thread(export_local, root, Path(dest))
+                await asyncio.to_thread(target.local, out, root)
             else:
 
                 def write_tar() -> None:
-                    with _open_dest(dest) as f:
+                    with target.archive(out) as f:
                         export_tar(root, f)
 
                 await asyncio.to_thread(write_tar)
+
+
+class _LayerStreamer:
+    """Writes the layer of each step of the final stage's chain to the ``layers``
+    outputs as soon as the step's snapshot is known, while the build goes on.
+
+    The chain is the target vertex and its input 0 (the root a RUN or COPY edits)
+    down to the base image or scratch; step index 1 is the lowest step built on
+    the base. Base image layers are not written (they come from a registry
+    already); a step that changed nothing makes no layer (BuildKit drops it from
+    the image too). A cache hit skips its inputs entirely, so the hit writes the
+    layers of the steps below it as well.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        target_vertex: Vertex | None,
+        outs: Sequence[OutputSpec],
+        opts: CompressionOpts,
+        target: ExportTarget,
+        events: EventSink,
+    ) -> None:
+        self._worker = worker
+        self._outs = list(outs)
+        self._opts = opts
+        self._target = target
+        self._events = events
+        steps: list[Vertex] = []
+        v = target_vertex
+        while v is not None and not isinstance(v.op, SourceOp):
+            steps.append(v)
+            v = v.inputs[0] if v.inputs else None
+        steps.reverse()
+        self._steps = steps
+        self._index = {s.digest: i for i, s in enumerate(steps, 1)}
+        self._claimed: set[int] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        #: the first layer write that failed, and what to call when one does
+        self.error: BaseException | None = None
+        self.on_failure: Callable[[], object] | None = None
+
+    def on_result(self, vertex: Vertex, result: Result) -> None:
+        index = self._index.get(vertex.digest)
+        if index is None or result.kind != "snapshot" or index in self._claimed:
+            return
+        self._claimed.add(index)
+        task = asyncio.get_running_loop().create_task(self._write_from(index, result.ref))
+        task.add_done_callback(self._done)
+        self._tasks.append(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None or self.error is not None:
+            return
+        self.error = task.exception()
+        if self.on_failure is not None:
+            self.on_failure()
+
+    async def wait(self) -> None:
+        """Wait for every layer write; the first failure cancels the rest."""
+        try:
+            for task in self._tasks:
+                await task
+        except BaseException:
+            await self.cancel()
+            raise
+
+    async def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _write_from(self, index: int, ref: str) -> None:
+        chain = await self._worker.snapshot_chain(ref)
+        base = len(chain) - index
+        if base < 0:
+            raise UserError(f"internal: step {index} has only {len(chain)} snapshots below it")
+        # Steps below a cache hit were never visited: nobody else will write them.
+        below = [i for i in range(1, index) if i not in self._claimed]
+        self._claimed.update(below)
+        await asyncio.gather(*(self._write(chain, base, i) for i in [*below, index]))
+
+    async def _write(self, chain: Sequence[str], base: int, index: int) -> None:
+        layer = await self._worker.layer_of(chain, base + index - 1, self._opts)
+        if layer.diff_id in _EMPTY_TAR_DIFF_IDS:
+            return
+        step = self._steps[index - 1]
+        d = layer.descriptor
+        annotations = {
+            **dict(d.annotations),
+            ANNOTATION_UNCOMPRESSED: layer.diff_id,
+            ANNOTATION_STEP_INDEX: str(index),
+            ANNOTATION_VERTEX_DIGEST: step.digest,
+            ANNOTATION_VERTEX_NAME: step.name,
+        }
+        desc = Descriptor(d.media_type, d.digest, d.size, tuple(sorted(annotations.items())))
+        committed = LayerCommitted(desc)
+        for out in self._outs:
+
+            def write(out: OutputSpec = out) -> None:
+                with self._worker.content.open(desc.digest) as blob:
+                    self._target.layer(out, committed, blob)
+
+            await asyncio.to_thread(write)
+        # After the write: whoever sees the event finds the files in place.
+        self._events(committed)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
-from ociworker.core.progress import Event, Info, VertexLog, VertexStatus, Warning
+from ociworker.core.progress import Event, Info, LayerCommitted, VertexLog, VertexStatus, Warning
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -59,6 +59,10 @@ class PlainPrinter:
                 self._write(f"#{self._ids[ev.digest]} {ev.message}")
             else:
                 self._write(ev.message)
+        elif isinstance(ev, LayerCommitted):
+            d = ev.descriptor
+            text = f"layer {d.digest} written ({d.size} bytes)"
+            self._write(f"#{self._ids[ev.vertex]} {text}" if ev.vertex in self._ids else text)
         self.out.flush()
 
     def _status(self, ev: VertexStatus) -> None:
@@ -276,6 +280,8 @@ class TTYPrinter:
             target = self._steps.get(ev.digest) if ev.digest else self._latest_running()
             if target is not None:
                 target.info = _clean(ev.message)
+        elif isinstance(ev, LayerCommitted) and ev.vertex in self._steps:
+            self._steps[ev.vertex].info = f"layer {ev.descriptor.digest[:19]} written"
         if not self._final:
             self._maybe_refresh()
 

@@ -6,6 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ociworker.core.oci import (
+    ANNOTATION_STEP_INDEX,
+    ANNOTATION_UNCOMPRESSED,
+    ANNOTATION_VERTEX_DIGEST,
+    Descriptor,
+)
+
 
 @dataclass(frozen=True)
 class VertexStatus:
@@ -69,7 +76,43 @@ class Info:
         return {"info": {"message": self.message, "vertex": self.digest}}
 
 
-Event = VertexStatus | VertexLog | Warning | Info
+@dataclass(frozen=True)
+class LayerCommitted:
+    """A built step's layer blob exists (and was written to a ``type=layers`` output).
+
+    ``descriptor`` is the OCI descriptor of the compressed blob; its annotations
+    carry the diffID, the step index (1-based, counting the steps built on top
+    of the base image in the final stage's chain) and the vertex digest and name.
+    """
+
+    descriptor: Descriptor
+
+    def annotation(self, key: str) -> str:
+        return dict(self.descriptor.annotations).get(key, "")
+
+    @property
+    def diff_id(self) -> str:
+        return self.annotation(ANNOTATION_UNCOMPRESSED)
+
+    @property
+    def index(self) -> int:
+        text = self.annotation(ANNOTATION_STEP_INDEX)
+        return int(text) if text.isdigit() else 0
+
+    @property
+    def vertex(self) -> str:
+        return self.annotation(ANNOTATION_VERTEX_DIGEST)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.descriptor.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LayerCommitted:
+        """The inverse of ``to_json`` (a client reading a streamed event back)."""
+        return cls(Descriptor.from_json(d["layer"]))
+
+
+Event = VertexStatus | VertexLog | Warning | Info | LayerCommitted
 EventSink = Callable[[Event], None]
 
 

@@ -67,6 +67,20 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--iidfile", type=Path, default=None, help="write the image ID here")
     b.add_argument("--metadata-file", type=Path, default=None, help="write build metadata here")
     b.add_argument("-q", "--quiet", action="store_true", help="print the image ID only")
+    b.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=ID,src=FILE|env=VAR",
+        help="secret for RUN --mount=type=secret (repeatable)",
+    )
+    b.add_argument(
+        "--ssh",
+        action="append",
+        default=[],
+        metavar="default|ID[=SOCKET|KEY[,KEY]]",
+        help="ssh agent or keys for RUN --mount=type=ssh (repeatable)",
+    )
     _worker_flags(b)
 
     du = sub.add_parser("du", help="show build cache disk usage")
@@ -75,7 +89,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="remove build cache")
     pr.add_argument("--all", "-a", action="store_true", help="remove all cache records")
-    pr.add_argument("--filter", action="append", default=[], help="not supported yet")
+    pr.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        help="type=exec.cachemount and/or id=ID: remove only those cache mounts",
+    )
     pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
     _worker_flags(pr)
     return parser
@@ -133,9 +152,15 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
     )
+    # Parsed before the worker opens anything: a bad flag changes nothing.
+    from ociworker.session.secrets import LocalSecrets, SecretSource
+    from ociworker.session.sshagent import LocalSSHAgents, SSHSource
+
+    secrets = LocalSecrets([SecretSource.parse(s) for s in args.secret])
+    ssh = LocalSSHAgents([SSHSource.parse(s) for s in args.ssh])
     worker = _worker(args)
     try:
-        result = await controller.build(worker, req, printer)
+        result = await controller.build(worker, req, printer, secrets=secrets, ssh=ssh)
     finally:
         await worker.aclose()
     if progress == "quiet" and result.config_digest:
@@ -162,15 +187,12 @@ async def _cmd_du(args: argparse.Namespace) -> int:
 
 
 async def _cmd_prune(args: argparse.Namespace) -> int:
-    if args.filter:
-        # Refused rather than ignored: an ignored filter would prune everything.
-        raise ConfigError(
-            f"prune --filter {args.filter[0]!r} is not supported yet; "
-            "use prune --all to remove the whole cache"
-        )
+    # Parsed before the worker opens anything; a filter we cannot honour is
+    # refused, never ignored (ignoring it would prune everything).
+    flt = controller.PruneFilter.parse(args.filter)
     worker = _worker(args)
     try:
-        removed, freed = await controller.prune(worker)
+        removed, freed = await controller.prune(worker, flt)
     finally:
         await worker.aclose()
     print(f"Removed {removed} cache records; total reclaimed space: {_human(freed)}")

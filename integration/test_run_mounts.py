@@ -62,7 +62,8 @@ FROM {base_image}
 RUN --mount=type=bind,source=sub,target=/sub cat /sub/data > /bysource
 RUN --mount=type=bind,source=../../sub,target=/up cat /up/data > /clamped
 RUN --mount=type=bind,from=base,source=/srcdir,target=/s,rw echo x > /s/new && cat /s/f > /fromstage
-RUN --mount=type=bind,from=base,source=/srcdir,target=/s2 test ! -e /s2/new && echo gone > /discarded \\
+RUN --mount=type=bind,from=base,source=/srcdir,target=/s2 test ! -e /s2/new \\
+ && echo gone > /discarded \\
  && (touch /s2/y 2>/dev/null && echo rw > /stagero || echo ro > /stagero)
 RUN --mount=type=bind,from={base_image},source=/bin,target=/img ls /img/busybox > /fromimage
 RUN --mount=type=bind,source=sub,target=/c2,rw touch /c2/new && echo ok > /ctxrw
@@ -116,7 +117,8 @@ ARG N
 RUN --mount=type=cache,target=/c echo $N >> /c/log && cat /c/log > /log
 RUN --mount=type=cache,id=owned,target=/o,mode=0700,uid=1234,gid=99 stat -c '%a %u %g' /o > /owned
 RUN --mount=type=cache,id=c2,target=/r,ro (touch /r/x 2>/dev/null && echo rw || echo ro) > /ro
-RUN --mount=type=cache,id=seeded,target=/p,from=seed,source=/pkg echo more >> /p/sub/s && cat /p/sub/s > /seeded
+RUN --mount=type=cache,id=seeded,target=/p,from=seed,source=/pkg echo more >> /p/sub/s \\
+ && cat /p/sub/s > /seeded
 RUN --mount=type=cache,id=sub,target=/q,source=/a/b echo in-sub > /q/f
 RUN --mount=type=cache,id=sub,target=/q2 cat /q2/a/b/f > /subdir
 RUN --mount=type=cache,id=esc,target=/e,source=../../.. touch /e/escape
@@ -152,7 +154,8 @@ def test_tmpfs_mount(
     ctx = _ctx(
         tmp_path,
         f"""FROM {base_image}
-RUN --mount=type=tmpfs,target=/t,size=1m echo x > /t/x && df -k /t | tail -1 | awk '{{print $1, $2}}' > /df \\
+RUN --mount=type=tmpfs,target=/t,size=1m echo x > /t/x \\
+ && df -k /t | tail -1 | awk '{{print $1, $2}}' > /df \\
  && (head -c 2000000 /dev/zero > /t/big 2>/dev/null && echo fits || echo full) > /full
 """,
     )
@@ -211,10 +214,15 @@ def test_secrets_reach_the_step_and_leak_nowhere(
     ctx = _ctx(
         tmp_path,
         f"""FROM {base_image}
-RUN --mount=type=secret,id=fs sha256sum < /run/secrets/fs > /fs.sha && stat -c '%a %u %g' /run/secrets/fs > /fs.mode
-RUN --mount=type=secret,id=es,env=TOKEN printf %s "$TOKEN" | sha256sum > /es.sha && test ! -e /run/secrets/es && echo noenvfile > /es.nofile
-RUN --mount=type=secret,id=fs,target=/etc/my.key,mode=0440,uid=5,gid=6 stat -c '%a %u %g' /etc/my.key > /tgt.mode
-RUN --mount=type=secret,id=fs,env=BOTH,target=/run/secrets/fs sha256sum < /run/secrets/fs > /both.sha && printf %s "$BOTH" | sha256sum > /both.env
+RUN --mount=type=secret,id=fs sha256sum < /run/secrets/fs > /fs.sha \\
+ && stat -c '%a %u %g' /run/secrets/fs > /fs.mode
+RUN --mount=type=secret,id=es,env=TOKEN printf %s "$TOKEN" | sha256sum > /es.sha \\
+ && test ! -e /run/secrets/es && echo noenvfile > /es.nofile
+RUN --mount=type=secret,id=fs,target=/etc/my.key,mode=0440,uid=5,gid=6 \\
+    stat -c '%a %u %g' /etc/my.key > /tgt.mode
+RUN --mount=type=secret,id=fs,env=BOTH,target=/run/secrets/fs \\
+    sha256sum < /run/secrets/fs > /both.sha \\
+ && printf %s "$BOTH" | sha256sum > /both.env
 RUN --mount=type=secret,id=absent test ! -e /run/secrets/absent && echo absent > /absent
 """,
     )
@@ -321,7 +329,8 @@ COPY sshroot/ /
 RUN --mount=type=ssh ssh-add -l > /default.l && echo "$SSH_AUTH_SOCK" > /sock \\
  && stat -c '%a' /run/buildkit/ssh_agent.0 > /mode
 RUN --mount=type=ssh,id=mykey,target=/agent,mode=0666 SSH_AUTH_SOCK=/agent ssh-add -l > /mykey.l \\
- && stat -c '%a' /agent > /mykey.mode && (ssh-add -D 2>/dev/null && echo removed || echo refused) > /remove
+ && stat -c '%a' /agent > /mykey.mode && (ssh-add -D 2>/dev/null \\
+ && echo removed || echo refused) > /remove
 RUN --mount=type=ssh,id=missing test -z "$SSH_AUTH_SOCK" && echo skipped > /optional
 """,
     )
@@ -373,10 +382,12 @@ ARG I
 RUN --mount=type=cache,id=shared,target=/c,sharing=shared echo b > /c/b-$I
 FROM {base_image} AS la
 ARG I
-RUN --mount=type=cache,id=locked,target=/l,sharing=locked echo start-a-$I >> /l/log && usleep 100000 && echo end-a-$I >> /l/log
+RUN --mount=type=cache,id=locked,target=/l,sharing=locked echo start-a-$I >> /l/log \\
+ && usleep 100000 && echo end-a-$I >> /l/log
 FROM {base_image} AS lb
 ARG I
-RUN --mount=type=cache,id=locked,target=/l,sharing=locked echo start-b-$I >> /l/log && usleep 100000 && echo end-b-$I >> /l/log
+RUN --mount=type=cache,id=locked,target=/l,sharing=locked echo start-b-$I >> /l/log \\
+ && usleep 100000 && echo end-b-$I >> /l/log
 FROM {base_image}
 COPY --from=a /bin/true /a
 COPY --from=b /bin/true /b

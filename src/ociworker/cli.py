@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ociworker import controller, log
 from ociworker.core.progress import EventSink
+from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
@@ -73,6 +74,20 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--iidfile", type=Path, default=None, help="write the image ID here")
     b.add_argument("--metadata-file", type=Path, default=None, help="write build metadata here")
     b.add_argument("-q", "--quiet", action="store_true", help="print the image ID only")
+    b.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=ID,src=FILE|env=VAR",
+        help="secret for RUN --mount=type=secret (repeatable)",
+    )
+    b.add_argument(
+        "--ssh",
+        action="append",
+        default=[],
+        metavar="default|ID[=SOCKET|KEY[,KEY]]",
+        help="ssh agent or keys for RUN --mount=type=ssh (repeatable)",
+    )
     _worker_flags(b)
 
     du = sub.add_parser("du", help="show build cache disk usage")
@@ -81,7 +96,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="remove build cache")
     pr.add_argument("--all", "-a", action="store_true", help="remove all cache records")
-    pr.add_argument("--filter", action="append", default=[], help="not supported yet")
+    pr.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        help="type=exec.cachemount and/or id=ID: remove only those cache mounts",
+    )
     pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
     _worker_flags(pr)
     return parser
@@ -160,12 +180,26 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
     )
+    # Parsed before the worker opens anything: a bad flag changes nothing.
+    from ociworker.session.secrets import LocalSecrets, SecretSource
+
+    secrets = LocalSecrets([SecretSource.parse(s) for s in args.secret])
+    ssh: SSHAgents = NoSSH()
+    if args.ssh:  # the agent needs `cryptography`, ~35 ms of start-up: only when asked
+        from ociworker.session.sshagent import LocalSSHAgents, SSHSource
+
+        ssh = LocalSSHAgents([SSHSource.parse(s) for s in args.ssh])
     worker = _worker(args)
     try:
         with view:  # the tty view prints its final state on every way out
             # The embedded build lends the caller's own docker login, as buildx does.
             result = await controller.build(
-                worker, req, printer, credentials=DockerConfigCredentials()
+                worker,
+                req,
+                printer,
+                credentials=DockerConfigCredentials(),
+                secrets=secrets,
+                ssh=ssh,
             )
     finally:
         await worker.aclose()
@@ -195,15 +229,12 @@ async def _cmd_du(args: argparse.Namespace) -> int:
 
 
 async def _cmd_prune(args: argparse.Namespace) -> int:
-    if args.filter:
-        # Refused rather than ignored: an ignored filter would prune everything.
-        raise ConfigError(
-            f"prune --filter {args.filter[0]!r} is not supported yet; "
-            "use prune --all to remove the whole cache"
-        )
+    # Parsed before the worker opens anything; a filter we cannot honour is
+    # refused, never ignored (ignoring it would prune everything).
+    flt = controller.PruneFilter.parse(args.filter)
     worker = _worker(args)
     try:
-        removed, freed = await controller.prune(worker)
+        removed, freed = await controller.prune(worker, flt)
     finally:
         await worker.aclose()
     print(f"Removed {removed} cache records; total reclaimed space: {_human(freed)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ociworker.cachemounts import CacheUsage
 from ociworker.core.digest import Digest
 from ociworker.core.graph import SourceOp, Vertex
 from ociworker.core.oci import (
@@ -39,7 +40,14 @@ from ociworker.core.progress import (
     discard,
 )
 from ociworker.core.reference import parse_reference
-from ociworker.core.session import Credentials, NoCredentials
+from ociworker.core.session import (
+    Credentials,
+    NoCredentials,
+    NoSecrets,
+    NoSSH,
+    Secrets,
+    SSHAgents,
+)
 from ociworker.diff.base import Compression, CompressionOpts
 from ociworker.errors import (
     ConfigError,
@@ -195,11 +203,14 @@ async def build(
     *,
     credentials: Credentials | None = None,
     target: ExportTarget | None = None,
+    secrets: Secrets | None = None,
+    ssh: SSHAgents | None = None,
 ) -> BuildResult:
     """Plan, solve and export ``req``; every output is handed to ``target``
     (default: written to the local filesystem, ``dest=-`` to stdout).
     ``credentials``: the registry credentials the caller lends this build
-    (anonymous when None; the CLI passes its docker config)."""
+    (anonymous when None; the CLI passes its docker config); ``secrets`` and
+    ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default)."""
     events = cap_logs(events, req.log_cap)
     if target is None:
         target = LocalExportTarget()
@@ -220,6 +231,8 @@ async def build(
         locals={"context": LocalContext(req.context.absolute(), matcher)},
         credentials=credentials,
         on_result=streamer.on_result if streamer is not None else None,
+        secrets=secrets if secrets is not None else NoSecrets(),
+        ssh=ssh if ssh is not None else NoSSH(),
     )
     solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
     if streamer is not None:
@@ -532,14 +545,83 @@ async def disk_usage(worker: Worker) -> list[UsageRecord]:
         # pulled layers are the snapshots named by ChainID; everything else was built
         kind = "source.image" if rec.result.ref.startswith(LAYER_SNAPSHOT_PREFIX) else "regular"
         out.append(UsageRecord(rec.key, kind, size, rec.description, rec.last_used))
+    for cm in await asyncio.to_thread(worker.cache_mounts.usage):
+        out.append(_cache_mount_record(cm))
     return out
 
 
-async def prune(worker: Worker) -> tuple[int, int]:
-    """Remove every cache record, every committed snapshot and every blob no stored
-    image uses; (records, bytes) freed."""
-    removed = 0
-    freed = 0
+CACHE_MOUNT_TYPE = "exec.cachemount"
+
+
+def _cache_mount_record(cm: CacheUsage) -> UsageRecord:
+    return UsageRecord("sha256:" + cm.key, CACHE_MOUNT_TYPE, cm.size, cm.id, cm.last_used)
+
+
+@dataclass(frozen=True)
+class PruneFilter:
+    """``prune --filter``: ``type=exec.cachemount`` and/or ``id=ID`` (as buildx)."""
+
+    types: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> PruneFilter:
+        types: list[str] = []
+        ids: list[str] = []
+        for item in items:
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not value:
+                raise ConfigError(f"invalid prune filter {item!r}: want key=value")
+            if key == "type":
+                if value != CACHE_MOUNT_TYPE:
+                    raise ConfigError(
+                        f"prune --filter type={value} is not supported "
+                        f"(only type={CACHE_MOUNT_TYPE})"
+                    )
+                types.append(value)
+            elif key == "id":
+                ids.append(value)
+            else:
+                raise ConfigError(f"prune --filter {key}=... is not supported (use type or id)")
+        return cls(tuple(types), tuple(ids))
+
+    @property
+    def empty(self) -> bool:
+        return not self.types and not self.ids
+
+    def matches(self, rec: UsageRecord) -> bool:
+        if self.types and rec.type not in self.types:
+            return False
+        # an id as du shows it (a prefix of the hex) or in full
+        hexid = rec.id.removeprefix("sha256:")
+        return not self.ids or any(
+            i in (rec.id, rec.description) or (len(i) >= 12 and hexid.startswith(i))
+            for i in self.ids
+        )
+
+
+async def prune_filtered(worker: Worker, flt: PruneFilter) -> tuple[int, int]:
+    """Remove the cache mounts ``flt`` selects (records of other types are left
+    alone); (removed, bytes freed). A cache mount in use by a step is kept."""
+    removed = freed = 0
+    for cm in await asyncio.to_thread(worker.cache_mounts.usage):
+        if not flt.matches(_cache_mount_record(cm)):
+            continue
+        size = await asyncio.to_thread(worker.cache_mounts.remove, cm.key)
+        if size or not (worker.cache_mounts.root / cm.key).exists():
+            removed += 1
+            freed += size
+    return removed, freed
+
+
+async def prune(worker: Worker, flt: PruneFilter | None = None) -> tuple[int, int]:
+    """Remove every cache record, every committed snapshot, every cache mount and
+    every blob no stored image uses; (records, bytes) freed. With a filter, only
+    what it selects (see ``PruneFilter``)."""
+    if flt is not None and not flt.empty:
+        return await prune_filtered(worker, flt)
+    removed, freed = await prune_filtered(worker, PruneFilter())
     for rec in worker.cache.records():
         worker.cache.remove(rec.key)
         removed += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -456,3 +457,54 @@ def test_null_maps_of_a_base_image_config_are_replaced_not_updated() -> None:
     plan = convert(parsed, Options(), {"nullish": ImageInfo("nullish@x", base)})
     c = plan.config["config"]
     assert (c["Labels"], c["ExposedPorts"], c["Volumes"]) == ({"a": "b"}, {"1/tcp": {}}, {"/v": {}})
+
+
+def test_run_mounts_of_every_type_and_their_defaults() -> None:
+    plan = _resolve(
+        "FROM busybox AS b\nFROM busybox\nWORKDIR /w\n"
+        "RUN --mount=target=rel,source=../../x --mount=type=bind,from=b,dst=/s,rw"
+        " --mount=type=cache,target=/c,from=b,source=/pkg,ro"
+        " --mount=type=tmpfs,target=/t,size=10m"
+        " --mount=type=secret,id=tok --mount=type=secret,target=/k/key.pem,mode=0440"
+        " --mount=type=secret,id=e,env=TOKEN"
+        " --mount=type=ssh --mount=type=ssh,id=gh,required true\n"
+    )
+    assert plan.target is not None
+    op = _exec(plan)
+    ctx, stage, cache, tmpfs, tok, pem, env, ssh0, ssh1 = op.mounts
+    assert (ctx.target, ctx.type, ctx.selector, ctx.readonly) == ("/w/rel", "bind", "/x", True)
+    ctx_input = plan.target.inputs[ctx.input]
+    assert ctx_input is not None and isinstance(ctx_input.op, SourceOp)
+    assert ctx_input.op.identifier == "local://context"
+    assert (stage.readonly, stage.input) == (False, 2)
+    assert (cache.input, cache.selector, cache.readonly) == (3, "/pkg", True)
+    assert dict(cache.options) == {"id": "/c", "sharing": "shared"}
+    assert dict(tmpfs.options) == {"size": "10m"}
+    assert (tok.target, dict(tok.options)) == (
+        "/run/secrets/tok",
+        {"id": "tok", "mode": "0400", "required": "false"},
+    )
+    assert dict(pem.options)["id"] == "key.pem" and dict(pem.options)["mode"] == "0440"
+    assert env.target == "" and dict(env.options)["env"] == "TOKEN"  # env only
+    assert (ssh0.target, dict(ssh0.options)["id"]) == ("/run/buildkit/ssh_agent.0", "default")
+    assert (ssh1.target, dict(ssh1.options)["required"]) == ("/run/buildkit/ssh_agent.1", "true")
+    # the definitions are in the vertex (so in the cache key); no value ever is
+    assert "TOKEN" in json.dumps(op.to_json())
+
+
+@pytest.mark.parametrize(
+    ("mount", "match"),
+    [
+        ("type=nope,target=/x", "unknown mount type"),
+        ("type=cache,target=/x,sharing=sometimes", "invalid sharing"),
+        ("type=secret", "id or target is required"),
+        ("type=bind,source=/x", "target is required"),
+        ("type=cache,target=/x,mode=999", "invalid mode"),
+        ("type=secret,id=x,uid=root", "invalid uid"),
+        ("type=tmpfs,target=/t,size=big", "invalid size"),
+        ("type=ssh,size=1", "unknown option"),
+    ],
+)
+def test_bad_run_mounts_are_located_errors(mount: str, match: str) -> None:
+    with pytest.raises(DockerfileError, match=match):
+        _resolve(f"FROM busybox\nRUN --mount={mount} true\n")

@@ -14,6 +14,7 @@ from ociworker.core.oci import DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, De
 from ociworker.core.reference import parse_reference
 from ociworker.errors import DigestMismatchError, NotFoundError, RegistryError, UnsupportedError
 from ociworker.registry.client import RegistryClient
+from ociworker.session.credentials import StaticCredentials
 from ociworker.testing.fake_registry import FakeRegistry, image, seed_image, sha
 
 AMD64 = Platform("linux", "amd64")
@@ -292,7 +293,7 @@ async def test_redirected_blob_download_does_not_leak_credentials(
         return httpx.Response(200, content=data)
 
     async with RegistryClient(
-        transport=httpx.MockTransport(handler), credentials=lambda host: ("u", "p")
+        transport=httpx.MockTransport(handler), credentials=StaticCredentials({REG: ("u", "p")})
     ) as c:
         await c.fetch_blob(f"{REG}/app", Descriptor("x", Digest(sha(data)), len(data)), store)
     assert seen[REG] is not None
@@ -385,12 +386,13 @@ async def test_bearer_with_credentials_and_push_scope(store: ContentStore) -> No
     reg = FakeRegistry(auth="bearer", users={"alice": "s3cret"})
     asked: list[str] = []
 
-    def creds(host: str) -> tuple[str, str]:
-        asked.append(host)
-        return ("alice", "s3cret")
+    class Creds:
+        async def credentials(self, host: str) -> tuple[str, str]:
+            asked.append(host)
+            return ("alice", "s3cret")
 
     store.put(b"blob")
-    async with RegistryClient(transport=reg.transport(), credentials=creds) as c:
+    async with RegistryClient(transport=reg.transport(), credentials=Creds()) as c:
         await c.push_blob(f"{REG}/app", Descriptor("x", Digest(sha(b"blob")), 4), store)
         await c.push_manifest(f"{REG}/app:v1", OCI_MANIFEST, b"{}")
     assert reg.blobs[sha(b"blob")] == b"blob"
@@ -403,7 +405,9 @@ async def test_bearer_with_credentials_and_push_scope(store: ContentStore) -> No
 
 async def test_bearer_with_wrong_credentials(store: ContentStore) -> None:
     reg = FakeRegistry(auth="bearer", users={"alice": "s3cret"})
-    async with RegistryClient(transport=reg.transport(), credentials=lambda h: ("a", "b")) as c:
+    async with RegistryClient(
+        transport=reg.transport(), credentials=StaticCredentials({REG: ("a", "b")})
+    ) as c:
         with pytest.raises(RegistryError, match=r"authentication to reg.test failed.*401"):
             await c.resolve(f"{REG}/app:v1", AMD64)
 
@@ -411,13 +415,17 @@ async def test_bearer_with_wrong_credentials(store: ContentStore) -> None:
 async def test_basic_auth() -> None:
     reg = FakeRegistry(auth="basic", users={"bob": "pw"})
     seed_image(reg, "app", "v1", [b"a"])
-    async with RegistryClient(transport=reg.transport(), credentials=lambda h: ("bob", "pw")) as c:
+    async with RegistryClient(
+        transport=reg.transport(), credentials=StaticCredentials({REG: ("bob", "pw")})
+    ) as c:
         got = await c.resolve(f"{REG}/app:v1", AMD64)
     assert got.manifest.platform == AMD64
     async with RegistryClient(transport=reg.transport()) as c:
         with pytest.raises(RegistryError, match="requires credentials; none configured"):
             await c.resolve(f"{REG}/app:v1", AMD64)
-    async with RegistryClient(transport=reg.transport(), credentials=lambda h: ("bob", "no")) as c:
+    async with RegistryClient(
+        transport=reg.transport(), credentials=StaticCredentials({REG: ("bob", "no")})
+    ) as c:
         with pytest.raises(RegistryError, match="401"):
             await c.resolve(f"{REG}/app:v1", AMD64)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -13,8 +14,10 @@ from typing import TYPE_CHECKING
 
 from ociworker import controller, log
 from ociworker.core.progress import EventSink
+from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.errors import ConfigError, OciworkerError
-from ociworker.progress_ui import PlainPrinter, QuietPrinter, RawJSONPrinter
+from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
+from ociworker.session.credentials import DockerConfigCredentials
 from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
 
 if TYPE_CHECKING:  # grpc loads only when a command talks to a daemon
@@ -91,16 +94,34 @@ def make_parser() -> argparse.ArgumentParser:
         "--output",
         action="append",
         default=[],
-        help="type=oci|docker|tar|local|image[,dest=PATH][,compression=gzip|zstd]...",
+        help="type=oci|docker|tar|local|image|layers[,dest=PATH|-][,compression=gzip|zstd]...",
     )
     b.add_argument(
-        "--progress", choices=("auto", "plain", "tty", "quiet", "rawjson"), default="auto"
+        "--progress",
+        choices=PROGRESS_MODES,
+        default=None,
+        help="auto (tty on a terminal, else plain), plain, tty, quiet, rawjson "
+        "(default $BUILDKIT_PROGRESS or auto)",
     )
     b.add_argument("--no-cache", action="store_true", help="do not use the build cache")
     b.add_argument("--network", choices=("host", "none", "default"), default="host")
     b.add_argument("--iidfile", type=Path, default=None, help="write the image ID here")
     b.add_argument("--metadata-file", type=Path, default=None, help="write build metadata here")
     b.add_argument("-q", "--quiet", action="store_true", help="print the image ID only")
+    b.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=ID,src=FILE|env=VAR",
+        help="secret for RUN --mount=type=secret (repeatable)",
+    )
+    b.add_argument(
+        "--ssh",
+        action="append",
+        default=[],
+        metavar="default|ID[=SOCKET|KEY[,KEY]]",
+        help="ssh agent or keys for RUN --mount=type=ssh (repeatable)",
+    )
     _worker_flags(b)
 
     du = sub.add_parser("du", help="show build cache disk usage")
@@ -109,7 +130,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="remove build cache")
     pr.add_argument("--all", "-a", action="store_true", help="remove all cache records")
-    pr.add_argument("--filter", action="append", default=[], help="not supported yet")
+    pr.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        help="type=exec.cachemount and/or id=ID: remove only those cache mounts",
+    )
     pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
     _worker_flags(pr)
 
@@ -149,15 +175,36 @@ def _worker(args: argparse.Namespace) -> Worker:
     )
 
 
+def _progress_mode(args: argparse.Namespace) -> str:
+    """--progress, else $BUILDKIT_PROGRESS (as buildx), else auto; auto is tty
+    when stderr is a terminal."""
+    if args.quiet:
+        return "quiet"
+    mode: str = args.progress or os.environ.get("BUILDKIT_PROGRESS") or "auto"
+    if mode not in PROGRESS_MODES:
+        raise ConfigError(
+            f"invalid progress mode {mode!r} (from BUILDKIT_PROGRESS): "
+            f"use one of {', '.join(PROGRESS_MODES)}"
+        )
+    if mode == "auto":
+        return "tty" if sys.stderr.isatty() else "plain"
+    return mode
+
+
 async def _cmd_build(args: argparse.Namespace) -> int:
-    progress = "quiet" if args.quiet else args.progress
+    progress = _progress_mode(args)
     printer: EventSink
+    view: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if progress == "rawjson":
         printer = RawJSONPrinter(sys.stderr)
     elif progress == "quiet":
         printer = QuietPrinter()
+    elif progress == "tty":
+        from ociworker.progress_ui import TTYPrinter  # imports rich: only when asked for
+
+        printer = view = TTYPrinter()
     else:
-        printer = PlainPrinter(sys.stderr)  # tty view: not yet, plain everywhere
+        printer = PlainPrinter(sys.stderr)
     req = controller.BuildRequest(
         context=args.context,
         dockerfile=args.file,
@@ -170,17 +217,52 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
     )
+    # Parsed before the worker opens anything: a bad flag changes nothing.
+    from ociworker.session.secrets import LocalSecrets, SecretSource
+
+    secret_sources = [SecretSource.parse(s) for s in args.secret]
+    secrets = LocalSecrets(secret_sources)
+    ssh: SSHAgents = NoSSH()
+    ssh_ids: list[str] = []
+    if args.ssh:  # the agent needs `cryptography`, ~35 ms of start-up: only when asked
+        from ociworker.session.sshagent import LocalSSHAgents, SSHSource
+
+        ssh_sources = [SSHSource.parse(s) for s in args.ssh]
+        ssh_ids = [s.id for s in ssh_sources]
+        ssh = LocalSSHAgents(ssh_sources)
     if args.addr:
+        # On a daemon, this process serves the same secrets, agents and docker
+        # login through the build's session.
         async with _client(args) as client:
-            result = await client.build(req, events=printer)
+            with view:
+                result = await client.build(
+                    req,
+                    events=printer,
+                    secrets=secrets,
+                    secret_ids=[s.id for s in secret_sources],
+                    ssh=ssh,
+                    ssh_ids=ssh_ids,
+                    credentials=DockerConfigCredentials(),
+                )
     else:
         worker = _worker(args)
         try:
-            result = await controller.build(worker, req, printer)
+            with view:  # the tty view prints its final state on every way out
+                # The embedded build lends the caller's own docker login, as buildx does.
+                result = await controller.build(
+                    worker,
+                    req,
+                    printer,
+                    credentials=DockerConfigCredentials(),
+                    secrets=secrets,
+                    ssh=ssh,
+                )
         finally:
             await worker.aclose()
     if progress == "quiet" and result.config_digest:
-        print(result.config_digest)
+        # stdout belongs to an archive written there (dest=-); the id must not corrupt it
+        to_stdout = any(o.to_stdout for o in req.outputs)
+        print(result.config_digest, file=sys.stderr if to_stdout else sys.stdout)
     elif result.manifest is not None:
         print(f"image digest: {result.manifest.digest}", file=sys.stderr)
     return 0
@@ -213,19 +295,16 @@ async def _cmd_du(args: argparse.Namespace) -> int:
 
 
 async def _cmd_prune(args: argparse.Namespace) -> int:
-    if args.filter:
-        # Refused rather than ignored: an ignored filter would prune everything.
-        raise ConfigError(
-            f"prune --filter {args.filter[0]!r} is not supported yet; "
-            "use prune --all to remove the whole cache"
-        )
+    # Parsed before the worker opens anything; a filter we cannot honour is
+    # refused, never ignored (ignoring it would prune everything).
+    flt = controller.PruneFilter.parse(args.filter)
     if args.addr:
         async with _client(args) as client:
-            removed, freed = await client.prune()
+            removed, freed = await client.prune(filters=args.filter)
     else:
         worker = _worker(args)
         try:
-            removed, freed = await controller.prune(worker)
+            removed, freed = await controller.prune(worker, flt)
         finally:
             await worker.aclose()
     print(f"Removed {removed} cache records; total reclaimed space: {_human(freed)}")

@@ -7,18 +7,47 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from ociworker.cachemounts import CacheUsage
 from ociworker.core.digest import Digest
-from ociworker.core.oci import Descriptor, Layer
-from ociworker.core.progress import EventSink, Info, VertexStatus, Warning, discard
+from ociworker.core.graph import SourceOp, Vertex
+from ociworker.core.oci import (
+    ANNOTATION_STEP_INDEX,
+    ANNOTATION_UNCOMPRESSED,
+    ANNOTATION_VERTEX_DIGEST,
+    ANNOTATION_VERTEX_NAME,
+    Descriptor,
+    Layer,
+)
+
+# re-exported: callers spell them controller.OutputSpec, as before they moved to core
+from ociworker.core.outputs import OUTPUT_TYPES as OUTPUT_TYPES
+from ociworker.core.outputs import OutputSpec as OutputSpec
+from ociworker.core.progress import (
+    DEFAULT_LOG_CAP,
+    EventSink,
+    Info,
+    LayerCommitted,
+    VertexStatus,
+    Warning,
+    cap_logs,
+    discard,
+)
 from ociworker.core.reference import parse_reference
+from ociworker.core.session import (
+    Credentials,
+    NoCredentials,
+    NoSecrets,
+    NoSSH,
+    Secrets,
+    SSHAgents,
+)
 from ociworker.diff.base import Compression, CompressionOpts
 from ociworker.errors import (
     ConfigError,
@@ -28,10 +57,11 @@ from ociworker.errors import (
     UserError,
 )
 from ociworker.exporter.image import ImageResult, read_image, write_image
+from ociworker.exporter.target import ExportTarget, LocalExportTarget
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
 from ociworker.frontend.dockerfile.parser import parse
-from ociworker.solver.scheduler import Job
+from ociworker.solver.scheduler import Job, Result
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import LocalContext, Worker
 
@@ -39,36 +69,6 @@ from ociworker.worker import LocalContext, Worker
 _EMPTY_TAR_DIFF_IDS = frozenset(
     "sha256:" + hashlib.sha256(b"\0" * n).hexdigest() for n in (1024, 10240)
 )
-OUTPUT_TYPES = ("image", "oci", "docker", "local", "tar")
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    type: str
-    attrs: tuple[tuple[str, str], ...] = ()
-
-    def get(self, key: str, default: str = "") -> str:
-        return dict(self.attrs).get(key, default)
-
-    @classmethod
-    def parse(cls, text: str) -> OutputSpec:
-        """``type=oci,dest=out.tar`` (as buildx), or a bare path meaning type=local."""
-        if "=" not in text and "," not in text:
-            return cls("local", (("dest", text),))
-        attrs: dict[str, str] = {}
-        for part in text.split(","):
-            k, eq, v = part.partition("=")
-            if not eq:
-                raise ConfigError(f"invalid output {text!r}: {part!r} is not key=value")
-            attrs[k.strip()] = v.strip()
-        typ = attrs.pop("type", "local" if "dest" in attrs else "")
-        if typ == "registry":
-            raise ConfigError("type=registry is not supported yet; use type=oci and skopeo")
-        if typ not in OUTPUT_TYPES:
-            raise ConfigError(f"unknown output type {typ!r}: use one of {', '.join(OUTPUT_TYPES)}")
-        if typ in ("oci", "docker", "local", "tar") and not attrs.get("dest"):
-            raise ConfigError(f"output type={typ} needs dest=PATH")
-        return cls(typ, tuple(sorted(attrs.items())))
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,11 @@ class BuildRequest:
     network: str = "host"
     iidfile: Path | None = None
     metadata_file: Path | None = None
+    #: bytes of log kept per step (BuildKit's max-log-size); <= 0: no cap
+    log_cap: int = DEFAULT_LOG_CAP
     #: make the image even with no output asking for it (a remote client's
     #: iidfile / metadata file, written on its side from the result)
     want_image: bool = False
-
-
-#: opens the byte stream an output is written to, instead of its ``dest``
-#: (the daemon sends those bytes to its client; ``local`` then becomes a tar)
-OutputOpener = Callable[[OutputSpec], contextlib.AbstractContextManager[BinaryIO]]
 
 
 @dataclass(frozen=True)
@@ -138,7 +135,10 @@ def _read_dockerfile(req: BuildRequest) -> tuple[str, Path]:
 
 
 async def plan_build(
-    worker: Worker, req: BuildRequest, events: EventSink = discard
+    worker: Worker,
+    req: BuildRequest,
+    events: EventSink = discard,
+    credentials: Credentials | None = None,
 ) -> tuple[Plan, IgnoreMatcher]:
     if not req.context.is_dir():
         raise NotFoundError(f"build context {req.context} is not a directory")
@@ -164,7 +164,8 @@ async def plan_build(
         hints = dict(plan.from_errors)
         with _Exporting(events, "[internal] load metadata for " + ", ".join(plan.missing)):
             got = await asyncio.gather(
-                *(resolve_image(worker, m) for m in plan.missing), return_exceptions=True
+                *(resolve_image(worker, m, credentials) for m in plan.missing),
+                return_exceptions=True,
             )
         for name, info in zip(plan.missing, got, strict=True):
             if isinstance(info, OciworkerError) and name in hints:
@@ -181,7 +182,9 @@ async def plan_build(
     return plan, matcher
 
 
-async def resolve_image(worker: Worker, name: str) -> ImageInfo:
+async def resolve_image(
+    worker: Worker, name: str, credentials: Credentials | None = None
+) -> ImageInfo:
     """Pin a FROM reference to a manifest digest: the image store first, then the registry."""
     ref = parse_reference(name)
     repo = ref.repository
@@ -190,7 +193,8 @@ async def resolve_image(worker: Worker, name: str) -> ImageInfo:
         if local is not None:
             _, config = read_image(worker.content, local.digest)
             return ImageInfo(ref=f"{repo}@{local.digest}", config=config)
-    resolved = await worker.registry.resolve(ref, worker.config.platform, store=worker.content)
+    registry = worker.registry.with_credentials(credentials)
+    resolved = await registry.resolve(ref, worker.config.platform, store=worker.content)
     config = json.loads(resolved.config_json)
     return ImageInfo(ref=f"{repo}@{resolved.manifest.digest}", config=config)
 
@@ -200,21 +204,57 @@ async def build(
     req: BuildRequest,
     events: EventSink = discard,
     *,
-    opener: OutputOpener | None = None,
-    job_id: str | None = None,
+    credentials: Credentials | None = None,
+    target: ExportTarget | None = None,
+    secrets: Secrets | None = None,
+    ssh: SSHAgents | None = None,
 ) -> BuildResult:
+    """Plan, solve and export ``req``; every output is handed to ``target``
+    (default: written to the local filesystem, ``dest=-`` to stdout).
+    ``credentials``: the registry credentials the caller lends this build
+    (anonymous when None; the CLI passes its docker config); ``secrets`` and
+    ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default)."""
+    events = cap_logs(events, req.log_cap)
+    if target is None:
+        target = LocalExportTarget()
     outputs = list(req.outputs)
-    plan, matcher = await plan_build(worker, req, events)
+    if sum(o.to_stdout for o in outputs) > 1:
+        raise ConfigError("only one output can be written to stdout (dest=-)")
+    compression = _compression(outputs)
+    credentials = credentials or NoCredentials()
+    plan, matcher = await plan_build(worker, req, events, credentials)
+    layer_outs = [o for o in outputs if o.type == "layers"]
+    streamer: _LayerStreamer | None = None
+    if layer_outs:
+        streamer = _LayerStreamer(worker, plan.target, layer_outs, compression, target, events)
     job = Job(
-        id=job_id or uuid.uuid4().hex,
+        id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
         locals={"context": LocalContext(req.context.absolute(), matcher)},
+        credentials=credentials,
+        on_result=streamer.on_result if streamer is not None else None,
+        secrets=secrets if secrets is not None else NoSecrets(),
+        ssh=ssh if ssh is not None else NoSSH(),
     )
-    result = await worker.solver.solve(plan.target, job)
+    solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
+    if streamer is not None:
+        # A layer that cannot be written fails the build now, not when the solve ends.
+        streamer.on_failure = solving.cancel
+    try:
+        result = await solving
+        if streamer is not None:
+            await streamer.wait()
+    except BaseException as exc:
+        if streamer is not None:
+            await streamer.cancel()
+            me = asyncio.current_task()
+            ours = me is None or me.cancelling() == 0  # not a Ctrl-C of the whole build
+            if isinstance(exc, asyncio.CancelledError) and streamer.error is not None and ours:
+                raise streamer.error from None
+        raise
     top = result.ref if result.kind == "snapshot" else None
 
-    compression = _compression(outputs)
     need_image = bool(req.tags) or any(o.type in ("image", "oci", "docker") for o in outputs)
     need_image = need_image or req.iidfile is not None or req.metadata_file is not None
     need_image = need_image or req.want_image
@@ -235,7 +275,7 @@ async def build(
         if req.tags:
             metadata["image.name"] = ",".join(str(parse_reference(t)) for t in req.tags)
     for out in outputs:
-        await _export(worker, out, image, top, req.tags, events, opener)
+        await _export(worker, out, image, top, req.tags, events, target)
     if req.iidfile is not None and image is not None:
         _write_atomic(req.iidfile, image.config.digest.encode())
     if req.metadata_file is not None:
@@ -323,23 +363,6 @@ def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"
 
 
-@contextlib.contextmanager
-def _open_dest(dest: str) -> Iterator[BinaryIO]:
-    if dest == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    path = Path(dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 async def _export(
     worker: Worker,
     out: OutputSpec,
@@ -347,7 +370,7 @@ async def _export(
     top: str | None,
     tags: Sequence[str],
     events: EventSink,
-    opener: OutputOpener | None = None,
+    target: ExportTarget,
 ) -> None:
     names = [out.get("name")] if out.get("name") else list(tags)
     names = [str(parse_reference(n)) for n in names]
@@ -356,14 +379,11 @@ async def _export(
         for n in names:
             worker.images.put(n, image.manifest)
         return
+    if out.type == "layers":
+        return  # written step by step while the build ran
     # Exporters load only when a build has an output to write.
     from ociworker.exporter.archive import export_docker_archive, export_oci_archive
-    from ociworker.exporter.fs import export_local, export_tar
-
-    dest = out.get("dest")
-
-    def open_dest() -> contextlib.AbstractContextManager[BinaryIO]:
-        return opener(out) if opener is not None else _open_dest(dest)
+    from ociworker.exporter.fs import export_tar
 
     if out.type in ("oci", "docker"):
         assert image is not None
@@ -373,7 +393,7 @@ async def _export(
             events(Info(f"writing image {image.manifest.digest}"))
 
             def write() -> None:
-                with open_dest() as f:
+                with target.archive(out) as f:
                     fn(worker.content, image, names, f)
 
             await asyncio.to_thread(write)
@@ -382,15 +402,121 @@ async def _export(
         events, f"exporting to client {'directory' if out.type == 'local' else 'tarball'}"
     ):
         async with worker.view(top) as root:
-            if out.type == "local" and opener is None:
-                await asyncio.to_thread(export_local, root, Path(dest))
+            if out.type == "local":
+                await asyncio.to_thread(target.local, out, root)
             else:
 
                 def write_tar() -> None:
-                    with open_dest() as f:
+                    with target.archive(out) as f:
                         export_tar(root, f)
 
                 await asyncio.to_thread(write_tar)
+
+
+class _LayerStreamer:
+    """Writes the layer of each step of the final stage's chain to the ``layers``
+    outputs as soon as the step's snapshot is known, while the build goes on.
+
+    The chain is the target vertex and its input 0 (the root a RUN or COPY edits)
+    down to the base image or scratch; step index 1 is the lowest step built on
+    the base. Base image layers are not written (they come from a registry
+    already); a step that changed nothing makes no layer (BuildKit drops it from
+    the image too). A cache hit skips its inputs entirely, so the hit writes the
+    layers of the steps below it as well.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        target_vertex: Vertex | None,
+        outs: Sequence[OutputSpec],
+        opts: CompressionOpts,
+        target: ExportTarget,
+        events: EventSink,
+    ) -> None:
+        self._worker = worker
+        self._outs = list(outs)
+        self._opts = opts
+        self._target = target
+        self._events = events
+        steps: list[Vertex] = []
+        v = target_vertex
+        while v is not None and not isinstance(v.op, SourceOp):
+            steps.append(v)
+            v = v.inputs[0] if v.inputs else None
+        steps.reverse()
+        self._steps = steps
+        self._index = {s.digest: i for i, s in enumerate(steps, 1)}
+        self._claimed: set[int] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        #: the first layer write that failed, and what to call when one does
+        self.error: BaseException | None = None
+        self.on_failure: Callable[[], object] | None = None
+
+    def on_result(self, vertex: Vertex, result: Result) -> None:
+        index = self._index.get(vertex.digest)
+        if index is None or result.kind != "snapshot" or index in self._claimed:
+            return
+        self._claimed.add(index)
+        task = asyncio.get_running_loop().create_task(self._write_from(index, result.ref))
+        task.add_done_callback(self._done)
+        self._tasks.append(task)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None or self.error is not None:
+            return
+        self.error = task.exception()
+        if self.on_failure is not None:
+            self.on_failure()
+
+    async def wait(self) -> None:
+        """Wait for every layer write; the first failure cancels the rest."""
+        try:
+            for task in self._tasks:
+                await task
+        except BaseException:
+            await self.cancel()
+            raise
+
+    async def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _write_from(self, index: int, ref: str) -> None:
+        chain = await self._worker.snapshot_chain(ref)
+        base = len(chain) - index
+        if base < 0:
+            raise UserError(f"internal: step {index} has only {len(chain)} snapshots below it")
+        # Steps below a cache hit were never visited: nobody else will write them.
+        below = [i for i in range(1, index) if i not in self._claimed]
+        self._claimed.update(below)
+        await asyncio.gather(*(self._write(chain, base, i) for i in [*below, index]))
+
+    async def _write(self, chain: Sequence[str], base: int, index: int) -> None:
+        layer = await self._worker.layer_of(chain, base + index - 1, self._opts)
+        if layer.diff_id in _EMPTY_TAR_DIFF_IDS:
+            return
+        step = self._steps[index - 1]
+        d = layer.descriptor
+        annotations = {
+            **dict(d.annotations),
+            ANNOTATION_UNCOMPRESSED: layer.diff_id,
+            ANNOTATION_STEP_INDEX: str(index),
+            ANNOTATION_VERTEX_DIGEST: step.digest,
+            ANNOTATION_VERTEX_NAME: step.name,
+        }
+        desc = Descriptor(d.media_type, d.digest, d.size, tuple(sorted(annotations.items())))
+        committed = LayerCommitted(desc)
+        for out in self._outs:
+
+            def write(out: OutputSpec = out) -> None:
+                with self._worker.content.open(desc.digest) as blob:
+                    self._target.layer(out, committed, blob)
+
+            await asyncio.to_thread(write)
+        # After the write: whoever sees the event finds the files in place.
+        self._events(committed)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -423,14 +549,83 @@ async def disk_usage(worker: Worker) -> list[UsageRecord]:
         # pulled layers are the snapshots named by ChainID; everything else was built
         kind = "source.image" if rec.result.ref.startswith(LAYER_SNAPSHOT_PREFIX) else "regular"
         out.append(UsageRecord(rec.key, kind, size, rec.description, rec.last_used))
+    for cm in await asyncio.to_thread(worker.cache_mounts.usage):
+        out.append(_cache_mount_record(cm))
     return out
 
 
-async def prune(worker: Worker) -> tuple[int, int]:
-    """Remove every cache record, every committed snapshot and every blob no stored
-    image uses; (records, bytes) freed."""
-    removed = 0
-    freed = 0
+CACHE_MOUNT_TYPE = "exec.cachemount"
+
+
+def _cache_mount_record(cm: CacheUsage) -> UsageRecord:
+    return UsageRecord("sha256:" + cm.key, CACHE_MOUNT_TYPE, cm.size, cm.id, cm.last_used)
+
+
+@dataclass(frozen=True)
+class PruneFilter:
+    """``prune --filter``: ``type=exec.cachemount`` and/or ``id=ID`` (as buildx)."""
+
+    types: tuple[str, ...] = ()
+    ids: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> PruneFilter:
+        types: list[str] = []
+        ids: list[str] = []
+        for item in items:
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not value:
+                raise ConfigError(f"invalid prune filter {item!r}: want key=value")
+            if key == "type":
+                if value != CACHE_MOUNT_TYPE:
+                    raise ConfigError(
+                        f"prune --filter type={value} is not supported "
+                        f"(only type={CACHE_MOUNT_TYPE})"
+                    )
+                types.append(value)
+            elif key == "id":
+                ids.append(value)
+            else:
+                raise ConfigError(f"prune --filter {key}=... is not supported (use type or id)")
+        return cls(tuple(types), tuple(ids))
+
+    @property
+    def empty(self) -> bool:
+        return not self.types and not self.ids
+
+    def matches(self, rec: UsageRecord) -> bool:
+        if self.types and rec.type not in self.types:
+            return False
+        # an id as du shows it (a prefix of the hex) or in full
+        hexid = rec.id.removeprefix("sha256:")
+        return not self.ids or any(
+            i in (rec.id, rec.description) or (len(i) >= 12 and hexid.startswith(i))
+            for i in self.ids
+        )
+
+
+async def prune_filtered(worker: Worker, flt: PruneFilter) -> tuple[int, int]:
+    """Remove the cache mounts ``flt`` selects (records of other types are left
+    alone); (removed, bytes freed). A cache mount in use by a step is kept."""
+    removed = freed = 0
+    for cm in await asyncio.to_thread(worker.cache_mounts.usage):
+        if not flt.matches(_cache_mount_record(cm)):
+            continue
+        size = await asyncio.to_thread(worker.cache_mounts.remove, cm.key)
+        if size or not (worker.cache_mounts.root / cm.key).exists():
+            removed += 1
+            freed += size
+    return removed, freed
+
+
+async def prune(worker: Worker, flt: PruneFilter | None = None) -> tuple[int, int]:
+    """Remove every cache record, every committed snapshot, every cache mount and
+    every blob no stored image uses; (records, bytes) freed. With a filter, only
+    what it selects (see ``PruneFilter``)."""
+    if flt is not None and not flt.empty:
+        return await prune_filtered(worker, flt)
+    removed, freed = await prune_filtered(worker, PruneFilter())
     for rec in worker.cache.records():
         worker.cache.remove(rec.key)
         removed += 1

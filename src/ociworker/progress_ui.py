@@ -1,12 +1,29 @@
-"""Progress printers: BuildKit-like ``plain``, ``rawjson`` and ``quiet``."""
+"""Progress printers: BuildKit-like ``tty``, ``plain``, ``rawjson`` and ``quiet``.
+
+``rich`` is imported only by ``TTYPrinter``: a cached build printing plain
+progress must not pay for it at start-up.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
+import re
 import time
-from typing import TextIO
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, TextIO
 
-from ociworker.core.progress import Event, Info, VertexLog, VertexStatus, Warning
+from ociworker.core.progress import Event, Info, LayerCommitted, VertexLog, VertexStatus, Warning
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.live import Live
+    from rich.text import Text
+
+PROGRESS_MODES = ("auto", "plain", "tty", "quiet", "rawjson")
 
 
 class PlainPrinter:
@@ -42,6 +59,10 @@ class PlainPrinter:
                 self._write(f"#{self._ids[ev.digest]} {ev.message}")
             else:
                 self._write(ev.message)
+        elif isinstance(ev, LayerCommitted):
+            d = ev.descriptor
+            text = f"layer {d.digest} written ({d.size} bytes)"
+            self._write(f"#{self._ids[ev.vertex]} {text}" if ev.vertex in self._ids else text)
         self.out.flush()
 
     def _status(self, ev: VertexStatus) -> None:
@@ -100,3 +121,270 @@ class QuietPrinter:
 
     def __call__(self, ev: Event) -> None:
         return
+
+
+# --- tty ---------------------------------------------------------------------------
+
+#: CSI / OSC escape sequences a RUN may print (colours, cursor moves)
+_ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _clean(line: str) -> str:
+    """One log line as it may appear inside the live view: a progress bar's
+    ``\r`` rewrites keep their last state, escapes and controls are dropped so
+    they cannot move the cursor under rich's feet."""
+    line = line.rstrip("\r").rsplit("\r", 1)[-1]
+    return _CONTROL_RE.sub("", _ANSI_RE.sub("", line)).expandtabs(4)
+
+
+@dataclass
+class _Step:
+    name: str
+    started: float | None = None
+    completed: float | None = None
+    cached: bool = False
+    error: str | None = None
+    info: str = ""
+    lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=10))
+    partial: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.cached or self.completed is not None
+
+
+class TTYPrinter:
+    """buildx's tty view on a ``rich.live.Live``: a ``[+] Building 1.2s (3/5)``
+    header, finished steps collapsed to one line, running steps with a timer
+    and their last ``log_lines`` lines (dimmed), failed steps in red with
+    their last lines kept, warnings at the end.
+
+    Use it as a context manager around the build. Call it (and enter/exit it)
+    from the event loop thread only: the state it renders is not locked, so
+    rich's own refresh thread is off and a ``loop.call_later`` ticker moves the
+    timers instead. Renders are limited to ``refresh_per_second`` whatever
+    the rate of events, so a chatty RUN costs little CPU; ``clock`` (monotonic,
+    for the limit) and ``wall`` (epoch, as event stamps) exist for tests.
+    """
+
+    def __init__(
+        self,
+        console: Console | None = None,
+        *,
+        refresh_per_second: float = 10.0,
+        log_lines: int = 6,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = console if console is not None else Console(stderr=True)
+        self._interval = 1.0 / refresh_per_second
+        self._log_lines = log_lines
+        self._clock = clock
+        self._wall = wall
+        self._steps: dict[str, _Step] = {}
+        self._order: list[str] = []  # digests in order of appearance
+        self.warnings: list[str] = []
+        self._begin = wall()
+        self._last_render: float | None = None
+        self._dirty = False
+        self._final = False
+        self._timer: asyncio.TimerHandle | None = None
+        #: how many frames were rendered (the rate limit is tested on it)
+        self.renders = 0
+        self._live: Live = Live(
+            console=self.console,
+            auto_refresh=False,
+            redirect_stdout=False,  # outputs may stream to stdout (dest=-)
+            redirect_stderr=False,
+            get_renderable=self._render,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def __enter__(self) -> TTYPrinter:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._begin = self._wall()
+        self._live.start()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None  # driven synchronously (tests): events alone refresh
+        if loop is not None:
+            self._timer = loop.call_later(self._interval, self._tick, loop)
+
+    def stop(self) -> None:
+        """Print the final state once (all steps, nothing cropped); restore the cursor.
+
+        Idempotent, and safe on every way out: success, error, Ctrl-C."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._final:
+            return
+        self._final = True
+        self._live.stop()  # renders one last time, then shows the cursor
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._final:
+            return
+        if self._dirty or any(s.started is not None and not s.done for s in self._steps.values()):
+            self._refresh()
+        self._timer = loop.call_later(self._interval, self._tick, loop)
+
+    def _refresh(self) -> None:
+        self._last_render = self._clock()
+        self._dirty = False
+        self._live.refresh()
+
+    def _maybe_refresh(self) -> None:
+        now = self._clock()
+        last = self._last_render
+        if last is None or now - last >= self._interval or now < last:
+            self._refresh()
+        else:
+            self._dirty = True
+
+    # -- events -------------------------------------------------------------------
+
+    def __call__(self, ev: Event) -> None:
+        if isinstance(ev, VertexStatus):
+            step = self._step(ev.digest, ev.name)
+            step.name = ev.name or step.name
+            if ev.started is not None and step.started is None:
+                step.started = ev.started
+            step.completed = ev.completed if ev.completed is not None else step.completed
+            step.cached = step.cached or ev.cached
+            step.error = ev.error or step.error
+            if step.done:
+                self._flush_partial(step)
+        elif isinstance(ev, VertexLog):
+            self._log(self._step(ev.digest, ""), ev)
+        elif isinstance(ev, Warning):
+            self.warnings.append(ev.message)
+        elif isinstance(ev, Info):
+            target = self._steps.get(ev.digest) if ev.digest else self._latest_running()
+            if target is not None:
+                target.info = _clean(ev.message)
+        elif isinstance(ev, LayerCommitted) and ev.vertex in self._steps:
+            self._steps[ev.vertex].info = f"layer {ev.descriptor.digest[:19]} written"
+        if not self._final:
+            self._maybe_refresh()
+
+    def _step(self, digest: str, name: str) -> _Step:
+        step = self._steps.get(digest)
+        if step is None:
+            step = self._steps[digest] = _Step(name)
+            self._order.append(digest)
+        return step
+
+    def _latest_running(self) -> _Step | None:
+        for digest in reversed(self._order):
+            step = self._steps[digest]
+            if step.started is not None and not step.done:
+                return step
+        return None
+
+    def _log(self, step: _Step, ev: VertexLog) -> None:
+        text = step.partial.pop(ev.stream, "") + ev.data.decode("utf-8", "replace")
+        *lines, rest = text.split("\n")
+        step.lines.extend(_clean(line) for line in lines)
+        if rest:
+            step.partial[ev.stream] = rest
+
+    def _flush_partial(self, step: _Step) -> None:
+        for stream in sorted(step.partial):
+            step.lines.append(_clean(step.partial.pop(stream)))
+
+    # -- rendering ----------------------------------------------------------------
+
+    def _render(self) -> RenderableType:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        self.renders += 1
+        now = self._wall()
+        steps = [self._steps[d] for d in self._order]
+        done = sum(1 for s in steps if s.done)
+        header = Text(f"[+] Building {max(0.0, now - self._begin):.1f}s ({done}/{len(steps)})")
+        if self._final:
+            header.append(" FINISHED")
+        rows: list[tuple[Text, Text]] = []
+        for step in steps:
+            rows.extend(self._rows(step, now))
+        if not self._final:
+            # While live, show the tail that fits: that is where the running steps are.
+            room = max(1, self.console.size.height - 2)
+            rows = rows[-room:]
+        grid = Table.grid(expand=True)
+        grid.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+        grid.add_column(justify="right", no_wrap=True)
+        for left, right in rows:
+            grid.add_row(left, right)
+        parts: list[RenderableType] = [header, grid]
+        if self._final:
+            parts.extend(self._error_blocks(steps))
+            if self.warnings:
+                n = len(self.warnings)
+                parts.append(Text(f"\n {n} warning{'s' if n > 1 else ''} found:", style="yellow"))
+                parts.extend(Text(f" - {w}", style="yellow") for w in self.warnings)
+        return Group(*parts)
+
+    def _rows(self, step: _Step, now: float) -> list[tuple[Text, Text]]:
+        from rich.text import Text
+
+        if step.started is None and not step.cached:
+            return []  # known only from a log or an info so far
+        if step.cached:
+            return [(Text(f" => CACHED {step.name}", style="blue"), Text("0.0s", style="blue"))]
+        end = step.completed if step.completed is not None else now
+        took = Text(f"{max(0.0, end - (step.started or end)):.1f}s")
+        if step.error:
+            took.stylize("red")
+            rows = [(Text(f" => ERROR {step.name}", style="red"), took)]
+            if not self._final:  # the final view has the error block instead
+                rows.extend(self._log_rows(step, "red dim"))
+            return rows
+        if step.completed is not None:
+            return [(Text(f" => {step.name}", style="blue"), Text(took.plain, style="blue"))]
+        rows = [(Text(f" => {step.name}"), took)]
+        if step.info:
+            rows.append((Text(f" => => {step.info}", style="dim"), Text("")))
+        rows.extend(self._log_rows(step, "dim"))
+        return rows
+
+    def _log_rows(self, step: _Step, style: str) -> list[tuple[Text, Text]]:
+        from rich.text import Text
+
+        shown = list(step.lines)[-self._log_lines :] if self._log_lines > 0 else []
+        return [(Text(f" => => # {line}", style=style), Text("")) for line in shown]
+
+    def _error_blocks(self, steps: list[_Step]) -> list[Text]:
+        from rich.text import Text
+
+        out: list[Text] = []
+        for step in steps:
+            if not step.error or step.error == "cancelled":
+                continue
+            block = Text("------\n", style="red")
+            block.append(f" > {step.name}:\n", style="red")
+            for line in step.lines:
+                block.append(f"{line}\n", style="red dim")
+            block.append("------", style="red")
+            out.append(block)
+        return out

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import hashlib
 import os
+import posixpath
+import shutil
 import stat
+import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ociworker.cachemounts import CacheMounts, CacheSpec
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest, check_digest, digest_of
 from ociworker.core.graph import (
@@ -37,7 +41,7 @@ from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.core.progress import VertexLog
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
-from ociworker.errors import ExecError, NotFoundError, UserError
+from ociworker.errors import ConfigError, ExecError, HostError, NotFoundError, UserError
 from ociworker.executor.base import Executor, ProcessSpec
 from ociworker.exporter.image import read_image
 from ociworker.exporter.imagestore import ImageStore
@@ -55,6 +59,7 @@ from ociworker.sources.image import (
     layer_snapshot_name,
     unpack,
 )
+from ociworker.stepmounts import AgentSocket, SecretFile, agent_sockets, secret_files
 
 DEFAULT_ROOT = Path("/var/lib/ociworker")
 
@@ -280,60 +285,6 @@ class Worker:
         )
 
 
-class CacheMounts:
-    """Persistent directories behind ``RUN --mount=type=cache`` (and tmpfs mounts).
-
-    A cache dir is named by a hash of its id, never by the id itself, so an id
-    such as ``../../etc`` cannot name a host path. ``locked`` serialises the
-    steps that share an id within this process and, through flock, across
-    processes on the same root.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    def dir_for(self, cache_id: str) -> Path:
-        return self.root / hashlib.sha256(cache_id.encode()).hexdigest()
-
-    @contextlib.asynccontextmanager
-    async def mounts(self, specs: Sequence[ExecMount]) -> AsyncIterator[list[Mount]]:
-        out: list[Mount] = []
-        async with contextlib.AsyncExitStack() as stack:
-            for m in specs:
-                opts = dict(m.options)
-                if m.type == "tmpfs":
-                    tmpfs_opts = ["nosuid", "nodev"]
-                    if opts.get("size"):
-                        tmpfs_opts.append(f"size={opts['size']}")
-                    out.append(Mount("tmpfs", "tmpfs", tuple(tmpfs_opts), m.target))
-                    continue
-                if m.type != "cache":
-                    raise UserError(f"mount type {m.type!r} is not supported yet")
-                cache_id = opts.get("id", m.target)
-                d = self.dir_for(cache_id)
-                if not d.exists():
-                    d.mkdir(mode=int(opts.get("mode", "755"), 8))
-                    os.chown(d, int(opts.get("uid", "0")), int(opts.get("gid", "0")))
-                if opts.get("sharing") == "locked":
-                    await stack.enter_async_context(self._lock(cache_id, d))
-                rw = "ro" if m.readonly else "rw"
-                out.append(Mount("bind", str(d), ("rbind", rw), m.target))
-            yield out
-
-    @contextlib.asynccontextmanager
-    async def _lock(self, cache_id: str, d: Path) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(cache_id, asyncio.Lock())
-        async with lock:
-            fd = os.open(d.parent / (d.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
-            try:
-                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                os.close(fd)
-
-
 class _Resolver:
     def __init__(self, worker: Worker) -> None:
         self._source = _SourceHandler(worker)
@@ -369,7 +320,9 @@ class _SourceHandler:
         name, _, digest = rest.rpartition("@")
         image = self.w.image_from_store(name, check_digest(digest))
         if image is None:
-            image = await self.w.puller.pull(rest, self.w.config.platform)
+            # The job's own credentials: under the daemon each client lends its own.
+            registry = self.w.registry.with_credentials(job.credentials)
+            image = await self.w.puller.pull(rest, self.w.config.platform, client=registry)
         top = await unpack(image, self.w.snapshots, self.w.applier, self.w.snapshots)
         # pulled layers are exported as they came, never diffed again
         for layer, chain_id in zip(image.layers, chain_ids(image.diff_ids), strict=True):
@@ -390,7 +343,23 @@ class _ExecHandler:
         self.w = worker
 
     async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
-        return default_cache_key(vertex, input_keys)
+        op = vertex.op
+        assert isinstance(op, ExecOp)
+        keys = list(input_keys)
+        # A bind of the local context is keyed by the content of the subtree it
+        # selects (as a COPY is), not by the whole context: an unrelated change
+        # does not invalidate the step, a change to a bound file does.
+        for i, inp in enumerate(vertex.inputs):
+            ctx = _local_context(inp, job)
+            if ctx is None:
+                continue
+            copies = [
+                Copy(i, m.selector, "/", allow_wildcard=False)
+                for m in op.mounts
+                if m.type == "bind" and m.input == i
+            ]
+            keys[i] = await asyncio.to_thread(self.w.content_checksum, ctx, copies)
+        return digest_of({"op": op.to_json(), "inputs": keys})
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op
@@ -399,39 +368,125 @@ class _ExecHandler:
         def out(stream: str, data: bytes) -> None:
             job.events(VertexLog(vertex.digest, 1 if stream == "stdout" else 2, data, time.time()))
 
-        process = ProcessSpec(
-            args=op.args,
-            env=op.env,
-            cwd=op.cwd or "/",
-            user=op.user,
-            hostname=op.hostname or "buildkitsandbox",
-            network="none" if op.network == "none" else "host",
-        )
-
         async def run_in(rootfs: Sequence[Mount]) -> None:
             async with contextlib.AsyncExitStack() as stack:
-                inputs_bound = [
-                    await self._bind_input(stack, m, inputs, job)
-                    for m in op.mounts
-                    if m.type == "bind" and m.input >= 0
-                ]
-                others = [m for m in op.mounts if not (m.type == "bind" and m.input >= 0)]
-                extra = await stack.enter_async_context(self.w.cache_mounts.mounts(others))
-                code = await self.w.executor.run(rootfs, process, [*inputs_bound, *extra], out)
+                mounts, env, secret_env = await self._mounts(stack, op, inputs, job)
+                process = ProcessSpec(
+                    args=op.args,
+                    env=(*op.env, *env),
+                    cwd=op.cwd or "/",
+                    user=op.user,
+                    hostname=op.hostname or "buildkitsandbox",
+                    network="none" if op.network == "none" else "host",
+                    secret_env=secret_env,
+                )
+                code = await self.w.executor.run(rootfs, process, mounts, out)
             if code != 0:
+                # The command line is the Dockerfile's text, never a secret's value.
                 raise ExecError(vertex.name or "RUN", " ".join(op.args), code)
 
         return await self.w.new_snapshot(_root_parent(inputs), run_in)
 
-    async def _bind_input(
+    async def _mounts(
+        self,
+        stack: contextlib.AsyncExitStack,
+        op: ExecOp,
+        inputs: Sequence[Result],
+        job: Job,
+    ) -> tuple[list[Mount], list[str], tuple[str, ...]]:
+        """The step's extra mounts, the env entries they add, and the secret env."""
+        slots: list[tuple[ExecMount, Mount | int | None]] = []
+        files: list[SecretFile] = []
+        sockets: list[AgentSocket] = []
+        env: list[str] = []
+        secret_env: list[str] = []
+        for m in op.mounts:
+            opts = dict(m.options)
+            if m.type == "bind":
+                slots.append((m, await self._bind_input(stack, m, inputs, job)))
+            elif m.type == "cache":
+                slots.append((m, await self._cache(stack, m, inputs, job)))
+            elif m.type == "tmpfs":
+                tmpfs_opts = ["nosuid", "nodev"]
+                if opts.get("size"):
+                    tmpfs_opts.append(f"size={opts['size']}")
+                slots.append((m, Mount("tmpfs", "tmpfs", tuple(tmpfs_opts), m.target)))
+            elif m.type == "secret":
+                sid = opts.get("id", "")
+                value = await job.secrets.get_secret(sid)
+                if value is None:
+                    if opts.get("required") == "true":
+                        raise NotFoundError(
+                            f"secret {sid!r} not found: the step requires it "
+                            f"(pass --secret id={sid},src=FILE or id={sid},env=VAR)"
+                        )
+                    continue  # as BuildKit: an absent optional secret is just absent
+                if opts.get("env"):
+                    try:
+                        secret_env.append(f"{opts['env']}={value.decode()}")
+                    except UnicodeDecodeError:
+                        raise UserError(
+                            f"secret {sid!r} is not UTF-8 text, it cannot be put in "
+                            f"env {opts['env']}"
+                        ) from None
+                if m.target:
+                    slots.append((m, len(files)))
+                    files.append(SecretFile(value, *_mode_uid_gid(opts, 0o400)))
+            elif m.type == "ssh":
+                aid = opts.get("id", "default")
+                if not job.ssh.has_agent(aid):
+                    if opts.get("required") == "true":
+                        raise NotFoundError(
+                            f"no SSH key {aid!r} forwarded from the client "
+                            f"(pass --ssh {aid}=SOCKET|KEYFILE, or --ssh default)"
+                        )
+                    continue
+                if not sockets:
+                    env.append(f"SSH_AUTH_SOCK={m.target}")
+                slots.append((m, -1 - len(sockets)))
+                sockets.append(AgentSocket(aid, *_mode_uid_gid(opts, 0o600)))
+            else:
+                raise UserError(f"mount type {m.type!r} is not supported")
+        secret_paths = await stack.enter_async_context(secret_files(self.w.tmp, files))
+        socket_paths = await stack.enter_async_context(agent_sockets(self.w.tmp, job.ssh, sockets))
+        mounts: list[Mount] = []
+        for m, slot in slots:
+            if isinstance(slot, Mount):
+                mounts.append(slot)
+            elif isinstance(slot, int) and slot >= 0:
+                src = str(secret_paths[slot])
+                mounts.append(Mount("bind", src, ("bind", "ro", "nosuid", "nodev"), m.target))
+            elif isinstance(slot, int):
+                src = str(socket_paths[-1 - slot])
+                mounts.append(Mount("bind", src, ("bind", "nosuid", "nodev"), m.target))
+        # Parents before children, whatever order the Dockerfile gave them in.
+        mounts.sort(key=lambda mt: len([p for p in mt.target.split("/") if p]))
+        return mounts, env, tuple(secret_env)
+
+    async def _cache(
         self, stack: contextlib.AsyncExitStack, m: ExecMount, inputs: Sequence[Result], job: Job
     ) -> Mount:
-        """A bind mount of (a path in) one of the step's inputs.
+        spec = CacheSpec.from_options(dict(m.options), m.target)
 
-        A snapshot input is a read-only view, or with ``rw`` a throwaway active
-        snapshot whose writes are discarded after the step; a local context is
-        bound as it is, read-only.
-        """
+        async def seed(dest: Path) -> None:
+            # A new cache starts as from=STAGE's (or image's) source= dir.
+            async with contextlib.AsyncExitStack() as s:
+                root = await self._input_root(s, m, inputs, job)
+                src = secure_join(root, m.selector)
+                if not src.is_dir():
+                    return
+                dst = secure_join(dest, m.selector)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                await _copy_tree(src, dst)
+
+        path = await stack.enter_async_context(
+            self.w.cache_mounts.acquire(spec, m.selector, seed if m.input >= 0 else None)
+        )
+        return Mount("bind", str(path), ("rbind", "ro" if m.readonly else "rw"), m.target)
+
+    async def _input_root(
+        self, stack: contextlib.AsyncExitStack, m: ExecMount, inputs: Sequence[Result], job: Job
+    ) -> Path:
         if m.input >= len(inputs):
             raise UserError(
                 f"mount at {m.target} names input {m.input}, the step has {len(inputs)}"
@@ -441,7 +496,44 @@ class _ExecHandler:
             ctx = job.locals.get(r.ref)
             if not isinstance(ctx, LocalContext):
                 raise NotFoundError(f"no local source named {r.ref!r} in this session")
-            return Mount("bind", str(secure_join(ctx.root, m.selector)), ("rbind", "ro"), m.target)
+            return ctx.root
+        return await stack.enter_async_context(self.w.view(r.ref if r.kind == "snapshot" else None))
+
+    async def _bind_input(
+        self, stack: contextlib.AsyncExitStack, m: ExecMount, inputs: Sequence[Result], job: Job
+    ) -> Mount:
+        """A bind mount of (a path in) one of the step's inputs.
+
+        A snapshot input is a read-only view, or with ``rw`` a throwaway active
+        snapshot whose writes are discarded after the step. A local context is
+        bound as it is, read-only, unless .dockerignore rules hide part of it or
+        the mount is ``rw``: then the selected files are copied to a scratch dir
+        for the step, so the step sees exactly what its cache key covers.
+        """
+        if m.input >= len(inputs):
+            raise UserError(
+                f"mount at {m.target} names input {m.input}, the step has {len(inputs)}"
+            )
+        r = inputs[m.input]
+        rw = "ro" if m.readonly else "rw"
+        if r.kind == "dir":
+            ctx = job.locals.get(r.ref)
+            if not isinstance(ctx, LocalContext):
+                raise NotFoundError(f"no local source named {r.ref!r} in this session")
+            has_rules = bool(getattr(ctx.ignore, "patterns", ()))
+            if m.readonly and not has_rules:
+                src = secure_join(ctx.root, m.selector)
+                if not os.path.exists(src):
+                    raise NotFoundError(
+                        f"RUN --mount source {m.selector!r} not found in build context"
+                    )
+                return Mount("bind", str(src), ("rbind", "ro"), m.target)
+            scratch = Path(
+                await asyncio.to_thread(tempfile.mkdtemp, dir=self.w.tmp, prefix="bind-")
+            )
+            stack.push_async_callback(asyncio.to_thread, shutil.rmtree, scratch, True)
+            src_path = await asyncio.to_thread(_copy_context, ctx, m.selector, scratch)
+            return Mount("bind", str(src_path), ("rbind", rw), m.target)
         if r.kind == "snapshot" and not m.readonly:
             key = f"bind-{uuid.uuid4().hex}"
             mounts = await self.w.snapshots.prepare(key, r.ref)
@@ -452,7 +544,57 @@ class _ExecHandler:
                 self.w.view(r.ref if r.kind == "snapshot" else None)
             )
         source = secure_join(root, m.selector)
-        return Mount("bind", str(source), ("rbind", "ro" if m.readonly else "rw"), m.target)
+        if not os.path.lexists(source):
+            raise NotFoundError(f"RUN --mount source {m.selector!r} not found")
+        return Mount("bind", str(source), ("rbind", rw), m.target)
+
+
+def _local_context(inp: Vertex | None, job: Job) -> LocalContext | None:
+    if inp is None or not isinstance(inp.op, SourceOp):
+        return None
+    if not inp.op.identifier.startswith("local://"):
+        return None
+    ctx = job.locals.get(inp.op.identifier.removeprefix("local://"))
+    return ctx if isinstance(ctx, LocalContext) else None
+
+
+def _mode_uid_gid(opts: dict[str, str], default_mode: int) -> tuple[int, int, int]:
+    try:
+        mode = int(opts["mode"], 8) if opts.get("mode") else default_mode
+        return mode, int(opts.get("uid") or 0), int(opts.get("gid") or 0)
+    except ValueError as exc:
+        raise ConfigError(f"invalid mount mode/uid/gid: {exc}") from None
+
+
+def _copy_context(ctx: LocalContext, selector: str, scratch: Path) -> Path:
+    """Copy what ``selector`` names from the context (minus ignored files) into
+    ``scratch``; the path to bind."""
+    src = fileops.Source(ctx.root, ctx.ignore, is_context=True)
+    rel = selector.strip("/")
+    top = secure_join(ctx.root, rel)
+    if rel and not top.is_dir():
+        fileops.do_copy(scratch, src, Copy(0, rel, "/", allow_wildcard=False), "/")
+        return scratch / posixpath.basename(rel.rstrip("/"))
+    fileops.do_copy(scratch, src, Copy(0, rel or "/", "/", allow_wildcard=False), "/")
+    return scratch
+
+
+async def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy ``src`` into ``dst`` keeping owners, modes, links and times."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp",
+        "-a",
+        "-T",
+        "--",
+        str(src),
+        str(dst),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise HostError(f"seeding cache mount failed: {err.decode(errors='replace').strip()}")
 
 
 class _FileHandler:
@@ -466,12 +608,8 @@ class _FileHandler:
         # Steps that copy from a local context are keyed by the content they
         # select, so a change elsewhere in the context does not invalidate them.
         for i, inp in enumerate(vertex.inputs):
-            if inp is None or not isinstance(inp.op, SourceOp):
-                continue
-            if not inp.op.identifier.startswith("local://"):
-                continue
-            ctx = job.locals.get(inp.op.identifier.removeprefix("local://"))
-            if not isinstance(ctx, LocalContext):
+            ctx = _local_context(inp, job)
+            if ctx is None:
                 continue
             copies = [a for a in op.actions if isinstance(a, Copy) and a.src_input == i]
             keys[i] = await asyncio.to_thread(self.w.content_checksum, ctx, copies)

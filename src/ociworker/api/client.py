@@ -16,13 +16,12 @@ import hashlib
 import json
 import os
 import socket
-import sys
-import tarfile
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO, cast
 
 import grpc
 
@@ -31,12 +30,13 @@ from ociworker.api.convert import event_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.controller import BuildRequest, BuildResult, OutputSpec, UsageRecord
+from ociworker.controller import BuildRequest, BuildResult, UsageRecord
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor
-from ociworker.core.progress import Event, EventSink, discard
+from ociworker.core.outputs import OutputSpec
+from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import ConfigError, NotFoundError
+from ociworker.errors import BuildCancelled, ConfigError, NotFoundError
 from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
 
 DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
@@ -64,11 +64,12 @@ class OutputData:
 
 @dataclass(frozen=True)
 class LayerData:
-    """Part of a committed step's layer for ``type=layers`` output ``index``."""
+    """Part of a committed step's layer for ``type=layers`` output ``index``
+    (``layer_json``, the ``LayerCommitted`` JSON, on the first part only)."""
 
     index: int
     digest: str
-    descriptor_json: bytes
+    layer_json: bytes
     data: bytes
     eof: bool
 
@@ -326,7 +327,7 @@ def _item(msg: pb.SolveEvent) -> SolveItem | None:
         return OutputData(o.output, o.data, o.eof)
     if which == "layer":
         la = msg.layer
-        return LayerData(la.output, la.digest, la.descriptor_json, la.data, la.eof)
+        return LayerData(la.output, la.digest, la.layer_json, la.data, la.eof)
     if which == "result":
         r = msg.result
         meta = json.loads(r.metadata_json or b"{}")
@@ -340,60 +341,75 @@ def _item(msg: pb.SolveEvent) -> SolveItem | None:
 
 
 class _OutputWriters:
-    """Client-side files of the outputs: written to a temp name, renamed at eof."""
+    """Writes the outputs on the client, from the stream, with the functions the
+    embedded worker's ``LocalExportTarget`` uses: archives appear whole or not
+    at all, ``local`` trees are unpacked path-safely, a layer's descriptor only
+    after its whole, verified blob."""
 
     def __init__(self, outputs: Sequence[OutputSpec]) -> None:
         self.outputs = list(outputs)
-        self._files: dict[int, tuple[IO[bytes], Path | None]] = {}
+        self._open: dict[int, tuple[contextlib.ExitStack, IO[bytes]]] = {}
+        self._layers: dict[tuple[int, str], tuple[IO[bytes], bytes]] = {}
+
+    def _out(self, index: int) -> OutputSpec:
+        if not 0 <= index < len(self.outputs):
+            raise ConfigError(f"daemon sent output {index}, which was not asked for")
+        return self.outputs[index]
 
     def write(self, item: OutputData) -> None:
-        if not 0 <= item.index < len(self.outputs):
-            raise ConfigError(f"daemon sent output {item.index}, which was not asked for")
-        out = self.outputs[item.index]
-        got = self._files.get(item.index)
+        from ociworker.exporter.target import open_archive_dest, output_errors
+
+        out = self._out(item.index)
+        got = self._open.get(item.index)
         if got is None:
-            if out.get("dest") == "-" and out.type != "local":
-                got = (sys.stdout.buffer, None)
+            stack = contextlib.ExitStack()
+            stack.enter_context(output_errors(out))
+            if out.type == "local":
+                # the tree arrives as a tar; unpacked at eof
+                f: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
             else:
-                path = Path(out.get("dest"))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                part = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-                got = (open(part, "wb"), part)  # noqa: SIM115 (closed at eof or close())
-            self._files[item.index] = got
-        f, tmp = got
+                f = stack.enter_context(open_archive_dest(out.get("dest")))
+            got = self._open[item.index] = (stack, f)
+        stack, f = got
         f.write(item.data)
         if not item.eof:
             return
-        del self._files[item.index]
-        if tmp is None:
-            f.flush()
-            return
-        f.close()
-        try:
+        del self._open[item.index]
+        with stack:
             if out.type == "local":
-                _extract_local(tmp, Path(out.get("dest")))
-            else:
-                os.replace(tmp, out.get("dest"))
-        finally:
-            tmp.unlink(missing_ok=True)
+                from ociworker.exporter.target import write_local_tar
+
+                f.seek(0)
+                write_local_tar(cast(BinaryIO, f), Path(out.get("dest")))
 
     def layer(self, item: LayerData) -> None:
-        raise ConfigError("type=layers over the daemon is not wired yet")
+        from ociworker.exporter.target import output_errors, write_layer
+
+        out = self._out(item.index)
+        key = (item.index, item.digest)
+        got = self._layers.get(key)
+        if got is None:
+            tmp = tempfile.TemporaryFile()  # noqa: SIM115 (closed at eof or in close())
+            got = self._layers[key] = (tmp, item.layer_json)
+        f, head = got
+        f.write(item.data)
+        if not item.eof:
+            return
+        del self._layers[key]
+        with f, output_errors(out):
+            f.seek(0)
+            layer = LayerCommitted.from_json(json.loads(head))
+            write_layer(Path(out.get("dest")), layer, cast(BinaryIO, f))
 
     def close(self) -> None:
-        for f, tmp in self._files.values():
-            if tmp is not None:
-                f.close()
-                tmp.unlink(missing_ok=True)
-        self._files.clear()
-
-
-def _extract_local(archive: Path, dest: Path) -> None:
-    """Unpack the tree the daemon sent for ``type=local``; the "tar" filter
-    refuses absolute names, ``..`` and links leaving ``dest``."""
-    dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tf:
-        tf.extractall(dest, numeric_owner=True, filter="tar")
+        """Drop what did not arrive whole (the build failed or was cancelled)."""
+        for stack, _ in self._open.values():
+            with contextlib.suppress(BaseException):
+                stack.__exit__(BuildCancelled, BuildCancelled("output incomplete"), None)
+        self._open.clear()
+        for f, _ in self._layers.values():
+            f.close()
+        self._layers.clear()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

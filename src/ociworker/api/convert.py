@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from ociworker.api.v1 import control_pb2 as pb
-from ociworker.core.progress import Event, Info, VertexLog, VertexStatus, Warning
+from ociworker.core.progress import Event, Info, LayerCommitted, VertexLog, VertexStatus, Warning
 
 
 def event_to_proto(ev: Event) -> pb.SolveEvent:
@@ -28,6 +30,9 @@ def event_to_proto(ev: Event) -> pb.SolveEvent:
         )
     if isinstance(ev, Warning):
         return pb.SolveEvent(warning=pb.WarningEvent(message=ev.message, detail=ev.detail))
+    if isinstance(ev, LayerCommitted):
+        raw = json.dumps(ev.to_json()).encode()
+        return pb.SolveEvent(layer_committed=pb.LayerCommittedEvent(descriptor_json=raw))
     return pb.SolveEvent(info=pb.InfoEvent(message=ev.message, digest=ev.digest))
 
 
@@ -51,4 +56,6 @@ def event_from_proto(msg: pb.SolveEvent) -> Event | None:
         return Warning(msg.warning.message, msg.warning.detail)
     if which == "info":
         return Info(msg.info.message, msg.info.digest)
+    if which == "layer_committed":
+        return LayerCommitted.from_json(json.loads(msg.layer_committed.descriptor_json))
     return None

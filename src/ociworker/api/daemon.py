@@ -26,13 +26,12 @@ import grpc
 
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
+from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.errors import ConfigError, HostError
 from ociworker.log import get_logger
 from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
 
 _log = get_logger(__name__)
-
-DEFAULT_LOG_CAP = 2 * 1024 * 1024
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # ping every 5 s, drop a peer silent for 5 s more: a dead client is noticed
@@ -203,7 +202,7 @@ async def serve(cfg: DaemonConfig) -> int:
             from ociworker.recovery import recover
 
             await recover(worker)
-            service = ControlService(worker)
+            service = ControlService(worker, log_cap=cfg.log_cap)
             server = grpc.aio.server(options=list(SERVER_OPTIONS))
             add_to_server(service, server)
             sock = _bind(server, cfg)

@@ -29,7 +29,15 @@ from ociworker.api.convert import event_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.progress import Event, EventSink, Info, VertexStatus
+from ociworker.core.outputs import OutputSpec
+from ociworker.core.progress import (
+    DEFAULT_LOG_CAP,
+    Event,
+    EventSink,
+    Info,
+    LayerCommitted,
+    VertexStatus,
+)
 from ociworker.errors import (
     BuildCancelled,
     ConfigError,
@@ -119,6 +127,66 @@ class _OutputStream(io.RawIOBase):
         self._chunk(b"", eof=True)
 
 
+class _StreamTarget:
+    """The daemon's ``ExportTarget``: every output goes to the client as
+    messages of the Solve stream (archives as bytes, ``local`` as a tar, layers
+    as their JSON then blob); the client writes them with the same functions
+    ``LocalExportTarget`` uses."""
+
+    def __init__(
+        self,
+        outputs: list[OutputSpec],
+        send: Callable[[pb.SolveEvent], None],
+        credits: threading.Semaphore,
+        aborted: threading.Event,
+    ) -> None:
+        self._outputs = outputs
+        self._send = send
+        self._credits = credits
+        self._aborted = aborted
+
+    def _stream(self, out: OutputSpec) -> _OutputStream:
+        return _OutputStream(self._outputs.index(out), self._send, self._credits, self._aborted)
+
+    @contextlib.contextmanager
+    def archive(self, out: OutputSpec) -> Iterator[BinaryIO]:
+        raw = self._stream(out)
+        buf = io.BufferedWriter(raw, buffer_size=_CHUNK)
+        # on an error no eof is sent: the client discards what it received
+        yield cast(BinaryIO, buf)
+        buf.flush()
+        raw.end()
+
+    def local(self, out: OutputSpec, root: Path) -> None:
+        from ociworker.exporter.fs import export_tar
+
+        with self.archive(out) as f:
+            export_tar(root, f)
+
+    def layer(self, out: OutputSpec, layer: LayerCommitted, blob: BinaryIO) -> None:
+        index = self._outputs.index(out)
+        head = json.dumps(layer.to_json()).encode()
+        digest = layer.descriptor.digest
+        while True:
+            data = blob.read(_CHUNK)
+            self._credits_acquire()
+            self._send(
+                pb.SolveEvent(
+                    layer=pb.LayerChunk(
+                        output=index, digest=digest, layer_json=head, data=data, eof=not data
+                    )
+                )
+            )
+            head = b""
+            if not data:
+                return
+
+    def _credits_acquire(self) -> None:
+        while not self._credits.acquire(timeout=0.2):
+            if self._aborted.is_set():
+                raise BuildCancelled("build cancelled while its layers were streamed")
+
+
 class ControlService:
     """Implements ``ociworker.v1.Control`` (registered with ``add_to_server``).
 
@@ -126,8 +194,9 @@ class ControlService:
     failure can still set the status and its typed detail after the stream.
     """
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, *, log_cap: int = DEFAULT_LOG_CAP) -> None:
         self.worker = worker
+        self.log_cap = log_cap
         self.sessions = SessionHub()
         self.contexts = ContextStore(worker.root / "contexts")
         self._builds: OrderedDict[str, _Build] = OrderedDict()
@@ -180,7 +249,7 @@ class ControlService:
         try:
             while (msg := await out.get()) is not None:
                 await context.write(msg)
-                if msg.WhichOneof("event") == "output":
+                if msg.WhichOneof("event") in ("output", "layer"):
                     credits.release()
         finally:
             aborted.set()
@@ -217,13 +286,7 @@ class ControlService:
             if o.type not in controller.OUTPUT_TYPES:
                 raise ConfigError(f"unknown output type {o.type!r}")
 
-        @contextlib.contextmanager
-        def opener(spec: controller.OutputSpec) -> Iterator[BinaryIO]:
-            raw = _OutputStream(outputs.index(spec), send, credits, aborted)
-            buf = io.BufferedWriter(raw, buffer_size=_CHUNK)
-            yield cast(BinaryIO, buf)
-            buf.flush()
-            raw.end()
+        target = _StreamTarget(outputs, send, credits, aborted)
 
         key = request.context_key or session.id
         async with contextlib.AsyncExitStack() as stack:
@@ -244,9 +307,16 @@ class ControlService:
                 no_cache=request.no_cache,
                 network=request.network or "host",
                 want_image=request.want_metadata,
+                log_cap=self.log_cap,
             )
             result = await controller.build(
-                self.worker, req, events, opener=opener, job_id=build_id
+                self.worker,
+                req,
+                events,
+                target=target,
+                credentials=session,
+                secrets=session,
+                ssh=session,
             )
         metadata = dict(result.metadata)
         metadata["ociworker.context.bytes_sent"] = sent
@@ -420,6 +490,13 @@ async def serve_session(hub: SessionHub, context: grpc.aio.ServicerContext[Any, 
         hub.remove(session)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+
+
+def _output_text(o: pb.Output) -> str:
+    for k, v in [("type", o.type), *o.attrs.items()]:
+        if "," in k + v or "=" in k:
+            raise ConfigError(f"invalid output attribute {k}={v!r}")
+    return ",".join(f"{k}={v}" for k, v in [("type", o.type), *sorted(o.attrs.items())])
 
 
 def _result_of(task: asyncio.Task[pb.SolveResult]) -> pb.SolveResult | None:

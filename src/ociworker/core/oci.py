@@ -27,6 +27,13 @@ INDEX_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
 
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 ANNOTATION_IMAGE_NAME = "io.containerd.image.name"
+#: a layer descriptor's diffID, under the key containerd and BuildKit use
+ANNOTATION_UNCOMPRESSED = "containerd.io/uncompressed"
+#: which step made a layer streamed by ``--output type=layers``: its 1-based index
+#: among the steps built on the base image, and the vertex digest and name
+ANNOTATION_STEP_INDEX = "dev.ociworker.step.index"
+ANNOTATION_VERTEX_DIGEST = "dev.ociworker.vertex.digest"
+ANNOTATION_VERTEX_NAME = "dev.ociworker.vertex.name"
 
 
 def layer_compression(media_type: str) -> str:

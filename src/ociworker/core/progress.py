@@ -6,6 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ociworker.core.oci import (
+    ANNOTATION_STEP_INDEX,
+    ANNOTATION_UNCOMPRESSED,
+    ANNOTATION_VERTEX_DIGEST,
+    Descriptor,
+)
+
 
 @dataclass(frozen=True)
 class VertexStatus:
@@ -69,9 +76,95 @@ class Info:
         return {"info": {"message": self.message, "vertex": self.digest}}
 
 
-Event = VertexStatus | VertexLog | Warning | Info
+@dataclass(frozen=True)
+class LayerCommitted:
+    """A built step's layer blob exists (and was written to a ``type=layers`` output).
+
+    ``descriptor`` is the OCI descriptor of the compressed blob; its annotations
+    carry the diffID, the step index (1-based, counting the steps built on top
+    of the base image in the final stage's chain) and the vertex digest and name.
+    """
+
+    descriptor: Descriptor
+
+    def annotation(self, key: str) -> str:
+        return dict(self.descriptor.annotations).get(key, "")
+
+    @property
+    def diff_id(self) -> str:
+        return self.annotation(ANNOTATION_UNCOMPRESSED)
+
+    @property
+    def index(self) -> int:
+        text = self.annotation(ANNOTATION_STEP_INDEX)
+        return int(text) if text.isdigit() else 0
+
+    @property
+    def vertex(self) -> str:
+        return self.annotation(ANNOTATION_VERTEX_DIGEST)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.descriptor.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LayerCommitted:
+        """The inverse of ``to_json`` (a client reading a streamed event back)."""
+        return cls(Descriptor.from_json(d["layer"]))
+
+
+Event = VertexStatus | VertexLog | Warning | Info | LayerCommitted
 EventSink = Callable[[Event], None]
 
 
 def discard(_: Event) -> None:
     """An EventSink that drops everything."""
+
+
+#: BuildKit's default per-step log limit (``max-log-size``, 2 MiB)
+DEFAULT_LOG_CAP = 2 << 20
+
+
+def _bytes_size(n: int) -> str:
+    """``2097152`` -> ``2MiB``, as go-units' BytesSize that BuildKit prints."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.4g}{unit}"
+        size /= 1024
+    return f"{size:.4g}TiB"
+
+
+def clipped_line(limit: int) -> bytes:
+    return f"\n[output clipped, log limit {_bytes_size(limit)} reached]\n".encode()
+
+
+def cap_logs(sink: EventSink, limit: int = DEFAULT_LOG_CAP) -> EventSink:
+    """``sink``, but each vertex's log data stops after ``limit`` bytes.
+
+    A step that prints gigabytes would otherwise flood the terminal, the
+    daemon's stream and the client's memory; past the cap one clear line says
+    so (on stderr, as BuildKit does) and the rest is dropped. Statuses,
+    warnings and infos always pass. ``limit <= 0`` means no cap.
+    """
+    if limit <= 0:
+        return sink
+    sent: dict[str, int] = {}
+
+    def capped(ev: Event) -> None:
+        if not isinstance(ev, VertexLog):
+            sink(ev)
+            return
+        used = sent.get(ev.digest, 0)
+        if used > limit:
+            return  # already clipped
+        room = limit - used
+        if len(ev.data) <= room:
+            sent[ev.digest] = used + len(ev.data)
+            sink(ev)
+            return
+        if room:
+            sink(VertexLog(ev.digest, ev.stream, ev.data[:room], ev.timestamp))
+        sent[ev.digest] = limit + 1
+        sink(VertexLog(ev.digest, 2, clipped_line(limit), ev.timestamp))
+
+    return capped

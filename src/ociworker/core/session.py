@@ -48,6 +48,13 @@ class NoSecrets:
         return None
 
 
+class NoCredentials:
+    """Anonymous access everywhere: what a job gets unless its client lends more."""
+
+    async def credentials(self, host: str) -> tuple[str, str] | None:
+        return None
+
+
 class NoSSH:
     def has_agent(self, agent_id: str) -> bool:
         return False

@@ -37,9 +37,8 @@ from typing import IO, Protocol, cast
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest
 from ociworker.core.mounts import Mount
-from ociworker.core.oci import Descriptor
+from ociworker.core.oci import ANNOTATION_UNCOMPRESSED, Descriptor
 from ociworker.diff.tarutil import (
-    ANNOTATION_UNCOMPRESSED,
     CHUNK,
     DECOMPRESS_ERRORS,
     WHITEOUT_META_PREFIX,
@@ -129,9 +128,14 @@ def apply_blob(store: ContentStore, layer: Descriptor, root: Path) -> Digest:
     return tar_stream.digest
 
 
-def apply_tar_stream(fileobj: SupportsRead | IO[bytes], root: Path) -> None:
-    """Extract an uncompressed layer tar read from ``fileobj`` onto ``root``."""
-    _Extractor(root).run(fileobj)
+def apply_tar_stream(
+    fileobj: SupportsRead | IO[bytes], root: Path, *, whiteouts: bool = True
+) -> None:
+    """Extract an uncompressed layer tar read from ``fileobj`` onto ``root``.
+
+    ``whiteouts=False`` extracts a plain tree (a ``type=local`` output streamed as
+    tar): ``.wh.`` names are ordinary files there, never deletions."""
+    _Extractor(root, whiteouts=whiteouts).run(fileobj)
 
 
 @dataclass(frozen=True)
@@ -142,8 +146,9 @@ class _DirMeta:
 
 
 class _Extractor:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, whiteouts: bool = True) -> None:
         self.root = os.path.realpath(root)
+        self.whiteouts = whiteouts
         self.privileged = os.geteuid() == 0
         # resolved paths (relative to root) this layer wrote, and their
         # ancestors: an opaque marker must not remove them
@@ -172,7 +177,7 @@ class _Extractor:
     def _entry(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         rel = clean(m.name).lstrip("/")
         parent_rel, base = posixpath.split(rel)
-        if base.startswith(WHITEOUT_PREFIX):
+        if self.whiteouts and base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parent_rel, base, m.name)
             return
         if rel == "":

@@ -59,11 +59,6 @@ CHUNK = 1 << 20
 GZIP_DEFAULT_LEVEL = zlib.Z_DEFAULT_COMPRESSION
 ZSTD_DEFAULT_LEVEL = 3
 
-# containerd records the diffID of a blob under this annotation; when present
-# the applier checks the uncompressed stream against it.
-ANNOTATION_UNCOMPRESSED = "containerd.io/uncompressed"
-
-
 # --- media types ----------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from ociworker.core.mounts import Mount
@@ -22,6 +22,10 @@ class ProcessSpec:
     user: str = ""  # "", "uid", "uid:gid", "name", "name:group" (resolved in the rootfs)
     hostname: str = "buildkitsandbox"
     network: NetworkMode = "host"
+    #: "K=V" entries holding secrets (RUN --mount=type=secret,env=K): added to the
+    #: environment, but the runtime's files for such a process (config.json, its
+    #: state dir) are kept on a tmpfs, never on disk; never shown by repr
+    secret_env: tuple[str, ...] = field(default=(), repr=False)
 
 
 class Executor(Protocol):

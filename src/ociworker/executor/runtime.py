@@ -246,15 +246,15 @@ class OCIRuntimeExecutor:
         """The runtime's ``--root`` (its container state lives there)."""
         return self._runtime_root
 
-    def _cmd(self, *args: str, log: Path | None = None) -> list[str]:
-        cmd = [self._binary, f"--root={self._runtime_root}"]
+    def _cmd(self, *args: str, log: Path | None = None, root: Path | None = None) -> list[str]:
+        cmd = [self._binary, f"--root={root or self._runtime_root}"]
         if log is not None:
             cmd += [f"--log={log}", "--log-format=json"]
         return [*cmd, *args]
 
-    async def _ctl(self, *args: str) -> tuple[int, str]:
+    async def _ctl(self, *args: str, root: Path | None = None) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
-            *self._cmd(*args),
+            *self._cmd(*args, root=root),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -286,12 +286,19 @@ class OCIRuntimeExecutor:
         cid = "ociw-" + secrets.token_hex(8)
         bundle = self._state_dir / "bundles" / cid
         root_dir = bundle / "rootfs"
+        runtime_root = self._runtime_root
         stack = _CleanupStack()
         try:
-            bundle.mkdir(parents=True)
+            bundle.mkdir(parents=True, mode=0o700 if process.secret_env else 0o777)
             stack.push_sync(lambda: _remove_bundle(bundle))
+            if process.secret_env:
+                # config.json will hold the secret, and runc/crun copy the spec into
+                # their state dir: both live on a tmpfs of this run alone.
+                stack.push_sync(lambda: unmount(bundle))
+                await _finish(asyncio.to_thread(_mount_private_tmpfs, bundle))
+                runtime_root = bundle / "runtime"
             root_dir.mkdir()
-            self._runtime_root.mkdir(parents=True, exist_ok=True)
+            runtime_root.mkdir(parents=True, exist_ok=True)
 
             # Registered first: a cancel that lands once the mount is made must
             # still find its unmount on the stack (unmount is a no-op otherwise).
@@ -310,10 +317,14 @@ class OCIRuntimeExecutor:
                 await create_loopback_netns(netns_path)
                 netns = str(netns_path)
 
+            # A target that is, or passes through, a symlink is resolved in the
+            # rootfs here, so the runtime gets a path that cannot leave it and the
+            # stubs below are the entries the runtime will really create.
+            resolved = await asyncio.to_thread(_resolve_targets, root_dir, mounts)
             spec = make_spec(
                 SpecOptions(
                     args=tuple(process.args),
-                    env=tuple(process.env),
+                    env=(*process.env, *process.secret_env),
                     cwd=cwd,
                     uid=user.uid,
                     gid=user.gid,
@@ -321,7 +332,7 @@ class OCIRuntimeExecutor:
                     nofile=_nofile_limit(),
                     home=user.home,
                     hostname=process.hostname,
-                    mounts=tuple(mounts),
+                    mounts=resolved,
                     isolated_network=process.network != "host",
                     netns_path=netns,
                     resolv_conf=str(resolv),
@@ -337,7 +348,7 @@ class OCIRuntimeExecutor:
             await _finish(asyncio.to_thread(_ensure_dir, root_dir, cwd))
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))
 
-            code = await self._run_container(cid, bundle, output, stack)
+            code = await self._run_container(cid, bundle, output, stack, runtime_root)
         except BaseException:
             # The error in flight (or the cancellation) is what the caller must see.
             await stack.aclose(quiet=True)
@@ -346,18 +357,20 @@ class OCIRuntimeExecutor:
         return code
 
     async def _run_container(
-        self, cid: str, bundle: Path, output: OutputSink, stack: _CleanupStack
+        self, cid: str, bundle: Path, output: OutputSink, stack: _CleanupStack, root: Path
     ) -> int:
         log = bundle / "runtime.log"
         pid_file = bundle / "init.pid"
 
         async def delete() -> None:
             # Also reaps a container left "created" by a runtime killed mid-start.
-            await self._ctl("delete", "--force", cid)
+            await self._ctl("delete", "--force", cid, root=root)
 
         stack.push(delete)
         proc = await asyncio.create_subprocess_exec(
-            *self._cmd("run", f"--bundle={bundle}", f"--pid-file={pid_file}", cid, log=log),
+            *self._cmd(
+                "run", f"--bundle={bundle}", f"--pid-file={pid_file}", cid, log=log, root=root
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -370,7 +383,7 @@ class OCIRuntimeExecutor:
         ]
 
         async def stop() -> None:
-            await self._stop(cid, proc, pid_file, pumps)
+            await self._stop(cid, proc, pid_file, pumps, root)
 
         stack.push(stop)
         await asyncio.gather(*pumps)
@@ -388,6 +401,7 @@ class OCIRuntimeExecutor:
         proc: asyncio.subprocess.Process,
         pid_file: Path,
         pumps: Sequence[asyncio.Future[None]],
+        root: Path,
     ) -> None:
         """Kill the container and reap its runtime; bounded to about a second."""
         if proc.returncode is None:
@@ -395,13 +409,13 @@ class OCIRuntimeExecutor:
             # and killing the runtime mid-create orphans the init it is making:
             # wait (briefly) until the pid file says the container exists.
             await _wait_for(lambda: pid_file.exists() or proc.returncode is not None, _KILL_GRACE)
-            await self._ctl("kill", cid, "KILL")
+            await self._ctl("kill", cid, "KILL", root=root)
         if not await _exited(proc, _KILL_GRACE):
             # Wedged: kill the runtime; the `delete --force` that runs next
             # reaps whatever it had made.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            await self._ctl("delete", "--force", cid)
+            await self._ctl("delete", "--force", cid, root=root)
             await _exited(proc, _KILL_GRACE)
         # The pipes close once every process in the container is gone.
         _, pending = await asyncio.wait(pumps, timeout=_KILL_GRACE)
@@ -491,6 +505,20 @@ def _ensure_dir(root: Path, path: str) -> None:
     target = secure_join(root, path)
     if not target.is_dir():
         target.mkdir(mode=0o755, parents=True, exist_ok=True)
+
+
+def _mount_private_tmpfs(path: Path) -> None:
+    opts = ("nosuid", "nodev", "mode=0700", "size=16m")
+    mount_all([Mount("tmpfs", "tmpfs", opts)], path)
+
+
+def _resolve_targets(root: Path, mounts: Sequence[Mount]) -> tuple[Mount, ...]:
+    out = []
+    for m in mounts:
+        real = secure_join(root, m.target)
+        target = "/" + str(real.relative_to(root)) if real != root else "/"
+        out.append(Mount(m.type, m.source, m.options, clean(target)))
+    return tuple(out)
 
 
 def _remove_bundle(bundle: Path) -> None:

@@ -32,7 +32,7 @@ def export_local(src_root: Path, dest: Path) -> None:
 
     Existing entries of ``dest`` that collide with the tree are replaced;
     others are left alone. Modes, symlinks, hardlinks, device nodes, xattrs and
-    mtimes are kept; ownership too when running as root.
+    mtimes are kept; ownership too when running as root. Sockets are left out.
     """
     dest.mkdir(parents=True, exist_ok=True)
     # dest itself may be a symlink the caller chose; only what is below it is
@@ -48,8 +48,9 @@ def export_tar(src_root: Path, out: IO[bytes]) -> None:
     """Write the tree under ``src_root`` to ``out`` as a PAX tar stream.
 
     Entries are in sorted depth-first order, names relative without ``./``;
-    the root directory itself is not an entry (as in layer tars). Sockets are
-    the one file type tar cannot hold, so they are left out.
+    the root directory itself is not an entry (as in layer tars). Mtimes are
+    exact to the nanosecond (PAX). Sockets are the one file type tar cannot
+    hold, so they are left out (``export_local`` leaves them out too).
     """
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for rel, path in _walk(os.fspath(src_root), ""):
@@ -58,6 +59,9 @@ def export_tar(src_root: Path, out: IO[bytes]) -> None:
                 continue
             # The tree's names belong to its own /etc/passwd, not the host's.
             info.uname = info.gname = ""
+            # The exact mtime (tarfile would write a float, off by up to a microsecond),
+            # so extracting the stream gives what export_local copies.
+            info.pax_headers = {"mtime": _pax_time(os.lstat(path).st_mtime_ns)}
             xattrs = _xattrs(path, info.issym())
             if xattrs:
                 # Binary values (file capabilities) survive as raw bytes: tarfile
@@ -74,6 +78,11 @@ def export_tar(src_root: Path, out: IO[bytes]) -> None:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
+
+
+def _pax_time(ns: int) -> str:
+    sec, frac = divmod(abs(ns), 1_000_000_000)
+    return f"{'-' if ns < 0 else ''}{sec}.{frac:09d}"
 
 
 def _walk(root: str, rel: str) -> Iterator[tuple[str, str]]:
@@ -137,7 +146,11 @@ class _LocalCopy:
         elif stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), name, dir_fd=dst_fd)
             self._path_meta(dst_fd, name, st, chmod=False)
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        elif stat.S_ISSOCK(mode):
+            # A socket is no content; tar (export_tar, layers) cannot carry one either,
+            # so the directory and the tar form of the output stay the same tree.
+            return
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
             try:
                 os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
             except PermissionError as e:

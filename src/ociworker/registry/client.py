@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import ipaddress
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -32,6 +33,7 @@ from ociworker.core.oci import (
     Platform,
 )
 from ociworker.core.reference import DEFAULT_DOMAIN, Reference, parse_reference
+from ociworker.core.session import Credentials
 from ociworker.errors import (
     DigestMismatchError,
     NotFoundError,
@@ -39,7 +41,7 @@ from ociworker.errors import (
     UnsupportedError,
     UserError,
 )
-from ociworker.registry.auth import Challenge, CredentialsProvider, parse_www_authenticate
+from ociworker.registry.auth import Challenge, parse_www_authenticate
 
 DEFAULT_USER_AGENT = "ociworker/0.1"
 #: containerd's limit too: a manifest bigger than this is not a manifest
@@ -214,40 +216,76 @@ def _scope(path: str, actions: str) -> str:
 # --- the client ----------------------------------------------------------------
 
 
+@dataclass
+class _Shared:
+    """What every view of one client shares: connections, and tokens keyed by
+    whose credentials obtained them."""
+
+    http: httpx.AsyncClient
+    insecure: tuple[str, ...]
+    chunk_size: int
+    #: (domain, scopes, credential identity) -> Authorization header
+    tokens: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    challenges: dict[str, Challenge] = field(default_factory=dict)  # domain -> last bearer
+    locks: dict[tuple[str, str, str], asyncio.Lock] = field(default_factory=dict)
+
+
+def _identity(creds: tuple[str, str] | None) -> str:
+    """Names whose credentials a token was obtained with, without keeping them:
+    a token one job earned must never authorize another job's requests."""
+    if creds is None:
+        return ""
+    return hashlib.sha256(f"{creds[0]}\0{creds[1]}".encode()).hexdigest()
+
+
 class RegistryClient:
     """One client per process is enough: it keeps connections and tokens.
 
-    ``transport`` exists so unit tests can hand in ``httpx.MockTransport``.
+    Credentials are per job: ``with_credentials`` gives a view that shares the
+    connections and the token cache but asks its own ``Credentials`` (the
+    daemon serves many clients, each lending its own). Cached tokens are keyed
+    by a hash of the credentials that obtained them, so views never borrow
+    each other's access. ``transport`` exists so unit tests can hand in
+    ``httpx.MockTransport``.
     """
 
     def __init__(
         self,
         *,
         insecure: Sequence[str] = (),
-        credentials: CredentialsProvider | None = None,
+        credentials: Credentials | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         transport: httpx.AsyncBaseTransport | None = None,
+        _shared: _Shared | None = None,
     ) -> None:
-        self._insecure = tuple(insecure)
-        self._credentials = credentials
-        self._chunk_size = chunk_size
-        self._http = httpx.AsyncClient(
-            transport=transport,
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
-            headers={"User-Agent": user_agent},
+        self._owner = _shared is None
+        self._shared = _shared or _Shared(
+            http=httpx.AsyncClient(
+                transport=transport,
+                timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
+                headers={"User-Agent": user_agent},
+            ),
+            insecure=tuple(insecure),
+            chunk_size=chunk_size,
         )
-        self._tokens: dict[tuple[str, str], str] = {}  # (domain, scopes) -> header
-        self._challenges: dict[str, Challenge] = {}  # domain -> last bearer challenge
-        self._basic: dict[str, str] = {}  # domain -> header
+        self._http = self._shared.http
+        self._insecure = self._shared.insecure
+        self._chunk_size = self._shared.chunk_size
+        self._credentials = credentials
         self._creds: dict[str, tuple[str, str] | None] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._basic: dict[str, str] = {}  # domain -> header, from this view's credentials
+
+    def with_credentials(self, credentials: Credentials | None) -> RegistryClient:
+        """A view for one job: same connections, that job's credentials."""
+        return RegistryClient(credentials=credentials, _shared=self._shared)
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._owner:  # a view does not own the connections
+            await self._http.aclose()
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -273,12 +311,20 @@ class RegistryClient:
         if self._credentials is None:
             return None
         if domain not in self._creds:
-            # Providers may run a credential helper process: keep it off the loop.
-            self._creds[domain] = await asyncio.to_thread(self._credentials, domain)
+            self._creds[domain] = await self._credentials.credentials(domain)
         return self._creds[domain]
 
-    def _cached_auth(self, domain: str, scopes: str) -> str | None:
-        return self._tokens.get((domain, scopes)) or self._basic.get(domain)
+    async def _token_key(self, domain: str, scopes: str) -> tuple[str, str, str]:
+        return domain, scopes, _identity(await self._creds_for(domain))
+
+    async def _auth_header(self, domain: str, scopes: str) -> str | None:
+        # Credentials are asked for only once a registry has asked for auth: an
+        # open registry never runs a credential helper or reads a docker config.
+        if domain in self._basic:
+            return self._basic[domain]
+        if domain not in self._shared.challenges:
+            return None
+        return self._shared.tokens.get(await self._token_key(domain, scopes))
 
     async def _fetch_token(
         self, domain: str, challenge: Challenge, scopes: str, *, from_401: bool = True
@@ -298,11 +344,23 @@ class RegistryClient:
             wanted += [s for s in extra.split(" ") if s not in wanted]
         params += [("scope", s) for s in wanted]
         creds = await self._creds_for(domain)
-        auth = httpx.BasicAuth(*creds) if creds else None
         try:
-            resp = await self._http.get(realm, params=params, auth=auth)
+            if creds is not None and not creds[0] and creds[1]:
+                # An identity token (docker login with OAuth): exchange it as an
+                # OAuth2 refresh token, in the body, as containerd does.
+                form = dict(params)
+                form.update(
+                    grant_type="refresh_token",
+                    refresh_token=creds[1],
+                    client_id="ociworker",
+                    scope=" ".join(wanted),
+                )
+                resp = await self._http.post(realm, data=form)
+            else:
+                auth = httpx.BasicAuth(*creds) if creds else None
+                resp = await self._http.get(realm, params=params, auth=auth)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"GET {realm}: token request failed: {exc}") from exc
+            raise RegistryError(f"{realm}: token request failed: {exc}") from exc
         if resp.status_code != 200:
             raise _error(resp, f"authentication to {domain} failed")
         try:
@@ -311,22 +369,23 @@ class RegistryClient:
         except (ValueError, AttributeError):
             token = None
         if not isinstance(token, str) or not token:
-            raise RegistryError(f"GET {realm}: token response without a token")
+            raise RegistryError(f"{realm}: token response without a token")
         return f"Bearer {token}"
 
     async def _authenticate(self, resp: httpx.Response, domain: str, scopes: str) -> None:
         """Learn from a 401 how to authenticate and get what it takes, or raise."""
         challenges = parse_www_authenticate(", ".join(resp.headers.get_list("www-authenticate")))
+        shared = self._shared
         for ch in challenges:
             if ch.scheme == "bearer":
-                self._challenges[domain] = ch
-                key = (domain, scopes)
-                lock = self._locks.setdefault(key, asyncio.Lock())
-                stale = self._tokens.get(key)
+                shared.challenges[domain] = ch
+                key = await self._token_key(domain, scopes)
+                lock = shared.locks.setdefault(key, asyncio.Lock())
+                stale = shared.tokens.get(key)
                 async with lock:
                     # Concurrent layer fetches all see the first 401; fetch once.
-                    if self._tokens.get(key) == stale:
-                        self._tokens[key] = await self._fetch_token(domain, ch, scopes)
+                    if shared.tokens.get(key) == stale:
+                        shared.tokens[key] = await self._fetch_token(domain, ch, scopes)
                 return
         for ch in challenges:
             if ch.scheme == "basic":
@@ -353,19 +412,18 @@ class RegistryClient:
         """Send with auth; on 401 authenticate and retry once. A streamed
         response must be closed by the caller. Status codes are not checked."""
         domain = ref.domain
-        if (
-            domain in self._challenges
-            and (domain, scopes) not in self._tokens
-            and domain not in self._basic
-        ):
-            # We know this registry wants tokens: get one before the request
-            # instead of paying for a 401 on every new scope.
-            await self._authenticate_with(domain, scopes)
+        shared = self._shared
+        if domain in shared.challenges and domain not in self._basic:
+            key = await self._token_key(domain, scopes)
+            if key not in shared.tokens:
+                # We know this registry wants tokens: get one before the request
+                # instead of paying for a 401 on every new scope.
+                await self._authenticate_with(key)
         for attempt in (0, 1):
             request = self._http.build_request(
                 method, url, headers=headers, content=content, params=params
             )
-            auth = self._cached_auth(domain, scopes)
+            auth = await self._auth_header(domain, scopes)
             if auth:
                 request.headers["Authorization"] = auth
             try:
@@ -384,12 +442,14 @@ class RegistryClient:
             return resp
         raise AssertionError("unreachable")
 
-    async def _authenticate_with(self, domain: str, scopes: str) -> None:
-        ch = self._challenges[domain]
-        key = (domain, scopes)
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            if key not in self._tokens:
-                self._tokens[key] = await self._fetch_token(domain, ch, scopes, from_401=False)
+    async def _authenticate_with(self, key: tuple[str, str, str]) -> None:
+        domain, scopes, _ = key
+        ch = self._shared.challenges[domain]
+        async with self._shared.locks.setdefault(key, asyncio.Lock()):
+            if key not in self._shared.tokens:
+                self._shared.tokens[key] = await self._fetch_token(
+                    domain, ch, scopes, from_401=False
+                )
 
     # -- manifests ---------------------------------------------------------------
 

@@ -1,1 +1,2 @@
-"""What a client lends a build: context sync, secrets, ssh agents, registry credentials."""
+"""What a client serves to its builds: secrets, ssh agents (and, under the daemon,
+context sync and registry auth), each behind a ``core.session`` Protocol."""

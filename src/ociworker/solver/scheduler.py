@@ -28,7 +28,14 @@ from typing import Any, Protocol, TypeVar
 from ociworker.core.digest import Digest, digest_of
 from ociworker.core.graph import Vertex
 from ociworker.core.progress import EventSink, VertexStatus, discard
-from ociworker.core.session import NoSecrets, NoSSH, Secrets, SSHAgents
+from ociworker.core.session import (
+    Credentials,
+    NoCredentials,
+    NoSecrets,
+    NoSSH,
+    Secrets,
+    SSHAgents,
+)
 
 T = TypeVar("T")
 
@@ -56,6 +63,8 @@ class Job:
     #: what the client lends to ``RUN --mount=type=secret|ssh``
     secrets: Secrets = field(default_factory=NoSecrets)
     ssh: SSHAgents = field(default_factory=NoSSH)
+    #: registry credentials for this job's pulls (never shared with other jobs)
+    credentials: Credentials = field(default_factory=NoCredentials)
     #: called with each vertex's result as it becomes known (run or cache hit),
     #: e.g. to stream a step's layer before the build ends
     on_result: Callable[[Vertex, Result], None] | None = None

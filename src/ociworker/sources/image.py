@@ -99,11 +99,17 @@ class ImagePuller:
         self._store = store
         self._concurrency = concurrency
 
-    async def pull(self, ref: str, platform: Platform) -> PulledImage:
-        """Resolve ``ref`` for ``platform`` and fetch manifest, config and layers."""
+    async def pull(
+        self, ref: str, platform: Platform, *, client: RegistryClient | None = None
+    ) -> PulledImage:
+        """Resolve ``ref`` for ``platform`` and fetch manifest, config and layers.
+
+        ``client`` is a per-job view (``RegistryClient.with_credentials``) when
+        the job has its own registry credentials."""
+        client = client or self._client
         parsed = parse_reference(ref)
         name = str(parsed)
-        resolved = await self._client.resolve(parsed, platform, store=self._store)
+        resolved = await client.resolve(parsed, platform, store=self._store)
         if not self._store.has(resolved.manifest.digest):
             await asyncio.to_thread(
                 self._store.put, resolved.manifest_json, resolved.manifest.digest
@@ -117,7 +123,7 @@ class ImagePuller:
             )
         for desc in descs:
             _check_layer_type(name, desc)
-        await self._fetch_all(parsed, descs)
+        await self._fetch_all(client, parsed, descs)
         return PulledImage(
             reference=name,
             manifest=resolved.manifest,
@@ -127,12 +133,14 @@ class ImagePuller:
             index_digest=resolved.index_digest,
         )
 
-    async def _fetch_all(self, ref: Reference, descs: Sequence[Descriptor]) -> None:
+    async def _fetch_all(
+        self, client: RegistryClient, ref: Reference, descs: Sequence[Descriptor]
+    ) -> None:
         sem = asyncio.Semaphore(self._concurrency)
 
         async def one(desc: Descriptor) -> None:
             async with sem:
-                await self._client.fetch_blob(ref, desc, self._store)
+                await client.fetch_blob(ref, desc, self._store)
 
         missing = {d.digest: d for d in descs if not self._store.has(d.digest)}
         try:

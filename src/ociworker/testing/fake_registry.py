@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import re
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,6 +46,11 @@ class FakeRegistry:
     log: list[tuple[str, str]] = field(default_factory=list)  # (method, url)
     token_requests: list[httpx.Request] = field(default_factory=list)
     lie_about_digest: bool = False  # send a wrong Docker-Content-Digest
+    #: user ("" = anonymous) -> repositories its tokens may cover; None: all.
+    #: Lets tests tell one client's access from another's.
+    acl: dict[str, set[str]] | None = None
+    #: identity (OAuth2 refresh) token -> user, for POSTs to the token realm
+    refresh_tokens: dict[str, str] = field(default_factory=dict)
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -117,14 +123,40 @@ class FakeRegistry:
         user, _, pw = base64.b64decode(header[6:]).decode().partition(":")
         return self.users.get(user) == pw
 
+    def _basic_user(self, header: str) -> str:
+        if not header.startswith("Basic "):
+            return ""
+        return base64.b64decode(header[6:]).decode().partition(":")[0]
+
     def _token(self, request: httpx.Request) -> httpx.Response:
         self.token_requests.append(request)
-        if request.url.params.get("service") != "fake":
+        if request.method == "POST":
+            # OAuth2 refresh-token grant, as docker's identity tokens use
+            form = dict(urllib.parse.parse_qsl(request.content.decode()))
+            service, scopes = form.get("service"), form.get("scope", "").split()
+            user = self.refresh_tokens.get(form.get("refresh_token", ""))
+            if form.get("grant_type") != "refresh_token" or user is None:
+                return _err(401, "DENIED", "bad refresh token")
+        else:
+            service, scopes = (
+                request.url.params.get("service"),
+                request.url.params.get_list("scope"),
+            )
+            header = request.headers.get("authorization", "")
+            # With an acl, anonymous callers get tokens too (for what "" may see).
+            if (header or self.acl is None) and not self._basic_ok(header):
+                return _err(401, "DENIED", "bad credentials")
+            user = self._basic_user(header)
+        if service != "fake":
             return _err(400, "DENIED", "bad service")
-        if not self._basic_ok(request.headers.get("authorization", "")):
-            return _err(401, "DENIED", "bad credentials")
-        # The token is the list of granted scopes: lets _check_auth verify them.
-        return httpx.Response(200, json={"token": "|".join(request.url.params.get_list("scope"))})
+        if self.acl is not None:
+            allowed = self.acl.get(user, set())
+            scopes = [s for s in scopes if s.split(":")[1] in allowed]
+        # The token is who asked and the scopes granted: lets _check_auth verify
+        # them (a token granting nothing is still a token, as real registries do).
+        token = "|".join([f"user:{user}", *scopes])
+        key = "access_token" if request.method == "POST" else "token"
+        return httpx.Response(200, json={key: token})
 
     def _manifest(self, request: httpx.Request, repo: str, ref: str) -> httpx.Response:
         if request.method in ("GET", "HEAD"):

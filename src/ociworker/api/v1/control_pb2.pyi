@@ -318,6 +318,27 @@ class InfoEvent(_message.Message):
 Global___InfoEvent: _TypeAlias = InfoEvent  # noqa: Y015
 
 @_typing.final
+class LayerCommittedEvent(_message.Message):
+    """A built step's layer blob exists (progress; the bytes travel as LayerChunk)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESCRIPTOR_JSON_FIELD_NUMBER: _builtins.int
+    descriptor_json: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        descriptor_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor_json", b"descriptor_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LayerCommittedEvent: _TypeAlias = LayerCommittedEvent  # noqa: Y015
+
+@_typing.final
 class OutputChunk(_message.Message):
     """A chunk of one output (index into SolveRequest.outputs). Archives arrive
     as their bytes; type=local as a tar stream the client unpacks.
@@ -348,19 +369,21 @@ Global___OutputChunk: _TypeAlias = OutputChunk  # noqa: Y015
 
 @_typing.final
 class LayerChunk(_message.Message):
-    """A committed step's layer for type=layers: descriptor JSON, then the blob."""
+    """A committed step's layer for a type=layers output: the LayerCommitted JSON
+    on the first chunk, then the blob; the client writes the blob, then the
+    descriptor, once eof arrives.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     OUTPUT_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
-    DESCRIPTOR_JSON_FIELD_NUMBER: _builtins.int
+    LAYER_JSON_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     EOF_FIELD_NUMBER: _builtins.int
     output: _builtins.int
     digest: _builtins.str
-    descriptor_json: _builtins.bytes
-    """set on the first chunk of a blob"""
+    layer_json: _builtins.bytes
     data: _builtins.bytes
     eof: _builtins.bool
     def __init__(
@@ -368,13 +391,13 @@ class LayerChunk(_message.Message):
         *,
         output: _builtins.int = ...,
         digest: _builtins.str = ...,
-        descriptor_json: _builtins.bytes = ...,
+        layer_json: _builtins.bytes = ...,
         data: _builtins.bytes = ...,
         eof: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "descriptor_json", b"descriptor_json", "digest", b"digest", "eof", b"eof", "output", b"output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "digest", b"digest", "eof", b"eof", "layer_json", b"layer_json", "output", b"output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -416,6 +439,7 @@ class SolveEvent(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     LAYER_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    LAYER_COMMITTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def vertex(self) -> Global___VertexEvent: ...
     @_builtins.property
@@ -430,6 +454,8 @@ class SolveEvent(_message.Message):
     def layer(self) -> Global___LayerChunk: ...
     @_builtins.property
     def result(self) -> Global___SolveResult: ...
+    @_builtins.property
+    def layer_committed(self) -> Global___LayerCommittedEvent: ...
     def __init__(
         self,
         *,
@@ -440,12 +466,13 @@ class SolveEvent(_message.Message):
         output: Global___OutputChunk | None = ...,
         layer: Global___LayerChunk | None = ...,
         result: Global___SolveResult | None = ...,
+        layer_committed: Global___LayerCommittedEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "info", b"info", "layer", b"layer", "log", b"log", "output", b"output", "result", b"result", "vertex", b"vertex", "warning", b"warning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "info", b"info", "layer", b"layer", "layer_committed", b"layer_committed", "log", b"log", "output", b"output", "result", b"result", "vertex", b"vertex", "warning", b"warning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "info", b"info", "layer", b"layer", "log", b"log", "output", b"output", "result", b"result", "vertex", b"vertex", "warning", b"warning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "info", b"info", "layer", b"layer", "layer_committed", b"layer_committed", "log", b"log", "output", b"output", "result", b"result", "vertex", b"vertex", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["vertex", "log", "warning", "info", "output", "layer", "result"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["vertex", "log", "warning", "info", "output", "layer", "result", "layer_committed"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

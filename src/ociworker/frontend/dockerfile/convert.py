@@ -791,7 +791,13 @@ class Converter:
         flags = _Flags(
             ins, ("mount", "network", "security"), self.opts.filename, repeatable=("mount",)
         )
-        mounts = [self._run_mount(st, ins, self._word(st, m, ins)) for m in flags.all("mount")]
+        inputs: list[Vertex | None] = [st.vertex]
+        mounts: list[ExecMount] = []
+        ssh_index = 0
+        for m in flags.all("mount"):
+            mount = self._run_mount(stage, st, ins, self._word(st, m, ins), inputs, ssh_index)
+            ssh_index += mount.type == "ssh"
+            mounts.append(mount)
         network = self.opts.network
         if flags.get("network"):
             network = self._word(st, flags.get("network"), ins)
@@ -815,7 +821,6 @@ class Converter:
                 f"{self.opts.filename}:{ins.start_line}: RUN --security=insecure needs the "
                 "security.insecure entitlement, which this worker does not grant"
             )
-        inputs: list[Vertex | None] = [st.vertex]
         suffix = ""
         if ins.json:
             args = list(ins.args)
@@ -880,64 +885,111 @@ class Converter:
         parts = [f"|{len(seen)}", *(f"{k}={v}" for k, v in seen.items())] if seen else []
         return " ".join([*parts, *args])
 
-    def _run_mount(self, st: _State, ins: Instruction, spec: str) -> ExecMount:
+    def _run_mount(
+        self,
+        stage: _Stage,
+        st: _State,
+        ins: Instruction,
+        spec: str,
+        inputs: list[Vertex | None],
+        ssh_index: int,
+    ) -> ExecMount:
+        """One ``RUN --mount=...`` as BuildKit's dockerfile frontend reads it.
+
+        Bind and cache mounts with a source get it as an extra input of the step
+        (the build context unless ``from`` names a stage or an image), so the
+        step's key covers the source; secret and ssh mounts carry only their id,
+        never a value.
+        """
+        fname = self.opts.filename
         fields: dict[str, str] = {}
         for part in spec.split(","):
             k, eq, v = part.partition("=")
             k = k.strip().lower()
-            fields[k] = v.strip() if eq else "true"
+            if not k:
+                continue
+            fields[_MOUNT_ALIASES.get(k, k)] = v.strip() if eq else "true"
         typ = fields.pop("type", "bind")
-        target = fields.pop("target", "") or fields.pop("dst", "") or fields.pop("destination", "")
-        if not target:
-            raise _err(f"RUN --mount={spec}: target is required", ins, self.opts.filename)
-        wd = st.config.get("WorkingDir") or "/"
-        target = posixpath.normpath(posixpath.join(wd, target))
-        known = {
-            "cache": {
-                "id",
-                "sharing",
-                "mode",
-                "uid",
-                "gid",
-                "ro",
-                "readonly",
-                "rw",
-                "from",
-                "source",
-                "src",
-            },
-            "tmpfs": {"size"},
-        }
-        if typ not in known:
-            raise UnsupportedError(
-                f"{self.opts.filename}:{ins.start_line}: RUN --mount=type={typ} is not "
-                "supported yet (cache and tmpfs are)"
+        if typ not in _MOUNT_OPTIONS:
+            raise _err(
+                f"RUN --mount: unknown mount type {typ!r} (use bind, cache, tmpfs, secret or ssh)",
+                ins,
+                fname,
             )
-        unknown = set(fields) - known[typ]
+        unknown = set(fields) - _MOUNT_OPTIONS[typ] - {"target"}
         if unknown:
             raise _err(
                 f"RUN --mount=type={typ}: unknown option(s) {', '.join(sorted(unknown))}",
                 ins,
-                self.opts.filename,
+                fname,
             )
-        if typ == "cache":
-            if fields.get("from") or fields.get("source") or fields.get("src"):
-                raise UnsupportedError(
-                    f"{self.opts.filename}:{ins.start_line}: RUN --mount=type=cache with "
-                    "from/source is not supported yet"
-                )
-            fields.setdefault("id", target)
-            sharing = fields.setdefault("sharing", "shared")
-            if sharing not in ("shared", "private", "locked"):
-                raise _err(
-                    f"RUN --mount=type=cache: invalid sharing {sharing!r}",
-                    ins,
-                    self.opts.filename,
-                )
-            ro = fields.pop("ro", fields.pop("readonly", "false")).lower() in ("true", "1")
-            fields.pop("rw", None)
-            return ExecMount(target, "cache", -1, "/", ro, tuple(sorted(fields.items())))
-        return ExecMount(target, "tmpfs", -1, "/", False, tuple(sorted(fields.items())))
+
+        def flag(name: str, default: bool) -> bool:
+            value = fields.pop(name, None)
+            if value is None:
+                return default
+            if value.lower() not in ("true", "1", "false", "0"):
+                raise _err(f"RUN --mount: invalid {name}={value!r}", ins, fname)
+            return value.lower() in ("true", "1")
+
+        for key in ("mode",):
+            if key in fields and not re.fullmatch(r"0?[0-7]{1,4}", fields[key]):
+                raise _err(f"RUN --mount: invalid mode {fields[key]!r}", ins, fname)
+        for key in ("uid", "gid"):
+            if key in fields and not fields[key].isdigit():
+                raise _err(f"RUN --mount: invalid {key} {fields[key]!r}", ins, fname)
+        wd = st.config.get("WorkingDir") or "/"
+        target = fields.pop("target", "")
+        if target:
+            target = posixpath.normpath(posixpath.join(wd, target))
+        if typ == "secret":
+            secret_id = fields.pop("id", "") or (posixpath.basename(target) if target else "")
+            if not secret_id:
+                raise _err("RUN --mount=type=secret: id or target is required", ins, fname)
+            if not target and not fields.get("env"):
+                target = "/run/secrets/" + secret_id
+            fields["id"] = secret_id
+            fields["required"] = str(flag("required", False)).lower()
+            fields.setdefault("mode", "0400")
+            return ExecMount(target, "secret", -1, "/", True, tuple(sorted(fields.items())))
+        if typ == "ssh":
+            fields["id"] = fields.get("id") or "default"
+            target = target or f"/run/buildkit/ssh_agent.{ssh_index}"
+            fields["required"] = str(flag("required", False)).lower()
+            fields.setdefault("mode", "0600")
+            return ExecMount(target, "ssh", -1, "/", True, tuple(sorted(fields.items())))
+        if not target:
+            raise _err(f"RUN --mount={spec}: target is required", ins, fname)
+        if typ == "tmpfs":
+            if "size" in fields and not re.fullmatch(r"[0-9]+[kKmMgG%]?", fields["size"]):
+                raise _err(f"RUN --mount=type=tmpfs: invalid size {fields['size']!r}", ins, fname)
+            return ExecMount(target, "tmpfs", -1, "/", False, tuple(sorted(fields.items())))
+        # Source paths are taken from / of their input: ``..`` is clamped there.
+        source = posixpath.normpath(posixpath.join("/", fields.pop("source", "/")))
+        if source.startswith("//"):
+            source = "/" + source.lstrip("/")
+        from_ref = fields.pop("from", "")
+        if typ == "bind":
+            rw = flag("rw", False)
+            readonly = flag("readonly", not rw)
+            src_vertex = (
+                self._copy_source(stage, st, ins, from_ref) if from_ref else self._context_vertex()
+            )
+            inputs.append(src_vertex)
+            return ExecMount(target, "bind", len(inputs) - 1, source, readonly)
+        # cache
+        fields.setdefault("id", target)
+        sharing = fields.setdefault("sharing", "shared")
+        if sharing not in ("shared", "private", "locked"):
+            raise _err(f"RUN --mount=type=cache: invalid sharing {sharing!r}", ins, fname)
+        fields.pop("rw", None)
+        readonly = flag("readonly", False)
+        index = -1
+        if from_ref:
+            # Seeds a new cache (only when it is first made), as BuildKit does.
+            inputs.append(self._copy_source(stage, st, ins, from_ref))
+            index = len(inputs) - 1
+        return ExecMount(target, "cache", index, source, readonly, tuple(sorted(fields.items())))
 
     def _i_copy(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         self._copy(stage, st, ins, add=False)
@@ -1149,6 +1201,23 @@ def _copy_config(config: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+#: RUN --mount option spellings BuildKit accepts, mapped to one name
+_MOUNT_ALIASES = {
+    "dst": "target",
+    "destination": "target",
+    "src": "source",
+    "ro": "readonly",
+    "readwrite": "rw",
+}
+_MOUNT_OPTIONS: dict[str, set[str]] = {
+    "bind": {"source", "from", "readonly", "rw"},
+    "cache": {"id", "sharing", "mode", "uid", "gid", "readonly", "rw", "from", "source"},
+    "tmpfs": {"size"},
+    "secret": {"id", "env", "required", "mode", "uid", "gid"},
+    "ssh": {"id", "required", "mode", "uid", "gid"},
+}
 
 
 def _abs(path: str, wd: str) -> str:

@@ -505,3 +505,63 @@ def test_client_death_and_sigterm_together_leave_nothing(
     assert mounts_under(root) == []
     assert runtime_containers(root, "runc") == ""
     assert not any((root / "executor" / "bundles").iterdir())
+
+
+def test_layers_output_streams_each_layer_before_the_build_ends(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    ctx = context(
+        tmp_path,
+        f"FROM {base_image}\nRUN echo one > /one\nRUN sleep 5\nRUN echo three > /three\n",
+    )
+    dest = tmp_path / "layers"
+    seen_at_sleep_end: list[str] = []
+
+    def events(ev: Event) -> None:
+        # the client handles the stream in order: what is on disk when the sleep's
+        # completion arrives was streamed while the sleep was still running
+        if isinstance(ev, VertexStatus) and "RUN sleep 5" in ev.name and ev.completed:
+            seen_at_sleep_end.extend(sorted(p.name for p in dest.glob("*.json")))
+
+    async def go() -> BuildResult:
+        async with ociworker.Client(daemon.addr) as c:
+            return await c.build(
+                ctx, events=events, outputs=(f"type=layers,dest={dest}",), no_cache=True
+            )
+
+    asyncio.run(go())
+    assert seen_at_sleep_end and seen_at_sleep_end[0].startswith("001-"), seen_at_sleep_end
+    descs = sorted(dest.glob("*.json"))
+    assert [p.name[:4] for p in descs] == ["001-", "002-", "003-"]
+    for p in descs:
+        d = json.loads(p.read_text())
+        blob = dest / "blobs" / "sha256" / d["digest"].split(":")[1]
+        assert blob.stat().st_size == d["size"]
+
+
+def test_oci_to_stdout_over_daemon(daemon: Daemon, tmp_path: Path, base_image: str) -> None:
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN echo x > /x\n")
+    out = tmp_path / "img.tar"
+    with open(out, "wb") as f:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ociworker",
+                "build",
+                "--addr",
+                daemon.addr,
+                "--progress",
+                "plain",
+                "-o",
+                "type=oci,dest=-",
+                str(ctx),
+            ],
+            stdout=f,
+            stderr=subprocess.PIPE,
+            text=False,
+            timeout=300,
+        )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with tarfile.open(out) as tf:
+        assert "index.json" in tf.getnames()

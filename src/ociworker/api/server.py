@@ -408,12 +408,8 @@ class ControlService:
         self, request: pb.PruneRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PruneResponse:
         try:
-            if request.filters:
-                raise ConfigError(
-                    f"prune --filter {request.filters[0]!r} is not supported yet; "
-                    "use prune --all to remove the whole cache"
-                )
-            removed, freed = await controller.prune(self.worker)
+            flt = controller.PruneFilter.parse(list(request.filters))
+            removed, freed = await controller.prune(self.worker, flt)
         except OciworkerError as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc

@@ -187,6 +187,8 @@ def test_client_api_build_streams_events_and_result(
         async with ociworker.Client(daemon.addr) as c:
             info = await c.info()
             assert info.root == str(daemon.root.absolute())
+            workers = await c.list_workers()
+            assert len(workers) == 1 and workers[0]["platforms"]
             return await c.build(ctx, events=events.append, want_image=True)
 
     result = asyncio.run(go())
@@ -565,3 +567,41 @@ def test_oci_to_stdout_over_daemon(daemon: Daemon, tmp_path: Path, base_image: s
     assert proc.returncode == 0, proc.stderr[-2000:]
     with tarfile.open(out) as tf:
         assert "index.json" in tf.getnames()
+
+
+def test_secret_is_served_by_the_client_session(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    value = f"s3cr3t-{uuid.uuid4().hex}"
+    ctx = context(
+        tmp_path,
+        f"FROM {base_image}\n"
+        "RUN --mount=type=secret,id=tok,required=true wc -c < /run/secrets/tok > /len\n",
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "build",
+            "--addr",
+            daemon.addr,
+            "--progress",
+            "plain",
+            "--secret",
+            "id=tok,env=TOK",
+            "-o",
+            f"type=local,dest={out}",
+            str(ctx),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, TOK=value),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "len").read_text().strip() == str(len(value))
+    # the value never reached the daemon's disk
+    hits = subprocess.run(["grep", "-rl", value, str(daemon.root)], capture_output=True)
+    assert hits.stdout == b""

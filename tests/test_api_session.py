@@ -181,3 +181,67 @@ async def test_closed_session_fails_pending_requests(link: Link, tmp_path: Path)
 
     with pytest.raises(SessionClosed):
         await ws.stat("context")
+
+
+class _Echo:
+    """A Duplex that answers every write with the same bytes (an 'agent')."""
+
+    def __init__(self) -> None:
+        self._q: asyncio.Queue[bytes] = asyncio.Queue()
+        self.closed = False
+
+    async def read(self, n: int) -> bytes:
+        return await self._q.get()
+
+    async def write(self, data: bytes) -> None:
+        await self._q.put(data.upper())
+
+    async def close(self) -> None:
+        self.closed = True
+        await self._q.put(b"")
+
+
+class _Agents:
+    def __init__(self) -> None:
+        self.conns: list[_Echo] = []
+
+    def has_agent(self, agent_id: str) -> bool:
+        return agent_id == "default"
+
+    async def connect_agent(self, agent_id: str) -> _Echo:
+        self.conns.append(_Echo())
+        return self.conns[-1]
+
+
+async def test_ssh_connections_are_multiplexed_in_order(link: Link, tmp_path: Path) -> None:
+    agents = _Agents()
+    cs = ClientSession(uuid.uuid4().hex, {}, ssh=agents, ssh_ids=["default"])
+    ws = await link.open(cs)
+    assert ws.has_agent("default") and not ws.has_agent("other")
+    a = await ws.connect_agent("default")
+    b = await ws.connect_agent("default")
+    for i in range(20):
+        await a.write(f"a{i};".encode())
+        await b.write(f"b{i};".encode())
+    got_a = got_b = b""
+    while len(got_a) < len(b"".join(f"A{i};".encode() for i in range(20))):
+        got_a += await a.read(1000)
+    while len(got_b) < len(b"".join(f"B{i};".encode() for i in range(20))):
+        got_b += await b.read(1000)
+    assert got_a == b"".join(f"A{i};".encode() for i in range(20))
+    assert got_b == b"".join(f"B{i};".encode() for i in range(20))
+    await a.close()
+    await b.close()
+    with pytest.raises(LookupError):
+        await ws.connect_agent("other")
+
+
+async def test_registry_credentials_come_from_the_client(link: Link, tmp_path: Path) -> None:
+    class Creds:
+        async def credentials(self, host: str) -> tuple[str, str] | None:
+            return ("user", "tok") if host == "reg.example" else None
+
+    cs = ClientSession(uuid.uuid4().hex, {}, credentials=Creds())
+    ws = await link.open(cs)
+    assert await ws.credentials("reg.example") == ("user", "tok")
+    assert await ws.credentials("other.example") is None

@@ -247,6 +247,38 @@ def test_eight_concurrent_cli_builds_run_a_common_step_once(
     assert mounts_under(d.root) == []
 
 
+def test_concurrent_builds_of_one_context_do_not_wait_for_each_other(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    # Each build's RUN leaves a mark and waits for the other's; both sync the same
+    # context (same key). Were one sync queued behind the other build, which holds
+    # its context until it ends, neither would meet the other and both would fail.
+    ctx = context(
+        tmp_path,
+        f"FROM {base_image}\nARG ROLE\nARG OTHER\nCOPY f.txt /\n"
+        "RUN --mount=type=cache,id=rendezvous,target=/r touch /r/$ROLE && i=0 && "
+        "while [ ! -e /r/$OTHER ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done && "
+        "test -e /r/$OTHER\n",
+        **{"f.txt": "shared\n"},
+    )
+    procs = {
+        role: subprocess.Popen(
+            [
+                *(sys.executable, "-m", "ociworker", "build", "--addr", daemon.addr),
+                *("--build-arg", f"ROLE={role}", "--build-arg", f"OTHER={other}"),
+                *("--progress", "plain", str(ctx)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for role, other in (("a", "b"), ("b", "a"))
+    }
+    for role, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"build {role}: {err[-3000:]}"
+
+
 def _procs_with(marker: str) -> list[int]:
     found = []
     for pid in os.listdir("/proc"):

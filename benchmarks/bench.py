@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BENCH_DIR = REPO.parent / "shared" / "bench"
 DEFAULT_BASE = "127.0.0.1:5000/busybox:latest"
 ALL_CASES = ("steps", "fanout", "layer-export", "cachemount", "context")
-ALL_TOOLS = ("ociworker", "buildkit", "buildah")
+ALL_TOOLS = ("ociworker", "ociworkerd", "buildkit", "buildah")
+OURS = ("ociworker", "ociworkerd")
 PHASES = ("cold", "warm", "incremental")
 DOCKER = "/usr/bin/docker"
 RUNC = "/usr/bin/runc"
@@ -177,6 +178,63 @@ class Ociworker:
         remove_tree(self.root)
 
 
+class OciworkerDaemon(Ociworker):
+    """``ociworker serve`` on a socket of its own; every build is a CLI client with
+    ``--addr`` (what a build host with a long-lived worker runs)."""
+
+    name = "ociworkerd"
+
+    def __init__(self, s: Settings) -> None:
+        super().__init__(s)
+        self.root = s.work / "ociworkerd-root"
+        self.prime = s.work / "ociworkerd-prime"
+        self.sock = s.work / "owd.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def _build(self, *args: str) -> list[str]:
+        base = [str(self.exe), "build", f"--addr=unix://{self.sock}", "--progress=plain"]
+        return [*base, "--network=host", f"--build-arg=BASE={self.s.base}", *args]
+
+    def _serve(self) -> None:
+        self.starts += 1
+        log = self.s.logs / f"ociworkerd-serve-{self.starts}.log"
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(self.exe), "serve", f"--addr=unix://{self.sock}", f"--root={self.root}"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while b"serving on" not in log.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise ToolError(f"ociworker serve did not start (log {log})")
+            time.sleep(0.05)
+
+    def _shutdown(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        self.proc = None
+
+    def start(self) -> None:
+        super().start()
+        self._serve()
+
+    def reset(self, case: Case) -> None:
+        # cold = a fresh root, so the daemon restarts on an empty one
+        self._shutdown()
+        remove_tree(self.root)
+        self._serve()
+        log = self.s.logs / f"ociworkerd-{case.name}-prime.log"
+        run(self._build(str(self.prime)), log, timeout=self.s.timeout)
+
+    def stop(self) -> None:
+        self._shutdown()
+        remove_tree(self.root)
+
+
 # --- BuildKit through its own dockerd --------------------------------------------------------
 
 
@@ -313,6 +371,7 @@ class Buildah:
 
 TOOL_TYPES: dict[str, type[Ociworker] | type[BuildKit] | type[Buildah]] = {
     "ociworker": Ociworker,
+    "ociworkerd": OciworkerDaemon,
     "buildkit": BuildKit,
     "buildah": Buildah,
 }
@@ -413,18 +472,18 @@ def format_table(results: Sequence[Result], tools: Sequence[str]) -> str:
         value = summary[key]
         return "FAILED" if value is None else f"{value:.2f}"
 
-    def ratio(case: str, phase: str, other: str) -> str:
-        a = summary.get((case, phase, "ociworker"))
+    def ratio(case: str, phase: str, ours: str, other: str) -> str:
+        a = summary.get((case, phase, ours))
         b = summary.get((case, phase, other))
         return f"{a / b:.2f}x" if a is not None and b else "-"
 
     header = ["case", "phase", *tools]
-    ratio_tools = [t for t in ("buildkit", "buildah") if t in tools and "ociworker" in tools]
-    header += [f"ociworker/{t}" for t in ratio_tools]
+    pairs = [(o, t) for o in OURS if o in tools for t in ("buildkit", "buildah") if t in tools]
+    header += [f"{o}/{t}" for o, t in pairs]
     rows = [header]
     for case, phase in rows_keys:
         row = [case, phase, *(cell((case, phase, t)) for t in tools)]
-        row += [ratio(case, phase, t) for t in ratio_tools]
+        row += [ratio(case, phase, o, t) for o, t in pairs]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]

@@ -414,24 +414,28 @@ RUN --mount=type=cache,id=shared,target=/c --mount=type=cache,id=locked,target=/
 
 
 def test_private_sharing_gives_a_concurrent_writer_its_own_copy(
-    tmp_path: Path, base_image: str, require_root: None
+    runtime: str, tmp_path: Path, base_image: str, require_root: None
 ) -> None:
+    # The two steps meet through a shared cache before they list the private one,
+    # so they provably hold it at the same time (no timing assumption).
+    meet = (
+        "RUN --mount=type=cache,id=p,target=/c,sharing=private "
+        "--mount=type=cache,id=meet,target=/m,sharing=shared "
+        "touch /c/{me} /m/{me} && i=0 && while [ ! -e /m/{other} ] && [ $i -lt 600 ]; "
+        "do usleep 100000; i=$((i+1)); done && test -e /m/{other} && ls /c > /seen\n"
+    )
     ctx = _ctx(
         tmp_path,
-        f"""FROM {base_image} AS a
-RUN --mount=type=cache,id=p,target=/c,sharing=private touch /c/a && usleep 300000 && ls /c > /seen
-FROM {base_image} AS b
-RUN --mount=type=cache,id=p,target=/c,sharing=private touch /c/b && usleep 300000 && ls /c > /seen
-FROM {base_image}
-COPY --from=a /seen /a
-COPY --from=b /seen /b
-""",
+        f"FROM {base_image} AS a\n"
+        + meet.format(me="a", other="b")
+        + f"FROM {base_image} AS b\n"
+        + meet.format(me="b", other="a")
+        + f"FROM {base_image}\nCOPY --from=a /seen /a\nCOPY --from=b /seen /b\n",
     )
     root = tmp_path / "state"
     out = tmp_path / "out"
-    _build(root, "runc", ctx, "-o", f"type=local,dest={out}")
-    # both ran at the same time (the scheduler runs independent stages together),
-    # and neither saw the other's file
+    _build(root, runtime, ctx, "-o", f"type=local,dest={out}")
+    # neither writer saw the other's file
     assert (out / "a").read_text() == "a\n"
     assert (out / "b").read_text() == "b\n"
 

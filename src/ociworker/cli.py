@@ -12,16 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ociworker import controller, log
+from ociworker import log
+from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter
+from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
-from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
 
 if TYPE_CHECKING:  # grpc loads only when a command talks to a daemon
     from ociworker.api.client import Client
+    from ociworker.worker import Worker
 
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
@@ -164,6 +166,10 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
 
 
 def _worker(args: argparse.Namespace) -> Worker:
+    # The worker (and the controller) load only for an embedded command: a
+    # client of a daemon never needs them, and they are most of start-up.
+    from ociworker.worker import Worker, WorkerConfig
+
     return Worker(
         WorkerConfig(
             root=args.root,
@@ -205,13 +211,13 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         printer = view = TTYPrinter()
     else:
         printer = PlainPrinter(sys.stderr)
-    req = controller.BuildRequest(
+    req = BuildRequest(
         context=args.context,
         dockerfile=args.file,
         tags=tuple(args.tag),
         build_args=_build_args(args.build_arg),
         target=args.target,
-        outputs=tuple(controller.OutputSpec.parse(o) for o in args.output),
+        outputs=tuple(OutputSpec.parse(o) for o in args.output),
         no_cache=args.no_cache,
         network="host" if args.network == "default" else args.network,
         iidfile=args.iidfile,
@@ -245,6 +251,8 @@ async def _cmd_build(args: argparse.Namespace) -> int:
                     credentials=DockerConfigCredentials(),
                 )
     else:
+        from ociworker import controller
+
         worker = _worker(args)
         try:
             with view:  # the tty view prints its final state on every way out
@@ -279,6 +287,8 @@ async def _cmd_du(args: argparse.Namespace) -> int:
         async with _client(args) as client:
             records = await client.disk_usage()
     else:
+        from ociworker import controller
+
         worker = _worker(args)
         try:
             records = await controller.disk_usage(worker)
@@ -297,11 +307,13 @@ async def _cmd_du(args: argparse.Namespace) -> int:
 async def _cmd_prune(args: argparse.Namespace) -> int:
     # Parsed before the worker opens anything; a filter we cannot honour is
     # refused, never ignored (ignoring it would prune everything).
-    flt = controller.PruneFilter.parse(args.filter)
+    flt = PruneFilter.parse(args.filter)
     if args.addr:
         async with _client(args) as client:
             removed, freed = await client.prune(filters=args.filter)
     else:
+        from ociworker import controller
+
         worker = _worker(args)
         try:
             removed, freed = await controller.prune(worker, flt)

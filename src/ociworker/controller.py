@@ -9,13 +9,18 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ociworker.cachemounts import CacheUsage
-from ociworker.core.digest import Digest
+
+# re-exported: callers spell them controller.X, as before they moved to core
+from ociworker.core.build import CACHE_MOUNT_TYPE as CACHE_MOUNT_TYPE
+from ociworker.core.build import BuildRequest as BuildRequest
+from ociworker.core.build import BuildResult as BuildResult
+from ociworker.core.build import PruneFilter as PruneFilter
+from ociworker.core.build import UsageRecord as UsageRecord
 from ociworker.core.graph import SourceOp, Vertex
 from ociworker.core.oci import (
     ANNOTATION_STEP_INDEX,
@@ -25,12 +30,9 @@ from ociworker.core.oci import (
     Descriptor,
     Layer,
 )
-
-# re-exported: callers spell them controller.OutputSpec, as before they moved to core
 from ociworker.core.outputs import OUTPUT_TYPES as OUTPUT_TYPES
 from ociworker.core.outputs import OutputSpec as OutputSpec
 from ociworker.core.progress import (
-    DEFAULT_LOG_CAP,
     EventSink,
     Info,
     LayerCommitted,
@@ -59,7 +61,11 @@ from ociworker.errors import (
 from ociworker.exporter.image import ImageResult, read_image, write_image
 from ociworker.exporter.target import ExportTarget, LocalExportTarget
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
+from ociworker.frontend.dockerfile.dockerignore import (
+    IgnoreMatcher,
+    read_dockerfile,
+    read_ignore_file,
+)
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.solver.scheduler import Job, Result
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
@@ -69,32 +75,6 @@ from ociworker.worker import LocalContext, Worker
 _EMPTY_TAR_DIFF_IDS = frozenset(
     "sha256:" + hashlib.sha256(b"\0" * n).hexdigest() for n in (1024, 10240)
 )
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    context: Path
-    dockerfile: Path | None = None
-    tags: tuple[str, ...] = ()
-    build_args: Mapping[str, str] = field(default_factory=dict)
-    target: str = ""
-    outputs: tuple[OutputSpec, ...] = ()
-    no_cache: bool = False
-    network: str = "host"
-    iidfile: Path | None = None
-    metadata_file: Path | None = None
-    #: bytes of log kept per step (BuildKit's max-log-size); <= 0: no cap
-    log_cap: int = DEFAULT_LOG_CAP
-    #: make the image even with no output asking for it (a remote client's
-    #: iidfile / metadata file, written on its side from the result)
-    want_image: bool = False
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    manifest: Descriptor | None
-    config_digest: Digest | None
-    metadata: dict[str, Any]
 
 
 class _Exporting:
@@ -122,18 +102,6 @@ class _Exporting:
         )
 
 
-def _read_dockerfile(req: BuildRequest) -> tuple[str, Path]:
-    path = req.dockerfile or req.context / "Dockerfile"
-    if not path.is_absolute() and req.dockerfile is not None and not path.exists():
-        path = req.context / path
-    try:
-        return path.read_text(encoding="utf-8"), path
-    except FileNotFoundError:
-        raise NotFoundError(f"failed to read dockerfile: open {path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DockerfileError(f"{path} is not UTF-8 text: {exc}") from None
-
-
 async def plan_build(
     worker: Worker,
     req: BuildRequest,
@@ -143,7 +111,7 @@ async def plan_build(
     if not req.context.is_dir():
         raise NotFoundError(f"build context {req.context} is not a directory")
     with _Exporting(events, "[internal] load build definition from Dockerfile"):
-        text, df_path = _read_dockerfile(req)
+        text, df_path = read_dockerfile(req.context, req.dockerfile)
         parsed = parse(text, df_path.name)
     patterns = read_ignore_file(req.context, df_path)
     matcher = IgnoreMatcher(patterns)
@@ -529,15 +497,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # --- du / prune ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class UsageRecord:
-    id: str
-    type: str
-    size: int
-    description: str
-    last_used: float
-
-
 async def disk_usage(worker: Worker) -> list[UsageRecord]:
     out: list[UsageRecord] = []
     for rec in worker.cache.records():
@@ -554,55 +513,8 @@ async def disk_usage(worker: Worker) -> list[UsageRecord]:
     return out
 
 
-CACHE_MOUNT_TYPE = "exec.cachemount"
-
-
 def _cache_mount_record(cm: CacheUsage) -> UsageRecord:
     return UsageRecord("sha256:" + cm.key, CACHE_MOUNT_TYPE, cm.size, cm.id, cm.last_used)
-
-
-@dataclass(frozen=True)
-class PruneFilter:
-    """``prune --filter``: ``type=exec.cachemount`` and/or ``id=ID`` (as buildx)."""
-
-    types: tuple[str, ...] = ()
-    ids: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, items: Sequence[str]) -> PruneFilter:
-        types: list[str] = []
-        ids: list[str] = []
-        for item in items:
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or not value:
-                raise ConfigError(f"invalid prune filter {item!r}: want key=value")
-            if key == "type":
-                if value != CACHE_MOUNT_TYPE:
-                    raise ConfigError(
-                        f"prune --filter type={value} is not supported "
-                        f"(only type={CACHE_MOUNT_TYPE})"
-                    )
-                types.append(value)
-            elif key == "id":
-                ids.append(value)
-            else:
-                raise ConfigError(f"prune --filter {key}=... is not supported (use type or id)")
-        return cls(tuple(types), tuple(ids))
-
-    @property
-    def empty(self) -> bool:
-        return not self.types and not self.ids
-
-    def matches(self, rec: UsageRecord) -> bool:
-        if self.types and rec.type not in self.types:
-            return False
-        # an id as du shows it (a prefix of the hex) or in full
-        hexid = rec.id.removeprefix("sha256:")
-        return not self.ids or any(
-            i in (rec.id, rec.description) or (len(i) >= 12 and hexid.startswith(i))
-            for i in self.ids
-        )
 
 
 async def prune_filtered(worker: Worker, flt: PruneFilter) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from typing import Literal
 
 from ociworker.cachemounts import CacheMounts, CacheSpec
 from ociworker.content.store import ContentStore
+from ociworker.core.build import DEFAULT_ROOT as DEFAULT_ROOT
 from ociworker.core.digest import Digest, check_digest, digest_of
 from ociworker.core.graph import (
     Copy,
@@ -60,8 +61,6 @@ from ociworker.sources.image import (
     unpack,
 )
 from ociworker.stepmounts import AgentSocket, SecretFile, agent_sockets, secret_files
-
-DEFAULT_ROOT = Path("/var/lib/ociworker")
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,18 @@ from ociworker.api.convert import event_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.controller import BuildRequest, BuildResult, UsageRecord
+from ociworker.core.build import BuildRequest, BuildResult, UsageRecord
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
 from ociworker.errors import BuildCancelled, ConfigError, NotFoundError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, read_ignore_file
+from ociworker.frontend.dockerfile.dockerignore import (
+    IgnoreMatcher,
+    read_dockerfile,
+    read_ignore_file,
+)
 
 DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
 
@@ -182,11 +186,9 @@ class Client:
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
         last the ``BuildResult``. Leaving the loop early cancels the build."""
-        from ociworker.controller import _read_dockerfile
-
         if not request.context.is_dir():
             raise NotFoundError(f"build context {request.context} is not a directory")
-        text, df_path = _read_dockerfile(request)
+        text, df_path = read_dockerfile(request.context, request.dockerfile)
         patterns = read_ignore_file(request.context, df_path)
         ctx = request.context.absolute()
         session = ClientSession(

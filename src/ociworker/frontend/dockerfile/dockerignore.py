@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ociworker.errors import DockerfileError
+from ociworker.errors import DockerfileError, NotFoundError
 
 __all__ = ["IgnoreMatcher", "parse_ignore", "read_ignore_file"]
 
@@ -307,3 +307,19 @@ def read_ignore_file(context: Path, dockerfile: Path | None) -> tuple[str, ...]:
             continue
         return parse_ignore(data.decode("utf-8", errors="replace"))
     return ()
+
+
+def read_dockerfile(context: Path, dockerfile: Path | None) -> tuple[str, Path]:
+    """The Dockerfile's text and path (``-f`` relative to the cwd, else to the
+    context; default ``<context>/Dockerfile``). It sits beside
+    ``read_ignore_file`` because both are read on the client's side, before a
+    remote worker sees anything."""
+    path = dockerfile or context / "Dockerfile"
+    if not path.is_absolute() and dockerfile is not None and not path.exists():
+        path = context / path
+    try:
+        return path.read_text(encoding="utf-8"), path
+    except FileNotFoundError:
+        raise NotFoundError(f"failed to read dockerfile: open {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise DockerfileError(f"{path} is not UTF-8 text: {exc}") from None

@@ -5,10 +5,13 @@ real runc, overlayfs and the local registry."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -637,3 +641,102 @@ def test_secret_is_served_by_the_client_session(
     # the value never reached the daemon's disk
     hits = subprocess.run(["grep", "-rl", value, str(daemon.root)], capture_output=True)
     assert hits.stdout == b""
+
+
+def _cert(
+    tmp: Path, name: str, issuer: tuple[Any, Any] | None, *, ca: bool = False
+) -> tuple[Any, Any]:
+    """A key and certificate for ``name`` (for 127.0.0.1), signed by ``issuer``
+    (key, cert) or self-signed; written as tmp/name.{key,crt}."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[1].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        ).add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    cert = builder.sign(issuer[0] if issuer else key, hashes.SHA256())
+    (tmp / f"{name}.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    (tmp / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key, cert
+
+
+def test_tcp_with_mutual_tls_serves_only_clients_the_ca_signed(
+    tmp_path: Path, require_root: None
+) -> None:
+    ca = _cert(tmp_path, "ca", None, ca=True)
+    _cert(tmp_path, "server", ca)
+    _cert(tmp_path, "client", ca)
+    _cert(tmp_path, "rogue", _cert(tmp_path, "otherca", None, ca=True))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path / "tcp-daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "ociworker", "serve"),
+                *("--addr", f"tcp://127.0.0.1:{port}", "--root", str(tmp_path / "r")),
+                *("--tlscacert", str(tmp_path / "ca.crt")),
+                *("--tlscert", str(tmp_path / "server.crt")),
+                *("--tlskey", str(tmp_path / "server.key")),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while b"serving on" not in log_path.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+
+        def du(who: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [
+                    *(sys.executable, "-m", "ociworker", "du"),
+                    *("--addr", f"tcp://127.0.0.1:{port}"),
+                    *("--tlscacert", str(tmp_path / "ca.crt")),
+                    *("--tlscert", str(tmp_path / f"{who}.crt")),
+                    *("--tlskey", str(tmp_path / f"{who}.key")),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        ok = du("client")
+        assert ok.returncode == 0, ok.stderr
+        assert "Total:" in ok.stdout
+        refused = du("rogue")  # a certificate the daemon's CA did not sign
+        assert refused.returncode != 0
+        assert "Total:" not in refused.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0

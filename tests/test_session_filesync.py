@@ -623,6 +623,21 @@ async def test_abegin_waits_without_blocking_the_loop_and_releases_on_cancel(env
     last.close()
 
 
+async def test_abegin_takes_a_spare_copy_of_a_busy_key(env: Env) -> None:
+    put(env.src, "a", b"a")
+    stats = scan(env.src, None)
+    first = await env.store.abegin("k", stats, spare_copies=1)
+    second = await env.store.abegin("k", stats, spare_copies=1)  # no wait: a spare copy
+    assert first.wanted == second.wanted == ["a"]  # a fresh copy is sent everything
+    lock = env.store.paths("k").lock
+    third = asyncio.create_task(env.store.abegin("k", stats, spare_copies=1))
+    while not _waiting_on(lock):  # both copies busy: it waits for the key itself
+        await asyncio.sleep(0.01)
+    first.close()
+    (await third).close()
+    second.close()
+
+
 def test_unclosed_transfer_warns(env: Env) -> None:
     put(env.src, "a", b"a")
     t: Transfer | None = env.store.begin("k", scan(env.src, None))

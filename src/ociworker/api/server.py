@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -46,13 +46,13 @@ from ociworker.errors import (
     UserError,
 )
 from ociworker.fsutil import check_relative_name
-from ociworker.session.filesync import ContextStore, FileStat, Transfer
+from ociworker.session.filesync import ContextStore
 from ociworker.worker import Worker
 
 _FINISHED_KEPT = 100  # finished builds Status can still replay
 _OUTPUT_CREDITS = 32  # output chunks in flight per build (backpressure on exporters)
 _CHUNK = 256 * 1024
-_CONTEXT_SLOTS = 4  # copies of one context kept for concurrent builds of it
+_SPARE_CONTEXTS = 3  # extra copies of one context, for concurrent builds of it
 
 
 def human_size(n: float) -> str:
@@ -340,7 +340,10 @@ class ControlService:
         events(VertexStatus(digest, name, started=started))
         try:
             stats = await session.stat("context")
-            transfer = await self._begin_transfer(key, stats)
+            # Held (open) until the build ends: the key's lock keeps another sync
+            # from changing the dir this build reads; a second build of the same
+            # context takes a spare copy instead of queueing behind this one.
+            transfer = await self.contexts.abegin(key, stats, spare_copies=_SPARE_CONTEXTS)
             stack.enter_context(transfer)
             await session.fetch("context", transfer)
             path = await asyncio.to_thread(transfer.finish)
@@ -353,26 +356,6 @@ class ControlService:
         events(Info(f"transferring context: {human_size(sent)} {took:.1f}s", digest))
         events(VertexStatus(digest, name, started=started, completed=time.time()))
         return path, sent
-
-    async def _begin_transfer(self, key: str, stats: Sequence[FileStat]) -> Transfer:
-        """A Transfer is held (open) until its build ends: the key's lock keeps
-        another sync from changing the dir that build reads. A second build of
-        the same context meanwhile takes a spare copy of it (as BuildKit does
-        when a shared context is busy), so concurrent builds of one context do
-        not queue; only past ``_CONTEXT_SLOTS`` copies do they wait."""
-        loop = asyncio.get_running_loop()
-        for slot in range(_CONTEXT_SLOTS):
-            k = key if slot == 0 else f"{key}\x00copy{slot}"
-            # planning stats 3,000 files: off the loop, which serves other builds
-            fut = loop.run_in_executor(None, self.contexts.try_begin, k, stats)
-            try:
-                t = await asyncio.shield(fut)
-            except asyncio.CancelledError:
-                fut.add_done_callback(_close_transfer)
-                raise
-            if t is not None:
-                return t
-        return await self.contexts.abegin(key, stats)
 
     def _forget_old(self) -> None:
         finished = [k for k, b in self._builds.items() if b.done]
@@ -543,11 +526,3 @@ def add_to_server(service: ControlService, server: grpc.aio.Server) -> None:
 
 def unix_socket_path(addr: str) -> Path | None:
     return Path(addr.removeprefix("unix://")) if addr.startswith("unix://") else None
-
-
-def _close_transfer(fut: asyncio.Future[Transfer | None]) -> None:
-    """A Transfer granted after its build was cancelled is closed at once."""
-    if not fut.cancelled() and fut.exception() is None:
-        t = fut.result()
-        if t is not None:
-            t.close()

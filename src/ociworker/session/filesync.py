@@ -336,22 +336,42 @@ class ContextStore:
         """``begin``, or None at once when another Transfer holds the key."""
         return self._begin(key, stats, blocking=False)
 
-    async def abegin(self, key: str, stats: Sequence[FileStat]) -> Transfer:
+    async def abegin(
+        self, key: str, stats: Sequence[FileStat], *, spare_copies: int = 0
+    ) -> Transfer:
         """``begin`` for coroutines: waits in a thread, never blocking the loop.
+
+        With ``spare_copies``, a busy key is not waited for while one of that
+        many spare copies of it is free (BuildKit gives a second build of a busy
+        context a fresh copy too): concurrent syncs of one context then do not
+        queue behind each other's builds. Only when all are busy does it wait
+        for the key itself.
 
         If the waiting coroutine is cancelled, the thread still gets the lock
         eventually; it is then released at once instead of leaking.
         """
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, self.begin, key, stats)
+        fut = loop.run_in_executor(None, self._begin_any, key, stats, spare_copies)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             fut.add_done_callback(_close_abandoned)
             raise
 
-    def _begin(self, key: str, stats: Sequence[FileStat], *, blocking: bool) -> Transfer | None:
+    def _begin_any(self, key: str, stats: Sequence[FileStat], spare_copies: int) -> Transfer:
         entries = _validate(stats)
+        for n in range(1 + spare_copies):
+            t = self._lock(key if n == 0 else f"{key}\x00copy{n}", entries, blocking=False)
+            if t is not None:
+                return t
+        t = self._lock(key, entries, blocking=True)
+        assert t is not None
+        return t
+
+    def _begin(self, key: str, stats: Sequence[FileStat], *, blocking: bool) -> Transfer | None:
+        return self._lock(key, _validate(stats), blocking=blocking)
+
+    def _lock(self, key: str, entries: dict[str, FileStat], *, blocking: bool) -> Transfer | None:
         paths = self.paths(key)
         try:
             lock_fd = os.open(

@@ -344,21 +344,18 @@ class _ExecHandler:
     async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
         op = vertex.op
         assert isinstance(op, ExecOp)
-        keys = list(input_keys)
-        # A bind of the local context is keyed by the content of the subtree it
-        # selects (as a COPY is), not by the whole context: an unrelated change
-        # does not invalidate the step, a change to a bound file does.
-        for i, inp in enumerate(vertex.inputs):
-            ctx = _local_context(inp, job)
-            if ctx is None:
-                continue
-            copies = [
+        # a bind of the context selects its subtree as a COPY of it would
+        return await _context_keyed(
+            self.w,
+            vertex,
+            input_keys,
+            job,
+            lambda i: [
                 Copy(i, m.selector, "/", allow_wildcard=False)
                 for m in op.mounts
                 if m.type == "bind" and m.input == i
-            ]
-            keys[i] = await asyncio.to_thread(self.w.content_checksum, ctx, copies)
-        return digest_of({"op": op.to_json(), "inputs": keys})
+            ],
+        )
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op
@@ -548,6 +545,25 @@ class _ExecHandler:
         return Mount("bind", str(source), ("rbind", rw), m.target)
 
 
+async def _context_keyed(
+    w: Worker,
+    vertex: Vertex,
+    input_keys: Sequence[str],
+    job: Job,
+    selected: Callable[[int], list[Copy]],
+) -> str:
+    """The step's cache key, with each local-context input keyed by the content
+    of the files the step selects from it (``selected(input index)``), not by
+    the whole context: a change elsewhere in the context invalidates nothing,
+    a change to a selected file does."""
+    keys = list(input_keys)
+    for i, inp in enumerate(vertex.inputs):
+        ctx = _local_context(inp, job)
+        if ctx is not None:
+            keys[i] = await asyncio.to_thread(w.content_checksum, ctx, selected(i))
+    return digest_of({"op": vertex.op.to_json(), "inputs": keys})
+
+
 def _local_context(inp: Vertex | None, job: Job) -> LocalContext | None:
     if inp is None or not isinstance(inp.op, SourceOp):
         return None
@@ -603,16 +619,13 @@ class _FileHandler:
     async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
         op = vertex.op
         assert isinstance(op, FileOp)
-        keys = list(input_keys)
-        # Steps that copy from a local context are keyed by the content they
-        # select, so a change elsewhere in the context does not invalidate them.
-        for i, inp in enumerate(vertex.inputs):
-            ctx = _local_context(inp, job)
-            if ctx is None:
-                continue
-            copies = [a for a in op.actions if isinstance(a, Copy) and a.src_input == i]
-            keys[i] = await asyncio.to_thread(self.w.content_checksum, ctx, copies)
-        return digest_of({"op": op.to_json(), "inputs": keys})
+        return await _context_keyed(
+            self.w,
+            vertex,
+            input_keys,
+            job,
+            lambda i: [a for a in op.actions if isinstance(a, Copy) and a.src_input == i],
+        )
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op

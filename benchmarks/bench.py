@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from ociworker.testing.daemon import DaemonStartError, spawn_daemon
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BENCH_DIR = REPO.parent / "shared" / "bench"
 DEFAULT_BASE = "127.0.0.1:5000/busybox:latest"
@@ -198,19 +200,11 @@ class OciworkerDaemon(Ociworker):
 
     def _serve(self) -> None:
         self.starts += 1
-        log = self.s.logs / f"ociworkerd-serve-{self.starts}.log"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [str(self.exe), "serve", f"--addr=unix://{self.sock}", f"--root={self.root}"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while b"serving on" not in log.read_bytes():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise ToolError(f"ociworker serve did not start (log {log})")
-            time.sleep(0.05)
+        args = (f"--addr=unix://{self.sock}", f"--root={self.root}")
+        try:
+            self.proc = spawn_daemon(args, self.s.logs / f"ociworkerd-serve-{self.starts}.log")
+        except DaemonStartError as exc:
+            raise ToolError(str(exc)) from None
 
     def _shutdown(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import ociworker
 from ociworker.core.progress import Event, VertexStatus
 from ociworker.errors import BuildCancelled
+from ociworker.testing.daemon import DaemonStartError, spawn_daemon
 
 
 def procs_with(marker: str) -> bool:
@@ -95,29 +96,15 @@ async def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root, sock = work / "root", work / "d.sock"
-        log = open(work / "daemon.log", "wb")  # noqa: SIM115
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ociworker",
-                "serve",
-                "--addr",
-                f"unix://{sock}",
-                "--root",
-                str(root),
-                "--runtime",
-                args.runtime,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
         try:
-            while b"serving on" not in (work / "daemon.log").read_bytes():
-                if daemon.poll() is not None:
-                    print((work / "daemon.log").read_text(), file=sys.stderr)
-                    return 1
-                await asyncio.sleep(0.05)
+            daemon = spawn_daemon(
+                ("--addr", f"unix://{sock}", "--root", str(root), "--runtime", args.runtime),
+                work / "daemon.log",
+            )
+        except DaemonStartError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        try:
             reported, clean = [], []
             for i in range(args.rounds):
                 r, c = await one_round(f"unix://{sock}", root, work, args.base, args.runtime)
@@ -132,7 +119,6 @@ async def main() -> int:
         finally:
             daemon.terminate()
             daemon.wait()
-            log.close()
     return 0
 
 

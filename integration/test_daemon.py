@@ -28,6 +28,7 @@ import ociworker
 from ociworker.controller import BuildResult
 from ociworker.core.progress import Event, VertexStatus
 from ociworker.errors import BuildCancelled, ExecError
+from ociworker.testing.daemon import spawn_daemon
 from test_build import ow, runtime_containers, write_runtime_spy
 
 
@@ -45,31 +46,8 @@ class Daemon:
 
 def start_daemon(root: Path, sock: Path, runtime: str = "runc") -> Daemon:
     log_path = root.parent / f"daemon-{uuid.uuid4().hex[:6]}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ociworker",
-                "serve",
-                "--addr",
-                f"unix://{sock}",
-                "--root",
-                str(root),
-                "--runtime",
-                runtime,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    # ready once it says so (a socket file may be a stale one of a killed daemon)
-    deadline = time.monotonic() + 60
-    while b"serving on" not in log_path.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"daemon did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.05)
-    return Daemon(root, sock, proc, runtime)
+    args = ("--addr", f"unix://{sock}", "--root", str(root), "--runtime", runtime)
+    return Daemon(root, sock, spawn_daemon(args, log_path), runtime)
 
 
 def stop_daemon(d: Daemon) -> int:
@@ -698,24 +676,16 @@ def test_tcp_with_mutual_tls_serves_only_clients_the_ca_signed(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log_path = tmp_path / "tcp-daemon.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "ociworker", "serve"),
-                *("--addr", f"tcp://127.0.0.1:{port}", "--root", str(tmp_path / "r")),
-                *("--tlscacert", str(tmp_path / "ca.crt")),
-                *("--tlscert", str(tmp_path / "server.crt")),
-                *("--tlskey", str(tmp_path / "server.key")),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    proc = spawn_daemon(
+        [
+            *("--addr", f"tcp://127.0.0.1:{port}", "--root", str(tmp_path / "r")),
+            *("--tlscacert", str(tmp_path / "ca.crt")),
+            *("--tlscert", str(tmp_path / "server.crt")),
+            *("--tlskey", str(tmp_path / "server.key")),
+        ],
+        tmp_path / "tcp-daemon.log",
+    )
     try:
-        deadline = time.monotonic() + 60
-        while b"serving on" not in log_path.read_bytes():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.05)
 
         def du(who: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(

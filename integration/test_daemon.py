@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import ociworker
-from ociworker.controller import BuildResult
+from ociworker.core.build import BuildResult
 from ociworker.core.progress import Event, VertexStatus
 from ociworker.errors import BuildCancelled, ExecError
 from ociworker.testing.daemon import spawn_daemon

@@ -19,7 +19,7 @@ def test_prune_refuses_a_filter_it_cannot_honour(
 
 
 def test_prune_filters_select_cache_mounts_by_type_and_id() -> None:
-    from ociworker.controller import PruneFilter, UsageRecord
+    from ociworker.core.build import PruneFilter, UsageRecord
     from ociworker.errors import ConfigError
 
     rec = UsageRecord("sha256:" + "ab" * 32, "exec.cachemount", 1, "/root/.cache", 0.0)

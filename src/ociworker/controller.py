@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from ociworker.cachemounts import CacheUsage
-
-# re-exported: callers spell them controller.X, as before they moved to core
-from ociworker.core.build import CACHE_MOUNT_TYPE as CACHE_MOUNT_TYPE
-from ociworker.core.build import BuildRequest as BuildRequest
-from ociworker.core.build import BuildResult as BuildResult
-from ociworker.core.build import PruneFilter as PruneFilter
-from ociworker.core.build import UsageRecord as UsageRecord
+from ociworker.core.build import (
+    CACHE_MOUNT_TYPE,
+    BuildRequest,
+    BuildResult,
+    PruneFilter,
+    UsageRecord,
+)
 from ociworker.core.graph import SourceOp, Vertex
 from ociworker.core.oci import (
     ANNOTATION_STEP_INDEX,
@@ -30,8 +30,7 @@ from ociworker.core.oci import (
     Descriptor,
     Layer,
 )
-from ociworker.core.outputs import OUTPUT_TYPES as OUTPUT_TYPES
-from ociworker.core.outputs import OutputSpec as OutputSpec
+from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import (
     EventSink,
     Info,

@@ -29,7 +29,8 @@ from ociworker.api.convert import event_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.outputs import OutputSpec
+from ociworker.core.build import BuildRequest, PruneFilter
+from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
     DEFAULT_LOG_CAP,
     Event,
@@ -280,11 +281,9 @@ class ControlService:
         if "/" in name:
             raise ConfigError(f"invalid dockerfile name {name!r}: want a file name")
         check_relative_name(name)
-        outputs = [
-            controller.OutputSpec(o.type, tuple(sorted(o.attrs.items()))) for o in request.outputs
-        ]
+        outputs = [OutputSpec(o.type, tuple(sorted(o.attrs.items()))) for o in request.outputs]
         for o in outputs:
-            if o.type not in controller.OUTPUT_TYPES:
+            if o.type not in OUTPUT_TYPES:
                 raise ConfigError(f"unknown output type {o.type!r}")
 
         target = _StreamTarget(outputs, send, credits, aborted)
@@ -298,7 +297,7 @@ class ControlService:
             (df_dir / name).write_bytes(request.dockerfile)
             # next to the Dockerfile, so it wins over a .dockerignore in the context
             (df_dir / f"{name}.dockerignore").write_text("\n".join(request.ignore_patterns))
-            req = controller.BuildRequest(
+            req = BuildRequest(
                 context=ctx,
                 dockerfile=df_dir / name,
                 tags=tuple(request.tags),
@@ -410,7 +409,7 @@ class ControlService:
         self, request: pb.PruneRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PruneResponse:
         try:
-            flt = controller.PruneFilter.parse(list(request.filters))
+            flt = PruneFilter.parse(list(request.filters))
             removed, freed = await controller.prune(self.worker, flt)
         except OciworkerError as exc:
             await _abort(context, exc)

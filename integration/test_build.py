@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -67,6 +67,31 @@ def make_context_case(dest: Path) -> Path:
         d = ctx / f"d{i % 5}"
         d.mkdir(exist_ok=True)
         (d / f"f{i}.txt").write_text(f"file {i}\n" * 100)
+    return ctx
+
+
+def write_context(
+    tmp: Path,
+    dockerfile: str,
+    files: Mapping[str, str | bytes] | None = None,
+    *,
+    name: str = "ctx",
+    mtime: float | None = None,
+) -> Path:
+    """A build context dir ``tmp/name`` with a Dockerfile and ``files`` (text or
+    bytes, parents made), each given ``mtime`` when set."""
+    ctx = tmp / name
+    ctx.mkdir(parents=True, exist_ok=True)
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for rel, data in (files or {}).items():
+        path = ctx / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data)
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
     return ctx
 
 

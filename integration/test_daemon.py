@@ -29,7 +29,7 @@ from ociworker.core.build import BuildResult
 from ociworker.core.progress import Event, VertexStatus
 from ociworker.errors import BuildCancelled, ExecError
 from ociworker.testing.daemon import spawn_daemon
-from test_build import ow, runtime_containers, write_runtime_spy
+from test_build import ow, runtime_containers, write_context, write_runtime_spy
 
 
 @dataclass
@@ -83,22 +83,13 @@ def cli(
     return proc
 
 
-def context(tmp: Path, dockerfile: str, name: str = "ctx", **files: str) -> Path:
-    ctx = tmp / name
-    ctx.mkdir(parents=True)
-    (ctx / "Dockerfile").write_text(dockerfile)
-    for k, v in files.items():
-        (ctx / k).write_text(v)
-    return ctx
-
-
 def test_cli_build_over_daemon_writes_client_side_outputs(
     daemon: Daemon, tmp_path: Path, base_image: str, mounts_under: Callable[[Path], list[Path]]
 ) -> None:
-    ctx = context(
+    ctx = write_context(
         tmp_path,
         f"FROM {base_image}\nCOPY a.txt /a.txt\nRUN echo built > /b.txt\n",
-        **{"a.txt": "from the client\n", ".dockerignore": "*.log\n", "x.log": "ignored\n"},
+        {"a.txt": "from the client\n", ".dockerignore": "*.log\n", "x.log": "ignored\n"},
     )
     out = tmp_path / "out"
     proc = cli(
@@ -141,7 +132,7 @@ def test_cli_build_over_daemon_writes_client_side_outputs(
 def test_failing_run_same_error_as_embedded_and_client_raises_exec_error(
     daemon: Daemon, tmp_path: Path, base_image: str
 ) -> None:
-    ctx = context(tmp_path, f"FROM {base_image}\nRUN exit 3\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN exit 3\n")
     remote = cli(daemon, "build", "--progress", "plain", str(ctx), check=False)
     local = ow(tmp_path / "embedded", "build", "--progress", "plain", str(ctx), check=False)
     assert remote.returncode == local.returncode == 1
@@ -162,7 +153,7 @@ def test_failing_run_same_error_as_embedded_and_client_raises_exec_error(
 def test_client_api_build_streams_events_and_result(
     daemon: Daemon, tmp_path: Path, base_image: str
 ) -> None:
-    ctx = context(tmp_path, f"FROM {base_image}\nRUN echo hello-from-run\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN echo hello-from-run\n")
     events: list[Event] = []
 
     async def go() -> BuildResult:
@@ -190,11 +181,11 @@ def test_eight_concurrent_cli_builds_run_a_common_step_once(
         common = "RUN sleep 2 && echo common > /common\n"
         procs = []
         for i in range(8):
-            ctx = context(
+            ctx = write_context(
                 tmp_path,
                 f"FROM {base_image}\n{common}COPY own.txt /\n",
+                {"own.txt": f"client {i}\n"},
                 name=f"ctx{i}",
-                **{"own.txt": f"client {i}\n"},
             )
             out = tmp_path / f"out{i}"
             procs.append(
@@ -235,13 +226,13 @@ def test_concurrent_builds_of_one_context_do_not_wait_for_each_other(
     # Each build's RUN leaves a mark and waits for the other's; both sync the same
     # context (same key). Were one sync queued behind the other build, which holds
     # its context until it ends, neither would meet the other and both would fail.
-    ctx = context(
+    ctx = write_context(
         tmp_path,
         f"FROM {base_image}\nARG ROLE\nARG OTHER\nCOPY f.txt /\n"
         "RUN --mount=type=cache,id=rendezvous,target=/r touch /r/$ROLE && i=0 && "
         "while [ ! -e /r/$OTHER ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done && "
         "test -e /r/$OTHER\n",
-        **{"f.txt": "shared\n"},
+        {"f.txt": "shared\n"},
     )
     procs = {
         role: subprocess.Popen(
@@ -279,8 +270,10 @@ def test_cancel_mid_run_releases_everything_and_other_builds_go_on(
     daemon: Daemon, tmp_path: Path, base_image: str, mounts_under: Callable[[Path], list[Path]]
 ) -> None:
     marker = f"cancel-{uuid.uuid4().hex}"
-    slow = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n", name="slow")
-    other = context(tmp_path, f"FROM {base_image}\nRUN sleep 1 && echo other > /o\n", name="other")
+    slow = write_context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n", name="slow")
+    other = write_context(
+        tmp_path, f"FROM {base_image}\nRUN sleep 1 && echo other > /o\n", name="other"
+    )
     build_id = uuid.uuid4().hex
 
     async def go() -> None:
@@ -324,7 +317,7 @@ def _file_tree(ctx: Path, files: int, size: int) -> None:
 def test_incremental_context_resends_only_the_changed_file(
     daemon: Daemon, tmp_path: Path, base_image: str
 ) -> None:
-    ctx = context(tmp_path, f"FROM {base_image}\nCOPY d00/f0000.bin /one\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nCOPY d00/f0000.bin /one\n")
     _file_tree(ctx, 3000, 42 * 1024)  # ~123 MiB
     total = sum(p.stat().st_size for p in ctx.rglob("*") if p.is_file())
     meta = tmp_path / "meta.json"
@@ -353,7 +346,7 @@ def test_sigterm_during_build_exits_clean_and_restarts(
     root, sock = tmp_path / "droot", tmp_path / "d.sock"
     d = start_daemon(root, sock)
     marker = f"term-{uuid.uuid4().hex}"
-    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
     client = subprocess.Popen(
         [
             sys.executable,
@@ -383,7 +376,7 @@ def test_sigterm_during_build_exits_clean_and_restarts(
     assert not sock.exists()
     d2 = start_daemon(root, sock)
     try:
-        ok = context(tmp_path, f"FROM {base_image}\nRUN echo again > /a\n", name="ok")
+        ok = write_context(tmp_path, f"FROM {base_image}\nRUN echo again > /a\n", name="ok")
         cli(d2, "build", str(ok))
     finally:
         assert stop_daemon(d2) == 0
@@ -395,7 +388,7 @@ def test_sigkill_then_restart_recovers_and_builds(
     root, sock = tmp_path / "droot", tmp_path / "d.sock"
     d = start_daemon(root, sock)
     marker = f"kill-{uuid.uuid4().hex}"
-    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
     client = subprocess.Popen(
         [sys.executable, "-m", "ociworker", "build", "--addr", d.addr, str(ctx)],
         stderr=subprocess.DEVNULL,
@@ -411,7 +404,7 @@ def test_sigkill_then_restart_recovers_and_builds(
     try:
         assert _procs_with(marker) == []
         assert runtime_containers(root, "runc") == ""
-        ok = context(tmp_path, f"FROM {base_image}\nRUN echo again > /a\n", name="ok")
+        ok = write_context(tmp_path, f"FROM {base_image}\nRUN echo again > /a\n", name="ok")
         cli(d2, "build", str(ok))
     finally:
         assert stop_daemon(d2) == 0
@@ -469,7 +462,7 @@ def test_dead_client_is_noticed_and_its_build_cancelled(
     # A stopped client keeps its socket open but answers no keepalive ping: the
     # daemon must drop it and cancel its build on its own.
     marker = f"dead-{uuid.uuid4().hex}"
-    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 600; echo {marker}\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN sleep 600; echo {marker}\n")
     client = subprocess.Popen(
         [sys.executable, "-m", "ociworker", "build", "--addr", daemon.addr, str(ctx)],
         stderr=subprocess.DEVNULL,
@@ -505,7 +498,7 @@ def test_client_death_and_sigterm_together_leave_nothing(
     root, sock = tmp_path / "droot", tmp_path / "d.sock"
     d = start_daemon(root, sock)
     marker = f"both-{uuid.uuid4().hex}"
-    ctx = context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN sleep 60; echo {marker}\n")
     client = subprocess.Popen(
         [sys.executable, "-m", "ociworker", "build", "--addr", d.addr, str(ctx)],
         stderr=subprocess.DEVNULL,
@@ -526,7 +519,7 @@ def test_client_death_and_sigterm_together_leave_nothing(
 def test_layers_output_streams_each_layer_before_the_build_ends(
     daemon: Daemon, tmp_path: Path, base_image: str
 ) -> None:
-    ctx = context(
+    ctx = write_context(
         tmp_path,
         f"FROM {base_image}\nRUN echo one > /one\nRUN sleep 5\nRUN echo three > /three\n",
     )
@@ -556,7 +549,7 @@ def test_layers_output_streams_each_layer_before_the_build_ends(
 
 
 def test_oci_to_stdout_over_daemon(daemon: Daemon, tmp_path: Path, base_image: str) -> None:
-    ctx = context(tmp_path, f"FROM {base_image}\nRUN echo x > /x\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN echo x > /x\n")
     out = tmp_path / "img.tar"
     with open(out, "wb") as f:
         proc = subprocess.run(
@@ -587,7 +580,7 @@ def test_secret_is_served_by_the_client_session(
     daemon: Daemon, tmp_path: Path, base_image: str
 ) -> None:
     value = f"s3cr3t-{uuid.uuid4().hex}"
-    ctx = context(
+    ctx = write_context(
         tmp_path,
         f"FROM {base_image}\n"
         "RUN --mount=type=secret,id=tok,required=true wc -c < /run/secrets/tok > /len\n",

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from test_build import write_context
+
 MTIME = 1_600_000_000
 
 
@@ -29,18 +31,6 @@ def build(tmp: Path, ctx: Path, check: bool = True) -> subprocess.CompletedProce
     if check and proc.returncode != 0:
         raise AssertionError(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
-
-
-def context(tmp: Path, dockerfile: str, files: dict[str, bytes]) -> Path:
-    ctx = tmp / "ctx"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text(dockerfile)
-    for rel, data in files.items():
-        p = ctx / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-        os.utime(p, (MTIME, MTIME))
-    return ctx
 
 
 def tar_of(entries: list[tuple[str, bytes, bytes, str]]) -> bytes:
@@ -94,7 +84,7 @@ def test_add_extracts_every_compression_and_copies_plain_files(
     lines = [f"FROM {base_image}"]
     lines += [f"ADD {n} /x/{n.replace('.', '_')}/" for n in files if n.startswith(("a.", "dis"))]
     lines += ["ADD plain.txt text.gz /plain/", "ADD --chown=1:2 a.tar.gz /owned"]
-    ctx = context(tmp_path, "\n".join(lines) + "\n", files)
+    ctx = write_context(tmp_path, "\n".join(lines) + "\n", files, mtime=MTIME)
     build(tmp_path, ctx)
     out = tmp_path / "out"
     for name in ("a_tar", "a_tar_gz", "a_tar_bz2", "a_tar_xz", "a_tar_zst", "disguised_dat"):
@@ -124,7 +114,12 @@ def test_hostile_archive_fails_and_writes_nothing_outside(
 ) -> None:
     sentinel = tmp_path / "SENTINEL"
     sentinel.mkdir()
-    ctx = context(tmp_path, f"FROM {base_image}\nADD evil.tar /x/\n", {"evil.tar": tar_of(entries)})
+    ctx = write_context(
+        tmp_path,
+        f"FROM {base_image}\nADD evil.tar /x/\n",
+        {"evil.tar": tar_of(entries)},
+        mtime=MTIME,
+    )
     proc = build(tmp_path, ctx, check=False)
     assert proc.returncode != 0
     assert "outside the extraction root" in proc.stderr or "same archive" in proc.stderr
@@ -143,7 +138,9 @@ def test_hostile_symlink_parent_is_contained(
             ("up/planted", tarfile.REGTYPE, b"evil", ""),
         ]
     )
-    ctx = context(tmp_path, f"FROM {base_image}\nADD evil.tar /x/\n", {"evil.tar": blob})
+    ctx = write_context(
+        tmp_path, f"FROM {base_image}\nADD evil.tar /x/\n", {"evil.tar": blob}, mtime=MTIME
+    )
     build(tmp_path, ctx)
     assert list(sentinel.iterdir()) == []
     # followed as the container would: clamped at the image's /
@@ -167,7 +164,7 @@ COPY <<EOF /doc/new/file.txt
 heredoc body
 EOF
 """
-    build(tmp_path, context(tmp_path, dockerfile, files))
+    build(tmp_path, write_context(tmp_path, dockerfile, files, mtime=MTIME))
     out = tmp_path / "out"
     assert sorted(os.listdir(out / "multi")) == [".hidden", "a.txt", "b.txt"]
     assert sorted(os.listdir(out / "wild")) == ["a.txt", "b.txt"]
@@ -188,7 +185,12 @@ EOF
 def test_copy_several_sources_to_a_file_fails(
     tmp_path: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = context(tmp_path, f"FROM {base_image}\nCOPY *.txt /file\n", {"a.txt": b"", "b.txt": b""})
+    ctx = write_context(
+        tmp_path,
+        f"FROM {base_image}\nCOPY *.txt /file\n",
+        {"a.txt": b"", "b.txt": b""},
+        mtime=MTIME,
+    )
     proc = build(tmp_path, ctx, check=False)
     assert proc.returncode != 0
     assert "destination must be a directory and end with a /" in proc.stderr
@@ -197,7 +199,9 @@ def test_copy_several_sources_to_a_file_fails(
 def test_copy_missing_and_dockerignored_sources_are_named(
     tmp_path: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = context(tmp_path, f"FROM {base_image}\nCOPY secret.txt /\n", {"secret.txt": b"s"})
+    ctx = write_context(
+        tmp_path, f"FROM {base_image}\nCOPY secret.txt /\n", {"secret.txt": b"s"}, mtime=MTIME
+    )
     (ctx / ".dockerignore").write_text("secret.txt\n")
     proc = build(tmp_path, ctx, check=False)
     assert proc.returncode != 0
@@ -209,7 +213,7 @@ def test_copy_parents(tmp_path: Path, base_image: str, require_root: None) -> No
     dockerfile = (
         f"FROM {base_image}\nCOPY --parents a/b/*.txt /dst/\nCOPY --parents ./p/./q/r /piv/\n"
     )
-    build(tmp_path, context(tmp_path, dockerfile, files))
+    build(tmp_path, write_context(tmp_path, dockerfile, files, mtime=MTIME))
     out = tmp_path / "out"
     assert (out / "dst/a/b/x.txt").read_bytes() == b"x"
     assert not (out / "dst/a/b/y.md").exists()
@@ -223,7 +227,7 @@ def test_copy_exclude(tmp_path: Path, base_image: str, require_root: None) -> No
     dockerfile = (
         f"FROM {base_image}\nCOPY --exclude=*.md src /top/\nCOPY --exclude=**/*.md src /all/\n"
     )
-    build(tmp_path, context(tmp_path, dockerfile, files))
+    build(tmp_path, write_context(tmp_path, dockerfile, files, mtime=MTIME))
     out = tmp_path / "out"
     assert sorted(os.listdir(out / "top")) == ["a.py", "deep"]
     assert sorted(os.listdir(out / "top/deep")) == ["b.md", "c.py"]

@@ -15,18 +15,11 @@ from typing import Any
 
 import pytest
 
-from test_build import ow
+from test_build import ow, write_context
 
 
 def _cmd(root: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "ociworker", "build", "--root", str(root), *args]
-
-
-def _context(tmp: Path, dockerfile: str) -> Path:
-    ctx = tmp / "ctx"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text(dockerfile)
-    return ctx
 
 
 def _descriptors(dest: Path) -> list[dict[str, Any]]:
@@ -71,7 +64,7 @@ def _events(proc: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
 def test_layers_are_written_while_the_build_runs(
     tmp_path: Path, state_dir: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = _context(
+    ctx = write_context(
         tmp_path,
         f"FROM {base_image}\nRUN echo a > /a\nRUN sleep 5\nRUN echo c > /c\n",
     )
@@ -152,7 +145,7 @@ def test_layers_are_written_while_the_build_runs(
 def test_failed_build_stops_layer_writes_and_releases_everything(
     tmp_path: Path, state_dir: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = _context(tmp_path, f"FROM {base_image}\nRUN echo a > /a\nRUN exit 3\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN echo a > /a\nRUN exit 3\n")
     layers = tmp_path / "layers"
     proc = ow(
         state_dir,
@@ -171,7 +164,7 @@ def test_failed_build_stops_layer_writes_and_releases_everything(
 def test_unwritable_layers_dest_fails_the_build_at_once(
     tmp_path: Path, state_dir: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = _context(tmp_path, f"FROM {base_image}\nRUN echo a > /a\nRUN sleep 60\nRUN echo c\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN echo a > /a\nRUN sleep 60\nRUN echo c\n")
     not_a_dir = tmp_path / "taken"
     not_a_dir.write_bytes(b"a file where the layers dir should be")
     proc = ow(
@@ -199,7 +192,7 @@ def test_archives_stream_to_stdout(
     skopeo = shutil.which("skopeo")
     if skopeo is None:
         pytest.fail("needs skopeo")
-    ctx = _context(tmp_path, f"FROM {base_image}\nRUN echo streamed > /streamed\n")
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN echo streamed > /streamed\n")
     as_file = tmp_path / "file.oci.tar"
     from_stdout = tmp_path / "stdout.oci.tar"
     meta = tmp_path / "meta.json"

@@ -18,18 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from test_build import ow, runtime_containers
-
-
-def _ctx(tmp: Path, dockerfile: str, files: dict[str, str] | None = None) -> Path:
-    ctx = tmp / "ctx"
-    ctx.mkdir(exist_ok=True)
-    (ctx / "Dockerfile").write_text(dockerfile)
-    for name, text in (files or {}).items():
-        p = ctx / name
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    return ctx
+from test_build import ow, runtime_containers, write_context
 
 
 def _build(
@@ -54,7 +43,7 @@ def test_bind_mounts(
     require_root: None,
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"""FROM {base_image} AS base
 RUN mkdir -p /srcdir && echo fromstage > /srcdir/f
@@ -108,7 +97,7 @@ def test_cache_mounts(
     require_root: None,
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"""FROM {base_image} AS seed
 RUN mkdir -p /pkg/sub && echo seeded > /pkg/sub/s
@@ -151,7 +140,7 @@ def test_tmpfs_mount(
     require_root: None,
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"""FROM {base_image}
 RUN --mount=type=tmpfs,target=/t,size=1m echo x > /t/x \\
@@ -211,7 +200,7 @@ def test_secrets_reach_the_step_and_leak_nowhere(
     file_secret = "file-" + secrets.token_hex(16)
     env_secret = "env-" + secrets.token_hex(16)
     (tmp_path / "secret.txt").write_text(file_secret)
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"""FROM {base_image}
 RUN --mount=type=secret,id=fs sha256sum < /run/secrets/fs > /fs.sha \\
@@ -322,7 +311,7 @@ def test_ssh_mounts_forward_an_agent_and_serve_key_files(
     ssh_agent: tuple[str, str, Path],
 ) -> None:
     sock, fingerprint, key = ssh_agent
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"""FROM {base_image}
 COPY sshroot/ /
@@ -372,7 +361,7 @@ def test_parallel_stages_share_or_lock_one_cache(
     # Two stages write the shared cache, two the locked one, all four in parallel.
     # Each locked step stamps its start and end (a counter, not a clock) so the
     # test can tell whether two of them ever overlapped.
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"""FROM {base_image} AS a
 ARG I
@@ -424,7 +413,7 @@ def test_private_sharing_gives_a_concurrent_writer_its_own_copy(
         "touch /c/{me} /m/{me} && i=0 && while [ ! -e /m/{other} ] && [ $i -lt 600 ]; "
         "do usleep 100000; i=$((i+1)); done && test -e /m/{other} && ls /c > /seen\n"
     )
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"FROM {base_image} AS a\n"
         + meet.format(me="a", other="b")
@@ -443,7 +432,7 @@ def test_private_sharing_gives_a_concurrent_writer_its_own_copy(
 def test_du_lists_cache_mounts_and_prune_filter_removes_only_them(
     tmp_path: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"FROM {base_image}\nRUN --mount=type=cache,id=mycache,target=/c "
         "head -c 100000 /dev/urandom > /c/blob && echo built > /built\n",
@@ -472,7 +461,7 @@ def test_mount_targets_through_symlinks_stay_in_the_rootfs(
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
     marker = "ociw-escape-" + secrets.token_hex(4)
-    ctx = _ctx(
+    ctx = write_context(
         tmp_path,
         f"""FROM {base_image}
 RUN ln -s /../../../tmp /up && mkdir /real && ln -s /real /link

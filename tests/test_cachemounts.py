@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,31 @@ async def test_usage_and_remove(tmp_path: Path) -> None:
 def test_bad_sharing_is_refused() -> None:
     with pytest.raises(ConfigError, match="sharing"):
         CacheSpec.from_options({"sharing": "maybe"}, "/t")
+
+
+def test_steps_racing_to_name_a_new_cache_both_succeed(tmp_path: Path) -> None:
+    # Two steps of one process may both find a new cache dir without its id file;
+    # each must write its own temp file (a shared pid-named one was renamed away
+    # under the other). Racing threads over many fresh dirs hit that window.
+    from ociworker.cachemounts import _ensure_id_dir
+
+    errors: list[BaseException] = []
+
+    def race(d: Path, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            _ensure_id_dir(d, "the-id")
+        except BaseException as exc:  # reported below, with the round
+            errors.append(exc)
+
+    for n in range(300):
+        d = tmp_path / f"c{n}"
+        barrier = threading.Barrier(4)
+        threads = [threading.Thread(target=race, args=(d, barrier)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], f"round {n}: {errors[0]!r}"
+        assert (d / "id").read_text() == "the-id"
+        assert [p.name for p in d.iterdir()] == ["id"]

@@ -26,6 +26,7 @@ import hashlib
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,8 +203,11 @@ def _ensure_id_dir(d: Path, cache_id: str) -> None:
         d.mkdir(mode=0o700)
     idf = d / "id"
     if not idf.exists():
-        tmp = d / f".id-{os.getpid()}"
-        tmp.write_text(cache_id)
+        # unlocked, so two steps of one process may both get here: each writes
+        # its own temp file (a pid-named one was renamed away under the other)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".id-")
+        with os.fdopen(fd, "w") as f:
+            f.write(cache_id)
         os.replace(tmp, idf)
 
 

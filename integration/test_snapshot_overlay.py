@@ -19,7 +19,7 @@ from ociworker.snapshot import (
     open_snapshotter,
     overlay_supported,
 )
-from ociworker.snapshot.mount import PAGE_SIZE, mount_all, mounted, unmount
+from ociworker.fs.mount import PAGE_SIZE, mount_all, mounted, unmount
 from ociworker.snapshot.overlay import FLATTEN_EVERY
 
 pytestmark = pytest.mark.usefixtures("require_root")

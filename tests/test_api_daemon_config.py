@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ociworker.api.daemon import DaemonConfig, load_config, parse_size
+from ociworker.api.daemon import DaemonConfig, load_config
+from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError
 
 

@@ -21,7 +21,7 @@ from ociworker.api.session import ClientSession, SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
 from ociworker.errors import UnsafePathError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
+from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.session import filesync
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ociworker.cachemounts import CacheMounts, CacheSpec
 from ociworker.errors import ConfigError
+from ociworker.ops.runmount.cache import CacheMounts, CacheSpec
 
 
 def _spec(cache_id: str, sharing: str = "shared") -> CacheSpec:
@@ -101,7 +101,7 @@ def test_steps_racing_to_name_a_new_cache_both_succeed(tmp_path: Path) -> None:
     # Two steps of one process may both find a new cache dir without its id file;
     # each must write its own temp file (a shared pid-named one was renamed away
     # under the other). Racing threads over many fresh dirs hit that window.
-    from ociworker.cachemounts import _ensure_id_dir
+    from ociworker.ops.runmount.cache import _ensure_id_dir
 
     errors: list[BaseException] = []
 

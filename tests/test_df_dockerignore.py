@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ociworker.errors import DockerfileError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher, parse_ignore, read_ignore_file
+from ociworker.fs.ignore import IgnoreMatcher, parse_ignore
+from ociworker.session.context import read_ignore_file
 
 
 def test_parse_ignore_normalises() -> None:

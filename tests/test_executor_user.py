@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ociworker.errors import UserError
-from ociworker.executor.user import ExecUser, exec_user, parse_group, parse_passwd, resolve_user
+from ociworker.fs.users import ExecUser, exec_user, parse_group, parse_passwd, resolve_user
 
 PASSWD = """\
 # a comment line

@@ -23,10 +23,11 @@ import zstandard
 
 from ociworker.core.graph import Copy, Mkfile
 from ociworker.errors import NotFoundError, UnsafePathError, UserError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
-from ociworker.ops import fileops
-from ociworker.ops.archive import Compression, detect_compression, is_tar_archive
-from ociworker.ops.fileops import Source, do_copy, do_mkfile
+from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.walk import Source, match_sources
+from ociworker.ops import fileactions as fileops
+from ociworker.ops.fileactions import do_copy, do_mkfile
+from ociworker.ops.untar import Compression, detect_compression, is_tar_archive
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="chown needs root")
@@ -319,12 +320,12 @@ def test_wildcards_follow_go_filepath_match(env: Env) -> None:
     for rel in (".hidden", "a1", "b2", "c3", "lit*eral"):
         env.write(rel)
     src = env.source()
-    assert fileops.match_sources(src, "*", True) == [".hidden", "a1", "b2", "c3", "lit*eral"]
-    assert fileops.match_sources(src, "?[12]", True) == ["a1", "b2"]
-    assert fileops.match_sources(src, "[^ab]?", True) == ["c3"]
-    assert fileops.match_sources(src, "[a-b]*", True) == ["a1", "b2"]
-    assert fileops.match_sources(src, "lit\\*e*", True) == ["lit*eral"]
-    assert fileops.match_sources(src, "[!b]1", True) == []  # "!" is no negation in Go
+    assert match_sources(src, "*", True) == [".hidden", "a1", "b2", "c3", "lit*eral"]
+    assert match_sources(src, "?[12]", True) == ["a1", "b2"]
+    assert match_sources(src, "[^ab]?", True) == ["c3"]
+    assert match_sources(src, "[a-b]*", True) == ["a1", "b2"]
+    assert match_sources(src, "lit\\*e*", True) == ["lit*eral"]
+    assert match_sources(src, "[!b]1", True) == []  # "!" is no negation in Go
 
 
 def test_several_matches_need_a_directory_destination(env: Env) -> None:

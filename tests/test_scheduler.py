@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.progress import Event, VertexStatus
-from ociworker.solver.cacheindex import SQLiteCacheIndex
 from ociworker.solver.scheduler import CacheIndex, Job, Result, Solver
 from ociworker.testing.fakes import ArithmeticHandler, MemoryCacheIndex
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from ociworker.errors import HostError, UnsafePathError, UserError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
+from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.session import filesync
 from ociworker.session.filesync import ContextStore, FileStat, Transfer, read_chunks, scan
 

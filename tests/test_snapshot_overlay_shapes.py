@@ -12,14 +12,14 @@ import pytest
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError
-from ociworker.snapshot import NativeSnapshotter, OverlaySnapshotter, open_snapshotter
-from ociworker.snapshot.mount import (
+from ociworker.fs.mount import (
     MAX_OVERLAY_LOWERS,
     PAGE_SIZE,
     _relative_overlay_data,
     _unescape,
     overlay_data_fits,
 )
+from ociworker.snapshot import NativeSnapshotter, OverlaySnapshotter, open_snapshotter
 
 
 async def test_overlay_mount_shapes(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ def test_processes_opening_fresh_cache_indexes_together_all_succeed(tmp_path: Pa
         """
         import sys
         from pathlib import Path
-        from ociworker.solver.cacheindex import SQLiteCacheIndex
+        from ociworker.cachedb.records import SQLiteCacheIndex
         for i in range(40):
             SQLiteCacheIndex(Path(sys.argv[1]) / f"round{i}" / "cache.db").close()
         """

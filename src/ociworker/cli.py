@@ -17,6 +17,7 @@ from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import EventSink
 from ociworker.core.session import NoSSH, SSHAgents
+from ociworker.core.units import human_size
 from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
@@ -252,7 +253,9 @@ async def _cmd_build(args: argparse.Namespace) -> int:
                 )
     else:
         from ociworker import controller
+        from ociworker.session.context import read_definition
 
+        definition = read_definition(req.context, req.dockerfile)
         worker = _worker(args)
         try:
             with view:  # the tty view prints its final state on every way out
@@ -260,6 +263,7 @@ async def _cmd_build(args: argparse.Namespace) -> int:
                 result = await controller.build(
                     worker,
                     req,
+                    definition,
                     printer,
                     credentials=DockerConfigCredentials(),
                     secrets=secrets,
@@ -299,8 +303,8 @@ async def _cmd_du(args: argparse.Namespace) -> int:
     for r in records:
         total += r.size
         desc = r.description if len(r.description) < 60 else r.description[:57] + "..."
-        print(f"{r.id[7:31]:<25} {r.type:<18} {_human(r.size):>10}  {desc}")
-    print(f"Total: {_human(total)}")
+        print(f"{r.id[7:31]:<25} {r.type:<18} {human_size(r.size, 3):>10}  {desc}")
+    print(f"Total: {human_size(total, 3)}")
     return 0
 
 
@@ -319,7 +323,7 @@ async def _cmd_prune(args: argparse.Namespace) -> int:
             removed, freed = await controller.prune(worker, flt)
         finally:
             await worker.aclose()
-    print(f"Removed {removed} cache records; total reclaimed space: {_human(freed)}")
+    print(f"Removed {removed} cache records; total reclaimed space: {human_size(freed, 3)}")
     return 0
 
 
@@ -340,14 +344,6 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
         "log_cap": args.log_cap,
     }
     return await daemon.serve(daemon.load_config(args.config, overrides))
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.3g}{unit}"
-        n /= 1000
-    return f"{n:.3g}TB"
 
 
 async def _main(args: argparse.Namespace) -> int:

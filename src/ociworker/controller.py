@@ -6,16 +6,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from ociworker.cachemounts import CacheUsage
 from ociworker.core.build import (
     CACHE_MOUNT_TYPE,
+    BuildDefinition,
     BuildRequest,
     BuildResult,
     PruneFilter,
@@ -53,19 +51,16 @@ from ociworker.diff.base import Compression, CompressionOpts
 from ociworker.errors import (
     ConfigError,
     DockerfileError,
-    NotFoundError,
     OciworkerError,
     UserError,
 )
 from ociworker.exporter.image import ImageResult, read_image, write_image
 from ociworker.exporter.target import ExportTarget, LocalExportTarget
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
-from ociworker.frontend.dockerfile.dockerignore import (
-    IgnoreMatcher,
-    read_dockerfile,
-    read_ignore_file,
-)
 from ociworker.frontend.dockerfile.parser import parse
+from ociworker.fs.atomic import write_atomic
+from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.ops.runmount.cache import CacheUsage
 from ociworker.solver.scheduler import Job, Result
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import LocalContext, Worker
@@ -104,23 +99,19 @@ class _Exporting:
 async def plan_build(
     worker: Worker,
     req: BuildRequest,
+    definition: BuildDefinition,
     events: EventSink = discard,
     credentials: Credentials | None = None,
-) -> tuple[Plan, IgnoreMatcher]:
-    if not req.context.is_dir():
-        raise NotFoundError(f"build context {req.context} is not a directory")
+) -> Plan:
     with _Exporting(events, "[internal] load build definition from Dockerfile"):
-        text, df_path = read_dockerfile(req.context, req.dockerfile)
-        parsed = parse(text, df_path.name)
-    patterns = read_ignore_file(req.context, df_path)
-    matcher = IgnoreMatcher(patterns)
+        parsed = parse(definition.dockerfile, definition.filename)
     opts = Options(
         build_args=dict(req.build_args),
         target=req.target,
         platform=worker.config.platform,
         network=req.network,
-        ignore_patterns=tuple(patterns),
-        filename=df_path.name,
+        ignore_patterns=definition.ignore_patterns,
+        filename=definition.filename,
         no_cache=req.no_cache,
     )
     images: dict[str, ImageInfo] = {}
@@ -146,7 +137,7 @@ async def plan_build(
         raise DockerfileError("base images could not be resolved (too many rounds)")
     for w in plan.warnings:
         events(Warning(w))
-    return plan, matcher
+    return plan
 
 
 async def resolve_image(
@@ -169,6 +160,7 @@ async def resolve_image(
 async def build(
     worker: Worker,
     req: BuildRequest,
+    definition: BuildDefinition,
     events: EventSink = discard,
     *,
     credentials: Credentials | None = None,
@@ -189,7 +181,8 @@ async def build(
         raise ConfigError("only one output can be written to stdout (dest=-)")
     compression = _compression(outputs)
     credentials = credentials or NoCredentials()
-    plan, matcher = await plan_build(worker, req, events, credentials)
+    plan = await plan_build(worker, req, definition, events, credentials)
+    matcher = IgnoreMatcher(definition.ignore_patterns)
     layer_outs = [o for o in outputs if o.type == "layers"]
     streamer: _LayerStreamer | None = None
     if layer_outs:
@@ -244,9 +237,9 @@ async def build(
     for out in outputs:
         await _export(worker, out, image, top, req.tags, events, target)
     if req.iidfile is not None and image is not None:
-        _write_atomic(req.iidfile, image.config.digest.encode())
+        write_atomic(req.iidfile, image.config.digest.encode())
     if req.metadata_file is not None:
-        _write_atomic(req.metadata_file, json.dumps(metadata, indent=2).encode() + b"\n")
+        write_atomic(req.metadata_file, json.dumps(metadata, indent=2).encode() + b"\n")
     return BuildResult(
         manifest=image.manifest if image else None,
         config_digest=image.config.digest if image else None,
@@ -484,13 +477,6 @@ class _LayerStreamer:
             await asyncio.to_thread(write)
         # After the write: whoever sees the event finds the files in place.
         self._events(committed)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --- du / prune ---------------------------------------------------------------------

@@ -15,8 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ociworker.fs.mount import mountpoints_under, unmount
 from ociworker.log import get_logger
-from ociworker.snapshot.mount import mountpoints_under, unmount
 from ociworker.worker import Worker
 
 _log = get_logger(__name__)

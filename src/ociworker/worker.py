@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ociworker.cachemounts import CacheMounts, CacheSpec
+from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
 from ociworker.core.build import DEFAULT_ROOT as DEFAULT_ROOT
 from ociworker.core.digest import Digest, check_digest, digest_of
@@ -46,12 +46,15 @@ from ociworker.errors import ConfigError, ExecError, HostError, NotFoundError, U
 from ociworker.executor.base import Executor, ProcessSpec
 from ociworker.exporter.image import read_image
 from ociworker.exporter.imagestore import ImageStore
-from ociworker.fsutil import secure_join
-from ociworker.ops import fileops
+from ociworker.fs import walk
+from ociworker.fs.mount import mounted
+from ociworker.fs.paths import secure_join
+from ociworker.ops import fileactions as fileops
+from ociworker.ops.runmount.cache import CacheMounts, CacheSpec
+from ociworker.ops.runmount.secret import SecretFile, secret_files
+from ociworker.ops.runmount.ssh import AgentSocket, agent_sockets
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot import open_snapshotter
-from ociworker.snapshot.mount import mounted
-from ociworker.solver.cacheindex import SQLiteCacheIndex
 from ociworker.solver.scheduler import SCRATCH, Job, Result, Solver, default_cache_key
 from ociworker.sources.image import (
     ImagePuller,
@@ -60,7 +63,6 @@ from ociworker.sources.image import (
     layer_snapshot_name,
     unpack,
 )
-from ociworker.stepmounts import AgentSocket, SecretFile, agent_sockets, secret_files
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ class LocalContext:
     """A local source as the session hands it to the worker."""
 
     root: Path
-    ignore: fileops.Ignore | None
+    ignore: walk.Ignore | None
 
 
 class Worker:
@@ -217,7 +219,7 @@ class Worker:
         """Digest of the files that ``copies`` select from a local context (content,
         names, modes and link targets; not mtimes), reusing per-file hashes while the
         file's inode, size and times are unchanged."""
-        src = fileops.Source(ctx.root, ctx.ignore, is_context=True)
+        src = walk.Source(ctx.root, ctx.ignore, is_context=True)
         h = hashlib.sha256()
         for copy in copies:
             h.update(b"\x00pattern\x00" + copy.src.encode())
@@ -225,7 +227,7 @@ class Worker:
             # ** reaches below what the pattern names literally)
             for rel in fileops.source_roots(src, copy):
                 try:
-                    entries = list(fileops.walk_selected(src, rel, follow=True))
+                    entries = list(walk.walk_selected(src, rel, follow=True))
                 except NotFoundError:
                     h.update(b"\x00missing\x00" + rel.encode())
                     continue
@@ -584,7 +586,7 @@ def _mode_uid_gid(opts: dict[str, str], default_mode: int) -> tuple[int, int, in
 def _copy_context(ctx: LocalContext, selector: str, scratch: Path) -> Path:
     """Copy what ``selector`` names from the context (minus ignored files) into
     ``scratch``; the path to bind."""
-    src = fileops.Source(ctx.root, ctx.ignore, is_context=True)
+    src = walk.Source(ctx.root, ctx.ignore, is_context=True)
     rel = selector.strip("/")
     top = secure_join(ctx.root, rel)
     if rel and not top.is_dir():
@@ -634,7 +636,7 @@ class _FileHandler:
         async def edit(mounts: Sequence[Mount]) -> None:
             async with contextlib.AsyncExitStack() as stack:
                 dest = await stack.enter_async_context(mounted(mounts, self.w.tmp))
-                sources: dict[int, fileops.Source] = {}
+                sources: dict[int, walk.Source] = {}
                 for a in op.actions:
                     if isinstance(a, Copy) and a.src_input not in sources:
                         sources[a.src_input] = await self._source(stack, inputs, a.src_input, job)
@@ -644,7 +646,7 @@ class _FileHandler:
 
     async def _source(
         self, stack: contextlib.AsyncExitStack, inputs: Sequence[Result], i: int, job: Job
-    ) -> fileops.Source:
+    ) -> walk.Source:
         if i >= len(inputs):
             raise UserError(f"copy names input {i}, but the step has {len(inputs)}")
         r = inputs[i]
@@ -652,12 +654,12 @@ class _FileHandler:
             ctx = job.locals.get(r.ref)
             if not isinstance(ctx, LocalContext):
                 raise NotFoundError(f"no local source named {r.ref!r} in this session")
-            return fileops.Source(ctx.root, ctx.ignore, is_context=True)
+            return walk.Source(ctx.root, ctx.ignore, is_context=True)
         root = await stack.enter_async_context(self.w.view(r.ref if r.kind == "snapshot" else None))
-        return fileops.Source(root)
+        return walk.Source(root)
 
 
-def _apply_actions(dest: Path, op: FileOp, sources: dict[int, fileops.Source]) -> None:
+def _apply_actions(dest: Path, op: FileOp, sources: dict[int, walk.Source]) -> None:
     for a in op.actions:
         if isinstance(a, Copy):
             fileops.do_copy(dest, sources[a.src_input], a, op.cwd)

@@ -36,12 +36,10 @@ from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import BuildCancelled, ConfigError, NotFoundError
-from ociworker.frontend.dockerfile.dockerignore import (
-    IgnoreMatcher,
-    read_dockerfile,
-    read_ignore_file,
-)
+from ociworker.errors import BuildCancelled, ConfigError
+from ociworker.fs.atomic import write_atomic
+from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.session.context import read_definition
 
 DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
 
@@ -186,14 +184,11 @@ class Client:
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
         last the ``BuildResult``. Leaving the loop early cancels the build."""
-        if not request.context.is_dir():
-            raise NotFoundError(f"build context {request.context} is not a directory")
-        text, df_path = read_dockerfile(request.context, request.dockerfile)
-        patterns = read_ignore_file(request.context, df_path)
+        definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
         session = ClientSession(
             uuid.uuid4().hex,
-            {"context": (ctx, IgnoreMatcher(patterns))},
+            {"context": (ctx, IgnoreMatcher(definition.ignore_patterns))},
             secrets=secrets,
             secret_ids=secret_ids,
             ssh=ssh,
@@ -203,9 +198,9 @@ class Client:
         solve_req = pb.SolveRequest(
             build_id=build_id or uuid.uuid4().hex,
             session_id=session.id,
-            dockerfile_name=df_path.name,
-            dockerfile=text.encode(),
-            ignore_patterns=patterns,
+            dockerfile_name=definition.filename,
+            dockerfile=definition.dockerfile.encode(),
+            ignore_patterns=definition.ignore_patterns,
             tags=request.tags,
             build_args=dict(request.build_args),
             target=request.target,
@@ -217,7 +212,7 @@ class Client:
                 or request.iidfile is not None
                 or request.metadata_file is not None
             ),
-            context_key=session_key(ctx, df_path.name),
+            context_key=session_key(ctx, definition.filename),
         )
         try:
             async with self._session(session):
@@ -313,9 +308,9 @@ class Client:
             raise ConfigError("the daemon ended the build without a result")
         meta = result.metadata
         if request.iidfile is not None and result.config_digest:
-            _write_atomic(request.iidfile, result.config_digest.encode())
+            write_atomic(request.iidfile, result.config_digest.encode())
         if request.metadata_file is not None:
-            _write_atomic(request.metadata_file, json.dumps(meta, indent=2).encode() + b"\n")
+            write_atomic(request.metadata_file, json.dumps(meta, indent=2).encode() + b"\n")
         return result
 
 
@@ -412,10 +407,3 @@ class _OutputWriters:
         for f, _ in self._layers.values():
             f.close()
         self._layers.clear()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import grp
 import os
-import re
 import signal
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -27,6 +26,7 @@ import grpc
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
 from ociworker.core.progress import DEFAULT_LOG_CAP
+from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
 from ociworker.log import get_logger
 from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
@@ -46,23 +46,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # keepalive timeout, is what ends a connection to a frozen peer
     ("grpc.http2.ping_timeout_ms", 5000),
 )
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?[bB]?|[bB])?\s*$")
-_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
-
-
-def parse_size(value: int | str) -> int:
-    """Bytes from 2097152, "2MiB", "2MB", "512k" (binary with i, decimal without)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ConfigError(f"invalid size {value!r}: must not be negative")
-        return value
-    m = _SIZE.match(str(value))
-    if m is None:
-        raise ConfigError(f"invalid size {value!r}: want bytes or e.g. 2MiB")
-    num, unit = float(m.group(1)), (m.group(2) or "").lower().rstrip("b")
-    mult = 1024 ** {"k": 1, "m": 2, "g": 3}[unit[0]] if unit.endswith("i") else _UNITS[unit]
-    return int(num * mult)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import io
 import json
-import shutil
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ from ociworker.api.convert import event_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildRequest, PruneFilter
+from ociworker.core.build import BuildDefinition, BuildRequest, PruneFilter
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
     DEFAULT_LOG_CAP,
@@ -39,6 +38,7 @@ from ociworker.core.progress import (
     LayerCommitted,
     VertexStatus,
 )
+from ociworker.core.units import human_size
 from ociworker.errors import (
     BuildCancelled,
     ConfigError,
@@ -46,7 +46,7 @@ from ociworker.errors import (
     OciworkerError,
     UserError,
 )
-from ociworker.fsutil import check_relative_name
+from ociworker.fs.paths import check_relative_name
 from ociworker.session.filesync import ContextStore
 from ociworker.worker import Worker
 
@@ -54,15 +54,6 @@ _FINISHED_KEPT = 100  # finished builds Status can still replay
 _OUTPUT_CREDITS = 32  # output chunks in flight per build (backpressure on exporters)
 _CHUNK = 256 * 1024
 _SPARE_CONTEXTS = 3  # extra copies of one context, for concurrent builds of it
-
-
-def human_size(n: float) -> str:
-    """go-units HumanSize, as BuildKit's progress prints sizes (1.23MB)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000:
-            return f"{n:.4g}{unit}"
-        n /= 1000
-    return f"{n:.4g}PB"
 
 
 class _Build:
@@ -291,15 +282,13 @@ class ControlService:
         key = request.context_key or session.id
         async with contextlib.AsyncExitStack() as stack:
             ctx, sent = await self._sync_context(stack, session, key, events)
-            df_dir = self.worker.tmp / f"dockerfile-{uuid.uuid4().hex}"
-            df_dir.mkdir()
-            stack.callback(shutil.rmtree, df_dir, True)
-            (df_dir / name).write_bytes(request.dockerfile)
-            # next to the Dockerfile, so it wins over a .dockerignore in the context
-            (df_dir / f"{name}.dockerignore").write_text("\n".join(request.ignore_patterns))
+            definition = BuildDefinition(
+                request.dockerfile.decode("utf-8", errors="replace"),
+                name,
+                tuple(request.ignore_patterns),
+            )
             req = BuildRequest(
                 context=ctx,
-                dockerfile=df_dir / name,
                 tags=tuple(request.tags),
                 build_args=dict(request.build_args),
                 target=request.target,
@@ -312,6 +301,7 @@ class ControlService:
             result = await controller.build(
                 self.worker,
                 req,
+                definition,
                 events,
                 target=target,
                 credentials=session,

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.core.session import Credentials, Duplex, Secrets, SSHAgents
 from ociworker.errors import NotFoundError, UnsafePathError, UserError, WorldError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
+from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.session import filesync
 
 _STAT_BATCH = 500

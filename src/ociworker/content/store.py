@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from ociworker.core.digest import Digest, check_digest, hex_part
 from ociworker.errors import DigestMismatchError, NotFoundError
+from ociworker.fs.atomic import fsync_dir
 
 
 class Ingest:
@@ -60,7 +61,7 @@ class Ingest:
         final = self._store.blob_path(got)
         os.chmod(self._path, 0o444)
         os.replace(self._path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         self._done = True
         return got
 
@@ -127,11 +128,3 @@ class ContentStore:
     def walk(self) -> Iterator[tuple[Digest, int]]:
         for p in self.blob_dir.iterdir():
             yield check_digest("sha256:" + p.name), p.stat().st_size
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -39,6 +39,17 @@ class BuildRequest:
 
 
 @dataclass(frozen=True)
+class BuildDefinition:
+    """What the frontend reads: the Dockerfile's text and name, and the context's
+    ignore patterns. The caller reads the files (``session.context``), so the
+    frontend and the controller never open one."""
+
+    dockerfile: str
+    filename: str = "Dockerfile"
+    ignore_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class BuildResult:
     manifest: Descriptor | None
     config_digest: Digest | None

@@ -60,7 +60,7 @@ from ociworker.errors import (
     UnsupportedError,
     UserError,
 )
-from ociworker.fsutil import clean, secure_join
+from ociworker.fs.paths import clean, secure_join
 
 __all__ = ["LayerApplier", "apply_tar_stream"]
 

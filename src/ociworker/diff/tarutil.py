@@ -17,7 +17,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import tarfile
 import tempfile
 import zlib
@@ -44,7 +43,7 @@ from ociworker.core.oci import (
 )
 from ociworker.diff.base import CompressionOpts
 from ociworker.errors import ConfigError, HostError, UnsupportedError, UserError
-from ociworker.snapshot.mount import mount_all
+from ociworker.fs.mount import temp_mounted
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -476,7 +475,6 @@ def mounted(view: View, scratch: str, *, writable: bool = False) -> Iterator[str
     if view.kind == "dir":
         yield view.layers[0]
         return
-    target = tempfile.mkdtemp(prefix="mnt-", dir=scratch)
     extra: list[str] = []
     try:
         keep = [o for o in view.options if not o.startswith(_OVERLAY_OWN_OPTIONS)]
@@ -496,31 +494,13 @@ def mounted(view: View, scratch: str, *, writable: bool = False) -> Iterator[str
                 extra.append(bottom)
                 dirs.append(bottom)
             opts = ["ro", "lowerdir=" + ":".join(dirs)]
-        # snapshot.mount handles option strings longer than a page (deep chains)
-        mount_all([Mount("overlay", "overlay", tuple(opts + keep))], Path(target))
-        try:
-            yield target
-        finally:
-            unmount(target)
-        os.rmdir(target)
-    except BaseException:
-        # never remove a directory that may still be a mount point: a
-        # recursive delete would go through it into the snapshot
-        if not os.path.ismount(target):
-            os.rmdir(target)
-        raise
+        # fs.mount handles option strings longer than a page (deep chains)
+        with temp_mounted([Mount("overlay", "overlay", tuple(opts + keep))], Path(scratch)) as t:
+            yield os.fspath(t)
     finally:
         for d in extra:
             with contextlib.suppress(OSError):
                 os.rmdir(d)
-
-
-def unmount(target: str) -> None:
-    """Unmount, detaching lazily if something still holds the mount busy."""
-    try:
-        run_mount(["umount", target])
-    except HostError:
-        run_mount(["umount", "--lazy", target])
 
 
 def remove_scratch(scratch: str) -> None:
@@ -532,15 +512,6 @@ def remove_scratch(scratch: str) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(scratch)
-
-
-def run_mount(argv: list[str]) -> None:
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise HostError(f"{argv[0]} not found: the differ needs util-linux") from None
-    if proc.returncode != 0:
-        raise HostError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
 
 
 def map_os_error(what: str, e: OSError) -> Exception:

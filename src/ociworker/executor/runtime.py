@@ -28,10 +28,10 @@ from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
 from ociworker.executor.base import OutputSink, ProcessSpec
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
-from ociworker.executor.user import resolve_user
-from ociworker.fsutil import clean, secure_join
+from ociworker.fs.mount import mount_all, unmount
+from ociworker.fs.paths import clean, secure_join
+from ociworker.fs.users import resolve_user
 from ociworker.log import get_logger
-from ociworker.snapshot.mount import mount_all, unmount
 
 Flavour = Literal["runc", "crun"]
 

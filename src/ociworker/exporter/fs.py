@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from ociworker.errors import HostError, UnsafePathError
-from ociworker.fsutil import secure_join
+from ociworker.fs.paths import secure_join
 
 _COPY_BUF = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -20,7 +20,7 @@ from pathlib import Path
 from ociworker.core.oci import Descriptor
 from ociworker.core.reference import parse_reference
 from ociworker.errors import WorldError
-from ociworker.sqlitedb import enable_wal
+from ociworker.fs.sqlite import enable_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (

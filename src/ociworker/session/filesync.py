@@ -59,9 +59,10 @@ from pathlib import Path
 from typing import Any
 
 from ociworker.errors import HostError, UnsafePathError, UserError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
-from ociworker.fsutil import secure_join
-from ociworker.ops import fileops
+from ociworker.fs.atomic import fsync_dir
+from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.paths import secure_join
+from ociworker.fs.walk import Source, walk_selected
 
 __all__ = ["ContextStore", "FileStat", "Transfer", "read_chunks", "scan"]
 
@@ -213,16 +214,16 @@ def _validate(stats: Sequence[FileStat]) -> dict[str, FileStat]:
 def scan(root: Path, ignore: IgnoreMatcher | None = None) -> list[FileStat]:
     """The entries of the context ``root`` a sync sends, sorted by path.
 
-    The walk is the one COPY uses on a local context (``fileops.walk_selected``),
+    The walk is the one COPY uses on a local context (``fs.walk.walk_selected``),
     so ``.dockerignore`` and its ``!exceptions`` select exactly the same files;
     an excluded directory that holds a re-included file is listed itself (with
     its own metadata), as fsutil does, since the worker needs every parent.
     Devices, fifos and sockets are skipped, as buildx does.
     """
-    src = fileops.Source(Path(root), ignore, is_context=True)
+    src = Source(Path(root), ignore, is_context=True)
     top = os.fspath(root)
     found: dict[str, FileStat] = {}
-    for rel, st in fileops.walk_selected(src, "", follow=True):
+    for rel, st in walk_selected(src, "", follow=True):
         if rel and stat.S_IFMT(st.st_mode) in _TYPES:
             found[rel] = _stat_of(top, rel, st)
     for rel in list(found):
@@ -526,7 +527,7 @@ class Transfer:
             # makes the next sync of this key re-send everything.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._paths.meta)
-            _fsync_dir(self._paths.meta.parent)
+            fsync_dir(self._paths.meta.parent)
             self._apply()
             self._write_meta()
         except OSError as e:
@@ -638,7 +639,7 @@ class Transfer:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, self._paths.meta)
-        _fsync_dir(self._paths.meta.parent)
+        fsync_dir(self._paths.meta.parent)
 
     # --- closing -------------------------------------------------------------------
 
@@ -718,11 +719,3 @@ def _make_writable(dir_fd: int, name: str) -> None:
             _make_writable(sub, child)
     finally:
         os.close(sub)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,9 +14,10 @@ from typing import Literal
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError
+from ociworker.fs.mount import mount_all, unmount
 from ociworker.log import get_logger
-from ociworker.snapshot.mount import mount_all, unmount
-from ociworker.snapshot.native import DirSnapshotter, NativeSnapshotter
+from ociworker.snapshot.dirstore import DirSnapshotter
+from ociworker.snapshot.native import NativeSnapshotter
 from ociworker.snapshot.overlay import OverlaySnapshotter
 
 __all__ = [

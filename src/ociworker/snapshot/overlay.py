@@ -34,8 +34,9 @@ from pathlib import Path
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError
-from ociworker.snapshot.mount import MAX_OVERLAY_LOWERS, mount_all, overlay_data_fits, unmount
-from ociworker.snapshot.native import DirSnapshotter, Row, copy_tree, rmtree
+from ociworker.fs.mount import MAX_OVERLAY_LOWERS, mount_all, overlay_data_fits, unmount
+from ociworker.fs.tree import copy_tree, rmtree
+from ociworker.snapshot.dirstore import DirSnapshotter, Row
 
 #: distance between flattening checkpoints; small enough that this many
 #: relative lowerdirs always fit in a page, large enough to copy rarely

@@ -27,8 +27,8 @@ from typing import Protocol
 
 from ociworker.core.mounts import Mount, is_bind
 from ociworker.errors import NotFoundError, UnsupportedError, UserError
+from ociworker.fs.mount import mounted
 from ociworker.snapshot.base import Kind, SnapshotCatalog, SnapshotInfo, Snapshotter
-from ociworker.snapshot.mount import mounted
 
 
 class FullSnapshotter(Snapshotter, SnapshotCatalog, Protocol):

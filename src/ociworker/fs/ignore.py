@@ -13,7 +13,7 @@ Rules (the same as ``docker build`` and BuildKit):
 * ``!pattern`` re-includes what earlier patterns excluded; the last matching
   pattern decides.
 
-All matching is pure; ``read_ignore_file`` is the only function touching disk.
+All matching is pure; ``session.context`` reads the file.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from ociworker.errors import DockerfileError, NotFoundError
+from ociworker.errors import DockerfileError
 
-__all__ = ["IgnoreMatcher", "parse_ignore", "read_ignore_file"]
+__all__ = ["IGNORE_FILE", "IgnoreMatcher", "parse_ignore"]
 
-_IGNORE_FILE = ".dockerignore"
+IGNORE_FILE = ".dockerignore"
 # Characters that end the literal prefix of a pattern: past them, we can no
 # longer tell by string comparison which paths the pattern might reach.
 _WILDCARDS = frozenset("*?[\\")
@@ -285,41 +284,3 @@ def _normalise(path: str) -> str:
     while path.startswith("/"):
         path = path[1:]
     return path or "."
-
-
-def read_ignore_file(context: Path, dockerfile: Path | None) -> tuple[str, ...]:
-    """Read the ignore patterns for a build.
-
-    ``<Dockerfile name>.dockerignore`` next to the Dockerfile wins (so
-    ``app.Dockerfile`` can have ``app.Dockerfile.dockerignore``); otherwise
-    ``<context>/.dockerignore``; with neither, nothing is ignored. A relative
-    ``dockerfile`` is taken relative to the context.
-    """
-    candidates: list[Path] = []
-    if dockerfile is not None:
-        df = dockerfile if dockerfile.is_absolute() else context / dockerfile
-        candidates.append(df.with_name(df.name + _IGNORE_FILE))
-    candidates.append(context / _IGNORE_FILE)
-    for candidate in candidates:
-        try:
-            data = candidate.read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        return parse_ignore(data.decode("utf-8", errors="replace"))
-    return ()
-
-
-def read_dockerfile(context: Path, dockerfile: Path | None) -> tuple[str, Path]:
-    """The Dockerfile's text and path (``-f`` relative to the cwd, else to the
-    context; default ``<context>/Dockerfile``). It sits beside
-    ``read_ignore_file`` because both are read on the client's side, before a
-    remote worker sees anything."""
-    path = dockerfile or context / "Dockerfile"
-    if not path.is_absolute() and dockerfile is not None and not path.exists():
-        path = context / path
-    try:
-        return path.read_text(encoding="utf-8"), path
-    except FileNotFoundError:
-        raise NotFoundError(f"failed to read dockerfile: open {path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DockerfileError(f"{path} is not UTF-8 text: {exc}") from None

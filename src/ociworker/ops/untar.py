@@ -33,7 +33,7 @@ from typing import BinaryIO, cast
 import zstandard
 
 from ociworker.errors import UnsafePathError, UnsupportedError, UserError
-from ociworker.fsutil import clean, secure_join
+from ociworker.fs.paths import clean, secure_join
 
 
 class Compression(Enum):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ociworker.core.digest import check_digest
 from ociworker.core.oci import Descriptor, Layer
+from ociworker.fs.sqlite import enable_wal
 from ociworker.solver.scheduler import Result
-from ociworker.sqlitedb import enable_wal
 
 Validator = Callable[[Result], Awaitable[bool]]
 

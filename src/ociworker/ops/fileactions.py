@@ -10,36 +10,34 @@ time with Go's ``filepath.Match`` rules; ``--exclude`` patterns (.dockerignore
 syntax) are matched against paths relative to each copied source; ``--parents``
 copies the tree below the source root (or below a ``/./`` pivot) filtered by the
 source pattern, keeping the directories between; ADD extracts local tar archives
-(see ``archive``).
+(see ``untar``). Selecting the sources is ``fs.walk``'s.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import posixpath
-import re
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from ociworker.core.graph import Copy, Mkdir, Mkfile, Rm
 from ociworker.errors import NotFoundError, UnsafePathError, UserError
-from ociworker.frontend.dockerfile.dockerignore import IgnoreMatcher
-from ociworker.fsutil import clean, secure_join
-from ociworker.ops.archive import ArchiveOwner, extract_archive, is_tar_archive
-
-
-class Ignore(Protocol):
-    """.dockerignore rules (frontend.dockerfile.dockerignore.IgnoreMatcher)."""
-
-    def excluded(self, path: str) -> bool: ...
-
-    def can_skip_dir(self, path: str) -> bool: ...
+from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.paths import clean, secure_join
+from ociworker.fs.walk import (
+    Ignore,
+    Source,
+    has_wildcards,
+    match_component,
+    match_sources,
+    not_found,
+    walk_selected,
+)
+from ociworker.ops.untar import ArchiveOwner, extract_archive, is_tar_archive
 
 
 @dataclass(frozen=True)
@@ -48,24 +46,12 @@ class Owner:
     gid: int
 
 
-@dataclass(frozen=True)
-class Source:
-    """A tree to copy from: a local context dir or a mounted snapshot."""
-
-    root: Path
-    ignore: Ignore | None = None  # only local contexts have one
-    is_context: bool = False
-
-    def excluded(self, rel: str) -> bool:
-        return self.ignore is not None and bool(rel) and self.ignore.excluded(rel)
-
-
 def resolve_chown(dest_root: Path, spec: str) -> Owner | None:
     """``--chown`` as Docker documents it: names are looked up in the destination's
     /etc/passwd and /etc/group; a user without a group takes gid = uid."""
     if not spec:
         return None
-    from ociworker.executor.user import resolve_user
+    from ociworker.fs.users import resolve_user
 
     user_part, _, group_part = spec.partition(":")
     resolved = resolve_user(dest_root, spec if group_part else user_part)
@@ -86,92 +72,6 @@ def abs_path(path: str, cwd: str) -> str:
 # --- patterns -------------------------------------------------------------------------
 
 
-def has_wildcards(pattern: str) -> bool:
-    """True when ``pattern`` holds an unescaped ``*``, ``?`` or ``[`` (BuildKit's rule)."""
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch in "*?[":
-            return True
-        i += 1
-    return False
-
-
-@functools.lru_cache(maxsize=512)
-def _component_regex(pattern: str) -> re.Pattern[str]:
-    """One path component of a Go ``filepath.Match`` pattern as a regex: ``*`` and ``?``
-    never cross '/', but match a leading dot; ``[^...]`` negates; ``\\`` escapes."""
-    out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        ch = pattern[i]
-        i += 1
-        if ch == "*":
-            out.append("[^/]*")
-        elif ch == "?":
-            out.append("[^/]")
-        elif ch == "\\" and i < n:
-            out.append(re.escape(pattern[i]))
-            i += 1
-        elif ch == "[":
-            cls: list[str] = []
-            if i < n and pattern[i] == "^":
-                cls.append("^")
-                i += 1
-            start = i
-            while i < n and (pattern[i] != "]" or i == start):
-                if pattern[i] == "\\" and i + 1 < n:
-                    cls.append(re.escape(pattern[i + 1]))
-                    i += 2
-                    continue
-                cls.append("-" if pattern[i] == "-" else re.escape(pattern[i]))
-                i += 1
-            if i >= n:
-                raise UserError(f"invalid source pattern {pattern!r}: unclosed '['")
-            i += 1
-            out.append("[" + "".join(cls) + "]")
-        else:
-            out.append(re.escape(ch))
-    return re.compile("".join(out))
-
-
-def match_component(pattern: str, name: str) -> bool:
-    return _component_regex(pattern).fullmatch(name) is not None
-
-
-def match_sources(src: Source, pattern: str, allow_wildcard: bool) -> list[str]:
-    """Paths (relative to the source root, '/'-separated, no leading '/') that
-    ``pattern`` names. Wildcards are matched one component at a time, each
-    directory resolved inside the root, so a symlinked dir cannot widen the search.
-    A literal path is returned as it is, whether it exists or not."""
-    cleaned = clean(pattern).lstrip("/")
-    if not cleaned:
-        return [""]
-    if not allow_wildcard or not has_wildcards(cleaned):
-        return [cleaned]
-    found = [""]
-    for part in cleaned.split("/"):
-        nxt: list[str] = []
-        for base in found:
-            if not has_wildcards(part):
-                nxt.append(posixpath.join(base, part) if base else part)
-                continue
-            try:
-                names = sorted(os.listdir(secure_join(src.root, base)))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for name in names:
-                if match_component(part, name):
-                    rel = posixpath.join(base, name) if base else name
-                    if not src.excluded(rel):
-                        nxt.append(rel)
-        found = nxt
-    return [f for f in found if os.path.lexists(secure_join(src.root, f, follow_last=False))]
-
-
 def source_roots(src: Source, action: Copy) -> list[str]:
     """Source paths whose whole subtrees decide what ``action`` copies: what a cache
     key must hash. With ``--parents`` that is the literal part of the pattern below
@@ -189,14 +89,6 @@ def source_roots(src: Source, action: Copy) -> list[str]:
     prefix = "/".join(p for p in literal if p)
     bases = match_sources(src, clean(parent).lstrip("/"), action.allow_wildcard)
     return [posixpath.join(b, prefix).strip("/") if prefix else b for b in bases]
-
-
-def _not_found(src: Source, rel: str) -> NotFoundError:
-    hint = ""
-    if src.excluded(rel) and os.path.lexists(secure_join(src.root, rel, follow_last=False)):
-        hint = " (it exists but is excluded by .dockerignore)"
-    where = "build context" if src.is_context else "source"
-    return NotFoundError(f'failed to compute cache key: "/{rel}": not found in {where}{hint}')
 
 
 def _include_matcher(pattern: str) -> IgnoreMatcher:
@@ -219,65 +111,6 @@ def _may_match_below(pattern_parts: list[str], sub: str) -> bool:
 
 
 # --- walking --------------------------------------------------------------------------
-
-
-def walk_selected(
-    src: Source,
-    rel: str,
-    follow: bool,
-    exclude: Ignore | None = None,
-    prune: Callable[[str], bool] | None = None,
-) -> Iterator[tuple[str, os.stat_result]]:
-    """(relative path, lstat) of ``rel`` and everything below it that is not excluded,
-    in sorted order, directories before their contents. Never follows symlinks
-    below ``rel``; follows ``rel`` itself when ``follow`` (as COPY does).
-
-    ``exclude`` (COPY --exclude) and ``prune`` see paths relative to ``rel``;
-    ``prune(sub)`` true means nothing below the directory ``sub`` is wanted."""
-    top = secure_join(src.root, rel, follow_last=follow)
-    try:
-        st = os.stat(top) if follow else os.lstat(top)
-    except FileNotFoundError:
-        raise _not_found(src, rel) from None
-    if src.excluded(rel) and not stat.S_ISDIR(st.st_mode):
-        raise _not_found(src, rel)
-    yield rel, st
-    if stat.S_ISDIR(st.st_mode):
-        yield from _walk_dir(src, top, rel, "", exclude, prune)
-
-
-def _walk_dir(
-    src: Source,
-    dirpath: Path,
-    rel: str,
-    sub: str,
-    exclude: Ignore | None,
-    prune: Callable[[str], bool] | None,
-) -> Iterator[tuple[str, os.stat_result]]:
-    try:
-        entries = sorted(os.scandir(dirpath), key=lambda e: e.name)
-    except FileNotFoundError:
-        return
-    for e in entries:
-        child = posixpath.join(rel, e.name) if rel else e.name
-        child_sub = posixpath.join(sub, e.name) if sub else e.name
-        ignored = src.excluded(child)
-        dropped = exclude is not None and exclude.excluded(child_sub)
-        is_dir = e.is_dir(follow_symlinks=False)
-        if ignored or dropped:
-            # An exception pattern ("!x") may still re-include something below.
-            if (
-                is_dir
-                and not (ignored and src.ignore is not None and src.ignore.can_skip_dir(child))
-                and not (dropped and exclude is not None and exclude.can_skip_dir(child_sub))
-                and not (prune is not None and prune(child_sub))
-            ):
-                yield from _walk_dir(src, Path(e.path), child, child_sub, exclude, prune)
-            continue
-        st = e.stat(follow_symlinks=False)
-        yield child, st
-        if stat.S_ISDIR(st.st_mode) and not (prune is not None and prune(child_sub)):
-            yield from _walk_dir(src, Path(e.path), child, child_sub, exclude, prune)
 
 
 # --- COPY / ADD -----------------------------------------------------------------------
@@ -310,7 +143,7 @@ def do_copy(dest_root: Path, src: Source, action: Copy, cwd: str) -> None:
     if not matches:
         if wildcard and action.allow_empty_wildcard:
             return
-        raise _not_found(src, clean(action.src).lstrip("/"))
+        raise not_found(src, clean(action.src).lstrip("/"))
     dest_is_dir = action.dest_is_dir or dest.endswith("/")
     if len(matches) > 1 and not dest_is_dir:
         if not secure_join(dest_root, dest).is_dir():
@@ -349,9 +182,9 @@ class _Copier:
         try:
             st = os.stat(top) if follow else os.lstat(top)
         except FileNotFoundError:
-            raise _not_found(self.src, rel) from None
+            raise not_found(self.src, rel) from None
         if self.src.excluded(rel) and not stat.S_ISDIR(st.st_mode):
-            raise _not_found(self.src, rel)
+            raise not_found(self.src, rel)
         if self.action.unpack_archive and stat.S_ISREG(st.st_mode) and is_tar_archive(top):
             # BuildKit extracts into dest as a directory, slash or not.
             target = self.out_path(dest, follow_last=True)
@@ -406,7 +239,7 @@ class _Copier:
             want = posixpath.join(base_pattern, include_pattern).strip("/")
             path = secure_join(self.src.root, want, follow_last=self.action.follow_symlinks)
             if not os.path.lexists(path) or self.src.excluded(want):
-                raise _not_found(self.src, want)
+                raise not_found(self.src, want)
         include = _include_matcher(include_pattern) if include_pattern else None
         target = self.out_path(dest, follow_last=True)
         _ensure_dir(self.root, target, self.owner)
@@ -418,7 +251,7 @@ class _Copier:
                 continue
             copied += self.copy_tree(base, target_path, include, [])
         if copied == 0 and not literal and not self.action.allow_empty_wildcard:
-            raise _not_found(self.src, clean(raw).lstrip("/"))
+            raise not_found(self.src, clean(raw).lstrip("/"))
 
     def copy_tree(
         self,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ociworker.errors import UnsafePathError, UserError
-from ociworker.fsutil import secure_join
+from ociworker.fs.paths import secure_join
 
 _MAX_ID = 2**31 - 1
 

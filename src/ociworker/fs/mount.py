@@ -28,12 +28,12 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import HostError, UnsupportedError
-from ociworker.fsutil import secure_join
+from ociworker.fs.paths import secure_join
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: overlayfs refuses more lower layers than this (OVL_MAX_STACK in the kernel)
@@ -282,6 +282,17 @@ async def _settle(mounting: asyncio.Future[None], path: Path) -> None:
     if not mounting.cancelled():
         mounting.exception()  # the caller saw it already; mark it retrieved
     await asyncio.to_thread(_cleanup, path)
+
+
+@contextlib.contextmanager
+def temp_mounted(mounts: Sequence[Mount], scratch_dir: Path) -> Iterator[Path]:
+    """``mounted`` for code that already runs in a thread (the differ)."""
+    path = Path(tempfile.mkdtemp(dir=scratch_dir, prefix="mnt-"))
+    try:
+        mount_all(mounts, path)
+        yield path
+    finally:
+        _cleanup(path)
 
 
 @contextlib.asynccontextmanager

@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from pathlib import Path
 from typing import Literal
 
 from ociworker.errors import ConfigError
-from ociworker.fsutil import secure_join
+from ociworker.fs.paths import secure_join
+from ociworker.fs.tree import disk_usage
 
 Sharing = Literal["shared", "private", "locked"]
 
@@ -175,7 +175,7 @@ class CacheMounts:
                 last = (d / "id").stat().st_mtime
             except OSError:
                 cache_id, last = "", d.stat().st_mtime
-            out.append(CacheUsage(d.name, cache_id, _disk_usage(d), last))
+            out.append(CacheUsage(d.name, cache_id, disk_usage(d), last))
         return out
 
     def remove(self, key: str) -> int:
@@ -186,7 +186,7 @@ class CacheMounts:
         with _held_all(d) as held:
             if not held:
                 return 0
-            size = _disk_usage(d)
+            size = disk_usage(d)
             # Renamed away first: a step that opens a lock file after this sees
             # no dir and starts a new cache instead of using one being deleted.
             doomed = self.root / f".prune-{key}-{os.getpid()}"
@@ -289,25 +289,3 @@ def _held_all(d: Path) -> Iterator[bool]:
     finally:
         for fd in fds:
             os.close(fd)
-
-
-def _disk_usage(path: Path) -> int:
-    total = 0
-    stack = [path]
-    seen: set[tuple[int, int]] = set()
-    while stack:
-        p = stack.pop()
-        try:
-            with os.scandir(p) as it:
-                for e in it:
-                    st = e.stat(follow_symlinks=False)
-                    if st.st_nlink > 1:
-                        if (st.st_dev, st.st_ino) in seen:
-                            continue
-                        seen.add((st.st_dev, st.st_ino))
-                    total += st.st_blocks * 512
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(Path(e.path))
-        except OSError:
-            continue
-    return total

@@ -1,0 +1,1 @@
+"""The persistent cache index (SQLite): cache key -> result."""

@@ -542,7 +542,7 @@ async def prune(worker: Worker, flt: PruneFilter | None = None) -> tuple[int, in
             with contextlib.suppress(Exception):
                 freed += await worker.snapshots.usage(info.key)
             await worker.snapshots.remove(info.key)
-            worker.cache.forget_layers(info.key)
+            worker.layers.forget_layers(info.key)
             pending.remove(info)
             if info.parent:
                 children[info.parent] -= 1

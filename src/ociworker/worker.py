@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -46,15 +46,16 @@ from ociworker.errors import ConfigError, ExecError, HostError, NotFoundError, U
 from ociworker.executor.base import Executor, ProcessSpec
 from ociworker.exporter.image import read_image
 from ociworker.exporter.imagestore import ImageStore
+from ociworker.exporter.layercache import SQLiteLayerCache
 from ociworker.fs import walk
-from ociworker.fs.mount import mounted
+from ociworker.fs.mount import HostMounter, mounted
 from ociworker.fs.paths import secure_join
 from ociworker.ops import fileactions as fileops
 from ociworker.ops.runmount.cache import CacheMounts, CacheSpec
 from ociworker.ops.runmount.secret import SecretFile, secret_files
 from ociworker.ops.runmount.ssh import AgentSocket, agent_sockets
 from ociworker.registry.client import RegistryClient
-from ociworker.snapshot import open_snapshotter
+from ociworker.snapshot import access, open_snapshotter
 from ociworker.solver.scheduler import SCRATCH, Job, Result, Solver, default_cache_key
 from ociworker.sources.image import (
     ImagePuller,
@@ -102,6 +103,8 @@ class Worker:
         self.puller = ImagePuller(self.registry, self.content)
         self.images = ImageStore(root / "images")
         self.cache = SQLiteCacheIndex(root / "cache.db", validate=self._valid)
+        self.layers = SQLiteLayerCache(root / "cache.db")
+        self.mounter = HostMounter(self.tmp)
         self.solver = Solver(_Resolver(self), self.cache, config.max_parallelism)
         self._checksums: dict[tuple[str, int, int, int, int], str] = {}
         self.cache_mounts = CacheMounts(root / "cachemounts")
@@ -129,6 +132,7 @@ class Worker:
     async def aclose(self) -> None:
         await self.registry.aclose()
         self.cache.close()
+        self.layers.close()
 
     async def _valid(self, result: Result) -> bool:
         if result.kind == "snapshot":
@@ -137,62 +141,23 @@ class Worker:
         # the steps that use them
         return result.kind == "none"
 
-    @contextlib.asynccontextmanager
-    async def view(self, name: str | None) -> AsyncIterator[Path]:
+    def view(self, name: str | None) -> contextlib.AbstractAsyncContextManager[Path]:
         """A read-only mounted view of a committed snapshot (an empty dir for None)."""
-        if name is None:
-            d = self.tmp / f"empty-{uuid.uuid4().hex}"
-            d.mkdir()
-            try:
-                yield d
-            finally:
-                d.rmdir()
-            return
-        key = f"view-{uuid.uuid4().hex}"
-        mounts = await self.snapshots.view(key, name)
-        try:
-            async with mounted(mounts, self.tmp) as path:
-                yield path
-        finally:
-            await self.snapshots.remove(key)
+        return access.view(self.snapshots, self.mounter, name, self.tmp)
 
     async def new_snapshot(
         self, parent: str | None, work: Callable[[Sequence[Mount]], Awaitable[None]]
     ) -> Result:
-        """Prepare a snapshot on ``parent``, let ``work`` change it, commit it.
-
-        Whatever goes wrong (or a cancellation) removes the active snapshot, so
-        a failed step leaves nothing in the snapshotter.
-        """
-        key = f"active-{uuid.uuid4().hex}"
-        mounts = await self.snapshots.prepare(key, parent)
-        try:
-            await work(mounts)
-            name = f"sha256:{uuid.uuid4().hex}{uuid.uuid4().hex}"
-            await self.snapshots.commit(name, key)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self.snapshots.remove(key))
-            raise
-        return Result("snapshot", name)
+        return Result("snapshot", await access.new_snapshot(self.snapshots, parent, work))
 
     async def snapshot_chain(self, name: str | None) -> list[str]:
-        """Committed snapshot names from the base to ``name``."""
-        chain: list[str] = []
-        while name is not None:
-            info = await self.snapshots.stat(name)
-            if info is None:
-                raise NotFoundError(f"snapshot {name} is gone from the snapshotter")
-            chain.append(name)
-            name = info.parent
-        chain.reverse()
-        return chain
+        return await access.snapshot_chain(self.snapshots, name)
 
     async def layer_of(self, chain: Sequence[str], index: int, opts: CompressionOpts) -> Layer:
         """The layer blob for chain[index] (its diff from chain[index-1]), made once."""
         name = chain[index]
         comp = opts.compression
-        layer = self.cache.get_layer(name, comp) or self.cache.get_layer(name, "source")
+        layer = self.layers.get_layer(name, comp) or self.layers.get_layer(name, "source")
         if layer is not None and self.content.has(layer.descriptor.digest):
             return layer
         parent = chain[index - 1] if index else None
@@ -210,7 +175,7 @@ class Worker:
                     await self.snapshots.remove(lower_key)
         finally:
             await self.snapshots.remove(upper_key)
-        self.cache.put_layer(name, comp, layer)
+        self.layers.put_layer(name, comp, layer)
         return layer
 
     # -- local context checksums ----------------------------------------------------
@@ -327,7 +292,7 @@ class _SourceHandler:
         top = await unpack(image, self.w.snapshots, self.w.applier, self.w.snapshots)
         # pulled layers are exported as they came, never diffed again
         for layer, chain_id in zip(image.layers, chain_ids(image.diff_ids), strict=True):
-            self.w.cache.put_layer(layer_snapshot_name(chain_id), "source", layer)
+            self.w.layers.put_layer(layer_snapshot_name(chain_id), "source", layer)
         return Result("snapshot", top) if top else SCRATCH
 
 

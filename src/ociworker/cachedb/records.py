@@ -1,4 +1,4 @@
-"""Persistent cache index: cache key -> result, and snapshot -> exported layer.
+"""Persistent cache index: cache key -> result (the solver's ``CacheIndex``).
 
 SQLite in WAL mode under the state dir, so several worker processes on one
 root read concurrently and a crash loses at most the record being written.
@@ -15,8 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ociworker.core.digest import check_digest
-from ociworker.core.oci import Descriptor, Layer
 from ociworker.fs.sqlite import enable_wal
 from ociworker.solver.scheduler import Result
 
@@ -30,15 +28,6 @@ CREATE TABLE IF NOT EXISTS records (
     description TEXT NOT NULL,
     created REAL NOT NULL,
     last_used REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS layers (
-    snapshot TEXT NOT NULL,
-    compression TEXT NOT NULL,
-    media_type TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    diff_id TEXT NOT NULL,
-    PRIMARY KEY (snapshot, compression)
 );
 """
 
@@ -104,36 +93,3 @@ class SQLiteCacheIndex:
 
     def refs(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT ref FROM records").fetchall()}
-
-    # -- layers of snapshots --------------------------------------------------------
-
-    def get_layer(self, snapshot: str, compression: str) -> Layer | None:
-        row = self._db.execute(
-            "SELECT media_type, digest, size, diff_id FROM layers"
-            " WHERE snapshot = ? AND compression = ?",
-            (snapshot, compression),
-        ).fetchone()
-        if row is None:
-            return None
-        return Layer(Descriptor(row[0], check_digest(row[1]), int(row[2])), check_digest(row[3]))
-
-    def put_layer(self, snapshot: str, compression: str, layer: Layer) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO layers"
-            " (snapshot, compression, media_type, digest, size, diff_id)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                snapshot,
-                compression,
-                layer.descriptor.media_type,
-                layer.descriptor.digest,
-                layer.descriptor.size,
-                layer.diff_id,
-            ),
-        )
-
-    def forget_layers(self, snapshot: str) -> None:
-        self._db.execute("DELETE FROM layers WHERE snapshot = ?", (snapshot,))
-
-    def layer_digests(self) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT digest FROM layers").fetchall()}

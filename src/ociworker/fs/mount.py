@@ -308,3 +308,13 @@ async def mounted(mounts: Sequence[Mount], scratch_dir: Path) -> AsyncIterator[P
         _pending.add(task)
         task.add_done_callback(_pending.discard)
         await asyncio.shield(task)
+
+
+class HostMounter:
+    """``snapshot.base.Mounter`` on the host: mount points are made under ``scratch_dir``."""
+
+    def __init__(self, scratch_dir: Path) -> None:
+        self.scratch_dir = scratch_dir
+
+    def mounted(self, mounts: Sequence[Mount]) -> contextlib.AbstractAsyncContextManager[Path]:
+        return mounted(mounts, self.scratch_dir)

@@ -8,7 +8,9 @@ methods are async because an implementation may copy whole trees (native).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 from ociworker.core.mounts import Mount
@@ -53,3 +55,13 @@ class SnapshotCatalog(Protocol):
         ...
 
     async def walk(self) -> Sequence[SnapshotInfo]: ...
+
+
+class Mounter(Protocol):
+    """Makes snapshot mounts visible as a directory for in-process work (COPY, a
+    differ's view, an export). The real one calls mount(2) (``fs.mount``); the
+    unit tests' fake maps the in-memory snapshotter's mounts to plain dirs."""
+
+    def mounted(self, mounts: Sequence[Mount]) -> AbstractAsyncContextManager[Path]:
+        """Mount ``mounts`` on a fresh dir; unmount and remove it on exit."""
+        ...

@@ -1,0 +1,80 @@
+"""Which layer blob each snapshot became: the differ's work, remembered.
+
+A built snapshot is diffed once per compression; a pulled layer's snapshot
+(named by ChainID) is recorded as ``source`` and exported as it came. The table
+lives in the state dir's ``cache.db`` beside the cache records (its own
+connection), so a restart keeps it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Protocol
+
+from ociworker.core.digest import check_digest
+from ociworker.core.oci import Descriptor, Layer
+from ociworker.fs.sqlite import enable_wal
+
+#: the compression key under which a pulled layer is recorded
+SOURCE = "source"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers (
+    snapshot TEXT NOT NULL,
+    compression TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    diff_id TEXT NOT NULL,
+    PRIMARY KEY (snapshot, compression)
+);
+"""
+
+
+class LayerCache(Protocol):
+    def get_layer(self, snapshot: str, compression: str) -> Layer | None: ...
+
+    def put_layer(self, snapshot: str, compression: str, layer: Layer) -> None: ...
+
+    def forget_layers(self, snapshot: str) -> None: ...
+
+
+class SQLiteLayerCache:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        enable_wal(self._db, 30)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get_layer(self, snapshot: str, compression: str) -> Layer | None:
+        row = self._db.execute(
+            "SELECT media_type, digest, size, diff_id FROM layers"
+            " WHERE snapshot = ? AND compression = ?",
+            (snapshot, compression),
+        ).fetchone()
+        if row is None:
+            return None
+        return Layer(Descriptor(row[0], check_digest(row[1]), int(row[2])), check_digest(row[3]))
+
+    def put_layer(self, snapshot: str, compression: str, layer: Layer) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO layers"
+            " (snapshot, compression, media_type, digest, size, diff_id)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                snapshot,
+                compression,
+                layer.descriptor.media_type,
+                layer.descriptor.digest,
+                layer.descriptor.size,
+                layer.diff_id,
+            ),
+        )
+
+    def forget_layers(self, snapshot: str) -> None:
+        self._db.execute("DELETE FROM layers WHERE snapshot = ?", (snapshot,))

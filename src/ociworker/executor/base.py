@@ -42,3 +42,13 @@ class Executor(Protocol):
         releases every mount before the CancelledError propagates.
         """
         ...
+
+
+class RecoverableExecutor(Executor, Protocol):
+    """An ``Executor`` that owns a state dir, as the worker holds it."""
+
+    async def recover(self) -> dict[str, int]:
+        """Kill what the runs of a dead process left (containers, mounts, bundles);
+        counts of the ``containers`` and ``mounts`` found. Called by whoever owns
+        the root, before the first run."""
+        ...

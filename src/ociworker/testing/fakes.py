@@ -23,6 +23,7 @@ from ociworker.core.graph import Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, layer_compression
 from ociworker.errors import NotFoundError, UnsupportedError, UserError
+from ociworker.snapshot import access
 from ociworker.snapshot.base import Kind, SnapshotInfo
 from ociworker.solver.scheduler import Job, Result, default_cache_key
 
@@ -191,6 +192,9 @@ class MemorySnapshotter:
     async def walk(self) -> Sequence[SnapshotInfo]:
         await asyncio.sleep(0)
         return [info for _, info in sorted(self.state.snapshots.values(), key=lambda t: t[0])]
+
+    async def recover(self) -> int:
+        return await access.drop_uncommitted(self, self)
 
 
 class MemoryApplier:

@@ -9,18 +9,17 @@ for a registry and the layer applier (each held to its shared suite in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import stat
 import subprocess
 import sys
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
 from ociworker.core.graph import (
     Copy,
@@ -34,10 +33,8 @@ from ociworker.core.graph import (
     Vertex,
 )
 from ociworker.core.mounts import Mount
-from ociworker.core.oci import Layer, Platform
-from ociworker.diff.base import CompressionOpts
+from ociworker.core.oci import Platform
 from ociworker.errors import ExecError, NotFoundError, UnsupportedError, UserError
-from ociworker.exporter.imagestore import ImageStore
 from ociworker.exporter.layercache import SQLiteLayerCache
 from ociworker.ops.context import ContextChecksums, LocalContext
 from ociworker.ops.exec import ExecDeps, ExecHandler
@@ -47,7 +44,7 @@ from ociworker.ops.runmount.cache import CacheMounts
 from ociworker.ops.source import SourceDeps, SourceHandler
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot import access
-from ociworker.solver.scheduler import Job, Result, Solver
+from ociworker.solver.scheduler import Job, Result
 from ociworker.sources.image import ImagePuller
 from ociworker.testing.fake_registry import FakeRegistry, seed_image
 from ociworker.testing.fakes import (
@@ -59,7 +56,7 @@ from ociworker.testing.fakes import (
     MemorySnapshotter,
     plain_secret_files,
 )
-from ociworker.worker import Worker, WorkerConfig
+from ociworker.worker import WorkerConfig, open_worker
 
 AMD64 = Platform("linux", "amd64")
 
@@ -245,9 +242,9 @@ async def test_a_local_context_keys_by_the_selected_files_only(
     rig: Rig, tmp_path: Path, kind: str
 ) -> None:
     ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    (ctx / "a.txt").write_text("selected v1")
-    (ctx / "b.txt").write_text("not selected")
+    for name, text in {"a.txt": "selected v1", "b.txt": "not selected"}.items():
+        ctx.mkdir(exist_ok=True)
+        (ctx / name).write_text(text)
     local = Vertex(SourceOp("local://context"))
     if kind == "copy":
         vertex = Vertex(FileOp((Copy(1, "a.txt", "/"),)), inputs=(None, local))
@@ -295,18 +292,9 @@ async def test_source_pulls_unpacks_and_records_each_layer(tmp_path: Path) -> No
     applier = MemoryApplier(content)
     cache = SQLiteLayerCache(tmp_path / "cache.db")
     async with RegistryClient(transport=reg.transport()) as client:
-        handler = SourceHandler(
-            SourceDeps(
-                snapshots=snapshots,
-                catalog=snapshots,
-                applier=applier,
-                registry=client,
-                puller=ImagePuller(client, content),
-                content=content,
-                layers=cache,
-                platform=AMD64,
-            )
-        )
+        puller = ImagePuller(client, content)
+        deps = SourceDeps(snapshots, snapshots, applier, client, puller, content, cache, AMD64)
+        handler = SourceHandler(deps)
         vertex = Vertex(SourceOp(f"docker-image://reg.test/app:v1@{digest}"))
         result = await handler.run(vertex, [], Job(id="j"))
         # ChainIDs: chain(0) = diffID(0), chain(1) = sha256("chain(0) diffID(1)")
@@ -386,23 +374,12 @@ async def test_a_worker_of_fakes_recovers_through_its_parts(tmp_path: Path) -> N
     await snapshots.commit("kept", "committed-key")
     await snapshots.prepare("active-of-a-dead-build", "kept")
     await snapshots.view("view-of-a-dead-build", "kept")
-    content = ContentStore(root / "content")
-    cache = SQLiteCacheIndex(root / "cache.db")
-    executor = FakeExecutor()
-    worker = Worker(
-        WorkerConfig(root=root, platform=AMD64),
-        content=content,
+    # the real parts of a worker, with fakes for the ones recovery goes through
+    worker = dataclasses.replace(
+        open_worker(WorkerConfig(root=root, snapshotter="native", platform=AMD64)),
         snapshots=snapshots,
-        registry=RegistryClient(transport=FakeRegistry().transport()),
-        images=ImageStore(root / "images"),
-        cache=cache,
-        layers=SQLiteLayerCache(root / "cache.db"),
         mounter=MemoryMounter(snapshots, root / "tmp"),
-        cache_mounts=CacheMounts(root / "cachemounts"),
-        solver=Solver(OpResolver({}), cache),
-        comparer=_NoComparer(),
-        applier=MemoryApplier(content),
-        executor=executor,
+        executor=FakeExecutor(),
     )
     try:
         found = await worker.recover()
@@ -412,10 +389,3 @@ async def test_a_worker_of_fakes_recovers_through_its_parts(tmp_path: Path) -> N
         assert await worker.snapshot_chain("kept") == ["kept"]
     finally:
         await worker.aclose()
-
-
-class _NoComparer:
-    async def compare(
-        self, lower: Sequence[Mount], upper: Sequence[Mount], opts: CompressionOpts
-    ) -> Layer:
-        raise AssertionError("nothing is diffed here")

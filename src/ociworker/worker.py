@@ -12,10 +12,10 @@ import contextlib
 import functools
 import os
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 _log = get_logger("ociworker.recovery")
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -63,44 +65,32 @@ def host_platform() -> Platform:
     return Platform.parse(os.uname().machine)
 
 
+@dataclass(eq=False)
 class Worker:
     """The parts of one state dir, wired together. ``open_worker`` builds the
-    real ones; tests may pass fakes."""
+    real ones; tests may pass fakes (or ``dataclasses.replace`` a few)."""
 
-    def __init__(
-        self,
-        config: WorkerConfig,
-        *,
-        content: ContentStore,
-        snapshots: SnapshotStore,
-        registry: RegistryClient,
-        images: ImageStore,
-        cache: SQLiteCacheIndex,
-        layers: SQLiteLayerCache,
-        mounter: Mounter,
-        cache_mounts: CacheMounts,
-        solver: Solver,
-        comparer: Comparer,
-        applier: Applier,
-        executor: RecoverableExecutor,
-        tmp: Path | None = None,
-    ) -> None:
-        self.config = config
-        self.root = config.root.absolute()
-        #: mount points and scratch copies; emptied by ``recover``
-        self.tmp = tmp if tmp is not None else self.root / "tmp"
-        self.content = content
-        self.snapshots = snapshots
-        self.registry = registry
-        self.images = images
-        self.cache = cache
-        self.layers = layers
-        self.mounter = mounter
-        self.cache_mounts = cache_mounts
-        self.solver = solver
-        self.comparer = comparer
-        self.applier = applier
-        self.executor = executor
+    config: WorkerConfig
+    _: KW_ONLY
+    content: ContentStore
+    snapshots: SnapshotStore
+    registry: RegistryClient
+    images: ImageStore
+    cache: SQLiteCacheIndex
+    layers: SQLiteLayerCache
+    mounter: Mounter
+    cache_mounts: CacheMounts
+    solver: Solver
+    comparer: Comparer
+    applier: Applier
+    executor: RecoverableExecutor
+    root: Path = field(init=False)
+    #: mount points and scratch copies; emptied by ``recover``
+    tmp: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = self.config.root.absolute()
+        self.tmp = self.root / "tmp"
 
     @classmethod
     def open(cls, config: WorkerConfig) -> Worker:
@@ -177,7 +167,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         registry = RegistryClient(insecure=config.insecure_registries)
     mounter = HostMounter(tmp)
     executor = _LazyExecutor(root / "executor", config.runtime)
-    applier = _LazyApplier(content, tmp)
+    applier = _LazyApplier(functools.partial(_applier, content, tmp))
     layers = SQLiteLayerCache(root / "cache.db")
     cache_mounts = CacheMounts(root / "cachemounts")
 
@@ -215,10 +205,9 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         mounter=mounter,
         cache_mounts=cache_mounts,
         solver=Solver(OpResolver.from_parts(parts), cache, config.max_parallelism),
-        comparer=_LazyComparer(content, tmp),
+        comparer=_LazyComparer(functools.partial(_comparer, content, tmp)),
         applier=applier,
         executor=executor,
-        tmp=tmp,
     )
 
 
@@ -226,16 +215,24 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
 # only: a fully cached build needs neither, and start-up is most of their cost.
 
 
-class _LazyExecutor:
-    def __init__(self, state_dir: Path, runtime: str) -> None:
-        self._state_dir = state_dir
-        self._runtime = runtime
+class _Lazy(Generic[T]):
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make = make
 
     @functools.cached_property
-    def _real(self) -> OCIRuntimeExecutor:
-        from ociworker.executor.runtime import OCIRuntimeExecutor
+    def real(self) -> T:
+        return self._make()
 
-        return OCIRuntimeExecutor(self._state_dir, self._runtime)
+
+class _LazyExecutor(_Lazy["OCIRuntimeExecutor"]):
+    def __init__(self, state_dir: Path, runtime: str) -> None:
+        def make() -> OCIRuntimeExecutor:
+            from ociworker.executor.runtime import OCIRuntimeExecutor
+
+            return OCIRuntimeExecutor(state_dir, runtime)
+
+        super().__init__(make)
+        self._state_dir = state_dir
 
     async def run(
         self,
@@ -244,7 +241,7 @@ class _LazyExecutor:
         mounts: Sequence[Mount],
         output: OutputSink,
     ) -> int:
-        return await self._real.run(rootfs, process, mounts, output)
+        return await self.real.run(rootfs, process, mounts, output)
 
     async def recover(self) -> dict[str, int]:
         # Without the runtime binary: a state dir may hold containers of a runtime
@@ -254,33 +251,25 @@ class _LazyExecutor:
         return await recover_state_dir(self._state_dir)
 
 
-class _LazyApplier:
-    def __init__(self, content: ContentStore, scratch_dir: Path) -> None:
-        self._content = content
-        self._scratch_dir = scratch_dir
-
-    @functools.cached_property
-    def _real(self) -> LayerApplier:
-        from ociworker.diff.apply import LayerApplier
-
-        return LayerApplier(self._content, scratch_dir=self._scratch_dir)
-
+class _LazyApplier(_Lazy["LayerApplier"]):
     async def apply(self, layer: Descriptor, mounts: Sequence[Mount]) -> Digest:
-        return await self._real.apply(layer, mounts)
+        return await self.real.apply(layer, mounts)
 
 
-class _LazyComparer:
-    def __init__(self, content: ContentStore, scratch_dir: Path) -> None:
-        self._content = content
-        self._scratch_dir = scratch_dir
-
-    @functools.cached_property
-    def _real(self) -> LayerComparer:
-        from ociworker.diff.compare import LayerComparer
-
-        return LayerComparer(self._content, scratch_dir=self._scratch_dir)
-
+class _LazyComparer(_Lazy["LayerComparer"]):
     async def compare(
         self, lower: Sequence[Mount], upper: Sequence[Mount], opts: CompressionOpts
     ) -> Layer:
-        return await self._real.compare(lower, upper, opts)
+        return await self.real.compare(lower, upper, opts)
+
+
+def _applier(content: ContentStore, scratch_dir: Path) -> LayerApplier:
+    from ociworker.diff.apply import LayerApplier
+
+    return LayerApplier(content, scratch_dir=scratch_dir)
+
+
+def _comparer(content: ContentStore, scratch_dir: Path) -> LayerComparer:
+    from ociworker.diff.compare import LayerComparer
+
+    return LayerComparer(content, scratch_dir=scratch_dir)

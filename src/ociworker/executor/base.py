@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from ociworker.core.mounts import Mount
+from ociworker.errors import UserError
 
 #: receives ("stdout" | "stderr", chunk) as soon as the process writes it
 OutputSink = Callable[[str, bytes], None]
@@ -26,6 +27,17 @@ class ProcessSpec:
     #: environment, but the runtime's files for such a process (config.json, its
     #: state dir) are kept on a tmpfs, never on disk; never shown by repr
     secret_env: tuple[str, ...] = field(default=(), repr=False)
+
+
+def check_run(rootfs: Sequence[Mount], process: ProcessSpec, mounts: Sequence[Mount]) -> None:
+    """Refuse a run no executor can start (every implementation calls this first)."""
+    if not process.args:
+        raise UserError("no command to run (empty args)")
+    if not rootfs:
+        raise UserError("no rootfs mounts to run on")
+    for m in mounts:
+        if not m.target.startswith("/"):
+            raise UserError(f"mount target must be absolute, got {m.target!r}")
 
 
 class Executor(Protocol):

@@ -25,7 +25,7 @@ from typing import Literal, TypeVar
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
-from ociworker.executor.base import OutputSink, ProcessSpec
+from ociworker.executor.base import OutputSink, ProcessSpec, check_run
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
 from ociworker.fs.mount import mount_all, unmount, unmount_below
@@ -322,13 +322,7 @@ class OCIRuntimeExecutor:
         mounts: Sequence[Mount],
         output: OutputSink,
     ) -> int:
-        if not process.args:
-            raise UserError("no command to run (empty args)")
-        if not rootfs:
-            raise UserError("no rootfs mounts to run on")
-        for m in mounts:
-            if not m.target.startswith("/"):
-                raise UserError(f"mount target must be absolute, got {m.target!r}")
+        check_run(rootfs, process, mounts)
 
         cid = "ociw-" + secrets.token_hex(8)
         bundle = self._state_dir / "bundles" / cid

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ociworker.core.digest import digest_of
-from ociworker.core.graph import Copy, SourceOp, Vertex
+from ociworker.core.graph import Copy, Op, SourceOp, Vertex
 from ociworker.errors import NotFoundError, UserError
 from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
@@ -108,17 +108,19 @@ async def context_keyed(
     vertex: Vertex,
     input_keys: Sequence[str],
     job: Job,
-    selected: Callable[[int], list[Copy]],
+    selected: Callable[[Op, int], list[Copy]],
 ) -> str:
     """The step's cache key, with each local-context input keyed by the content
-    of the files the step selects from it (``selected(input index)``), not by
+    of the files the step selects from it (``selected(op, input index)``), not by
     the whole context: a change elsewhere in the context invalidates nothing,
     a change to a selected file does."""
     keys = list(input_keys)
     for i, inp in enumerate(vertex.inputs):
         ctx = _local_context(inp, job)
         if ctx is not None:
-            keys[i] = await asyncio.to_thread(checksums.content_checksum, ctx, selected(i))
+            keys[i] = await asyncio.to_thread(
+                checksums.content_checksum, ctx, selected(vertex.op, i)
+            )
     return digest_of({"op": vertex.op.to_json(), "inputs": keys})
 
 

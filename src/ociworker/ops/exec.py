@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ociworker.core.graph import Copy, ExecMount, ExecOp, Vertex
+from ociworker.core.graph import Copy, ExecMount, ExecOp, Op, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.progress import VertexLog
 from ociworker.errors import ConfigError, ExecError, NotFoundError, UserError
@@ -26,19 +26,16 @@ from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
 from ociworker.ops import fileactions as fileops
 from ociworker.ops.context import (
-    ContextChecksums,
     LocalContext,
-    context_keyed,
     local_context,
     root_parent,
     step_input,
 )
-from ociworker.ops.parts import OpParts
+from ociworker.ops.parts import StepDeps, StepHandler
 from ociworker.ops.runmount.cache import CacheMounts, CacheSpec, copy_seed
 from ociworker.ops.runmount.secret import SecretFile, secret_files
 from ociworker.ops.runmount.ssh import AgentSocket, agent_sockets
 from ociworker.snapshot import access
-from ociworker.snapshot.base import Mounter, Snapshotter
 from ociworker.solver.scheduler import Job, Result
 
 #: host paths of a step's secret files, that exist only inside the ``with``
@@ -47,49 +44,25 @@ SecretFiles = Callable[[Path, Sequence[SecretFile]], AbstractAsyncContextManager
 
 
 @dataclass(frozen=True)
-class ExecDeps:
-    snapshots: Snapshotter
-    mounter: Mounter
+class ExecDeps(StepDeps):
     executor: Executor
     cache_mounts: CacheMounts
-    #: mount points, secret files, agent sockets and context copies of a step
-    scratch: Path
-    checksums: ContextChecksums
     secret_files: SecretFiles = secret_files
 
 
-class ExecHandler:
-    def __init__(self, deps: ExecDeps) -> None:
-        self.deps = deps
+class ExecHandler(StepHandler[ExecDeps]):
+    deps_type = ExecDeps
 
-    @classmethod
-    def from_parts(cls, parts: OpParts) -> ExecHandler:
-        return cls(
-            ExecDeps(
-                snapshots=parts.snapshots,
-                mounter=parts.mounter,
-                executor=parts.executor,
-                cache_mounts=parts.cache_mounts,
-                scratch=parts.scratch,
-                checksums=parts.checksums,
-            )
-        )
-
-    async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
-        op = vertex.op
+    @staticmethod
+    def selected(op: Op, index: int) -> list[Copy]:
+        """What the step's binds take from input ``index``: as a COPY of that
+        subtree would (a bind of the context selects its subtree)."""
         assert isinstance(op, ExecOp)
-        # a bind of the context selects its subtree as a COPY of it would
-        return await context_keyed(
-            self.deps.checksums,
-            vertex,
-            input_keys,
-            job,
-            lambda i: [
-                Copy(i, m.selector, "/", allow_wildcard=False)
-                for m in op.mounts
-                if m.type == "bind" and m.input == i
-            ],
-        )
+        return [
+            Copy(index, m.selector, "/", allow_wildcard=False)
+            for m in op.mounts
+            if m.type == "bind" and m.input == index
+        ]
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op

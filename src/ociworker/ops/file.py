@@ -6,53 +6,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-from ociworker.core.graph import Copy, FileOp, Mkdir, Mkfile, Rm, Vertex
+from ociworker.core.graph import Copy, FileOp, Mkdir, Mkfile, Op, Rm, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.fs import walk
 from ociworker.ops import fileactions as fileops
 from ociworker.ops.context import (
-    ContextChecksums,
-    context_keyed,
     local_context,
     root_parent,
     step_input,
 )
-from ociworker.ops.parts import OpParts
+from ociworker.ops.parts import StepDeps, StepHandler
 from ociworker.snapshot import access
-from ociworker.snapshot.base import Mounter, Snapshotter
 from ociworker.solver.scheduler import Job, Result
 
-
-@dataclass(frozen=True)
-class FileDeps:
-    snapshots: Snapshotter
-    mounter: Mounter
-    #: where empty dirs for scratch inputs are made
-    scratch: Path
-    checksums: ContextChecksums
+#: a file step needs nothing more than any snapshot-making step
+FileDeps = StepDeps
 
 
-class FileHandler:
-    def __init__(self, deps: FileDeps) -> None:
-        self.deps = deps
+class FileHandler(StepHandler[FileDeps]):
+    deps_type = FileDeps
 
-    @classmethod
-    def from_parts(cls, parts: OpParts) -> FileHandler:
-        return cls(FileDeps(parts.snapshots, parts.mounter, parts.scratch, parts.checksums))
-
-    async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
-        op = vertex.op
+    @staticmethod
+    def selected(op: Op, index: int) -> list[Copy]:
+        """The step's copies from input ``index``."""
         assert isinstance(op, FileOp)
-        return await context_keyed(
-            self.deps.checksums,
-            vertex,
-            input_keys,
-            job,
-            lambda i: [a for a in op.actions if isinstance(a, Copy) and a.src_input == i],
-        )
+        return [a for a in op.actions if isinstance(a, Copy) and a.src_input == index]
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op

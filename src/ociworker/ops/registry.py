@@ -1,10 +1,11 @@
 """Which handler runs which op: the registration table and the solver's resolver.
 
-To add an op type, write ``ops/<name>.py`` with its handler (``cache_key`` and
-``run`` for a vertex, and a ``from_parts(parts: OpParts)`` classmethod that
-picks the parts it needs into its own small deps), and add one line to
-``HANDLERS`` below mapping the op's class to that ``from_parts``. Nothing else
-changes: the worker builds every registered handler from the same ``OpParts``.
+To add an op type, write ``ops/<name>.py`` with its handler: a subclass of
+``parts.HandlerBase`` naming its small deps dataclass (``deps_type``, whose
+fields are named after the ``OpParts`` they take) with ``cache_key`` and ``run``
+for a vertex; and add one line to ``HANDLERS`` below mapping the op's class to
+the handler's ``from_parts``. Nothing else changes: the worker builds every
+registered handler from the same ``OpParts``.
 """
 
 from __future__ import annotations

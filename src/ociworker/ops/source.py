@@ -14,7 +14,7 @@ from ociworker.diff.base import Applier
 from ociworker.errors import UserError
 from ociworker.exporter.layercache import SOURCE, LayerCache
 from ociworker.ops.context import local_context
-from ociworker.ops.parts import OpParts
+from ociworker.ops.parts import HandlerBase
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
 from ociworker.solver.scheduler import SCRATCH, Job, Result, default_cache_key
@@ -41,24 +41,8 @@ class SourceDeps:
     platform: Platform
 
 
-class SourceHandler:
-    def __init__(self, deps: SourceDeps) -> None:
-        self.deps = deps
-
-    @classmethod
-    def from_parts(cls, parts: OpParts) -> SourceHandler:
-        return cls(
-            SourceDeps(
-                snapshots=parts.snapshots,
-                catalog=parts.catalog,
-                applier=parts.applier,
-                registry=parts.registry,
-                puller=parts.puller,
-                content=parts.content,
-                layers=parts.layers,
-                platform=parts.platform,
-            )
-        )
+class SourceHandler(HandlerBase[SourceDeps]):
+    deps_type = SourceDeps
 
     async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
         return default_cache_key(vertex, input_keys)

@@ -31,7 +31,7 @@ from ociworker.core.graph import Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, layer_compression
 from ociworker.errors import NotFoundError, UnsupportedError, UserError
-from ociworker.executor.base import OutputSink, ProcessSpec
+from ociworker.executor.base import OutputSink, ProcessSpec, check_run
 from ociworker.ops.runmount.secret import SecretFile
 from ociworker.snapshot import access
 from ociworker.snapshot.base import Kind, SnapshotInfo
@@ -379,13 +379,7 @@ class FakeExecutor:
         mounts: Sequence[Mount],
         output: OutputSink,
     ) -> int:
-        if not process.args:
-            raise UserError("no command to run (empty args)")
-        if not rootfs:
-            raise UserError("no rootfs mounts to run on")
-        for m in mounts:
-            if not m.target.startswith("/"):
-                raise UserError(f"mount target must be absolute, got {m.target!r}")
+        check_run(rootfs, process, mounts)
         call = ExecutorCall(tuple(rootfs), process, tuple(mounts))
         self.calls.append(call)
         self.running += 1

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ociworker.core.digest import digest_of
-from ociworker.core.graph import Copy, Op, SourceOp, Vertex
+from ociworker.core.graph import Copy, OpSpec, SourceOp, Vertex
 from ociworker.errors import NotFoundError, UserError
 from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
@@ -108,7 +108,7 @@ async def context_keyed(
     vertex: Vertex,
     input_keys: Sequence[str],
     job: Job,
-    selected: Callable[[Op, int], list[Copy]],
+    selected: Callable[[OpSpec, int], list[Copy]],
 ) -> str:
     """The step's cache key, with each local-context input keyed by the content
     of the files the step selects from it (``selected(op, input index)``), not by

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ociworker.core.graph import Copy, ExecMount, ExecOp, Op, Vertex
+from ociworker.core.graph import Copy, ExecMount, ExecOp, OpSpec, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.progress import VertexLog
 from ociworker.errors import ConfigError, ExecError, NotFoundError, UserError
@@ -54,7 +54,7 @@ class ExecHandler(StepHandler[ExecDeps]):
     deps_type = ExecDeps
 
     @staticmethod
-    def selected(op: Op, index: int) -> list[Copy]:
+    def selected(op: OpSpec, index: int) -> list[Copy]:
         """What the step's binds take from input ``index``: as a COPY of that
         subtree would (a bind of the context selects its subtree)."""
         assert isinstance(op, ExecOp)

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from ociworker.core.graph import Copy, FileOp, Mkdir, Mkfile, Op, Rm, Vertex
+from ociworker.core.graph import Copy, FileOp, Mkdir, Mkfile, OpSpec, Rm, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.fs import walk
 from ociworker.ops import fileactions as fileops
@@ -29,7 +29,7 @@ class FileHandler(StepHandler[FileDeps]):
     deps_type = FileDeps
 
     @staticmethod
-    def selected(op: Op, index: int) -> list[Copy]:
+    def selected(op: OpSpec, index: int) -> list[Copy]:
         """The step's copies from input ``index``."""
         assert isinstance(op, FileOp)
         return [a for a in op.actions if isinstance(a, Copy) and a.src_input == index]

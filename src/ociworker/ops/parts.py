@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Generic, Self, TypeVar, cast
 
 from ociworker.content.store import ContentStore
-from ociworker.core.graph import Copy, Op, Vertex
+from ociworker.core.graph import Copy, OpSpec, Vertex
 from ociworker.core.oci import Platform
 from ociworker.diff.base import Applier
 from ociworker.executor.base import Executor
@@ -88,7 +88,7 @@ class StepHandler(HandlerBase[S]):
     index)`` names (``context.context_keyed``)."""
 
     @staticmethod
-    def selected(op: Op, index: int) -> list[Copy]:
+    def selected(op: OpSpec, index: int) -> list[Copy]:
         return []
 
     async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:

@@ -23,6 +23,8 @@ import pytest
 from ociworker.core.mounts import Mount
 from ociworker.errors import UserError
 from ociworker.executor import OCIRuntimeExecutor, ProcessSpec
+from ociworker.testing.executor_suite import CHECKS as EXECUTOR_CHECKS
+from ociworker.testing.executor_suite import ExecutorSuiteContext
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -308,3 +310,9 @@ async def test_killed_container_reports_128_plus_signal(
     )
     code, _ = await asyncio.wait_for(task, 5)
     assert code == 128 + 9
+
+
+@pytest.mark.parametrize("name", sorted(EXECUTOR_CHECKS))
+async def test_executor_suite(name: str, executor: OCIRuntimeExecutor, rootfs: Path) -> None:
+    # the shared suite FakeExecutor is held to in tests/test_fakes_suites.py
+    await EXECUTOR_CHECKS[name](ExecutorSuiteContext(executor, _root(rootfs)))

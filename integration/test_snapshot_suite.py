@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from ociworker.fs.mount import HostMounter
 from ociworker.snapshot import NativeSnapshotter, OverlaySnapshotter
+from ociworker.testing.mounter_suite import CHECKS as MOUNTER_CHECKS
+from ociworker.testing.mounter_suite import MounterSuiteContext
 from ociworker.testing.snapshot_suite import CHECKS, FullSnapshotter, SuiteContext
 
 FACTORIES: dict[str, Callable[[Path], FullSnapshotter]] = {
@@ -34,3 +37,22 @@ async def test_snapshotter_suite(kind: str, name: str, state_dir: Path, require_
         copies_parents=kind == "native",
     )
     await CHECKS[name](ctx)
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [(k, n) for k in sorted(FACTORIES) for n in MOUNTER_CHECKS]
+)
+async def test_host_mounter_suite(
+    kind: str,
+    name: str,
+    state_dir: Path,
+    require_root: None,
+    mounts_under: Callable[[Path], list[Path]],
+) -> None:
+    snapshots = FACTORIES[kind](state_dir / "snapshots")
+    scratch = state_dir / "tmp"
+    scratch.mkdir()
+    await MOUNTER_CHECKS[name](MounterSuiteContext(snapshots, HostMounter(scratch)))
+    assert await snapshots.walk() == []
+    assert list(scratch.iterdir()) == []
+    assert mounts_under(state_dir) == []

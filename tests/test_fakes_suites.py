@@ -25,16 +25,26 @@ import zstandard
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import sha256_bytes
+from ociworker.core.mounts import Mount
 from ociworker.core.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
 from ociworker.diff.apply import LayerApplier
 from ociworker.errors import UnsupportedError, UserError
+from ociworker.executor.base import ProcessSpec
 from ociworker.snapshot import NativeSnapshotter
+from ociworker.testing.executor_suite import CHECKS as EXECUTOR_CHECKS
+from ociworker.testing.executor_suite import COMMANDS as EXECUTOR_COMMANDS
+from ociworker.testing.executor_suite import ExecutorSuiteContext
 from ociworker.testing.fakes import (
     MEMORY_MOUNT_TYPE,
+    FakeExecutor,
+    FakeRun,
     MemoryApplier,
+    MemoryMounter,
     MemorySnapshotState,
     MemorySnapshotter,
 )
+from ociworker.testing.mounter_suite import CHECKS as MOUNTER_CHECKS
+from ociworker.testing.mounter_suite import MounterSuiteContext
 from ociworker.testing.snapshot_suite import CHECKS, SuiteContext
 
 NEEDS_CONTENTS = {
@@ -184,3 +194,54 @@ async def test_both_appliers_return_one_diff_id(
         await MemoryApplier(store).apply(layer, await MemorySnapshotter().prepare("k", None))
         == want
     )
+
+
+# --- MemoryMounter and FakeExecutor against the shared suites ---------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MOUNTER_CHECKS))
+async def test_memory_mounter_suite(name: str, tmp_path: Path) -> None:
+    snapshots = MemorySnapshotter()
+    mounter = MemoryMounter(snapshots, tmp_path)
+    await MOUNTER_CHECKS[name](MounterSuiteContext(snapshots, mounter))
+    assert await snapshots.walk() == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("mnt-")] == []
+
+
+async def test_memory_mounter_refuses_real_mounts(tmp_path: Path) -> None:
+    mounter = MemoryMounter(MemorySnapshotter(), tmp_path)
+    host = Mount("bind", str(tmp_path), ("rbind", "ro"))
+    with pytest.raises(UnsupportedError, match="bind"):
+        async with mounter.mounted([host]):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def _scripted() -> FakeExecutor:
+    return FakeExecutor(
+        {
+            args: FakeRun(exit_code=code, stdout=out, stderr=err, block=block)
+            for args, (code, out, err, block) in EXECUTOR_COMMANDS.items()
+        }
+    )
+
+
+@pytest.mark.parametrize("name", sorted(EXECUTOR_CHECKS))
+async def test_fake_executor_suite(name: str) -> None:
+    executor = _scripted()
+    rootfs = [Mount(MEMORY_MOUNT_TYPE, "memory-snapshot-1", ("rw",))]
+    await EXECUTOR_CHECKS[name](ExecutorSuiteContext(executor, rootfs))
+    assert executor.running == 0
+
+
+async def test_fake_executor_refuses_what_the_real_one_refuses() -> None:
+    executor = _scripted()
+    rootfs = [Mount(MEMORY_MOUNT_TYPE, "memory-snapshot-1", ("rw",))]
+    with pytest.raises(UserError, match="empty args"):
+        await executor.run(rootfs, ProcessSpec(args=()), (), lambda s, d: None)
+    with pytest.raises(UserError, match="no rootfs"):
+        await executor.run((), ProcessSpec(args=("true",)), (), lambda s, d: None)
+    relative = Mount("tmpfs", "tmpfs", (), "tmp")
+    with pytest.raises(UserError, match="absolute"):
+        await executor.run(rootfs, ProcessSpec(args=("true",)), (relative,), lambda s, d: None)
+    assert executor.calls == []

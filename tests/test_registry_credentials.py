@@ -16,7 +16,7 @@ from ociworker.registry.client import RegistryClient
 from ociworker.session.credentials import StaticCredentials
 from ociworker.solver.scheduler import SCRATCH, Job
 from ociworker.testing.fake_registry import FakeRegistry, seed_image
-from ociworker.worker import Worker, WorkerConfig
+from ociworker.worker import Worker, WorkerConfig, open_worker
 
 AMD64 = Platform("linux", "amd64")
 REG = "reg.test"
@@ -118,23 +118,22 @@ async def test_identity_token_is_exchanged_as_a_refresh_token() -> None:
     assert "idtok" not in str(post.url)  # the token travels in the body only
 
 
-@pytest.fixture
-async def worker(tmp_path: Path) -> AsyncIterator[Worker]:
-    w = Worker(WorkerConfig(root=tmp_path / "state", snapshotter="native", platform=AMD64))
-    try:
-        yield w
-    finally:
-        await w.aclose()
-
-
-async def test_controller_and_solver_use_the_jobs_credentials(worker: Worker) -> None:
+async def test_controller_and_solver_use_the_jobs_credentials(tmp_path: Path) -> None:
     reg = FakeRegistry(
         auth="bearer", users={"alice": "a-pw"}, acl={"alice": {"private"}, "": set()}
     )
     digest, _, _ = seed_image(reg, "private", "v1", [])  # no layers: nothing to unpack
-    await worker.registry.aclose()
-    worker.registry = RegistryClient(transport=reg.transport())
+    worker = open_worker(
+        WorkerConfig(root=tmp_path / "state", snapshotter="native", platform=AMD64),
+        registry=RegistryClient(transport=reg.transport()),
+    )
+    try:
+        await _use_the_jobs_credentials(worker, digest)
+    finally:
+        await worker.aclose()
 
+
+async def _use_the_jobs_credentials(worker: Worker, digest: str) -> None:
     # plan time: FROM is pinned with the job's credentials
     with pytest.raises(RegistryError, match="401"):
         await resolve_image(worker, f"{REG}/private:v1")

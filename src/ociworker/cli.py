@@ -169,9 +169,9 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
 def _worker(args: argparse.Namespace) -> Worker:
     # The worker (and the controller) load only for an embedded command: a
     # client of a daemon never needs them, and they are most of start-up.
-    from ociworker.worker import Worker, WorkerConfig
+    from ociworker.worker import WorkerConfig, open_worker
 
-    return Worker(
+    return open_worker(
         WorkerConfig(
             root=args.root,
             runtime=args.runtime,

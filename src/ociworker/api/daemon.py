@@ -29,7 +29,7 @@ from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
 from ociworker.log import get_logger
-from ociworker.worker import DEFAULT_ROOT, Worker, WorkerConfig
+from ociworker.worker import DEFAULT_ROOT, WorkerConfig, open_worker
 
 _log = get_logger(__name__)
 
@@ -166,7 +166,7 @@ async def _drain() -> None:
 
 async def serve(cfg: DaemonConfig) -> int:
     with _root_lock(cfg.root):
-        worker = Worker(
+        worker = open_worker(
             WorkerConfig(
                 root=cfg.root,
                 runtime=cfg.runtime,
@@ -182,9 +182,7 @@ async def serve(cfg: DaemonConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            from ociworker.recovery import recover
-
-            await recover(worker)
+            await worker.recover()
             service = ControlService(worker, log_cap=cfg.log_cap)
             server = grpc.aio.server(options=list(SERVER_OPTIONS))
             add_to_server(service, server)

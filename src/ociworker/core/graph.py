@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from ociworker.core.digest import Digest, digest_of
 
@@ -148,7 +148,16 @@ class FileOp:
         return {"file": {"actions": [a.to_json() for a in self.actions], "cwd": self.cwd}}
 
 
+#: the op types every worker runs
 Op = SourceOp | ExecOp | FileOp
+
+
+class OpSpec(Protocol):
+    """What the graph needs of an op: its JSON, which the vertex digest and the
+    cache keys are made of. Besides the ``Op`` types, any op type that has a
+    handler registered in ``ociworker.ops.registry`` can stand in a vertex."""
+
+    def to_json(self) -> dict[str, Any]: ...
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -162,7 +171,7 @@ def _fields(obj: Any) -> dict[str, Any]:
 class Vertex:
     """One step. ``inputs[i] is None`` stands for an empty filesystem (scratch)."""
 
-    op: Op
+    op: OpSpec
     inputs: tuple[Vertex | None, ...] = ()
     name: str = field(default="", compare=False)
     #: progress only; e.g. "[stage-1 2/4] RUN make"

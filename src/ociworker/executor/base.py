@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from ociworker.core.mounts import Mount
+from ociworker.errors import UserError
 
 #: receives ("stdout" | "stderr", chunk) as soon as the process writes it
 OutputSink = Callable[[str, bytes], None]
@@ -28,6 +29,17 @@ class ProcessSpec:
     secret_env: tuple[str, ...] = field(default=(), repr=False)
 
 
+def check_run(rootfs: Sequence[Mount], process: ProcessSpec, mounts: Sequence[Mount]) -> None:
+    """Refuse a run no executor can start (every implementation calls this first)."""
+    if not process.args:
+        raise UserError("no command to run (empty args)")
+    if not rootfs:
+        raise UserError("no rootfs mounts to run on")
+    for m in mounts:
+        if not m.target.startswith("/"):
+            raise UserError(f"mount target must be absolute, got {m.target!r}")
+
+
 class Executor(Protocol):
     async def run(
         self,
@@ -41,4 +53,14 @@ class Executor(Protocol):
         Returns the exit code. Cancelling the awaiting task kills the container and
         releases every mount before the CancelledError propagates.
         """
+        ...
+
+
+class RecoverableExecutor(Executor, Protocol):
+    """An ``Executor`` that owns a state dir, as the worker holds it."""
+
+    async def recover(self) -> dict[str, int]:
+        """Kill what the runs of a dead process left (containers, mounts, bundles);
+        counts of the ``containers`` and ``mounts`` found. Called by whoever owns
+        the root, before the first run."""
         ...

@@ -25,11 +25,12 @@ from typing import Literal, TypeVar
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
-from ociworker.executor.base import OutputSink, ProcessSpec
+from ociworker.executor.base import OutputSink, ProcessSpec, check_run
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
-from ociworker.fs.mount import mount_all, unmount
+from ociworker.fs.mount import mount_all, unmount, unmount_below
 from ociworker.fs.paths import clean, secure_join
+from ociworker.fs.tree import empty_dir
 from ociworker.fs.users import resolve_user
 from ociworker.log import get_logger
 
@@ -224,6 +225,48 @@ def _is_exec_failure(msg: str) -> bool:
     )
 
 
+def _kill_containers(runtime_dir: Path) -> int:
+    """Kill and delete every container the runtimes still know under ``runtime_dir``
+    (one ``--root`` per runtime, named after it)."""
+    n = 0
+    if not runtime_dir.is_dir():
+        return 0
+    for state in runtime_dir.iterdir():
+        binary = shutil.which(state.name)
+        if binary is None or not state.is_dir():
+            continue
+        got = subprocess.run(
+            [binary, f"--root={state}", "list", "-q"], capture_output=True, text=True, timeout=30
+        )
+        for cid in got.stdout.split():
+            subprocess.run(
+                [binary, f"--root={state}", "kill", cid, "KILL"], capture_output=True, timeout=30
+            )
+            subprocess.run(
+                [binary, f"--root={state}", "delete", "--force", cid],
+                capture_output=True,
+                timeout=30,
+            )
+            n += 1
+    return n
+
+
+async def recover_state_dir(state_dir: Path) -> dict[str, int]:
+    """Undo what the runs of a dead process left under an executor's ``state_dir``:
+    containers killed and deleted (for runc and crun alike), then rootfs, tmpfs
+    and namespace mounts released, then bundles and namespace files removed.
+    Counts of the containers and mounts found."""
+    state_dir = Path(state_dir).absolute()
+    containers = await asyncio.to_thread(_kill_containers, state_dir / "runtime")
+    mounts = await asyncio.to_thread(unmount_below, state_dir) if state_dir.is_dir() else 0
+    await asyncio.to_thread(empty_dir, state_dir / "bundles")
+    netns = state_dir / "netns"
+    if netns.is_dir():
+        for ns in list(netns.iterdir()):
+            await asyncio.to_thread(remove_netns, ns)
+    return {"containers": containers, "mounts": mounts}
+
+
 class OCIRuntimeExecutor:
     """``Executor`` on runc or crun; ``runtime`` is a name in PATH or a path."""
 
@@ -245,6 +288,10 @@ class OCIRuntimeExecutor:
     def runtime_root(self) -> Path:
         """The runtime's ``--root`` (its container state lives there)."""
         return self._runtime_root
+
+    async def recover(self) -> dict[str, int]:
+        """Start-up recovery of this executor's state dir (``recover_state_dir``)."""
+        return await recover_state_dir(self._state_dir)
 
     def _cmd(self, *args: str, log: Path | None = None, root: Path | None = None) -> list[str]:
         cmd = [self._binary, f"--root={root or self._runtime_root}"]
@@ -275,13 +322,7 @@ class OCIRuntimeExecutor:
         mounts: Sequence[Mount],
         output: OutputSink,
     ) -> int:
-        if not process.args:
-            raise UserError("no command to run (empty args)")
-        if not rootfs:
-            raise UserError("no rootfs mounts to run on")
-        for m in mounts:
-            if not m.target.startswith("/"):
-                raise UserError(f"mount target must be absolute, got {m.target!r}")
+        check_run(rootfs, process, mounts)
 
         cid = "ociw-" + secrets.token_hex(8)
         bundle = self._state_dir / "bundles" / cid

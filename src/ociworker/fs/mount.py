@@ -265,6 +265,17 @@ def unmount(target: Path) -> None:
         raise HostError(f"unmount {point}: {os.strerror(err)}")
 
 
+def unmount_below(root: Path) -> int:
+    """Unmount everything strictly below ``root`` (the root may itself be a
+    mount); how many mount points there were."""
+    base = os.path.realpath(root)
+    points = [p for p in mountpoints_under(root) if p != base]
+    for point in reversed(points):
+        with contextlib.suppress(FileNotFoundError):
+            unmount(Path(point))
+    return len(points)
+
+
 def _cleanup(path: Path) -> None:
     unmount(path)
     # rmdir, never rmtree: if anything were still mounted here, rmtree would

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -34,6 +35,18 @@ def rmtree(path: Path) -> None:
         shutil.rmtree(path, onexc=retry)
     else:
         shutil.rmtree(path, onerror=lambda f, p, info: retry(f, p, info[1]))
+
+
+def empty_dir(d: Path) -> None:
+    """Remove everything in ``d`` (nothing below may be mounted); a missing ``d`` is fine."""
+    if not d.is_dir():
+        return
+    for entry in d.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
 
 
 def copy_tree(src: Path, dst: Path) -> None:

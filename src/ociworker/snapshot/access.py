@@ -72,3 +72,14 @@ async def snapshot_chain(catalog: SnapshotCatalog, name: str | None) -> list[str
         name = info.parent
     chain.reverse()
     return chain
+
+
+async def drop_uncommitted(snapshots: Snapshotter, catalog: SnapshotCatalog) -> int:
+    """Remove every active and view snapshot; how many (start-up recovery: their
+    users are gone, and nothing may have them mounted any more)."""
+    dropped = 0
+    for info in await catalog.walk():
+        if info.kind != "committed":
+            await snapshots.remove(info.key)
+            dropped += 1
+    return dropped

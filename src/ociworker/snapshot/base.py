@@ -57,6 +57,15 @@ class SnapshotCatalog(Protocol):
     async def walk(self) -> Sequence[SnapshotInfo]: ...
 
 
+class SnapshotStore(Snapshotter, SnapshotCatalog, Protocol):
+    """Both halves on one root, as the worker holds them."""
+
+    async def recover(self) -> int:
+        """Drop the active and view snapshots of processes that died (called by
+        whoever owns the root, before first use); how many were dropped."""
+        ...
+
+
 class Mounter(Protocol):
     """Makes snapshot mounts visible as a directory for in-process work (COPY, a
     differ's view, an export). The real one calls mount(2) (``fs.mount``); the

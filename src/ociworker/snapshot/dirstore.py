@@ -37,6 +37,7 @@ from ociworker.errors import HostError, NotFoundError, UserError
 from ociworker.fs.mount import mountpoints_under
 from ociworker.fs.sqlite import enable_wal
 from ociworker.fs.tree import disk_usage, rmtree
+from ociworker.snapshot import access
 from ociworker.snapshot.base import Kind, SnapshotInfo
 
 _SCHEMA = """
@@ -291,3 +292,8 @@ class DirSnapshotter:
 
     async def walk(self) -> Sequence[SnapshotInfo]:
         return await asyncio.to_thread(self._walk)
+
+    async def recover(self) -> int:
+        """Drop every active and view snapshot (left by a process that died while
+        using them; nothing may have them mounted any more); how many."""
+        return await access.drop_uncommitted(self, self)

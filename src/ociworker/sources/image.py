@@ -22,6 +22,7 @@ from ociworker.core.oci import DOCKER_FOREIGN_LAYER, Descriptor, Layer, Platform
 from ociworker.core.reference import Reference, parse_reference
 from ociworker.diff.base import Applier
 from ociworker.errors import DigestMismatchError, RegistryError, UnsupportedError, UserError
+from ociworker.exporter.image import read_image
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
 
@@ -85,6 +86,38 @@ def _check_layer_type(reference: str, desc: Descriptor) -> None:
         raise UnsupportedError(
             f"image {reference}: unsupported layer media type {desc.media_type!r}"
         ) from None
+
+
+def image_from_content(
+    content: ContentStore, reference: str, manifest_digest: Digest
+) -> PulledImage | None:
+    """An image whose manifest, config and layers are all in ``content`` (None
+    when any of them is missing: it must be pulled)."""
+    if not content.has(manifest_digest):
+        return None
+    manifest, config = read_image(content, manifest_digest)
+    layers_json = manifest.get("layers") or []
+    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    if len(layers_json) != len(diff_ids):
+        return None
+    layers = []
+    for lj, did in zip(layers_json, diff_ids, strict=True):
+        desc = Descriptor.from_json(lj)
+        if not content.has(desc.digest):
+            return None
+        layers.append(Layer(desc, check_digest(did)))
+    cfg_desc = Descriptor.from_json(manifest["config"])
+    return PulledImage(
+        reference=reference,
+        manifest=Descriptor(
+            str(manifest.get("mediaType", "")),
+            manifest_digest,
+            content.size(manifest_digest),
+        ),
+        config=config,
+        config_digest=cfg_desc.digest,
+        layers=tuple(layers),
+    )
 
 
 class ImagePuller:

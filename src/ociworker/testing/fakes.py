@@ -3,17 +3,25 @@
 Every fake here is held to the shared suite of the Protocol it stands in for,
 so a unit test that passes with a fake says something about the real thing:
 ``MemoryCacheIndex`` to ``tests/test_scheduler.py::test_cache_index_suite``,
-``MemorySnapshotter`` to ``ociworker.testing.snapshot_suite`` (in
-``tests/test_fakes_suites.py``). The fake registry is in ``fake_registry.py``.
+``MemorySnapshotter`` to ``ociworker.testing.snapshot_suite``, ``MemoryMounter``
+to ``ociworker.testing.mounter_suite`` and ``FakeExecutor`` to
+``ociworker.testing.executor_suite`` (all in ``tests/test_fakes_suites.py``).
+The fake registry is in ``fake_registry.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gzip
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zstandard
 
@@ -23,6 +31,9 @@ from ociworker.core.graph import Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, layer_compression
 from ociworker.errors import NotFoundError, UnsupportedError, UserError
+from ociworker.executor.base import OutputSink, ProcessSpec, check_run
+from ociworker.ops.runmount.secret import SecretFile
+from ociworker.snapshot import access
 from ociworker.snapshot.base import Kind, SnapshotInfo
 from ociworker.solver.scheduler import Job, Result, default_cache_key
 
@@ -192,6 +203,9 @@ class MemorySnapshotter:
         await asyncio.sleep(0)
         return [info for _, info in sorted(self.state.snapshots.values(), key=lambda t: t[0])]
 
+    async def recover(self) -> int:
+        return await access.drop_uncommitted(self, self)
+
 
 class MemoryApplier:
     """``Applier`` that records which layer went onto which mount instead of
@@ -232,3 +246,155 @@ def _decompress(media_type: str, blob: bytes) -> bytes:
         # Frame by frame, as the real applier reads: a layer may hold several.
         return zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=True).read()
     return blob
+
+
+class MemoryMounter:
+    """``Mounter`` for ``MemorySnapshotter`` mounts: each snapshot's files are a
+    plain dir under ``root`` (made on first use as a copy of its parent's, as the
+    native snapshotter does), and ``mounted`` hands out a fresh copy of it under
+    ``root`` that is written back on exit when the mount is writable.
+
+    Refuses any other mount (a real bind or overlay) loudly. Read-only mounts are
+    not enforced (nothing stops a write, it is just not kept), and two writable
+    mounts of one snapshot at once are last-writer-wins.
+    """
+
+    def __init__(self, snapshotter: MemorySnapshotter, root: Path) -> None:
+        self._state = snapshotter.state
+        self.root = root
+        self._trees = root / "trees"
+
+    def _ident(self, mounts: Sequence[Mount]) -> int:
+        if len(mounts) != 1 or mounts[0].type != MEMORY_MOUNT_TYPE:
+            raise UnsupportedError(
+                f"MemoryMounter mounts only one {MEMORY_MOUNT_TYPE!r} mount of a "
+                f"MemorySnapshotter, got {[m.type for m in mounts]}"
+            )
+        prefix = "memory-snapshot-"
+        if not mounts[0].source.startswith(prefix):
+            raise UnsupportedError(f"not a MemorySnapshotter mount: {mounts[0].source!r}")
+        return int(mounts[0].source.removeprefix(prefix))
+
+    def _tree(self, ident: int) -> Path:
+        """The snapshot's dir, made from its parent's on first use."""
+        tree = self._trees / str(ident)
+        if tree.exists():
+            return tree
+        found = [info for i, info in self._state.snapshots.values() if i == ident]
+        if not found:
+            raise NotFoundError(f"snapshot #{ident} is gone from the MemorySnapshotter")
+        parent = found[0].parent
+        if parent is None:
+            tree.mkdir(parents=True)
+        else:
+            shutil.copytree(self._tree(self._state.snapshots[parent][0]), tree, symlinks=True)
+        return tree
+
+    @contextlib.asynccontextmanager
+    async def mounted(self, mounts: Sequence[Mount]) -> AsyncIterator[Path]:
+        ident = self._ident(mounts)
+        writable = not mounts[0].readonly
+        tree = await asyncio.to_thread(self._tree, ident)
+        path = self.root / f"mnt-{uuid.uuid4().hex}"
+        await asyncio.to_thread(shutil.copytree, tree, path, symlinks=True)
+        try:
+            yield path
+        finally:
+            await asyncio.shield(asyncio.to_thread(self._release, path, tree, writable))
+
+    @staticmethod
+    def _release(path: Path, tree: Path, writable: bool) -> None:
+        if writable:
+            # what was written is kept, as through a real mount (also on an error)
+            shutil.rmtree(tree)
+            path.rename(tree)
+        else:
+            shutil.rmtree(path)
+
+
+@contextlib.asynccontextmanager
+async def plain_secret_files(tmp: Path, files: Sequence[SecretFile]) -> AsyncIterator[list[Path]]:
+    """``ops.runmount.secret.secret_files`` without the tmpfs (no root needed): the
+    files in a private dir under ``tmp``, removed on exit."""
+    if not files:
+        yield []
+        return
+    d = Path(tempfile.mkdtemp(dir=tmp, prefix="secrets-"))
+    try:
+        paths = []
+        for i, f in enumerate(files):
+            path = d / f"secret-{i}"
+            path.write_bytes(f.data)
+            os.chmod(path, f.mode)
+            paths.append(path)
+        yield paths
+    finally:
+        shutil.rmtree(d)
+
+
+@dataclass(frozen=True)
+class FakeRun:
+    """What a ``FakeExecutor`` run does: output to write, then an exit code; with
+    ``block`` it then waits until cancelled (a command that never ends)."""
+
+    exit_code: int = 0
+    stdout: bytes = b""
+    stderr: bytes = b""
+    block: bool = False
+
+
+@dataclass(frozen=True)
+class ExecutorCall:
+    rootfs: tuple[Mount, ...]
+    process: ProcessSpec
+    mounts: tuple[Mount, ...]
+
+
+class FakeExecutor:
+    """``Executor`` that runs nothing: it records each call and plays the
+    ``FakeRun`` that ``script`` gives for it (by args, or a function of the call,
+    e.g. one that reads a mounted file while the "process" runs); ``default`` for
+    args the script does not know. Refuses what the real one refuses."""
+
+    def __init__(
+        self,
+        script: Mapping[tuple[str, ...], FakeRun] | Callable[[ExecutorCall], FakeRun] | None = None,
+        default: FakeRun | None = None,
+    ) -> None:
+        self.script = script if script is not None else {}
+        self.default = default if default is not None else FakeRun()
+        self.calls: list[ExecutorCall] = []
+        #: runs in progress (a cancelled one must not stay counted)
+        self.running = 0
+
+    def _play(self, call: ExecutorCall) -> FakeRun:
+        if callable(self.script):
+            return self.script(call)
+        return self.script.get(call.process.args, self.default)
+
+    async def run(
+        self,
+        rootfs: Sequence[Mount],
+        process: ProcessSpec,
+        mounts: Sequence[Mount],
+        output: OutputSink,
+    ) -> int:
+        check_run(rootfs, process, mounts)
+        call = ExecutorCall(tuple(rootfs), process, tuple(mounts))
+        self.calls.append(call)
+        self.running += 1
+        try:
+            await asyncio.sleep(0)
+            run = self._play(call)
+            if run.stdout:
+                output("stdout", run.stdout)
+            if run.stderr:
+                output("stderr", run.stderr)
+            if run.block:
+                await asyncio.Event().wait()
+            return run.exit_code
+        finally:
+            self.running -= 1
+
+    async def recover(self) -> dict[str, int]:
+        return {"containers": 0, "mounts": 0}

@@ -25,13 +25,14 @@ import fcntl
 import hashlib
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ociworker.errors import ConfigError
+from ociworker.errors import ConfigError, HostError
 from ociworker.fs.paths import secure_join
 from ociworker.fs.tree import disk_usage
 
@@ -289,3 +290,21 @@ def _held_all(d: Path) -> Iterator[bool]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+async def copy_seed(src: Path, dst: Path) -> None:
+    """Copy ``src`` (a new cache's seed) into ``dst`` keeping owners, modes, links and times."""
+    proc = await asyncio.create_subprocess_exec(
+        "cp",
+        "-a",
+        "-T",
+        "--",
+        str(src),
+        str(dst),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise HostError(f"seeding cache mount failed: {err.decode(errors='replace').strip()}")

@@ -1,0 +1,133 @@
+"""Local build contexts as the op handlers see them: the ``LocalContext`` a
+session hands the worker, the checksum of the files a step selects from one,
+and the cache key that uses it; plus the two checks every handler makes on its
+inputs (an input index in range, a local source present in the session)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ociworker.core.digest import digest_of
+from ociworker.core.graph import Copy, OpSpec, SourceOp, Vertex
+from ociworker.errors import NotFoundError, UserError
+from ociworker.fs import walk
+from ociworker.fs.paths import secure_join
+from ociworker.ops import fileactions as fileops
+from ociworker.solver.scheduler import Job, Result
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """A local source as the session hands it to the worker."""
+
+    root: Path
+    ignore: walk.Ignore | None
+
+
+class ContextChecksums:
+    """Checksums of what steps select from local contexts, with a memo of
+    per-file hashes (kept while a file's inode, size and times are unchanged)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, int, int, int, int], str] = {}
+
+    def content_checksum(self, ctx: LocalContext, copies: Sequence[Copy]) -> str:
+        """Digest of the files that ``copies`` select from a local context (content,
+        names, modes and link targets; not mtimes), reusing per-file hashes while the
+        file's inode, size and times are unchanged."""
+        src = walk.Source(ctx.root, ctx.ignore, is_context=True)
+        h = hashlib.sha256()
+        for copy in copies:
+            h.update(b"\x00pattern\x00" + copy.src.encode())
+            # the whole subtrees that decide what the copy takes (with --parents a
+            # ** reaches below what the pattern names literally)
+            for rel in fileops.source_roots(src, copy):
+                try:
+                    entries = list(walk.walk_selected(src, rel, follow=True))
+                except NotFoundError:
+                    h.update(b"\x00missing\x00" + rel.encode())
+                    continue
+                for path, st in entries:
+                    h.update(f"\x00{path}\x00{stat.S_IMODE(st.st_mode):o}\x00".encode())
+                    if stat.S_ISREG(st.st_mode):
+                        h.update(self._file_hash(ctx.root, path, st).encode())
+                    elif stat.S_ISLNK(st.st_mode):
+                        link = os.readlink(secure_join(ctx.root, path, follow_last=False))
+                        h.update(b"L" + link.encode())
+                    elif stat.S_ISDIR(st.st_mode):
+                        h.update(b"D")
+        return "sha256:" + h.hexdigest()
+
+    def _file_hash(self, root: Path, rel: str, st: os.stat_result) -> str:
+        real = secure_join(root, rel, follow_last=True)
+        key = (str(real), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        cached = self._memo.get(key)
+        if cached is not None:
+            return cached
+        h = hashlib.sha256()
+        with open(real, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        self._memo[key] = h.hexdigest()
+        return h.hexdigest()
+
+
+def local_context(job: Job, name: str) -> LocalContext:
+    """The session's local source ``name``."""
+    ctx = job.locals.get(name)
+    if not isinstance(ctx, LocalContext):
+        raise NotFoundError(f"no local source named {name!r} in this session")
+    return ctx
+
+
+def step_input(inputs: Sequence[Result], index: int, refusal: Callable[[int], str]) -> Result:
+    """Input ``index`` of a step; ``refusal(count of inputs)`` is the error's
+    text when the step has no such input (it says what named the input)."""
+    if index >= len(inputs):
+        raise UserError(refusal(len(inputs)))
+    return inputs[index]
+
+
+def root_parent(inputs: Sequence[Result]) -> str | None:
+    """The committed snapshot a step's new snapshot starts from (input 0), or None."""
+    if not inputs or inputs[0].kind == "none":
+        return None
+    if inputs[0].kind != "snapshot":
+        raise UserError("a step's root must be a snapshot")
+    return inputs[0].ref
+
+
+async def context_keyed(
+    checksums: ContextChecksums,
+    vertex: Vertex,
+    input_keys: Sequence[str],
+    job: Job,
+    selected: Callable[[OpSpec, int], list[Copy]],
+) -> str:
+    """The step's cache key, with each local-context input keyed by the content
+    of the files the step selects from it (``selected(op, input index)``), not by
+    the whole context: a change elsewhere in the context invalidates nothing,
+    a change to a selected file does."""
+    keys = list(input_keys)
+    for i, inp in enumerate(vertex.inputs):
+        ctx = _local_context(inp, job)
+        if ctx is not None:
+            keys[i] = await asyncio.to_thread(
+                checksums.content_checksum, ctx, selected(vertex.op, i)
+            )
+    return digest_of({"op": vertex.op.to_json(), "inputs": keys})
+
+
+def _local_context(inp: Vertex | None, job: Job) -> LocalContext | None:
+    if inp is None or not isinstance(inp.op, SourceOp):
+        return None
+    if not inp.op.identifier.startswith("local://"):
+        return None
+    ctx = job.locals.get(inp.op.identifier.removeprefix("local://"))
+    return ctx if isinstance(ctx, LocalContext) else None

@@ -13,13 +13,13 @@ import structlog
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import HostError
+from ociworker.fs.mount import PAGE_SIZE, mount_all, mounted, unmount
 from ociworker.snapshot import (
     NativeSnapshotter,
     OverlaySnapshotter,
     open_snapshotter,
     overlay_supported,
 )
-from ociworker.fs.mount import PAGE_SIZE, mount_all, mounted, unmount
 from ociworker.snapshot.overlay import FLATTEN_EVERY
 
 pytestmark = pytest.mark.usefixtures("require_root")

@@ -1,0 +1,55 @@
+"""``type=oci`` and ``type=docker``: the image as one tar (an OCI image layout;
+the docker one is also what ``docker load`` reads), written through the target.
+The tar writers (``exporter.ocilayout``) load only when such an output is written."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ociworker.core.outputs import OutputSpec
+from ociworker.core.progress import Info, ProgressStep
+from ociworker.exporter.base import (
+    ExportParts,
+    ExportResult,
+    OutputInstance,
+    image_names,
+    output_options,
+)
+
+
+class OCIExporter:
+    def resolve(self, output: OutputSpec) -> ImageArchiveInstance:
+        return ImageArchiveInstance(output, output_options(output), docker=False)
+
+
+class DockerExporter:
+    def resolve(self, output: OutputSpec) -> ImageArchiveInstance:
+        # docker media types unless the output asks for OCI ones
+        return ImageArchiveInstance(output, output_options(output, oci_media_types=False), True)
+
+
+@dataclass(frozen=True)
+class ImageArchiveInstance(OutputInstance):
+    docker: bool
+
+    @property
+    def needs_image(self) -> bool:
+        return True
+
+    async def export(self, result: ExportResult, parts: ExportParts) -> None:
+        from ociworker.exporter.ocilayout import export_docker_archive, export_oci_archive
+
+        image = result.image
+        assert image is not None
+        names = image_names(self.output, result.tags)
+        fn = export_docker_archive if self.docker else export_oci_archive
+        label = "docker image format" if self.docker else "oci image format"
+        with ProgressStep(parts.events, f"exporting to {label}"):
+            parts.events(Info(f"writing image {image.manifest.digest}"))
+
+            def write() -> None:
+                with parts.target.stream(self.output) as f:
+                    fn(parts.content, image, names, f)
+
+            await asyncio.to_thread(write)

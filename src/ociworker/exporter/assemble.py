@@ -19,7 +19,7 @@ from ociworker.core.oci import Layer
 from ociworker.core.outputs import OutputSpec
 from ociworker.diff.base import Compression, CompressionOpts
 from ociworker.errors import ConfigError, UserError
-from ociworker.exporter.chain import SnapshotLayers, is_empty
+from ociworker.exporter.chain import ChainLayers, is_empty
 from ociworker.exporter.image import ImageResult, write_image
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def compression_opts(options: Sequence[LayerOptions]) -> CompressionOpts:
 
 
 async def make_image(
-    layers: SnapshotLayers,
+    layers: ChainLayers,
     content: ContentStore,
     plan: Plan,
     top: str | None,

@@ -26,7 +26,7 @@ from ociworker.core.progress import EventSink
 from ociworker.core.reference import parse_reference
 from ociworker.diff.base import CompressionOpts
 from ociworker.exporter.assemble import LayerOptions
-from ociworker.exporter.chain import SnapshotLayers
+from ociworker.exporter.chain import ChainLayers
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget
 from ociworker.solver.scheduler import Result
@@ -55,7 +55,7 @@ class ExportParts:
     images: ImageNamer
     #: a read-only mounted view of a committed snapshot (an empty dir for None)
     view: Callable[[str | None], AbstractAsyncContextManager[Path]]
-    layers: SnapshotLayers
+    layers: ChainLayers
     target: ExportTarget
     events: EventSink
 

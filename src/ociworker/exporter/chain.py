@@ -36,6 +36,14 @@ def is_empty(layer: Layer) -> bool:
     return layer.diff_id in EMPTY_TAR_DIFF_IDS
 
 
+class ChainLayers(Protocol):
+    """What image assembly and ``type=layers`` need: chains and their layers."""
+
+    async def chain(self, name: str | None) -> list[str]: ...
+
+    async def layer_of(self, chain: Sequence[str], index: int, opts: CompressionOpts) -> Layer: ...
+
+
 class SnapshotLayers:
     """Turns committed snapshots into layer blobs in ``content``.
 

@@ -16,13 +16,13 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, Self, TypeVar
 
 from ociworker.content.store import ContentStore
 from ociworker.core.graph import Vertex
 from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
-from ociworker.core.progress import EventSink
+from ociworker.core.progress import EventSink, ProgressStep
 from ociworker.core.reference import parse_reference
 from ociworker.diff.base import CompressionOpts
 from ociworker.exporter.assemble import LayerOptions
@@ -150,28 +150,41 @@ class Exporter(Protocol):
 
 
 @dataclass(frozen=True)
-class OutputInstance:
-    """The common part of the instances: the output and its layer options; no
-    image needed, nothing done during the solve (subclasses say otherwise)."""
+class OutputExport:
+    """The common part of the exporters: each subclass is the ``Exporter`` of one
+    output type (``resolve`` is a classmethod) and its instances are that
+    type's ``ExporterInstance``. By default an export needs no image and does
+    nothing while the solve runs."""
 
     output: OutputSpec
     layer_options: LayerOptions
 
-    @property
-    def needs_image(self) -> bool:
-        return False
+    #: the media types this output asks for when it does not say
+    #: ``oci-mediatypes=true`` (None: it leaves them to the other outputs)
+    oci_media_types: ClassVar[bool | None] = None
+    needs_image: ClassVar[bool] = False
+
+    @classmethod
+    def resolve(cls, output: OutputSpec) -> Self:
+        """Check the options every output may give: the layer options (see
+        ``LayerOptions.parse``) and ``name=``, which must be an image reference."""
+        opts = LayerOptions.parse(output, oci_media_types=cls.oci_media_types)
+        if output.get("name"):
+            parse_reference(output.get("name"))
+        return cls(output, opts)
 
     def watch(self, solve: SolveWatch) -> None:
         return None
 
 
-def output_options(out: OutputSpec, *, oci_media_types: bool | None = None) -> LayerOptions:
-    """The options every exporter checks: the layer options (see
-    ``LayerOptions.parse``) and ``name=``, which must be an image reference."""
-    opts = LayerOptions.parse(out, oci_media_types=oci_media_types)
-    if out.get("name"):
-        parse_reference(out.get("name"))
-    return opts
+async def export_files(
+    parts: ExportParts, top: str | None, step: str, write: Callable[[Path], None]
+) -> None:
+    """Mount the result's files and hand their root to ``write`` (in a thread),
+    as the progress step ``step``."""
+    with ProgressStep(parts.events, step):
+        async with parts.view(top) as root:
+            await asyncio.to_thread(write, root)
 
 
 def image_names(out: OutputSpec, tags: Sequence[str]) -> list[str]:

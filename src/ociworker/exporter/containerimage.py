@@ -4,26 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ociworker.core.outputs import OutputSpec
-from ociworker.exporter.base import (
-    ExportParts,
-    ExportResult,
-    OutputInstance,
-    image_names,
-    output_options,
-)
-
-
-class ImageExporter:
-    def resolve(self, output: OutputSpec) -> ImageInstance:
-        return ImageInstance(output, output_options(output))
+from ociworker.exporter.base import ExportParts, ExportResult, OutputExport, image_names
 
 
 @dataclass(frozen=True)
-class ImageInstance(OutputInstance):
-    @property
-    def needs_image(self) -> bool:
-        return True
+class ImageExport(OutputExport):
+    needs_image = True
 
     async def export(self, result: ExportResult, parts: ExportParts) -> None:
         assert result.image is not None

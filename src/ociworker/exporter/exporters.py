@@ -7,19 +7,20 @@ from collections.abc import Sequence
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.errors import ConfigError
 from ociworker.exporter.base import Exporter, ExporterInstance
-from ociworker.exporter.containerimage import ImageExporter
-from ociworker.exporter.imagearchive import DockerExporter, OCIExporter
-from ociworker.exporter.layers import LayersExporter
-from ociworker.exporter.local import LocalExporter
-from ociworker.exporter.tar import TarExporter
+from ociworker.exporter.containerimage import ImageExport
+from ociworker.exporter.imagearchive import DockerArchiveExport, OCIArchiveExport
+from ociworker.exporter.layers import LayersExport
+from ociworker.exporter.local import LocalExport
+from ociworker.exporter.tar import TarExport
 
+#: each exporter is a class: ``resolve`` (a classmethod) makes its instances
 EXPORTERS: dict[str, Exporter] = {
-    "image": ImageExporter(),
-    "oci": OCIExporter(),
-    "docker": DockerExporter(),
-    "local": LocalExporter(),
-    "tar": TarExporter(),
-    "layers": LayersExporter(),
+    "image": ImageExport,
+    "oci": OCIArchiveExport,
+    "docker": DockerArchiveExport,
+    "local": LocalExport,
+    "tar": TarExport,
+    "layers": LayersExport,
 }
 
 

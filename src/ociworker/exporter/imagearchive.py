@@ -6,36 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Info, ProgressStep
-from ociworker.exporter.base import (
-    ExportParts,
-    ExportResult,
-    OutputInstance,
-    image_names,
-    output_options,
-)
-
-
-class OCIExporter:
-    def resolve(self, output: OutputSpec) -> ImageArchiveInstance:
-        return ImageArchiveInstance(output, output_options(output), docker=False)
-
-
-class DockerExporter:
-    def resolve(self, output: OutputSpec) -> ImageArchiveInstance:
-        # docker media types unless the output asks for OCI ones
-        return ImageArchiveInstance(output, output_options(output, oci_media_types=False), True)
+from ociworker.exporter.base import ExportParts, ExportResult, OutputExport, image_names
 
 
 @dataclass(frozen=True)
-class ImageArchiveInstance(OutputInstance):
-    docker: bool
-
-    @property
-    def needs_image(self) -> bool:
-        return True
+class OCIArchiveExport(OutputExport):
+    needs_image = True
+    docker: ClassVar[bool] = False
 
     async def export(self, result: ExportResult, parts: ExportParts) -> None:
         from ociworker.exporter.ocilayout import export_docker_archive, export_oci_archive
@@ -53,3 +33,9 @@ class ImageArchiveInstance(OutputInstance):
                     fn(parts.content, image, names, f)
 
             await asyncio.to_thread(write)
+
+
+@dataclass(frozen=True)
+class DockerArchiveExport(OCIArchiveExport):
+    docker = True
+    oci_media_types = False  # docker media types unless the output asks for OCI ones

@@ -22,24 +22,13 @@ from ociworker.core.oci import (
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import LayerCommitted
 from ociworker.errors import UserError
-from ociworker.exporter.base import (
-    ExportParts,
-    ExportResult,
-    OutputInstance,
-    SolveWatch,
-    output_options,
-)
+from ociworker.exporter.base import ExportParts, ExportResult, OutputExport, SolveWatch
 from ociworker.exporter.chain import is_empty
 from ociworker.solver.scheduler import Result
 
 
-class LayersExporter:
-    def resolve(self, output: OutputSpec) -> LayersInstance:
-        return LayersInstance(output, output_options(output))
-
-
 @dataclass(frozen=True)
-class LayersInstance(OutputInstance):
+class LayersExport(OutputExport):
     def watch(self, solve: SolveWatch) -> None:
         solve.stream(LayerStreamer, lambda: LayerStreamer(solve)).add(self.output)
 

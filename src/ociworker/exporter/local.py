@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from dataclasses import dataclass
 
-from ociworker.core.outputs import OutputSpec
-from ociworker.core.progress import ProgressStep
-from ociworker.exporter.base import ExportParts, ExportResult, OutputInstance, output_options
-
-
-class LocalExporter:
-    def resolve(self, output: OutputSpec) -> LocalInstance:
-        return LocalInstance(output, output_options(output))
+from ociworker.exporter.base import ExportParts, ExportResult, OutputExport, export_files
 
 
 @dataclass(frozen=True)
-class LocalInstance(OutputInstance):
+class LocalExport(OutputExport):
     async def export(self, result: ExportResult, parts: ExportParts) -> None:
-        with ProgressStep(parts.events, "exporting to client directory"):
-            async with parts.view(result.top) as root:
-                await asyncio.to_thread(parts.target.local, self.output, root)
+        write = functools.partial(parts.target.local, self.output)
+        await export_files(parts, result.top, "exporting to client directory", write)

@@ -3,22 +3,14 @@ written through the target; the writer loads only when such an output is written
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from ociworker.core.outputs import OutputSpec
-from ociworker.core.progress import ProgressStep
-from ociworker.exporter.base import ExportParts, ExportResult, OutputInstance, output_options
-
-
-class TarExporter:
-    def resolve(self, output: OutputSpec) -> TarInstance:
-        return TarInstance(output, output_options(output))
+from ociworker.exporter.base import ExportParts, ExportResult, OutputExport, export_files
 
 
 @dataclass(frozen=True)
-class TarInstance(OutputInstance):
+class TarExport(OutputExport):
     async def export(self, result: ExportResult, parts: ExportParts) -> None:
         from ociworker.exporter.fs import export_tar
 
@@ -26,6 +18,4 @@ class TarInstance(OutputInstance):
             with parts.target.stream(self.output) as f:
                 export_tar(root, f)
 
-        with ProgressStep(parts.events, "exporting to client tarball"):
-            async with parts.view(result.top) as root:
-                await asyncio.to_thread(write, root)
+        await export_files(parts, result.top, "exporting to client tarball", write)

@@ -174,7 +174,7 @@ async def build(
     image: ImageResult | None = None
     if need_image:
         with ProgressStep(events, "exporting layers"):
-            image = await make_image(parts.layers, worker.content, plan, top, compression)
+            image = await make_image(parts.layers, parts.content, plan, top, compression)
         names = [str(parse_reference(t)) for t in req.tags]
         for name in names:
             worker.images.put(name, image.manifest)

@@ -17,8 +17,8 @@ from dockerd import Dockerd, dockerd
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest
 from ociworker.core.oci import OCI_LAYER_GZIP, Descriptor, Layer
-from ociworker.exporter.archive import export_docker_archive, export_oci_archive
 from ociworker.exporter.image import ImageResult, write_image
+from ociworker.exporter.ocilayout import export_docker_archive, export_oci_archive
 
 __all__ = ["dockerd"]  # the fixture is used by name
 

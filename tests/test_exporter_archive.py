@@ -15,9 +15,9 @@ import pytest
 from ociworker.content.store import ContentStore
 from ociworker.core.oci import OCI_INDEX
 from ociworker.errors import DigestMismatchError, UnsupportedError, UserError
-from ociworker.exporter import archive
-from ociworker.exporter.archive import export_docker_archive, export_oci_archive
+from ociworker.exporter import ocilayout
 from ociworker.exporter.image import ImageResult, write_image
+from ociworker.exporter.ocilayout import export_docker_archive, export_oci_archive
 from test_exporter_helpers import base_config, make_layer
 
 
@@ -156,8 +156,8 @@ def test_corrupt_blob_is_detected(store: ContentStore, image: ImageResult) -> No
     ],
 )
 def test_names(name: str, full: str, familiar: str) -> None:
-    assert archive._full_name(name) == full
-    assert archive._familiar(name) == familiar
+    assert ocilayout._full_name(name) == full
+    assert ocilayout._familiar(name) == familiar
 
 
 @pytest.mark.parametrize(
@@ -165,4 +165,4 @@ def test_names(name: str, full: str, familiar: str) -> None:
 )
 def test_bad_names(bad: str) -> None:
     with pytest.raises(UserError):
-        archive._full_name(bad)
+        ocilayout._full_name(bad)

@@ -48,7 +48,7 @@ class Boom(Exception):
 
 def test_archive_appears_whole_on_success(tmp_path: Path) -> None:
     dest = tmp_path / "sub" / "out.tar"
-    with LocalExportTarget().archive(OutputSpec("oci", (("dest", str(dest)),))) as f:
+    with LocalExportTarget().stream(OutputSpec("oci", (("dest", str(dest)),))) as f:
         f.write(b"part one ")
         assert not dest.exists()  # nobody sees a half-written archive
         f.write(b"part two")
@@ -75,7 +75,7 @@ def test_failing_writer_leaves_no_file_and_keeps_the_old_one(tmp_path: Path) -> 
 def test_dash_writes_to_stdout(tmp_path: Path) -> None:
     out = io.BytesIO()
     target = LocalExportTarget(stdout=out)
-    with target.archive(OutputSpec("tar", (("dest", "-"),))) as f:
+    with target.stream(OutputSpec("tar", (("dest", "-"),))) as f:
         f.write(b"streamed")
     assert out.getvalue() == b"streamed"
     assert os.listdir(tmp_path) == []

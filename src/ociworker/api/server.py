@@ -138,12 +138,12 @@ class _StreamTarget:
         self._credits = credits
         self._aborted = aborted
 
-    def _stream(self, out: OutputSpec) -> _OutputStream:
+    def _output_stream(self, out: OutputSpec) -> _OutputStream:
         return _OutputStream(self._outputs.index(out), self._send, self._credits, self._aborted)
 
     @contextlib.contextmanager
-    def archive(self, out: OutputSpec) -> Iterator[BinaryIO]:
-        raw = self._stream(out)
+    def stream(self, out: OutputSpec) -> Iterator[BinaryIO]:
+        raw = self._output_stream(out)
         buf = io.BufferedWriter(raw, buffer_size=_CHUNK)
         # on an error no eof is sent: the client discards what it received
         yield cast(BinaryIO, buf)
@@ -153,7 +153,7 @@ class _StreamTarget:
     def local(self, out: OutputSpec, root: Path) -> None:
         from ociworker.exporter.fs import export_tar
 
-        with self.archive(out) as f:
+        with self.stream(out) as f:
             export_tar(root, f)
 
     def layer(self, out: OutputSpec, layer: LayerCommitted, blob: BinaryIO) -> None:

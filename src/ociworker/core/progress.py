@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -168,3 +170,29 @@ def cap_logs(sink: EventSink, limit: int = DEFAULT_LOG_CAP) -> EventSink:
         sink(VertexLog(ev.digest, 2, clipped_line(limit), ev.timestamp))
 
     return capped
+
+
+class ProgressStep:
+    """A pseudo-step in the progress stream (loading the definition, exporting):
+    started on entry, completed (with the error, if any) on exit."""
+
+    def __init__(self, events: EventSink, name: str) -> None:
+        self.events = events
+        self.name = name
+        self.digest = "export:" + uuid.uuid4().hex
+        self.started = time.time()
+
+    def __enter__(self) -> ProgressStep:
+        self.events(VertexStatus(self.digest, self.name, started=self.started))
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.events(
+            VertexStatus(
+                self.digest,
+                self.name,
+                started=self.started,
+                completed=time.time(),
+                error=str(exc) if exc else None,
+            )
+        )

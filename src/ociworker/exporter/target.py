@@ -43,10 +43,11 @@ class ExportTarget(Protocol):
     block; ``out`` is one of the request's outputs (``req.outputs.index(out)``
     names it across a wire)."""
 
-    def archive(self, out: OutputSpec) -> AbstractContextManager[BinaryIO]:
-        """A writable byte stream for an oci, docker or tar output. Leaving the
-        block with an exception discards what was written: no partial file is
-        left at the destination (a stream that already left just stops)."""
+    def stream(self, out: OutputSpec) -> AbstractContextManager[BinaryIO]:
+        """A writable byte stream for an output written as one file (an oci or
+        docker image archive, a tar of the files). Leaving the block with an
+        exception discards what was written: no partial file is left at the
+        destination (a stream that already left just stops)."""
         ...
 
     def local(self, out: OutputSpec, root: Path) -> None:
@@ -69,7 +70,7 @@ class LocalExportTarget:
         self._stdout = stdout
 
     @contextlib.contextmanager
-    def archive(self, out: OutputSpec) -> Iterator[BinaryIO]:
+    def stream(self, out: OutputSpec) -> Iterator[BinaryIO]:
         with output_errors(out), open_archive_dest(out.get("dest"), stdout=self._stdout) as f:
             yield f
 

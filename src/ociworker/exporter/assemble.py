@@ -1,0 +1,123 @@
+"""Image assembly: the solved chain of snapshots -> layers -> config + manifest.
+
+The layer options of a build (``compression``, ``compression-level``,
+``oci-mediatypes``) may be given on any output; each output's are parsed when
+its exporter resolves it (``LayerOptions.parse``) and ``compression_opts``
+merges them in output order: the last output that names an option wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ociworker.content.store import ContentStore
+from ociworker.core.oci import Layer
+from ociworker.core.outputs import OutputSpec
+from ociworker.diff.base import Compression, CompressionOpts
+from ociworker.errors import ConfigError, UserError
+from ociworker.exporter.chain import ChainLayers, is_empty
+from ociworker.exporter.image import ImageResult, write_image
+
+if TYPE_CHECKING:
+    from ociworker.frontend.dockerfile.convert import Plan
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """The layer options one output names (None: it leaves them to the others)."""
+
+    compression: str | None = None
+    level: int | None = None
+    oci_media_types: bool | None = None
+
+    @classmethod
+    def parse(cls, out: OutputSpec, *, oci_media_types: bool | None = None) -> LayerOptions:
+        """``oci_media_types``: what the output asks for when it does not say
+        ``oci-mediatypes=true`` (a docker archive: False)."""
+        level: int | None = None
+        if out.get("compression-level"):
+            try:
+                level = int(out.get("compression-level"))
+            except ValueError:
+                raise ConfigError("compression-level must be an integer") from None
+        if out.get("oci-mediatypes") == "true":
+            oci_media_types = True
+        return cls(out.get("compression") or None, level, oci_media_types)
+
+
+def compression_opts(options: Sequence[LayerOptions]) -> CompressionOpts:
+    """One build's layer options: gzip, the codec's level and OCI media types
+    unless an output says otherwise; zstd layers need OCI media types."""
+    comp = "gzip"
+    level: int | None = None
+    oci = True
+    for o in options:
+        comp = o.compression if o.compression is not None else comp
+        level = o.level if o.level is not None else level
+        oci = o.oci_media_types if o.oci_media_types is not None else oci
+    if comp not in ("gzip", "zstd", "uncompressed"):
+        raise ConfigError(f"unknown compression {comp!r}: use gzip, zstd or uncompressed")
+    if comp == "zstd":
+        oci = True
+    c: Compression = comp  # type: ignore[assignment]
+    return CompressionOpts(compression=c, level=level, oci_media_types=oci)
+
+
+async def make_image(
+    layers: ChainLayers,
+    content: ContentStore,
+    plan: Plan,
+    top: str | None,
+    opts: CompressionOpts,
+) -> ImageResult:
+    """Write config and manifest for the chain under ``top`` (built from ``plan``).
+
+    A step whose diff is empty makes no layer and its history entry is marked
+    ``empty_layer``, as BuildKit does."""
+    chain = await layers.chain(top)
+    base_n = plan.base_layers
+    ours = plan.config["history"][len(plan.base_history) :]
+    layer_steps = [h for h in ours if not h.get("empty_layer")]
+    if len(chain) != base_n + len(layer_steps):
+        raise UserError(
+            f"internal: {len(chain)} snapshots for {base_n} base layers and "
+            f"{len(layer_steps)} steps"
+        )
+    made: list[Layer] = list(
+        await asyncio.gather(*(layers.layer_of(chain, i, opts) for i in range(len(chain))))
+    )
+    kept: list[Layer] = made[:base_n]
+    for layer, entry in zip(made[base_n:], layer_steps, strict=True):
+        if is_empty(layer):
+            entry["empty_layer"] = True  # BuildKit drops layers that change nothing
+        else:
+            kept.append(layer)
+    now = rfc3339(time.time())
+    config = dict(plan.config)
+    history = base_history(list(plan.base_history), base_n) + [dict(h, created=now) for h in ours]
+    config["history"] = history
+    config["created"] = now
+    inner = dict(config.get("config") or {})
+    maint = inner.pop("_maintainer", None)
+    if maint:
+        config["author"] = maint
+    config["config"] = inner
+    return await asyncio.to_thread(
+        write_image, content, config, kept, oci_media_types=opts.oci_media_types
+    )
+
+
+def base_history(history: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:
+    """Make the base image's history name exactly its layers (some images have none)."""
+    non_empty = sum(1 for h in history if not h.get("empty_layer"))
+    for _ in range(layers - non_empty):
+        history.append({"created_by": "(layer of the base image without history)"})
+    return history
+
+
+def rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from ociworker.content.image import read_image
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import sha256_bytes
 from ociworker.core.oci import (
@@ -18,7 +19,7 @@ from ociworker.core.oci import (
     Layer,
 )
 from ociworker.errors import DigestMismatchError, NotFoundError, UnsupportedError, UserError
-from ociworker.exporter.image import load_image, read_image, write_image
+from ociworker.exporter.image import load_image, write_image
 from test_exporter_helpers import base_config, make_layer
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from ociworker.content.image import read_image
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import check_digest
 from ociworker.core.oci import OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor, Layer
@@ -26,7 +27,7 @@ from ociworker.errors import ConfigError, UserError
 from ociworker.exporter.assemble import compression_opts, make_image
 from ociworker.exporter.base import ExportParts, ExportResult
 from ociworker.exporter.exporters import EXPORTERS, resolve_outputs
-from ociworker.exporter.image import ImageResult, read_image
+from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import LocalExportTarget
 from ociworker.frontend.dockerfile.convert import Plan
 

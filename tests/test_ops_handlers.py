@@ -386,6 +386,6 @@ async def test_a_worker_of_fakes_recovers_through_its_parts(tmp_path: Path) -> N
         assert found == {"containers": 0, "mounts": 0, "active_snapshots": 2}
         assert [i.key for i in await snapshots.walk()] == ["kept"]
         assert list((root / "tmp").iterdir()) == []
-        assert await worker.snapshot_chain("kept") == ["kept"]
+        assert await access.snapshot_chain(worker.snapshots, "kept") == ["kept"]
     finally:
         await worker.aclose()

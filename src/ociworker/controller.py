@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ociworker.content.image import read_image
 from ociworker.core.build import (
     CACHE_MOUNT_TYPE,
     BuildDefinition,
@@ -32,17 +33,18 @@ from ociworker.exporter.assemble import compression_opts, make_image
 from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch
 from ociworker.exporter.chain import SnapshotLayers
 from ociworker.exporter.exporters import resolve_outputs
-from ociworker.exporter.image import ImageResult, read_image
+from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.ops.context import LocalContext
 from ociworker.ops.runmount.cache import CacheUsage
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import Job
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
-from ociworker.worker import LocalContext, Worker
+from ociworker.worker import Worker
 
 
 async def plan_build(

@@ -8,10 +8,8 @@ is what the controller, the exporters and the API use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
@@ -31,12 +29,11 @@ from ociworker.fs.mount import HostMounter, unmount_below
 from ociworker.fs.tree import empty_dir
 from ociworker.log import get_logger
 from ociworker.ops.context import ContextChecksums
-from ociworker.ops.context import LocalContext as LocalContext
 from ociworker.ops.parts import OpParts
 from ociworker.ops.registry import OpResolver
 from ociworker.ops.runmount.cache import CacheMounts
 from ociworker.registry.client import RegistryClient
-from ociworker.snapshot import access, open_snapshotter
+from ociworker.snapshot import open_snapshotter
 from ociworker.snapshot.base import Mounter, SnapshotStore
 from ociworker.solver.scheduler import Result, Solver
 from ociworker.sources.image import ImagePuller
@@ -53,7 +50,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    root: Path = DEFAULT_ROOT
+    root: Path = Path(DEFAULT_ROOT)
     runtime: str = "runc"
     snapshotter: Literal["auto", "overlayfs", "native"] = "auto"
     insecure_registries: tuple[str, ...] = ()
@@ -100,38 +97,6 @@ class Worker:
         await self.registry.aclose()
         self.cache.close()
         self.layers.close()
-
-    def view(self, name: str | None) -> contextlib.AbstractAsyncContextManager[Path]:
-        """A read-only mounted view of a committed snapshot (an empty dir for None)."""
-        return access.view(self.snapshots, self.mounter, name, self.tmp)
-
-    async def snapshot_chain(self, name: str | None) -> list[str]:
-        return await access.snapshot_chain(self.snapshots, name)
-
-    async def layer_of(self, chain: Sequence[str], index: int, opts: CompressionOpts) -> Layer:
-        """The layer blob for chain[index] (its diff from chain[index-1]), made once."""
-        name = chain[index]
-        comp = opts.compression
-        layer = self.layers.get_layer(name, comp) or self.layers.get_layer(name, "source")
-        if layer is not None and self.content.has(layer.descriptor.digest):
-            return layer
-        parent = chain[index - 1] if index else None
-        upper_key = f"diff-{uuid.uuid4().hex}"
-        lower_key = f"diff-{uuid.uuid4().hex}"
-        upper = await self.snapshots.view(upper_key, name)
-        try:
-            lower: Sequence[Mount] = ()
-            if parent is not None:
-                lower = await self.snapshots.view(lower_key, parent)
-            try:
-                layer = await self.comparer.compare(lower, upper, opts)
-            finally:
-                if parent is not None:
-                    await self.snapshots.remove(lower_key)
-        finally:
-            await self.snapshots.remove(upper_key)
-        self.layers.put_layer(name, comp, layer)
-        return layer
 
     async def recover(self) -> dict[str, int]:
         """Make the root consistent after an unclean stop (a daemon killed with

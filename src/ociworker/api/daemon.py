@@ -51,7 +51,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 @dataclass(frozen=True)
 class DaemonConfig:
     addr: str = DEFAULT_ADDR
-    root: Path = DEFAULT_ROOT
+    root: Path = Path(DEFAULT_ROOT)
     group: str = ""
     tlscacert: str = ""
     tlscert: str = ""

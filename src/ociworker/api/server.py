@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, cast
 
 import grpc
 
-from ociworker import __version__, controller
+from ociworker import controller
 from ociworker.api import errors as api_errors
 from ociworker.api.convert import event_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
@@ -48,6 +48,7 @@ from ociworker.errors import (
 )
 from ociworker.fs.paths import check_relative_name
 from ociworker.session.filesync import ContextStore
+from ociworker.version import __version__
 from ociworker.worker import Worker
 
 _FINISHED_KEPT = 100  # finished builds Status can still replay

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor
@@ -15,8 +14,11 @@ from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.errors import ConfigError
 
+if TYPE_CHECKING:  # paths are values here: the callers do the IO
+    from pathlib import Path
+
 #: the state dir when neither --root nor $OCIWORKER_ROOT names one
-DEFAULT_ROOT = Path("/var/lib/ociworker")
+DEFAULT_ROOT = "/var/lib/ociworker"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ come from them are imported on first use.
 
 from typing import TYPE_CHECKING, Any
 
-from ociworker.exporter.image import ImageResult, load_image, read_image, write_image
+from ociworker.content.image import read_image
+from ociworker.exporter.image import ImageResult, load_image, write_image
 from ociworker.exporter.imagestore import ImageStore, StoredImage
 
 if TYPE_CHECKING:

@@ -7,20 +7,19 @@ two small JSON blobs that name them, so it never reads a layer.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ociworker.content.image import read_image
 from ociworker.content.store import ContentStore
-from ociworker.core.digest import Digest, canonical_json, check_digest
+from ociworker.core.digest import canonical_json, check_digest
 from ociworker.core.oci import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
-    MANIFEST_TYPES,
     OCI_CONFIG,
     OCI_LAYER,
     OCI_LAYER_GZIP,
@@ -30,7 +29,7 @@ from ociworker.core.oci import (
     Layer,
     layer_compression,
 )
-from ociworker.errors import DigestMismatchError, NotFoundError, UnsupportedError, UserError
+from ociworker.errors import DigestMismatchError, UnsupportedError, UserError
 
 _NO_ANNOTATIONS: Mapping[str, str] = MappingProxyType({})
 
@@ -99,23 +98,6 @@ def write_image(
     return ImageResult(manifest=man_desc, config=cfg_desc, layers=layers)
 
 
-def read_image(store: ContentStore, manifest_digest: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The parsed manifest and config of an image manifest in the store."""
-    manifest = _read_json(store, manifest_digest, "manifest")
-    media_type = manifest.get("mediaType", "")
-    # mediaType is optional in OCI manifests; a config + layers pair identifies one
-    if media_type and media_type not in MANIFEST_TYPES:
-        raise UnsupportedError(
-            f"{manifest_digest} is a {media_type}, not an image manifest "
-            "(pick one platform of an index first)"
-        )
-    cfg = manifest.get("config")
-    if not isinstance(cfg, dict) or not isinstance(manifest.get("layers"), list):
-        raise UserError(f"manifest {manifest_digest} has no config or layers")
-    config = _read_json(store, check_digest(str(cfg.get("digest", ""))), "config")
-    return manifest, config
-
-
 def load_image(store: ContentStore, manifest: Descriptor) -> ImageResult:
     """Rebuild an ``ImageResult`` from a stored manifest (e.g. an image store entry)."""
     man, config = read_image(store, manifest.digest)
@@ -182,17 +164,3 @@ def _retype_layer(layer: Layer, oci: bool) -> Layer:
         ),
         diff_id=layer.diff_id,
     )
-
-
-def _read_json(store: ContentStore, digest: Digest | str, what: str) -> dict[str, Any]:
-    try:
-        raw = store.read(digest)
-    except NotFoundError:
-        raise NotFoundError(f"image {what} {digest} not found in content store") from None
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"image {what} {digest} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"image {what} {digest} is not a JSON object")
-    return value

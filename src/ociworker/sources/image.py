@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ociworker.content.image import read_image
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest, check_digest, hex_part
 from ociworker.core.oci import DOCKER_FOREIGN_LAYER, Descriptor, Layer, Platform, layer_compression
 from ociworker.core.reference import Reference, parse_reference
 from ociworker.diff.base import Applier
 from ociworker.errors import DigestMismatchError, RegistryError, UnsupportedError, UserError
-from ociworker.exporter.image import read_image
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
 

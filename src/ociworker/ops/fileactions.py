@@ -37,7 +37,6 @@ from ociworker.fs.walk import (
     not_found,
     walk_selected,
 )
-from ociworker.ops.untar import ArchiveOwner, extract_archive, is_tar_archive
 
 
 @dataclass(frozen=True)
@@ -185,13 +184,17 @@ class _Copier:
             raise not_found(self.src, rel) from None
         if self.src.excluded(rel) and not stat.S_ISDIR(st.st_mode):
             raise not_found(self.src, rel)
-        if self.action.unpack_archive and stat.S_ISREG(st.st_mode) and is_tar_archive(top):
-            # BuildKit extracts into dest as a directory, slash or not.
-            target = self.out_path(dest, follow_last=True)
-            _ensure_dir(self.root, target, self.chown)
-            archive_owner = ArchiveOwner(self.chown.uid, self.chown.gid) if self.chown else None
-            extract_archive(top, self.root, "/" + str(target.relative_to(self.root)), archive_owner)
-            return
+        if self.action.unpack_archive and stat.S_ISREG(st.st_mode):
+            # ADD's archive code (tar, bz2, lzma) loads only when an ADD copies a file
+            from ociworker.ops.untar import ArchiveOwner, extract_archive, is_tar_archive
+
+            if is_tar_archive(top):
+                # BuildKit extracts into dest as a directory, slash or not.
+                target = self.out_path(dest, follow_last=True)
+                _ensure_dir(self.root, target, self.chown)
+                owner = ArchiveOwner(self.chown.uid, self.chown.gid) if self.chown else None
+                extract_archive(top, self.root, "/" + str(target.relative_to(self.root)), owner)
+                return
         if stat.S_ISDIR(st.st_mode):
             self.copy_dir(rel, st, dest, dest_is_dir)
             return

@@ -89,10 +89,6 @@ class Worker:
         self.root = self.config.root.absolute()
         self.tmp = self.root / "tmp"
 
-    @classmethod
-    def open(cls, config: WorkerConfig) -> Worker:
-        return open_worker(config)
-
     async def aclose(self) -> None:
         await self.registry.aclose()
         self.cache.close()

@@ -90,6 +90,3 @@ class SQLiteCacheIndex:
 
     def remove(self, key: str) -> None:
         self._db.execute("DELETE FROM records WHERE key = ?", (key,))
-
-    def refs(self) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT ref FROM records").fetchall()}

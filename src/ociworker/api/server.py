@@ -42,6 +42,7 @@ from ociworker.core.units import human_size
 from ociworker.errors import (
     BuildCancelled,
     ConfigError,
+    DockerfileError,
     NotFoundError,
     OciworkerError,
     UserError,
@@ -55,6 +56,20 @@ _FINISHED_KEPT = 100  # finished builds Status can still replay
 _OUTPUT_CREDITS = 32  # output chunks in flight per build (backpressure on exporters)
 _CHUNK = 256 * 1024
 _SPARE_CONTEXTS = 3  # extra copies of one context, for concurrent builds of it
+
+
+def build_definition(request: pb.SolveRequest) -> BuildDefinition:
+    """The Dockerfile the client read for this build, checked as the embedded
+    path checks a file it reads (``session.context.read_dockerfile``)."""
+    name = request.dockerfile_name or "Dockerfile"
+    if "/" in name:
+        raise ConfigError(f"invalid dockerfile name {name!r}: want a file name")
+    check_relative_name(name)
+    try:
+        text = request.dockerfile.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DockerfileError(f"{name} is not UTF-8 text: {exc}") from None
+    return BuildDefinition(text, name, tuple(request.ignore_patterns))
 
 
 class _Build:
@@ -269,10 +284,7 @@ class ControlService:
         aborted: threading.Event,
     ) -> pb.SolveResult:
         session = self.sessions.get(request.session_id)
-        name = request.dockerfile_name or "Dockerfile"
-        if "/" in name:
-            raise ConfigError(f"invalid dockerfile name {name!r}: want a file name")
-        check_relative_name(name)
+        definition = build_definition(request)
         outputs = [OutputSpec(o.type, tuple(sorted(o.attrs.items()))) for o in request.outputs]
         for o in outputs:
             if o.type not in OUTPUT_TYPES:
@@ -283,11 +295,6 @@ class ControlService:
         key = request.context_key or session.id
         async with contextlib.AsyncExitStack() as stack:
             ctx, sent = await self._sync_context(stack, session, key, events)
-            definition = BuildDefinition(
-                request.dockerfile.decode("utf-8", errors="replace"),
-                name,
-                tuple(request.ignore_patterns),
-            )
             req = BuildRequest(
                 context=ctx,
                 tags=tuple(request.tags),

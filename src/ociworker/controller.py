@@ -211,10 +211,7 @@ def _export_parts(worker: Worker, target: ExportTarget, events: EventSink) -> Ex
         content=worker.content,
         images=worker.images,
         view=view,
-        # the differ loads only when a snapshot has no layer yet
-        layers=SnapshotLayers(
-            worker.snapshots, lambda: worker.comparer, worker.layers, worker.content
-        ),
+        layers=SnapshotLayers(worker.snapshots, worker.comparer, worker.layers, worker.content),
         target=target,
         events=events,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 from ociworker.content.store import ContentStore
@@ -47,14 +47,14 @@ class ChainLayers(Protocol):
 class SnapshotLayers:
     """Turns committed snapshots into layer blobs in ``content``.
 
-    ``comparer`` is asked for only when a snapshot has to be diffed: the differ
-    (tar, gzip, zstd) loads on first use, and a fully cached build never needs it.
+    The comparer is called only when a snapshot has no layer yet (the worker's
+    comparer loads the differ on first call: a fully cached build never does).
     """
 
     def __init__(
         self,
         snapshots: ChainSnapshots,
-        comparer: Callable[[], Comparer],
+        comparer: Comparer,
         cache: LayerCache,
         content: ContentStore,
     ) -> None:
@@ -83,7 +83,7 @@ class SnapshotLayers:
             if parent is not None:
                 lower = await self._snapshots.view(lower_key, parent)
             try:
-                layer = await self._comparer().compare(lower, upper, opts)
+                layer = await self._comparer.compare(lower, upper, opts)
             finally:
                 if parent is not None:
                     await self._snapshots.remove(lower_key)

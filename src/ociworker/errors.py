@@ -131,6 +131,12 @@ class RuntimeFailure(WorldError):
     code = "runtime"
 
 
+class DaemonUnavailable(WorldError):
+    """The worker daemon could not be reached (no socket, refused, timed out)."""
+
+    code = "daemon_unavailable"
+
+
 class BuildCancelled(OciworkerError):
     """The build was cancelled by its caller."""
 

@@ -19,7 +19,11 @@ _configured = False
 
 
 def configure(fmt: str = "console", debug: bool = False) -> None:
-    """Record the format (``console`` or ``json``) and level for when a log happens."""
+    """Record the format (``console`` or ``json``) and level for when a log happens.
+
+    The level is debug with ``debug``; otherwise info for json (whoever asks for
+    machine-readable logs wants each build's summary) and warning on a console
+    (where progress already says everything)."""
     global _configured
     _settings.update(format=fmt, debug=debug)
     _configured = False
@@ -45,7 +49,11 @@ def _ensure_configured() -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if _settings["debug"] else logging.WARNING
+            logging.DEBUG
+            if _settings["debug"]
+            else logging.INFO
+            if _settings["format"] == "json"
+            else logging.WARNING
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,

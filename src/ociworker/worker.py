@@ -23,6 +23,7 @@ from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
 from ociworker.executor.base import OutputSink, ProcessSpec, RecoverableExecutor
+from ociworker.executor.binary import find_runtime
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.exporter.layercache import SQLiteLayerCache
 from ociworker.fs.mount import HostMounter, unmount_below
@@ -117,6 +118,9 @@ class Worker:
 def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None) -> Worker:
     """The worker on ``config.root`` with the real parts (``registry``: another
     client, e.g. on a fake registry's transport)."""
+    # A runtime that is not there fails the command now, before the state dir
+    # is touched, not at the first RUN.
+    find_runtime(config.runtime)
     root = config.root.absolute()
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o711)

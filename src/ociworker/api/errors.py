@@ -105,5 +105,5 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> BaseException:
     if code == grpc.StatusCode.CANCELLED:
         return errors.BuildCancelled(text)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return errors.WorldError(f"daemon unavailable: {text}")
+        return errors.DaemonUnavailable(f"daemon unavailable: {text}")
     return errors.OciworkerError(text)

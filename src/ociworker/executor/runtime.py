@@ -26,6 +26,7 @@ from typing import Literal, TypeVar
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
 from ociworker.executor.base import OutputSink, ProcessSpec, check_run
+from ociworker.executor.binary import find_runtime
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
 from ociworker.fs.mount import mount_all, unmount, unmount_below
@@ -167,19 +168,6 @@ class _CleanupStack:
             await asyncio.shield(task)
 
 
-def _find_binary(runtime: str) -> str:
-    if "/" in runtime:
-        if os.path.isfile(runtime) and os.access(runtime, os.X_OK):
-            return os.path.abspath(runtime)
-        raise HostError(f"OCI runtime {runtime!r} not found or not executable")
-    found = shutil.which(runtime)
-    if found is None:
-        raise HostError(
-            f"OCI runtime {runtime!r} not found in PATH (install the {runtime} package)"
-        )
-    return found
-
-
 def _detect_flavour(binary: str) -> Flavour:
     name = os.path.basename(binary)
     if "crun" in name:
@@ -271,7 +259,7 @@ class OCIRuntimeExecutor:
     """``Executor`` on runc or crun; ``runtime`` is a name in PATH or a path."""
 
     def __init__(self, state_dir: Path, runtime: str = "runc") -> None:
-        self._binary = _find_binary(runtime)
+        self._binary = find_runtime(runtime)
         self._flavour: Flavour = _detect_flavour(self._binary)
         self._state_dir = Path(state_dir).absolute()
         self._runtime_root = self._state_dir / "runtime" / self._flavour

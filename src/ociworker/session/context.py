@@ -6,6 +6,7 @@ bytes from its client and reads nothing).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ociworker.core.build import BuildDefinition
@@ -51,9 +52,28 @@ def read_dockerfile(context: Path, dockerfile: Path | None) -> tuple[str, Path]:
         raise DockerfileError(f"{path} is not UTF-8 text: {exc}") from None
 
 
+#: ``-f -``: the Dockerfile comes from stdin, as with buildx
+STDIN = Path("-")
+
+
+def read_stdin_dockerfile() -> str:
+    data = sys.stdin.buffer.read()
+    if not data.strip():
+        raise DockerfileError("the Dockerfile read from stdin (-f -) is empty")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DockerfileError(f"the Dockerfile read from stdin is not UTF-8 text: {exc}") from None
+
+
 def read_definition(context: Path, dockerfile: Path | None) -> BuildDefinition:
     """The Dockerfile's text and name and the ignore patterns that go with it."""
     if not context.is_dir():
         raise NotFoundError(f"build context {context} is not a directory")
+    if dockerfile == STDIN:
+        # No file beside it to name an ignore file: the context's own applies.
+        return BuildDefinition(
+            read_stdin_dockerfile(), "Dockerfile", read_ignore_file(context, None)
+        )
     text, path = read_dockerfile(context, dockerfile)
     return BuildDefinition(text, path.name, read_ignore_file(context, path))

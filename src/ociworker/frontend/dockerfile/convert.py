@@ -359,7 +359,8 @@ class Converter:
             k for k in self.opts.build_args if k not in self.used_args and k not in auto
         )
         if unused:
-            self.warnings.append(f"One or more build-args {unused} were not consumed")
+            # spelled as BuildKit prints a Go []string: [FOO BAR]
+            self.warnings.append(f"One or more build-args [{' '.join(unused)}] were not consumed")
         config = self._image_config(st)
         return Plan(
             target=st.vertex,

@@ -10,21 +10,45 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ociworker import log
+from ociworker.cli.failures import Phase, UsageError, describe
 from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter
 from ociworker.core.outputs import OutputSpec
-from ociworker.core.progress import EventSink
+from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.core.units import human_size
-from ociworker.errors import ConfigError, OciworkerError
+from ociworker.errors import ConfigError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
+from ociworker.version import __version__
 
 if TYPE_CHECKING:  # grpc loads only when a command talks to a daemon
     from ociworker.api.client import Client
     from ociworker.worker import Worker
+
+_log = log.get_logger("ociworker.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ours to report: buildx exits 1, not 2, and
+    prints one ``ERROR:`` line, not argparse's usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.prog)
+
+
+class _State:
+    """What main() needs to know when the command ends: how far it got and which
+    signal (if any) stopped it."""
+
+    phase = Phase.SETUP
+    signum: int | None = None
+    root: Path | None = None
+
+
+_state = _State()
 
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
@@ -77,17 +101,25 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ociworker", description="A BuildKit-class container image builder."
+    parser = _Parser(prog="ociworker", description="A BuildKit-class container image builder.")
+    parser.add_argument("--version", action="version", version=f"ociworker {__version__}")
+    parser.add_argument(
+        "--log-format",
+        choices=("console", "json"),
+        default="console",
+        help="diagnostic log format on stderr (json also logs each build's summary)",
     )
-    parser.add_argument("--log-format", choices=("console", "json"), default="console")
-    parser.add_argument("--debug", action="store_true", help="verbose logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="debug logs on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("build", help="build an image from a Dockerfile")
     b.add_argument("context", type=Path, help="build context directory")
     b.add_argument(
-        "-f", "--file", type=Path, default=None, help="Dockerfile (default CONTEXT/Dockerfile)"
+        "-f",
+        "--file",
+        type=Path,
+        default=None,
+        help="Dockerfile (default CONTEXT/Dockerfile; - reads it from stdin)",
     )
     b.add_argument("-t", "--tag", action="append", default=[], help="name:tag for the image")
     b.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE")
@@ -147,10 +179,6 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(fmt: str, debug: bool) -> None:
-    log.configure(fmt, debug)
-
-
 def _build_args(items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -164,6 +192,18 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
             continue
         out[k] = v
     return out
+
+
+def _check_tags(tags: Sequence[str]) -> None:
+    # Before the build, as buildx: a bad name found after the solve wastes the build.
+    from ociworker.core.reference import parse_reference
+    from ociworker.errors import UserError
+
+    for tag in tags:
+        try:
+            parse_reference(tag)
+        except UserError as exc:
+            raise ConfigError(f"invalid tag {tag!r}: {exc}") from None
 
 
 def _worker(args: argparse.Namespace) -> Worker:
@@ -212,6 +252,9 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         printer = view = TTYPrinter()
     else:
         printer = PlainPrinter(sys.stderr)
+    if args.debug or args.log_format == "json":
+        printer = _logged(printer)
+    _check_tags(args.tag)
     req = BuildRequest(
         context=args.context,
         dockerfile=args.file,
@@ -223,6 +266,8 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         network="host" if args.network == "default" else args.network,
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
+        # buildx -q prints the image ID even when nothing is exported
+        want_image=args.quiet,
     )
     # Parsed before the worker opens anything: a bad flag changes nothing.
     from ociworker.session.secrets import LocalSecrets, SecretSource
@@ -237,11 +282,20 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         ssh_sources = [SSHSource.parse(s) for s in args.ssh]
         ssh_ids = [s.id for s in ssh_sources]
         ssh = LocalSSHAgents(ssh_sources)
+    _log.debug(
+        "build requested",
+        context=str(req.context),
+        dockerfile=str(req.dockerfile or ""),
+        outputs=[o.type for o in req.outputs],
+        tags=list(req.tags),
+        addr=args.addr or "embedded",
+    )
     if args.addr:
         # On a daemon, this process serves the same secrets, agents and docker
         # login through the build's session.
         async with _client(args) as client:
             with view:
+                _state.phase = Phase.SOLVE
                 result = await client.build(
                     req,
                     events=printer,
@@ -259,6 +313,7 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         worker = _worker(args)
         try:
             with view:  # the tty view prints its final state on every way out
+                _state.phase = Phase.SOLVE
                 # The embedded build lends the caller's own docker login, as buildx does.
                 result = await controller.build(
                     worker,
@@ -271,13 +326,49 @@ async def _cmd_build(args: argparse.Namespace) -> int:
                 )
         finally:
             await worker.aclose()
+    _state.phase = Phase.SETUP
+    _log.info(
+        "build finished",
+        image=result.manifest.digest if result.manifest else None,
+        config=result.config_digest,
+    )
     if progress == "quiet" and result.config_digest:
         # stdout belongs to an archive written there (dest=-); the id must not corrupt it
         to_stdout = any(o.to_stdout for o in req.outputs)
         print(result.config_digest, file=sys.stderr if to_stdout else sys.stdout)
-    elif result.manifest is not None:
+    elif result.manifest is not None and progress != "rawjson":
+        # rawjson's stream holds status objects only; the digest is in --metadata-file
         print(f"image digest: {result.manifest.digest}", file=sys.stderr)
     return 0
+
+
+def _logged(sink: EventSink) -> EventSink:
+    """``sink``, also logging each step's state change (debug) and each warning:
+    what ``--debug`` promises, in the ``--log-format`` asked for."""
+    from ociworker.core.progress import VertexStatus, Warning
+
+    def logged(ev: Event) -> None:
+        if isinstance(ev, VertexStatus):
+            state = (
+                "cached"
+                if ev.cached
+                else "failed"
+                if ev.error
+                else "done"
+                if ev.completed is not None
+                else "started"
+            )
+            fields: dict[str, object] = {"step": ev.name, "vertex": ev.digest}
+            if ev.started is not None and ev.completed is not None:
+                fields["seconds"] = round(ev.completed - ev.started, 3)
+            if ev.error:
+                fields["error"] = ev.error
+            _log.debug(f"step {state}", **fields)
+        elif isinstance(ev, Warning):
+            _log.info("build warning", message=ev.message)
+        sink(ev)
+
+    return logged
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -350,8 +441,10 @@ async def _main(args: argparse.Namespace) -> int:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     if task is not None:
-        # SIGTERM cancels like Ctrl-C does, so containers and mounts are released.
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        # SIGINT and SIGTERM cancel the command, so containers and mounts are
+        # released; which one it was decides the exit code (130 or 143).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, _cancel, task, signum)
     if args.command == "build":
         return await _cmd_build(args)
     if args.command == "du":
@@ -361,18 +454,45 @@ async def _main(args: argparse.Namespace) -> int:
     return await _cmd_prune(args)
 
 
+def _cancel(task: asyncio.Task[int], signum: int) -> None:
+    if _state.signum is None:
+        _state.signum = signum
+    task.cancel()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _state.phase, _state.signum, _state.root = Phase.SETUP, None, None
     parser = make_parser()
-    args = parser.parse_args(argv)
-    _configure_logging(args.log_format, args.debug)
     try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # Reported against the subcommand the user typed, in buildx's words.
+            what = (
+                f"unknown flag: {extra[0]}"
+                if extra[0].startswith("-")
+                else (f"unexpected argument {extra[0]!r}")
+            )
+            raise UsageError(what, f"ociworker {args.command}")
+        log.configure(args.log_format, args.debug)
+        _state.root = getattr(args, "root", None)
         return asyncio.run(_main(args))
-    except OciworkerError as exc:
-        print(f"ERROR: failed to solve: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("ERROR: build cancelled", file=sys.stderr)
-        return 130
+    except BaseException as exc:  # the one place that maps every way out to words
+        if isinstance(exc, SystemExit):  # --help, --version
+            raise
+        failure = describe(exc, phase=_state.phase, signum=_state.signum, trace_dir=_state.root)
+        if isinstance(exc, BrokenPipeError):
+            _silence_stdout()
+        print(failure.render(), file=sys.stderr)
+        return failure.exit_code
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout once more at exit; with the reader gone that would
+    # print its own "Exception ignored ... BrokenPipeError" after our message.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":

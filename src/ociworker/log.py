@@ -14,18 +14,19 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-_settings: dict[str, Any] = {"format": "console", "debug": False}
+_settings: dict[str, Any] = {"format": "console", "debug": False, "info": False}
 _configured = False
 
 
-def configure(fmt: str = "console", debug: bool = False) -> None:
+def configure(fmt: str = "console", debug: bool = False, *, info: bool = False) -> None:
     """Record the format (``console`` or ``json``) and level for when a log happens.
 
     The level is debug with ``debug``; otherwise info for json (whoever asks for
-    machine-readable logs wants each build's summary) and warning on a console
-    (where progress already says everything)."""
+    machine-readable logs wants each build's summary) or when ``info`` is asked
+    for (a daemon logs its life), else warning (a build's progress already says
+    everything)."""
     global _configured
-    _settings.update(format=fmt, debug=debug)
+    _settings.update(format=fmt, debug=debug, info=info)
     _configured = False
 
 
@@ -52,7 +53,7 @@ def _ensure_configured() -> None:
             logging.DEBUG
             if _settings["debug"]
             else logging.INFO
-            if _settings["format"] == "json"
+            if _settings["format"] == "json" or _settings["info"]
             else logging.WARNING
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

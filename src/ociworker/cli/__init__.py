@@ -473,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else (f"unexpected argument {extra[0]!r}")
             )
             raise UsageError(what, f"ociworker {args.command}")
-        log.configure(args.log_format, args.debug)
+        log.configure(args.log_format, args.debug, info=args.command == "serve")
         _state.root = getattr(args, "root", None)
         return asyncio.run(_main(args))
     except BaseException as exc:  # the one place that maps every way out to words

@@ -30,6 +30,7 @@ from ociworker.executor.binary import find_runtime
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
 from ociworker.fs.mount import mount_all, unmount, unmount_below
+from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import clean, secure_join
 from ociworker.fs.tree import empty_dir
 from ociworker.fs.users import resolve_user
@@ -179,8 +180,10 @@ def _detect_flavour(binary: str) -> Flavour:
         res = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
         )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HostError(f"cannot run {binary} --version: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise HostError(f"{binary} --version did not answer within 10s") from exc
+    except OSError as exc:
+        raise HostError(f"cannot run {binary} --version: {os_error_text(exc)}") from exc
     first = res.stdout.strip().lower()
     if first.startswith("crun"):
         return "crun"

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from ociworker.errors import HostError, UnsafePathError
+from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import secure_join
 
 _COPY_BUF = 1 << 20
@@ -154,7 +155,9 @@ class _LocalCopy:
             try:
                 os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
             except PermissionError as e:
-                raise HostError(f"cannot export device node {src} without root: {e}") from e
+                raise HostError(
+                    f"cannot export device node {src} without root: {os_error_text(e)}"
+                ) from e
             self._path_meta(dst_fd, name, st, chmod=True)
         else:
             raise HostError(f"cannot export {src}: unknown file type {stat.S_IFMT(mode):o}")
@@ -204,7 +207,9 @@ class _LocalCopy:
             try:
                 os.setxattr(fd, key, value)
             except OSError as e:
-                raise HostError(f"cannot set xattr {key} while exporting {src}: {e}") from e
+                raise HostError(
+                    f"cannot set xattr {key} while exporting {src}: {os_error_text(e)}"
+                ) from e
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _path_meta(self, dst_fd: int, name: str, st: os.stat_result, *, chmod: bool) -> None:

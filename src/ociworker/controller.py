@@ -71,19 +71,20 @@ async def plan_build(
         if not plan.missing:
             break
         hints = dict(plan.from_errors)
+        # Failures are raised inside the step, so it ends ERROR with their reason.
         with ProgressStep(events, "[internal] load metadata for " + ", ".join(plan.missing)):
             got = await asyncio.gather(
                 *(resolve_image(worker, m, credentials) for m in plan.missing),
                 return_exceptions=True,
             )
-        for name, info in zip(plan.missing, got, strict=True):
-            if isinstance(info, OciworkerError) and name in hints:
-                # ``COPY --from=name`` where name is no stage: most likely a typo of a
-                # stage name, which the registry's "not found" would hide.
-                raise hints[name] from info
-            if isinstance(info, BaseException):
-                raise info
-            images[name] = info
+            for name, info in zip(plan.missing, got, strict=True):
+                if isinstance(info, OciworkerError) and name in hints:
+                    # ``COPY --from=name`` where name is no stage: most likely a typo of
+                    # a stage name, which the registry's "not found" would hide.
+                    raise hints[name] from info
+                if isinstance(info, BaseException):
+                    raise info
+                images[name] = info
     else:
         raise DockerfileError("base images could not be resolved (too many rounds)")
     for w in plan.warnings:

@@ -7,16 +7,19 @@ progress must not pay for it at start-up.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
+import hashlib
 import json
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ociworker.core.progress import Event, Info, LayerCommitted, VertexLog, VertexStatus, Warning
+from ociworker.errors import ConfigError
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -107,13 +110,142 @@ class PlainPrinter:
         self.out.write("\n")
 
 
+# --- rawjson: BuildKit's SolveStatus --------------------------------------------------
+#
+# ``docker buildx build --progress=rawjson`` writes each ``client.SolveStatus`` it
+# receives with Go's ``json.Encoder``: one compact object per line, keys in struct
+# order, ``omitempty`` fields left out, ``[]byte`` as base64, ``time.Time`` as RFC 3339
+# with nanoseconds (trailing zeros trimmed), always UTC off the wire. The types
+# (moby/buildkit client/graph.go):
+#   SolveStatus   {vertexes, statuses, logs, warnings}          all omitempty
+#   Vertex        {digest, inputs, name, started, completed, cached, error}  all omitempty
+#   VertexStatus  {id, vertex*, name*, total*, current, timestamp, started*, completed*}
+#   VertexLog     {vertex*, stream*, data, timestamp}
+#   VertexWarning {vertex*, level*, short*, detail*, url*}      (* = omitempty)
+# ``Event.to_json`` is the daemon's own wire format and stays as it is; this is
+# the view a BuildKit tool reading our stderr expects.
+
+
+def go_time(t: float) -> str:
+    """Epoch seconds as Go marshals a UTC ``time.Time``: RFC 3339, fraction of up
+    to 9 digits with trailing zeros trimmed (none when whole), ``Z``."""
+    # Our stamps come from time.time(): microseconds are all a float carries
+    # faithfully at today's epoch, so round there instead of inventing nanoseconds.
+    micros = round(t * 1_000_000)
+    secs, us = divmod(micros, 1_000_000)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    frac = f"{us * 1000:09d}".rstrip("0")
+    return f"{stamp}.{frac}Z" if frac else f"{stamp}Z"
+
+
+def vertex_digest(digest: str) -> str:
+    """A vertex id as BuildKit spells one. Our pseudo-steps (``export:<uuid>``,
+    ``context:<uuid>``) are not digests; they become the sha256 of their id, so
+    every event of one step still names the same vertex."""
+    if digest.startswith("sha256:"):
+        return digest
+    return "sha256:" + hashlib.sha256(digest.encode()).hexdigest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def solve_status(ev: Event, *, now: float, vertex: str = "") -> dict[str, Any]:
+    """``ev`` as one BuildKit ``SolveStatus`` (a dict to encode with ``go_json``).
+
+    ``now`` stamps the events that carry no time of their own (infos, layers);
+    ``vertex`` is the step an info without one belongs to (the printer knows
+    which step is running). An info becomes a finished one-off status (as
+    BuildKit reports ``transferring context:`` or ``writing image sha256:...``),
+    a committed layer a status whose ``current`` and ``total`` are its size."""
+    if isinstance(ev, VertexStatus):
+        v: dict[str, Any] = {"digest": vertex_digest(ev.digest)}
+        if ev.name:
+            v["name"] = ev.name
+        if ev.started is not None:
+            v["started"] = go_time(ev.started)
+        if ev.completed is not None:
+            v["completed"] = go_time(ev.completed)
+        if ev.cached:
+            v["cached"] = True
+        if ev.error:
+            v["error"] = ev.error
+        return {"vertexes": [v]}
+    if isinstance(ev, VertexLog):
+        log: dict[str, Any] = {"vertex": vertex_digest(ev.digest)}
+        if ev.stream:
+            log["stream"] = ev.stream
+        log["data"] = _b64(ev.data)
+        log["timestamp"] = go_time(ev.timestamp)
+        return {"logs": [log]}
+    if isinstance(ev, Warning):
+        # BuildKit's Dockerfile frontend reports its warnings at level 1
+        w: dict[str, Any] = {"level": 1, "short": _b64(ev.message.encode())}
+        if ev.detail:
+            w["detail"] = [_b64(line.encode()) for line in ev.detail.splitlines()]
+        return {"warnings": [w]}
+    stamp = go_time(now)
+    if isinstance(ev, Info):
+        status: dict[str, Any] = {"id": ev.message}
+        owner = ev.digest or vertex
+        if owner:
+            status["vertex"] = vertex_digest(owner)
+        status.update(current=0, timestamp=stamp, started=stamp, completed=stamp)
+        return {"statuses": [status]}
+    d = ev.descriptor
+    status = {"id": f"writing layer {d.digest}"}
+    if ev.vertex:
+        status["vertex"] = vertex_digest(ev.vertex)
+    if d.size:
+        status["total"] = d.size
+    status.update(current=d.size, timestamp=stamp, started=stamp, completed=stamp)
+    return {"statuses": [status]}
+
+
+#: what Go's encoding/json escapes beyond JSON's minimum (HTML-safe output)
+_GO_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def go_json(obj: Any) -> str:
+    """``obj`` as Go's ``json.Encoder.Encode`` writes it, without the newline:
+    compact, UTF-8 as is, ``<``, ``>``, ``&`` escaped."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_GO_ESCAPES)
+
+
 class RawJSONPrinter:
-    def __init__(self, out: TextIO) -> None:
+    """``--progress=rawjson``: one BuildKit ``SolveStatus`` JSON object per line
+    and nothing else on ``out`` (see ``solve_status``)."""
+
+    def __init__(self, out: TextIO, *, wall: Callable[[], float] = time.time) -> None:
         self.out = out
+        self._wall = wall
+        self._running: list[str] = []  # started, not finished: newest last
 
     def __call__(self, ev: Event) -> None:
-        self.out.write(json.dumps(ev.to_json()) + "\n")
+        if isinstance(ev, VertexStatus):
+            if ev.digest in self._running:
+                self._running.remove(ev.digest)
+            if ev.started is not None and ev.completed is None and not ev.cached:
+                self._running.append(ev.digest)
+        owner = self._running[-1] if self._running else ""
+        self.out.write(go_json(solve_status(ev, now=self._wall(), vertex=owner)) + "\n")
         self.out.flush()
+
+
+def require_console(stream: TextIO) -> None:
+    """Refuse ``--progress=tty`` when ``stream`` (stderr) is not a terminal, as
+    buildx does (progressui.NewDisplay: ``failed to get console: provided file
+    is not a console``) instead of drawing a live view into a file or a pipe.
+    ``auto`` is the mode that falls back to ``plain``."""
+    try:
+        console = stream.isatty()
+    except (AttributeError, ValueError):  # no such method, or a closed stream
+        console = False
+    if not console:
+        raise ConfigError("failed to get console: provided file is not a console")
 
 
 class QuietPrinter:

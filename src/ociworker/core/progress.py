@@ -172,6 +172,20 @@ def cap_logs(sink: EventSink, limit: int = DEFAULT_LOG_CAP) -> EventSink:
     return capped
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line a failed step shows next to ``ERROR`` (``#N ERROR: ...``, the
+    red line of the tty view): ``cancelled`` for a cancellation (whose text is
+    empty, which would read as success), else the error's first non-empty line
+    (a Dockerfile error adds its source line below; that belongs to the final
+    error message, not to the step's status)."""
+    if not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt, SystemExit
+        return "cancelled"
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return "failed"
+
+
 class ProgressStep:
     """A pseudo-step in the progress stream (loading the definition, exporting):
     started on entry, completed (with the error, if any) on exit."""
@@ -193,6 +207,6 @@ class ProgressStep:
                 self.name,
                 started=self.started,
                 completed=time.time(),
-                error=str(exc) if exc else None,
+                error=error_line(exc) if exc is not None else None,
             )
         )

@@ -42,6 +42,7 @@ from ociworker.errors import (
     UserError,
 )
 from ociworker.registry.auth import Challenge, parse_www_authenticate
+from ociworker.registry.neterrors import describe, invalid_reason
 
 DEFAULT_USER_AGENT = "ociworker/0.1"
 #: containerd's limit too: a manifest bigger than this is not a manifest
@@ -134,7 +135,7 @@ def select_platform(index: dict[str, Any], want: Platform, name: str) -> Descrip
     try:
         entries = [Descriptor.from_json(d) for d in index.get("manifests") or []]
     except (TypeError, ValueError, KeyError, UserError) as exc:
-        raise RegistryError(f"invalid manifest list for {name}: {exc}") from None
+        raise RegistryError(f"invalid manifest list for {name}: {invalid_reason(exc)}") from None
     candidates = [
         (d, _normalize_platform(d.platform))
         for d in entries
@@ -181,7 +182,8 @@ def _registry_message(resp: httpx.Response) -> str:
     except httpx.ResponseNotRead:
         return ""  # an unread streamed body: the status line has to do
     except (ValueError, UnicodeDecodeError):
-        return resp.text.strip()[:200]
+        # one line: the message ends up in a progress line and an ERROR line
+        return " ".join(resp.text.split())[:200]
     errors = body.get("errors") if isinstance(body, dict) else None
     if not isinstance(errors, list):
         return ""
@@ -191,7 +193,7 @@ def _registry_message(resp: httpx.Response) -> str:
             code = e.get("code", "")
             msg = e.get("message", "")
             parts.append(f"{code}: {msg}" if code else str(msg))
-    return "; ".join(parts)
+    return " ".join("; ".join(parts).split())
 
 
 def _error(resp: httpx.Response, what: str = "") -> RegistryError:
@@ -203,6 +205,17 @@ def _error(resp: httpx.Response, what: str = "") -> RegistryError:
     if what:
         text = f"{what}: {text}"
     return RegistryError(text)
+
+
+def _denied(resp: httpx.Response, ref: Reference) -> RegistryError:
+    """A 401/403 that authenticating did not cure. Registries (Docker Hub
+    first) answer so for a repository that does not exist as well as for one
+    that needs other credentials, so the message says both, as docker does."""
+    return _error(
+        resp,
+        f"pull access denied for {ref.repository}, repository does not exist or "
+        "may require authorization",
+    )
 
 
 def _as_ref(ref: Reference | str) -> Reference:
@@ -360,7 +373,10 @@ class RegistryClient:
                 auth = httpx.BasicAuth(*creds) if creds else None
                 resp = await self._http.get(realm, params=params, auth=auth)
         except httpx.HTTPError as exc:
-            raise RegistryError(f"{realm}: token request failed: {exc}") from exc
+            method = "POST" if creds is not None and not creds[0] and creds[1] else "GET"
+            raise RegistryError(
+                f"failed to authorize to {domain}: {describe(exc, method, realm)}"
+            ) from exc
         if resp.status_code != 200:
             raise _error(resp, f"authentication to {domain} failed")
         try:
@@ -429,9 +445,7 @@ class RegistryClient:
             try:
                 resp = await self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
-                raise RegistryError(
-                    f"{method} {request.url}: {exc!s} ({type(exc).__name__})"
-                ) from exc
+                raise RegistryError(describe(exc, method, request.url)) from exc
             if resp.status_code == 401 and attempt == 0:
                 await _drain(resp)
                 await self._authenticate(resp, domain, scopes)
@@ -475,6 +489,8 @@ class RegistryClient:
             raise NotFoundError(f"image {ref} not found")
         if resp.status_code != 200:
             await resp.aclose()
+            if resp.status_code in (401, 403):
+                raise _denied(resp, ref)
             raise _error(resp)
         try:
             data = await _read_limited(resp, MAX_MANIFEST_SIZE, f"manifest of {ref}")
@@ -539,7 +555,9 @@ class RegistryClient:
             for layer in manifest.get("layers") or []:
                 Descriptor.from_json(layer)
         except (TypeError, ValueError, KeyError, UserError) as exc:
-            raise RegistryError(f"invalid manifest {desc.digest} of {ref}: {exc!r}") from None
+            raise RegistryError(
+                f"invalid manifest {desc.digest} of {ref}: {invalid_reason(exc)}"
+            ) from None
         config_json = await self._config(ref, config_desc, store)
         if index_digest is None:
             desc = self._check_single_platform(ref, desc, config_json, platform)
@@ -618,6 +636,8 @@ class RegistryClient:
             raise NotFoundError(f"blob {desc.digest} not found in {ref.repository}")
         if resp.status_code != 200:
             await resp.aclose()
+            if resp.status_code in (401, 403):
+                raise _denied(resp, ref)
             raise _error(resp)
         return resp
 
@@ -642,7 +662,7 @@ class RegistryClient:
                 except DigestMismatchError as exc:
                     raise DigestMismatchError(f"blob from {resp.request.url}: {exc}") from None
         except httpx.HTTPError as exc:
-            raise RegistryError(f"GET {resp.request.url}: download failed: {exc}") from exc
+            raise RegistryError(describe(exc, "GET", resp.request.url)) from exc
         finally:
             await resp.aclose()
 
@@ -743,7 +763,7 @@ async def _drain(resp: httpx.Response) -> None:
         await resp.aread()
     except httpx.HTTPError as exc:
         req = resp.request
-        raise RegistryError(f"{req.method} {req.url}: {exc!s}") from exc
+        raise RegistryError(describe(exc, req.method, req.url)) from exc
     finally:
         await resp.aclose()
 
@@ -768,5 +788,5 @@ async def _read_limited(resp: httpx.Response, limit: int, what: str) -> bytes:
                     f"{what} from {resp.request.url}: more than {limit} bytes"
                 )
     except httpx.HTTPError as exc:
-        raise RegistryError(f"GET {resp.request.url}: download failed: {exc}") from exc
+        raise RegistryError(describe(exc, "GET", resp.request.url)) from exc
     return bytes(buf)

@@ -24,6 +24,7 @@ from ociworker.core.reference import Reference, parse_reference
 from ociworker.diff.base import Applier
 from ociworker.errors import DigestMismatchError, RegistryError, UnsupportedError, UserError
 from ociworker.registry.client import RegistryClient
+from ociworker.registry.neterrors import invalid_reason
 from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
 
 #: Docker's default max-concurrent-downloads
@@ -69,7 +70,9 @@ def _parse_config(reference: str, config_json: bytes) -> tuple[dict[str, Any], l
             raise ValueError(f"rootfs type {rootfs.get('type')!r}, want 'layers'")
         diff_ids = [check_digest(str(d)) for d in rootfs.get("diff_ids") or []]
     except (ValueError, KeyError, TypeError, AttributeError, UserError) as exc:
-        raise RegistryError(f"image {reference} has an invalid config: {exc!r}") from None
+        raise RegistryError(
+            f"image {reference} has an invalid config: {invalid_reason(exc)}"
+        ) from None
     if not isinstance(config, dict):
         raise RegistryError(f"image {reference} has an invalid config: not a JSON object")
     return config, diff_ids

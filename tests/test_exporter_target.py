@@ -159,7 +159,12 @@ def test_layer_event_in_progress_output() -> None:
     assert f"layer {layer.descriptor.digest} written (4 bytes)" in plain.getvalue()
     raw = io.StringIO()
     RawJSONPrinter(raw)(layer)
-    assert json.loads(raw.getvalue()) == {"layer": layer.descriptor.to_json()}
+    # rawjson is BuildKit's SolveStatus: a written layer is a finished status of its step
+    (status,) = json.loads(raw.getvalue())["statuses"]
+    assert status["id"] == f"writing layer {layer.descriptor.digest}"
+    assert status["vertex"] == "sha256:" + "e" * 64
+    assert status["total"] == status["current"] == 4
+    assert status["completed"]
 
 
 # --- local: directory copy vs tar stream ---------------------------------------------

@@ -49,17 +49,23 @@ def _ensure_configured() -> None:
             structlog.processors.TimeStamper(fmt="iso"),
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG
-            if _settings["debug"]
-            else logging.INFO
-            if _settings["format"] == "json" or _settings["info"]
-            else logging.WARNING
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(_level()),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
     _configured = True
+
+
+def _level() -> int:
+    if _settings["debug"]:
+        return logging.DEBUG
+    if _settings["format"] == "json" or _settings["info"]:
+        return logging.INFO
+    return logging.WARNING
+
+
+def _drop(*_args: object, **_kw: object) -> None:
+    pass
 
 
 class _LazyLogger:
@@ -67,6 +73,12 @@ class _LazyLogger:
         self._name = name
 
     def __getattr__(self, attr: str) -> Any:
+        # A call below the level is dropped here, so it never imports structlog
+        # (whose import pulls in rich when it is installed).
+        if attr == "debug" and _level() > logging.DEBUG:
+            return _drop
+        if attr == "info" and _level() > logging.INFO:
+            return _drop
         _ensure_configured()
         import structlog
 

@@ -247,7 +247,9 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     elif progress == "quiet":
         printer = QuietPrinter()
     elif progress == "tty":
-        from ociworker.progress_ui import TTYPrinter  # imports rich: only when asked for
+        from ociworker.progress_ui import TTYPrinter, require_console
+
+        require_console(sys.stderr)  # before anything runs, as buildx; rich loads only here
 
         printer = view = TTYPrinter()
     else:

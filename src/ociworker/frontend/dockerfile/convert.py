@@ -1172,7 +1172,10 @@ class Converter:
         return Vertex(
             SourceOp("local://" + self.opts.context_name, tuple(attrs)),
             (),
-            name=f"[internal] load build context {self.opts.context_name}",
+            # BuildKit's name for the main context; a named one says which
+            name="[internal] load build context"
+            if self.opts.context_name == CONTEXT
+            else f"[internal] load build context {self.opts.context_name}",
         )
 
 

@@ -84,6 +84,14 @@ def test_dockerfile_must_be_a_regular_file(tmp_path: Path, ctx: Path) -> None:
     assert "is not a regular file" in _refused(_req(ctx, dockerfile=ctx / "sub"))
 
 
+def test_the_default_dockerfile_must_be_a_file(tmp_path: Path, ctx: Path) -> None:
+    (ctx / "Dockerfile").unlink()
+    msg = _refused(_req(ctx))
+    assert msg == f"failed to read dockerfile: open {ctx / 'Dockerfile'}: no such file or directory"
+    (ctx / "Dockerfile").mkdir()
+    assert _refused(_req(ctx)).endswith(f"{ctx / 'Dockerfile'} is not a regular file")
+
+
 def test_a_relative_dockerfile_is_found_in_the_context(
     ctx: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

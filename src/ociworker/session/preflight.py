@@ -41,12 +41,14 @@ def check_build_paths(
     does; ``euid`` (default: this process's) is for tests.
     """
     if root is not None:
-        # First: as any other user nothing below matters (nor is it checkable:
-        # root may read what this user cannot).
+        # First: for any other user the embedded worker cannot run at all,
+        # whatever the other paths are.
         _check_user(root, os.geteuid() if euid is None else euid)
     check_outputs(req.outputs)
     _check_context(req.context)
-    if req.dockerfile is not None and str(req.dockerfile) != "-":
+    if req.dockerfile is None:
+        _check_default_dockerfile(req.context / "Dockerfile")
+    elif str(req.dockerfile) != "-":
         _check_dockerfile(req.context, req.dockerfile)
     for out in req.outputs:
         _check_output(out, _stdout_is_tty() if stdout_is_tty is None else stdout_is_tty)
@@ -58,6 +60,13 @@ def check_build_paths(
         # Last: the only check that creates something, so a bad flag above
         # leaves no new state dir behind.
         check_root(root)
+
+
+def check_worker_root(root: Path, *, euid: int | None = None) -> None:
+    """For the embedded worker's other commands (``du``, ``prune``): this user
+    may run it, and ``root`` is a writable directory (created if missing)."""
+    _check_user(root, os.geteuid() if euid is None else euid)
+    check_root(root)
 
 
 def _check_user(root: Path, euid: int) -> None:
@@ -132,6 +141,16 @@ def _check_dockerfile(context: Path, dockerfile: Path) -> None:
         raise ConfigError(f"-f {dockerfile}: {path} is not a regular file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"-f {dockerfile}: {path} is not readable")
+
+
+def _check_default_dockerfile(path: Path) -> None:
+    if str(path.parent) == "-":
+        return  # the context comes from stdin
+    # BuildKit's words for a context without a Dockerfile
+    if not path.exists():
+        raise ConfigError(f"failed to read dockerfile: open {path}: no such file or directory")
+    if not path.is_file():
+        raise ConfigError(f"failed to read dockerfile: {path} is not a regular file")
 
 
 def _check_output(out: OutputSpec, stdout_is_tty: bool) -> None:

@@ -92,6 +92,7 @@ def test_cli_build_over_daemon_writes_client_side_outputs(
         {"a.txt": "from the client\n", ".dockerignore": "*.log\n", "x.log": "ignored\n"},
     )
     out = tmp_path / "out"
+    out.mkdir()  # buildx creates no parent of a file output, --iidfile, --metadata-file
     proc = cli(
         daemon,
         "build",

@@ -165,18 +165,22 @@ def test_unwritable_layers_dest_fails_the_build_at_once(
     tmp_path: Path, state_dir: Path, base_image: str, require_root: None
 ) -> None:
     ctx = write_context(tmp_path, f"FROM {base_image}\nRUN echo a > /a\nRUN sleep 60\nRUN echo c\n")
-    not_a_dir = tmp_path / "taken"
-    not_a_dir.write_bytes(b"a file where the layers dir should be")
+    # The dest is a directory (the preflight lets it pass), but the blobs dir
+    # inside it is taken by a file: the first layer write fails mid-build.
+    dest = tmp_path / "layers"
+    dest.mkdir()
+    not_a_dir = dest / "blobs"
+    not_a_dir.write_bytes(b"a file where the blobs dir should be")
     proc = ow(
         state_dir,
         "build",
         *["--runtime", "runc", "--progress=rawjson", str(ctx)],
-        *["-o", f"type=layers,dest={not_a_dir}"],
+        *["-o", f"type=layers,dest={dest}"],
         check=False,
     )
     assert proc.returncode == 1
-    assert f"cannot write output type=layers to {not_a_dir}" in proc.stderr
-    assert not_a_dir.read_bytes() == b"a file where the layers dir should be"
+    assert f"cannot write output type=layers to {dest}" in proc.stderr
+    assert not_a_dir.read_bytes() == b"a file where the blobs dir should be"
     # the failed write cut the build short: the sleep was cancelled, not waited for
     sleep = [
         json.loads(line)["vertex"]

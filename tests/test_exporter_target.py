@@ -48,6 +48,7 @@ class Boom(Exception):
 
 def test_archive_appears_whole_on_success(tmp_path: Path) -> None:
     dest = tmp_path / "sub" / "out.tar"
+    dest.parent.mkdir()  # not made by the writer (buildx creates no parent)
     with LocalExportTarget().stream(OutputSpec("oci", (("dest", str(dest)),))) as f:
         f.write(b"part one ")
         assert not dest.exists()  # nobody sees a half-written archive

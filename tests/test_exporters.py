@@ -176,6 +176,7 @@ def _listing(root: Path) -> dict[str, bytes | str | None]:
 def test_tar_exporter_writes_the_files_of_the_view(tmp_path: Path) -> None:
     tree = _tree(tmp_path / "tree")
     dest = tmp_path / "out" / "fs.tar"
+    dest.parent.mkdir()  # not made by the writer (buildx creates no parent)
     events: list[Event] = []
     inst = EXPORTERS["tar"].resolve(_out("tar", dest=str(dest)))
     asyncio.run(inst.export(ExportResult(None, "top"), _parts(tmp_path, tree, events, _Images())))

@@ -18,6 +18,7 @@ from ociworker.core.build import (
     PruneFilter,
     UsageRecord,
 )
+from ociworker.core.outputs import check_outputs
 from ociworker.core.progress import EventSink, ProgressStep, Warning, cap_logs, discard
 from ociworker.core.reference import parse_reference
 from ociworker.core.session import (
@@ -28,13 +29,13 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
-from ociworker.errors import ConfigError, DockerfileError, OciworkerError
+from ociworker.errors import DockerfileError, OciworkerError
 from ociworker.exporter.assemble import compression_opts, make_image
 from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch
 from ociworker.exporter.chain import SnapshotLayers
 from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
-from ociworker.exporter.target import ExportTarget, LocalExportTarget
+from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
@@ -109,6 +110,15 @@ async def resolve_image(
     return ImageInfo(ref=f"{repo}@{resolved.manifest.digest}", config=config)
 
 
+#: what a build that exports nothing says (buildx: "No output specified ... Build
+#: result will only remain in the build cache")
+NO_OUTPUT_WARNING = (
+    "No output specified: the build result will only remain in the build cache. "
+    "Use -t NAME to keep the image in the image store, or -o type=oci,dest=FILE "
+    "to write it to a file"
+)
+
+
 async def build(
     worker: Worker,
     req: BuildRequest,
@@ -129,11 +139,14 @@ async def build(
     if target is None:
         target = LocalExportTarget()
     outputs = list(req.outputs)
-    if sum(o.to_stdout for o in outputs) > 1:
-        raise ConfigError("only one output can be written to stdout (dest=-)")
-    # Every output's options are checked before anything runs.
+    # Every output's options are checked before anything runs, whoever made
+    # the request (the CLI parsed them already; Python callers and the daemon's
+    # clients may not have).
+    check_outputs(outputs)
     exporters = resolve_outputs(outputs)
     compression = compression_opts([e.layer_options for e in exporters])
+    if not outputs and not req.tags:
+        events(Warning(NO_OUTPUT_WARNING))
     credentials = credentials or NoCredentials()
     plan = await plan_build(worker, req, definition, events, credentials)
     matcher = IgnoreMatcher(definition.ignore_patterns)
@@ -194,9 +207,11 @@ async def build(
     for e in exporters:
         await e.export(exported, parts)
     if req.iidfile is not None and image is not None:
-        write_atomic(req.iidfile, image.config.digest.encode())
+        with write_errors(f"cannot write --iidfile {req.iidfile}"):
+            write_atomic(req.iidfile, image.config.digest.encode())
     if req.metadata_file is not None:
-        write_atomic(req.metadata_file, json.dumps(metadata, indent=2).encode() + b"\n")
+        with write_errors(f"cannot write --metadata-file {req.metadata_file}"):
+            write_atomic(req.metadata_file, json.dumps(metadata, indent=2).encode() + b"\n")
     return BuildResult(
         manifest=image.manifest if image else None,
         config_digest=image.config.digest if image else None,

@@ -307,10 +307,14 @@ class Client:
         if result is None:
             raise ConfigError("the daemon ended the build without a result")
         meta = result.metadata
+        from ociworker.exporter.target import write_errors
+
         if request.iidfile is not None and result.config_digest:
-            write_atomic(request.iidfile, result.config_digest.encode())
+            with write_errors(f"cannot write --iidfile {request.iidfile}"):
+                write_atomic(request.iidfile, result.config_digest.encode())
         if request.metadata_file is not None:
-            write_atomic(request.metadata_file, json.dumps(meta, indent=2).encode() + b"\n")
+            with write_errors(f"cannot write --metadata-file {request.metadata_file}"):
+                write_atomic(request.metadata_file, json.dumps(meta, indent=2).encode() + b"\n")
         return result
 
 
@@ -361,14 +365,25 @@ class _OutputWriters:
         if got is None:
             stack = contextlib.ExitStack()
             stack.enter_context(output_errors(out))
-            if out.type == "local":
-                # the tree arrives as a tar; unpacked at eof
-                f: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
-            else:
-                f = stack.enter_context(open_archive_dest(out.get("dest")))
+            try:
+                if out.type == "local":
+                    # the tree arrives as a tar; unpacked at eof
+                    f: IO[bytes] = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+                else:
+                    f = stack.enter_context(open_archive_dest(out.get("dest")))
+            except BaseException:
+                with stack:  # an OSError leaves as our error
+                    raise
             got = self._open[item.index] = (stack, f)
         stack, f = got
-        f.write(item.data)
+        try:
+            f.write(item.data)
+        except BaseException:
+            # A write that fails (a full disk) ends this output now: the temp
+            # file goes and the OSError leaves as our error, not a traceback.
+            del self._open[item.index]
+            with stack:
+                raise
         if not item.eof:
             return
         del self._open[item.index]
@@ -385,11 +400,12 @@ class _OutputWriters:
         out = self._out(item.index)
         key = (item.index, item.digest)
         got = self._layers.get(key)
-        if got is None:
-            tmp = tempfile.TemporaryFile()  # noqa: SIM115 (closed at eof or in close())
-            got = self._layers[key] = (tmp, item.layer_json)
-        f, head = got
-        f.write(item.data)
+        with output_errors(out):  # a full disk is our error, not a traceback
+            if got is None:
+                tmp = tempfile.TemporaryFile()  # noqa: SIM115 (closed at eof or in close())
+                got = self._layers[key] = (tmp, item.layer_json)
+            f, head = got
+            f.write(item.data)
         if not item.eof:
             return
         del self._layers[key]

@@ -7,10 +7,11 @@ with the same functions this module offers:
 
 - ``open_archive_dest(dest)``: an oci / docker / tar archive byte stream into a
   file, atomically (temp + rename, nothing left at ``dest`` on error), or
-  stdout for ``-``;
+  stdout for ``-``; the file's directory must exist (buildx creates none);
 - ``write_local_tar(stream, dest)``: a ``type=local`` tree sent as a tar stream
   (``exporter.fs.export_tar``) extracted into a directory with the path-safe
-  applier of ``diff.apply``; it gives the same tree as ``export_local``;
+  applier of ``diff.apply``; it gives the same tree as ``export_local``; the
+  directory and its parents are created (BuildKit's MkdirAll);
 - ``write_layer(dest, layer, blob)``: one ``type=layers`` blob and descriptor.
 
 Every method and function here blocks; async callers run them in a thread.
@@ -34,6 +35,7 @@ from ociworker.core.digest import hex_part
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import LayerCommitted
 from ociworker.errors import DigestMismatchError, HostError, UserError
+from ociworker.fs.atomic import create_beside
 
 _CHUNK = 1 << 20
 
@@ -88,14 +90,19 @@ class LocalExportTarget:
             write_layer(Path(out.get("dest")), layer, blob)
 
 
+def output_errors(out: OutputSpec) -> AbstractContextManager[None]:
+    """OSErrors while writing ``out`` as our errors (see ``write_errors``)."""
+    return write_errors(f"cannot write output type={out.type} to {out.get('dest')}")
+
+
 @contextlib.contextmanager
-def output_errors(out: OutputSpec) -> Iterator[None]:
-    """OSErrors while writing ``out`` as our errors: a full disk is the host's
-    fault, a dest that cannot be written (not a dir, read-only...) the caller's."""
+def write_errors(what: str) -> Iterator[None]:
+    """OSErrors while writing a user's file as our errors, prefixed by ``what``:
+    a full disk is the host's fault, a dest that cannot be written (not a dir,
+    read-only...) the caller's."""
     try:
         yield
     except OSError as e:
-        what = f"cannot write output type={out.type} to {out.get('dest')}"
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM):
             raise HostError(f"{what}: {e}") from e
         raise UserError(f"{what}: {e}") from e
@@ -104,17 +111,20 @@ def output_errors(out: OutputSpec) -> Iterator[None]:
 @contextlib.contextmanager
 def open_archive_dest(dest: str, *, stdout: BinaryIO | None = None) -> Iterator[BinaryIO]:
     """A binary stream into ``dest``, which appears whole or not at all; ``-`` is
-    stdout (flushed at the end; on error it just stops)."""
+    stdout (flushed at the end; on error it just stops). The temp file is
+    beside ``dest`` under a name of its own and removed on any failure (the
+    build failed or was cancelled, or ``dest`` cannot be replaced). The parent
+    directory must exist, as buildx's os.Create needs it: a typo in a path is an
+    error, not a new directory."""
     if dest == "-":
         f = stdout if stdout is not None else sys.stdout.buffer
         yield f
         f.flush()
         return
     path = Path(dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "xb") as f:
+        with create_beside(tmp) as f:
             yield f
         os.replace(tmp, path)
     finally:

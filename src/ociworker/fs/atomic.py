@@ -4,8 +4,11 @@ rename, fsync the dir (so the rename itself survives a crash)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_dir(path: Path) -> None:
@@ -16,13 +19,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_beside(tmp: Path) -> BinaryIO:
+    """Create the new file ``tmp`` (a temp name beside a destination) for
+    writing. A missing directory is reported by its own name, not the temp's,
+    which the user never chose."""
+    try:
+        return open(tmp, "xb")  # the caller closes it
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, "No such file or directory", os.fspath(tmp.parent)
+        ) from None
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the new one,
-    never a part. The temp file sits next to ``path`` and is removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    never a part. The temp file sits next to ``path`` (a rename does not cross
+    filesystems), has a name no other writer uses, and is removed on failure.
+    The parent must exist: these are the user's files (``--iidfile``,
+    ``--metadata-file``), and buildx does not create their directories."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with create_beside(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -23,7 +23,7 @@ from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
 from ociworker.executor.base import OutputSink, ProcessSpec, RecoverableExecutor
-from ociworker.executor.binary import find_runtime
+from ociworker.executor.binary import find_runtime as find_runtime  # the CLI checks --runtime first
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.exporter.layercache import SQLiteLayerCache
 from ociworker.fs.mount import HostMounter, unmount_below

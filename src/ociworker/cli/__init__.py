@@ -209,7 +209,10 @@ def _check_tags(tags: Sequence[str]) -> None:
 def _worker(args: argparse.Namespace) -> Worker:
     # The worker (and the controller) load only for an embedded command: a
     # client of a daemon never needs them, and they are most of start-up.
+    from ociworker.session.preflight import check_worker_root
     from ociworker.worker import WorkerConfig, open_worker
+
+    check_worker_root(args.root)
 
     return open_worker(
         WorkerConfig(
@@ -271,6 +274,15 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         # buildx -q prints the image ID even when nothing is exported
         want_image=args.quiet,
     )
+    # Every path the build reads or writes, before anything runs or is created.
+    from ociworker.session.preflight import check_build_paths
+
+    if not args.addr:
+        # A runtime that is not there is refused before the state dir is made.
+        from ociworker.worker import find_runtime
+
+        find_runtime(args.runtime)
+    check_build_paths(req, root=None if args.addr else args.root)
     # Parsed before the worker opens anything: a bad flag changes nothing.
     from ociworker.session.secrets import LocalSecrets, SecretSource
 

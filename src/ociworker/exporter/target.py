@@ -36,6 +36,7 @@ from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import LayerCommitted
 from ociworker.errors import DigestMismatchError, HostError, UserError
 from ociworker.fs.atomic import create_beside
+from ociworker.fs.oserror import os_error_text
 
 _CHUNK = 1 << 20
 
@@ -92,7 +93,10 @@ class LocalExportTarget:
 
 def output_errors(out: OutputSpec) -> AbstractContextManager[None]:
     """OSErrors while writing ``out`` as our errors (see ``write_errors``)."""
-    return write_errors(f"cannot write output type={out.type} to {out.get('dest')}")
+    dest = out.get("dest")
+    return write_errors(
+        f"cannot write output type={out.type} to " + ("stdout" if dest == "-" else dest)
+    )
 
 
 @contextlib.contextmanager
@@ -104,8 +108,8 @@ def write_errors(what: str) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM):
-            raise HostError(f"{what}: {e}") from e
-        raise UserError(f"{what}: {e}") from e
+            raise HostError(f"{what}: {os_error_text(e)}") from e
+        raise UserError(f"{what}: {os_error_text(e)}") from e
 
 
 @contextlib.contextmanager

@@ -13,7 +13,6 @@ def os_error_text(exc: OSError) -> str:
     reason = (exc.strerror or os.strerror(exc.errno or 0)).lower()
     if exc.filename is None:
         return reason
-    where = os.fsdecode(exc.filename)
-    if exc.filename2 is not None:
-        where += f" -> {os.fsdecode(exc.filename2)}"
-    return f"{reason}: {where}"
+    # A failed rename (temp file -> dest) is about the dest, the name the user gave.
+    where = exc.filename if exc.filename2 is None else exc.filename2
+    return f"{reason}: {os.fsdecode(where)}"

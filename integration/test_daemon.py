@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import ociworker
+from conftest import oci_archive_image
 from ociworker.core.build import BuildResult
 from ociworker.core.progress import Event, VertexStatus
 from ociworker.errors import BuildCancelled, ExecError
@@ -121,7 +122,11 @@ def test_cli_build_over_daemon_writes_client_side_outputs(
     meta = json.loads((out / "meta.json").read_text())
     assert isinstance(meta["ociworker.context.bytes_sent"], int)
     assert meta["ociworker.context.bytes_sent"] > 0
-    assert (out / "iid").read_text() == meta["containerimage.config.digest"]
+    # the image ID is the config digest of the image the archive holds
+    image = oci_archive_image(out / "img.tar")
+    assert (out / "iid").read_text() == image.config_digest
+    assert meta["containerimage.config.digest"] == image.config_digest
+    assert meta["containerimage.digest"] == image.manifest_digest
     # the output paths are the client's: nothing of them under the daemon's root
     assert not any(p.name == "img.tar" for p in daemon.root.rglob("img.tar"))
     assert mounts_under(daemon.root) == []
@@ -564,6 +569,8 @@ def test_oci_to_stdout_over_daemon(daemon: Daemon, tmp_path: Path, base_image: s
                 "plain",
                 "-o",
                 "type=oci,dest=-",
+                "--iidfile",
+                str(tmp_path / "iid"),
                 str(ctx),
             ],
             stdout=f,
@@ -572,8 +579,8 @@ def test_oci_to_stdout_over_daemon(daemon: Daemon, tmp_path: Path, base_image: s
             timeout=300,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    with tarfile.open(out) as tf:
-        assert "index.json" in tf.getnames()
+    # stdout is a whole archive whose image is the one the build named
+    assert (tmp_path / "iid").read_text() == oci_archive_image(out).config_digest
 
 
 def test_secret_is_served_by_the_client_session(

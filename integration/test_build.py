@@ -462,6 +462,10 @@ def test_du_lists_cache_and_prune_all_empties_it(
     (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN head -c 100000 /dev/zero > /z\n")
     root = tmp_path / "state"
     ow(root, "build", "--progress", "plain", str(ctx))
+    # where the state dir keeps snapshots and blobs (docs/architecture.md, "State dir")
+    on_disk = (root / "snapshots" / "snapshots", root / "content" / "blobs" / "sha256")
+    for d in on_disk:
+        assert any(d.iterdir()), f"the build left nothing in {d}: wrong place to look"
     du = ow(root, "du").stdout
     assert "RUN head -c 100000" in du
     assert "Total:" in du
@@ -469,37 +473,63 @@ def test_du_lists_cache_and_prune_all_empties_it(
     assert "Removed" in pruned
     after = ow(root, "du").stdout
     assert "RUN head" not in after
+    # no image is stored (no -t), so nothing on disk is kept
+    for d in on_disk:
+        assert sorted(p.name for p in d.iterdir()) == [], f"prune --all left files in {d}"
     rebuilt = ow(root, "build", "--progress", "plain", str(ctx)).stderr
     assert "CACHED" not in rebuilt.split("RUN head", 1)[1]
+
+
+def _build_with_each_snapshotter(tmp_path: Path, base_image: str) -> dict[str, Path]:
+    """One Dockerfile built with the native and the overlayfs snapshotter; kind -> the
+    output path (``P`` a local dir, ``P.tar`` an OCI archive)."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    # Every path a step changes gets a fixed mtime, so the layers depend on the files
+    # alone and the two snapshotters must give byte-identical layers (same diff_ids).
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "RUN echo one > /one && rm /bin/vi && touch -d @1000000000 /one /bin\n"
+        "RUN echo two > /two && touch -d @1000000000 /two\n"
+    )
+    outs: dict[str, Path] = {}
+    for kind in ("native", "overlayfs"):
+        out = outs[kind] = tmp_path / f"out-{kind}"
+        ow(
+            tmp_path / f"state-{kind}",
+            "build",
+            *["--snapshotter", kind, "--progress", "plain"],
+            *["--output", f"type=oci,dest={out}.tar", "--output", f"type=local,dest={out}"],
+            str(ctx),
+        )
+    return outs
 
 
 def test_native_snapshotter_builds_the_same_files(
     tmp_path: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text(
-        f"FROM {base_image}\nRUN echo one > /one && rm /bin/vi\nRUN echo two > /two\n"
-    )
-    for kind in ("native", "overlayfs"):
-        out = tmp_path / f"out-{kind}"
-        ow(
-            tmp_path / f"state-{kind}",
-            "build",
-            "--snapshotter",
-            kind,
-            "--progress",
-            "plain",
-            "--output",
-            f"type=oci,dest={out}.tar",
-            "--output",
-            f"type=local,dest={out}",
-            str(ctx),
-        )
+    for out in _build_with_each_snapshotter(tmp_path, base_image).values():
         assert (out / "one").read_text() == "one\n"
         assert (out / "two").read_text() == "two\n"
         assert not (out / "bin" / "vi").exists()
         assert (out / "bin" / "sh").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the overlay differ writes the dirs a RUN only copied up (dev, etc, sys: same "
+    "metadata as below) into the layer; the native one and BuildKit's do not",
+)
+def test_native_and_overlay_snapshotters_give_the_same_layers(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    diff_ids: dict[str, list[str]] = {}
+    for kind, out in _build_with_each_snapshotter(tmp_path, base_image).items():
+        rootfs = _image_config_from_oci(Path(f"{out}.tar"))["rootfs"]
+        assert isinstance(rootfs, dict)
+        diff_ids[kind] = rootfs["diff_ids"]
+    assert len(diff_ids["native"]) == len(diff_ids["overlayfs"]) >= 3
+    assert diff_ids["native"] == diff_ids["overlayfs"]
 
 
 def test_zstd_compression_output(tmp_path: Path, base_image: str, require_root: None) -> None:

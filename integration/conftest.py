@@ -185,10 +185,13 @@ def oci_archive_image(archive: Path) -> ArchiveImage:
 
 @dataclass(frozen=True)
 class ExpectedStep:
-    """A step BuildKit lists; ``after`` are the steps it reads, listed before it."""
+    """A step BuildKit lists; ``after`` are the steps it reads, listed before it.
+    ``aliases``: the names of the same vertex in other stages (two stages ``FROM`` one
+    image share one vertex, which BuildKit lists once, under either name)."""
 
     name: str
     after: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
 
 
 _VAR_RE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
@@ -375,17 +378,29 @@ def buildkit_steps(
 
     need(want)
     out: list[ExpectedStep] = []
+    same: dict[str, str] = {}  # a later stage's FROM -> the first stage's FROM of that image
+    first_from: dict[str, int] = {}  # image -> its step in out
     for i in sorted(needed):
         for k, name in enumerate(names[i]):
+            if k == 0 and base_stage[i] is None and str(stages[i]["base"]) != "scratch":
+                ref = str(stages[i]["base"])
+                if ref in first_from:
+                    shared = out[first_from[ref]]
+                    out[first_from[ref]] = ExpectedStep(
+                        shared.name, shared.after, (*shared.aliases, name)
+                    )
+                    same[name] = shared.name
+                    continue
+                first_from[ref] = len(out)
             before: list[str] = []
             b = base_stage[i]
             prev = names[i][k - 1] if k else last_step(b) if b is not None else None
             if prev:
-                before.append(prev)
+                before.append(same.get(prev, prev))
             for j in sorted(reads[i][k]):
                 tail = last_step(j)
                 if tail:
-                    before.append(tail)
+                    before.append(same.get(tail, tail))
             out.append(ExpectedStep(name, tuple(before)))
     return out
 
@@ -433,7 +448,12 @@ def assert_lists_steps(
         for s in plain_steps(stderr)
         if s.name.startswith("[") and not s.name.startswith("[internal]")
     ]
-    got = [normalize_step_name(s.name) for s in shown]
+    canonical = {
+        normalize_step_name(alias): normalize_step_name(e.name)
+        for e in expected
+        for alias in e.aliases
+    }
+    got = [canonical.get(n, n) for n in (normalize_step_name(s.name) for s in shown)]
     want = {normalize_step_name(e.name): e for e in expected}
     assert sorted(got) == sorted(want), f"steps listed {got}, BuildKit lists {sorted(want)}"
     position = {name: i for i, name in enumerate(got)}
@@ -442,8 +462,8 @@ def assert_lists_steps(
             assert position[normalize_step_name(before)] < position[name], (
                 f"{name!r} listed before its input {before!r}:\n{stderr}"
             )
-    for s in shown:
-        e = want[normalize_step_name(s.name)]
+    for s, name in zip(shown, got, strict=True):
+        e = want[name]
         assert s.states == states.get(e.name, ("CACHED",)), (
             f"{s.name!r} shown {s.states}, expected {states.get(e.name, ('CACHED',))}:\n{stderr}"
         )

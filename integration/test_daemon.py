@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import ociworker
-from conftest import oci_archive_image
+from conftest import assert_lists_steps, buildkit_steps, oci_archive_image
 from ociworker.core.build import BuildResult
 from ociworker.core.progress import Event, VertexStatus
 from ociworker.errors import BuildCancelled, ExecError
@@ -132,6 +132,20 @@ def test_cli_build_over_daemon_writes_client_side_outputs(
     assert mounts_under(daemon.root) == []
     du = cli(daemon, "du")
     assert "Total:" in du.stdout
+
+
+def test_cached_rebuild_over_daemon_lists_every_step_cached(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    dockerfile = (
+        f"FROM {base_image} AS base\nRUN echo base > /base\n"
+        f"FROM {base_image}\nCOPY a.txt /a.txt\nCOPY --from=base /base /b\nRUN cat /a.txt /b\n"
+    )
+    ctx = write_context(tmp_path, dockerfile, {"a.txt": "a\n"})
+    cli(daemon, "build", "--progress", "plain", str(ctx))
+    again = cli(daemon, "build", "--progress", "plain", str(ctx))
+    # the same events reach a daemon's client: every step BuildKit lists, once, CACHED
+    assert_lists_steps(again.stderr, buildkit_steps(dockerfile), {})
 
 
 def test_failing_run_same_error_as_embedded_and_client_raises_exec_error(

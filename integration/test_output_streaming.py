@@ -128,8 +128,8 @@ def test_layers_are_written_while_the_build_runs(
     assert sorted(written, key=lambda d: d["digest"]) == sorted(descs, key=lambda d: d["digest"])
     assert len(list((layers / "blobs" / "sha256").iterdir())) == n
 
-    # Fully cached, the top step is a hit and its inputs are never visited:
-    # the layers below it are written all the same, identically.
+    # Fully cached, the top step is a hit and its inputs are never run (only shown
+    # CACHED): the layers below it are written all the same, identically.
     again = tmp_path / "layers-again"
     rebuilt = ow(
         state_dir,

@@ -7,12 +7,18 @@ half-prepared machine can never pass by running nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+import re
 import shutil
 import subprocess
+import tarfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -129,3 +135,335 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
         # Detach what leaked so one broken test does not pin the host's tmp dir for the rest.
         subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)
     assert not leaked, f"mounts left under {path}: {[str(p) for p in leaked]}"
+
+
+@dataclass(frozen=True)
+class ArchiveImage:
+    """The digests an OCI archive holds for its image, each checked against its blob."""
+
+    manifest_digest: str
+    config_digest: str
+
+
+def oci_archive_image(archive: Path) -> ArchiveImage:
+    """Read an OCI layout tar as a consumer does: index.json -> manifest -> config.
+    Each blob must hash to the digest that names it, so the config digest is the image ID
+    any tool would compute from the archive (and not a number copied from elsewhere)."""
+
+    def blob(tf: tarfile.TarFile, digest: str) -> bytes:
+        algo, _, hexpart = digest.partition(":")
+        f = tf.extractfile(f"blobs/{algo}/{hexpart}")
+        assert f is not None, f"{archive}: no blob {digest}"
+        data = f.read()
+        assert algo == "sha256" and hashlib.sha256(data).hexdigest() == hexpart, (
+            f"{archive}: blob {digest} does not hash to its name"
+        )
+        return data
+
+    with tarfile.open(archive) as tf:
+        f = tf.extractfile("index.json")
+        assert f is not None, f"{archive}: no index.json"
+        index = json.load(f)
+        manifests = index["manifests"]
+        assert len(manifests) == 1, f"{archive}: {len(manifests)} manifests in index.json"
+        mdigest = str(manifests[0]["digest"])
+        manifest = json.loads(blob(tf, mdigest))
+        cdigest = str(manifest["config"]["digest"])
+        blob(tf, cdigest)
+    return ArchiveImage(mdigest, cdigest)
+
+
+# --- what BuildKit lists for a Dockerfile -----------------------------------------------
+#
+# Tests that check which steps a build shows compute the expectation here, from the
+# Dockerfile text, the way BuildKit's dockerfile2llb names its vertices (prefixCommand:
+# "[STAGE i/n] INSTRUCTION args", n = the FROM of an image plus every ADD, COPY, RUN and
+# WORKDIR; STAGE is the stage name, "stage-K" when unnamed, none when the Dockerfile has one
+# stage), never from ociworker's own frontend. Enough of the syntax for the suite's
+# Dockerfiles; anything else (heredocs, ONBUILD, escape directives) is refused.
+
+
+@dataclass(frozen=True)
+class ExpectedStep:
+    """A step BuildKit lists; ``after`` are the steps it reads, listed before it.
+    ``aliases``: the names of the same vertex in other stages (two stages ``FROM`` one
+    image share one vertex, which BuildKit lists once, under either name)."""
+
+    name: str
+    after: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+
+
+_VAR_RE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _logical_lines(text: str) -> list[str]:
+    """Instructions with continuations joined as BuildKit's parser joins them: the
+    backslash (and blanks after it) dropped, the next line appended as it is, comment
+    and empty lines inside a continuation skipped."""
+    out: list[str] = []
+    pending: str | None = None
+    for raw in text.splitlines():
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        line = raw if pending is not None else raw.lstrip()
+        m = re.search(r"\\[ \t]*$", line)
+        if m:
+            pending = (pending or "") + line[: m.start()]
+            continue
+        out.append((pending or "") + line)
+        pending = None
+    if pending is not None:
+        out.append(pending)
+    return out
+
+
+def _expand(text: str, env: Mapping[str, str], *, keep_unset: bool) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name in env:
+            return env[name]
+        return m.group(0) if keep_unset else ""
+
+    return _VAR_RE.sub(sub, text)
+
+
+def _flags(args: str) -> tuple[dict[str, str], str]:
+    flags: dict[str, str] = {}
+    while args.startswith("--"):
+        flag, _, args = args.partition(" ")
+        key, _, value = flag[2:].partition("=")
+        flags[key] = value
+        args = args.lstrip()
+    return flags, args
+
+
+def _bare_ref(ref: str) -> str:
+    """An image reference without tag and digest, and without docker.io/library/."""
+    ref = ref.split("@", 1)[0]
+    head, _, last = ref.rpartition("/")
+    last = last.split(":", 1)[0]
+    ref = f"{head}/{last}" if head else last
+    return ref.removeprefix("docker.io/").removeprefix("library/")
+
+
+def normalize_step_name(name: str) -> str:
+    """Compare step names up to what BuildKit and ociworker may print differently on the
+    same input: BuildKit pads the step number to the width of the total (``[ 2/31]``) and
+    prints a FROM's tag next to its digest; ociworker prints neither."""
+    name = re.sub(
+        r"^\[(?:(\S+)\s+)?\s*(\d+)/(\d+)\]",
+        lambda m: f"[{m.group(1) + ' ' if m.group(1) else ''}{m.group(2)}/{m.group(3)}]",
+        name,
+    )
+    m = re.match(r"^(\[[^\]]*\] FROM )(\S+)(.*)$", name)
+    if m:
+        name = m.group(1) + _bare_ref(m.group(2)) + m.group(3)
+    return name
+
+
+def buildkit_steps(
+    dockerfile: str, build_args: Mapping[str, str] | None = None, target: str | None = None
+) -> list[ExpectedStep]:
+    """The steps BuildKit lists for ``dockerfile`` (names as BuildKit prints them), stages
+    the target does not need left out, each stage's steps in order."""
+    build_args = dict(build_args or {})
+    global_args: dict[str, str] = {}
+    stages: list[dict[str, object]] = []
+    for line in _logical_lines(dockerfile):
+        word, _, args = line.partition(" ")
+        cmd = word.upper()
+        args = args.lstrip()
+        if "<<" in args or cmd == "ONBUILD":
+            raise ValueError(f"buildkit_steps does not model {line!r}")
+        if cmd == "ARG" and not stages:
+            key, eq, default = args.partition("=")
+            global_args[key] = build_args.get(key, default if eq else "")
+            continue
+        if cmd == "FROM":
+            _, rest = _flags(args)
+            parts = rest.split()
+            base = _expand(parts[0], global_args, keep_unset=False)
+            name = parts[2].lower() if len(parts) == 3 and parts[1].upper() == "AS" else ""
+            stages.append({"base": base, "name": name, "cmds": [], "env": {}})
+            continue
+        if not stages:
+            raise ValueError(f"instruction before FROM: {line!r}")
+        st = stages[-1]
+        env = st["env"]
+        assert isinstance(env, dict)
+        if cmd == "ARG":
+            key, eq, default = args.partition("=")
+            env[key] = build_args.get(key, global_args.get(key, default) if not eq else default)
+        elif cmd == "ENV":
+            key, eq, value = args.partition("=")
+            if not eq:
+                key, _, value = args.partition(" ")
+            env[key] = value.strip()
+        elif cmd in ("RUN", "COPY", "ADD", "WORKDIR"):
+            cmds = st["cmds"]
+            assert isinstance(cmds, list)
+            # RUN keeps quotes and unset variables in its name (RawQuotes,
+            # SkipUnsetEnv); the others are expanded as words.
+            text = f"{cmd} {args}"
+            cmds.append(_expand(text, env, keep_unset=cmd == "RUN"))
+
+    labels = {str(st["name"]): i for i, st in enumerate(stages) if st["name"]}
+
+    def stage_of(ref: str) -> int | None:
+        if ref.lower() in labels:
+            return labels[ref.lower()]
+        if ref.isdigit() and int(ref) < len(stages):
+            return int(ref)
+        return None
+
+    names: list[list[str]] = []
+    reads: list[list[set[int]]] = []  # per stage, per step: stages it reads
+    base_stage: list[int | None] = []
+    for i, st in enumerate(stages):
+        base = str(st["base"])
+        from_stage = stage_of(base)
+        base_stage.append(from_stage)
+        cmds = st["cmds"]
+        assert isinstance(cmds, list)
+        image = from_stage is None and base != "scratch"
+        total = len(cmds) + (1 if image else 0)
+        label = "" if len(stages) == 1 else str(st["name"] or f"stage-{i}")
+        width = int(1 + math.log10(total)) if total else 1
+
+        def prefix(n: int, label: str = label, total: int = total, width: int = width) -> str:
+            return f"[{label + ' ' if label else ''}{n:>{width}}/{total}]"
+
+        steps: list[str] = []
+        step_reads: list[set[int]] = []
+        if image:
+            steps.append(f"{prefix(1)} FROM {base}")
+            step_reads.append(set())
+        for text in cmds:
+            flags, _ = _flags(text.partition(" ")[2])
+            read: set[int] = set()
+            for key, value in flags.items():
+                opts = (
+                    dict(o.partition("=")[::2] for o in value.split(",")) if key == "mount" else {}
+                )
+                for ref in (value if key == "from" else "", opts.get("from", "")):
+                    j = stage_of(ref) if ref else None
+                    if j is not None:
+                        read.add(j)
+            steps.append(f"{prefix(len(steps) + 1)} {text}")
+            step_reads.append(read)
+        names.append(steps)
+        reads.append(step_reads)
+
+    def last_step(i: int) -> str | None:
+        if names[i]:
+            return names[i][-1]
+        b = base_stage[i]
+        return last_step(b) if b is not None else None
+
+    want = len(stages) - 1 if target is None else labels[target.lower()]
+    needed: set[int] = set()
+
+    def need(i: int) -> None:
+        if i in needed:
+            return
+        needed.add(i)
+        b = base_stage[i]
+        if b is not None:
+            need(b)
+        for read in reads[i]:
+            for j in read:
+                need(j)
+
+    need(want)
+    out: list[ExpectedStep] = []
+    same: dict[str, str] = {}  # a later stage's FROM -> the first stage's FROM of that image
+    first_from: dict[str, int] = {}  # image -> its step in out
+    for i in sorted(needed):
+        for k, name in enumerate(names[i]):
+            if k == 0 and base_stage[i] is None and str(stages[i]["base"]) != "scratch":
+                ref = str(stages[i]["base"])
+                if ref in first_from:
+                    shared = out[first_from[ref]]
+                    out[first_from[ref]] = ExpectedStep(
+                        shared.name, shared.after, (*shared.aliases, name)
+                    )
+                    same[name] = shared.name
+                    continue
+                first_from[ref] = len(out)
+            before: list[str] = []
+            b = base_stage[i]
+            prev = names[i][k - 1] if k else last_step(b) if b is not None else None
+            if prev:
+                before.append(same.get(prev, prev))
+            for j in sorted(reads[i][k]):
+                tail = last_step(j)
+                if tail:
+                    before.append(same.get(tail, tail))
+            out.append(ExpectedStep(name, tuple(before)))
+    return out
+
+
+@dataclass(frozen=True)
+class ShownStep:
+    """A step as ``--progress=plain`` showed it: ``#number``, name, the states it
+    reached in order (``CACHED``, ``DONE``, ``ERROR``)."""
+
+    number: int
+    name: str
+    states: tuple[str, ...]
+
+
+def plain_steps(stderr: str) -> list[ShownStep]:
+    """Every ``#N`` of a plain progress output, in the order they were numbered."""
+    names: dict[int, str] = {}
+    states: dict[int, list[str]] = {}
+    for line in stderr.splitlines():
+        m = re.match(r"^#(\d+) (.*)$", line)
+        if not m:
+            continue
+        n, rest = int(m.group(1)), m.group(2)
+        if n not in names:
+            names[n] = rest
+            states[n] = []
+        elif rest == "CACHED":
+            states[n].append("CACHED")
+        elif re.match(r"^DONE \d+\.\ds$", rest):
+            states[n].append("DONE")
+        elif rest.startswith("ERROR"):
+            states[n].append("ERROR")
+    return [ShownStep(n, names[n], tuple(states[n])) for n in sorted(names)]
+
+
+def assert_lists_steps(
+    stderr: str, expected: Sequence[ExpectedStep], states: Mapping[str, tuple[str, ...]]
+) -> None:
+    """``stderr`` (plain progress) lists exactly the ``expected`` steps (besides
+    ``[internal]`` ones and the exporters'), each once, each after the steps it reads,
+    each reaching the states ``states`` gives (by expected name; a missing name means
+    ``("CACHED",)``)."""
+    shown = [
+        s
+        for s in plain_steps(stderr)
+        if s.name.startswith("[") and not s.name.startswith("[internal]")
+    ]
+    canonical = {
+        normalize_step_name(alias): normalize_step_name(e.name)
+        for e in expected
+        for alias in e.aliases
+    }
+    got = [canonical.get(n, n) for n in (normalize_step_name(s.name) for s in shown)]
+    want = {normalize_step_name(e.name): e for e in expected}
+    assert sorted(got) == sorted(want), f"steps listed {got}, BuildKit lists {sorted(want)}"
+    position = {name: i for i, name in enumerate(got)}
+    for name, step in want.items():
+        for before in step.after:
+            assert position[normalize_step_name(before)] < position[name], (
+                f"{name!r} listed before its input {before!r}:\n{stderr}"
+            )
+    for s, name in zip(shown, got, strict=True):
+        e = want[name]
+        assert s.states == states.get(e.name, ("CACHED",)), (
+            f"{s.name!r} shown {s.states}, expected {states.get(e.name, ('CACHED',))}:\n{stderr}"
+        )

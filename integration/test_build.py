@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_lists_steps, buildkit_steps, oci_archive_image
 from dockerd import Dockerd
 
 SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
@@ -46,10 +47,6 @@ def write_runtime_spy(tmp: Path, real: str) -> tuple[Path, Path]:
     )
     spy.chmod(0o755)
     return spy, log
-
-
-def step_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("#")]
 
 
 def runtime_containers(root: Path, runtime: str) -> str:
@@ -112,15 +109,8 @@ def test_bench_case_builds_then_rebuilds_fully_cached(
 
     spy, log = write_runtime_spy(tmp_path, runtime)
     again = ow(root, "build", "--progress", "plain", "--runtime", str(spy), "-o", out, str(ctx))
-    steps = [
-        line
-        for line in step_lines(again.stderr)
-        if line.split(" ", 1)[1].startswith("[")
-        and not line.split(" ", 1)[1].startswith("[internal]")
-    ]
-    names = {line.split(" ", 1)[0] for line in steps}
-    cached = {line.split(" ", 1)[0] for line in step_lines(again.stderr) if line.endswith("CACHED")}
-    assert names and names == cached, again.stderr
+    # Every step BuildKit lists for this Dockerfile is shown, once, CACHED, after its inputs.
+    assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
     assert not log.exists(), f"a container was started on a cached rebuild: {log.read_text()}"
     assert mounts_under(root) == []
     assert runtime_containers(root, runtime) == ""
@@ -135,14 +125,16 @@ def test_run_exit_code_fails_naming_step_command_and_code(
 ) -> None:
     ctx = tmp_path / "ctx"
     ctx.mkdir()
-    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo before\nRUN exit 3\n")
+    # The README's example, word for word (section "Errors").
+    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN exit 3\n")
     root = tmp_path / "state"
     proc = ow(root, "build", "--progress", "plain", "--runtime", runtime, str(ctx), check=False)
     assert proc.returncode == 1
-    err = proc.stderr
-    assert "RUN exit 3" in err
-    assert "/bin/sh -c exit 3" in err
-    assert "exit code: 3" in err
+    readme_line = (
+        "ERROR: failed to solve: step [2/2] RUN exit 3: "
+        "process '/bin/sh -c exit 3' did not complete successfully: exit code: 3"
+    )
+    assert readme_line in proc.stderr.splitlines(), proc.stderr[-2000:]
     assert mounts_under(root) == []
     assert runtime_containers(root, runtime) == ""
     assert (
@@ -213,10 +205,12 @@ def test_oci_archive_image_config_and_skopeo(
     rootfs = config["rootfs"]
     assert isinstance(rootfs, dict)
     assert len([h for h in history if not h.get("empty_layer")]) == len(rootfs["diff_ids"])
+    # The image ID is the config digest of the archive's image, as docker computes it.
+    image = oci_archive_image(out)
+    assert (tmp_path / "iid").read_text() == image.config_digest
     md = json.loads((tmp_path / "md.json").read_text())
-    iid = (tmp_path / "iid").read_text()
-    assert md["containerimage.config.digest"] == iid
-    assert md["containerimage.digest"].startswith("sha256:")
+    assert md["containerimage.config.digest"] == image.config_digest
+    assert md["containerimage.digest"] == image.manifest_digest
 
 
 def test_docker_archive_loads_runs_cmd_and_removed_file_is_gone(
@@ -272,21 +266,13 @@ def test_changed_context_file_invalidates_exactly_its_steps(
         f"type=local,dest={tmp_path / 'o'}",
         str(ctx),
     )
-    lines = step_lines(out.stderr)
-
-    def status(step: str) -> str:
-        ids = [line.split(" ", 1)[0] for line in lines if step in line]
-        if not ids:
-            return "NOT VISITED"  # an input of a cache hit is not even looked at
-        for line in lines:
-            if line.startswith(ids[0] + " ") and (line.endswith("CACHED") or " DONE " in line):
-                return "CACHED" if line.endswith("CACHED") else "RAN"
-        return "?"
-
-    assert status("RUN cat /a") == "CACHED"
-    assert status("COPY a.txt") in ("CACHED", "NOT VISITED")
-    assert status("COPY b.txt") == "RAN"
-    assert status("RUN cat /b") == "RAN"
+    # From the Dockerfile: the steps up to the one copying b.txt are cache hits (their
+    # inputs did not change), it and every step after it run again.
+    steps = buildkit_steps((ctx / "Dockerfile").read_text())
+    first_changed = next(i for i, st in enumerate(steps) if "b.txt" in st.name)
+    ran = {st.name: ("DONE",) for st in steps[first_changed:]}
+    assert first_changed == 3 and len(ran) == 2  # the Dockerfile is what this test thinks
+    assert_lists_steps(out.stderr, steps, ran)
     assert (tmp_path / "o" / "b2").read_text() == "b2\n"
     assert (tmp_path / "o" / "a2").read_text() == "a1\n"
 
@@ -476,6 +462,10 @@ def test_du_lists_cache_and_prune_all_empties_it(
     (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN head -c 100000 /dev/zero > /z\n")
     root = tmp_path / "state"
     ow(root, "build", "--progress", "plain", str(ctx))
+    # where the state dir keeps snapshots and blobs (docs/architecture.md, "State dir")
+    on_disk = (root / "snapshots" / "snapshots", root / "content" / "blobs" / "sha256")
+    for d in on_disk:
+        assert any(d.iterdir()), f"the build left nothing in {d}: wrong place to look"
     du = ow(root, "du").stdout
     assert "RUN head -c 100000" in du
     assert "Total:" in du
@@ -483,37 +473,63 @@ def test_du_lists_cache_and_prune_all_empties_it(
     assert "Removed" in pruned
     after = ow(root, "du").stdout
     assert "RUN head" not in after
+    # no image is stored (no -t), so nothing on disk is kept
+    for d in on_disk:
+        assert sorted(p.name for p in d.iterdir()) == [], f"prune --all left files in {d}"
     rebuilt = ow(root, "build", "--progress", "plain", str(ctx)).stderr
     assert "CACHED" not in rebuilt.split("RUN head", 1)[1]
+
+
+def _build_with_each_snapshotter(tmp_path: Path, base_image: str) -> dict[str, Path]:
+    """One Dockerfile built with the native and the overlayfs snapshotter; kind -> the
+    output path (``P`` a local dir, ``P.tar`` an OCI archive)."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    # Every path a step changes gets a fixed mtime, so the layers depend on the files
+    # alone and the two snapshotters must give byte-identical layers (same diff_ids).
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "RUN echo one > /one && rm /bin/vi && touch -d @1000000000 /one /bin\n"
+        "RUN echo two > /two && touch -d @1000000000 /two\n"
+    )
+    outs: dict[str, Path] = {}
+    for kind in ("native", "overlayfs"):
+        out = outs[kind] = tmp_path / f"out-{kind}"
+        ow(
+            tmp_path / f"state-{kind}",
+            "build",
+            *["--snapshotter", kind, "--progress", "plain"],
+            *["--output", f"type=oci,dest={out}.tar", "--output", f"type=local,dest={out}"],
+            str(ctx),
+        )
+    return outs
 
 
 def test_native_snapshotter_builds_the_same_files(
     tmp_path: Path, base_image: str, require_root: None
 ) -> None:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    (ctx / "Dockerfile").write_text(
-        f"FROM {base_image}\nRUN echo one > /one && rm /bin/vi\nRUN echo two > /two\n"
-    )
-    for kind in ("native", "overlayfs"):
-        out = tmp_path / f"out-{kind}"
-        ow(
-            tmp_path / f"state-{kind}",
-            "build",
-            "--snapshotter",
-            kind,
-            "--progress",
-            "plain",
-            "--output",
-            f"type=oci,dest={out}.tar",
-            "--output",
-            f"type=local,dest={out}",
-            str(ctx),
-        )
+    for out in _build_with_each_snapshotter(tmp_path, base_image).values():
         assert (out / "one").read_text() == "one\n"
         assert (out / "two").read_text() == "two\n"
         assert not (out / "bin" / "vi").exists()
         assert (out / "bin" / "sh").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the overlay differ writes the dirs a RUN only copied up (dev, etc, sys: same "
+    "metadata as below) into the layer; the native one and BuildKit's do not",
+)
+def test_native_and_overlay_snapshotters_give_the_same_layers(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    diff_ids: dict[str, list[str]] = {}
+    for kind, out in _build_with_each_snapshotter(tmp_path, base_image).items():
+        rootfs = _image_config_from_oci(Path(f"{out}.tar"))["rootfs"]
+        assert isinstance(rootfs, dict)
+        diff_ids[kind] = rootfs["diff_ids"]
+    assert len(diff_ids["native"]) == len(diff_ids["overlayfs"]) >= 3
+    assert diff_ids["native"] == diff_ids["overlayfs"]
 
 
 def test_zstd_compression_output(tmp_path: Path, base_image: str, require_root: None) -> None:

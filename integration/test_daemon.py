@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 import ociworker
+from conftest import assert_lists_steps, buildkit_steps, oci_archive_image
 from ociworker.core.build import BuildResult
 from ociworker.core.progress import Event, VertexStatus
 from ociworker.errors import BuildCancelled, ExecError
@@ -122,12 +123,30 @@ def test_cli_build_over_daemon_writes_client_side_outputs(
     meta = json.loads((out / "meta.json").read_text())
     assert isinstance(meta["ociworker.context.bytes_sent"], int)
     assert meta["ociworker.context.bytes_sent"] > 0
-    assert (out / "iid").read_text() == meta["containerimage.config.digest"]
+    # the image ID is the config digest of the image the archive holds
+    image = oci_archive_image(out / "img.tar")
+    assert (out / "iid").read_text() == image.config_digest
+    assert meta["containerimage.config.digest"] == image.config_digest
+    assert meta["containerimage.digest"] == image.manifest_digest
     # the output paths are the client's: nothing of them under the daemon's root
     assert not any(p.name == "img.tar" for p in daemon.root.rglob("img.tar"))
     assert mounts_under(daemon.root) == []
     du = cli(daemon, "du")
     assert "Total:" in du.stdout
+
+
+def test_cached_rebuild_over_daemon_lists_every_step_cached(
+    daemon: Daemon, tmp_path: Path, base_image: str
+) -> None:
+    dockerfile = (
+        f"FROM {base_image} AS base\nRUN echo base > /base\n"
+        f"FROM {base_image}\nCOPY a.txt /a.txt\nCOPY --from=base /base /b\nRUN cat /a.txt /b\n"
+    )
+    ctx = write_context(tmp_path, dockerfile, {"a.txt": "a\n"})
+    cli(daemon, "build", "--progress", "plain", str(ctx))
+    again = cli(daemon, "build", "--progress", "plain", str(ctx))
+    # the same events reach a daemon's client: every step BuildKit lists, once, CACHED
+    assert_lists_steps(again.stderr, buildkit_steps(dockerfile), {})
 
 
 def test_failing_run_same_error_as_embedded_and_client_raises_exec_error(
@@ -565,6 +584,8 @@ def test_oci_to_stdout_over_daemon(daemon: Daemon, tmp_path: Path, base_image: s
                 "plain",
                 "-o",
                 "type=oci,dest=-",
+                "--iidfile",
+                str(tmp_path / "iid"),
                 str(ctx),
             ],
             stdout=f,
@@ -573,8 +594,8 @@ def test_oci_to_stdout_over_daemon(daemon: Daemon, tmp_path: Path, base_image: s
             timeout=300,
         )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    with tarfile.open(out) as tf:
-        assert "index.json" in tf.getnames()
+    # stdout is a whole archive whose image is the one the build named
+    assert (tmp_path / "iid").read_text() == oci_archive_image(out).config_digest
 
 
 def test_secret_is_served_by_the_client_session(

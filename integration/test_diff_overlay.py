@@ -23,10 +23,9 @@ from ociworker.core.mounts import Mount
 from ociworker.core.oci import Layer
 from ociworker.diff import CompressionOpts, LayerApplier, LayerComparer, write_dir_layer
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(os.geteuid() != 0, reason="overlayfs, mknod and trusted xattrs need root"),
-]
+# overlayfs, mknod and trusted xattrs need root; without it the tests fail (conftest's
+# require_root), they do not skip
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("require_root")]
 
 NS = 1_000_000_000
 

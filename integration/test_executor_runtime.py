@@ -268,6 +268,19 @@ async def test_extra_mounts(executor: OCIRuntimeExecutor, rootfs: Path, tmp_path
     assert sorted(os.listdir(data)) == ["hello"]
 
 
+def _pids_running(marker: str) -> list[str]:
+    """PIDs whose command line holds ``marker``."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            found.append(pid)
+    return found
+
+
 async def test_cancel_kills_and_cleans_up_before_returning(
     executor: OCIRuntimeExecutor, rootfs: Path
 ) -> None:
@@ -275,17 +288,19 @@ async def test_cancel_kills_and_cleans_up_before_returning(
     out = Output()
     process = ProcessSpec(args=("sh", "-c", f"sleep 30; echo {marker}"), network="none")
     task = asyncio.create_task(executor.run(_root(rootfs), process, (), out))
-    await asyncio.sleep(0.5)
+    # cancel only once the container's process runs (a cancel before the start would
+    # prove nothing about killing it)
+    for _ in range(200):
+        if _pids_running(marker) or task.done():
+            break
+        await asyncio.sleep(0.05)
+    assert not task.done(), "the container ended before it could be cancelled"
+    assert _pids_running(marker), "the container's process never appeared in /proc"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     # when the cancellation returns, the container is gone (timing: benchmarks)
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        assert marker.encode() not in cmdline, f"process {pid} survived the cancel"
+    assert _pids_running(marker) == [], "the container's process survived the cancel"
     # the executor fixture checks: no container listed, no mount, no bundle, no netns
 
 

@@ -38,12 +38,16 @@ from ociworker.errors import DigestMismatchError, NotFoundError, RegistryError
 from ociworker.registry.client import RegistryClient
 from ociworker.sources.image import ImagePuller
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("docker-registry") is None, reason="needs Debian's docker-registry"
-    ),
-]
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_docker_registry() -> None:
+    # A missing prerequisite fails (README, "Tests"): a host without it must not pass
+    # this file by running nothing.
+    if shutil.which("docker-registry") is None:
+        pytest.fail("Debian's docker-registry is not installed: run scripts/setup-host first")
+
 
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64", "v8")
@@ -297,10 +301,11 @@ async def test_corrupt_blob_in_registry_storage_is_detected(
         data_path.write_bytes(original)
 
 
-@pytest.mark.skipif(shutil.which("skopeo") is None, reason="needs skopeo")
 async def test_skopeo_reads_what_we_pushed(
     registry: Registry, client: RegistryClient, src: ContentStore
 ) -> None:
+    if shutil.which("skopeo") is None:
+        pytest.fail("skopeo is not installed: run scripts/setup-host first")
     img = build_image(AMD64, [{"a": b"a"}, {"b": b"b"}])
     repo = f"{registry.host}/it/skopeo"
     digest = await push_image(client, src, repo, "v1", img)

@@ -9,7 +9,8 @@ Rules it keeps:
 - a vertex's inputs are solved concurrently; siblings of a failed vertex are
   cancelled (TaskGroup), as a build fails as a whole;
 - a cache key seen before (index hit) never runs again, and its inputs are not
-  even solved;
+  even solved: they are only reported CACHED (each once, inputs first), as
+  BuildKit lists every step of a cached build;
 - identical work runs once: within a job by vertex digest, across concurrent
   jobs by cache key. A shared run is cancelled only when every job waiting on it
   is gone, so one client's Ctrl-C never breaks another's build.
@@ -173,6 +174,8 @@ class _JobRun:
         self._job = job
         self._keys: dict[Digest, asyncio.Future[str]] = {}
         self._results: dict[Digest, asyncio.Future[Result]] = {}
+        #: vertices this job has already shown (cached, or started for real)
+        self._reported: set[Digest] = set()
 
     async def close(self) -> None:
         """Cancel whatever this job still has running and wait for it to unwind,
@@ -213,8 +216,7 @@ class _JobRun:
         if not (job.no_cache or v.ignore_cache):
             hit = await self._solver._cache.lookup(key)
             if hit is not None:
-                now = time.time()
-                job.events(VertexStatus(v.digest, v.name, started=now, completed=now, cached=True))
+                self._report_cached(v)
                 if job.on_result is not None:
                     job.on_result(v, hit)
                 return hit
@@ -222,6 +224,9 @@ class _JobRun:
             [self.result(i) if i is not None else _scratch() for i in v.inputs]
         )
         started = time.time()
+        # A vertex reported cached through a hit above it still sends its real
+        # events when another path needs it and its record is gone.
+        self._reported.add(v.digest)
         job.events(VertexStatus(v.digest, v.name, started=started))
         try:
             result = await self._solver._run_shared(key, v, inputs, job)
@@ -239,6 +244,32 @@ class _JobRun:
         if job.on_result is not None:
             job.on_result(v, result)
         return result
+
+    def _report_cached(self, v: Vertex) -> None:
+        """Report ``v`` and every ancestor a hit on it makes unnecessary as CACHED,
+        inputs before their users (the walk's order), each once per job.
+
+        The ancestors are not looked up, loaded or run: the user sees the whole
+        build, as BuildKit shows it, for the price of events only.
+        """
+        now = time.time()
+        # Post-order, inputs in their order. A reported vertex's ancestors are all
+        # reported already (it was reported this way, or it started after its
+        # inputs were solved), so the walk stops there: many hits over one long
+        # chain cost one pass over it, not one per hit.
+        stack: list[tuple[Vertex, bool]] = [(v, False)]
+        while stack:
+            u, expanded = stack.pop()
+            if u.digest in self._reported:
+                continue
+            if expanded:
+                self._reported.add(u.digest)
+                self._job.events(
+                    VertexStatus(u.digest, u.name, started=now, completed=now, cached=True)
+                )
+                continue
+            stack.append((u, True))
+            stack.extend((i, False) for i in reversed(u.inputs) if i is not None)
 
     @staticmethod
     async def _gather(aws: Sequence[Awaitable[T]]) -> list[T]:

@@ -62,6 +62,15 @@ def _events(proc: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
             yield json.loads(line)
 
 
+def _written_layers(ev: dict[str, Any]) -> list[str]:
+    """The layer digests a rawjson line reports written (finished statuses)."""
+    return [
+        st["id"].removeprefix("writing layer ")
+        for st in ev.get("statuses", [])
+        if st["id"].startswith("writing layer sha256:") and "completed" in st
+    ]
+
+
 def test_layers_are_written_while_the_build_runs(
     tmp_path: Path, state_dir: Path, base_image: str, require_root: None
 ) -> None:
@@ -84,18 +93,21 @@ def test_layers_are_written_while_the_build_runs(
     try:
         for ev in _events(proc):
             events.append(ev)
-            vertex = ev.get("vertex", {})
-            if "RUN sleep 5" in vertex.get("name", ""):
-                if vertex.get("error") or vertex.get("cached"):
-                    sleep_state = "failed"
-                else:
-                    sleep_state = "done" if "completed" in vertex else "running"
-            if "layer" in ev and sleep_state == "running":
-                # The event is sent after the files are in place, and before the
-                # sleep step's completion: this is what is on disk meanwhile.
-                on_disk = _descriptors(layers)
-                assert ev["layer"] in on_disk
-                seen_while_sleeping.append(ev["layer"])
+            # rawjson is BuildKit's SolveStatus: vertexes change state, and a
+            # written layer is a status "writing layer sha256:..." of its step.
+            for vertex in ev.get("vertexes", []):
+                if "RUN sleep 5" in vertex.get("name", ""):
+                    if vertex.get("error") or vertex.get("cached"):
+                        sleep_state = "failed"
+                    else:
+                        sleep_state = "done" if "completed" in vertex else "running"
+            for digest in _written_layers(ev):
+                if sleep_state == "running":
+                    # The status is sent after the files are in place, and before
+                    # the sleep step's completion: this is what is on disk meanwhile.
+                    on_disk = {d["digest"]: d for d in _descriptors(layers)}
+                    assert digest in on_disk
+                    seen_while_sleeping.append(on_disk[digest])
         assert proc.wait() == 0, json.dumps(events[-5:])
     finally:
         watchdog.cancel()
@@ -124,8 +136,8 @@ def test_layers_are_written_while_the_build_runs(
     for desc, hist in zip(descs, non_empty, strict=True):
         name = desc["annotations"]["dev.ociworker.vertex.name"]
         assert name.split("RUN ", 1)[1] in hist["created_by"]
-    written = [ev["layer"] for ev in events if "layer" in ev]
-    assert sorted(written, key=lambda d: d["digest"]) == sorted(descs, key=lambda d: d["digest"])
+    written = [digest for ev in events for digest in _written_layers(ev)]
+    assert sorted(written) == sorted(d["digest"] for d in descs)
     assert len(list((layers / "blobs" / "sha256").iterdir())) == n
 
     # Fully cached, the top step is a hit and its inputs are never run (only shown
@@ -184,9 +196,11 @@ def test_unwritable_layers_dest_fails_the_build_at_once(
     assert not_a_dir.read_bytes() == b"a file where the blobs dir should be"
     # the failed write cut the build short: the sleep was cancelled, not waited for
     sleep = [
-        json.loads(line)["vertex"]
+        v
         for line in proc.stderr.splitlines()
-        if line.startswith('{"vertex"') and "RUN sleep 60" in line
+        if line.startswith('{"vertexes"')
+        for v in json.loads(line)["vertexes"]
+        if "RUN sleep 60" in v["name"]
     ]
     assert sleep[-1].get("error") == "cancelled"
 

@@ -15,7 +15,7 @@ import termios
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import buildkit_steps, normalize_step_name
+from conftest import assert_lists_steps, buildkit_steps, normalize_step_name
 from test_build import ow
 
 _ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
@@ -174,7 +174,8 @@ def test_plain_when_stderr_is_not_a_terminal_and_rich_never_loads(
     cmd = [sys.executable, "-X", "importtime", "-m", "ociworker", "build", "--root", str(root)]
     env = {k: v for k, v in os.environ.items() if k != "BUILDKIT_PROGRESS"}
     proc = subprocess.run([*cmd, str(ctx)], capture_output=True, text=True, env=env, check=True)
-    assert "#1 [internal] load build definition" in proc.stderr or "CACHED" in proc.stderr
+    assert proc.stderr.startswith("\n#1 [internal] load build definition")
+    assert_lists_steps(proc.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
     assert "[+] Building" not in proc.stderr
     assert not [ln for ln in proc.stderr.splitlines() if "import time" in ln and "rich" in ln]
 

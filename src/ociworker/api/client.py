@@ -36,9 +36,10 @@ from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import BuildCancelled, ConfigError
+from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.oserror import os_error_text
 from ociworker.session.context import read_definition
 
 DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
@@ -95,8 +96,16 @@ def session_key(context: Path, dockerfile_name: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def _read_file(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _read_pem(flag: str, path: str) -> bytes:
+    # gRPC's C core would only log "Invalid cert chain file" lines and fail the
+    # connection later; a file that is no PEM is the flag's fault, said now.
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {os_error_text(exc)}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{flag} {path}: not a PEM file")
+    return data
 
 
 def _open_channel(
@@ -112,9 +121,9 @@ def _open_channel(
                 f"{addr}: TCP needs mutual TLS: give --tlscacert, --tlscert and --tlskey"
             )
         creds = grpc.ssl_channel_credentials(
-            root_certificates=_read_file(tlscacert),
-            private_key=_read_file(tlskey),
-            certificate_chain=_read_file(tlscert),
+            root_certificates=_read_pem("--tlscacert", tlscacert),
+            private_key=_read_pem("--tlskey", tlskey),
+            certificate_chain=_read_pem("--tlscert", tlscert),
         )
         return grpc.aio.secure_channel(target, creds, options=options)
     raise ConfigError(f"invalid daemon address {addr!r}: use unix:///PATH or tcp://HOST:PORT")
@@ -144,6 +153,16 @@ class Client:
 
     # -- unary calls ---------------------------------------------------------------
 
+    def _error(self, err: grpc.aio.AioRpcError) -> BaseException:
+        exc = api_errors.from_rpc_error(err)
+        if isinstance(exc, DaemonUnavailable):
+            # gRPC's text ("failed to connect to all addresses; last error: ...")
+            # names neither the flag nor the cause in words: say both.
+            cause = (err.details() or "").rsplit(": ", 1)[-1].strip()
+            cause = cause[:1].lower() + cause[1:] if cause else "no answer"
+            return DaemonUnavailable(f"cannot reach the ociworker daemon at {self.addr}: {cause}")
+        return exc
+
     async def info(self) -> DaemonInfo:
         r = await self._unary(self._stub.Info, pb.InfoRequest())
         return DaemonInfo(r.version, r.root, r.runtime, r.snapshotter, r.running_builds)
@@ -167,7 +186,7 @@ class Client:
         try:
             return await method(request)
         except grpc.aio.AioRpcError as err:
-            raise api_errors.from_rpc_error(err) from None
+            raise self._error(err) from None
 
     # -- builds ----------------------------------------------------------------------
 
@@ -225,7 +244,7 @@ class Client:
                 finally:
                     call.cancel()
         except grpc.aio.AioRpcError as err:
-            raise api_errors.from_rpc_error(err) from None
+            raise self._error(err) from None
 
     async def status(self, build_id: str) -> AsyncIterator[SolveItem]:
         """Attach to a build by id: what happened so far, then until it ends."""
@@ -236,7 +255,7 @@ class Client:
                 if item is not None:
                     yield item
         except grpc.aio.AioRpcError as err:
-            raise api_errors.from_rpc_error(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()
 

@@ -324,28 +324,36 @@ def place(
         shutil.rmtree(tmp)
 
 
-def _run(argv: list[str], place: Place) -> tuple[int, str]:
-    """Run ``argv`` in its own process group; whatever it leaves running is stopped and
-    fails the test (a README block must clean up after itself)."""
-    proc = subprocess.Popen(
-        argv,
-        cwd=place.repo,
-        env=place.env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    output: str  # stdout and stderr, interleaved as written
+    left: list[str]  # processes of the block still running after it exited (then stopped)
+
+
+def _run(argv: list[str], place: Place) -> Ran:
+    """Run ``argv`` in its own process group, until its first process exits. Output goes to
+    a file, not a pipe: a background process a failed block leaves behind must not keep
+    the test waiting for the pipe's end."""
+    log = place.tmp / "block-output.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            cwd=place.repo,
+            env=place.env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        out, _ = proc.communicate(timeout=BLOCK_TIMEOUT)
+        code = proc.wait(timeout=BLOCK_TIMEOUT)
     except subprocess.TimeoutExpired:
         _stop_group(proc.pid)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {BLOCK_TIMEOUT:.0f}s:\n{out.decode(errors='replace')}")
+        proc.wait()
+        pytest.fail(f"timed out after {BLOCK_TIMEOUT:.0f}s:\n{log.read_text(errors='replace')}")
     left = _stop_group(proc.pid)
-    text = out.decode(errors="replace")
-    assert not left, f"the block left processes running: {left}\n{text}"
-    return proc.returncode, text
+    return Ran(code, log.read_text(errors="replace"), left)
 
 
 def _group(pgid: int) -> list[str]:
@@ -380,19 +388,19 @@ def _stop_group(pgid: int) -> list[str]:
     return left
 
 
-def _run_python(block: Block, place: Place) -> tuple[int, str]:
+def _run_python(block: Block, place: Place) -> Ran:
     script = place.tmp / "readme_block.py"
     script.write_text(block.text)
     log = place.tmp / "daemon.log"
     addr = f"unix://{place.tmp}/ociworker.sock"
     daemon = spawn_daemon(["--addr", addr, "--root", place.env["OCIWORKER_ROOT"]], log, timeout=60)
     try:
-        code, out = _run([str(VENV / "bin" / "python"), str(script)], _with(place, addr))
+        ran = _run([str(VENV / "bin" / "python"), str(script)], _with(place, addr))
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon_code = daemon.wait(timeout=60)
     assert daemon_code == 0, f"the daemon exited {daemon_code}:\n{log.read_text()}"
-    return code, out
+    return ran
 
 
 def _with(place: Place, addr: str) -> Place:
@@ -402,18 +410,19 @@ def _with(place: Place, addr: str) -> Place:
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=[b.id for b in RUN_BLOCKS])
 def test_readme_block(block: Block, place: Place) -> None:
     if block.language == "python":
-        code, out = _run_python(block, place)
+        ran = _run_python(block, place)
     else:
         script = place.tmp / "readme_block.sh"
         script.write_text(block.text)
-        code, out = _run(["bash", "-e", "-o", "pipefail", str(script)], place)
+        ran = _run(["bash", "-e", "-o", "pipefail", str(script)], place)
     where = f"README.md:{block.line} ({block.language} block)"
-    assert code == 0, f"{where} exited {code}:\n{block.text}\n--- output ---\n{out}"
+    assert ran.code == 0, f"{where} exited {ran.code}:\n{block.text}\n--- output ---\n{ran.output}"
+    assert not ran.left, f"{where} left processes running: {ran.left}\n{ran.output}"
     if block.output is not None:
-        missing = missing_output(block.output, out)
+        missing = missing_output(block.output, ran.output)
         assert missing is None, (
             f"{where} did not print the line the README shows after it:\n  {missing}\n"
-            f"--- output ---\n{out}"
+            f"--- output ---\n{ran.output}"
         )
 
 

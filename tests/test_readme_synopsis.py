@@ -2,7 +2,7 @@
 
 A flag added to ``ociworker build`` (or to the top level) without a line in the synopsis
 fails here, and so does a synopsis line for a flag that is gone. A flag with fixed choices
-must name every choice on its line (``--network host|none|default``).
+must name every choice in its option column (``--network host|none|default``).
 """
 
 from __future__ import annotations
@@ -28,17 +28,22 @@ def _synopsis() -> list[str]:
 
 
 def _documented() -> tuple[str, dict[str, str]]:
-    """The top-level line, and each build option string -> its synopsis line."""
+    """The top-level line, and each build option string -> its option column."""
     lines = _synopsis()
     assert lines[1].startswith("ociworker build [OPTIONS] CONTEXT"), lines[1]
     build: dict[str, str] = {}
     for line in lines[2:]:
         assert line.startswith("  -"), f"not an option line: {line!r}"
-        # The option column ends at the first run of two spaces; the rest describes it.
-        column = re.split(r" {2,}", line.strip(), maxsplit=1)[0]
+        column = _column(line)
         for flag in _FLAG.findall(column):
-            build[flag] = line
+            build[flag] = column
     return lines[0], build
+
+
+def _column(line: str) -> str:
+    """A synopsis line's option column: up to the first run of two spaces (the rest
+    describes the option, and may say "default" without it being a choice)."""
+    return re.split(r" {2,}", line.strip(), maxsplit=1)[0]
 
 
 def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -85,3 +90,10 @@ def test_choices_are_listed() -> None:
         if str(choice) not in _words(lines[flag])
     ]
     assert not missing, f"the README's synopsis does not name these choices: {missing}"
+
+
+def test_a_missing_choice_is_noticed() -> None:
+    # The check above reads the option column only: a description that says "default"
+    # must not stand in for the choice.
+    column = _column("  --network host|none   network (default is host)")
+    assert _words(column) == {"--network", "host", "none"}

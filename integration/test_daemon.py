@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import importlib.metadata
 import ipaddress
 import json
 import os
@@ -180,6 +181,8 @@ def test_client_api_build_streams_events_and_result(
         async with ociworker.Client(daemon.addr) as c:
             info = await c.info()
             assert info.root == str(daemon.root.absolute())
+            # the daemon's release, as `ociworker --version` prints it for the package
+            assert info.version == importlib.metadata.version("ociworker")
             workers = await c.list_workers()
             assert len(workers) == 1 and workers[0]["platforms"]
             return await c.build(ctx, events=events.append, want_image=True)

@@ -25,8 +25,8 @@ class OCIArchiveExport(OutputExport):
         names = image_names(self.output, result.tags)
         fn = export_docker_archive if self.docker else export_oci_archive
         label = "docker image format" if self.docker else "oci image format"
-        with ProgressStep(parts.events, f"exporting to {label}"):
-            parts.events(Info(f"writing image {image.manifest.digest}"))
+        with ProgressStep(parts.events, f"exporting to {label}") as step:
+            parts.events(Info(f"writing image {image.manifest.digest}", step.digest))
 
             def write() -> None:
                 with parts.target.stream(self.output) as f:

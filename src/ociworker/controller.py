@@ -29,7 +29,7 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
-from ociworker.errors import DockerfileError, OciworkerError
+from ociworker.errors import DockerfileError, OciworkerError, RegistryError
 from ociworker.exporter.assemble import compression_opts, make_image
 from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch
 from ociworker.exporter.chain import SnapshotLayers
@@ -83,6 +83,12 @@ async def plan_build(
                     # ``COPY --from=name`` where name is no stage: most likely a typo of
                     # a stage name, which the registry's "not found" would hide.
                     raise hints[name] from info
+                if isinstance(info, RegistryError):
+                    # BuildKit's words, so the image is named whatever the cause
+                    raise RegistryError(
+                        f"{name}: failed to resolve source metadata for "
+                        f"{parse_reference(name)}: {info}"
+                    ) from info
                 if isinstance(info, BaseException):
                     raise info
                 images[name] = info

@@ -404,14 +404,22 @@ def test_hostile_context_paths_fail_and_touch_nothing_outside(
     assert (tmp_path / "o2" / str(outside).lstrip("/") / "written").read_text() == "payload"
 
 
+def wait_for_line(proc: subprocess.Popen[str], marker: str, timeout: float = 120) -> list[str]:
+    """Read ``proc``'s stderr up to the line holding ``marker``; the lines read."""
+    assert proc.stderr is not None
+    deadline = time.time() + timeout
+    seen: list[str] = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            return seen
+        assert time.time() < deadline, "".join(seen)
+    raise AssertionError(f"{marker!r} never printed:\n{''.join(seen)}")
+
+
 def _interrupt_after(proc: subprocess.Popen[str], marker: str) -> None:
     """Send Ctrl-C once ``marker`` shows in the build log; wait for the CLI to exit."""
-    assert proc.stderr is not None
-    deadline = time.time() + 120
-    for line in proc.stderr:
-        if marker in line:
-            break
-        assert time.time() < deadline
+    wait_for_line(proc, marker)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 130
 

@@ -19,10 +19,11 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
+
+from test_build import wait_for_line
 
 OCIWORKER = [sys.executable, "-m", "ociworker"]
 
@@ -130,16 +131,6 @@ def test_runtime_is_checked_before_anything_runs(
     no_python(proc.stderr)
 
 
-def _wait_for(proc: subprocess.Popen[str], marker: str) -> None:
-    assert proc.stderr is not None
-    deadline = time.time() + 120
-    for line in proc.stderr:
-        if marker in line:
-            return
-        assert time.time() < deadline
-    raise AssertionError(f"{marker!r} never printed")
-
-
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_cancels_with_the_shell_exit_code(
     signum: int, code: int, tmp_path: Path, base_image: str, require_root: None
@@ -153,7 +144,7 @@ def test_a_signal_cancels_with_the_shell_exit_code(
         stdout=subprocess.DEVNULL,
         text=True,
     ) as proc:
-        _wait_for(proc, "started")
+        wait_for_line(proc, "started")
         proc.send_signal(signum)
         assert proc.wait(timeout=30) == code
         assert proc.stderr is not None

@@ -15,26 +15,22 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import fcntl
 import json
 import os
-import pty
 import re
 import secrets
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import termios
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from test_build import ow
+from test_build import ow, wait_for_line
+from test_progress_views import terminal_build
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Go's time.Time JSON: RFC 3339, up to 9 fraction digits, UTC off the wire
@@ -307,36 +303,13 @@ def test_unresolvable_base_image_fails_its_load_metadata_step(
     assert failed[0]["error"] == error.split(" ERROR: ", 1)[1]
 
 
-def _on_a_terminal(root: Path, ctx: Path, *flags: str) -> tuple[int, str]:
-    """``ociworker build`` with stderr on a pseudo-terminal: (exit code, raw output)."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    cmd = [sys.executable, "-m", "ociworker", "build", "--root", str(root), *flags, str(ctx)]
-    env = {**os.environ, "TERM": "xterm-256color"}
-    env.pop("BUILDKIT_PROGRESS", None)
-    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=slave, env=env) as proc:
-        os.close(slave)
-        chunks = []
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the child closed its end
-                break
-            if not data:
-                break
-            chunks.append(data)
-        os.close(master)
-        code = proc.wait(timeout=600)
-    return code, b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
-
-
 def test_tty_view_shows_the_failed_metadata_step_in_red(tmp_path: Path, require_root: None) -> None:
     port = _free_port()
     ref = f"127.0.0.1:{port}/x:latest"
     ctx = tmp_path / "ctx"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(f"FROM {ref}\n")
-    code, raw = _on_a_terminal(tmp_path / "state", ctx)
+    code, raw, _ = terminal_build(tmp_path / "state", ctx)
     assert code == 1
     final = raw[raw.rindex("[+] Building") :]
     # red (SGR 31) from the start of the row that names the step as failed
@@ -380,13 +353,7 @@ def test_cancelled_run_ends_with_one_error_line(
         [*cmd, "--progress=plain", str(ctx)], stderr=subprocess.PIPE, text=True
     ) as proc:
         assert proc.stderr is not None
-        seen = []
-        deadline = time.time() + 120
-        for line in proc.stderr:
-            seen.append(line)
-            if "started" in line:
-                break
-            assert time.time() < deadline, "".join(seen)
+        seen = wait_for_line(proc, "started")
         proc.send_signal(signal.SIGTERM)
         rest = proc.stderr.read()
         assert proc.wait(timeout=30) == 143  # 128 + SIGTERM, as a shell reports it

@@ -31,6 +31,18 @@ def _build_on_a_terminal(
     """Run ``ociworker build`` with stderr on a pty (as in a terminal); (exit code,
     terminal output with escape sequences removed, stdout). ``on_output`` sees
     the raw output so far after each read."""
+    code, raw, out = terminal_build(root, ctx, *flags, env=env, on_output=on_output)
+    return code, _ANSI_RE.sub("", raw), out
+
+
+def terminal_build(
+    root: Path,
+    ctx: Path,
+    *flags: str,
+    env: dict[str, str] | None = None,
+    on_output: Callable[[str, subprocess.Popen[bytes]], None] | None = None,
+) -> tuple[int, str, str]:
+    """``_build_on_a_terminal``, with the terminal output as written (escapes kept)."""
     master, slave = pty.openpty()
     # 120x40, so rich lays out as in a real terminal rather than at 80 columns
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
@@ -58,7 +70,7 @@ def _build_on_a_terminal(
         out = proc.stdout.read().decode()
         code = proc.wait(timeout=600)
     raw = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
-    return code, _ANSI_RE.sub("", raw), out
+    return code, raw, out
 
 
 def _final_frame(text: str) -> str:

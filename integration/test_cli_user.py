@@ -191,6 +191,10 @@ def test_quiet_prints_the_image_id_without_any_output(
     again = run("build", "--root", str(root), "-q", "-o", f"type=oci,dest={archive}", str(ctx))
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == oci_config_digest(archive)
+    # --progress=quiet alone silences the progress and prints no ID (buildx: only -q does)
+    silent = run("build", "--root", str(root), "--progress=quiet", str(ctx))
+    assert silent.returncode == 0, silent.stderr
+    assert silent.stdout == "" and "sha256:" not in silent.stderr
 
 
 def test_debug_and_json_logs(tmp_path: Path, base_image: str, require_root: None) -> None:

@@ -346,12 +346,14 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         image=result.manifest.digest if result.manifest else None,
         config=result.config_digest,
     )
-    if progress == "quiet" and result.config_digest:
+    if args.quiet and result.config_digest:
+        # -q prints the ID (buildx); --progress=quiet alone only silences progress
         # stdout belongs to an archive written there (dest=-); the id must not corrupt it
         to_stdout = any(o.to_stdout for o in req.outputs)
         print(result.config_digest, file=sys.stderr if to_stdout else sys.stdout)
-    elif result.manifest is not None and progress != "rawjson":
-        # rawjson's stream holds status objects only; the digest is in --metadata-file
+    elif result.manifest is not None and progress not in ("rawjson", "quiet"):
+        # rawjson's stream holds status objects only, quiet nothing; the digest
+        # is in --metadata-file
         print(f"image digest: {result.manifest.digest}", file=sys.stderr)
     return 0
 

@@ -13,7 +13,6 @@ import enum
 import errno
 import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +131,8 @@ def _internal(exc: BaseException, trace_dir: Path | None) -> Failure:
 def _write_trace(trace: str, trace_dir: Path | None) -> Path | None:
     # The state dir first (nothing outside it is ours to write); the temp dir when
     # the state dir is the problem or there is none (a daemon's client).
+    import tempfile  # only on this rare path: it costs start-up otherwise
+
     stamp = time.strftime("%Y%m%dT%H%M%S")
     name = f"ociworker-crash-{stamp}-{os.getpid()}.txt"
     candidates = [trace_dir / "crash"] if trace_dir is not None else []

@@ -251,3 +251,24 @@ def test_stdout_closed_early_is_reported_in_words(
     assert last.startswith("ERROR: ") and "stdout" in last, proc.stderr
     assert "Exception ignored" not in proc.stderr
     no_python(proc.stderr)
+
+
+def test_oci_mediatypes_false_gives_docker_media_types(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = context(tmp_path, f"FROM {base_image}\nRUN echo x > /x\n")
+    archive = tmp_path / "img.tar"
+    out = f"type=oci,dest={archive},oci-mediatypes=false"
+    proc = run("build", "--root", str(tmp_path / "state"), "-o", out, str(ctx))
+    assert proc.returncode == 0, proc.stderr
+    with tarfile.open(archive) as tar:
+        index_file = tar.extractfile("index.json")
+        assert index_file is not None
+        desc = json.load(index_file)["manifests"][0]
+        blob = tar.extractfile("blobs/sha256/" + desc["digest"].split(":", 1)[1])
+        assert blob is not None
+        manifest = json.load(blob)
+    docker = "application/vnd.docker."
+    assert manifest["mediaType"] == docker + "distribution.manifest.v2+json"
+    assert manifest["config"]["mediaType"] == docker + "container.image.v1+json"
+    assert {la["mediaType"] for la in manifest["layers"]} == {docker + "image.rootfs.diff.tar.gzip"}

@@ -37,15 +37,16 @@ class LayerOptions:
     @classmethod
     def parse(cls, out: OutputSpec, *, oci_media_types: bool | None = None) -> LayerOptions:
         """``oci_media_types``: what the output asks for when it does not say
-        ``oci-mediatypes=true`` (a docker archive: False)."""
+        ``oci-mediatypes=true|false`` (a docker archive: False)."""
         level: int | None = None
         if out.get("compression-level"):
             try:
                 level = int(out.get("compression-level"))
             except ValueError:
                 raise ConfigError("compression-level must be an integer") from None
-        if out.get("oci-mediatypes") == "true":
-            oci_media_types = True
+        # core.outputs has refused any other value
+        if out.get("oci-mediatypes") in ("true", "false"):
+            oci_media_types = out.get("oci-mediatypes") == "true"
         return cls(out.get("compression") or None, level, oci_media_types)
 
 

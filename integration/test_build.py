@@ -523,11 +523,6 @@ def test_native_snapshotter_builds_the_same_files(
         assert (out / "bin" / "sh").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the overlay differ writes the dirs a RUN only copied up (dev, etc, sys: same "
-    "metadata as below) into the layer; the native one and BuildKit's do not",
-)
 def test_native_and_overlay_snapshotters_give_the_same_layers(
     tmp_path: Path, base_image: str, require_root: None
 ) -> None:

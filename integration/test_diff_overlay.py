@@ -290,3 +290,133 @@ async def test_double_walk_over_multi_layer_overlay_view(
     got, want = snapshot(target), snapshot(upper)
     # cp -a of an overlay view cannot keep hardlinks that span layers; compare without them
     assert {k: v[:7] for k, v in got.items()} == {k: v[:7] for k, v in want.items()}
+
+
+# --- the fast path writes what the double walk writes -------------------------------
+
+
+def layer_entries(store: ContentStore, layer: Layer) -> list[tuple[Any, ...]]:
+    return [
+        (m.name, m.type, m.mode, m.uid, m.gid, m.mtime, m.size, m.linkname, m.pax_headers)
+        for m in tar_members(store, layer)
+    ]
+
+
+def two_lower_layers(tmp_path: Path, mount: Mounter) -> tuple[Path, Path]:
+    """base, and l2 on it (made through the kernel): l2 deletes d and d2 (whiteouts)."""
+    base, l2, work = tmp_path / "base", tmp_path / "l2", tmp_path / "l2-work"
+    make_base(base)
+    for rel in ("d/old", "d2/old", "srv/gone", "var/log/old", "usr/lib/libc.so", "mode/x"):
+        (base / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / rel).write_bytes(rel.encode())
+    l2.mkdir()
+    work.mkdir()
+    mount(f"lowerdir={base},upperdir={l2},workdir={work}", tmp_path / "m-l2")
+    subprocess.run(["rm", "-rf", str(tmp_path / "m-l2" / "d"), str(tmp_path / "m-l2" / "d2")])
+    umount(tmp_path / "m-l2")
+    assert os.lstat(l2 / "d").st_rdev == 0 and stat.S_ISCHR(os.lstat(l2 / "d").st_mode)
+    return base, l2
+
+
+async def fast_and_double(
+    tmp_path: Path, store: ContentStore, mount: Mounter, change: Callable[[Path], None]
+) -> tuple[Layer, Layer, Path]:
+    """The layer of ``change`` made through the kernel on l2:base, by the fast path
+    (the active snapshot's mounts) and by the double walk (its merged view as a bind);
+    and that merged view."""
+    base, l2 = two_lower_layers(tmp_path, mount)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    active = f"lowerdir={l2}:{base},upperdir={upper},workdir={work}"
+    mount(active, tmp_path / "merged")
+    change(tmp_path / "merged")
+    umount(tmp_path / "merged")
+    view = tmp_path / "view"
+    mount(f"ro,lowerdir={upper}:{l2}:{base}", view)
+
+    lower = [Mount("overlay", "overlay", (f"lowerdir={l2}:{base}",))]
+    comparer = LayerComparer(store, scratch_dir=tmp_path / "scratch")
+    fast = await comparer.compare(
+        lower, [Mount("overlay", "overlay", tuple(active.split(",")))], CompressionOpts()
+    )
+    double = await comparer.compare(
+        lower, [Mount("bind", str(view), ("rbind", "ro"))], CompressionOpts()
+    )
+    return fast, double, upper
+
+
+async def test_fast_path_skips_dirs_the_kernel_only_copied_up(
+    tmp_path: Path, store: ContentStore, mount: Mounter
+) -> None:
+    def change(m: Path) -> None:
+        (m / "etc" / "tmp").write_bytes(b"")  # etc copied up, then nothing left below it
+        (m / "etc" / "tmp").unlink()
+        (m / "var" / "log" / "tmp").mkdir()  # the same, two levels deep
+        (m / "var" / "log" / "tmp").rmdir()
+        (m / "usr" / "lib" / "new.so").write_bytes(b"new")  # parents written once
+        (m / "usr" / "lib" / "two.so").write_bytes(b"two")
+        os.chmod(m / "mode", 0o750)
+        (m / "newdir").mkdir()
+        (m / "srv" / "gone").unlink()
+        # hidden by l2's whiteouts, made again with the metadata base has
+        (m / "d").mkdir(0o755)
+        (m / "d2").mkdir(0o755)
+        (m / "d2" / "f").write_bytes(b"f")
+
+    fast, double, upper = await fast_and_double(tmp_path, store, mount, change)
+    # what the kernel left: copied-up dirs with nothing below, re-made dirs not opaque
+    assert os.listdir(upper / "etc") == [] and os.listdir(upper / "var" / "log") == []
+    assert "trusted.overlay.opaque" not in os.listxattr(upper / "d")
+    names = [e[0] for e in layer_entries(store, fast)]
+    assert names == [
+        "d",
+        "d2",
+        "d2/f",
+        "mode",
+        "newdir",
+        "srv",
+        "srv/.wh.gone",
+        "usr",
+        "usr/lib",
+        "usr/lib/new.so",
+        "usr/lib/two.so",
+    ]
+    assert layer_entries(store, fast) == layer_entries(store, double)
+    assert fast.diff_id == double.diff_id
+
+
+async def test_opaque_dir_fast_path_and_double_walk_give_the_same_tree(
+    tmp_path: Path, store: ContentStore, mount: Mounter
+) -> None:
+    def change(m: Path) -> None:
+        subprocess.run(["rm", "-rf", str(m / "opaque")], check=True)
+        (m / "opaque").mkdir(0o755)
+        (m / "opaque" / "fresh").write_bytes(b"fresh")
+
+    fast, double, upper = await fast_and_double(tmp_path, store, mount, change)
+    assert os.getxattr(upper / "opaque", "trusted.overlay.opaque") == b"y"
+    # the fast path keeps the kernel's opaque marker, the double walk names each deletion
+    # (as BuildKit's differ does); both give the same tree
+    assert [e[0] for e in layer_entries(store, fast)] == [
+        "opaque",
+        "opaque/.wh..wh..opq",
+        "opaque/fresh",
+    ]
+    assert [e[0] for e in layer_entries(store, double)] == [
+        "opaque",
+        "opaque/.wh.a",
+        "opaque/.wh.deep",
+        "opaque/fresh",
+    ]
+    lower_view = tmp_path / "lower-view"
+    mount(f"ro,lowerdir={tmp_path / 'l2'}:{tmp_path / 'base'}", lower_view)
+    base_layer = write_dir_layer(store, lower_view, CompressionOpts())
+    applier = LayerApplier(store, scratch_dir=tmp_path / "scratch")
+    for layer in (fast, double):
+        target = tmp_path / f"target-{layer.diff_id[7:19]}"
+        target.mkdir()
+        bind = [Mount("bind", str(target), ("rbind", "rw"))]
+        await applier.apply(base_layer.descriptor, bind)
+        await applier.apply(layer.descriptor, bind)
+        assert snapshot(target) == snapshot(tmp_path / "view")

@@ -5,7 +5,9 @@ Two strategies, as in containerd and BuildKit:
 * overlay fast path: when ``upper`` is an active overlay snapshot stacked on
   exactly the layers of ``lower``, its upperdir *is* the change set. Walk it,
   turning overlay whiteouts (char device 0:0) into ``.wh.<name>`` and opaque
-  directories into ``<dir>/.wh..wh..opq``.
+  directories into ``<dir>/.wh..wh..opq``; a directory the kernel only copied
+  up (same metadata in the lower layers) is written only if something below
+  it is, as the double walk does.
 * double walk: otherwise compare the merged lower tree with the upper tree
   file by file (stat, xattrs, link targets; contents only when mtimes are
   ambiguous) and emit adds, changes and whiteouts for deletions.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import stat
 import tempfile
@@ -84,11 +87,12 @@ class LayerComparer:
             top = uv.layers[0]
         if top is not None:
             change_set = top
+            lower_layers = lv.all_dirs()
             try:
                 return _write_layer(
                     self._store,
                     opts,
-                    lambda w: _walk_upperdir(w, change_set, uv.userxattr),
+                    lambda w: _walk_upperdir(w, change_set, lower_layers, uv.userxattr),
                     userxattr=uv.userxattr,
                 )
             except _NeedsDoubleWalk:
@@ -169,23 +173,122 @@ def _walk_plain(w: LayerTarWriter, root: str) -> None:
         w.add(rel, path, st, read_xattrs(path))
 
 
-def _walk_upperdir(w: LayerTarWriter, upper: str, userxattr: bool) -> None:
+def _walk_upperdir(
+    w: LayerTarWriter, upper: str, lower_layers: Sequence[str], userxattr: bool
+) -> None:
+    """The change set in ``upper`` (on top of ``lower_layers``, nearest first).
+
+    The kernel copies a directory up, with the metadata it has below, when
+    something beneath it is touched or a mount point is made in it. Such a
+    directory is not a change by itself: as in the double walk (and BuildKit's
+    overlay differ) it is written only if something below it is. Only
+    directories are looked up below; every other entry of an upperdir is a change.
+    """
     prefix = "user.overlay." if userxattr else "trusted.overlay."
     opaque_key = prefix + "opaque"
     # Either feature means the upperdir holds pointers into lower layers
     # instead of the data; only a double walk sees the real tree.
     unsupported = (prefix + "redirect", prefix + "metacopy")
-    for rel, path, st in _walk_sorted(upper):
-        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+    stack = [_UpperFrame("", upper, tuple(lower_layers), iter(scan_sorted(upper)))]
+
+    def flush() -> None:
+        for f in stack:
+            if f.pending is not None:
+                w.add(f.rel, f.path, f.pending, f.xattrs)
+                f.pending = None
+
+    while stack:
+        top = stack[-1]
+        item = next(top.items, None)
+        if item is None:
+            stack.pop()
+            continue
+        name, st = item
+        rel = os.path.join(top.rel, name)
+        path = os.path.join(top.path, name)
+        if _is_whiteout(st):
+            flush()
             w.add_whiteout(rel)
             continue
         xattrs = read_xattrs(path)
         if any(k in xattrs for k in unsupported):
             raise _NeedsDoubleWalk(rel)
-        w.add(rel, path, st, xattrs)
+        if not stat.S_ISDIR(st.st_mode):
+            flush()
+            w.add(rel, path, st, xattrs)
+            continue
         # "x" marks a dir holding xwhiteouts (composefs lowers); only "y" is opaque
-        if stat.S_ISDIR(st.st_mode) and xattrs.get(opaque_key) == b"y":
-            w.add_opaque(rel)
+        opaque = xattrs.get(opaque_key) == b"y"
+        below: tuple[str, ...] = ()
+        same = False
+        if not opaque and top.lower:
+            below, found = _lower_dir(top.lower, name, opaque_key)
+            if found is not None:
+                lpath, lst = found
+                same = not _differs(lpath, lst, path, st, xattrs, userxattr)
+        frame = _UpperFrame(rel, path, below, iter(scan_sorted(path)))
+        if same:
+            frame.pending = st
+            frame.xattrs = xattrs
+        else:
+            flush()
+            w.add(rel, path, st, xattrs)
+            if opaque:
+                w.add_opaque(rel)
+        stack.append(frame)
+
+
+@dataclass
+class _UpperFrame:
+    rel: str
+    path: str
+    # the dirs merged into this one in the lower view, nearest first; () if none
+    lower: tuple[str, ...]
+    items: Iterator[tuple[str, os.stat_result]]
+    # lstat of a dir only copied up, emitted only if something below it is
+    pending: os.stat_result | None = None
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _lower_dir(
+    parents: tuple[str, ...], name: str, opaque_key: str
+) -> tuple[tuple[str, ...], tuple[str, os.stat_result] | None]:
+    """``name`` in the lower view whose directory is merged from ``parents``
+    (nearest first), with overlay's lookup rules: the nearest entry decides
+    (its path and lstat, or None if absent or whited out); a directory merges
+    with the directories of farther layers until an opaque one, a whiteout or
+    a non-directory. Returns those directories (empty unless it is one)."""
+    dirs: list[str] = []
+    found: tuple[str, os.stat_result] | None = None
+    for parent in parents:
+        path = os.path.join(parent, name)
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if _is_whiteout(st) or not stat.S_ISDIR(st.st_mode):
+            if found is None and not _is_whiteout(st):
+                found = (path, st)
+            break
+        if found is None:
+            found = (path, st)
+        dirs.append(path)
+        if _get_xattr(path, opaque_key) == b"y":
+            break
+    return tuple(dirs), found
+
+
+def _get_xattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
 
 
 # --- double walk -------------------------------------------------------------------

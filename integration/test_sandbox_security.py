@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ociworker.testing.daemon import spawn_daemon
 
 pytestmark = pytest.mark.usefixtures("require_root")
 
@@ -129,3 +132,40 @@ def test_unknown_entitlement_is_refused(tmp_path: Path, state_dir: Path) -> None
     r = build(ctx, state_dir, "runc", "--allow", "network.bridge")
     assert r.returncode == 1
     assert "unknown entitlement network.bridge" in r.stderr
+
+
+@pytest.mark.parametrize("granted", [False, True])
+def test_daemon_grants_only_its_configured_entitlements(
+    tmp_path: Path, base_image: str, granted: bool
+) -> None:
+    # --allow crosses the wire in the Solve request; the daemon's config is the other key.
+    config = tmp_path / "d.toml"
+    config.write_text('entitlements = ["security.insecure"]\n' if granted else "")
+    sock = tmp_path / "d.sock"
+    args = ("--addr", f"unix://{sock}", "--root", str(tmp_path / "droot"), "--config", str(config))
+    proc = spawn_daemon(args, tmp_path / "daemon.log")
+    try:
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        (ctx / "Dockerfile").write_text(
+            f"FROM {base_image}\nRUN --security=insecure mkdir -p /mnt && "
+            "mount -t tmpfs none /mnt && echo mounted-ok\n"
+        )
+        flags = ["--progress=plain", "--addr", f"unix://{sock}", "--allow", "security.insecure"]
+        r = subprocess.run(
+            [*OCIWORKER, "build", *flags, str(ctx)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    if granted:
+        assert r.returncode == 0, r.stderr
+        assert LOGGED_OK.search(r.stderr), r.stderr
+    else:
+        assert r.returncode == 1
+        assert "entitlement security.insecure is not allowed" in r.stderr
+        assert "the worker does not grant it" in r.stderr
+        assert not LOGGED_OK.search(r.stderr)

@@ -25,6 +25,7 @@ import grpc
 
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
+from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
@@ -61,6 +62,8 @@ class DaemonConfig:
     insecure_registries: tuple[str, ...] = ()
     max_parallelism: int | None = None
     log_cap: int = DEFAULT_LOG_CAP
+    #: entitlements builds may ask for with --allow (none unless listed)
+    entitlements: tuple[str, ...] = ()
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
@@ -84,6 +87,11 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         values["insecure_registries"] = tuple(values["insecure_registries"])
     if "log_cap" in values:
         values["log_cap"] = parse_size(values["log_cap"])
+    if "entitlements" in values:
+        ents = values["entitlements"]
+        if not isinstance(ents, list) or not all(isinstance(e, str) for e in ents):
+            raise ConfigError(f"config file {path}: entitlements must be a list of names")
+        values["entitlements"] = parse_entitlements(ents, f"config file {path}")
     if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
         raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
     cfg = DaemonConfig(**values)
@@ -173,6 +181,7 @@ async def serve(cfg: DaemonConfig) -> int:
                 snapshotter=cfg.snapshotter,  # type: ignore[arg-type]
                 insecure_registries=cfg.insecure_registries,
                 max_parallelism=cfg.max_parallelism,
+                entitlements=cfg.entitlements,
             )
         )
         sock: Path | None = None

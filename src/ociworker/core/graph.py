@@ -64,19 +64,23 @@ class ExecOp:
     network: str = "host"
     hostname: str = ""
     mounts: tuple[ExecMount, ...] = ()
+    #: "sandbox" or "insecure" (RUN --security; needs security.insecure)
+    security: str = "sandbox"
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "exec": {
-                "args": list(self.args),
-                "env": list(self.env),
-                "cwd": self.cwd,
-                "user": self.user,
-                "network": self.network,
-                "hostname": self.hostname,
-                "mounts": [m.to_json() for m in self.mounts],
-            }
+        body: dict[str, Any] = {
+            "args": list(self.args),
+            "env": list(self.env),
+            "cwd": self.cwd,
+            "user": self.user,
+            "network": self.network,
+            "hostname": self.hostname,
+            "mounts": [m.to_json() for m in self.mounts],
         }
+        if self.security != "sandbox":
+            # only when set: the keys of every existing sandboxed step stay as they were
+            body["security"] = self.security
+        return {"exec": body}
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ class OpParts:
     scratch: Path
     checksums: ContextChecksums
     platform: Platform
+    #: entitlements the worker grants (``WorkerConfig.entitlements``)
+    entitlements: tuple[str, ...] = ()
 
     def pick(self, deps: type[D]) -> D:
         """The dataclass ``deps`` with each field taken from the part of the same

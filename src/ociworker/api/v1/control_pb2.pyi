@@ -161,6 +161,7 @@ class SolveRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     WANT_METADATA_FIELD_NUMBER: _builtins.int
     CONTEXT_KEY_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -180,6 +181,10 @@ class SolveRequest(_message.Message):
     def build_args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Output]: ...
+    @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """entitlements the build asks for (--allow); the daemon grants only those its config lists"""
+
     def __init__(
         self,
         *,
@@ -196,10 +201,11 @@ class SolveRequest(_message.Message):
         network: _builtins.str = ...,
         want_metadata: _builtins.bool = ...,
         context_key: _builtins.str = ...,
+        allow: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "tags", b"tags", "target", b"target", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "tags", b"tags", "target", b"target", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,7 +36,7 @@ from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable
+from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable, UnsupportedError
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.fs.oserror import os_error_text
@@ -214,6 +214,11 @@ class Client:
             ssh_ids=ssh_ids,
             credentials=credentials,
         )
+        # not in the protocol yet: refused rather than silently dropped
+        if request.extra_hosts:
+            raise UnsupportedError("--add-host is not supported on a daemon yet")
+        if request.allow:
+            raise UnsupportedError("--allow is not supported on a daemon yet")
         solve_req = pb.SolveRequest(
             build_id=build_id or uuid.uuid4().hex,
             session_id=session.id,

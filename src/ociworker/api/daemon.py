@@ -25,6 +25,7 @@ import grpc
 
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
+from ociworker.core.entitlements import KNOWN as KNOWN_ENTITLEMENTS
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
@@ -61,6 +62,12 @@ class DaemonConfig:
     insecure_registries: tuple[str, ...] = ()
     max_parallelism: int | None = None
     log_cap: int = DEFAULT_LOG_CAP
+    #: the default network's subnet ("" = a free /24 of 100.64.0.0/10)
+    network_subnet: str = ""
+    #: nameservers for steps ([] = the host's, localhost ones replaced)
+    dns: tuple[str, ...] = ()
+    #: what builds may ask for with --allow (buildkitd's insecure-entitlements)
+    entitlements: tuple[str, ...] = ()
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
@@ -82,6 +89,12 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         values["root"] = Path(values["root"])
     if "insecure_registries" in values:
         values["insecure_registries"] = tuple(values["insecure_registries"])
+    for key in ("dns", "entitlements"):
+        if key in values:
+            values[key] = tuple(values[key])
+    unknown_ent = sorted(set(values.get("entitlements", ())) - set(KNOWN_ENTITLEMENTS))
+    if unknown_ent:
+        raise ConfigError(f"unknown entitlement(s): {', '.join(unknown_ent)}")
     if "log_cap" in values:
         values["log_cap"] = parse_size(values["log_cap"])
     if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
@@ -173,6 +186,9 @@ async def serve(cfg: DaemonConfig) -> int:
                 snapshotter=cfg.snapshotter,  # type: ignore[arg-type]
                 insecure_registries=cfg.insecure_registries,
                 max_parallelism=cfg.max_parallelism,
+                network_subnet=cfg.network_subnet,
+                dns=cfg.dns,
+                entitlements=cfg.entitlements,
             )
         )
         sock: Path | None = None

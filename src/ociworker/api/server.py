@@ -302,7 +302,7 @@ class ControlService:
                 target=request.target,
                 outputs=tuple(outputs),
                 no_cache=request.no_cache,
-                network=request.network or "host",
+                network=request.network or "default",
                 want_image=request.want_metadata,
                 log_cap=self.log_cap,
             )

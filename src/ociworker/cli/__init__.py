@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ociworker import log
 from ociworker.cli.failures import Phase, UsageError, describe
-from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter
+from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter, parse_add_host
+from ociworker.core.entitlements import KNOWN as KNOWN_ENTITLEMENTS
+from ociworker.core.entitlements import NETWORK_HOST
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
@@ -139,7 +141,9 @@ def make_parser() -> argparse.ArgumentParser:
         "(default $BUILDKIT_PROGRESS or auto)",
     )
     b.add_argument("--no-cache", action="store_true", help="do not use the build cache")
-    b.add_argument("--network", choices=("host", "none", "default"), default="host")
+    b.add_argument("--network", choices=("default", "none", "host"), default="default")
+    b.add_argument("--add-host", action="append", default=[], metavar="NAME:IP")
+    b.add_argument("--allow", action="append", default=[], metavar="network.host")
     b.add_argument("--iidfile", type=Path, default=None, help="write the image ID here")
     b.add_argument("--metadata-file", type=Path, default=None, help="write build metadata here")
     b.add_argument("-q", "--quiet", action="store_true", help="print the image ID only")
@@ -221,6 +225,9 @@ def _worker(args: argparse.Namespace) -> Worker:
             snapshotter=args.snapshotter,
             insecure_registries=tuple(args.insecure_registry),
             max_parallelism=args.max_parallelism,
+            # The embedded worker's operator is its user: network.host is
+            # allowed, but a build must still ask for it with --allow.
+            entitlements=(NETWORK_HOST,),
         )
     )
 
@@ -260,6 +267,9 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     if args.debug or args.log_format == "json":
         printer = _logged(printer)
     _check_tags(args.tag)
+    for ent in args.allow:
+        if ent not in KNOWN_ENTITLEMENTS:
+            raise ConfigError(f"invalid entitlement {ent!r}: use {' or '.join(KNOWN_ENTITLEMENTS)}")
     req = BuildRequest(
         context=args.context,
         dockerfile=args.file,
@@ -268,7 +278,9 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         target=args.target,
         outputs=tuple(OutputSpec.parse(o) for o in args.output),
         no_cache=args.no_cache,
-        network="host" if args.network == "default" else args.network,
+        network=args.network,
+        extra_hosts=tuple(parse_add_host(h) for h in args.add_host),
+        allow=tuple(args.allow),
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
         # buildx -q prints the image ID even when nothing is exported

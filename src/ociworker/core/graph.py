@@ -64,19 +64,22 @@ class ExecOp:
     network: str = "host"
     hostname: str = ""
     mounts: tuple[ExecMount, ...] = ()
+    #: ("NAME", "IP") lines of the step's /etc/hosts (in the key, as BuildKit's ExtraHosts)
+    extra_hosts: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "exec": {
-                "args": list(self.args),
-                "env": list(self.env),
-                "cwd": self.cwd,
-                "user": self.user,
-                "network": self.network,
-                "hostname": self.hostname,
-                "mounts": [m.to_json() for m in self.mounts],
-            }
+        out: dict[str, Any] = {
+            "args": list(self.args),
+            "env": list(self.env),
+            "cwd": self.cwd,
+            "user": self.user,
+            "network": self.network,
+            "hostname": self.hostname,
+            "mounts": [m.to_json() for m in self.mounts],
         }
+        if self.extra_hosts:  # absent when empty: existing keys stay as they were
+            out["extra_hosts"] = [list(h) for h in self.extra_hosts]
+        return {"exec": out}
 
 
 @dataclass(frozen=True)

@@ -178,10 +178,22 @@ def _used_networks() -> list[ipaddress.IPv4Network]:
 
 
 def _free_subnets(pool: ipaddress.IPv4Network) -> list[ipaddress.IPv4Network]:
+    """Up to 16 random /24s of ``pool`` that overlap nothing on the host.
+
+    Sampled, not listed: materialising the pool's 16384 networks costs 0.2 s,
+    which every worker's first step would pay.
+    """
     used = _used_networks()
-    subnets = list(pool.subnets(new_prefix=24))
-    random.shuffle(subnets)
-    return [s for s in subnets if not any(s.overlaps(u) for u in used)][:16]
+    count = 1 << (24 - pool.prefixlen)
+    base = int(pool.network_address)
+    out: list[ipaddress.IPv4Network] = []
+    for index in random.sample(range(count), min(count, 256)):
+        net = ipaddress.IPv4Network((base + (index << 8), 24))
+        if not any(net.overlaps(u) for u in used):
+            out.append(net)
+            if len(out) == 16:
+                break
+    return out
 
 
 class BridgeNetwork:
@@ -206,6 +218,7 @@ class BridgeNetwork:
         self._free: list[ipaddress.IPv4Address] = []
         self._ready: list[Slot] = []
         self._filling: set[asyncio.Task[None]] = set()
+        self._releasing: set[asyncio.Future[None]] = set()
         self._counter = 0
         self._closed = False
 
@@ -372,19 +385,34 @@ class BridgeNetwork:
         self._refill()
         return slot if slot is not None else await self._make_slot()
 
-    async def release(self, slot: Slot) -> None:
-        """Destroy a step's namespace (never reused: a step may have changed it)."""
-        await asyncio.to_thread(self._destroy, slot)
+    async def release(self, slot: Slot, *, reuse: bool) -> None:
+        """Give a step's namespace back once every process in it is gone.
+
+        ``reuse``: the step could not change the namespace (no CAP_NET_ADMIN,
+        Docker's default capability set: no address, route, rule or sysctl of
+        it can be altered), so it goes back to the pool, as BuildKit's pool
+        does; making and deleting a veth pair per step cost ~20 ms each.
+        Otherwise it is destroyed, in the background: deleting a veth waits for
+        the kernel's RCU grace periods, which a finished step need not wait for.
+        ``aclose`` waits for these; the namespace's file is under the state dir
+        meanwhile, so a worker killed now still has it removed by the next start.
+        """
+        if reuse and not self._closed and len(self._ready) < POOL_SIZE:
+            self._ready.append(slot)
+            return
+        task = asyncio.ensure_future(asyncio.to_thread(self._destroy, slot))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def aclose(self) -> None:
         """Remove every namespace, veth, the bridge and the tables."""
         async with self._lock:
             self._closed = True
-            if self._filling:
-                await asyncio.gather(*self._filling, return_exceptions=True)
+            if self._filling or self._releasing:
+                await asyncio.gather(*self._filling, *self._releasing, return_exceptions=True)
             ready, self._ready = self._ready, []
-            for slot in ready:
-                await asyncio.to_thread(self._destroy, slot)
+            # in parallel: each veth deletion mostly waits for an RCU grace period
+            await asyncio.gather(*(asyncio.to_thread(self._destroy, s) for s in ready))
             if self._record_fd is not None:
                 await asyncio.to_thread(teardown_instance, self.ident)
                 with contextlib.suppress(FileNotFoundError):

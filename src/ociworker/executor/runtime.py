@@ -378,7 +378,9 @@ class OCIRuntimeExecutor:
                 async def release() -> None:
                     # _finish lets a cancelled acquire end: a slot it made is ours
                     if acquired.done() and not acquired.cancelled() and not acquired.exception():
-                        await self._bridge.release(acquired.result())
+                        # Docker's capabilities (no CAP_NET_ADMIN): the step could
+                        # not change its namespace; a privileged step must pass False.
+                        await self._bridge.release(acquired.result(), reuse=True)
 
                 stack.push(release)
                 netns = str((await _finish(acquired)).path)

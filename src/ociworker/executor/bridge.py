@@ -1,8 +1,10 @@
 """The ``default`` network: one bridge per executor, a namespace per step.
 
-Each step gets a fresh network namespace (pinned under the executor's state dir,
-as ``network.py`` does for ``none``) holding ``lo`` and ``eth0``, one end of a
-veth pair whose other end is a port of our bridge. The bridge's address is the
+Each step gets a network namespace holding ``lo`` and ``eth0``, one end of a
+veth pair whose other end is a port of our bridge. A namespace is held by an
+open descriptor of this process, not pinned by a mount: the pool of ready ones
+puts no mount under the state dir, and a killed worker's namespaces (and their
+veths) die with it. The bridge's address is the
 steps' gateway; outbound traffic is masqueraded.
 
 Isolation (nftables, one ``inet`` and one ``bridge`` table of ours):
@@ -47,14 +49,12 @@ from ociworker.executor.network import (
     _in_own_thread,
     _libc,
     _set_loopback_up,
-    remove_netns,
 )
 from ociworker.log import get_logger
 
 _log = get_logger("ociworker.executor.network")
 
 _CLONE_NEWNET = 0x40000000
-_MS_BIND = 4096
 
 #: Where an unconfigured worker picks its /24: the shared address space of
 #: RFC 6598 (carrier-grade NAT), which hosts and LANs rarely use, unlike the
@@ -68,11 +68,18 @@ POOL_SIZE = 2
 
 @dataclass(frozen=True)
 class Slot:
-    """One ready namespace: pinned at ``path``, ``address`` on its eth0."""
+    """One ready namespace, held by the open descriptor ``fd`` (no mount: a
+    killed worker's namespaces, and their veths, die with its descriptors),
+    with ``address`` on its eth0."""
 
-    path: Path
+    fd: int
     veth: str
     address: ipaddress.IPv4Address
+
+    @property
+    def path(self) -> str:
+        """What the runtime opens to join the namespace."""
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
 
 
 def _nft(script: str) -> None:
@@ -298,21 +305,22 @@ class BridgeNetwork:
             raise HostError(f"the default network {self.subnet} has no free address left")
         address = self._free.pop(0)
         veth = self._next_veth()
-        path = self._state_dir / "netns" / f"default-{veth}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
-        slot = Slot(path, veth, address)
+        fds: list[int] = []
         try:
-            await _in_own_thread(lambda: self._create(slot))
+            await _in_own_thread(lambda: self._create(veth, address, fds))
         except BaseException as exc:
-            await asyncio.to_thread(self._destroy, slot)
+            await asyncio.to_thread(self._destroy, Slot(fds[0] if fds else -1, veth, address))
             if isinstance(exc, OSError):
                 raise HostError(f"cannot create a network namespace: {exc}") from exc
             raise
-        return slot
+        return Slot(fds[0], veth, address)
 
-    def _create(self, slot: Slot) -> None:
-        """In its own thread: unshare, pin, lo up, eth0 <-> veth on the bridge."""
+    def _create(self, veth: str, address: ipaddress.IPv4Address, fds: list[int]) -> None:
+        """In its own thread: unshare, hold, lo up, eth0 <-> veth on the bridge.
+
+        The namespace's descriptor is appended to ``fds`` as soon as it exists,
+        so a failure later on still finds it to close.
+        """
         from pyroute2 import IPRoute
 
         assert self.subnet is not None and self.gateway is not None
@@ -321,30 +329,27 @@ class BridgeNetwork:
         try:
             with IPRoute() as host:  # opened before unshare: stays in the host's namespace
                 _check(libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-                ns_file = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
-                _check(
-                    libc.mount(ns_file, os.fsencode(slot.path), b"none", _MS_BIND, None),
-                    f"bind-mount network namespace onto {slot.path}",
-                )
+                ns_file = f"/proc/self/task/{threading.get_native_id()}/ns/net"
+                fds.append(os.open(ns_file, os.O_RDONLY | os.O_CLOEXEC))
                 _set_loopback_up()
                 with IPRoute() as ns:
                     ns.link(
                         "add",
                         ifname="eth0",
                         kind="veth",
-                        peer={"ifname": slot.veth, "net_ns_fd": host_fd},
+                        peer={"ifname": veth, "net_ns_fd": host_fd},
                     )
                     eth0 = ns.link_lookup(ifname="eth0")[0]
                     ns.addr(
                         "add",
                         index=eth0,
-                        address=str(slot.address),
+                        address=str(address),
                         prefixlen=self.subnet.prefixlen,
                     )
                     ns.link("set", index=eth0, state="up")
                     ns.route("add", dst="0.0.0.0/0", gateway=str(self.gateway))
                 br = host.link_lookup(ifname=self.bridge)[0]
-                peer = host.link_lookup(ifname=slot.veth)[0]
+                peer = host.link_lookup(ifname=veth)[0]
                 host.link("set", index=peer, master=br, state="up")
         finally:
             os.close(host_fd)
@@ -358,7 +363,8 @@ class BridgeNetwork:
             for idx in ipr.link_lookup(ifname=slot.veth):
                 with contextlib.suppress(Exception):
                     ipr.link("del", index=idx)
-        remove_netns(slot.path)
+        if slot.fd >= 0:
+            os.close(slot.fd)
         self._free.append(slot.address)
 
     def _refill(self) -> None:
@@ -394,8 +400,7 @@ class BridgeNetwork:
         does; making and deleting a veth pair per step cost ~20 ms each.
         Otherwise it is destroyed, in the background: deleting a veth waits for
         the kernel's RCU grace periods, which a finished step need not wait for.
-        ``aclose`` waits for these; the namespace's file is under the state dir
-        meanwhile, so a worker killed now still has it removed by the next start.
+        ``aclose`` waits for these.
         """
         if reuse and not self._closed and len(self._ready) < POOL_SIZE:
             self._ready.append(slot)

@@ -77,6 +77,13 @@ class Settings:
     logs: Path
     timeout: float
     env: dict[str, str] = field(default_factory=dict)
+    #: ociworker's RUN network: host (as the other tools are run) or default
+    network: str = "host"
+
+
+def _network_flags(network: str) -> list[str]:
+    # host is an entitlement: the embedded worker allows it, the build must ask
+    return [f"--network={network}"] + (["--allow=network.host"] if network == "host" else [])
 
 
 class Tool(Protocol):
@@ -157,7 +164,7 @@ class Ociworker:
 
     def _build(self, *args: str) -> list[str]:
         base = [str(self.exe), "build", f"--root={self.root}", "--progress=plain"]
-        return [*base, "--network=host", f"--build-arg=BASE={self.s.base}", *args]
+        return [*base, *_network_flags(self.s.network), f"--build-arg=BASE={self.s.base}", *args]
 
     def start(self) -> None:
         run([str(self.exe), "build", "--help"], self.s.logs / "ociworker-start.log", timeout=60)
@@ -196,7 +203,7 @@ class OciworkerDaemon(Ociworker):
 
     def _build(self, *args: str) -> list[str]:
         base = [str(self.exe), "build", f"--addr=unix://{self.sock}", "--progress=plain"]
-        return [*base, "--network=host", f"--build-arg=BASE={self.s.base}", *args]
+        return [*base, *_network_flags(self.s.network), f"--build-arg=BASE={self.s.base}", *args]
 
     def _serve(self) -> None:
         self.starts += 1
@@ -508,6 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     p.add_argument("--timeout", type=float, default=900, help="seconds per build")
     p.add_argument("--keep", action="store_true", help="keep the work dir for inspection")
+    p.add_argument(
+        "--network",
+        choices=("host", "default"),
+        default="host",
+        help="ociworker's RUN network (the other tools always use host)",
+    )
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("benchmarks need root (dockerd, buildah, runc)")
@@ -517,7 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.mkdir(parents=True)
     # Short path under /tmp: dockerd's unix socket path must stay under 108 bytes.
     work = Path(tempfile.mkdtemp(prefix="ocib-", dir="/tmp"))
-    settings = Settings(base=args.base, work=work, logs=logs, timeout=args.timeout)
+    settings = Settings(
+        base=args.base, work=work, logs=logs, timeout=args.timeout, network=args.network
+    )
     results: list[Result] = []
     tools: list[Tool] = []
     try:

@@ -18,6 +18,8 @@ from ociworker.core.build import (
     PruneFilter,
     UsageRecord,
 )
+from ociworker.core.entitlements import NETWORK_HOST, require_entitlement
+from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.outputs import check_outputs
 from ociworker.core.progress import EventSink, ProgressStep, Warning, cap_logs, discard
 from ociworker.core.reference import parse_reference
@@ -62,6 +64,7 @@ async def plan_build(
         target=req.target,
         platform=worker.config.platform,
         network=req.network,
+        extra_hosts=req.extra_hosts,
         ignore_patterns=definition.ignore_patterns,
         filename=definition.filename,
         no_cache=req.no_cache,
@@ -97,6 +100,27 @@ async def plan_build(
     for w in plan.warnings:
         events(Warning(w))
     return plan
+
+
+def check_entitlements(
+    target: Vertex | None, allowed: tuple[str, ...], requested: tuple[str, ...]
+) -> None:
+    """Refuse the build before anything runs if a step needs an entitlement the
+    worker does not allow or the build did not ask for (as BuildKit validates
+    the whole definition first); the first such step is named."""
+    seen: set[int] = set()
+    todo = [target] if target is not None else []
+    found: list[Vertex] = []
+    while todo:
+        v = todo.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v.op, ExecOp) and v.op.network == "host":
+            found.append(v)
+        todo.extend(i for i in v.inputs if i is not None)
+    for v in sorted(found, key=lambda v: v.name):
+        require_entitlement(NETWORK_HOST, allowed, requested, v.name or "RUN")
 
 
 async def resolve_image(
@@ -155,6 +179,7 @@ async def build(
         events(Warning(NO_OUTPUT_WARNING))
     credentials = credentials or NoCredentials()
     plan = await plan_build(worker, req, definition, events, credentials)
+    check_entitlements(plan.target, worker.config.entitlements, req.allow)
     matcher = IgnoreMatcher(definition.ignore_patterns)
     parts = _export_parts(worker, target, events)
 

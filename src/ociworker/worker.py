@@ -57,6 +57,10 @@ class WorkerConfig:
     snapshotter: Literal["auto", "overlayfs", "native"] = "auto"
     insecure_registries: tuple[str, ...] = ()
     max_parallelism: int | None = None
+    #: the ``default`` network's IPv4 subnet ("" = a free /24 of 100.64.0.0/10)
+    network_subnet: str = ""
+    #: nameservers for steps' /etc/resolv.conf ("" = the host's, localhost ones replaced)
+    dns: tuple[str, ...] = ()
     #: entitlements a build may ask for with --allow: both for the embedded
     #: worker (its user is the operator); a daemon grants only what its config lists
     entitlements: tuple[str, ...] = ENTITLEMENTS
@@ -95,6 +99,11 @@ class Worker:
         self.tmp = self.root / "tmp"
 
     async def aclose(self) -> None:
+        # The executor's default network (bridge, namespaces, nft tables) goes
+        # with the worker; fakes have nothing to close.
+        close = getattr(self.executor, "aclose", None)
+        if close is not None:
+            await close()
         await self.registry.aclose()
         self.cache.close()
         self.layers.close()
@@ -135,7 +144,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
     if registry is None:
         registry = RegistryClient(insecure=config.insecure_registries)
     mounter = HostMounter(tmp)
-    executor = _LazyExecutor(root / "executor", config.runtime)
+    executor = _LazyExecutor(root / "executor", config)
     applier = _LazyApplier(functools.partial(_applier, content, tmp))
     layers = SQLiteLayerCache(root / "cache.db")
     cache_mounts = CacheMounts(root / "cachemounts")
@@ -195,11 +204,13 @@ class _Lazy(Generic[T]):
 
 
 class _LazyExecutor(_Lazy["OCIRuntimeExecutor"]):
-    def __init__(self, state_dir: Path, runtime: str) -> None:
+    def __init__(self, state_dir: Path, config: WorkerConfig) -> None:
         def make() -> OCIRuntimeExecutor:
             from ociworker.executor.runtime import OCIRuntimeExecutor
 
-            return OCIRuntimeExecutor(state_dir, runtime)
+            return OCIRuntimeExecutor(
+                state_dir, config.runtime, subnet=config.network_subnet, dns=config.dns
+            )
 
         super().__init__(make)
         self._state_dir = state_dir
@@ -212,6 +223,10 @@ class _LazyExecutor(_Lazy["OCIRuntimeExecutor"]):
         output: OutputSink,
     ) -> int:
         return await self.real.run(rootfs, process, mounts, output)
+
+    async def aclose(self) -> None:
+        if "real" in self.__dict__:  # never made: nothing to close
+            await self.real.aclose()
 
     async def recover(self) -> dict[str, int]:
         # Without the runtime binary: a state dir may hold containers of a runtime

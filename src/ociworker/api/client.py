@@ -214,6 +214,7 @@ class Client:
             ssh_ids=ssh_ids,
             credentials=credentials,
         )
+        # not in the protocol yet: refused rather than silently dropped
         solve_req = pb.SolveRequest(
             build_id=build_id or uuid.uuid4().hex,
             session_id=session.id,
@@ -233,6 +234,7 @@ class Client:
             ),
             context_key=session_key(ctx, definition.filename),
             allow=request.allow,
+            extra_hosts=[f"{name}={ip}" for name, ip in request.extra_hosts],
         )
         try:
             async with self._session(session):

@@ -62,7 +62,12 @@ class DaemonConfig:
     insecure_registries: tuple[str, ...] = ()
     max_parallelism: int | None = None
     log_cap: int = DEFAULT_LOG_CAP
-    #: entitlements builds may ask for with --allow (none unless listed)
+    #: the default network's subnet ("" = a free /24 of 100.64.0.0/10)
+    network_subnet: str = ""
+    #: nameservers for steps ([] = the host's, localhost ones replaced)
+    dns: tuple[str, ...] = ()
+    #: entitlements builds may ask for with --allow (none unless listed; buildkitd's
+    #: insecure-entitlements)
     entitlements: tuple[str, ...] = ()
 
 
@@ -85,6 +90,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         values["root"] = Path(values["root"])
     if "insecure_registries" in values:
         values["insecure_registries"] = tuple(values["insecure_registries"])
+    if "dns" in values:
+        values["dns"] = tuple(values["dns"])
     if "log_cap" in values:
         values["log_cap"] = parse_size(values["log_cap"])
     if "entitlements" in values:
@@ -181,6 +188,8 @@ async def serve(cfg: DaemonConfig) -> int:
                 snapshotter=cfg.snapshotter,  # type: ignore[arg-type]
                 insecure_registries=cfg.insecure_registries,
                 max_parallelism=cfg.max_parallelism,
+                network_subnet=cfg.network_subnet,
+                dns=cfg.dns,
                 entitlements=cfg.entitlements,
             )
         )

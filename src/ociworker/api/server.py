@@ -28,7 +28,7 @@ from ociworker.api.convert import event_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildDefinition, BuildRequest, PruneFilter
+from ociworker.core.build import BuildDefinition, BuildRequest, PruneFilter, parse_add_host
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
@@ -303,10 +303,11 @@ class ControlService:
                 target=request.target,
                 outputs=tuple(outputs),
                 no_cache=request.no_cache,
-                network=request.network or "host",
+                network=request.network or "default",
                 want_image=request.want_metadata,
                 log_cap=self.log_cap,
                 allow=parse_entitlements(request.allow, "the build's --allow"),
+                extra_hosts=tuple(parse_add_host(h) for h in request.extra_hosts),
             )
             result = await controller.build(
                 self.worker,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ociworker import log
 from ociworker.cli.failures import Phase, UsageError, describe
-from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter
+from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter, parse_add_host
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink
@@ -140,7 +140,8 @@ def make_parser() -> argparse.ArgumentParser:
         "(default $BUILDKIT_PROGRESS or auto)",
     )
     b.add_argument("--no-cache", action="store_true", help="do not use the build cache")
-    b.add_argument("--network", choices=("host", "none", "default"), default="host")
+    b.add_argument("--network", choices=("default", "none", "host"), default="default")
+    b.add_argument("--add-host", action="append", default=[], metavar="NAME:IP")
     b.add_argument(
         "--allow",
         action="append",
@@ -229,6 +230,8 @@ def _worker(args: argparse.Namespace) -> Worker:
             snapshotter=args.snapshotter,
             insecure_registries=tuple(args.insecure_registry),
             max_parallelism=args.max_parallelism,
+            # entitlements: WorkerConfig's default grants both (the embedded
+            # worker's operator is its user); a build must still ask with --allow.
         )
     )
 
@@ -276,7 +279,8 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         target=args.target,
         outputs=tuple(OutputSpec.parse(o) for o in args.output),
         no_cache=args.no_cache,
-        network="host" if args.network == "default" else args.network,
+        network=args.network,
+        extra_hosts=tuple(parse_add_host(h) for h in args.add_host),
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
         # buildx -q prints the image ID even when nothing is exported

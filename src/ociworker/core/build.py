@@ -4,6 +4,7 @@ none of the controller's machinery to describe a build."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,10 @@ class BuildRequest:
     target: str = ""
     outputs: tuple[OutputSpec, ...] = ()
     no_cache: bool = False
-    network: str = "host"
+    #: RUN steps' network: default (a sandbox of the worker's), none, host
+    network: str = "default"
+    #: ("NAME", "IP") for every RUN step's /etc/hosts (``--add-host``)
+    extra_hosts: tuple[tuple[str, str], ...] = ()
     iidfile: Path | None = None
     metadata_file: Path | None = None
     #: bytes of log kept per step (BuildKit's max-log-size); <= 0: no cap
@@ -41,6 +45,24 @@ class BuildRequest:
     #: entitlements the build asks for (``--allow``); a step gets one only if
     #: the worker grants it too (``core.entitlements``)
     allow: tuple[str, ...] = ()
+
+
+def parse_add_host(value: str) -> tuple[str, str]:
+    """``--add-host NAME:IP`` (or ``NAME=IP``, an IPv6 address maybe in brackets),
+    as buildx reads it; ``(NAME, IP)``."""
+    # "=" first: buildx accepts it because an IPv6 address is full of ":"
+    sep = "=" if "=" in value else ":"
+    name, found, ip = value.partition(sep)
+    ip = ip.strip()
+    if ip.startswith("[") and ip.endswith("]"):
+        ip = ip[1:-1]
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ConfigError(f"invalid --add-host {value!r}: {ip!r} is not an IP address") from None
+    if not found or not name or any(c.isspace() for c in name):
+        raise ConfigError(f"invalid --add-host {value!r}: want NAME:IP")
+    return name, ip
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ class ExecOp:
     mounts: tuple[ExecMount, ...] = ()
     #: "sandbox" or "insecure" (RUN --security; needs security.insecure)
     security: str = "sandbox"
+    #: ("NAME", "IP") lines of the step's /etc/hosts (in the key, as BuildKit's ExtraHosts)
+    extra_hosts: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -77,9 +79,11 @@ class ExecOp:
             "hostname": self.hostname,
             "mounts": [m.to_json() for m in self.mounts],
         }
+        # Each only when set: the keys of every existing step stay as they were.
         if self.security != "sandbox":
-            # only when set: the keys of every existing sandboxed step stay as they were
             body["security"] = self.security
+        if self.extra_hosts:
+            body["extra_hosts"] = [list(h) for h in self.extra_hosts]
         return {"exec": body}
 
 

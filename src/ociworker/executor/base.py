@@ -12,7 +12,7 @@ from ociworker.errors import UserError
 #: receives ("stdout" | "stderr", chunk) as soon as the process writes it
 OutputSink = Callable[[str, bytes], None]
 
-NetworkMode = Literal["host", "none"]
+NetworkMode = Literal["default", "host", "none"]
 #: "sandbox": Docker's default capabilities, seccomp profile, masked paths;
 #: "insecure": privileged (RUN --security=insecure, behind its entitlement)
 SecurityMode = Literal["sandbox", "insecure"]
@@ -25,8 +25,12 @@ class ProcessSpec:
     cwd: str = "/"
     user: str = ""  # "", "uid", "uid:gid", "name", "name:group" (resolved in the rootfs)
     hostname: str = "buildkitsandbox"
+    #: the driver's default is no network of its own; builds choose explicitly
+    #: (the frontend's default is ``default``, host needs an entitlement)
     network: NetworkMode = "host"
     security: SecurityMode = "sandbox"
+    #: ("NAME", "IP") lines added to the step's /etc/hosts (``--add-host``)
+    extra_hosts: tuple[tuple[str, str], ...] = ()
     #: "K=V" entries holding secrets (RUN --mount=type=secret,env=K): added to the
     #: environment, but the runtime's files for such a process (config.json, its
     #: state dir) are kept on a tmpfs, never on disk; never shown by repr

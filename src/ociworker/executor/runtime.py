@@ -27,8 +27,15 @@ from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
 from ociworker.executor.base import OutputSink, ProcessSpec, check_run
 from ociworker.executor.binary import find_runtime
+from ociworker.executor.bridge import BridgeNetwork, recover_network
 from ociworker.executor.network import create_loopback_netns, remove_netns
-from ociworker.executor.spec import NOFILE_LIMIT, SpecOptions, hosts_content, make_spec
+from ociworker.executor.spec import (
+    NOFILE_LIMIT,
+    SpecOptions,
+    hosts_content,
+    make_spec,
+    resolv_conf_content,
+)
 from ociworker.fs.mount import mount_all, unmount, unmount_below
 from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import clean, secure_join
@@ -251,6 +258,9 @@ async def recover_state_dir(state_dir: Path) -> dict[str, int]:
     containers = await asyncio.to_thread(_kill_containers, state_dir / "runtime")
     mounts = await asyncio.to_thread(unmount_below, state_dir) if state_dir.is_dir() else 0
     await asyncio.to_thread(empty_dir, state_dir / "bundles")
+    # The bridge, veths and nft tables of a dead instance, before its netns files.
+    if state_dir.is_dir():
+        await asyncio.to_thread(recover_network, state_dir)
     netns = state_dir / "netns"
     if netns.is_dir():
         for ns in list(netns.iterdir()):
@@ -261,11 +271,25 @@ async def recover_state_dir(state_dir: Path) -> dict[str, int]:
 class OCIRuntimeExecutor:
     """``Executor`` on runc or crun; ``runtime`` is a name in PATH or a path."""
 
-    def __init__(self, state_dir: Path, runtime: str = "runc") -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        runtime: str = "runc",
+        *,
+        subnet: str = "",
+        dns: tuple[str, ...] = (),
+    ) -> None:
         self._binary = find_runtime(runtime)
         self._flavour: Flavour = _detect_flavour(self._binary)
         self._state_dir = Path(state_dir).absolute()
         self._runtime_root = self._state_dir / "runtime" / self._flavour
+        self._dns = dns
+        #: the ``default`` network, made on the first step that uses it
+        self._bridge = BridgeNetwork(self._state_dir, subnet)
+
+    async def aclose(self) -> None:
+        """Remove the default network (bridge, pooled namespaces, nft tables)."""
+        await self._bridge.aclose()
 
     @property
     def flavour(self) -> Flavour:
@@ -340,7 +364,7 @@ class OCIRuntimeExecutor:
             user = await _finish(asyncio.to_thread(resolve_user, root_dir, process.user))
             cwd = clean(process.cwd or "/")
             resolv, hosts = bundle / "resolv.conf", bundle / "hosts"
-            await _finish(asyncio.to_thread(_write_etc_files, resolv, hosts, process.hostname))
+            await _finish(asyncio.to_thread(_write_etc_files, resolv, hosts, process, self._dns))
 
             netns = ""
             if process.network == "none":
@@ -348,6 +372,18 @@ class OCIRuntimeExecutor:
                 stack.push_sync(lambda: remove_netns(netns_path))
                 await create_loopback_netns(netns_path)
                 netns = str(netns_path)
+            elif process.network == "default":
+                acquired = asyncio.ensure_future(self._bridge.acquire())
+
+                async def release() -> None:
+                    # _finish lets a cancelled acquire end: a slot it made is ours
+                    if acquired.done() and not acquired.cancelled() and not acquired.exception():
+                        # Docker's capabilities (no CAP_NET_ADMIN): the step could
+                        # not change its namespace; a privileged step must pass False.
+                        await self._bridge.release(acquired.result(), reuse=True)
+
+                stack.push(release)
+                netns = str((await _finish(acquired)).path)
 
             # A target that is, or passes through, a symlink is resolved in the
             # rootfs here, so the runtime gets a path that cannot leave it and the
@@ -525,13 +561,25 @@ def _has_cap(bit: int) -> bool:
     return False
 
 
-def _write_etc_files(resolv: Path, hosts: Path, hostname: str) -> None:
+def _host_resolv_conf(network: str) -> str:
     try:
-        host_resolv = Path("/etc/resolv.conf").read_bytes()
+        text = Path("/etc/resolv.conf").read_text(errors="replace")
     except OSError:
-        host_resolv = b""
-    resolv.write_bytes(host_resolv)
-    hosts.write_text(hosts_content(hostname))
+        return ""
+    if network != "host":
+        # systemd-resolved's stub (127.0.0.53) is the host's loopback; its
+        # upstream servers are in this file (BuildKit reads it too).
+        words = [ln.split() for ln in text.splitlines()]
+        servers = [w[1] for w in words if len(w) > 1 and w[0] == "nameserver"]
+        if servers == ["127.0.0.53"]:
+            with contextlib.suppress(OSError):
+                return Path("/run/systemd/resolve/resolv.conf").read_text(errors="replace")
+    return text
+
+
+def _write_etc_files(resolv: Path, hosts: Path, process: ProcessSpec, dns: tuple[str, ...]) -> None:
+    resolv.write_text(resolv_conf_content(_host_resolv_conf(process.network), process.network, dns))
+    hosts.write_text(hosts_content(process.hostname, process.extra_hosts))
 
 
 def _ensure_dir(root: Path, path: str) -> None:

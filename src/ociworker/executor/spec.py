@@ -124,10 +124,45 @@ READONLY_PATHS: tuple[str, ...] = (
 NOFILE_LIMIT = 1048576
 
 
-def hosts_content(hostname: str) -> str:
-    """The container's /etc/hosts: localhost, and the hostname on loopback (as BuildKit)."""
+def hosts_content(hostname: str, extra_hosts: tuple[tuple[str, str], ...] = ()) -> str:
+    """The container's /etc/hosts: localhost, the hostname on loopback, then each
+    ``--add-host`` as ``IP<TAB>NAME`` (as BuildKit writes them)."""
     names = "localhost" if hostname in ("", "localhost") else f"localhost {hostname}"
-    return f"127.0.0.1\t{names}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    out = f"127.0.0.1\t{names}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+    return out + "".join(f"{ip}\t{name}\n" for name, ip in extra_hosts)
+
+
+#: BuildKit's fallback when filtering leaves no nameserver (moby resolvconf's defaults)
+DEFAULT_NAMESERVERS: tuple[str, ...] = ("8.8.8.8", "8.8.4.4")
+
+
+def _is_localhost(addr: str) -> bool:
+    return addr.startswith("127.") or addr in ("::1", "0:0:0:0:0:0:0:1")
+
+
+def resolv_conf_content(host: str, network: str, nameservers: tuple[str, ...] = ()) -> str:
+    """The step's /etc/resolv.conf from the host's, as BuildKit makes it.
+
+    ``host`` network: the host's file as is (its localhost resolver is reachable).
+    Otherwise a localhost nameserver would be the step's own loopback, so those
+    lines go (resolvconf.FilterResolvDNS); if none is left, Google's public
+    resolvers are used. ``nameservers`` (the worker's ``dns`` setting) replace
+    the host's nameservers in every mode, keeping its search and options lines.
+    """
+    if network == "host" and not nameservers:
+        return host
+    lines = []
+    kept = 0
+    for line in host.splitlines():
+        words = line.split()
+        if words[:1] == ["nameserver"]:
+            if nameservers or len(words) < 2 or _is_localhost(words[1]):
+                continue
+            kept += 1
+        lines.append(line)
+    added = nameservers or (() if kept else DEFAULT_NAMESERVERS)
+    lines.extend(f"nameserver {ns}" for ns in added)
+    return "\n".join(lines) + "\n"
 
 
 def _m(destination: str, type_: str, source: str, options: tuple[str, ...]) -> dict[str, Any]:

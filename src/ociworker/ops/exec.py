@@ -22,7 +22,7 @@ from ociworker.core.graph import Copy, ExecMount, ExecOp, OpSpec, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.progress import VertexLog
 from ociworker.errors import ConfigError, ExecError, NotFoundError, UserError
-from ociworker.executor.base import Executor, ProcessSpec
+from ociworker.executor.base import Executor, NetworkMode, ProcessSpec
 from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
 from ociworker.ops import fileactions as fileops
@@ -51,6 +51,13 @@ class ExecDeps(StepDeps):
     secret_files: SecretFiles = secret_files
     #: entitlements the worker grants (``WorkerConfig.entitlements``)
     entitlements: tuple[str, ...] = ()
+
+
+def _network_mode(name: str) -> NetworkMode:
+    # The controller has checked the entitlement for host before anything ran.
+    if name in ("default", "none", "host"):
+        return name  # type: ignore[return-value]
+    raise UserError(f"unknown network mode {name!r}: use default, none or host")
 
 
 class ExecHandler(StepHandler[ExecDeps]):
@@ -91,8 +98,9 @@ class ExecHandler(StepHandler[ExecDeps]):
                     cwd=op.cwd or "/",
                     user=op.user,
                     hostname=op.hostname or "buildkitsandbox",
-                    network="none" if op.network == "none" else "host",
+                    network=_network_mode(op.network),
                     security="insecure" if op.security == "insecure" else "sandbox",
+                    extra_hosts=op.extra_hosts,
                     secret_env=secret_env,
                 )
                 code = await self.deps.executor.run(rootfs, process, mounts, out)

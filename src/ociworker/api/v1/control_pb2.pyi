@@ -162,6 +162,7 @@ class SolveRequest(_message.Message):
     WANT_METADATA_FIELD_NUMBER: _builtins.int
     CONTEXT_KEY_FIELD_NUMBER: _builtins.int
     ALLOW_FIELD_NUMBER: _builtins.int
+    EXTRA_HOSTS_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -185,6 +186,10 @@ class SolveRequest(_message.Message):
     def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """entitlements the build asks for (--allow); the daemon grants only those its config lists"""
 
+    @_builtins.property
+    def extra_hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """--add-host entries as NAME=IP (parsed again, and so checked, by the daemon)"""
+
     def __init__(
         self,
         *,
@@ -202,10 +207,11 @@ class SolveRequest(_message.Message):
         want_metadata: _builtins.bool = ...,
         context_key: _builtins.str = ...,
         allow: _abc.Iterable[_builtins.str] | None = ...,
+        extra_hosts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "tags", b"tags", "target", b"target", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "tags", b"tags", "target", b"target", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

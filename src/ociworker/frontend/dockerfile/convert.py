@@ -47,7 +47,9 @@ class Options:
     build_args: Mapping[str, str] = field(default_factory=dict)
     target: str = ""
     platform: Platform = field(default_factory=Platform)
-    network: str = "host"
+    network: str = "default"
+    #: ("NAME", "IP") for every RUN's /etc/hosts (--add-host)
+    extra_hosts: tuple[tuple[str, str], ...] = ()
     context_name: str = CONTEXT
     ignore_patterns: tuple[str, ...] = ()
     filename: str = "Dockerfile"
@@ -804,7 +806,7 @@ class Converter:
             network = self._word(st, flags.get("network"), ins)
             if network == "default":
                 network = self.opts.network
-            if network not in ("host", "none"):
+            if network not in ("default", "host", "none"):
                 raise _err(
                     f"unsupported RUN --network={network}: use default, none or host",
                     ins,
@@ -837,6 +839,7 @@ class Converter:
             network=network,
             mounts=tuple(mounts),
             security=security or "sandbox",
+            extra_hosts=self.opts.extra_hosts,
         )
         st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
         self._history(st, "RUN " + self._run_history(st, args) + " # buildkit", True)

@@ -25,11 +25,12 @@ import grpc
 
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
+from ociworker.core.build import step_limits
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
 from ociworker.log import get_logger
-from ociworker.worker import DEFAULT_ROOT, WorkerConfig, open_worker
+from ociworker.worker import DEFAULT_ROOT, DEFAULT_STEP_PIDS, WorkerConfig, open_worker
 
 _log = get_logger(__name__)
 
@@ -61,6 +62,10 @@ class DaemonConfig:
     insecure_registries: tuple[str, ...] = ()
     max_parallelism: int | None = None
     log_cap: int = DEFAULT_LOG_CAP
+    #: every RUN step's limits (keys step_memory = "2g", step_pids = 0 for none, step_cpus)
+    step_memory: int | None = None
+    step_pids: int | None = DEFAULT_STEP_PIDS
+    step_cpus: float | None = None
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
@@ -84,6 +89,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         values["insecure_registries"] = tuple(values["insecure_registries"])
     if "log_cap" in values:
         values["log_cap"] = parse_size(values["log_cap"])
+    limits = [values.pop(k, None) for k in ("step_memory", "step_pids", "step_cpus")]
+    values.update(step_limits(*limits))
     if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
         raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
     cfg = DaemonConfig(**values)
@@ -173,6 +180,9 @@ async def serve(cfg: DaemonConfig) -> int:
                 snapshotter=cfg.snapshotter,  # type: ignore[arg-type]
                 insecure_registries=cfg.insecure_registries,
                 max_parallelism=cfg.max_parallelism,
+                step_memory=cfg.step_memory,
+                step_pids=cfg.step_pids,
+                step_cpus=cfg.step_cpus,
             )
         )
         sock: Path | None = None

@@ -28,7 +28,7 @@ from ociworker.api.convert import event_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildDefinition, BuildRequest, PruneFilter
+from ociworker.core.build import BuildDefinition, BuildRequest, PruneFilter, Ulimit
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
     DEFAULT_LOG_CAP,
@@ -303,6 +303,8 @@ class ControlService:
                 outputs=tuple(outputs),
                 no_cache=request.no_cache,
                 network=request.network or "host",
+                ulimits=tuple(Ulimit.parse(u) for u in request.ulimits),
+                shm_size=request.shm_size or None,
                 want_image=request.want_metadata,
                 log_cap=self.log_cap,
             )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+from ociworker.core.build import Ulimit
 from ociworker.core.digest import Digest, digest_of
 
 # --- ops ---------------------------------------------------------------------
@@ -64,19 +65,27 @@ class ExecOp:
     network: str = "host"
     hostname: str = ""
     mounts: tuple[ExecMount, ...] = ()
+    #: the build's ``--ulimit``s and ``--shm-size`` (bytes, 0 = default); part of
+    #: the step's key as in BuildKit's ``Meta``
+    ulimits: tuple[Ulimit, ...] = ()
+    shm_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "exec": {
-                "args": list(self.args),
-                "env": list(self.env),
-                "cwd": self.cwd,
-                "user": self.user,
-                "network": self.network,
-                "hostname": self.hostname,
-                "mounts": [m.to_json() for m in self.mounts],
-            }
+        d: dict[str, Any] = {
+            "args": list(self.args),
+            "env": list(self.env),
+            "cwd": self.cwd,
+            "user": self.user,
+            "network": self.network,
+            "hostname": self.hostname,
+            "mounts": [m.to_json() for m in self.mounts],
         }
+        # Only when set, so the keys of every step cached before stay the same.
+        if self.ulimits:
+            d["ulimits"] = [str(u) for u in self.ulimits]
+        if self.shm_size:
+            d["shm_size"] = self.shm_size
+        return {"exec": d}
 
 
 @dataclass(frozen=True)

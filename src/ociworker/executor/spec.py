@@ -87,6 +87,21 @@ SYSTEM_MOUNTS: tuple[dict[str, Any], ...] = (
 
 
 @dataclass(frozen=True)
+class SpecLimits:
+    """``linux.cgroupsPath`` ("" = the runtime's default) and the limits the
+    runtime applies to that cgroup (None = none); /dev/shm's size in bytes
+    (None: Docker's 64MiB); ``("RLIMIT_NPROC", soft, hard)``... process rlimits
+    (a RLIMIT_NOFILE here replaces ``SpecOptions.nofile``)."""
+
+    cgroups_path: str = ""
+    memory: int | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    shm_size: int | None = None
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class SpecOptions:
     args: tuple[str, ...]
     env: tuple[str, ...] = ()
@@ -106,6 +121,7 @@ class SpecOptions:
     hosts: str = ""
     root_path: str = "rootfs"
     nofile: int = NOFILE_LIMIT
+    limits: SpecLimits = SpecLimits()
 
 
 def process_env(env: tuple[str, ...], home: str) -> list[str]:
@@ -133,10 +149,42 @@ def user_mount(m: Mount) -> dict[str, Any]:
     return {"destination": m.target, "type": m.type, "source": m.source, "options": options}
 
 
+#: CPU bandwidth period (Docker's --cpus uses the CFS default, 100ms)
+CPU_PERIOD = 100_000
+
+
+def resources(lim: SpecLimits) -> dict[str, Any]:
+    """``linux.resources``: the device rule, and the step's limits when set."""
+    # Deny every device node except the runtime's defaults (null, zero,
+    # tty, random...), as containerd's default spec does.
+    res: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+    if lim.memory is not None:
+        res["memory"] = {"limit": lim.memory}
+    if lim.pids is not None:
+        res["pids"] = {"limit": lim.pids}
+    if lim.cpus is not None:
+        res["cpu"] = {"quota": max(1000, round(lim.cpus * CPU_PERIOD)), "period": CPU_PERIOD}
+    return res
+
+
+def rlimits(opts: SpecOptions) -> list[dict[str, Any]]:
+    """``process.rlimits``: Docker's RLIMIT_NOFILE, then the build's ``--ulimit``s."""
+    out: dict[str, dict[str, Any]] = {
+        "RLIMIT_NOFILE": {"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}
+    }
+    for type_, soft, hard in opts.limits.rlimits:
+        out[type_] = {"type": type_, "hard": hard, "soft": soft}
+    return list(out.values())
+
+
 def make_spec(opts: SpecOptions) -> dict[str, Any]:
     """The ``config.json`` document for ``opts``."""
     caps = list(DEFAULT_CAPABILITIES)
     mounts = [dict(m, options=list(m["options"])) for m in SYSTEM_MOUNTS]
+    if opts.limits.shm_size is not None:
+        shm = next(m for m in mounts if m["destination"] == "/dev/shm")
+        shm["options"] = [o for o in shm["options"] if not o.startswith("size=")]
+        shm["options"].append(f"size={max(1, opts.limits.shm_size // 1024)}k")
     if opts.resolv_conf:
         mounts.append(
             _m("/etc/resolv.conf", "bind", opts.resolv_conf, ("rbind", "ro", "nosuid", "nodev"))
@@ -174,16 +222,15 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
                 "effective": list(caps),
                 "permitted": list(caps),
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}],
+            "rlimits": rlimits(opts),
             "noNewPrivileges": False,
         },
         "root": {"path": opts.root_path, "readonly": False},
         "hostname": opts.hostname,
         "mounts": mounts,
         "linux": {
-            # Deny every device node except the runtime's defaults (null, zero,
-            # tty, random...), as containerd's default spec does.
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "resources": resources(opts.limits),
+            **({"cgroupsPath": opts.limits.cgroups_path} if opts.limits.cgroups_path else {}),
             "namespaces": namespaces,
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ociworker.core.build import Ulimit
 from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError
@@ -48,6 +49,8 @@ class Options:
     target: str = ""
     platform: Platform = field(default_factory=Platform)
     network: str = "host"
+    ulimits: tuple[Ulimit, ...] = ()
+    shm_size: int = 0
     context_name: str = CONTEXT
     ignore_patterns: tuple[str, ...] = ()
     filename: str = "Dockerfile"
@@ -841,6 +844,8 @@ class Converter:
             user=st.config.get("User") or "",
             network=network,
             mounts=tuple(mounts),
+            ulimits=self.opts.ulimits,
+            shm_size=self.opts.shm_size,
         )
         st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
         self._history(st, "RUN " + self._run_history(st, args) + " # buildkit", True)

@@ -558,9 +558,13 @@ class _Accounting:
             # one past its memory: a fork bomb may never end by itself (or fizzle
             # out and leave a step that "succeeded"), and a build whose forks
             # fail is broken either way; the error then names the limit.
-            if self.limits.pids is not None and sample.pids_refused and not self.pids_killed:
+            if self.limits.pids is not None and sample.pids_refused:
                 self.pids_killed = True
                 await kill()
+                # Sent again each second until the runtime reports the end: a
+                # kill that raced the runtime's own bookkeeping must not leave
+                # the bomb running.
+                await asyncio.sleep(1.0)
 
     def report(self, code: int) -> None:
         if self.cgroup is None or self.sink is None:

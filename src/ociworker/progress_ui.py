@@ -310,7 +310,6 @@ class _Step:
     cached: bool = False
     error: str | None = None
     info: str = ""
-    usage: str = ""
     lines: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=10))
     partial: dict[int, str] = field(default_factory=dict)
 
@@ -435,8 +434,6 @@ class TTYPrinter:
             step.completed = ev.completed if ev.completed is not None else step.completed
             step.cached = step.cached or ev.cached
             step.error = ev.error or step.error
-            if ev.usage is not None:
-                step.usage = ev.usage.summary()
             if step.done:
                 self._flush_partial(step)
         elif isinstance(ev, VertexLog):
@@ -528,10 +525,7 @@ class TTYPrinter:
                 rows.extend(self._log_rows(step, "red dim"))
             return rows
         if step.completed is not None:
-            figures = f" ({step.usage})" if step.usage else ""
-            return [
-                (Text(f" => {step.name}{figures}", style="blue"), Text(took.plain, style="blue"))
-            ]
+            return [(Text(f" => {step.name}", style="blue"), Text(took.plain, style="blue"))]
         rows = [(Text(f" => {step.name}"), took)]
         if step.info:
             rows.append((Text(f" => => {step.info}", style="dim"), Text("")))

@@ -234,12 +234,6 @@ def test_rawjson_usage_is_a_finished_status_of_the_step() -> None:
                 "timestamp": "1970-01-01T00:00:00Z",
                 "started": "1970-01-01T00:00:00Z",
                 "completed": "1970-01-01T00:00:00Z",
-                "usage": {
-                    "cpu_seconds": 3.44,
-                    "peak_memory_bytes": 212 << 20,
-                    "read_bytes": 0,
-                    "written_bytes": 3 << 20,
-                },
             }
         ]
     }

@@ -137,8 +137,9 @@ class PlainPrinter:
 #   VertexLog     {vertex*, stream*, data, timestamp}
 #   VertexWarning {vertex*, level*, short*, detail*, url*}      (* = omitempty)
 # A RUN's resource usage (BuildKit has no such event) is a finished status
-# ``{"id": "resource usage: cpu 1.0s, mem 100MiB", "vertex", ..., "usage": {...}}``:
-# a BuildKit tool shows the id as a line of the step and ignores the extra key.
+# ``{"id": "resource usage: cpu 1.0s, mem 100MiB", "vertex": ...}`` of BuildKit's
+# own shape: a BuildKit tool shows it as a line of the step. The exact figures
+# are in the metadata file and the daemon's stream.
 # ``Event.to_json`` is the daemon's own wire format and stays as it is; this is
 # the view a BuildKit tool reading our stderr expects.
 
@@ -187,7 +188,6 @@ def solve_status(ev: Event, *, now: float, vertex: str = "") -> dict[str, Any]:
                     "timestamp": at,
                     "started": at,
                     "completed": at,
-                    "usage": ev.usage.to_json(),
                 }
             ]
         }

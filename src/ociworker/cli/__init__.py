@@ -239,7 +239,8 @@ def _worker(args: argparse.Namespace) -> Worker:
             snapshotter=args.snapshotter,
             insecure_registries=tuple(args.insecure_registry),
             max_parallelism=args.max_parallelism,
-            **step_limits(args.step_memory, args.step_pids, args.step_cpus),
+            # du and prune run no step: they have no limit flags
+            **step_limits(*(getattr(args, f"step_{k}", None) for k in ("memory", "pids", "cpus"))),
         )
     )
 

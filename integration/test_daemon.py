@@ -564,7 +564,8 @@ def test_layers_output_streams_each_layer_before_the_build_ends(
     asyncio.run(go())
     assert seen_at_sleep_end and seen_at_sleep_end[0].startswith("001-"), seen_at_sleep_end
     descs = sorted(dest.glob("*.json"))
-    assert [p.name[:4] for p in descs] == ["001-", "002-", "003-"]
+    # step 2 (the sleep) changes nothing, so it makes no layer (BuildKit drops empty ones)
+    assert [p.name[:4] for p in descs] == ["001-", "003-"]
     for p in descs:
         d = json.loads(p.read_text())
         blob = dest / "blobs" / "sha256" / d["digest"].split(":")[1]

@@ -183,6 +183,7 @@ async def build(
         on_result=watch.on_result if watch.active else None,
         secrets=secrets if secrets is not None else NoSecrets(),
         ssh=ssh if ssh is not None else NoSSH(),
+        entitlements=req.allow,
     )
     solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
     # A layer that cannot be written fails the build now, not when the solve ends.

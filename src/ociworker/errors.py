@@ -77,6 +77,13 @@ class ConfigError(UserError):
     code = "config"
 
 
+class EntitlementError(UserError):
+    """A step needs an entitlement (``network.host``, ``security.insecure``) the
+    build did not ask for or the worker does not grant."""
+
+    code = "entitlement"
+
+
 class UnsupportedError(UserError):
     """The request is valid but this worker cannot do it (e.g. a foreign platform)."""
 

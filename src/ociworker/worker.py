@@ -19,6 +19,7 @@ from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
 from ociworker.core.build import DEFAULT_ROOT as DEFAULT_ROOT
 from ociworker.core.digest import Digest
+from ociworker.core.entitlements import ENTITLEMENTS
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
@@ -60,6 +61,9 @@ class WorkerConfig:
     snapshotter: Literal["auto", "overlayfs", "native"] = "auto"
     insecure_registries: tuple[str, ...] = ()
     max_parallelism: int | None = None
+    #: entitlements a build may ask for with --allow: both for the embedded
+    #: worker (its user is the operator); a daemon grants only what its config lists
+    entitlements: tuple[str, ...] = ENTITLEMENTS
     platform: Platform = field(default_factory=lambda: host_platform())
     #: limits of every RUN step's cgroup (None: none): bytes of memory, processes,
     #: CPUs (1.5 = one and a half). A build's --ulimit/--shm-size stay below them.
@@ -171,6 +175,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         checksums=ContextChecksums(),
         platform=config.platform,
         step_limits=config.step_limits(),
+        entitlements=config.entitlements,
     )
     return Worker(
         config,

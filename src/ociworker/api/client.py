@@ -234,6 +234,7 @@ class Client:
                 or request.metadata_file is not None
             ),
             context_key=session_key(ctx, definition.filename),
+            allow=request.allow,
         )
         try:
             async with self._session(session):

@@ -26,6 +26,7 @@ import grpc
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
 from ociworker.core.build import step_limits
+from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
@@ -66,6 +67,8 @@ class DaemonConfig:
     step_memory: int | None = None
     step_pids: int | None = DEFAULT_STEP_PIDS
     step_cpus: float | None = None
+    #: entitlements builds may ask for with --allow (none unless listed)
+    entitlements: tuple[str, ...] = ()
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
@@ -91,6 +94,11 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         values["log_cap"] = parse_size(values["log_cap"])
     limits = [values.pop(k, None) for k in ("step_memory", "step_pids", "step_cpus")]
     values.update(step_limits(*limits))
+    if "entitlements" in values:
+        ents = values["entitlements"]
+        if not isinstance(ents, list) or not all(isinstance(e, str) for e in ents):
+            raise ConfigError(f"config file {path}: entitlements must be a list of names")
+        values["entitlements"] = parse_entitlements(ents, f"config file {path}")
     if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
         raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
     cfg = DaemonConfig(**values)
@@ -183,6 +191,7 @@ async def serve(cfg: DaemonConfig) -> int:
                 step_memory=cfg.step_memory,
                 step_pids=cfg.step_pids,
                 step_cpus=cfg.step_cpus,
+                entitlements=cfg.entitlements,
             )
         )
         sock: Path | None = None

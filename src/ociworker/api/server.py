@@ -29,6 +29,7 @@ from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
 from ociworker.core.build import BuildDefinition, BuildRequest, PruneFilter, Ulimit
+from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
     DEFAULT_LOG_CAP,
@@ -307,6 +308,7 @@ class ControlService:
                 shm_size=request.shm_size or None,
                 want_image=request.want_metadata,
                 log_cap=self.log_cap,
+                allow=parse_entitlements(request.allow, "the build's --allow"),
             )
             result = await controller.build(
                 self.worker,

@@ -22,6 +22,7 @@ from ociworker.core.build import (
     parse_ram_size,
     step_limits,
 )
+from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
@@ -155,6 +156,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--no-cache", action="store_true", help="do not use the build cache")
     b.add_argument("--network", choices=("host", "none", "default"), default="host")
+    b.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="network.host|security.insecure",
+        help="entitlement the build asks for (repeatable; the worker must grant it too)",
+    )
     b.add_argument("--iidfile", type=Path, default=None, help="write the image ID here")
     b.add_argument("--metadata-file", type=Path, default=None, help="write build metadata here")
     b.add_argument("-q", "--quiet", action="store_true", help="print the image ID only")
@@ -295,6 +303,7 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         metadata_file=args.metadata_file,
         # buildx -q prints the image ID even when nothing is exported
         want_image=args.quiet,
+        allow=parse_entitlements(args.allow, "--allow"),
     )
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths

@@ -142,6 +142,9 @@ class BuildRequest:
     #: make the image even with no output asking for it (a remote client's
     #: iidfile / metadata file, written on its side from the result)
     want_image: bool = False
+    #: entitlements the build asks for (``--allow``); a step gets one only if
+    #: the worker grants it too (``core.entitlements``)
+    allow: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

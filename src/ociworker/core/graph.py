@@ -69,9 +69,11 @@ class ExecOp:
     #: the step's key as in BuildKit's ``Meta``
     ulimits: tuple[Ulimit, ...] = ()
     shm_size: int = 0
+    #: "sandbox" or "insecure" (RUN --security; needs security.insecure)
+    security: str = "sandbox"
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
+        body: dict[str, Any] = {
             "args": list(self.args),
             "env": list(self.env),
             "cwd": self.cwd,
@@ -80,12 +82,15 @@ class ExecOp:
             "hostname": self.hostname,
             "mounts": [m.to_json() for m in self.mounts],
         }
+        if self.security != "sandbox":
+            # only when set: the keys of every existing sandboxed step stay as they were
+            body["security"] = self.security
         # Only when set, so the keys of every step cached before stay the same.
         if self.ulimits:
-            d["ulimits"] = [str(u) for u in self.ulimits]
+            body["ulimits"] = [str(u) for u in self.ulimits]
         if self.shm_size:
-            d["shm_size"] = self.shm_size
-        return {"exec": d}
+            body["shm_size"] = self.shm_size
+        return {"exec": body}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ from ociworker.errors import UserError
 OutputSink = Callable[[str, bytes], None]
 
 NetworkMode = Literal["host", "none"]
+#: "sandbox": Docker's default capabilities, seccomp profile, masked paths;
+#: "insecure": privileged (RUN --security=insecure, behind its entitlement)
+SecurityMode = Literal["sandbox", "insecure"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class ProcessSpec:
     user: str = ""  # "", "uid", "uid:gid", "name", "name:group" (resolved in the rootfs)
     hostname: str = "buildkitsandbox"
     network: NetworkMode = "host"
+    security: SecurityMode = "sandbox"
     #: "K=V" entries holding secrets (RUN --mount=type=secret,env=K): added to the
     #: environment, but the runtime's files for such a process (config.json, its
     #: state dir) are kept on a tmpfs, never on disk; never shown by repr

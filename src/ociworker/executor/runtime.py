@@ -384,6 +384,7 @@ class OCIRuntimeExecutor:
                     nofile=_nofile_limit(),
                     home=user.home,
                     hostname=process.hostname,
+                    privileged=process.security == "insecure",
                     mounts=resolved,
                     isolated_network=process.network != "host",
                     netns_path=netns,

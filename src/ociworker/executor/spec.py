@@ -1,4 +1,6 @@
-"""OCI runtime-spec ``config.json`` for one build step (pure: values in, dict out).
+"""OCI runtime-spec ``config.json`` for one build step (values in, dict out; only
+``uname`` is read, for the seccomp profile, and the worker's own capability set,
+for a privileged step).
 
 The defaults are Docker's and containerd's (which BuildKit inherits): the same
 capability set, the same /dev, /proc, /sys mounts, the same masked and read-only
@@ -7,10 +9,12 @@ paths, so a RUN step behaves as it would under ``docker build``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 from ociworker.core.mounts import Mount, is_bind
+from ociworker.executor.seccomp import default_profile, resolve
 
 OCI_VERSION = "1.0.2"
 
@@ -33,6 +37,66 @@ DEFAULT_CAPABILITIES: tuple[str, ...] = (
     "CAP_KILL",
     "CAP_AUDIT_WRITE",
 )
+
+#: every capability of Linux 5.9+ (CAP_LAST_CAP = CAP_CHECKPOINT_RESTORE): what
+#: RUN --security=insecure gets, as ``docker run --privileged``
+ALL_CAPABILITIES: tuple[str, ...] = (
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+)
+
+
+def held_capabilities() -> tuple[str, ...]:
+    """The capabilities of ``ALL_CAPABILITIES`` in this process's bounding set:
+    "all" for a privileged step, as dockerd does (a worker that runs in a
+    container may lack some, and the runtime cannot grant what it lacks)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            line = next(ln for ln in f if ln.startswith("CapBnd:"))
+    except (OSError, StopIteration):
+        return ALL_CAPABILITIES
+    mask = int(line.split()[1], 16)
+    return tuple(c for bit, c in enumerate(ALL_CAPABILITIES) if mask >> bit & 1)
+
 
 MASKED_PATHS: tuple[str, ...] = (
     "/proc/asound",
@@ -122,6 +186,12 @@ class SpecOptions:
     root_path: str = "rootfs"
     nofile: int = NOFILE_LIMIT
     limits: SpecLimits = SpecLimits()
+    #: RUN --security=insecure: every capability, no seccomp filter, no masked or
+    #: read-only paths, every device, writable /sys (``docker run --privileged``)
+    privileged: bool = False
+    #: ``uname -m`` and ``uname -r`` the seccomp profile is resolved for
+    machine: str = ""
+    kernel_release: str = ""
 
 
 def process_env(env: tuple[str, ...], home: str) -> list[str]:
@@ -153,11 +223,9 @@ def user_mount(m: Mount) -> dict[str, Any]:
 CPU_PERIOD = 100_000
 
 
-def resources(lim: SpecLimits) -> dict[str, Any]:
-    """``linux.resources``: the device rule, and the step's limits when set."""
-    # Deny every device node except the runtime's defaults (null, zero,
-    # tty, random...), as containerd's default spec does.
-    res: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}]}
+def limit_resources(lim: SpecLimits) -> dict[str, Any]:
+    """The step's limits in ``linux.resources`` (only those set)."""
+    res: dict[str, Any] = {}
     if lim.memory is not None:
         res["memory"] = {"limit": lim.memory}
     if lim.pids is not None:
@@ -179,12 +247,17 @@ def rlimits(opts: SpecOptions) -> list[dict[str, Any]]:
 
 def make_spec(opts: SpecOptions) -> dict[str, Any]:
     """The ``config.json`` document for ``opts``."""
-    caps = list(DEFAULT_CAPABILITIES)
+    caps = list(held_capabilities() if opts.privileged else DEFAULT_CAPABILITIES)
     mounts = [dict(m, options=list(m["options"])) for m in SYSTEM_MOUNTS]
     if opts.limits.shm_size is not None:
         shm = next(m for m in mounts if m["destination"] == "/dev/shm")
         shm["options"] = [o for o in shm["options"] if not o.startswith("size=")]
         shm["options"].append(f"size={max(1, opts.limits.shm_size // 1024)}k")
+    if opts.privileged:
+        # As BuildKit's insecure mode: sysfs and cgroupfs writable.
+        for m in mounts:
+            if m["type"] in ("sysfs", "cgroup"):
+                m["options"] = [o for o in m["options"] if o != "ro"] + ["rw"]
     if opts.resolv_conf:
         mounts.append(
             _m("/etc/resolv.conf", "bind", opts.resolv_conf, ("rbind", "ro", "nosuid", "nodev"))
@@ -205,6 +278,28 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
             ns["path"] = opts.netns_path
         namespaces.append(ns)
 
+    linux: dict[str, Any] = {"namespaces": namespaces}
+    if opts.privileged:
+        linux["resources"] = {"devices": [{"allow": True, "access": "rwm"}]}
+    else:
+        # Deny every device node except the runtime's defaults (null, zero, tty,
+        # random...), as containerd's default spec does; hide and freeze the
+        # /proc and /sys entries Docker does; filter syscalls with Docker's
+        # default seccomp profile, resolved for this step's capabilities.
+        linux["resources"] = {"devices": [{"allow": False, "access": "rwm"}]}
+        linux["maskedPaths"] = list(MASKED_PATHS)
+        linux["readonlyPaths"] = list(READONLY_PATHS)
+        uname = os.uname()
+        linux["seccomp"] = resolve(
+            default_profile(),
+            caps,
+            opts.machine or uname.machine,
+            opts.kernel_release or uname.release,
+        )
+    # An insecure step is limited as any other.
+    linux["resources"].update(limit_resources(opts.limits))
+    if opts.limits.cgroups_path:
+        linux["cgroupsPath"] = opts.limits.cgroups_path
     return {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -223,19 +318,12 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
                 "permitted": list(caps),
             },
             "rlimits": rlimits(opts),
-            "noNewPrivileges": False,
+            # A setuid binary in an image gains nothing (as BuildKit's sandbox);
+            # an insecure step is the operator's explicit choice to allow it.
+            "noNewPrivileges": not opts.privileged,
         },
         "root": {"path": opts.root_path, "readonly": False},
         "hostname": opts.hostname,
         "mounts": mounts,
-        "linux": {
-            "resources": resources(opts.limits),
-            **({"cgroupsPath": opts.limits.cgroups_path} if opts.limits.cgroups_path else {}),
-            "namespaces": namespaces,
-            "maskedPaths": list(MASKED_PATHS),
-            "readonlyPaths": list(READONLY_PATHS),
-            # No seccomp profile yet: Docker's default profile is a large
-            # document of its own and is tracked as a follow-up; the
-            # capability set above is the only syscall restriction for now.
-        },
+        "linux": linux,
     }

@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ociworker.core.entitlements import SECURITY_INSECURE, require_entitlement
 from ociworker.core.graph import Copy, ExecMount, ExecOp, OpSpec, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.progress import VertexLog, VertexStatus
@@ -50,6 +51,8 @@ class ExecDeps(StepDeps):
     cache_mounts: CacheMounts
     secret_files: SecretFiles = secret_files
     step_limits: StepLimits = field(default_factory=StepLimits)
+    #: entitlements the worker grants (``WorkerConfig.entitlements``)
+    entitlements: tuple[str, ...] = ()
 
 
 class ExecHandler(StepHandler[ExecDeps]):
@@ -66,9 +69,17 @@ class ExecHandler(StepHandler[ExecDeps]):
             if m.type == "bind" and m.input == index
         ]
 
+    async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
+        # Every vertex's key is computed before any lookup, so a step refused
+        # here is refused even when its result is in the cache (as BuildKit
+        # validates entitlements on the whole definition before solving).
+        check_entitlements(vertex, self.deps.entitlements, job.entitlements)
+        return await super().cache_key(vertex, input_keys, job)
+
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op
         assert isinstance(op, ExecOp)
+        check_entitlements(vertex, self.deps.entitlements, job.entitlements)
 
         def out(stream: str, data: bytes) -> None:
             job.events(VertexLog(vertex.digest, 1 if stream == "stdout" else 2, data, time.time()))
@@ -85,6 +96,7 @@ class ExecHandler(StepHandler[ExecDeps]):
                     user=op.user,
                     hostname=op.hostname or "buildkitsandbox",
                     network="none" if op.network == "none" else "host",
+                    security="insecure" if op.security == "insecure" else "sandbox",
                     secret_env=secret_env,
                     limits=dataclasses.replace(
                         self.deps.step_limits,
@@ -258,6 +270,17 @@ class ExecHandler(StepHandler[ExecDeps]):
         if not os.path.lexists(source):
             raise NotFoundError(f"RUN --mount source {m.selector!r} not found")
         return Mount("bind", str(source), ("rbind", rw), m.target)
+
+
+def check_entitlements(vertex: Vertex, allowed: Sequence[str], requested: Sequence[str]) -> None:
+    """Refuse an exec step that needs an entitlement the worker or the build withholds."""
+    op = vertex.op
+    assert isinstance(op, ExecOp)
+    step = vertex.name or "RUN " + " ".join(op.args)
+    if op.security == "insecure":
+        require_entitlement(SECURITY_INSECURE, allowed, requested, step)
+    elif op.security != "sandbox":
+        raise UserError(f"step {step}: unknown security mode {op.security!r}")
 
 
 def _mount_input(m: ExecMount, inputs: Sequence[Result]) -> Result:

@@ -47,6 +47,8 @@ class OpParts:
     platform: Platform
     #: the worker's per-step memory, pids and CPU limits
     step_limits: StepLimits = field(default_factory=StepLimits)
+    #: entitlements the worker grants (``WorkerConfig.entitlements``)
+    entitlements: tuple[str, ...] = ()
 
     def pick(self, deps: type[D]) -> D:
         """The dataclass ``deps`` with each field taken from the part of the same

@@ -69,6 +69,8 @@ class Job:
     #: called with each vertex's result as it becomes known (run or cache hit),
     #: e.g. to stream a step's layer before the build ends
     on_result: Callable[[Vertex, Result], None] | None = None
+    #: entitlements the build asked for (``BuildRequest.allow``)
+    entitlements: tuple[str, ...] = ()
 
 
 class OpHandler(Protocol):

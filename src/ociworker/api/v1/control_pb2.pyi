@@ -161,6 +161,7 @@ class SolveRequest(_message.Message):
     NETWORK_FIELD_NUMBER: _builtins.int
     WANT_METADATA_FIELD_NUMBER: _builtins.int
     CONTEXT_KEY_FIELD_NUMBER: _builtins.int
+    ALLOW_FIELD_NUMBER: _builtins.int
     ULIMITS_FIELD_NUMBER: _builtins.int
     SHM_SIZE_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
@@ -184,6 +185,10 @@ class SolveRequest(_message.Message):
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Output]: ...
     @_builtins.property
+    def allow(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """entitlements the build asks for (--allow); the daemon grants only those its config lists"""
+
+    @_builtins.property
     def ulimits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """--ulimit NAME=SOFT:HARD of every RUN, and --shm-size in bytes (0: default)"""
 
@@ -203,12 +208,13 @@ class SolveRequest(_message.Message):
         network: _builtins.str = ...,
         want_metadata: _builtins.bool = ...,
         context_key: _builtins.str = ...,
+        allow: _abc.Iterable[_builtins.str] | None = ...,
         ulimits: _abc.Iterable[_builtins.str] | None = ...,
         shm_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -820,11 +820,6 @@ class Converter:
                 ins,
                 self.opts.filename,
             )
-        if security == "insecure":
-            raise UnsupportedError(
-                f"{self.opts.filename}:{ins.start_line}: RUN --security=insecure needs the "
-                "security.insecure entitlement, which this worker does not grant"
-            )
         suffix = ""
         if ins.json:
             args = list(ins.args)
@@ -846,6 +841,7 @@ class Converter:
             mounts=tuple(mounts),
             ulimits=self.opts.ulimits,
             shm_size=self.opts.shm_size,
+            security=security or "sandbox",
         )
         st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
         self._history(st, "RUN " + self._run_history(st, args) + " # buildkit", True)

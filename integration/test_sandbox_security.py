@@ -1,0 +1,171 @@
+"""The sandbox of a RUN step, on runc and crun, as a user sees it in the step's log.
+
+Docker's default seccomp profile refuses, for a step with Docker's default
+capabilities: ``unshare`` (user and network namespaces: the profile allows
+unshare/setns/mount only with CAP_SYS_ADMIN), ``mount`` (same rule) and
+``keyctl`` (no rule allows it; the kernel's keyring is not namespaced). busybox
+has no keyctl, so a tiny static x86_64 ELF made below calls the syscall and
+exits with the errno (0 on success). Expected errnos come from the profile
+(defaultErrnoRet 1 = EPERM). The same probes succeed on the host (the refusal is
+the sandbox's). ``RUN --security=insecure`` with ``--allow security.insecure``
+mounts a tmpfs; without the entitlement the build fails naming the step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ociworker.testing.daemon import spawn_daemon
+
+pytestmark = pytest.mark.usefixtures("require_root")
+
+OCIWORKER = [sys.executable, "-m", "ociworker"]
+SYS_KEYCTL = 250
+KEYCTL_GET_KEYRING_ID = 0
+KEY_SPEC_SESSION_KEYRING = -3
+EPERM = 1
+#: the step's own output line in plain progress (not its name, which holds the text too)
+LOGGED_OK = re.compile(r"^#\d+ \d+\.\d+ mounted-ok$", re.M)
+
+
+def syscall_probe(nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> bytes:
+    """A static x86_64 ELF: ``syscall(nr, a0, a1, a2)``, exit(errno or 0)."""
+
+    def imm(x: int) -> bytes:
+        return struct.pack("<i", x)
+
+    code = (
+        b"\x48\xc7\xc0" + imm(nr)  # mov rax, nr
+        + b"\x48\xc7\xc7" + imm(a0)  # mov rdi, a0
+        + b"\x48\xc7\xc6" + imm(a1)  # mov rsi, a1
+        + b"\x48\xc7\xc2" + imm(a2)  # mov rdx, a2
+        + b"\x4d\x31\xd2\x0f\x05"  # xor r10, r10; syscall
+        + b"\x89\xc7\xf7\xdf\x85\xc0\x7c\x02\x31\xff"  # edi = eax < 0 ? -eax : 0
+        + b"\xb8\x3c\x00\x00\x00\x0f\x05"  # exit(edi)
+    )  # fmt: skip
+    base, hdrs = 0x400000, 64 + 56
+    ehdr = struct.pack(
+        "<4sBBBBB7xHHIQQQIHHHHHH",
+        *(b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, base + hdrs, 64, 0, 0, 64, 56, 1, 0, 0, 0),
+    )
+    size = hdrs + len(code)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return ehdr + phdr + code
+
+
+def build(ctx: Path, root: Path, runtime: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    args = ["build", "--progress=plain", "--no-cache", "--root", str(root), "--runtime", runtime]
+    return subprocess.run(
+        [*OCIWORKER, *args, *flags, str(ctx)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_probe_works_on_the_host(tmp_path: Path) -> None:
+    # The probe itself is sound: outside the sandbox keyctl succeeds.
+    probe = tmp_path / "keyctl"
+    probe.write_bytes(syscall_probe(SYS_KEYCTL, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING))
+    probe.chmod(0o755)
+    assert subprocess.run([str(probe)], check=False).returncode == 0
+
+
+def test_default_profile_refuses(
+    tmp_path: Path, base_image: str, runtime: str, state_dir: Path
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "keyctl").write_bytes(
+        syscall_probe(SYS_KEYCTL, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING)
+    )
+    os.chmod(ctx / "keyctl", 0o755)
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "COPY keyctl /probe/keyctl\n"
+        'RUN /probe/keyctl; echo "keyctl=$?"; unshare -U true; echo "unshare-U=$?"; '
+        'unshare -n true; echo "unshare-n=$?"; mkdir -p /mnt; '
+        'mount -t tmpfs none /mnt; echo "mount=$?"; echo ordinary > /ok; cat /ok\n'
+    )
+    r = build(ctx, state_dir, runtime)
+    assert r.returncode == 0, r.stderr
+    assert f"keyctl={EPERM}" in r.stderr
+    for refused in ("unshare-U=1", "unshare-n=1", "mount=1"):
+        assert refused in r.stderr, r.stderr
+    assert "ordinary" in r.stderr  # an ordinary command still runs in the same step
+
+
+def test_insecure_needs_the_entitlement(
+    tmp_path: Path, base_image: str, runtime: str, state_dir: Path
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "RUN --security=insecure mkdir -p /mnt && mount -t tmpfs none /mnt && "
+        "grep -q ' /mnt tmpfs ' /proc/mounts && echo mounted-ok\n"
+    )
+    refused = build(ctx, state_dir, runtime)
+    assert refused.returncode == 1
+    assert "entitlement security.insecure is not allowed" in refused.stderr
+    assert "[2/2] RUN --security=insecure mkdir -p /mnt" in refused.stderr
+    assert "--allow security.insecure" in refused.stderr
+    assert not LOGGED_OK.search(refused.stderr)  # the step never ran
+
+    allowed = build(ctx, state_dir, runtime, "--allow", "security.insecure")
+    assert allowed.returncode == 0, allowed.stderr
+    assert LOGGED_OK.search(allowed.stderr), allowed.stderr
+
+
+def test_unknown_entitlement_is_refused(tmp_path: Path, state_dir: Path) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM scratch\n")
+    r = build(ctx, state_dir, "runc", "--allow", "network.bridge")
+    assert r.returncode == 1
+    assert "unknown entitlement network.bridge" in r.stderr
+
+
+@pytest.mark.parametrize("granted", [False, True])
+def test_daemon_grants_only_its_configured_entitlements(
+    tmp_path: Path, base_image: str, granted: bool
+) -> None:
+    # --allow crosses the wire in the Solve request; the daemon's config is the other key.
+    config = tmp_path / "d.toml"
+    config.write_text('entitlements = ["security.insecure"]\n' if granted else "")
+    sock = tmp_path / "d.sock"
+    args = ("--addr", f"unix://{sock}", "--root", str(tmp_path / "droot"), "--config", str(config))
+    proc = spawn_daemon(args, tmp_path / "daemon.log")
+    try:
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        (ctx / "Dockerfile").write_text(
+            f"FROM {base_image}\nRUN --security=insecure mkdir -p /mnt && "
+            "mount -t tmpfs none /mnt && echo mounted-ok\n"
+        )
+        flags = ["--progress=plain", "--addr", f"unix://{sock}", "--allow", "security.insecure"]
+        r = subprocess.run(
+            [*OCIWORKER, "build", *flags, str(ctx)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    if granted:
+        assert r.returncode == 0, r.stderr
+        assert LOGGED_OK.search(r.stderr), r.stderr
+    else:
+        assert r.returncode == 1
+        assert "entitlement security.insecure is not allowed" in r.stderr
+        assert "the worker does not grant it" in r.stderr
+        assert not LOGGED_OK.search(r.stderr)

@@ -429,7 +429,7 @@ def plain_steps(stderr: str) -> list[ShownStep]:
             states[n] = []
         elif rest == "CACHED":
             states[n].append("CACHED")
-        elif re.match(r"^DONE \d+\.\ds$", rest):
+        elif re.match(r"^DONE \d+\.\ds( \(cpu .*\))?$", rest):  # a RUN's figures
             states[n].append("DONE")
         elif rest.startswith("ERROR"):
             states[n].append("ERROR")

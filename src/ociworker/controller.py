@@ -21,7 +21,15 @@ from ociworker.core.build import (
 from ociworker.core.entitlements import NETWORK_HOST, require_entitlement
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.outputs import check_outputs
-from ociworker.core.progress import EventSink, ProgressStep, Warning, cap_logs, discard
+from ociworker.core.progress import (
+    Event,
+    EventSink,
+    ProgressStep,
+    VertexStatus,
+    Warning,
+    cap_logs,
+    discard,
+)
 from ociworker.core.reference import parse_reference
 from ociworker.core.session import (
     Credentials,
@@ -31,7 +39,7 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
-from ociworker.errors import DockerfileError, OciworkerError, RegistryError
+from ociworker.errors import ConfigError, DockerfileError, OciworkerError, RegistryError
 from ociworker.exporter.assemble import compression_opts, make_image
 from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch
 from ociworker.exporter.chain import SnapshotLayers
@@ -65,6 +73,8 @@ async def plan_build(
         platform=worker.config.platform,
         network=req.network,
         extra_hosts=req.extra_hosts,
+        ulimits=req.ulimits,
+        shm_size=req.shm_size or 0,
         ignore_patterns=definition.ignore_patterns,
         filename=definition.filename,
         no_cache=req.no_cache,
@@ -165,7 +175,9 @@ async def build(
     ``credentials``: the registry credentials the caller lends this build
     (anonymous when None; the CLI passes its docker config); ``secrets`` and
     ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default)."""
-    events = cap_logs(events, req.log_cap)
+    check_step_limits(worker, req)
+    steps: dict[str, dict[str, Any]] = {}
+    events = cap_logs(_collect_usage(events, steps), req.log_cap)
     if target is None:
         target = LocalExportTarget()
     outputs = list(req.outputs)
@@ -235,6 +247,8 @@ async def build(
         }
         if req.tags:
             metadata["image.name"] = ",".join(str(parse_reference(t)) for t in req.tags)
+    if steps:
+        metadata["ociworker.steps"] = steps
     exported = ExportResult(image, top, tuple(req.tags))
     for e in exporters:
         await e.export(exported, parts)
@@ -249,6 +263,33 @@ async def build(
         config_digest=image.config.digest if image else None,
         metadata=metadata,
     )
+
+
+def _collect_usage(events: EventSink, steps: dict[str, dict[str, Any]]) -> EventSink:
+    """``events``, noting what each RUN that ran cost in ``steps`` (step name ->
+    ``Usage.to_json()``) for the metadata file's ``ociworker.steps``."""
+
+    def sink(ev: Event) -> None:
+        if isinstance(ev, VertexStatus) and ev.usage is not None:
+            steps[ev.name or ev.digest] = ev.usage.to_json()
+        events(ev)
+
+    return sink
+
+
+def check_step_limits(worker: Worker, req: BuildRequest) -> None:
+    """A build may lower the worker's limits, never raise them (``--ulimit nproc``
+    is bounded by the step pids limit, ``--shm-size`` by the step memory limit:
+    /dev/shm is memory charged to the step)."""
+    cfg = worker.config
+    for u in req.ulimits:
+        if u.name == "nproc" and cfg.step_pids is not None and u.hard > cfg.step_pids:
+            raise ConfigError(f"--ulimit {u}: above the worker's step pids limit {cfg.step_pids}")
+    mem = cfg.step_memory
+    if req.shm_size is not None and mem is not None and req.shm_size > mem:
+        raise ConfigError(
+            f"--shm-size {req.shm_size}: above the worker's step memory limit {mem} bytes"
+        )
 
 
 def _export_parts(worker: Worker, target: ExportTarget, events: EventSink) -> ExportParts:

@@ -95,13 +95,16 @@ class ExecError(UserError):
 
     code = "exec"
 
-    def __init__(self, step: str, command: str, exit_code: int) -> None:
+    def __init__(self, step: str, command: str, exit_code: int, *, killed_by: str = "") -> None:
         self.step = step
         self.command = command
         self.exit_code = exit_code
+        #: the limit that killed the process (``memory limit 256MiB``), if one did
+        self.killed_by = killed_by
+        killed = f": killed: {killed_by} reached" if killed_by else ""
         super().__init__(
             f"step {step}: process {command!r} did not complete successfully: "
-            f"exit code: {exit_code}"
+            f"exit code: {exit_code}{killed}"
         )
 
 

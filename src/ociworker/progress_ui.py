@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ociworker.core.progress import Event, Info, LayerCommitted, VertexLog, VertexStatus, Warning
+from ociworker.core.progress import (
+    Event,
+    Info,
+    LayerCommitted,
+    Usage,
+    VertexLog,
+    VertexStatus,
+    Warning,
+)
 from ociworker.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,6 +45,7 @@ class PlainPrinter:
         self.out = out
         self._ids: dict[str, int] = {}
         self._started: dict[str, float] = {}
+        self._usage: dict[str, Usage] = {}
         self._partial: dict[tuple[str, int], bytes] = {}
         self._last: str | None = None
         self.warnings: list[str] = []
@@ -69,6 +78,9 @@ class PlainPrinter:
         self.out.flush()
 
     def _status(self, ev: VertexStatus) -> None:
+        if ev.usage is not None and ev.completed is None:
+            self._usage[ev.digest] = ev.usage  # shown on the step's DONE line
+            return
         n, new = self._id(ev.digest, ev.name)
         if new or self._last != ev.digest:
             self._write(f"\n#{n} {ev.name}" if new else f"#{n} ...")
@@ -83,7 +95,9 @@ class PlainPrinter:
         elif ev.completed is not None:
             self._flush_partial(ev.digest, n)
             took = ev.completed - (ev.started or ev.completed)
-            self._write(f"#{n} DONE {took:.1f}s")
+            usage = self._usage.pop(ev.digest, None)
+            figures = f" ({usage.summary()})" if usage is not None and usage.summary() else ""
+            self._write(f"#{n} DONE {took:.1f}s{figures}")
 
     def _log(self, ev: VertexLog) -> None:
         n, new = self._id(ev.digest, "")
@@ -122,6 +136,10 @@ class PlainPrinter:
 #   VertexStatus  {id, vertex*, name*, total*, current, timestamp, started*, completed*}
 #   VertexLog     {vertex*, stream*, data, timestamp}
 #   VertexWarning {vertex*, level*, short*, detail*, url*}      (* = omitempty)
+# A RUN's resource usage (BuildKit has no such event) is a finished status
+# ``{"id": "resource usage: cpu 1.0s, mem 100MiB", "vertex": ...}`` of BuildKit's
+# own shape: a BuildKit tool shows it as a line of the step. The exact figures
+# are in the metadata file and the daemon's stream.
 # ``Event.to_json`` is the daemon's own wire format and stays as it is; this is
 # the view a BuildKit tool reading our stderr expects.
 
@@ -159,6 +177,20 @@ def solve_status(ev: Event, *, now: float, vertex: str = "") -> dict[str, Any]:
     which step is running). An info becomes a finished one-off status (as
     BuildKit reports ``transferring context:`` or ``writing image sha256:...``),
     a committed layer a status whose ``current`` and ``total`` are its size."""
+    if isinstance(ev, VertexStatus) and ev.usage is not None and ev.completed is None:
+        at = go_time(now)
+        return {
+            "statuses": [
+                {
+                    "id": "resource usage: " + ev.usage.summary(),
+                    "vertex": vertex_digest(ev.digest),
+                    "current": 0,
+                    "timestamp": at,
+                    "started": at,
+                    "completed": at,
+                }
+            ]
+        }
     if isinstance(ev, VertexStatus):
         v: dict[str, Any] = {"digest": vertex_digest(ev.digest)}
         if ev.name:
@@ -225,7 +257,7 @@ class RawJSONPrinter:
         self._running: list[str] = []  # started, not finished: newest last
 
     def __call__(self, ev: Event) -> None:
-        if isinstance(ev, VertexStatus):
+        if isinstance(ev, VertexStatus) and ev.usage is None:
             if ev.digest in self._running:
                 self._running.remove(ev.digest)
             if ev.started is not None and ev.completed is None and not ev.cached:

@@ -23,7 +23,7 @@ from ociworker.core.entitlements import ENTITLEMENTS
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
-from ociworker.executor.base import OutputSink, ProcessSpec, RecoverableExecutor
+from ociworker.executor.base import OutputSink, ProcessSpec, RecoverableExecutor, StepLimits
 from ociworker.executor.binary import find_runtime as find_runtime  # the CLI checks --runtime first
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.exporter.layercache import SQLiteLayerCache
@@ -49,6 +49,10 @@ _log = get_logger("ociworker.recovery")
 
 T = TypeVar("T")
 
+#: processes a RUN step may have at once unless the config says otherwise:
+#: far above what a build needs, low enough that a fork bomb stays a step's problem
+DEFAULT_STEP_PIDS = 16384
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -65,6 +69,14 @@ class WorkerConfig:
     #: worker (its user is the operator); a daemon grants only what its config lists
     entitlements: tuple[str, ...] = ENTITLEMENTS
     platform: Platform = field(default_factory=lambda: host_platform())
+    #: limits of every RUN step's cgroup (None: none): bytes of memory, processes,
+    #: CPUs (1.5 = one and a half). A build's --ulimit/--shm-size stay below them.
+    step_memory: int | None = None
+    step_pids: int | None = DEFAULT_STEP_PIDS
+    step_cpus: float | None = None
+
+    def step_limits(self) -> StepLimits:
+        return StepLimits(memory=self.step_memory, pids=self.step_pids, cpus=self.step_cpus)
 
 
 def host_platform() -> Platform:
@@ -171,6 +183,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         scratch=tmp,
         checksums=ContextChecksums(),
         platform=config.platform,
+        step_limits=config.step_limits(),
         entitlements=config.entitlements,
     )
     return Worker(

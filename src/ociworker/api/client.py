@@ -227,6 +227,8 @@ class Client:
             outputs=[pb.Output(type=o.type, attrs=dict(o.attrs)) for o in request.outputs],
             no_cache=request.no_cache,
             network=request.network,
+            ulimits=[str(u) for u in request.ulimits],
+            shm_size=request.shm_size or 0,
             want_metadata=(
                 request.want_image
                 or request.iidfile is not None

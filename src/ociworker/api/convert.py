@@ -5,7 +5,33 @@ from __future__ import annotations
 import json
 
 from ociworker.api.v1 import control_pb2 as pb
-from ociworker.core.progress import Event, Info, LayerCommitted, VertexLog, VertexStatus, Warning
+from ociworker.core.progress import (
+    Event,
+    Info,
+    LayerCommitted,
+    Usage,
+    VertexLog,
+    VertexStatus,
+    Warning,
+)
+
+
+def _usage_to_proto(u: Usage) -> pb.StepUsage:
+    return pb.StepUsage(
+        cpu_seconds=u.cpu_seconds,
+        peak_memory_bytes=u.peak_memory,
+        read_bytes=u.read_bytes,
+        written_bytes=u.written_bytes,
+    )
+
+
+def _usage_from_proto(m: pb.StepUsage) -> Usage:
+    return Usage(
+        cpu_seconds=m.cpu_seconds if m.HasField("cpu_seconds") else None,
+        peak_memory=m.peak_memory_bytes if m.HasField("peak_memory_bytes") else None,
+        read_bytes=m.read_bytes if m.HasField("read_bytes") else None,
+        written_bytes=m.written_bytes if m.HasField("written_bytes") else None,
+    )
 
 
 def event_to_proto(ev: Event) -> pb.SolveEvent:
@@ -20,6 +46,7 @@ def event_to_proto(ev: Event) -> pb.SolveEvent:
                 has_completed=ev.completed is not None,
                 cached=ev.cached,
                 error=ev.error or "",
+                usage=_usage_to_proto(ev.usage) if ev.usage is not None else None,
             )
         )
     if isinstance(ev, VertexLog):
@@ -48,6 +75,7 @@ def event_from_proto(msg: pb.SolveEvent) -> Event | None:
             completed=v.completed if v.has_completed else None,
             cached=v.cached,
             error=v.error or None,
+            usage=_usage_from_proto(v.usage) if v.HasField("usage") else None,
         )
     if which == "log":
         lg = msg.log

@@ -25,12 +25,13 @@ import grpc
 
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
+from ociworker.core.build import step_limits
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
 from ociworker.log import get_logger
-from ociworker.worker import DEFAULT_ROOT, WorkerConfig, open_worker
+from ociworker.worker import DEFAULT_ROOT, DEFAULT_STEP_PIDS, WorkerConfig, open_worker
 
 _log = get_logger(__name__)
 
@@ -66,6 +67,10 @@ class DaemonConfig:
     network_subnet: str = ""
     #: nameservers for steps ([] = the host's, localhost ones replaced)
     dns: tuple[str, ...] = ()
+    #: every RUN step's limits (keys step_memory = "2g", step_pids = 0 for none, step_cpus)
+    step_memory: int | None = None
+    step_pids: int | None = DEFAULT_STEP_PIDS
+    step_cpus: float | None = None
     #: entitlements builds may ask for with --allow (none unless listed; buildkitd's
     #: insecure-entitlements)
     entitlements: tuple[str, ...] = ()
@@ -94,6 +99,8 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         values["dns"] = tuple(values["dns"])
     if "log_cap" in values:
         values["log_cap"] = parse_size(values["log_cap"])
+    limits = [values.pop(k, None) for k in ("step_memory", "step_pids", "step_cpus")]
+    values.update(step_limits(*limits))
     if "entitlements" in values:
         ents = values["entitlements"]
         if not isinstance(ents, list) or not all(isinstance(e, str) for e in ents):
@@ -190,6 +197,9 @@ async def serve(cfg: DaemonConfig) -> int:
                 max_parallelism=cfg.max_parallelism,
                 network_subnet=cfg.network_subnet,
                 dns=cfg.dns,
+                step_memory=cfg.step_memory,
+                step_pids=cfg.step_pids,
+                step_cpus=cfg.step_cpus,
                 entitlements=cfg.entitlements,
             )
         )

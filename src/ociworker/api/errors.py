@@ -46,6 +46,8 @@ def to_detail(exc: errors.OciworkerError) -> pb.ErrorDetail:
     fields: dict[str, str] = {}
     if isinstance(exc, errors.ExecError):
         fields = {"step": exc.step, "command": exc.command, "exit_code": str(exc.exit_code)}
+        if exc.killed_by:
+            fields["killed_by"] = exc.killed_by
     elif isinstance(exc, errors.DockerfileError):
         fields = {"message": exc.message}
         if exc.filename is not None:
@@ -66,7 +68,9 @@ def from_detail(detail: pb.ErrorDetail) -> errors.OciworkerError:
     f = dict(detail.fields)
     if cls is errors.ExecError:
         try:
-            return errors.ExecError(f["step"], f["command"], int(f["exit_code"]))
+            return errors.ExecError(
+                f["step"], f["command"], int(f["exit_code"]), killed_by=f.get("killed_by", "")
+            )
         except (KeyError, ValueError):
             pass
     elif cls is errors.DockerfileError and "message" in f:

@@ -28,7 +28,13 @@ from ociworker.api.convert import event_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildDefinition, BuildRequest, PruneFilter, parse_add_host
+from ociworker.core.build import (
+    BuildDefinition,
+    BuildRequest,
+    PruneFilter,
+    Ulimit,
+    parse_add_host,
+)
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
@@ -304,6 +310,8 @@ class ControlService:
                 outputs=tuple(outputs),
                 no_cache=request.no_cache,
                 network=request.network or "default",
+                ulimits=tuple(Ulimit.parse(u) for u in request.ulimits),
+                shm_size=request.shm_size or None,
                 want_image=request.want_metadata,
                 log_cap=self.log_cap,
                 allow=parse_entitlements(request.allow, "the build's --allow"),

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ociworker import log
 from ociworker.cli.failures import Phase, UsageError, describe
-from ociworker.core.build import DEFAULT_ROOT, BuildRequest, PruneFilter, parse_add_host
+from ociworker.core.build import (
+    DEFAULT_ROOT,
+    BuildRequest,
+    PruneFilter,
+    Ulimit,
+    parse_add_host,
+    parse_ram_size,
+    step_limits,
+)
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink
@@ -99,6 +107,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-registry", action="append", default=None, metavar="HOST")
     p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
     p.add_argument("--log-cap", default=None, help="per-step log cap (bytes or e.g. 2MiB)")
+    _step_limit_flags(p)
+
+
+def _step_limit_flags(p: argparse.ArgumentParser) -> None:
+    # The worker's limits of every RUN step (config keys step_memory, step_pids, step_cpus).
+    p.add_argument("--step-memory", default=None, metavar="SIZE", help="e.g. 2g (no limit)")
+    p.add_argument("--step-pids", type=int, default=None, metavar="N", help="(default 16384)")
+    p.add_argument("--step-cpus", type=float, default=None, metavar="N", help="e.g. 1.5")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -166,6 +182,9 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="default|ID[=SOCKET|KEY[,KEY]]",
         help="ssh agent or keys for RUN --mount=type=ssh (repeatable)",
     )
+    b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
+    b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
+    _step_limit_flags(b)
     _worker_flags(b)
 
     du = sub.add_parser("du", help="show build cache disk usage")
@@ -232,6 +251,8 @@ def _worker(args: argparse.Namespace) -> Worker:
             max_parallelism=args.max_parallelism,
             # entitlements: WorkerConfig's default grants both (the embedded
             # worker's operator is its user); a build must still ask with --allow.
+            # du and prune run no step: they have no limit flags
+            **step_limits(*(getattr(args, f"step_{k}", None) for k in ("memory", "pids", "cpus"))),
         )
     )
 
@@ -281,6 +302,8 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         no_cache=args.no_cache,
         network=args.network,
         extra_hosts=tuple(parse_add_host(h) for h in args.add_host),
+        ulimits=tuple(Ulimit.parse(u) for u in args.ulimit),
+        shm_size=parse_ram_size(args.shm_size) if args.shm_size is not None else None,
         iidfile=args.iidfile,
         metadata_file=args.metadata_file,
         # buildx -q prints the image ID even when nothing is exported
@@ -462,6 +485,9 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
         "insecure_registries": args.insecure_registry,
         "max_parallelism": args.max_parallelism,
         "log_cap": args.log_cap,
+        "step_memory": args.step_memory,
+        "step_pids": args.step_pids,
+        "step_cpus": args.step_cpus,
     }
     return await daemon.serve(daemon.load_config(args.config, overrides))
 

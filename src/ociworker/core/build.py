@@ -21,6 +21,107 @@ if TYPE_CHECKING:  # paths are values here: the callers do the IO
 #: the state dir when neither --root nor $OCIWORKER_ROOT names one
 DEFAULT_ROOT = "/var/lib/ociworker"
 
+#: the names ``docker build --ulimit`` takes (moby's go-units ulimit table)
+ULIMIT_NAMES = (
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+)
+
+
+@dataclass(frozen=True)
+class Ulimit:
+    """One ``--ulimit NAME=SOFT[:HARD]`` of a build (a process rlimit of every RUN)."""
+
+    name: str
+    soft: int
+    hard: int
+
+    @property
+    def rlimit(self) -> str:
+        return "RLIMIT_" + self.name.upper()
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.soft}:{self.hard}"
+
+    @classmethod
+    def parse(cls, text: str) -> Ulimit:
+        """``nofile=1024:2048`` or ``nproc=128`` (hard = soft), as buildx reads them."""
+        name, eq, value = text.partition("=")
+        if not eq or name not in ULIMIT_NAMES:
+            raise ConfigError(
+                f"invalid --ulimit {text!r}: want NAME=SOFT[:HARD] with NAME one of "
+                + ", ".join(ULIMIT_NAMES)
+            )
+        soft_s, _, hard_s = value.partition(":")
+        try:
+            soft = int(soft_s)
+            hard = int(hard_s) if hard_s else soft
+        except ValueError:
+            raise ConfigError(f"invalid --ulimit {text!r}: limits must be integers") from None
+        if soft < 0 or hard < 0:
+            raise ConfigError(f"invalid --ulimit {text!r}: limits must not be negative")
+        if soft > hard:
+            raise ConfigError(
+                f"invalid --ulimit {text!r}: soft limit {soft} is above hard limit {hard}"
+            )
+        return cls(name, soft, hard)
+
+
+#: the least memory a step may be given (Docker's minimum for --memory)
+MIN_STEP_MEMORY = 6 << 20
+
+
+def step_limits(memory: str | int | None, pids: int | None, cpus: float | None) -> dict[str, Any]:
+    """The ``WorkerConfig`` fields for the step limits a flag or a config key gave
+    (only those given: the others keep their defaults). ``pids`` 0 means no
+    limit; ``memory`` is bytes or ``2g``-style text."""
+    out: dict[str, Any] = {}
+    if memory is not None:
+        value = memory if isinstance(memory, int) else parse_ram_size(str(memory))
+        if value < MIN_STEP_MEMORY:
+            raise ConfigError(f"step memory limit {memory!r} is below the minimum of 6MiB")
+        out["step_memory"] = value
+    if pids is not None:
+        if pids < 0 or (0 < pids < 8):
+            raise ConfigError(f"step pids limit {pids} is invalid: want 0 (none) or >= 8")
+        out["step_pids"] = pids or None
+    if cpus is not None:
+        if not cpus > 0:
+            raise ConfigError(f"step CPU limit {cpus} is invalid: want a number above 0")
+        out["step_cpus"] = float(cpus)
+    return out
+
+
+_RAM_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_ram_size(text: str) -> int:
+    """Bytes of ``--shm-size`` (``64m``, ``1g``, ``2GiB``, ``65536``): binary units
+    whatever the suffix, as docker's ``units.RAMInBytes`` reads them."""
+    s = text.strip().lower()
+    num = s.rstrip("kmgtpib")
+    unit = s[len(num) :].removesuffix("b").removesuffix("i")
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _RAM_UNITS or value < 0 or not num:
+        raise ConfigError(f"invalid size {text!r}: want bytes or e.g. 64m, 1g")
+    return int(value * 1024 ** _RAM_UNITS[unit])
+
 
 @dataclass(frozen=True)
 class BuildRequest:
@@ -35,6 +136,9 @@ class BuildRequest:
     network: str = "default"
     #: ("NAME", "IP") for every RUN step's /etc/hosts (``--add-host``)
     extra_hosts: tuple[tuple[str, str], ...] = ()
+    #: ``--ulimit``s and ``--shm-size`` (bytes) for every RUN of the build
+    ulimits: tuple[Ulimit, ...] = ()
+    shm_size: int | None = None
     iidfile: Path | None = None
     metadata_file: Path | None = None
     #: bytes of log kept per step (BuildKit's max-log-size); <= 0: no cap

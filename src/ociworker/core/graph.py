@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
 
+from ociworker.core.build import Ulimit
 from ociworker.core.digest import Digest, digest_of
 
 # --- ops ---------------------------------------------------------------------
@@ -64,6 +65,10 @@ class ExecOp:
     network: str = "host"
     hostname: str = ""
     mounts: tuple[ExecMount, ...] = ()
+    #: the build's ``--ulimit``s and ``--shm-size`` (bytes, 0 = default); part of
+    #: the step's key as in BuildKit's ``Meta``
+    ulimits: tuple[Ulimit, ...] = ()
+    shm_size: int = 0
     #: "sandbox" or "insecure" (RUN --security; needs security.insecure)
     security: str = "sandbox"
     #: ("NAME", "IP") lines of the step's /etc/hosts (in the key, as BuildKit's ExtraHosts)
@@ -84,6 +89,10 @@ class ExecOp:
             body["security"] = self.security
         if self.extra_hosts:
             body["extra_hosts"] = [list(h) for h in self.extra_hosts]
+        if self.ulimits:
+            body["ulimits"] = [str(u) for u in self.ulimits]
+        if self.shm_size:
+            body["shm_size"] = self.shm_size
         return {"exec": body}
 
 

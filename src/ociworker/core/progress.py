@@ -16,9 +16,78 @@ from ociworker.core.oci import (
 )
 
 
+def format_bytes(n: int) -> str:
+    """``222298112`` -> ``212MiB``: binary units, at most one decimal, as a person reads them."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f}{unit}" if unit == "B" or size >= 100 else f"{size:.3g}{unit}"
+        size /= 1024
+    return f"{size:.3g}TiB"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one RUN cost, read from its cgroup when it ended (``None``: the host
+    does not account that figure, e.g. a cgroup v1 ``blkio`` that is not mounted).
+
+    BuildKit reports such figures only through its history API; we put them on
+    the step's status so every progress view and the metadata file can show them.
+    """
+
+    cpu_seconds: float | None = None
+    peak_memory: int | None = None  # bytes
+    read_bytes: int | None = None
+    written_bytes: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        if self.cpu_seconds is not None:
+            d["cpu_seconds"] = round(self.cpu_seconds, 6)
+        if self.peak_memory is not None:
+            d["peak_memory_bytes"] = self.peak_memory
+        if self.read_bytes is not None:
+            d["read_bytes"] = self.read_bytes
+        if self.written_bytes is not None:
+            d["written_bytes"] = self.written_bytes
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Usage:
+        def num(key: str) -> int | None:
+            v = d.get(key)
+            return int(v) if v is not None else None
+
+        cpu = d.get("cpu_seconds")
+        return cls(
+            cpu_seconds=float(cpu) if cpu is not None else None,
+            peak_memory=num("peak_memory_bytes"),
+            read_bytes=num("read_bytes"),
+            written_bytes=num("written_bytes"),
+        )
+
+    def summary(self) -> str:
+        """``cpu 3.4s, mem 212MiB`` (the figures the host gave; I/O only when any)."""
+        parts = []
+        if self.cpu_seconds is not None:
+            parts.append(f"cpu {self.cpu_seconds:.1f}s")
+        if self.peak_memory is not None:
+            parts.append(f"mem {format_bytes(self.peak_memory)}")
+        if self.read_bytes:
+            parts.append(f"read {format_bytes(self.read_bytes)}")
+        if self.written_bytes:
+            parts.append(f"written {format_bytes(self.written_bytes)}")
+        return ", ".join(parts)
+
+
 @dataclass(frozen=True)
 class VertexStatus:
-    """A step changed state. ``started``/``completed`` are epoch seconds."""
+    """A step changed state. ``started``/``completed`` are epoch seconds.
+
+    ``usage`` is set on a status of its own that a RUN step sends when its
+    process has ended (before its ``completed`` status); printers keep it and
+    show it with the step's end.
+    """
 
     digest: str
     name: str
@@ -26,6 +95,7 @@ class VertexStatus:
     completed: float | None = None
     cached: bool = False
     error: str | None = None
+    usage: Usage | None = None
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"digest": self.digest, "name": self.name}
@@ -37,6 +107,8 @@ class VertexStatus:
             d["cached"] = True
         if self.error:
             d["error"] = self.error
+        if self.usage is not None:
+            d["usage"] = self.usage.to_json()
         return {"vertex": d}
 
 

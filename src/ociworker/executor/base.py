@@ -6,7 +6,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from ociworker.core.build import Ulimit
 from ociworker.core.mounts import Mount
+from ociworker.core.progress import Usage
 from ociworker.errors import UserError
 
 #: receives ("stdout" | "stderr", chunk) as soon as the process writes it
@@ -16,6 +18,33 @@ NetworkMode = Literal["default", "host", "none"]
 #: "sandbox": Docker's default capabilities, seccomp profile, masked paths;
 #: "insecure": privileged (RUN --security=insecure, behind its entitlement)
 SecurityMode = Literal["sandbox", "insecure"]
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """What one step may use (None: no limit). ``memory``, ``pids`` and ``cpus``
+    are the worker's (applied to the step's cgroup); ``ulimits`` and
+    ``shm_size`` the build's (process rlimits, /dev/shm size)."""
+
+    memory: int | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    shm_size: int | None = None
+    ulimits: tuple[Ulimit, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """How a run went beyond its exit code: what it cost, and which limit (if
+    any) killed it, e.g. ``memory limit 256MiB``."""
+
+    usage: Usage
+    limit_hit: str = ""
+
+
+#: receives the report once the process has ended (an executor that does not
+#: account, such as the fakes, never calls it)
+ReportSink = Callable[[RunReport], None]
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,8 @@ class ProcessSpec:
     #: environment, but the runtime's files for such a process (config.json, its
     #: state dir) are kept on a tmpfs, never on disk; never shown by repr
     secret_env: tuple[str, ...] = field(default=(), repr=False)
+    limits: StepLimits = StepLimits()
+    report: ReportSink | None = field(default=None, repr=False, compare=False)
 
 
 def check_run(rootfs: Sequence[Mount], process: ProcessSpec, mounts: Sequence[Mount]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -24,13 +25,16 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from ociworker.core.mounts import Mount
+from ociworker.core.progress import format_bytes
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
-from ociworker.executor.base import OutputSink, ProcessSpec, check_run
+from ociworker.executor.base import OutputSink, ProcessSpec, RunReport, StepLimits, check_run
 from ociworker.executor.binary import find_runtime
 from ociworker.executor.bridge import BridgeNetwork, recover_network
+from ociworker.executor.cgroups import StepCgroup, host_hierarchies, remove_leftovers
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.spec import (
     NOFILE_LIMIT,
+    SpecLimits,
     SpecOptions,
     hosts_content,
     make_spec,
@@ -265,7 +269,15 @@ async def recover_state_dir(state_dir: Path) -> dict[str, int]:
     if netns.is_dir():
         for ns in list(netns.iterdir()):
             await asyncio.to_thread(remove_netns, ns)
+    # The runtimes removed their containers' cgroups above; ours around them
+    # (named after this state dir, so another worker's are never touched) remain.
+    await asyncio.to_thread(remove_leftovers, _cgroup_prefix(state_dir))
     return {"containers": containers, "mounts": mounts}
+
+
+def _cgroup_prefix(state_dir: Path) -> str:
+    """Names of the step cgroups of the executor of ``state_dir`` start with this."""
+    return "ociw-" + hashlib.sha256(str(state_dir).encode()).hexdigest()[:8] + "-"
 
 
 class OCIRuntimeExecutor:
@@ -286,6 +298,8 @@ class OCIRuntimeExecutor:
         self._dns = dns
         #: the ``default`` network, made on the first step that uses it
         self._bridge = BridgeNetwork(self._state_dir, subnet)
+        self._hierarchies = host_hierarchies()
+        self._cgroup_prefix = _cgroup_prefix(self._state_dir)
 
     async def aclose(self) -> None:
         """Remove the default network (bridge, pooled namespaces, nft tables)."""
@@ -389,6 +403,7 @@ class OCIRuntimeExecutor:
             # rootfs here, so the runtime gets a path that cannot leave it and the
             # stubs below are the entries the runtime will really create.
             resolved = await asyncio.to_thread(_resolve_targets, root_dir, mounts)
+            cgroup = await self._step_cgroup(cid, stack)
             spec = make_spec(
                 SpecOptions(
                     args=tuple(process.args),
@@ -406,6 +421,7 @@ class OCIRuntimeExecutor:
                     netns_path=netns,
                     resolv_conf=str(resolv),
                     hosts=str(hosts),
+                    limits=_spec_limits(process.limits, cgroup),
                 )
             )
             stubs = await asyncio.to_thread(
@@ -417,7 +433,9 @@ class OCIRuntimeExecutor:
             await _finish(asyncio.to_thread(_ensure_dir, root_dir, cwd))
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))
 
-            code = await self._run_container(cid, bundle, output, stack, runtime_root)
+            code = await self._run_container(
+                cid, bundle, output, stack, runtime_root, _Accounting(cgroup, process)
+            )
         except BaseException:
             # The error in flight (or the cancellation) is what the caller must see.
             await stack.aclose(quiet=True)
@@ -425,8 +443,28 @@ class OCIRuntimeExecutor:
         await stack.aclose()
         return code
 
+    async def _step_cgroup(self, cid: str, stack: _CleanupStack) -> StepCgroup | None:
+        """The step's own cgroup (``executor.cgroups``), None where we cannot make
+        one (no cgroupfs, a read-only one): the step then runs unaccounted."""
+        if not self._hierarchies:
+            return None
+        cgroup = StepCgroup(self._cgroup_prefix + cid.removeprefix("ociw-"), self._hierarchies)
+        stack.push_sync(cgroup.remove)
+        try:
+            await asyncio.to_thread(cgroup.create)
+        except OSError as exc:
+            _log.warning("no cgroup for step accounting", error=os_error_text(exc))
+            return None
+        return cgroup
+
     async def _run_container(
-        self, cid: str, bundle: Path, output: OutputSink, stack: _CleanupStack, root: Path
+        self,
+        cid: str,
+        bundle: Path,
+        output: OutputSink,
+        stack: _CleanupStack,
+        root: Path,
+        acct: _Accounting,
     ) -> int:
         log = bundle / "runtime.log"
         pid_file = bundle / "init.pid"
@@ -455,11 +493,18 @@ class OCIRuntimeExecutor:
             await self._stop(cid, proc, pid_file, pumps, root)
 
         stack.push(stop)
-        await asyncio.gather(*pumps)
-        rc = await proc.wait()
+        watch = asyncio.ensure_future(acct.watch(lambda: self._ctl("kill", cid, "KILL", root=root)))
+        try:
+            await asyncio.gather(*pumps)
+            rc = await proc.wait()
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         # runc and crun exit with the container's status (128+n for a signal);
         # a negative rc means the runtime itself died of signal -rc.
         code = 128 - rc if rc < 0 else rc
+        await asyncio.to_thread(acct.report, code)
         if code != 0:
             self._raise_runtime_error(_runtime_errors(log))
         return code
@@ -509,6 +554,67 @@ class OCIRuntimeExecutor:
         if _is_exec_failure(msg):
             raise UserError(f"{self._flavour}: {msg}")
         raise RuntimeFailure(f"{self._flavour} run failed: {msg}")
+
+
+#: how often a running step's cgroup is sampled
+_SAMPLE_EVERY = 0.2
+
+
+def _spec_limits(limits: StepLimits, cgroup: StepCgroup | None) -> SpecLimits:
+    return SpecLimits(
+        cgroups_path=cgroup.runtime_path if cgroup is not None else "",
+        memory=limits.memory,
+        pids=limits.pids,
+        cpus=limits.cpus,
+        shm_size=limits.shm_size,
+        rlimits=tuple((u.rlimit, u.soft, u.hard) for u in limits.ulimits),
+    )
+
+
+class _Accounting:
+    """Watches a running step's cgroup and reports its figures when it ends."""
+
+    def __init__(self, cgroup: StepCgroup | None, process: ProcessSpec) -> None:
+        self.cgroup = cgroup
+        self.limits = process.limits
+        self.sink = process.report
+        self.pids_killed = False
+
+    async def watch(self, kill: Callable[[], Awaitable[object]]) -> None:
+        if self.cgroup is None:
+            return
+        while True:
+            await asyncio.sleep(_SAMPLE_EVERY)
+            sample = await asyncio.to_thread(self.cgroup.sample)
+            # A fork the pids limit refused ends the step, as the OOM killer ends
+            # one past its memory: a fork bomb may never end by itself (or fizzle
+            # out and leave a step that "succeeded"), and a build whose forks
+            # fail is broken either way; the error then names the limit.
+            if self.limits.pids is not None and sample.pids_refused:
+                self.pids_killed = True
+                await kill()
+                # Sent again each second until the runtime reports the end: a
+                # kill that raced the runtime's own bookkeeping must not leave
+                # the bomb running.
+                await asyncio.sleep(1.0)
+
+    def report(self, code: int) -> None:
+        if self.cgroup is None or self.sink is None:
+            return
+        usage = self.cgroup.usage()
+        hit = ""
+        memory = self.limits.memory
+        if self.pids_killed:
+            hit = f"pids limit {self.limits.pids}"
+        elif code == 128 + signal.SIGKILL and memory is not None:
+            # The kernel's OOM killer sends SIGKILL. v2 counts the kills in our
+            # cgroup's subtree; v1 counts them in the runtime's, gone by now, but
+            # our high-water mark shows the step's memory reached its limit.
+            kills = self.cgroup.oom_kills()
+            near = memory - min(1 << 20, memory // 10)
+            if kills or (usage.peak_memory is not None and usage.peak_memory >= near):
+                hit = f"memory limit {format_bytes(memory)}"
+        self.sink(RunReport(usage, hit))
 
 
 def _hugetlb_on_hybrid_v2() -> bool:

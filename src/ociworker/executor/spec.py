@@ -186,6 +186,21 @@ SYSTEM_MOUNTS: tuple[dict[str, Any], ...] = (
 
 
 @dataclass(frozen=True)
+class SpecLimits:
+    """``linux.cgroupsPath`` ("" = the runtime's default) and the limits the
+    runtime applies to that cgroup (None = none); /dev/shm's size in bytes
+    (None: Docker's 64MiB); ``("RLIMIT_NPROC", soft, hard)``... process rlimits
+    (a RLIMIT_NOFILE here replaces ``SpecOptions.nofile``)."""
+
+    cgroups_path: str = ""
+    memory: int | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    shm_size: int | None = None
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+
+
+@dataclass(frozen=True)
 class SpecOptions:
     args: tuple[str, ...]
     env: tuple[str, ...] = ()
@@ -205,6 +220,7 @@ class SpecOptions:
     hosts: str = ""
     root_path: str = "rootfs"
     nofile: int = NOFILE_LIMIT
+    limits: SpecLimits = SpecLimits()
     #: RUN --security=insecure: every capability, no seccomp filter, no masked or
     #: read-only paths, every device, writable /sys (``docker run --privileged``)
     privileged: bool = False
@@ -238,10 +254,40 @@ def user_mount(m: Mount) -> dict[str, Any]:
     return {"destination": m.target, "type": m.type, "source": m.source, "options": options}
 
 
+#: CPU bandwidth period (Docker's --cpus uses the CFS default, 100ms)
+CPU_PERIOD = 100_000
+
+
+def limit_resources(lim: SpecLimits) -> dict[str, Any]:
+    """The step's limits in ``linux.resources`` (only those set)."""
+    res: dict[str, Any] = {}
+    if lim.memory is not None:
+        res["memory"] = {"limit": lim.memory}
+    if lim.pids is not None:
+        res["pids"] = {"limit": lim.pids}
+    if lim.cpus is not None:
+        res["cpu"] = {"quota": max(1000, round(lim.cpus * CPU_PERIOD)), "period": CPU_PERIOD}
+    return res
+
+
+def rlimits(opts: SpecOptions) -> list[dict[str, Any]]:
+    """``process.rlimits``: Docker's RLIMIT_NOFILE, then the build's ``--ulimit``s."""
+    out: dict[str, dict[str, Any]] = {
+        "RLIMIT_NOFILE": {"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}
+    }
+    for type_, soft, hard in opts.limits.rlimits:
+        out[type_] = {"type": type_, "hard": hard, "soft": soft}
+    return list(out.values())
+
+
 def make_spec(opts: SpecOptions) -> dict[str, Any]:
     """The ``config.json`` document for ``opts``."""
     caps = list(held_capabilities() if opts.privileged else DEFAULT_CAPABILITIES)
     mounts = [dict(m, options=list(m["options"])) for m in SYSTEM_MOUNTS]
+    if opts.limits.shm_size is not None:
+        shm = next(m for m in mounts if m["destination"] == "/dev/shm")
+        shm["options"] = [o for o in shm["options"] if not o.startswith("size=")]
+        shm["options"].append(f"size={max(1, opts.limits.shm_size // 1024)}k")
     if opts.privileged:
         # As BuildKit's insecure mode: sysfs and cgroupfs writable.
         for m in mounts:
@@ -285,6 +331,10 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
             opts.machine or uname.machine,
             opts.kernel_release or uname.release,
         )
+    # An insecure step is limited as any other.
+    linux["resources"].update(limit_resources(opts.limits))
+    if opts.limits.cgroups_path:
+        linux["cgroupsPath"] = opts.limits.cgroups_path
     return {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -302,7 +352,7 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
                 "effective": list(caps),
                 "permitted": list(caps),
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": opts.nofile, "soft": opts.nofile}],
+            "rlimits": rlimits(opts),
             # A setuid binary in an image gains nothing (as BuildKit's sandbox);
             # an insecure step is the operator's explicit choice to allow it.
             "noNewPrivileges": not opts.privileged,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import posixpath
 import shutil
@@ -14,15 +15,15 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ociworker.core.entitlements import SECURITY_INSECURE, require_entitlement
 from ociworker.core.graph import Copy, ExecMount, ExecOp, OpSpec, Vertex
 from ociworker.core.mounts import Mount
-from ociworker.core.progress import VertexLog
+from ociworker.core.progress import VertexLog, VertexStatus
 from ociworker.errors import ConfigError, ExecError, NotFoundError, UserError
-from ociworker.executor.base import Executor, NetworkMode, ProcessSpec
+from ociworker.executor.base import Executor, NetworkMode, ProcessSpec, RunReport, StepLimits
 from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
 from ociworker.ops import fileactions as fileops
@@ -49,6 +50,7 @@ class ExecDeps(StepDeps):
     executor: Executor
     cache_mounts: CacheMounts
     secret_files: SecretFiles = secret_files
+    step_limits: StepLimits = field(default_factory=StepLimits)
     #: entitlements the worker grants (``WorkerConfig.entitlements``)
     entitlements: tuple[str, ...] = ()
 
@@ -89,6 +91,8 @@ class ExecHandler(StepHandler[ExecDeps]):
         def out(stream: str, data: bytes) -> None:
             job.events(VertexLog(vertex.digest, 1 if stream == "stdout" else 2, data, time.time()))
 
+        reports: list[RunReport] = []
+
         async def run_in(rootfs: Sequence[Mount]) -> None:
             async with contextlib.AsyncExitStack() as stack:
                 mounts, env, secret_env = await self._mounts(stack, op, inputs, job)
@@ -102,11 +106,23 @@ class ExecHandler(StepHandler[ExecDeps]):
                     security="insecure" if op.security == "insecure" else "sandbox",
                     extra_hosts=op.extra_hosts,
                     secret_env=secret_env,
+                    limits=dataclasses.replace(
+                        self.deps.step_limits,
+                        ulimits=op.ulimits,
+                        shm_size=op.shm_size or None,
+                    ),
+                    report=reports.append,
                 )
                 code = await self.deps.executor.run(rootfs, process, mounts, out)
+            hit = ""
+            if reports:
+                # Its own status, before the scheduler's ``completed`` one: the
+                # printers keep the figures and show them with the step's end.
+                job.events(VertexStatus(vertex.digest, vertex.name, usage=reports[-1].usage))
+                hit = reports[-1].limit_hit
             if code != 0:
                 # The command line is the Dockerfile's text, never a secret's value.
-                raise ExecError(vertex.name or "RUN", " ".join(op.args), code)
+                raise ExecError(vertex.name or "RUN", " ".join(op.args), code, killed_by=hit)
 
         parent = root_parent(inputs)
         return Result("snapshot", await access.new_snapshot(self.deps.snapshots, parent, run_in))

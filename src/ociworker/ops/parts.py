@@ -6,7 +6,7 @@ build the Deps directly."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Generic, Self, TypeVar, cast
 
@@ -14,7 +14,7 @@ from ociworker.content.store import ContentStore
 from ociworker.core.graph import Copy, OpSpec, Vertex
 from ociworker.core.oci import Platform
 from ociworker.diff.base import Applier
-from ociworker.executor.base import Executor
+from ociworker.executor.base import Executor, StepLimits
 from ociworker.exporter.layercache import LayerCache
 from ociworker.ops.context import ContextChecksums, context_keyed
 from ociworker.ops.runmount.cache import CacheMounts
@@ -45,6 +45,8 @@ class OpParts:
     scratch: Path
     checksums: ContextChecksums
     platform: Platform
+    #: the worker's per-step memory, pids and CPU limits
+    step_limits: StepLimits = field(default_factory=StepLimits)
     #: entitlements the worker grants (``WorkerConfig.entitlements``)
     entitlements: tuple[str, ...] = ()
 

@@ -163,6 +163,8 @@ class SolveRequest(_message.Message):
     CONTEXT_KEY_FIELD_NUMBER: _builtins.int
     ALLOW_FIELD_NUMBER: _builtins.int
     EXTRA_HOSTS_FIELD_NUMBER: _builtins.int
+    ULIMITS_FIELD_NUMBER: _builtins.int
+    SHM_SIZE_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -174,6 +176,7 @@ class SolveRequest(_message.Message):
     """the client wants the image metadata (iidfile / metadata file)"""
     context_key: _builtins.str
     """session key of the context: the worker keeps the last synced copy per key"""
+    shm_size: _builtins.int
     @_builtins.property
     def ignore_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -189,6 +192,10 @@ class SolveRequest(_message.Message):
     @_builtins.property
     def extra_hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """--add-host entries as NAME=IP (parsed again, and so checked, by the daemon)"""
+
+    @_builtins.property
+    def ulimits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """--ulimit NAME=SOFT:HARD of every RUN, and --shm-size in bytes (0: default)"""
 
     def __init__(
         self,
@@ -208,10 +215,12 @@ class SolveRequest(_message.Message):
         context_key: _builtins.str = ...,
         allow: _abc.Iterable[_builtins.str] | None = ...,
         extra_hosts: _abc.Iterable[_builtins.str] | None = ...,
+        ulimits: _abc.Iterable[_builtins.str] | None = ...,
+        shm_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "tags", b"tags", "target", b"target", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -229,6 +238,7 @@ class VertexEvent(_message.Message):
     HAS_COMPLETED_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     name: _builtins.str
     started: _builtins.float
@@ -237,6 +247,10 @@ class VertexEvent(_message.Message):
     has_completed: _builtins.bool
     cached: _builtins.bool
     error: _builtins.str
+    @_builtins.property
+    def usage(self) -> Global___StepUsage:
+        """what a RUN cost, on a status of its own sent when its process ended"""
+
     def __init__(
         self,
         *,
@@ -248,14 +262,60 @@ class VertexEvent(_message.Message):
         has_completed: _builtins.bool = ...,
         cached: _builtins.bool = ...,
         error: _builtins.str = ...,
+        usage: Global___StepUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "completed", b"completed", "digest", b"digest", "error", b"error", "has_completed", b"has_completed", "has_started", b"has_started", "name", b"name", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "completed", b"completed", "digest", b"digest", "error", b"error", "has_completed", b"has_completed", "has_started", b"has_started", "name", b"name", "started", b"started", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VertexEvent: _TypeAlias = VertexEvent  # noqa: Y015
+
+@_typing.final
+class StepUsage(_message.Message):
+    """Figures read from a RUN step's cgroup; a field the host does not account is unset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    READ_BYTES_FIELD_NUMBER: _builtins.int
+    WRITTEN_BYTES_FIELD_NUMBER: _builtins.int
+    cpu_seconds: _builtins.float
+    peak_memory_bytes: _builtins.int
+    read_bytes: _builtins.int
+    written_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        cpu_seconds: _builtins.float | None = ...,
+        peak_memory_bytes: _builtins.int | None = ...,
+        read_bytes: _builtins.int | None = ...,
+        written_bytes: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_seconds", b"_cpu_seconds", "_peak_memory_bytes", b"_peak_memory_bytes", "_read_bytes", b"_read_bytes", "_written_bytes", b"_written_bytes", "cpu_seconds", b"cpu_seconds", "peak_memory_bytes", b"peak_memory_bytes", "read_bytes", b"read_bytes", "written_bytes", b"written_bytes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_seconds", b"_cpu_seconds", "_peak_memory_bytes", b"_peak_memory_bytes", "_read_bytes", b"_read_bytes", "_written_bytes", b"_written_bytes", "cpu_seconds", b"cpu_seconds", "peak_memory_bytes", b"peak_memory_bytes", "read_bytes", b"read_bytes", "written_bytes", b"written_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cpu_seconds: _TypeAlias = _typing.Literal["cpu_seconds"]  # noqa: Y015
+    _WhichOneofArgType__cpu_seconds: _TypeAlias = _typing.Literal["_cpu_seconds", b"_cpu_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__peak_memory_bytes: _TypeAlias = _typing.Literal["peak_memory_bytes"]  # noqa: Y015
+    _WhichOneofArgType__peak_memory_bytes: _TypeAlias = _typing.Literal["_peak_memory_bytes", b"_peak_memory_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__read_bytes: _TypeAlias = _typing.Literal["read_bytes"]  # noqa: Y015
+    _WhichOneofArgType__read_bytes: _TypeAlias = _typing.Literal["_read_bytes", b"_read_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__written_bytes: _TypeAlias = _typing.Literal["written_bytes"]  # noqa: Y015
+    _WhichOneofArgType__written_bytes: _TypeAlias = _typing.Literal["_written_bytes", b"_written_bytes"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_seconds) -> _WhichOneofReturnType__cpu_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__peak_memory_bytes) -> _WhichOneofReturnType__peak_memory_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__read_bytes) -> _WhichOneofReturnType__read_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__written_bytes) -> _WhichOneofReturnType__written_bytes | None: ...
+
+Global___StepUsage: _TypeAlias = StepUsage  # noqa: Y015
 
 @_typing.final
 class LogEvent(_message.Message):

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ociworker.core.build import Ulimit
 from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError
@@ -50,6 +51,8 @@ class Options:
     network: str = "default"
     #: ("NAME", "IP") for every RUN's /etc/hosts (--add-host)
     extra_hosts: tuple[tuple[str, str], ...] = ()
+    ulimits: tuple[Ulimit, ...] = ()
+    shm_size: int = 0
     context_name: str = CONTEXT
     ignore_patterns: tuple[str, ...] = ()
     filename: str = "Dockerfile"
@@ -838,6 +841,8 @@ class Converter:
             user=st.config.get("User") or "",
             network=network,
             mounts=tuple(mounts),
+            ulimits=self.opts.ulimits,
+            shm_size=self.opts.shm_size,
             security=security or "sandbox",
             extra_hosts=self.opts.extra_hosts,
         )

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 _settings: dict[str, Any] = {"format": "console", "debug": False, "info": False}
 _configured = False
+#: configure() was called since structlog was last set up by us
+_asked = False
 
 
 def configure(fmt: str = "console", debug: bool = False, *, info: bool = False) -> None:
@@ -25,16 +27,22 @@ def configure(fmt: str = "console", debug: bool = False, *, info: bool = False) 
     machine-readable logs wants each build's summary) or when ``info`` is asked
     for (a daemon logs its life), else warning (a build's progress already says
     everything)."""
-    global _configured
+    global _configured, _asked
     _settings.update(format=fmt, debug=debug, info=info)
-    _configured = False
+    _configured, _asked = False, True
 
 
 def _ensure_configured() -> None:
-    global _configured
+    global _configured, _asked
     if _configured:
         return
     import structlog
+
+    if structlog.is_configured() and not _asked:
+        # Someone else set structlog up (an embedding program, or a test's
+        # capture_logs): theirs wins unless configure() asked for ours since.
+        _configured = True
+        return
 
     # KeyValueRenderer rather than structlog.dev's ConsoleRenderer, which
     # imports rich when it is installed.
@@ -53,7 +61,7 @@ def _ensure_configured() -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
-    _configured = True
+    _configured, _asked = True, False
 
 
 def _level() -> int:

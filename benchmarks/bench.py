@@ -207,7 +207,12 @@ class OciworkerDaemon(Ociworker):
 
     def _serve(self) -> None:
         self.starts += 1
-        args = (f"--addr=unix://{self.sock}", f"--root={self.root}")
+        # The other tools run their steps on the host's network: the daemon must
+        # grant that entitlement for the builds' --allow to work (as buildkitd's
+        # insecure-entitlements).
+        config = self.s.work / "ociworkerd.toml"
+        config.write_text('entitlements = ["network.host"]\n')
+        args = (f"--addr=unix://{self.sock}", f"--root={self.root}", f"--config={config}")
         try:
             self.proc = spawn_daemon(args, self.s.logs / f"ociworkerd-serve-{self.starts}.log")
         except DaemonStartError as exc:

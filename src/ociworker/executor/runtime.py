@@ -392,9 +392,11 @@ class OCIRuntimeExecutor:
                 async def release() -> None:
                     # _finish lets a cancelled acquire end: a slot it made is ours
                     if acquired.done() and not acquired.cancelled() and not acquired.exception():
-                        # Docker's capabilities (no CAP_NET_ADMIN): the step could
-                        # not change its namespace; a privileged step must pass False.
-                        await self._bridge.release(acquired.result(), reuse=True)
+                        # A sandboxed step (no CAP_NET_ADMIN) cannot have changed its
+                        # namespace, so the next step may reuse it; a privileged one
+                        # could have (routes, addresses, rules): never handed on.
+                        reuse = process.security != "insecure"
+                        await self._bridge.release(acquired.result(), reuse=reuse)
 
                 stack.push(release)
                 netns = str((await _finish(acquired)).path)

@@ -18,7 +18,6 @@ from ociworker.core.build import (
     PruneFilter,
     UsageRecord,
 )
-from ociworker.core.entitlements import NETWORK_HOST, require_entitlement
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.outputs import check_outputs
 from ociworker.core.progress import (
@@ -51,6 +50,7 @@ from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.ops.context import LocalContext
+from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.runmount.cache import CacheUsage
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import Job
@@ -126,11 +126,12 @@ def check_entitlements(
         if id(v) in seen:
             continue
         seen.add(id(v))
-        if isinstance(v.op, ExecOp) and v.op.network == "host":
+        if isinstance(v.op, ExecOp):
             found.append(v)
         todo.extend(i for i in v.inputs if i is not None)
+    # The exec handler's own rule (it checks again for any caller, cached or not).
     for v in sorted(found, key=lambda v: v.name):
-        require_entitlement(NETWORK_HOST, allowed, requested, v.name or "RUN")
+        exec_entitlements(v, allowed, requested)
 
 
 async def resolve_image(

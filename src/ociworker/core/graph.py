@@ -62,7 +62,8 @@ class ExecOp:
     env: tuple[str, ...] = ()
     cwd: str = "/"
     user: str = ""
-    network: str = "host"
+    #: "default" (a sandboxed network), "none" or "host" (needs network.host)
+    network: str = "default"
     hostname: str = ""
     mounts: tuple[ExecMount, ...] = ()
     #: the build's ``--ulimit``s and ``--shm-size`` (bytes, 0 = default); part of

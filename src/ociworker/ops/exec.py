@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ociworker.core.entitlements import SECURITY_INSECURE, require_entitlement
+from ociworker.core.entitlements import NETWORK_HOST, SECURITY_INSECURE, require_entitlement
 from ociworker.core.graph import Copy, ExecMount, ExecOp, OpSpec, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.progress import VertexLog, VertexStatus
@@ -285,6 +285,8 @@ def check_entitlements(vertex: Vertex, allowed: Sequence[str], requested: Sequen
     op = vertex.op
     assert isinstance(op, ExecOp)
     step = vertex.name or "RUN " + " ".join(op.args)
+    if op.network == "host":
+        require_entitlement(NETWORK_HOST, allowed, requested, step)
     if op.security == "insecure":
         require_entitlement(SECURITY_INSECURE, allowed, requested, step)
     elif op.security != "sandbox":

@@ -318,6 +318,35 @@ COPY --from=b /out /b
     assert (o / "b" / "rc").read_text().strip() != "0"
 
 
+def test_sequential_steps_reuse_pooled_namespaces(
+    runtime: str, tmp_path: Path, base_image: str, state_dir: Path, clean_host: None
+) -> None:
+    # A step gives its namespace back when it ends (it had no CAP_NET_ADMIN to
+    # change it), so a chain of steps runs in the one or two namespaces made
+    # ahead, never one made and destroyed per step; an insecure step's
+    # namespace (it could change it) is never handed on.
+    addr = "ip -4 -o addr show eth0 | awk '{print $4}' >> /ips"
+    dockerfile = f"FROM {base_image}\n" + "".join(f"RUN echo {i}; {addr}\n" for i in range(6))
+    dockerfile += f"RUN --security=insecure {addr}\nRUN {addr}\n"
+    ctx = _ctx(tmp_path, dockerfile)
+    ow(
+        state_dir,
+        "build",
+        "--runtime",
+        runtime,
+        "--allow",
+        "security.insecure",
+        "-o",
+        f"type=local,dest={tmp_path / 'o'}",
+        str(ctx),
+    )
+    ips = (tmp_path / "o" / "ips").read_text().split()
+    assert len(ips) == 8
+    assert len(set(ips[:6])) <= 2, ips
+    insecure, after = ips[6], ips[7]
+    assert after != insecure, "the insecure step's namespace was handed on"
+
+
 def test_none_and_host_entitlement(
     runtime: str, tmp_path: Path, base_image: str, state_dir: Path, clean_host: None
 ) -> None:

@@ -8,6 +8,7 @@ is what the controller, the exporters and the API use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -23,7 +24,14 @@ from ociworker.core.entitlements import ENTITLEMENTS
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
-from ociworker.executor.base import OutputSink, ProcessSpec, RecoverableExecutor, StepLimits
+from ociworker.errors import OciworkerError
+from ociworker.executor.base import (
+    NetworkMode,
+    OutputSink,
+    ProcessSpec,
+    RecoverableExecutor,
+    StepLimits,
+)
 from ociworker.executor.binary import find_runtime as find_runtime  # the CLI checks --runtime first
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.exporter.layercache import SQLiteLayerCache
@@ -240,6 +248,12 @@ class _LazyExecutor(_Lazy["OCIRuntimeExecutor"]):
     async def aclose(self) -> None:
         if "real" in self.__dict__:  # never made: nothing to close
             await self.real.aclose()
+
+    def prepare(self, network: NetworkMode) -> None:
+        if network == "default":  # the others need nothing made ahead
+            # A runtime that cannot be found is the step's error to report.
+            with contextlib.suppress(OciworkerError):
+                self.real.prepare(network)
 
     async def recover(self) -> dict[str, int]:
         # Without the runtime binary: a state dir may hold containers of a runtime

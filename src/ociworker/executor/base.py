@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from ociworker.core.build import Ulimit
 from ociworker.core.mounts import Mount
@@ -92,6 +92,17 @@ class Executor(Protocol):
         Returns the exit code. Cancelling the awaiting task kills the container and
         releases every mount before the CancelledError propagates.
         """
+        ...
+
+
+@runtime_checkable
+class Preparing(Protocol):
+    """An executor that can get ready for a step before the step's inputs are."""
+
+    def prepare(self, network: NetworkMode) -> None:
+        """Start, in the background, what a step on ``network`` will need (the
+        ``default`` network's bridge and a namespace); idempotent, never fails
+        (the step itself reports what could not be made)."""
         ...
 
 

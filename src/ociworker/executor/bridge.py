@@ -40,6 +40,7 @@ import secrets
 import shutil
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,12 @@ _CLONE_NEWNET = 0x40000000
 #: this host's resolver is 10.255.255.53). A /24 that overlaps an address or a
 #: route already on the host is skipped, so two workers never share one.
 DEFAULT_POOL = ipaddress.IPv4Network("100.64.0.0/10")
-#: namespaces kept ready, so a step does not wait for one to be made
-POOL_SIZE = 2
+#: namespaces made ahead, so a step does not wait for one to be made: one when
+#: the network is first used, another whenever a step takes the last ready one
+POOL_SIZE = 1
+#: namespaces kept for reuse when steps give theirs back (parallel stages
+#: release several at once); beyond this they are destroyed
+POOL_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,31 @@ def _delete_links(ident: str) -> None:
             if name == f"ociw{ident}" or name.startswith(f"ow{ident}"):
                 with contextlib.suppress(Exception):
                     ipr.link("del", index=link["index"])
+
+
+def _delete_bridge(bridge: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        for idx in ipr.link_lookup(ifname=bridge):
+            with contextlib.suppress(Exception):
+                ipr.link("del", index=idx)
+
+
+def _wait_veths_gone(ident: str, timeout: float = 2.0) -> None:
+    """Wait until the kernel has dismantled the closed namespaces of ``ident``
+    (their veths go with them); whatever is still there then is deleted."""
+    from pyroute2 import IPRoute
+
+    deadline = time.monotonic() + timeout
+    with IPRoute() as ipr:
+        while time.monotonic() < deadline:
+            if not any(
+                (link.get("ifname") or "").startswith(f"ow{ident}") for link in ipr.get_links()
+            ):
+                return
+            time.sleep(0.005)
+    _delete_links(ident)
 
 
 def teardown_instance(ident: str) -> None:
@@ -228,6 +258,7 @@ class BridgeNetwork:
         self._releasing: set[asyncio.Future[None]] = set()
         self._counter = 0
         self._closed = False
+        self._warming: asyncio.Task[None] | None = None
 
     # -- set-up ------------------------------------------------------------
 
@@ -293,6 +324,22 @@ class BridgeNetwork:
         _nft(_ruleset(self.ident, self.bridge, self.subnet, str(self.gateway)))
         # Steps' packets are routed out through the host; Docker turns this on too.
         _write_sysctl("net/ipv4/ip_forward", "1")
+
+    def warm(self) -> None:
+        """Start making the bridge and a namespace in the background, for a step
+        that will run once its inputs are ready (a base image being pulled): the
+        set-up (~0.1 s, most of it importing pyroute2) then overlaps that wait
+        instead of delaying the step. A failure here is left for the step's own
+        ``acquire`` to report."""
+        if self._warming is not None or self._closed:
+            return
+
+        async def warming() -> None:
+            with contextlib.suppress(Exception):
+                await self._ensure()
+                self._refill()
+
+        self._warming = asyncio.ensure_future(warming())
 
     # -- namespaces ----------------------------------------------------------
 
@@ -368,6 +415,10 @@ class BridgeNetwork:
         self._free.append(slot.address)
 
     def _refill(self) -> None:
+        # Only when none is left: a step's namespace comes back when it ends, so
+        # in a sequential build the pool never runs dry and no namespace is made
+        # (or destroyed) per step, as in BuildKit's pool; making one costs ~30 ms
+        # of netlink and RCU work that would compete with the step for the CPU.
         while len(self._ready) + len(self._filling) < POOL_SIZE and not self._closed:
             task = asyncio.ensure_future(self._fill_one())
             self._filling.add(task)
@@ -402,7 +453,7 @@ class BridgeNetwork:
         the kernel's RCU grace periods, which a finished step need not wait for.
         ``aclose`` waits for these.
         """
-        if reuse and not self._closed and len(self._ready) < POOL_SIZE:
+        if reuse and not self._closed and len(self._ready) < POOL_MAX:
             self._ready.append(slot)
             return
         task = asyncio.ensure_future(asyncio.to_thread(self._destroy, slot))
@@ -411,15 +462,26 @@ class BridgeNetwork:
 
     async def aclose(self) -> None:
         """Remove every namespace, veth, the bridge and the tables."""
+        if self._warming is not None:
+            await asyncio.gather(self._warming, return_exceptions=True)
         async with self._lock:
             self._closed = True
             if self._filling or self._releasing:
                 await asyncio.gather(*self._filling, *self._releasing, return_exceptions=True)
             ready, self._ready = self._ready, []
-            # in parallel: each veth deletion mostly waits for an RCU grace period
-            await asyncio.gather(*(asyncio.to_thread(self._destroy, s) for s in ready))
+            # Closing the last descriptor of a namespace makes the kernel dismantle
+            # it, veth included, in one batch in the background; deleting each veth
+            # here instead would wait out an RCU grace period per link (~25 ms
+            # each, serialised by the RTNL lock), a cost every embedded build pays
+            # on exit.
+            for slot in ready:
+                os.close(slot.fd)
             if self._record_fd is not None:
-                await asyncio.to_thread(teardown_instance, self.ident)
+                await asyncio.gather(
+                    asyncio.to_thread(_delete_tables, self.ident),
+                    asyncio.to_thread(_delete_bridge, self.bridge),
+                )
+                await asyncio.to_thread(_wait_veths_gone, self.ident)
                 with contextlib.suppress(FileNotFoundError):
                     (self._state_dir / "network" / f"{self.ident}.lock").unlink()
                 os.close(self._record_fd)

@@ -27,7 +27,14 @@ from typing import Literal, TypeVar
 from ociworker.core.mounts import Mount
 from ociworker.core.progress import format_bytes
 from ociworker.errors import ConfigError, HostError, RuntimeFailure, UserError
-from ociworker.executor.base import OutputSink, ProcessSpec, RunReport, StepLimits, check_run
+from ociworker.executor.base import (
+    NetworkMode,
+    OutputSink,
+    ProcessSpec,
+    RunReport,
+    StepLimits,
+    check_run,
+)
 from ociworker.executor.binary import find_runtime
 from ociworker.executor.bridge import BridgeNetwork, recover_network
 from ociworker.executor.cgroups import StepCgroup, host_hierarchies, remove_leftovers
@@ -304,6 +311,10 @@ class OCIRuntimeExecutor:
     async def aclose(self) -> None:
         """Remove the default network (bridge, pooled namespaces, nft tables)."""
         await self._bridge.aclose()
+
+    def prepare(self, network: NetworkMode) -> None:
+        if network == "default":
+            self._bridge.warm()
 
     @property
     def flavour(self) -> Flavour:

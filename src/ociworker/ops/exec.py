@@ -23,7 +23,14 @@ from ociworker.core.graph import Copy, ExecMount, ExecOp, OpSpec, Vertex
 from ociworker.core.mounts import Mount
 from ociworker.core.progress import VertexLog, VertexStatus
 from ociworker.errors import ConfigError, ExecError, NotFoundError, UserError
-from ociworker.executor.base import Executor, NetworkMode, ProcessSpec, RunReport, StepLimits
+from ociworker.executor.base import (
+    Executor,
+    NetworkMode,
+    Preparing,
+    ProcessSpec,
+    RunReport,
+    StepLimits,
+)
 from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
 from ociworker.ops import fileactions as fileops
@@ -82,6 +89,12 @@ class ExecHandler(StepHandler[ExecDeps]):
         # validates entitlements on the whole definition before solving).
         check_entitlements(vertex, self.deps.entitlements, job.entitlements)
         return await super().cache_key(vertex, input_keys, job)
+
+    def will_run(self, vertex: Vertex, job: Job) -> None:
+        assert isinstance(vertex.op, ExecOp)
+        if isinstance(self.deps.executor, Preparing):
+            with contextlib.suppress(UserError):  # a bad mode is run()'s to report
+                self.deps.executor.prepare(_network_mode(vertex.op.network))
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         op = vertex.op

@@ -24,7 +24,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ociworker.core.digest import Digest, digest_of
 from ociworker.core.graph import Vertex
@@ -79,6 +79,15 @@ class OpHandler(Protocol):
         ...
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result: ...
+
+
+@runtime_checkable
+class Preparing(Protocol):
+    def will_run(self, vertex: Vertex, job: Job) -> None:
+        """``vertex`` missed the cache and runs once its inputs are solved: start
+        (in the background, never failing) what it will need, so that work
+        overlaps the wait for its inputs."""
+        ...
 
 
 class Resolver(Protocol):
@@ -222,6 +231,9 @@ class _JobRun:
                 if job.on_result is not None:
                     job.on_result(v, hit)
                 return hit
+        handler = self._solver._resolver.handler(v)
+        if isinstance(handler, Preparing):
+            handler.will_run(v, job)
         inputs = await self._gather(
             [self.result(i) if i is not None else _scratch() for i in v.inputs]
         )

@@ -226,3 +226,58 @@ def test_no_step_cgroup_is_left_after_a_sigkill_and_restart(
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0
     assert mounts_under(root) == []
+
+
+def _effective_cpu_quota(pid: int) -> float | None:
+    """The tightest CPU quota (in CPUs) on ``pid``'s cgroup path, read from the host's
+    own cgroupfs: v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` or v2 ``cpu.max``, on
+    the process's dir and every ancestor (the kernel applies each of them)."""
+    best: float | None = None
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers and "cpu" not in controllers.split(","):
+            continue
+        for mount in _hierarchies():
+            if controllers and not (mount / "cpu.cfs_quota_us").exists():
+                continue
+            if not controllers and not (mount / "cgroup.controllers").exists():
+                continue
+            d = mount / path.lstrip("/")
+            while d.is_relative_to(mount) and d.exists():
+                if (d / "cpu.max").exists():
+                    quota_s, period_s = (d / "cpu.max").read_text().split()
+                    q = None if quota_s == "max" else int(quota_s) / int(period_s)
+                elif (d / "cpu.cfs_quota_us").exists():
+                    quota = int((d / "cpu.cfs_quota_us").read_text())
+                    period = int((d / "cpu.cfs_period_us").read_text())
+                    q = None if quota < 0 else quota / period
+                else:
+                    q = None
+                if q is not None and (best is None or q < best):
+                    best = q
+                if d == mount:
+                    break
+                d = d.parent
+    return best
+
+
+def test_cpu_limit_is_applied_to_the_step(
+    runtime: str, tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    # --step-cpus becomes the step cgroup's CFS quota, as docker's --cpus does: read
+    # from the host's cgroupfs while the step runs (the kernel's own figure).
+    marker = f"cpu-limit-{uuid.uuid4().hex[:8]}"
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN sh -c 'sleep 4; true' {marker}\n")
+    cmd = [sys.executable, "-m", "ociworker", "build", "--root", str(tmp_path / "root")]
+    cmd += ["--runtime", runtime, "--step-cpus", "0.5", "--progress", "plain", str(ctx)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = _wait_for_step(marker, proc)
+        quota = _effective_cpu_quota(pid)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert quota == 0.5

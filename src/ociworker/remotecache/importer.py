@@ -31,7 +31,7 @@ from ociworker.core.progress import EventSink, ProgressStep, Warning
 from ociworker.core.reference import Reference, parse_reference
 from ociworker.diff.base import Applier, CompressionOpts
 from ociworker.errors import ConfigError, NotFoundError, OciworkerError, RegistryError
-from ociworker.exporter.chain import ChainLayers, is_empty
+from ociworker.exporter.chain import REMOTE_CHAIN, ChainLayers, chain_name, is_empty
 from ociworker.exporter.layercache import SOURCE, LayerCache
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
@@ -39,7 +39,7 @@ from ociworker.solver.scheduler import REMOTE, SCRATCH, Result
 from ociworker.sources.image import PulledImage, chain_ids, layer_snapshot_name, unpack
 
 #: prefix of the pseudo snapshot names ``ImportedLayers`` gives a lazy chain
-_REMOTE_CHAIN = "remote:"
+_REMOTE_CHAIN = REMOTE_CHAIN
 _UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
 
 
@@ -201,9 +201,7 @@ class ImportedLayers:
     @staticmethod
     def top_name(result: Result) -> str | None:
         """What ``chain`` takes for a solve's result (None: scratch)."""
-        if result.kind == REMOTE:
-            return _REMOTE_CHAIN + result.ref
-        return result.ref if result.kind == "snapshot" else None
+        return chain_name(result)
 
     async def chain(self, name: str | None) -> list[str]:
         if name is not None and name.startswith(_REMOTE_CHAIN):

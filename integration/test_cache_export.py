@@ -109,7 +109,7 @@ def _worker1(tmp_path: Path, ctx: Path, *cache_to: str) -> Path:
 
 
 def _worker2(
-    tmp_path: Path, ctx: Path, *cache_from: str, name: str = "rootB"
+    tmp_path: Path, ctx: Path, *cache_from: str, name: str = "rootB", extra: tuple[str, ...] = ()
 ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
     """A worker with an empty root, a spied runc, the given --cache-from."""
     spies = tmp_path / f"spy-{name}"
@@ -125,6 +125,7 @@ def _worker2(
         "--runtime",
         str(spy),
         *flags,
+        *extra,
         "-o",
         f"type=oci,dest={out}",
         str(ctx),
@@ -422,3 +423,43 @@ def test_bad_cache_specs_fail_clearly_and_missing_cache_warns(
         str(ctx),
     )
     assert "failed to import cache" in p.stderr
+
+
+def test_a_cache_imported_whole_can_be_exported_again(
+    tmp_path: Path, registry: str, base_image: str, require_root: None
+) -> None:
+    """Worker 2 builds from worker 1's cache without running anything and exports it
+    to another ref (the blobs it never unpacked are copied); worker 3 rebuilds from that."""
+    dockerfile = MULTI_STAGE.format(base=base_image)
+    ctx = write_context(tmp_path, dockerfile, FILES)
+    ref1, ref2 = _ref(registry, "hop1"), _ref(registry, "hop2")
+    first = _worker1(tmp_path, ctx, f"type=registry,ref={ref1},mode=max")
+    _, log2, _ = _worker2(
+        tmp_path,
+        ctx,
+        ref1,
+        name="rootB",
+        extra=("--cache-to", f"type=registry,ref={ref2},mode=max"),
+    )
+    again, log3, third = _worker2(tmp_path, ctx, ref2, name="rootC")
+    assert_lists_steps(again.stderr, buildkit_steps(dockerfile), {})
+    assert _runs(log2) == _runs(log3) == 0
+    assert _layers(third) == _layers(first)
+
+
+def test_a_cache_dest_that_cannot_be_written_fails_clearly(
+    tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN true\n")
+    (tmp_path / "file").write_text("not a dir")
+    p = ow(
+        tmp_path / "root",
+        "build",
+        "--cache-to",
+        f"type=local,dest={tmp_path / 'file'}",
+        str(ctx),
+        check=False,
+    )
+    assert p.returncode != 0 and f"cannot write cache to {tmp_path / 'file'}" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert (tmp_path / "file").read_text() == "not a dir"

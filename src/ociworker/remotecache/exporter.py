@@ -37,6 +37,7 @@ from ociworker.diff.base import CompressionOpts
 from ociworker.errors import OciworkerError
 from ociworker.exporter.chain import ChainLayers, is_empty
 from ociworker.exporter.image import ImageResult
+from ociworker.exporter.target import write_errors
 from ociworker.fs.atomic import write_atomic
 from ociworker.registry.client import RegistryClient
 from ociworker.remotecache.importer import ImportedLayers, empty_layer_blob
@@ -89,7 +90,10 @@ async def collect(
             continue
         result = job.results.get(v.digest)
         if result is None:
+            # an ancestor of a hit: its record here, or in the cache this build imported
             result = await lookup(key)
+            if result is None and job.imported is not None:
+                result = await job.imported.lookup(key)
             if result is None:
                 continue
         if result.kind == "none":
@@ -143,7 +147,8 @@ async def export_caches(
                 if spec.type == "registry":
                     await _write_registry(spec, config, inputs.content, registry)
                 else:
-                    await asyncio.to_thread(_write_layout, spec, config, inputs.content)
+                    with write_errors(f"cannot write cache to {spec.get('dest')}"):
+                        await asyncio.to_thread(_write_layout, spec, config, inputs.content)
         except OciworkerError as exc:
             if not spec.ignore_error:
                 raise

@@ -38,8 +38,6 @@ from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
 from ociworker.solver.scheduler import REMOTE, SCRATCH, Result
 from ociworker.sources.image import PulledImage, chain_ids, layer_snapshot_name, unpack
 
-#: prefix of the pseudo snapshot names ``ImportedLayers`` gives a lazy chain
-_REMOTE_CHAIN = REMOTE_CHAIN
 _UNCOMPRESSED = "application/vnd.oci.image.layer.v1.tar"
 
 
@@ -167,13 +165,9 @@ class CacheImport:
         if is_empty(layer):
             # An empty layer's blob may not be in the cache (an image drops it:
             # inline caches); its tar is known, so it is made, not fetched.
-            return await asyncio.to_thread(_empty_layer, self._parts.content, layer)
+            return await asyncio.to_thread(empty_layer_blob, self._parts.content, layer)
         await found.blobs.fetch(layer.descriptor, self._parts.content)
         return layer
-
-
-def _empty_layer(content: ContentStore, layer: Layer) -> Layer:
-    return empty_layer_blob(content, layer)
 
 
 def empty_layer_blob(content: ContentStore, layer: Layer) -> Layer:
@@ -204,16 +198,16 @@ class ImportedLayers:
         return chain_name(result)
 
     async def chain(self, name: str | None) -> list[str]:
-        if name is not None and name.startswith(_REMOTE_CHAIN):
-            n = len(self._imported.chain(name.removeprefix(_REMOTE_CHAIN)))
+        if name is not None and name.startswith(REMOTE_CHAIN):
+            n = len(self._imported.chain(name.removeprefix(REMOTE_CHAIN)))
             return [f"{name}#{i}" for i in range(n)]
         return await self._inner.chain(name)
 
     async def layer_of(self, chain: Sequence[str], index: int, opts: CompressionOpts) -> Layer:
         name = chain[index]
-        if not name.startswith(_REMOTE_CHAIN):
+        if not name.startswith(REMOTE_CHAIN):
             return await self._inner.layer_of(chain, index, opts)
-        key, _, i = name.removeprefix(_REMOTE_CHAIN).rpartition("#")
+        key, _, i = name.removeprefix(REMOTE_CHAIN).rpartition("#")
         layer = self._imported.chain(key)[int(i)]
         if not is_empty(layer):
             await self._imported.fetch(key, layer)

@@ -4,6 +4,11 @@ For every case the tools take turns (interleaved, so a noisy minute hurts all of
   cold         empty build cache, base image already pulled
   warm         unchanged rebuild
   incremental  (context case only) one context file changed, rebuild
+  import       (with --registry-cache) a fresh worker rebuilds from the registry cache of
+               the case's build: ociworker --cache-to/--cache-from type=registry,mode=max,
+               BuildKit (dockerd's builder, which exports inline caches only) an image built
+               with BUILDKIT_INLINE_CACHE=1 and pushed, then --cache-from it after
+               `docker builder prune -af` and removing the images; the export is not timed
 Each tool keeps all its state in the run's work dir: ociworker a fresh --root, BuildKit a
 dockerd of its own (own data root and socket, no iptables, no bridge), buildah its own
 --root/--runroot and TMPDIR. Times are wall-clock seconds of the build command alone; the
@@ -26,10 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from ociworker.testing.daemon import DaemonStartError, spawn_daemon
 
@@ -39,7 +45,7 @@ DEFAULT_BASE = "127.0.0.1:5000/busybox:latest"
 ALL_CASES = ("steps", "fanout", "layer-export", "cachemount", "context")
 ALL_TOOLS = ("ociworker", "ociworkerd", "buildkit", "buildah")
 OURS = ("ociworker", "ociworkerd")
-PHASES = ("cold", "warm", "incremental")
+PHASES = ("cold", "warm", "incremental", "import")
 DOCKER = "/usr/bin/docker"
 RUNC = "/usr/bin/runc"
 
@@ -79,6 +85,12 @@ class Settings:
     env: dict[str, str] = field(default_factory=dict)
     #: ociworker's RUN network: host (as the other tools are run) or default
     network: str = "host"
+    #: names this run's cache refs in the registry (a rerun never finds an old cache)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def cache_ref(self, tool: str, case: str) -> str:
+        host = self.base.split("/", 1)[0]
+        return f"{host}/ociworker-bench-cache/{tool}-{case}:{self.run_id}"
 
 
 def _network_flags(network: str) -> list[str]:
@@ -97,6 +109,16 @@ class Tool(Protocol):
     def build(self, case: Case, log: Path) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class CacheTool(Tool, Protocol):
+    """A tool measured in the ``import`` phase."""
+
+    def export_cache(self, case: Case, log: Path) -> None:
+        """Build ``case`` and leave its cache in the registry (not timed)."""
+
+    def build_from_cache(self, case: Case, log: Path) -> None:
+        """Build ``case`` importing that cache (timed, after ``reset``)."""
 
 
 def run(
@@ -185,6 +207,21 @@ class Ociworker:
 
     def stop(self) -> None:
         remove_tree(self.root)
+
+    def export_cache(self, case: Case, log: Path) -> None:
+        ref = self.s.cache_ref(self.name, case.name)
+        cache = f"--cache-to=type=registry,ref={ref},mode=max"
+        run(
+            self._build("-f", str(case.dockerfile), cache, str(case.context)),
+            log,
+            timeout=self.s.timeout,
+        )
+
+    def build_from_cache(self, case: Case, log: Path) -> None:
+        ref = self.s.cache_ref(self.name, case.name)
+        argv = self._build("-f", str(case.dockerfile), "-t", f"bench-{case.name}:latest")
+        argv += [f"--cache-from=type=registry,ref={ref}", str(case.context)]
+        run(argv, log, timeout=self.s.timeout)
 
 
 class OciworkerDaemon(Ociworker):
@@ -303,11 +340,22 @@ class BuildKit:
             run(self.docker("rmi", "-f", f"bench-{case.name}:latest"), log, timeout=120)
         run(self.docker("builder", "prune", "-af"), log, timeout=600, env=self.env)
 
-    def build(self, case: Case, log: Path) -> None:
+    def build(self, case: Case, log: Path, *extra: str) -> None:
         argv = self.docker("build", "--network=host", "--progress=plain")
-        argv += ["--build-arg", f"BASE={self.s.base}", "-f", str(case.dockerfile)]
+        argv += ["--build-arg", f"BASE={self.s.base}", "-f", str(case.dockerfile), *extra]
         argv += ["-t", f"bench-{case.name}:latest", str(case.context)]
         run(argv, log, timeout=self.s.timeout, env=self.env)
+
+    def export_cache(self, case: Case, log: Path) -> None:
+        # dockerd's builder (docker driver) exports inline caches only: the image is the cache
+        image = self.s.cache_ref(self.name, case.name)
+        self.build(case, log, "--build-arg", "BUILDKIT_INLINE_CACHE=1", "-t", image)
+        run(self.docker("push", "-q", image), log, timeout=self.s.timeout, env=self.env)
+        # the cache must come from the registry, not from the local image store
+        run(self.docker("rmi", "-f", image), log, timeout=120, env=self.env)
+
+    def build_from_cache(self, case: Case, log: Path) -> None:
+        self.build(case, log, "--cache-from", self.s.cache_ref(self.name, case.name))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -412,7 +460,11 @@ def touch_one_file(context: Path, generation: int) -> None:
     (context / "d00" / "changed.txt").write_text(f"generation {generation}\n")
 
 
-def load_cases(bench_dir: Path, names: Sequence[str], work: Path) -> list[Case]:
+def load_cases(
+    bench_dir: Path, names: Sequence[str], work: Path, *, registry_cache: bool = False
+) -> list[Case]:
+    """The cases; with ``registry_cache`` each also has the ``import`` phase."""
+    more = ("import",) if registry_cache else ()
     cases = []
     for name in names:
         dockerfile = bench_dir / name / "Dockerfile"
@@ -423,9 +475,9 @@ def load_cases(bench_dir: Path, names: Sequence[str], work: Path) -> list[Case]:
             ctx = work / "context"
             generate_context(ctx)
             touch_one_file(ctx, 0)
-            cases.append(Case(name, dockerfile, ctx, ("cold", "warm", "incremental")))
+            cases.append(Case(name, dockerfile, ctx, ("cold", "warm", "incremental", *more)))
         else:
-            cases.append(Case(name, dockerfile, dockerfile.parent, ("cold", "warm")))
+            cases.append(Case(name, dockerfile, dockerfile.parent, ("cold", "warm", *more)))
     return cases
 
 
@@ -435,14 +487,24 @@ def load_cases(bench_dir: Path, names: Sequence[str], work: Path) -> list[Case]:
 def run_case(tool: Tool, case: Case, logs: Path, rep: int, counter: Iterator[int]) -> list[Result]:
     results = []
     for phase in case.phases:
+        measured = phase == "import" and hasattr(tool, "build_from_cache")
+        cache_tool = cast("CacheTool", tool) if measured else None
+        if phase == "import" and cache_tool is None:
+            continue  # not measured for this tool (buildah)
         try:
+            log = logs / f"{tool.name}-{case.name}-{phase}-{rep}.log"
             if phase == "cold":
                 tool.reset(case)
             elif phase == "incremental":
                 touch_one_file(case.context, next(counter))
-            log = logs / f"{tool.name}-{case.name}-{phase}-{rep}.log"
+            elif cache_tool is not None:
+                cache_tool.export_cache(case, log.with_suffix(".export.log"))
+                tool.reset(case)  # a fresh worker: no build cache, base image kept
             t0 = time.perf_counter()
-            tool.build(case, log)
+            if cache_tool is not None:
+                cache_tool.build_from_cache(case, log)
+            else:
+                tool.build(case, log)
             results.append(Result(tool.name, case.name, phase, time.perf_counter() - t0))
         except ToolError as exc:
             results.append(Result(tool.name, case.name, phase, None, str(exc)))
@@ -521,6 +583,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per build")
     p.add_argument("--keep", action="store_true", help="keep the work dir for inspection")
     p.add_argument(
+        "--registry-cache",
+        action="store_true",
+        help="also measure a fresh worker importing the case's registry cache (import phase)",
+    )
+    p.add_argument(
         "--network",
         choices=("host", "default"),
         default="host",
@@ -541,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     tools: list[Tool] = []
     try:
-        cases = load_cases(args.bench_dir, args.cases, work)
+        cases = load_cases(args.bench_dir, args.cases, work, registry_cache=args.registry_cache)
         for name in args.tools:
             tool: Tool = TOOL_TYPES[name](settings)
             try:

@@ -92,6 +92,37 @@ def test_run_case_orders_phases_and_isolates_failures(tmp_path: Path) -> None:
     assert (ctx / "d00" / "changed.txt").read_text() == "generation 7\n"
 
 
+class _CacheTool(_Tool):
+    def export_cache(self, case: object, log: Path) -> None:
+        self.calls.append(f"export:{log.name}")
+
+    def build_from_cache(self, case: object, log: Path) -> None:
+        self.calls.append(f"import:{log.name}")
+
+
+def test_import_phase_exports_untimed_then_resets_then_imports(tmp_path: Path) -> None:
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "Dockerfile").write_text("FROM x\n")
+    (case,) = bench.load_cases(tmp_path, ["steps"], tmp_path / "w", registry_cache=True)
+    assert case.phases == ("cold", "warm", "import")
+    tool, plain = _CacheTool("c"), _Tool("p")
+    results = bench.run_case(tool, case, tmp_path, 0, iter(range(1, 9)))
+    assert tool.calls == [
+        "reset",
+        "build:c-steps-cold-0.log",
+        "build:c-steps-warm-0.log",
+        "export:c-steps-import-0.export.log",
+        "reset",
+        "import:c-steps-import-0.log",
+    ]
+    assert [r.phase for r in results] == ["cold", "warm", "import"]
+    # a tool without a registry cache is not measured in that phase (no FAILED cell)
+    assert [r.phase for r in bench.run_case(plain, case, tmp_path, 0, iter(range(9)))] == [
+        "cold",
+        "warm",
+    ]
+
+
 def test_table_medians_ratios_and_failures() -> None:
     R = bench.Result
     results = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -52,8 +53,10 @@ from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.runmount.cache import CacheUsage
+from ociworker.remotecache.exporter import ExportInputs, add_inline_cache, collect, export_caches
+from ociworker.remotecache.importer import CacheImport, ImportedLayers, ImportParts, load_imports
 from ociworker.snapshot import access
-from ociworker.solver.scheduler import Job
+from ociworker.solver.scheduler import REMOTE, Job
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import Worker
 
@@ -195,6 +198,10 @@ async def build(
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     matcher = IgnoreMatcher(definition.ignore_patterns)
     parts = _export_parts(worker, target, events)
+    check_cache_specs(req)
+    imported = await _import_caches(worker, req, credentials, events)
+    if imported is not None:
+        parts = dataclasses.replace(parts, layers=ImportedLayers(parts.layers, imported))
 
     # solve (the exporters that write while it runs see every result)
     watch = SolveWatch(plan.target, compression, parts)
@@ -210,6 +217,7 @@ async def build(
         secrets=secrets if secrets is not None else NoSecrets(),
         ssh=ssh if ssh is not None else NoSSH(),
         entitlements=req.allow,
+        imported=imported,
     )
     solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
     # A layer that cannot be written fails the build now, not when the solve ends.
@@ -226,16 +234,25 @@ async def build(
             if isinstance(exc, asyncio.CancelledError) and watch.error is not None and ours:
                 raise watch.error from None
         raise
-    top = result.ref if result.kind == "snapshot" else None
+    if result.kind == REMOTE and any(not e.needs_image for e in exporters):
+        # an output of files (local, tar): the imported result is unpacked;
+        # image outputs take its blobs as they are
+        result = await worker.solver.materialize(result, job)
+    top = ImportedLayers.top_name(result)
+    cache_inputs = ExportInputs(plan.target, job, result, parts.layers, parts.content, compression)
+    inline = [s for s in req.cache_to if s.type == "inline"]
 
     # export
-    need_image = bool(req.tags) or any(e.needs_image for e in exporters)
+    need_image = bool(req.tags) or any(e.needs_image for e in exporters) or bool(inline)
     need_image = need_image or req.iidfile is not None or req.metadata_file is not None
     need_image = need_image or req.want_image
     image: ImageResult | None = None
     if need_image:
         with ProgressStep(events, "exporting layers"):
             image = await make_image(parts.layers, parts.content, plan, top, compression)
+            if inline:
+                cache = await collect(cache_inputs, "min", worker.cache.lookup)
+                image = await asyncio.to_thread(add_inline_cache, parts.content, image, cache)
         names = [str(parse_reference(t)) for t in req.tags]
         for name in names:
             worker.images.put(name, image.manifest)
@@ -253,6 +270,9 @@ async def build(
     exported = ExportResult(image, top, tuple(req.tags))
     for e in exporters:
         await e.export(exported, parts)
+    if req.cache_to:
+        registry = worker.registry.with_credentials(credentials)
+        await export_caches(req.cache_to, cache_inputs, worker.cache.lookup, registry, events)
     if req.iidfile is not None and image is not None:
         with write_errors(f"cannot write --iidfile {req.iidfile}"):
             write_atomic(req.iidfile, image.config.digest.encode())
@@ -264,6 +284,30 @@ async def build(
         config_digest=image.config.digest if image else None,
         metadata=metadata,
     )
+
+
+def check_cache_specs(req: BuildRequest) -> None:
+    """Every ``--cache-to``/``--cache-from`` is checked before anything runs,
+    whoever made the request."""
+    for spec in (*req.cache_to, *req.cache_from):
+        spec.check()
+
+
+async def _import_caches(
+    worker: Worker, req: BuildRequest, credentials: Credentials, events: EventSink
+) -> CacheImport | None:
+    if not req.cache_from or req.no_cache:
+        return None
+    parts = ImportParts(
+        content=worker.content,
+        snapshots=worker.snapshots,
+        catalog=worker.snapshots,
+        applier=worker.applier,
+        layers=worker.layers,
+    )
+    registry = worker.registry.with_credentials(credentials)
+    imported = await load_imports(req.cache_from, parts, registry, worker.config.platform, events)
+    return None if imported.empty else imported
 
 
 def _collect_usage(events: EventSink, steps: dict[str, dict[str, Any]]) -> EventSink:

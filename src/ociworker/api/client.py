@@ -237,6 +237,8 @@ class Client:
             context_key=session_key(ctx, definition.filename),
             allow=request.allow,
             extra_hosts=[f"{name}={ip}" for name, ip in request.extra_hosts],
+            cache_to=[str(s) for s in request.cache_to],
+            cache_from=[str(s) for s in request.cache_from],
         )
         try:
             async with self._session(session):

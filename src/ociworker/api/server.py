@@ -35,6 +35,7 @@ from ociworker.core.build import (
     Ulimit,
     parse_add_host,
 )
+from ociworker.core.cacheimport import parse_cache_specs
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
@@ -316,6 +317,8 @@ class ControlService:
                 log_cap=self.log_cap,
                 allow=parse_entitlements(request.allow, "the build's --allow"),
                 extra_hosts=tuple(parse_add_host(h) for h in request.extra_hosts),
+                cache_to=parse_cache_specs(request.cache_to, export=True, over_daemon=True),
+                cache_from=parse_cache_specs(request.cache_from, export=False, over_daemon=True),
             )
             result = await controller.build(
                 self.worker,

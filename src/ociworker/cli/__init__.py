@@ -23,6 +23,7 @@ from ociworker.core.build import (
     parse_ram_size,
     step_limits,
 )
+from ociworker.core.cacheimport import parse_cache_specs
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink
@@ -156,6 +157,20 @@ def make_parser() -> argparse.ArgumentParser:
         "(default $BUILDKIT_PROGRESS or auto)",
     )
     b.add_argument("--no-cache", action="store_true", help="do not use the build cache")
+    b.add_argument(
+        "--cache-to",
+        action="append",
+        default=[],
+        metavar="type=registry,ref=REF|type=local,dest=DIR|type=inline[,mode=min|max]",
+        help="export the build cache (repeatable)",
+    )
+    b.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="type=registry,ref=REF|type=local,src=DIR|IMAGE",
+        help="import a build cache (repeatable, tried in order)",
+    )
     b.add_argument("--network", choices=("default", "none", "host"), default="default")
     b.add_argument("--add-host", action="append", default=[], metavar="NAME:IP")
     b.add_argument(
@@ -309,6 +324,8 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         # buildx -q prints the image ID even when nothing is exported
         want_image=args.quiet,
         allow=parse_entitlements(args.allow, "--allow"),
+        cache_to=parse_cache_specs(args.cache_to, export=True, over_daemon=bool(args.addr)),
+        cache_from=parse_cache_specs(args.cache_from, export=False, over_daemon=bool(args.addr)),
     )
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths

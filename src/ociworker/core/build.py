@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ociworker.core.cacheimport import CacheSpec
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
@@ -149,6 +150,9 @@ class BuildRequest:
     #: entitlements the build asks for (``--allow``); a step gets one only if
     #: the worker grants it too (``core.entitlements``)
     allow: tuple[str, ...] = ()
+    #: ``--cache-to`` / ``--cache-from`` (``core.cacheimport``), imports in order
+    cache_to: tuple[CacheSpec, ...] = ()
+    cache_from: tuple[CacheSpec, ...] = ()
 
 
 def parse_add_host(value: str) -> tuple[str, str]:

@@ -20,11 +20,24 @@ from ociworker.diff.base import Comparer, CompressionOpts
 from ociworker.exporter.layercache import SOURCE, LayerCache
 from ociworker.snapshot import access
 from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
+from ociworker.solver.scheduler import REMOTE, Result
 
 #: diffIDs of a tar with no entries (Go's writer pads to 2 blocks, Python's to a record)
 EMPTY_TAR_DIFF_IDS = frozenset(
     "sha256:" + hashlib.sha256(b"\0" * n).hexdigest() for n in (1024, 10240)
 )
+
+
+#: the chain name of a result found in an imported cache (``scheduler.REMOTE``):
+#: the ``ChainLayers`` of a build that imports (``remotecache.importer``) read it
+REMOTE_CHAIN = "remote:"
+
+
+def chain_name(result: Result) -> str | None:
+    """What ``ChainLayers.chain`` takes for a solved result (None: scratch)."""
+    if result.kind == REMOTE:
+        return REMOTE_CHAIN + result.ref
+    return result.ref if result.kind == "snapshot" else None
 
 
 class ChainSnapshots(Snapshotter, SnapshotCatalog, Protocol):

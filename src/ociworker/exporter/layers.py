@@ -23,7 +23,7 @@ from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import LayerCommitted
 from ociworker.errors import UserError
 from ociworker.exporter.base import ExportParts, ExportResult, OutputExport, SolveWatch
-from ociworker.exporter.chain import is_empty
+from ociworker.exporter.chain import chain_name, is_empty
 from ociworker.solver.scheduler import Result
 
 
@@ -68,10 +68,11 @@ class LayerStreamer:
 
     def on_result(self, vertex: Vertex, result: Result) -> None:
         index = self._index.get(vertex.digest)
-        if index is None or result.kind != "snapshot" or index in self._claimed:
+        name = chain_name(result)  # a snapshot, or an imported result's blobs
+        if index is None or name is None or index in self._claimed:
             return
         self._claimed.add(index)
-        task = asyncio.get_running_loop().create_task(self._write_from(index, result.ref))
+        task = asyncio.get_running_loop().create_task(self._write_from(index, name))
         task.add_done_callback(self._done)
         self._tasks.append(task)
 

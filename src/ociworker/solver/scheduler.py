@@ -13,7 +13,13 @@ Rules it keeps:
   BuildKit lists every step of a cached build;
 - identical work runs once: within a job by vertex digest, across concurrent
   jobs by cache key. A shared run is cancelled only when every job waiting on it
-  is gone, so one client's Ctrl-C never breaks another's build.
+  is gone, so one client's Ctrl-C never breaks another's build;
+- an imported cache (``Job.imported``, a ``CacheSource``) is asked after the
+  local index. Its results are lazy (kind ``remote``): a hit costs nothing until
+  a step that runs needs it as an input, then it is materialized (downloaded and
+  unpacked) once. A record is used only when its inputs are known too, either
+  from the same import (checked before solving them) or because they were solved
+  in this job, as BuildKit links imported records from the sources up.
 """
 
 from __future__ import annotations
@@ -50,6 +56,25 @@ class Result:
 
 
 SCRATCH = Result("none")
+#: the kind of a result found in an imported cache and not yet materialized; its
+#: ref is the cache key it was found under
+REMOTE = "remote"
+
+
+class CacheSource(Protocol):
+    """A build cache imported for one job (``--cache-from``)."""
+
+    def knows(self, key: str) -> bool:
+        """Whether ``key`` has a record (of any kind) in the import."""
+        ...
+
+    async def lookup(self, key: str) -> Result | None:
+        """A lazy result (kind ``REMOTE``, or SCRATCH) for ``key``, or None."""
+        ...
+
+    async def materialize(self, result: Result) -> Result:
+        """The snapshot of a ``REMOTE`` result: its layers fetched and unpacked."""
+        ...
 
 
 @dataclass
@@ -71,6 +96,12 @@ class Job:
     on_result: Callable[[Vertex, Result], None] | None = None
     #: entitlements the build asked for (``BuildRequest.allow``)
     entitlements: tuple[str, ...] = ()
+    #: the caches this build imports (``--cache-from``), asked after the local index
+    imported: CacheSource | None = None
+    #: vertex digest -> cache key and -> result, as this job found them (the
+    #: cache export reads them; ancestors of a hit have a key and no result)
+    keys: dict[Digest, str] = field(default_factory=dict)
+    results: dict[Digest, Result] = field(default_factory=dict)
 
 
 class OpHandler(Protocol):
@@ -132,6 +163,15 @@ class Solver:
         finally:
             await run.close()
 
+    async def materialize(self, result: Result, job: Job) -> Result:
+        """A solve's result as files (a lazy imported result is fetched and
+        unpacked), for outputs that read them."""
+        run = _JobRun(self, job)
+        try:
+            return await run.materialize(result)
+        finally:
+            await run.close()
+
     async def cache_key(self, target: Vertex, job: Job) -> str:
         run = _JobRun(self, job)
         try:
@@ -187,11 +227,18 @@ class _JobRun:
         self._results: dict[Digest, asyncio.Future[Result]] = {}
         #: vertices this job has already shown (cached, or started for real)
         self._reported: set[Digest] = set()
+        self._linked: dict[Digest, asyncio.Future[bool]] = {}
+        self._materialized: dict[str, asyncio.Future[Result]] = {}
 
     async def close(self) -> None:
         """Cancel whatever this job still has running and wait for it to unwind,
         so containers and mounts are released before solve() returns."""
-        futures: list[asyncio.Future[Any]] = [*self._keys.values(), *self._results.values()]
+        futures: list[asyncio.Future[Any]] = [
+            *self._keys.values(),
+            *self._results.values(),
+            *self._linked.values(),
+            *self._materialized.values(),
+        ]
         pending = [f for f in futures if not f.done()]
         for f in pending:
             f.cancel()
@@ -212,7 +259,9 @@ class _JobRun:
         input_keys = await self._gather([self.key(i) for i in v.inputs if i is not None])
         it = iter(input_keys)
         keys = [next(it) if i is not None else "" for i in v.inputs]
-        return await self._solver._resolver.handler(v).cache_key(v, keys, self._job)
+        key = await self._solver._resolver.handler(v).cache_key(v, keys, self._job)
+        self._job.keys[v.digest] = key
+        return key
 
     async def result(self, v: Vertex) -> Result:
         fut = self._results.get(v.digest)
@@ -224,19 +273,32 @@ class _JobRun:
     async def _compute_result(self, v: Vertex) -> Result:
         job = self._job
         key = await self.key(v)
-        if not (job.no_cache or v.ignore_cache):
+        use_cache = not (job.no_cache or v.ignore_cache)
+        if use_cache:
             hit = await self._solver._cache.lookup(key)
+            if hit is None and job.imported is not None and await self._is_linked(v):
+                hit = await job.imported.lookup(key)
             if hit is not None:
                 self._report_cached(v)
-                if job.on_result is not None:
-                    job.on_result(v, hit)
-                return hit
+                return self._found(v, hit)
         handler = self._solver._resolver.handler(v)
-        if isinstance(handler, Preparing):
-            handler.will_run(v, job)
+        preparing = handler if isinstance(handler, Preparing) else None
+        if preparing is not None and not (use_cache and job.imported is not None):
+            preparing.will_run(v, job)
         inputs = await self._gather(
             [self.result(i) if i is not None else _scratch() for i in v.inputs]
         )
+        if use_cache and job.imported is not None:
+            # Its inputs are known now (solved here): the import's record of v is
+            # linked through them, as BuildKit matches a record by its inputs.
+            hit = await job.imported.lookup(key)
+            if hit is not None:
+                self._report_cached(v)
+                return self._found(v, hit)
+            if preparing is not None:  # known to run only now
+                preparing.will_run(v, job)
+        # Only a step that runs needs its inputs' files.
+        inputs = await self._gather([self._materialize(r) for r in inputs])
         started = time.time()
         # A vertex reported cached through a hit above it still sends its real
         # events when another path needs it and its record is gone.
@@ -255,9 +317,53 @@ class _JobRun:
             )
             raise
         job.events(VertexStatus(v.digest, v.name, started=started, completed=time.time()))
-        if job.on_result is not None:
-            job.on_result(v, result)
+        return self._found(v, result)
+
+    def _found(self, v: Vertex, result: Result) -> Result:
+        self._job.results[v.digest] = result
+        if self._job.on_result is not None:
+            self._job.on_result(v, result)
         return result
+
+    async def _is_linked(self, v: Vertex) -> bool:
+        """Whether every input of ``v`` has a record in the import, recursively
+        (scratch inputs need none), so its record may be used before they are solved."""
+        fut = self._linked.get(v.digest)
+        if fut is None:
+            fut = asyncio.ensure_future(self._compute_linked(v))
+            self._linked[v.digest] = fut
+        return await asyncio.shield(fut)
+
+    async def _compute_linked(self, v: Vertex) -> bool:
+        imported = self._job.imported
+        assert imported is not None
+        for i in v.inputs:
+            if i is None:
+                continue
+            if not imported.knows(await self.key(i)) or not await self._is_linked(i):
+                return False
+        return True
+
+    async def materialize(self, result: Result) -> Result:
+        """``result`` as files: a lazy imported result is fetched and unpacked
+        (once per job) and remembered in the local index under its key."""
+        return await self._materialize(result)
+
+    async def _materialize(self, result: Result) -> Result:
+        if result.kind != REMOTE:
+            return result
+        fut = self._materialized.get(result.ref)
+        if fut is None:
+            fut = asyncio.ensure_future(self._compute_materialized(result))
+            self._materialized[result.ref] = fut
+        return await asyncio.shield(fut)
+
+    async def _compute_materialized(self, result: Result) -> Result:
+        imported = self._job.imported
+        assert imported is not None
+        real = await imported.materialize(result)
+        await self._solver._cache.record(result.ref, real, "imported from the build cache")
+        return real
 
     def _report_cached(self, v: Vertex) -> None:
         """Report ``v`` and every ancestor a hit on it makes unnecessary as CACHED,

@@ -165,6 +165,8 @@ class SolveRequest(_message.Message):
     EXTRA_HOSTS_FIELD_NUMBER: _builtins.int
     ULIMITS_FIELD_NUMBER: _builtins.int
     SHM_SIZE_FIELD_NUMBER: _builtins.int
+    CACHE_TO_FIELD_NUMBER: _builtins.int
+    CACHE_FROM_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -197,6 +199,12 @@ class SolveRequest(_message.Message):
     def ulimits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """--ulimit NAME=SOFT:HARD of every RUN, and --shm-size in bytes (0: default)"""
 
+    @_builtins.property
+    def cache_to(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """--cache-to / --cache-from values as buildx passes them (CSV); the daemon parses them"""
+
+    @_builtins.property
+    def cache_from(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -217,10 +225,12 @@ class SolveRequest(_message.Message):
         extra_hosts: _abc.Iterable[_builtins.str] | None = ...,
         ulimits: _abc.Iterable[_builtins.str] | None = ...,
         shm_size: _builtins.int = ...,
+        cache_to: _abc.Iterable[_builtins.str] | None = ...,
+        cache_from: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

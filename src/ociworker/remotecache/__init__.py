@@ -1,0 +1,1 @@
+"""Build cache export (``--cache-to``) and import (``--cache-from``): see docs/cache.md."""

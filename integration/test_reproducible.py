@@ -374,3 +374,23 @@ def test_over_the_daemon_the_clients_epoch_gives_the_same_image(runs: Runs) -> N
     want = skopeo_inspect("oci-archive", runs.images["gzip"][0].oci)["Digest"]
     assert skopeo_inspect("oci-archive", out)["Digest"] == want
     assert not mounts_under(root)
+
+
+def test_layers_output_writes_the_clamped_layers_of_the_image(runs: Runs, base_image: str) -> None:
+    """``type=layers`` writes each layer while the build runs: with the epoch they
+    are the image's own clamped layers, the ones the empty roots made."""
+    layers_dir, oci = runs.tmp / "streamed", runs.tmp / "streamed.oci.tar"
+    build(
+        runs.tmp / "layers-root",
+        runs.ctx[1],
+        f"type=layers,dest={layers_dir}",
+        f"type=oci,dest={oci}",
+        epoch=str(EPOCH),
+    )
+    want = skopeo_inspect("oci-archive", runs.images["gzip"][0].oci)
+    assert skopeo_inspect("oci-archive", oci)["Digest"] == want["Digest"]
+    base_layers, _ = registry_image(base_image)
+    written = sorted(layers_dir.glob("*.json"))
+    assert [json.loads(p.read_text())["digest"] for p in written] == want["Layers"][
+        len(base_layers) :
+    ]

@@ -40,7 +40,7 @@ from ociworker.core.session import (
     SSHAgents,
 )
 from ociworker.errors import ConfigError, DockerfileError, OciworkerError, RegistryError
-from ociworker.exporter.assemble import compression_opts, make_image
+from ociworker.exporter.assemble import compression_opts, epoch_warnings, make_image, with_epoch
 from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch
 from ociworker.exporter.chain import SnapshotLayers
 from ociworker.exporter.exporters import resolve_outputs
@@ -196,6 +196,10 @@ async def build(
     credentials = credentials or NoCredentials()
     plan = await plan_build(worker, req, definition, events, credentials)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
+    layer_options = [e.layer_options for e in exporters]
+    compression = with_epoch(compression, layer_options, plan.epoch)
+    for w in epoch_warnings(layer_options, plan.epoch):
+        events(Warning(w))
     matcher = IgnoreMatcher(definition.ignore_patterns)
     parts = _export_parts(worker, target, events)
     check_cache_specs(req)

@@ -234,6 +234,11 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
                 out[k] = os.environ[k]
             continue
         out[k] = v
+    # As buildx: the client's SOURCE_DATE_EPOCH travels as a build argument,
+    # unless one is given (the daemon never reads its own environment for it).
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is not None and "SOURCE_DATE_EPOCH" not in out:
+        out["SOURCE_DATE_EPOCH"] = epoch
     return out
 
 

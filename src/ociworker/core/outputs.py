@@ -31,7 +31,9 @@ DIR_TYPES = ("local", "layers")
 
 #: what BuildKit's image exporters share and ours honour: the image's names
 #: (``exporter.base.image_names``) and the layer options (``exporter.assemble``)
-_LAYER_ATTRS = frozenset({"compression", "compression-level", "oci-mediatypes"})
+_LAYER_ATTRS = frozenset(
+    {"compression", "compression-level", "oci-mediatypes", "rewrite-timestamp"}
+)
 _IMAGE_ATTRS = _LAYER_ATTRS | {"name"}
 #: the attributes each output type honours; any other is refused
 ATTRS: Mapping[str, frozenset[str]] = {
@@ -135,7 +137,7 @@ class OutputSpec:
                 )
             if value == "":
                 raise ConfigError(f"output {text!r}: {key} is empty")
-        for key in ("oci-mediatypes", "push"):
+        for key in ("oci-mediatypes", "push", "rewrite-timestamp"):
             if key in attrs and parse_bool(attrs[key]) is None:
                 raise ConfigError(f"output {text!r}: {key} must be true or false")
         if parse_bool(attrs.get("push", "false")):

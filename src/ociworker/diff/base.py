@@ -18,6 +18,8 @@ class CompressionOpts:
     compression: Compression = "gzip"
     level: int | None = None  # None: the codec's default
     oci_media_types: bool = True
+    #: SOURCE_DATE_EPOCH: file times in the layer are clamped to it (None: kept)
+    epoch: int | None = None
 
 
 class Comparer(Protocol):

@@ -137,7 +137,7 @@ def _write_layer(
 ) -> Layer:
     sink = LayerBlobWriter(store, opts)
     try:
-        tw = LayerTarWriter(sink, userxattr=userxattr)
+        tw = LayerTarWriter(sink, userxattr=userxattr, epoch=opts.epoch)
         try:
             walk(tw)
         except OSError as e:

@@ -249,11 +249,23 @@ class LayerTarWriter:
 
     Mtimes are truncated to whole seconds and uname/gname left empty, as
     moby and containerd do, so that a layer depends only on the tree.
+
+    ``epoch`` (SOURCE_DATE_EPOCH) clamps every mtime to it, as BuildKit's
+    ``rewrite-timestamp``: a file newer than the epoch gets the epoch, an older
+    one keeps its time. No atime or ctime is ever written, so the mtime is the
+    only time a layer carries and the tar bytes depend on nothing but the tree.
     """
 
-    def __init__(self, out: LayerBlobWriter | IO[bytes], *, userxattr: bool = False) -> None:
+    def __init__(
+        self,
+        out: LayerBlobWriter | IO[bytes],
+        *,
+        userxattr: bool = False,
+        epoch: int | None = None,
+    ) -> None:
         self._out = out
         self._userxattr = userxattr
+        self._epoch = epoch
         # (st_dev, st_ino) of emitted multi-link files -> their name in the layer
         self._links: dict[tuple[int, int], str] = {}
 
@@ -264,7 +276,7 @@ class LayerTarWriter:
         ti.uid = st.st_uid
         ti.gid = st.st_gid
         ti.uname = ti.gname = ""
-        ti.mtime = st.st_mtime_ns // 1_000_000_000
+        ti.mtime = clamp_mtime(st.st_mtime_ns // 1_000_000_000, self._epoch)
         ti.pax_headers = {
             XATTR_PAX_PREFIX + name: value.decode("utf-8", "surrogateescape")
             for name, value in xattrs.items()
@@ -338,6 +350,11 @@ class LayerTarWriter:
         tail = ti.size % tarfile.BLOCKSIZE
         if tail:
             self._out.write(tarfile.NUL * (tarfile.BLOCKSIZE - tail))
+
+
+def clamp_mtime(mtime: int, epoch: int | None) -> int:
+    """``mtime`` no later than ``epoch`` (unchanged when there is none)."""
+    return mtime if epoch is None else min(mtime, epoch)
 
 
 def scan_sorted(path: str) -> list[tuple[str, os.stat_result]]:

@@ -4,17 +4,23 @@ The layer options of a build (``compression``, ``compression-level``,
 ``oci-mediatypes``) may be given on any output; each output's are parsed when
 its exporter resolves it (``LayerOptions.parse``) and ``compression_opts``
 merges them in output order: the last output that names an option wins.
+
+With SOURCE_DATE_EPOCH (``Plan.epoch``) the new layers' file times are clamped
+to it: BuildKit does so only with ``rewrite-timestamp=true``; here it is implied,
+and ``rewrite-timestamp=false`` on an output turns it off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ociworker.content.store import ContentStore
+from ociworker.core.epoch import rfc3339_ns
 from ociworker.core.oci import Layer
 from ociworker.core.outputs import OutputSpec
 from ociworker.diff.base import Compression, CompressionOpts
@@ -33,6 +39,8 @@ class LayerOptions:
     compression: str | None = None
     level: int | None = None
     oci_media_types: bool | None = None
+    #: ``rewrite-timestamp=true|false`` (None: not said)
+    rewrite_timestamp: bool | None = None
 
     @classmethod
     def parse(cls, out: OutputSpec, *, oci_media_types: bool | None = None) -> LayerOptions:
@@ -47,7 +55,10 @@ class LayerOptions:
         # core.outputs has refused any other value
         if out.get("oci-mediatypes") in ("true", "false"):
             oci_media_types = out.get("oci-mediatypes") == "true"
-        return cls(out.get("compression") or None, level, oci_media_types)
+        rewrite: bool | None = None
+        if out.get("rewrite-timestamp") in ("true", "false"):
+            rewrite = out.get("rewrite-timestamp") == "true"
+        return cls(out.get("compression") or None, level, oci_media_types, rewrite)
 
 
 def compression_opts(options: Sequence[LayerOptions]) -> CompressionOpts:
@@ -66,6 +77,29 @@ def compression_opts(options: Sequence[LayerOptions]) -> CompressionOpts:
         oci = True
     c: Compression = comp  # type: ignore[assignment]
     return CompressionOpts(compression=c, level=level, oci_media_types=oci)
+
+
+def with_epoch(
+    opts: CompressionOpts, options: Sequence[LayerOptions], epoch: int | None
+) -> CompressionOpts:
+    """``opts`` clamping new layers' file times to ``epoch`` (SOURCE_DATE_EPOCH),
+    unless the last output that says ``rewrite-timestamp`` says false."""
+    rewrite = True
+    for o in options:
+        rewrite = o.rewrite_timestamp if o.rewrite_timestamp is not None else rewrite
+    return dataclasses.replace(opts, epoch=epoch if rewrite else None)
+
+
+#: BuildKit's words when an output asks for what it cannot do
+REWRITE_WITHOUT_EPOCH = "rewrite-timestamp is specified, but no source-date-epoch was found"
+
+
+def epoch_warnings(options: Sequence[LayerOptions], epoch: int | None) -> list[str]:
+    """``rewrite-timestamp=true`` without SOURCE_DATE_EPOCH rewrites nothing (as
+    in BuildKit, which says so)."""
+    if epoch is None and any(o.rewrite_timestamp for o in options):
+        return [REWRITE_WITHOUT_EPOCH]
+    return []
 
 
 async def make_image(
@@ -97,11 +131,15 @@ async def make_image(
             entry["empty_layer"] = True  # BuildKit drops layers that change nothing
         else:
             kept.append(layer)
-    now = rfc3339(time.time())
+    # The frontend dated everything when SOURCE_DATE_EPOCH is set; otherwise the
+    # build's time is what "created" says.
+    now = rfc3339_ns(time.time_ns())
     config = dict(plan.config)
-    history = base_history(list(plan.base_history), base_n) + [dict(h, created=now) for h in ours]
+    history = base_history(list(plan.base_history), base_n) + [
+        h if "created" in h else dict(h, created=now) for h in ours
+    ]
     config["history"] = history
-    config["created"] = now
+    config.setdefault("created", now)
     inner = dict(config.get("config") or {})
     maint = inner.pop("_maintainer", None)
     if maint:
@@ -118,7 +156,3 @@ def base_history(history: list[dict[str, Any]], layers: int) -> list[dict[str, A
     for _ in range(layers - non_empty):
         history.append({"created_by": "(layer of the base image without history)"})
     return history
-
-
-def rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}Z"

@@ -49,6 +49,15 @@ def is_empty(layer: Layer) -> bool:
     return layer.diff_id in EMPTY_TAR_DIFF_IDS
 
 
+def layer_cache_key(opts: CompressionOpts) -> str:
+    """What a snapshot's layer is remembered under: one blob per compression,
+    and per SOURCE_DATE_EPOCH when file times are clamped (a layer made for
+    another epoch, or none, has other bytes)."""
+    if opts.epoch is None:
+        return opts.compression
+    return f"{opts.compression};epoch={opts.epoch}"
+
+
 class ChainLayers(Protocol):
     """What image assembly and ``type=layers`` need: chains and their layers."""
 
@@ -83,7 +92,7 @@ class SnapshotLayers:
     async def layer_of(self, chain: Sequence[str], index: int, opts: CompressionOpts) -> Layer:
         """The layer blob for chain[index] (its diff from chain[index-1]), made once."""
         name = chain[index]
-        comp = opts.compression
+        comp = layer_cache_key(opts)
         layer = self._cache.get_layer(name, comp) or self._cache.get_layer(name, SOURCE)
         if layer is not None and self._content.has(layer.descriptor.digest):
             return layer

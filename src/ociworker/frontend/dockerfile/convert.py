@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ociworker.core.build import Ulimit
+from ociworker.core.epoch import SOURCE_DATE_EPOCH, epoch_from_build_args, rfc3339
 from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError
@@ -72,6 +73,9 @@ class Plan:
     #: ``--from`` names that are no stage and are being tried as images: the error to
     #: raise instead of the registry's if one of them cannot be resolved
     from_errors: tuple[tuple[str, DockerfileError], ...] = ()
+    #: the build's SOURCE_DATE_EPOCH (None: not given): ``created`` of the config and
+    #: of our history entries say it, and the exporter clamps new layers' files to it
+    epoch: int | None = None
 
 
 @dataclass
@@ -247,6 +251,10 @@ class Converter:
         self.from_errors: dict[str, DockerfileError] = {}
         self.warnings: list[str] = list(parsed.warnings)
         self.used_args: set[str] = set()
+        self.epoch = epoch_from_build_args(opts.build_args)
+        #: what "created" says when SOURCE_DATE_EPOCH is set (the exporter fills
+        #: in the build's time when it is not)
+        self.created = None if self.epoch is None else rfc3339(self.epoch)
         #: BuildKit's global args: the automatic platform ARGs, then the ARGs before FROM
         self.global_args: dict[str, str] = platform_args(opts.platform)
         self.stages: list[_Stage] = []
@@ -360,8 +368,12 @@ class Converter:
             target = self.stages[-1]
         st = self._stage(target)
         auto = platform_args(self.opts.platform)
+        # SOURCE_DATE_EPOCH is read by the build itself, declared or not (BuildKit's
+        # nonEnvArgs): RUN sees it only where an ARG declares it
         unused = sorted(
-            k for k in self.opts.build_args if k not in self.used_args and k not in auto
+            k
+            for k in self.opts.build_args
+            if k not in self.used_args and k not in auto and k != SOURCE_DATE_EPOCH
         )
         if unused:
             # spelled as BuildKit prints a Go []string: [FOO BAR]
@@ -375,6 +387,7 @@ class Converter:
             missing=tuple(dict.fromkeys(self.missing)),
             warnings=tuple(dict.fromkeys(self.warnings)),
             from_errors=tuple(self.from_errors.items()),
+            epoch=self.epoch,
         )
 
     def _image_config(self, st: _State) -> dict[str, Any]:
@@ -382,6 +395,8 @@ class Converter:
         cfg: dict[str, Any] = {"architecture": plat.architecture, "os": plat.os}
         if plat.variant:
             cfg["variant"] = plat.variant
+        if self.created is not None:
+            cfg["created"] = self.created
         cfg["config"] = {k: v for k, v in st.config.items() if v not in (None, [], {}, "")}
         cfg["history"] = st.base_history + st.history
         return cfg
@@ -576,6 +591,8 @@ class Converter:
 
     def _history(self, st: _State, created_by: str, layer: bool) -> None:
         entry: dict[str, Any] = {"created_by": created_by, "comment": HISTORY_COMMENT}
+        if self.created is not None:
+            entry["created"] = self.created
         if not layer:
             entry["empty_layer"] = True
         st.history.append(entry)

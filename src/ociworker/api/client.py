@@ -237,6 +237,8 @@ class Client:
             context_key=session_key(ctx, definition.filename),
             allow=request.allow,
             extra_hosts=[f"{name}={ip}" for name, ip in request.extra_hosts],
+            annotations=request.annotations,
+            labels=dict(request.labels),
         )
         try:
             async with self._session(session):

@@ -316,6 +316,8 @@ class ControlService:
                 log_cap=self.log_cap,
                 allow=parse_entitlements(request.allow, "the build's --allow"),
                 extra_hosts=tuple(parse_add_host(h) for h in request.extra_hosts),
+                annotations=tuple(request.annotations),
+                labels=dict(request.labels),
             )
             result = await controller.build(
                 self.worker,

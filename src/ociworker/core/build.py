@@ -149,6 +149,10 @@ class BuildRequest:
     #: entitlements the build asks for (``--allow``); a step gets one only if
     #: the worker grants it too (``core.entitlements``)
     allow: tuple[str, ...] = ()
+    #: ``--annotation [manifest:]KEY=VALUE`` as given (``core.outputs.parse_annotations``)
+    annotations: tuple[str, ...] = ()
+    #: ``--label``s: added to the image config's labels
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse_add_host(value: str) -> tuple[str, str]:

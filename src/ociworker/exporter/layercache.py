@@ -1,9 +1,10 @@
 """Which layer blob each snapshot became: the differ's work, remembered.
 
 A built snapshot is diffed once per compression; a pulled layer's snapshot
-(named by ChainID) is recorded as ``source`` and exported as it came. The table
-lives in the state dir's ``cache.db`` beside the cache records (its own
-connection), so a restart keeps it.
+(named by ChainID) is recorded as ``source`` and exported as it came, and the
+repository each pulled blob came from is kept for pushes (a cross-repository
+mount instead of an upload). The tables live in the state dir's ``cache.db``
+beside the cache records (their own connection), so a restart keeps them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ CREATE TABLE IF NOT EXISTS layers (
     diff_id TEXT NOT NULL,
     PRIMARY KEY (snapshot, compression)
 );
+CREATE TABLE IF NOT EXISTS blob_sources (
+    digest TEXT PRIMARY KEY,
+    repository TEXT NOT NULL
+);
 """
 
 
@@ -38,6 +43,13 @@ class LayerCache(Protocol):
     def put_layer(self, snapshot: str, compression: str, layer: Layer) -> None: ...
 
     def forget_layers(self, snapshot: str) -> None: ...
+
+    def put_source(self, digest: str, repository: str) -> None:
+        """``digest`` (a pulled blob) came from ``repository`` (``host/path``):
+        a push to the same registry can mount it from there."""
+        ...
+
+    def source_of(self, digest: str) -> str | None: ...
 
 
 class SQLiteLayerCache:
@@ -78,3 +90,15 @@ class SQLiteLayerCache:
 
     def forget_layers(self, snapshot: str) -> None:
         self._db.execute("DELETE FROM layers WHERE snapshot = ?", (snapshot,))
+
+    def put_source(self, digest: str, repository: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO blob_sources (digest, repository) VALUES (?, ?)",
+            (digest, repository),
+        )
+
+    def source_of(self, digest: str) -> str | None:
+        row = self._db.execute(
+            "SELECT repository FROM blob_sources WHERE digest = ?", (digest,)
+        ).fetchone()
+        return str(row[0]) if row is not None else None

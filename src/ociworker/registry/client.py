@@ -207,6 +207,9 @@ def _registry_message(resp: httpx.Response) -> str:
 def _error(resp: httpx.Response, what: str = "") -> RegistryError:
     req = resp.request
     msg = _registry_message(resp)
+    if not msg and resp.status_code in _AUTH_WORDS:
+        # a HEAD's answer has no body: say it in docker's words
+        msg = _AUTH_WORDS[resp.status_code]
     text = f"{req.method} {req.url}: {resp.status_code} {resp.reason_phrase}"
     if msg:
         text += f": {msg}"
@@ -235,6 +238,12 @@ def _retryable(exc: RegistryError) -> bool:
     if isinstance(cause, httpx.TransportError):
         return True
     return isinstance(exc, _ServerError)
+
+
+_AUTH_WORDS = {
+    401: "unauthorized: authentication required",
+    403: "denied: requested access to the resource is denied",
+}
 
 
 class _ServerError(RegistryError):

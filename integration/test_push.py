@@ -73,7 +73,8 @@ class Registry:
         deadline = time.monotonic() + 10
         while True:
             got = self.requests()[before:]
-            if any(m == "PUT" and u.endswith(f"/manifests/{tag}") for m, u, _ in got):
+            puts = [u for m, u, _ in got if m == "PUT" and "/manifests/" in u]
+            if any(u.endswith(f"/manifests/{tag}") for u in puts) if tag else puts:
                 return got
             if time.monotonic() > deadline:
                 raise AssertionError(f"no manifest PUT in the registry's log: {got}")

@@ -689,3 +689,85 @@ def test_unknown_ca_fails_clearly(
     last = proc.stderr.strip().splitlines()[-1]
     assert f"failed to push {ref}" in last
     assert "x509: certificate signed by unknown authority" in last
+
+
+# --- over the daemon ---------------------------------------------------------------
+
+
+def test_push_over_a_daemon_with_its_config_ca_and_the_clients_login(
+    secure_registry: Registry,
+    base_image: str,
+    tmp_path: Path,
+    require_root: None,
+) -> None:
+    from ociworker.testing.daemon import spawn_daemon
+
+    assert secure_registry.ca is not None
+    config = tmp_path / "ociworker.toml"
+    config.write_text(f'[registry."{secure_registry.addr}"]\nca = ["{secure_registry.ca}"]\n')
+    sock = tmp_path / "d.sock"
+    proc = spawn_daemon(
+        ("--addr", f"unix://{sock}", "--root", str(tmp_path / "droot"), "--config", str(config)),
+        tmp_path / "daemon.log",
+    )
+    try:
+        ref = f"{secure_registry.addr}/private/via-daemon:1"
+        meta = tmp_path / "meta.json"
+        env = {
+            **os.environ,
+            # the login lives with the client; the daemon borrows it through the session
+            "DOCKER_CONFIG": str(login(tmp_path, secure_registry.addr, USER, PASSWORD)),
+        }
+        cmd = [sys.executable, "-m", "ociworker", "build", "--addr", f"unix://{sock}"]
+        ctx = write_context(tmp_path, base_image)
+        build = subprocess.run(
+            [
+                *cmd,
+                "-t",
+                ref,
+                "--push",
+                "--progress=rawjson",
+                "--metadata-file",
+                str(meta),
+                str(ctx),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert build.returncode == 0, build.stderr
+        digest = build_digest(meta)
+        statuses = [json.loads(line) for line in build.stderr.splitlines() if line.startswith("{")]
+        names = {v["name"] for s in statuses for v in s.get("vertexes") or []}
+        assert "pushing layers" in names
+        assert f"pushing manifest for {ref}@{digest}" in names
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        shutil.copy(secure_registry.ca, certs / "ca.crt")
+        got = json.loads(
+            skopeo(
+                "inspect",
+                "--cert-dir",
+                str(certs),
+                "--creds",
+                f"{USER}:{PASSWORD}",
+                f"docker://{ref}",
+            )
+        )
+        assert got["Digest"] == digest
+        # a wrong login from this client is refused, with the registry's words
+        env["DOCKER_CONFIG"] = str(login(tmp_path, secure_registry.addr, USER, "nope"))
+        denied = subprocess.run(
+            [*cmd, "-t", f"{secure_registry.addr}/private/via-daemon:2", "--push", str(ctx)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert denied.returncode == 1
+        assert "Traceback" not in denied.stderr
+        assert "authentication required" in denied.stderr.strip().splitlines()[-1]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

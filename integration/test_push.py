@@ -9,6 +9,7 @@ uploads nothing" is the registry's word, not our counters'.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -771,3 +773,129 @@ def test_push_over_a_daemon_with_its_config_ca_and_the_clients_login(
     finally:
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+
+
+# --- a network that breaks mid-upload ----------------------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a registry that drops the connection of the
+    first ``cuts`` requests uploading a blob (a ``PUT``/``PATCH`` to
+    ``/blobs/uploads/``) after part of the body went through: a network
+    failure mid-upload, as the worker sees it."""
+
+    def __init__(self, upstream: str, cuts: int) -> None:
+        import threading
+
+        self.cuts = cuts
+        self.cut = 0
+        self._upstream = upstream
+        self._srv = socket.socket()
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(16)
+        self.addr = f"127.0.0.1:{self._srv.getsockname()[1]}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._srv.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._srv.accept()
+            except OSError:
+                return
+            host, port = self._upstream.rsplit(":", 1)
+            up = socket.create_connection((host, int(port)))
+            threading.Thread(target=self._pipe, args=(client, up, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if from_client and re.match(rb"(PUT|PATCH) /v2/\S+/blobs/uploads/", data):
+                    with self._lock:
+                        cut = self.cut < self.cuts
+                        self.cut += cut
+                    if cut:
+                        dst.sendall(data[: len(data) // 2])
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+@pytest.mark.parametrize("cuts", [2, 99])
+def test_an_upload_the_network_cuts_is_retried_then_fails_naming_the_blob(
+    cuts: int,
+    plain_registry: Registry,
+    base_image: str,
+    state_dir: Path,
+    tmp_path: Path,
+    docker_config: Path,
+    require_root: None,
+) -> None:
+    proxy = CuttingProxy(plain_registry.addr, cuts)
+    try:
+        ref = f"{proxy.addr}/cut/img:{cuts}"
+        message = f"cut-{uuid.uuid4().hex[:8]}"
+        meta = tmp_path / "meta.json"
+        archive = tmp_path / "image.tar"
+        proc = ow(
+            state_dir,
+            "-t",
+            ref,
+            "--output",
+            "type=registry",
+            "--output",
+            f"type=oci,dest={archive}",
+            "--metadata-file",
+            str(meta),
+            str(write_context(tmp_path, base_image, message)),
+            docker_config=docker_config,
+            check=False,
+        )
+    finally:
+        proxy.close()
+    if cuts == 2:
+        # two uploads cut, each tried again: the push went through
+        assert proc.returncode == 0, proc.stderr
+        assert proxy.cut == cuts
+        assert inspect(f"{plain_registry.addr}/cut/img:2")["Digest"] == build_digest(meta)
+        return
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"failed to push {ref}" in last
+    found = re.search(
+        rf"failed to push blob (sha256:[0-9a-f]{{64}}) to {proxy.addr}/cut/img after 3 tries", last
+    )
+    assert found, last
+    # the other output was written before the push, and the blob named is one of its image's
+    with tarfile.open(archive) as tf:
+        index = json.load(tf.extractfile("index.json"))  # type: ignore[arg-type]
+        digest = index["manifests"][0]["digest"]
+        manifest = json.load(tf.extractfile(f"blobs/sha256/{digest[7:]}"))  # type: ignore[arg-type]
+    assert found.group(1) in {
+        manifest["config"]["digest"],
+        *(la["digest"] for la in manifest["layers"]),
+    }
+    # the -t name is kept in the image store: a build FROM it needs no registry
+    ctx = tmp_path / "from-local"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {ref}\nRUN cat /msg > /copy\n")
+    ow(
+        state_dir,
+        "-o",
+        f"type=local,dest={tmp_path / 'out'}",
+        str(ctx),
+        docker_config=docker_config,
+    )
+    assert (tmp_path / "out" / "copy").read_text() == message + "\n"

@@ -153,7 +153,7 @@ def test_bad_push_options_are_refused(text: str, message: str) -> None:
 @pytest.mark.parametrize("text", ["type=registry", "type=image,push=true"])
 def test_a_push_needs_a_name_or_a_tag(text: str) -> None:
     out = OutputSpec.parse(text)
-    with pytest.raises(ConfigError, match="pushing needs an image name"):
+    with pytest.raises(ConfigError, match="tag is needed when pushing to registry"):
         check_outputs([out])
     check_outputs([out], tags=["r.example/a:1"])  # -t names it
     named = OutputSpec(out.type, tuple(sorted((*out.attrs, ("name", "r.example/a:1")))))

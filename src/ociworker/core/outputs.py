@@ -197,7 +197,7 @@ def check_outputs(outputs: Sequence[OutputSpec], tags: Sequence[str] = ()) -> No
         out.check()
         if out.pushes and not out.get("name") and not tags:
             raise ConfigError(
-                f"output {str(out)!r}: pushing needs an image name: "
+                f"output {str(out)!r}: tag is needed when pushing to registry: "
                 "give -t REGISTRY/REPOSITORY:TAG or name=..."
             )
         dest = out.get("dest")

@@ -273,3 +273,26 @@ def test_daemon_config_reads_buildkitd_registry_tables(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.pem is not a file"):
         load_config(cfg_file, {})
     assert json.dumps(cfg.registry_ca)  # plain values: the config is printable
+
+
+@pytest.mark.parametrize("password", ["right", "wrong"])
+async def test_push_with_a_bearer_token(store: ContentStore, password: str) -> None:
+    reg = FakeRegistry(auth="bearer", users={"me": "right"})
+    base = _image(store, 1)
+    reg.put_blob("library/base", store.read(base.layers[0].descriptor.digest))
+    creds = StaticCredentials({REG: ("me", password)})
+    sources = _Sources({base.layers[0].descriptor.digest: f"{REG}/library/base"})
+    async with RegistryClient(transport=reg.transport(), credentials=creds) as c:
+        if password == "wrong":
+            with pytest.raises(RegistryAuthError) as exc:
+                await push_image(c, store, sources, base, [f"{REG}/app:1"], lambda e: None)
+            # the token server's refusal, in its words
+            assert "authentication to reg.test failed" in str(exc.value)
+            assert "401 Unauthorized: DENIED: bad credentials" in str(exc.value)
+            return
+        await push_image(c, store, sources, base, [f"{REG}/app:1"], lambda e: None)
+    assert reg.manifests[("app", "1")][1] == store.read(base.manifest.digest)
+    # one token for the push, covering the mount's source repository too
+    scopes = {s for r in reg.token_requests for s in r.url.params.get_list("scope")}
+    assert {"repository:app:pull,push", "repository:library/base:pull"} <= scopes
+    assert ("app", base.layers[0].descriptor.digest) in reg.links

@@ -370,7 +370,29 @@ def test_base_layers_are_mounted_from_the_repository_they_came_from(
         ]
         assert mounted and mounted[0][2] == 201, f"{digest} was not mounted: {uploads(reqs)}"
         assert not any(f"digest={digest}" in u for m, u, s in uploads(reqs) if m == "PUT")
-    assert [d["digest"] for d in raw_manifest(second)["layers"]][: len(base_layers)] == base_layers  # type: ignore[attr-defined]
+    assert [d["digest"] for d in raw_manifest(second)["layers"]][: len(base_layers)] == base_layers
+    # what the worker pushed itself is mounted too when it goes to another repository
+    third = f"{plain_registry.addr}/mount/copy:{tag}"
+    before = len(plain_registry.requests())
+    ow(
+        fresh,
+        "--output",
+        f"type=registry,name={third}",
+        str(write_context(tmp_path, first, "app")),
+        docker_config=docker_config,
+    )
+    reqs = plain_registry.requests_since(before)
+    mounted = {
+        unquote(u).split("mount=", 1)[1].split("&", 1)[0]
+        for m, u, s in uploads(reqs)
+        if m == "POST" and s == 201 and "mount=" in u
+    }
+    # every layer, the built one too, is mounted from where this worker put it;
+    # only what no repository had yet (the rebuild's config, with its own
+    # creation time) is uploaded
+    layers = {d["digest"] for d in raw_manifest(third)["layers"]}  # type: ignore[attr-defined]
+    assert mounted >= layers
+    assert _uploaded_digests(reqs) == _blobs(third) - mounted  # type: ignore[attr-defined]
 
 
 # --- image options -----------------------------------------------------------------

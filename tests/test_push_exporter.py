@@ -115,8 +115,12 @@ class _Sources:
     def __init__(self, table: dict[str, str]) -> None:
         self.table = table
 
-    def source_of(self, digest: str) -> str | None:
-        return self.table.get(digest)
+    def source_of(self, digest: str, registry: str) -> str | None:
+        repo = self.table.get(digest)
+        return repo if repo is not None and repo.startswith(registry + "/") else None
+
+    def put_source(self, digest: str, repository: str) -> None:
+        self.table[digest] = repository
 
 
 async def test_a_pulled_base_layer_is_mounted_not_uploaded(store: ContentStore) -> None:
@@ -133,6 +137,13 @@ async def test_a_pulled_base_layer_is_mounted_not_uploaded(store: ContentStore) 
     assert f"{base.digest}: mounted from {REG}/library/base" in [
         e.message for e in got if isinstance(e, Info)
     ]
+    # what this push uploaded is mounted by the next push to another repository
+    before = len(reg.log)
+    got, sink = _events()
+    async with RegistryClient(transport=reg.transport()) as c:
+        await push_image(c, store, sources, image, [f"{REG}/other:1"], sink)
+    assert not any("/blobs/uploads/" in u for m, u in reg.log[before:] if m in ("PUT", "PATCH"))
+    assert all(" mounted from " in e.message for e in got if isinstance(e, Info))
 
 
 @pytest.mark.parametrize("chunked", [False, True])

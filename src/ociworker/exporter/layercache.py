@@ -1,10 +1,11 @@
 """Which layer blob each snapshot became: the differ's work, remembered.
 
 A built snapshot is diffed once per compression; a pulled layer's snapshot
-(named by ChainID) is recorded as ``source`` and exported as it came, and the
-repository each pulled blob came from is kept for pushes (a cross-repository
-mount instead of an upload). The tables live in the state dir's ``cache.db``
-beside the cache records (their own connection), so a restart keeps them.
+(named by ChainID) is recorded as ``source`` and exported as it came, and a
+repository of each registry known to hold a blob (pulled from or pushed to) is
+kept for pushes: a cross-repository mount instead of an upload. The tables live
+in the state dir's ``cache.db`` beside the cache records (their own connection),
+so a restart keeps them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 
 from ociworker.core.digest import check_digest
 from ociworker.core.oci import Descriptor, Layer
+from ociworker.core.reference import parse_reference
 from ociworker.fs.sqlite import enable_wal
 
 #: the compression key under which a pulled layer is recorded
@@ -31,8 +33,10 @@ CREATE TABLE IF NOT EXISTS layers (
     PRIMARY KEY (snapshot, compression)
 );
 CREATE TABLE IF NOT EXISTS blob_sources (
-    digest TEXT PRIMARY KEY,
-    repository TEXT NOT NULL
+    digest TEXT NOT NULL,
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    PRIMARY KEY (digest, registry)
 );
 """
 
@@ -45,11 +49,13 @@ class LayerCache(Protocol):
     def forget_layers(self, snapshot: str) -> None: ...
 
     def put_source(self, digest: str, repository: str) -> None:
-        """``digest`` (a pulled blob) came from ``repository`` (``host/path``):
-        a push to the same registry can mount it from there."""
+        """``digest`` is in ``repository`` (``host/path``: pulled from there or
+        pushed there): a later push to that registry can mount it from there."""
         ...
 
-    def source_of(self, digest: str) -> str | None: ...
+    def source_of(self, digest: str, registry: str) -> str | None:
+        """A repository of ``registry`` (``host[:port]``) known to hold ``digest``."""
+        ...
 
 
 class SQLiteLayerCache:
@@ -92,13 +98,15 @@ class SQLiteLayerCache:
         self._db.execute("DELETE FROM layers WHERE snapshot = ?", (snapshot,))
 
     def put_source(self, digest: str, repository: str) -> None:
+        registry = parse_reference(repository).domain
         self._db.execute(
-            "INSERT OR REPLACE INTO blob_sources (digest, repository) VALUES (?, ?)",
-            (digest, repository),
+            "INSERT OR REPLACE INTO blob_sources (digest, registry, repository) VALUES (?, ?, ?)",
+            (digest, registry, repository),
         )
 
-    def source_of(self, digest: str) -> str | None:
+    def source_of(self, digest: str, registry: str) -> str | None:
         row = self._db.execute(
-            "SELECT repository FROM blob_sources WHERE digest = ?", (digest,)
+            "SELECT repository FROM blob_sources WHERE digest = ? AND registry = ?",
+            (digest, registry),
         ).fetchone()
         return str(row[0]) if row is not None else None

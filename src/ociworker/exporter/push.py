@@ -3,7 +3,8 @@
 manifest that names them.
 
 Each blob is asked for first (HEAD): one the registry has is not sent again. A
-blob pulled from a repository on the same registry is mounted from there
+blob known to be in another repository of the same registry (pulled from it, or
+pushed to it before) is mounted from there
 (``POST ...?mount=DIGEST&from=REPO``) instead of uploaded; a large one goes up in
 chunks; an upload the network cut short is tried again (``RegistryClient``).
 Progress is BuildKit's: a ``pushing layers`` step with one line per blob, then
@@ -49,9 +50,12 @@ class Pusher(Protocol):
 
 
 class BlobSources(Protocol):
-    """Where a pulled blob came from (``LayerCache.source_of``)."""
+    """Which repository of a registry holds a blob (``LayerCache``): pulled
+    blobs are recorded by the source op, pushed ones here."""
 
-    def source_of(self, digest: str) -> str | None: ...
+    def source_of(self, digest: str, registry: str) -> str | None: ...
+
+    def put_source(self, digest: str, repository: str) -> None: ...
 
 
 async def push_image(
@@ -91,9 +95,12 @@ async def _push_one(
     with ProgressStep(events, "pushing layers") as step:
 
         async def one(desc: Descriptor) -> None:
-            src = sources.source_of(desc.digest) if sources is not None else None
+            src = sources.source_of(desc.digest, ref.domain) if sources is not None else None
             async with sem:
                 how = await registry.upload_blob(ref, desc, content, mount_from=src)
+            if sources is not None and how != "mounted":
+                # the next push of this blob to another repository mounts it from here
+                sources.put_source(desc.digest, f"{ref.domain}/{ref.path}")
             if how == "exists":
                 line = f"{desc.digest}: already exists"
             elif how == "mounted":

@@ -334,6 +334,12 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     # checked here too: a bad flag is refused before anything starts
     parse_annotations(args.annotation)
     _registry_ca(args.registry_ca)
+    if args.registry_ca and args.addr:
+        # the daemon talks to the registry: trusting a CA is its config's business
+        raise ConfigError(
+            "--registry-ca configures the embedded worker; a daemon trusts the CAs "
+            'its config names ([registry."HOST"] ca = [...])'
+        )
     req = BuildRequest(
         context=args.context,
         dockerfile=args.file,

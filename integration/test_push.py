@@ -682,7 +682,7 @@ def test_wrong_password_fails_clearly_and_keeps_the_local_image(
     assert (tmp_path / "out" / "copy").read_text() == message + "\n"
 
 
-@pytest.mark.parametrize("how", ["another-ca", "no-ca"])
+@pytest.mark.parametrize("how", ["another-ca", "no-ca", "plain-http"])
 def test_unknown_ca_fails_clearly(
     how: str,
     secure_registry: Registry,
@@ -695,9 +695,11 @@ def test_unknown_ca_fails_clearly(
     if how == "another-ca":
         other, _ = make_ca(tmp_path, "some-other-ca")
         flags = ["--registry-ca", f"{secure_registry.addr}={other}"]
-    else:
+    elif how == "no-ca":
         # over HTTPS (not loopback's plain HTTP) with only the system's CAs
         flags = ["--registry-ca", f"{secure_registry.addr}=/etc/ssl/certs/ca-certificates.crt"]
+    else:
+        flags = []  # loopback: plain HTTP, which a TLS registry refuses
     proc = ow(
         state_dir,
         "-t",
@@ -712,7 +714,11 @@ def test_unknown_ca_fails_clearly(
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert f"failed to push {ref}" in last
-    assert "x509: certificate signed by unknown authority" in last
+    if how == "plain-http":
+        assert "400 Bad Request: the registry may speak only HTTPS" in last
+        assert f"--registry-ca {secure_registry.addr}=FILE" in last
+    else:
+        assert "x509: certificate signed by unknown authority" in last
 
 
 # --- over the daemon ---------------------------------------------------------------

@@ -210,6 +210,14 @@ def _error(resp: httpx.Response, what: str = "") -> RegistryError:
     if not msg and resp.status_code in _AUTH_WORDS:
         # a HEAD's answer has no body: say it in docker's words
         msg = _AUTH_WORDS[resp.status_code]
+    if resp.status_code == 400 and req.url.scheme == "http" and (not msg or "HTTPS" in msg):
+        # what a TLS server answers plain HTTP with (Go's words, or none to a HEAD)
+        msg = (
+            "the registry may speak only HTTPS (plain HTTP is tried for loopback and "
+            f"--insecure-registry hosts): trust its CA with --registry-ca "
+            f'{req.url.netloc.decode()}=FILE, or [registry."HOST"] ca in a daemon\'s config'
+            + (f" ({msg})" if msg else "")
+        )
     text = f"{req.method} {req.url}: {resp.status_code} {resp.reason_phrase}"
     if msg:
         text += f": {msg}"

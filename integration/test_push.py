@@ -927,3 +927,27 @@ def test_an_upload_the_network_cuts_is_retried_then_fails_naming_the_blob(
         docker_config=docker_config,
     )
     assert (tmp_path / "out" / "copy").read_text() == message + "\n"
+
+
+def test_a_media_type_the_registry_refuses_shows_its_message(plain_registry: Registry) -> None:
+    # Our builds make only the manifests registries know; a client pushing
+    # another kind meets the registry's refusal, which must reach the user whole.
+    import asyncio
+
+    from ociworker.errors import RegistryError
+    from ociworker.registry.client import RegistryClient
+
+    media_type = "application/vnd.example.unknown+json"
+    data = json.dumps({"schemaVersion": 2, "mediaType": media_type}).encode()
+
+    async def push() -> str:
+        async with RegistryClient() as c:
+            try:
+                await c.push_manifest(f"{plain_registry.addr}/refused/x:1", media_type, data)
+            except RegistryError as exc:
+                return str(exc)
+        return "pushed"
+
+    msg = asyncio.run(push())
+    assert msg.startswith(f"push of manifest to {plain_registry.addr}/refused/x:1 failed: PUT ")
+    assert msg.endswith("400 Bad Request: MANIFEST_INVALID: manifest invalid")

@@ -613,10 +613,12 @@ def test_push_with_password_and_tls(
     base_image: str,
     state_dir: Path,
     tmp_path: Path,
+    dockerd: Dockerd,
     require_root: None,
 ) -> None:
     assert secure_registry.ca is not None
     ref = f"{secure_registry.addr}/private/app:1"
+    message = f"private-{uuid.uuid4().hex[:8]}"
     meta = tmp_path / "meta.json"
     ow(
         state_dir,
@@ -627,7 +629,7 @@ def test_push_with_password_and_tls(
         f"{secure_registry.addr}={secure_registry.ca}",
         "--metadata-file",
         str(meta),
-        str(write_context(tmp_path, base_image)),
+        str(write_context(tmp_path, base_image, message)),
         docker_config=login(tmp_path, secure_registry.addr, USER, PASSWORD),
     )
     certs = tmp_path / "certs"
@@ -639,6 +641,32 @@ def test_push_with_password_and_tls(
         )
     )
     assert got["Digest"] == build_digest(meta)
+    # and Docker Engine, logged in (127.0.0.0/8 is one of its insecure registries:
+    # it speaks TLS without checking the CA), pulls and runs it
+    docker_login = subprocess.run(
+        [
+            "/usr/bin/docker",
+            "-H",
+            f"unix://{dockerd.socket}",
+            "login",
+            "-u",
+            USER,
+            "--password-stdin",
+            secure_registry.addr,
+        ],
+        input=PASSWORD,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DOCKER_CONFIG": str(dockerd.client_config)},
+    )
+    assert docker_login.returncode == 0, docker_login.stderr
+    try:
+        assert build_digest(meta) in dockerd.docker("pull", ref).stdout
+        assert dockerd.docker("run", "--rm", "--network=none", ref).stdout == message + "\n"
+        dockerd.docker("rmi", ref)
+    finally:
+        dockerd.docker("logout", secure_registry.addr, check=False)
 
 
 def test_wrong_password_fails_clearly_and_keeps_the_local_image(

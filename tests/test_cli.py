@@ -32,3 +32,29 @@ def test_prune_filters_select_cache_mounts_by_type_and_id() -> None:
     for bad in ("type=regular", "until=1h", "id"):
         with pytest.raises(ConfigError):
             PruneFilter.parse([bad])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--push"], "tag is needed when pushing to registry"),
+        (["-t", "r.example/a:1", "--push", "-o", "type=oci,dest=x.tar"], 'push and "oci" output'),
+        (["--annotation", "index:k=v"], "only manifest annotations are supported"),
+        (["--label", "=v"], "invalid --label"),
+        (["--registry-ca", "r.example"], "want HOST[:PORT]=FILE"),
+        (["--registry-ca", "r.example=/no/such/ca.pem"], "/no/such/ca.pem is not a file"),
+        (
+            ["--addr", "unix:///no/such.sock", "--registry-ca", "r.example=/etc/passwd"],
+            "--registry-ca configures the embedded worker",
+        ),
+    ],
+)
+def test_push_and_image_flags_are_checked_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    root = tmp_path / "state"
+    (tmp_path / "Dockerfile").write_text("FROM scratch\n")
+    assert main(["build", "--root", str(root), *flags, str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not root.exists()  # refused before the worker touched anything

@@ -44,8 +44,8 @@ def test_registry_names_exactly_the_output_types() -> None:
 
 
 def test_unknown_output_type_is_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown output type 'registry'"):
-        resolve_outputs([_out("registry", dest="x")])
+    with pytest.raises(ConfigError, match="unknown output type 'cacheonly'"):
+        resolve_outputs([_out("cacheonly", dest="x")])
 
 
 def test_instances_come_back_in_output_order() -> None:
@@ -57,6 +57,7 @@ def test_image_outputs_need_the_image_and_file_outputs_do_not() -> None:
     needs = {t: EXPORTERS[t].resolve(_out(t, dest="d")).needs_image for t in OUTPUT_TYPES}
     assert needs == {
         "image": True,
+        "registry": True,
         "oci": True,
         "docker": True,
         "local": False,

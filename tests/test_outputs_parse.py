@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from ociworker.core.outputs import OutputSpec, check_outputs
+from ociworker.core.outputs import (
+    OutputSpec,
+    check_outputs,
+    parse_annotations,
+    parse_labels,
+    with_push,
+)
 from ociworker.errors import ConfigError
 
 
@@ -96,12 +102,107 @@ def test_refused_outputs_name_the_culprit(text: str, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["type=image,push=true", "type=image,name=a/b,push=true", "type=registry"]
+    ("text", "want"),
+    [
+        # BuildKit: type=registry is image,push=true; both push
+        ("type=image,push=true", _spec("image", push="true")),
+        ("type=image,name=a/b,push=true", _spec("image", name="a/b", push="true")),
+        ("type=registry", _spec("registry")),
+        ("type=registry,name=r.example/a:1", _spec("registry", name="r.example/a:1")),
+        (
+            "type=registry,name=r/a,compression=zstd,force-compression=true,oci-mediatypes=true",
+            _spec(
+                "registry",
+                name="r/a",
+                compression="zstd",
+                force_compression="true",
+                oci_mediatypes="true",
+            ),
+        ),
+    ],
 )
-def test_pushing_is_refused_not_ignored(text: str) -> None:
-    # push lands later: never accept it and push nothing
-    with pytest.raises(ConfigError, match="pushing to a registry is not supported yet"):
+def test_pushing_outputs_are_read(text: str, want: OutputSpec) -> None:
+    got = OutputSpec.parse(text)
+    assert got == want
+    assert got.pushes
+
+
+@pytest.mark.parametrize(
+    "text", ["type=image", "type=image,push=false", "type=oci,dest=o.tar", "type=local,dest=d"]
+)
+def test_outputs_that_do_not_push(text: str) -> None:
+    assert not OutputSpec.parse(text).pushes
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("type=image,push=yes", "push must be true or false"),
+        ("type=registry,force-compression=1", "force-compression must be true or false"),
+        ("type=registry,dest=x", "unknown attribute 'dest' for type=registry"),
+        ("type=local,dest=d,push=true", "unknown attribute 'push' for type=local"),
+        ("type=oci,dest=o.tar,push=true", "unknown attribute 'push' for type=oci"),
+    ],
+)
+def test_bad_push_options_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
         OutputSpec.parse(text)
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("text", ["type=registry", "type=image,push=true"])
+def test_a_push_needs_a_name_or_a_tag(text: str) -> None:
+    out = OutputSpec.parse(text)
+    with pytest.raises(ConfigError, match="tag is needed when pushing to registry"):
+        check_outputs([out])
+    check_outputs([out], tags=["r.example/a:1"])  # -t names it
+    named = OutputSpec(out.type, tuple(sorted((*out.attrs, ("name", "r.example/a:1")))))
+    check_outputs([named])
+
+
+def test_push_flag_is_buildx_shorthand() -> None:
+    # buildx: --push alone is an image output that pushes ...
+    assert with_push(()) == (_spec("image", push="true"),)
+    # ... and sets push=true on an image output given with it
+    got = with_push((OutputSpec.parse("type=image,name=r/a:1"),))
+    assert got == (_spec("image", name="r/a:1", push="true"),)
+    assert with_push((_spec("registry"),)) == (_spec("registry"),)
+    with pytest.raises(ConfigError, match='push and "oci" output can\'t be used together'):
+        with_push((OutputSpec.parse("type=oci,dest=o.tar"),))
+
+
+def test_annotations_as_buildx_spells_them() -> None:
+    got = parse_annotations(
+        ["org.opencontainers.image.title=demo", "manifest:com.example.k=a=b", "empty="]
+    )
+    assert got == {
+        "org.opencontainers.image.title": "demo",
+        "com.example.k": "a=b",  # the value may hold '='
+        "empty": "",
+    }
+    # a key that only looks like a type prefix is a key
+    assert parse_annotations(["com.example:x=1"]) == {"com.example:x": "1"}
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("novalue", "want [manifest:]KEY=VALUE"),
+        ("=v", "want [manifest:]KEY=VALUE"),
+        ("index:k=v", "only manifest annotations are supported"),
+        ("manifest-descriptor:k=v", "only manifest annotations are supported"),
+        ("manifest[linux/amd64]:k=v", "only manifest annotations are supported"),
+    ],
+)
+def test_bad_annotations_are_refused(item: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_annotations([item])
+
+
+def test_labels_as_docker_reads_them() -> None:
+    assert parse_labels(["a=1", "b", "c=x=y"]) == {"a": "1", "b": "", "c": "x=y"}
+    with pytest.raises(ConfigError, match="invalid --label"):
+        parse_labels(["=1"])
 
 
 def test_specs_made_in_code_are_held_to_the_same_rules() -> None:

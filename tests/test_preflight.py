@@ -170,8 +170,9 @@ def test_two_names_for_one_file_conflict(tmp_path: Path, ctx: Path) -> None:
 
 
 def test_outputs_are_checked_by_the_preflight_too(ctx: Path) -> None:
+    # a push with nowhere to push to (no name=, no -t)
     req = BuildRequest(context=ctx, outputs=(OutputSpec("image", (("push", "true"),)),))
-    assert "pushing to a registry is not supported yet" in _refused(req)
+    assert "tag is needed when pushing to registry" in _refused(req)
 
 
 # --- --root --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ociworker.core.build import (
     UsageRecord,
 )
 from ociworker.core.graph import ExecOp, Vertex
-from ociworker.core.outputs import check_outputs
+from ociworker.core.outputs import check_outputs, parse_annotations
 from ociworker.core.progress import (
     Event,
     EventSink,
@@ -40,8 +40,14 @@ from ociworker.core.session import (
     SSHAgents,
 )
 from ociworker.errors import ConfigError, DockerfileError, OciworkerError, RegistryError
-from ociworker.exporter.assemble import compression_opts, epoch_warnings, make_image, with_epoch
-from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch
+from ociworker.exporter.assemble import (
+    compression_opts,
+    epoch_warnings,
+    force_compression,
+    make_image,
+    with_epoch,
+)
+from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch, all_image_names
 from ociworker.exporter.chain import SnapshotLayers
 from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
@@ -188,9 +194,11 @@ async def build(
     # Every output's options are checked before anything runs, whoever made
     # the request (the CLI parsed them already; Python callers and the daemon's
     # clients may not have).
-    check_outputs(outputs)
+    check_outputs(outputs, req.tags)
     exporters = resolve_outputs(outputs)
     compression = compression_opts([e.layer_options for e in exporters])
+    force = force_compression([e.layer_options for e in exporters])
+    annotations = parse_annotations(req.annotations)
     if not outputs and not req.tags:
         events(Warning(NO_OUTPUT_WARNING))
     credentials = credentials or NoCredentials()
@@ -201,7 +209,7 @@ async def build(
     for w in epoch_warnings(layer_options, plan.epoch):
         events(Warning(w))
     matcher = IgnoreMatcher(definition.ignore_patterns)
-    parts = _export_parts(worker, target, events)
+    parts = _export_parts(worker, target, events, credentials)
     check_cache_specs(req)
     imported = await _import_caches(worker, req, credentials, events)
     if imported is not None:
@@ -253,7 +261,16 @@ async def build(
     image: ImageResult | None = None
     if need_image:
         with ProgressStep(events, "exporting layers"):
-            image = await make_image(parts.layers, parts.content, plan, top, compression)
+            image = await make_image(
+                parts.layers,
+                parts.content,
+                plan,
+                top,
+                compression,
+                force=force,
+                labels=req.labels,
+                annotations=annotations,
+            )
             if inline:
                 cache = await collect(cache_inputs, "min", worker.cache.lookup)
                 image = await asyncio.to_thread(add_inline_cache, parts.content, image, cache)
@@ -267,12 +284,14 @@ async def build(
             "containerimage.config.digest": image.config.digest,
             "containerimage.descriptor": image.manifest.to_json(),
         }
-        if req.tags:
-            metadata["image.name"] = ",".join(str(parse_reference(t)) for t in req.tags)
+        names = all_image_names(outputs, req.tags)
+        if names:
+            metadata["image.name"] = ",".join(names)
     if steps:
         metadata["ociworker.steps"] = steps
     exported = ExportResult(image, top, tuple(req.tags))
-    for e in exporters:
+    # pushes last: a registry's refusal leaves every local output written
+    for e in sorted(exporters, key=lambda e: e.runs_last):
         await e.export(exported, parts)
     if req.cache_to:
         registry = worker.registry.with_credentials(credentials)
@@ -341,7 +360,9 @@ def check_step_limits(worker: Worker, req: BuildRequest) -> None:
         )
 
 
-def _export_parts(worker: Worker, target: ExportTarget, events: EventSink) -> ExportParts:
+def _export_parts(
+    worker: Worker, target: ExportTarget, events: EventSink, credentials: Credentials
+) -> ExportParts:
     def view(name: str | None) -> contextlib.AbstractAsyncContextManager[Path]:
         return access.view(worker.snapshots, worker.mounter, name, worker.tmp)
 
@@ -352,6 +373,8 @@ def _export_parts(worker: Worker, target: ExportTarget, events: EventSink) -> Ex
         layers=SnapshotLayers(worker.snapshots, worker.comparer, worker.layers, worker.content),
         target=target,
         events=events,
+        registry=worker.registry.with_credentials(credentials),
+        sources=worker.layers,
     )
 
 

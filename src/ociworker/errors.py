@@ -123,6 +123,11 @@ class RegistryError(WorldError):
     code = "registry"
 
 
+class RegistryAuthError(RegistryError):
+    """A registry refused us (401/403) with whatever credentials we had: a wrong
+    password, or none where the registry wants one."""
+
+
 class DigestMismatchError(WorldError):
     """Content did not match the digest that named it."""
 

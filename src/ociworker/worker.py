@@ -68,6 +68,9 @@ class WorkerConfig:
     runtime: str = "runc"
     snapshotter: Literal["auto", "overlayfs", "native"] = "auto"
     insecure_registries: tuple[str, ...] = ()
+    #: registry domain (``host:port`` or ``host``) -> CA files trusted for it
+    #: (``--registry-ca``, buildkitd's ``[registry."host"] ca``)
+    registry_ca: tuple[tuple[str, tuple[str, ...]], ...] = ()
     max_parallelism: int | None = None
     #: the ``default`` network's IPv4 subnet ("" = a free /24 of 100.64.0.0/10)
     network_subnet: str = ""
@@ -162,7 +165,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
     content = ContentStore(root / "content")
     snapshots = open_snapshotter(root / "snapshots", config.snapshotter)
     if registry is None:
-        registry = RegistryClient(insecure=config.insecure_registries)
+        registry = RegistryClient(insecure=config.insecure_registries, ca=dict(config.registry_ca))
     mounter = HostMounter(tmp)
     executor = _LazyExecutor(root / "executor", config)
     applier = _LazyApplier(functools.partial(_applier, content, tmp))

@@ -239,6 +239,8 @@ class Client:
             extra_hosts=[f"{name}={ip}" for name, ip in request.extra_hosts],
             cache_to=[str(s) for s in request.cache_to],
             cache_from=[str(s) for s in request.cache_from],
+            annotations=request.annotations,
+            labels=dict(request.labels),
         )
         try:
             async with self._session(session):

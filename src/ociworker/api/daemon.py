@@ -61,6 +61,9 @@ class DaemonConfig:
     runtime: str = "runc"
     snapshotter: str = "auto"
     insecure_registries: tuple[str, ...] = ()
+    #: buildkitd's ``[registry."HOST"]`` tables: ``ca = [FILE, ...]`` trusted for
+    #: HOST (its ``http = true`` lands in insecure_registries)
+    registry_ca: tuple[tuple[str, tuple[str, ...]], ...] = ()
     max_parallelism: int | None = None
     log_cap: int = DEFAULT_LOG_CAP
     #: the default network's subnet ("" = a free /24 of 100.64.0.0/10)
@@ -87,10 +90,15 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(DaemonConfig)}
+    # registry_ca is spelt as buildkitd's [registry."HOST"] tables
+    known = {f.name for f in fields(DaemonConfig)} - {"registry_ca"} | {"registry"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    if "registry" in values:
+        ca, http = _registry_tables(values.pop("registry"), path)
+        values["registry_ca"] = ca
+        values["insecure_registries"] = [*values.get("insecure_registries", ()), *http]
     if "root" in values:
         values["root"] = Path(values["root"])
     if "insecure_registries" in values:
@@ -111,6 +119,41 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
     cfg = DaemonConfig(**values)
     _check_addr(cfg)
     return cfg
+
+
+def _registry_tables(
+    tables: object, path: Path | None
+) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], list[str]]:
+    """``[registry."HOST"]`` tables as buildkitd reads them: ``ca`` (CA files
+    trusted for HOST, which must exist) and ``http`` (plain HTTP); a key we do
+    not honour (mirrors, keypair, ...) is refused, never ignored."""
+    where = f"config file {path}"
+    if not isinstance(tables, dict):
+        raise ConfigError(f'{where}: registry must be tables [registry."HOST"]')
+    ca: list[tuple[str, tuple[str, ...]]] = []
+    http: list[str] = []
+    for host, table in tables.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f'{where}: [registry."{host}"] must be a table')
+        unknown = sorted(set(table) - {"ca", "http"})
+        if unknown:
+            raise ConfigError(
+                f'{where}: [registry."{host}"]: unsupported key(s) {", ".join(unknown)} '
+                "(ca and http are)"
+            )
+        files = table.get("ca", [])
+        if isinstance(files, str):
+            files = [files]
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ConfigError(f'{where}: [registry."{host}"] ca must be a list of files')
+        for f in files:
+            if not Path(f).is_file():
+                raise ConfigError(f'{where}: [registry."{host}"] ca: {f} is not a file')
+        if files:
+            ca.append((host, tuple(files)))
+        if table.get("http") is True:
+            http.append(host)
+    return tuple(ca), http
 
 
 def _check_addr(cfg: DaemonConfig) -> None:
@@ -194,6 +237,7 @@ async def serve(cfg: DaemonConfig) -> int:
                 runtime=cfg.runtime,
                 snapshotter=cfg.snapshotter,  # type: ignore[arg-type]
                 insecure_registries=cfg.insecure_registries,
+                registry_ca=cfg.registry_ca,
                 max_parallelism=cfg.max_parallelism,
                 network_subnet=cfg.network_subnet,
                 dns=cfg.dns,

@@ -319,6 +319,8 @@ class ControlService:
                 extra_hosts=tuple(parse_add_host(h) for h in request.extra_hosts),
                 cache_to=parse_cache_specs(request.cache_to, export=True, over_daemon=True),
                 cache_from=parse_cache_specs(request.cache_from, export=False, over_daemon=True),
+                annotations=tuple(request.annotations),
+                labels=dict(request.labels),
             )
             result = await controller.build(
                 self.worker,

@@ -25,7 +25,7 @@ from ociworker.core.build import (
 )
 from ociworker.core.cacheimport import parse_cache_specs
 from ociworker.core.entitlements import parse_entitlements
-from ociworker.core.outputs import OutputSpec
+from ociworker.core.outputs import OutputSpec, parse_annotations, parse_labels, with_push
 from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.core.units import human_size
@@ -197,6 +197,28 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="default|ID[=SOCKET|KEY[,KEY]]",
         help="ssh agent or keys for RUN --mount=type=ssh (repeatable)",
     )
+    b.add_argument(
+        "--push",
+        action="store_true",
+        help="push the image to its registry (shorthand for --output type=registry)",
+    )
+    b.add_argument(
+        "--annotation",
+        action="append",
+        default=[],
+        metavar="[manifest:]KEY=VALUE",
+        help="annotation of the image manifest (repeatable)",
+    )
+    b.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="image label (repeatable)"
+    )
+    b.add_argument(
+        "--registry-ca",
+        action="append",
+        default=[],
+        metavar="HOST=FILE",
+        help="trust this CA certificate (PEM) for the registry HOST[:PORT] (repeatable)",
+    )
     b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
     _step_limit_flags(b)
@@ -254,6 +276,19 @@ def _check_tags(tags: Sequence[str]) -> None:
             raise ConfigError(f"invalid tag {tag!r}: {exc}") from None
 
 
+def _registry_ca(items: Sequence[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``--registry-ca HOST=FILE`` values, grouped by host; each file must exist."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        host, eq, path = item.partition("=")
+        if not eq or not host or not path or "/" in host:
+            raise ConfigError(f"invalid --registry-ca {item!r}: want HOST[:PORT]=FILE")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--registry-ca {item!r}: {path} is not a file")
+        out.setdefault(host, []).append(os.path.abspath(path))
+    return tuple((h, tuple(f)) for h, f in out.items())
+
+
 def _worker(args: argparse.Namespace) -> Worker:
     # The worker (and the controller) load only for an embedded command: a
     # client of a daemon never needs them, and they are most of start-up.
@@ -268,6 +303,7 @@ def _worker(args: argparse.Namespace) -> Worker:
             runtime=args.runtime,
             snapshotter=args.snapshotter,
             insecure_registries=tuple(args.insecure_registry),
+            registry_ca=_registry_ca(getattr(args, "registry_ca", ())),
             max_parallelism=args.max_parallelism,
             # entitlements: WorkerConfig's default grants both (the embedded
             # worker's operator is its user); a build must still ask with --allow.
@@ -312,13 +348,25 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     if args.debug or args.log_format == "json":
         printer = _logged(printer)
     _check_tags(args.tag)
+    outputs = tuple(OutputSpec.parse(o) for o in args.output)
+    if args.push:
+        outputs = with_push(outputs)
+    # checked here too: a bad flag is refused before anything starts
+    parse_annotations(args.annotation)
+    _registry_ca(args.registry_ca)
+    if args.registry_ca and args.addr:
+        # the daemon talks to the registry: trusting a CA is its config's business
+        raise ConfigError(
+            "--registry-ca configures the embedded worker; a daemon trusts the CAs "
+            'its config names ([registry."HOST"] ca = [...])'
+        )
     req = BuildRequest(
         context=args.context,
         dockerfile=args.file,
         tags=tuple(args.tag),
         build_args=_build_args(args.build_arg),
         target=args.target,
-        outputs=tuple(OutputSpec.parse(o) for o in args.output),
+        outputs=outputs,
         no_cache=args.no_cache,
         network=args.network,
         extra_hosts=tuple(parse_add_host(h) for h in args.add_host),
@@ -331,6 +379,8 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         allow=parse_entitlements(args.allow, "--allow"),
         cache_to=parse_cache_specs(args.cache_to, export=True, over_daemon=bool(args.addr)),
         cache_from=parse_cache_specs(args.cache_from, export=False, over_daemon=bool(args.addr)),
+        annotations=tuple(args.annotation),
+        labels=parse_labels(args.label),
     )
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths

@@ -153,6 +153,10 @@ class BuildRequest:
     #: ``--cache-to`` / ``--cache-from`` (``core.cacheimport``), imports in order
     cache_to: tuple[CacheSpec, ...] = ()
     cache_from: tuple[CacheSpec, ...] = ()
+    #: ``--annotation [manifest:]KEY=VALUE`` as given (``core.outputs.parse_annotations``)
+    annotations: tuple[str, ...] = ()
+    #: ``--label``s: added to the image config's labels
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse_add_host(value: str) -> tuple[str, str]:

@@ -4,8 +4,9 @@
 bare path is ``type=local,dest=PATH``, ``-`` is a tar on stdout, anything else is
 CSV ``key=value`` fields that must name a ``type``. Where buildx passes an
 attribute on for BuildKit to ignore, we refuse it: an option that silently does
-nothing (``push=true`` that pushes nothing, a misspelled key) is worse than an
-error. ``check_outputs`` checks a whole request's outputs (each one, and that no
+nothing (a misspelled key) is worse than an error. ``type=registry`` is
+``type=image,push=true`` (as BuildKit), and ``--push`` is either (``with_push``).
+``check_outputs`` checks a whole request's outputs (each one, and that no
 two write to the same place); the controller runs it for every caller, so specs
 made in Python or received by the daemon are held to the same rules.
 """
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 
 from ociworker.errors import ConfigError
 
-OUTPUT_TYPES = ("image", "oci", "docker", "local", "tar", "layers")
+OUTPUT_TYPES = ("image", "registry", "oci", "docker", "local", "tar", "layers")
+#: outputs that make an image with a name (``name=`` or the build's tags)
+IMAGE_TYPES = ("image", "registry", "oci", "docker")
 #: outputs written to ``dest``; those in STDOUT_TYPES may say ``dest=-``
 DEST_TYPES = ("oci", "docker", "local", "tar", "layers")
 STDOUT_TYPES = ("oci", "docker", "tar")
@@ -34,10 +37,12 @@ DIR_TYPES = ("local", "layers")
 _LAYER_ATTRS = frozenset(
     {"compression", "compression-level", "oci-mediatypes", "rewrite-timestamp"}
 )
-_IMAGE_ATTRS = _LAYER_ATTRS | {"name"}
+#: force-compression: the base image's layers are re-compressed too
+_IMAGE_ATTRS = _LAYER_ATTRS | {"name", "force-compression"}
 #: the attributes each output type honours; any other is refused
 ATTRS: Mapping[str, frozenset[str]] = {
-    "image": _IMAGE_ATTRS | {"push"},  # push=false only: pushing is not implemented
+    "image": _IMAGE_ATTRS | {"push"},
+    "registry": _IMAGE_ATTRS,
     "oci": _IMAGE_ATTRS | {"dest"},
     "docker": _IMAGE_ATTRS | {"dest"},
     "local": frozenset({"dest"}),
@@ -45,10 +50,7 @@ ATTRS: Mapping[str, frozenset[str]] = {
     "layers": _LAYER_ATTRS | {"dest"},  # the layers' codec and media type
 }
 COMPRESSIONS = ("gzip", "zstd", "uncompressed")
-_NO_PUSH = (
-    "pushing to a registry is not supported yet; write the image with "
-    "type=oci,dest=FILE (or keep it with -t NAME) and push that"
-)
+_BOOL_ATTRS = ("oci-mediatypes", "push", "force-compression", "rewrite-timestamp")
 
 
 def parse_bool(value: str) -> bool | None:
@@ -69,6 +71,13 @@ class OutputSpec:
     @property
     def to_stdout(self) -> bool:
         return self.get("dest") == "-"
+
+    @property
+    def pushes(self) -> bool:
+        """Whether this output pushes its image to a registry."""
+        return self.type == "registry" or (
+            self.type == "image" and parse_bool(self.get("push", "false")) is True
+        )
 
     def __str__(self) -> str:
         """The spec as an ``--output`` value (for messages)."""
@@ -124,8 +133,6 @@ class OutputSpec:
         ``text``: the output as the user wrote it, for messages."""
         text = text or str(self)
         typ = self.type
-        if typ == "registry":
-            raise ConfigError(f"output {text!r}: {_NO_PUSH}")
         if typ not in OUTPUT_TYPES:
             raise ConfigError(f"unknown output type {typ!r}: use one of {', '.join(OUTPUT_TYPES)}")
         attrs = dict(self.attrs)
@@ -137,11 +144,9 @@ class OutputSpec:
                 )
             if value == "":
                 raise ConfigError(f"output {text!r}: {key} is empty")
-        for key in ("oci-mediatypes", "push", "rewrite-timestamp"):
+        for key in _BOOL_ATTRS:
             if key in attrs and parse_bool(attrs[key]) is None:
                 raise ConfigError(f"output {text!r}: {key} must be true or false")
-        if parse_bool(attrs.get("push", "false")):
-            raise ConfigError(f"output {text!r}: {_NO_PUSH}")
         if "compression" in attrs and attrs["compression"] not in COMPRESSIONS:
             raise ConfigError(
                 f"output {text!r}: unknown compression {attrs['compression']!r}: "
@@ -166,13 +171,37 @@ class OutputSpec:
             )
 
 
-def check_outputs(outputs: Sequence[OutputSpec]) -> None:
+def with_push(outputs: Sequence[OutputSpec]) -> tuple[OutputSpec, ...]:
+    """The outputs of ``--push``, as buildx reads it: none given -> one
+    ``type=image,push=true``; an image output gets ``push=true``; a registry
+    output already pushes; any other output cannot be pushed."""
+    if not outputs:
+        return (OutputSpec("image", (("push", "true"),)),)
+    out: list[OutputSpec] = []
+    for o in outputs:
+        if o.type == "image":
+            attrs = dict(o.attrs)
+            attrs["push"] = "true"
+            o = OutputSpec("image", tuple(sorted(attrs.items())))
+        elif o.type != "registry":
+            raise ConfigError(f'push and "{o.type}" output can\'t be used together')
+        out.append(o)
+    return tuple(out)
+
+
+def check_outputs(outputs: Sequence[OutputSpec], tags: Sequence[str] = ()) -> None:
     """Check every output, and that no two write to the same place: one stdout,
     one output per dest (compared as written, normalized; the CLI's preflight
-    also compares the real paths)."""
+    also compares the real paths). A pushing output needs a name (its ``name=``
+    or the build's ``tags``) to push to."""
     by_dest: dict[str, OutputSpec] = {}
     for out in outputs:
         out.check()
+        if out.pushes and not out.get("name") and not tags:
+            raise ConfigError(
+                f"output {str(out)!r}: tag is needed when pushing to registry: "
+                "give -t REGISTRY/REPOSITORY:TAG or name=..."
+            )
         dest = out.get("dest")
         if not dest:
             continue
@@ -185,3 +214,42 @@ def check_outputs(outputs: Sequence[OutputSpec]) -> None:
                 )
             raise ConfigError(f"outputs {str(first)!r} and {str(out)!r} both write to {dest}")
         by_dest[key] = out
+
+
+#: the ``--annotation`` types buildx knows; only the manifest's exist here
+#: (a build makes one manifest and no index)
+_ANNOTATION_TYPES = ("manifest", "index", "manifest-descriptor", "index-descriptor")
+
+
+def parse_annotations(items: Sequence[str]) -> dict[str, str]:
+    """``--annotation [manifest:]KEY=VALUE`` values -> the image manifest's
+    annotations (buildx's spelling; the last of one key wins). A type other
+    than ``manifest`` is refused: this worker makes no index, and an
+    annotation dropped silently is worse than an error."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        typ, colon, name = key.partition(":")
+        if colon and (typ in _ANNOTATION_TYPES or "[" in typ):
+            if typ != "manifest":
+                raise ConfigError(
+                    f"invalid --annotation {item!r}: only manifest annotations are "
+                    "supported (a build here makes one manifest, no index)"
+                )
+            key = name
+        if not eq or not key or any(c.isspace() for c in key):
+            raise ConfigError(f"invalid --annotation {item!r}: want [manifest:]KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, str]:
+    """``--label KEY=VALUE`` values -> image config labels (``KEY`` alone: an
+    empty value, as docker reads it)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"invalid --label {item!r}: want KEY=VALUE")
+        out[key] = value
+    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,8 @@ class LayerOptions:
     oci_media_types: bool | None = None
     #: ``rewrite-timestamp=true|false`` (None: not said)
     rewrite_timestamp: bool | None = None
+    #: ``force-compression=true``: the base image's layers are re-compressed too
+    force: bool | None = None
 
     @classmethod
     def parse(cls, out: OutputSpec, *, oci_media_types: bool | None = None) -> LayerOptions:
@@ -58,7 +60,10 @@ class LayerOptions:
         rewrite: bool | None = None
         if out.get("rewrite-timestamp") in ("true", "false"):
             rewrite = out.get("rewrite-timestamp") == "true"
-        return cls(out.get("compression") or None, level, oci_media_types, rewrite)
+        force = None
+        if out.get("force-compression") in ("true", "false"):
+            force = out.get("force-compression") == "true"
+        return cls(out.get("compression") or None, level, oci_media_types, rewrite, force)
 
 
 def compression_opts(options: Sequence[LayerOptions]) -> CompressionOpts:
@@ -102,17 +107,33 @@ def epoch_warnings(options: Sequence[LayerOptions], epoch: int | None) -> list[s
     return []
 
 
+def force_compression(options: Sequence[LayerOptions]) -> bool:
+    """Whether the build's outputs ask to re-compress the base layers (the
+    last output that says wins, as for the other layer options)."""
+    force = False
+    for o in options:
+        force = o.force if o.force is not None else force
+    return force
+
+
 async def make_image(
     layers: ChainLayers,
     content: ContentStore,
     plan: Plan,
     top: str | None,
     opts: CompressionOpts,
+    *,
+    force: bool = False,
+    labels: Mapping[str, str] | None = None,
+    annotations: Mapping[str, str] | None = None,
 ) -> ImageResult:
     """Write config and manifest for the chain under ``top`` (built from ``plan``).
 
     A step whose diff is empty makes no layer and its history entry is marked
-    ``empty_layer``, as BuildKit does."""
+    ``empty_layer``, as BuildKit does. ``force``: base layers in another
+    compression are re-compressed (same diffIDs); ``labels`` are added to the
+    config's (``--label``, over the Dockerfile's LABELs), ``annotations`` to
+    the manifest's."""
     chain = await layers.chain(top)
     base_n = plan.base_layers
     ours = plan.config["history"][len(plan.base_history) :]
@@ -126,6 +147,10 @@ async def make_image(
         await asyncio.gather(*(layers.layer_of(chain, i, opts) for i in range(len(chain))))
     )
     kept: list[Layer] = made[:base_n]
+    if force:
+        from ociworker.exporter.recompress import recompress
+
+        kept = list(await asyncio.gather(*(recompress(content, la, opts) for la in kept)))
     for layer, entry in zip(made[base_n:], layer_steps, strict=True):
         if is_empty(layer):
             entry["empty_layer"] = True  # BuildKit drops layers that change nothing
@@ -144,9 +169,16 @@ async def make_image(
     maint = inner.pop("_maintainer", None)
     if maint:
         config["author"] = maint
+    if labels:
+        inner["Labels"] = {**(inner.get("Labels") or {}), **labels}
     config["config"] = inner
     return await asyncio.to_thread(
-        write_image, content, config, kept, oci_media_types=opts.oci_media_types
+        write_image,
+        content,
+        config,
+        kept,
+        oci_media_types=opts.oci_media_types,
+        annotations=dict(annotations or {}),
     )
 
 

@@ -16,20 +16,24 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, Self, TypeVar
 
 from ociworker.content.store import ContentStore
 from ociworker.core.graph import Vertex
 from ociworker.core.oci import Descriptor
-from ociworker.core.outputs import OutputSpec
+from ociworker.core.outputs import IMAGE_TYPES, OutputSpec
 from ociworker.core.progress import EventSink, ProgressStep
 from ociworker.core.reference import parse_reference
 from ociworker.diff.base import CompressionOpts
+from ociworker.errors import UnsupportedError
 from ociworker.exporter.assemble import LayerOptions
 from ociworker.exporter.chain import ChainLayers
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget
 from ociworker.solver.scheduler import Result
+
+if TYPE_CHECKING:  # the push machinery loads only when an output pushes
+    from ociworker.exporter.push import BlobSources, Pusher
 
 
 class ImageNamer(Protocol):
@@ -58,6 +62,10 @@ class ExportParts:
     layers: ChainLayers
     target: ExportTarget
     events: EventSink
+    #: the registry with the job's credentials, and where pulled blobs came
+    #: from (None: this caller cannot push)
+    registry: Pusher | None = None
+    sources: BlobSources | None = None
 
 
 class SolveStream(Protocol):
@@ -134,6 +142,12 @@ class ExporterInstance(Protocol):
         """Whether ``export`` needs the assembled image."""
         ...
 
+    @property
+    def runs_last(self) -> bool:
+        """Whether ``export`` waits for the other outputs (a push: whatever the
+        registry says, the local outputs are written)."""
+        ...
+
     def watch(self, solve: SolveWatch) -> None:
         """Called before the solve starts; may open a stream on ``solve``."""
         ...
@@ -173,6 +187,10 @@ class OutputExport:
             parse_reference(output.get("name"))
         return cls(output, opts)
 
+    @property
+    def runs_last(self) -> bool:
+        return self.output.pushes
+
     def watch(self, solve: SolveWatch) -> None:
         return None
 
@@ -191,3 +209,25 @@ def image_names(out: OutputSpec, tags: Sequence[str]) -> list[str]:
     """The names an image output gives its image: its ``name=``, else the tags."""
     names = [out.get("name")] if out.get("name") else list(tags)
     return [str(parse_reference(n)) for n in names]
+
+
+def all_image_names(outputs: Sequence[OutputSpec], tags: Sequence[str]) -> list[str]:
+    """Every name the build gives its image (the tags and each image output's),
+    once each, in order: the metadata file's ``image.name``."""
+    names = [str(parse_reference(t)) for t in tags]
+    for out in outputs:
+        if out.type in IMAGE_TYPES:
+            names += image_names(out, tags)
+    return list(dict.fromkeys(names))
+
+
+async def push(result: ExportResult, parts: ExportParts, names: Sequence[str]) -> None:
+    """Push the build's image under ``names`` with the parts' registry."""
+    from ociworker.exporter.push import push_image
+
+    assert result.image is not None
+    if parts.registry is None:
+        raise UnsupportedError("this worker cannot push: it was given no registry client")
+    await push_image(
+        parts.registry, parts.content, parts.sources, result.image, names, parts.events
+    )

@@ -14,6 +14,7 @@ from ociworker.exporter.base import Exporter, ExporterInstance
 #: classmethod) makes its instances
 _REGISTERED = {
     "image": "containerimage:ImageExport",
+    "registry": "containerimage:RegistryExport",
     "oci": "imagearchive:OCIArchiveExport",
     "docker": "imagearchive:DockerArchiveExport",
     "local": "local:LocalExport",

@@ -1,9 +1,11 @@
 """Which layer blob each snapshot became: the differ's work, remembered.
 
 A built snapshot is diffed once per compression; a pulled layer's snapshot
-(named by ChainID) is recorded as ``source`` and exported as it came. The table
-lives in the state dir's ``cache.db`` beside the cache records (its own
-connection), so a restart keeps it.
+(named by ChainID) is recorded as ``source`` and exported as it came, and a
+repository of each registry known to hold a blob (pulled from or pushed to) is
+kept for pushes: a cross-repository mount instead of an upload. The tables live
+in the state dir's ``cache.db`` beside the cache records (their own connection),
+so a restart keeps them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Protocol
 
 from ociworker.core.digest import check_digest
 from ociworker.core.oci import Descriptor, Layer
+from ociworker.core.reference import parse_reference
 from ociworker.fs.sqlite import enable_wal
 
 #: the compression key under which a pulled layer is recorded
@@ -29,6 +32,12 @@ CREATE TABLE IF NOT EXISTS layers (
     diff_id TEXT NOT NULL,
     PRIMARY KEY (snapshot, compression)
 );
+CREATE TABLE IF NOT EXISTS blob_sources (
+    digest TEXT NOT NULL,
+    registry TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    PRIMARY KEY (digest, registry)
+);
 """
 
 
@@ -38,6 +47,15 @@ class LayerCache(Protocol):
     def put_layer(self, snapshot: str, compression: str, layer: Layer) -> None: ...
 
     def forget_layers(self, snapshot: str) -> None: ...
+
+    def put_source(self, digest: str, repository: str) -> None:
+        """``digest`` is in ``repository`` (``host/path``: pulled from there or
+        pushed there): a later push to that registry can mount it from there."""
+        ...
+
+    def source_of(self, digest: str, registry: str) -> str | None:
+        """A repository of ``registry`` (``host[:port]``) known to hold ``digest``."""
+        ...
 
 
 class SQLiteLayerCache:
@@ -78,3 +96,17 @@ class SQLiteLayerCache:
 
     def forget_layers(self, snapshot: str) -> None:
         self._db.execute("DELETE FROM layers WHERE snapshot = ?", (snapshot,))
+
+    def put_source(self, digest: str, repository: str) -> None:
+        registry = parse_reference(repository).domain
+        self._db.execute(
+            "INSERT OR REPLACE INTO blob_sources (digest, registry, repository) VALUES (?, ?, ?)",
+            (digest, registry, repository),
+        )
+
+    def source_of(self, digest: str, registry: str) -> str | None:
+        row = self._db.execute(
+            "SELECT repository FROM blob_sources WHERE digest = ? AND registry = ?",
+            (digest, registry),
+        ).fetchone()
+        return str(row[0]) if row is not None else None

@@ -67,4 +67,6 @@ class SourceHandler(HandlerBase[SourceDeps]):
         # pulled layers are exported as they came, never diffed again
         for layer, chain_id in zip(image.layers, chain_ids(image.diff_ids), strict=True):
             d.layers.put_layer(layer_snapshot_name(chain_id), SOURCE, layer)
+            # where it came from: a push to that registry mounts it instead of uploading
+            d.layers.put_source(layer.descriptor.digest, name)
         return Result("snapshot", top) if top else SCRATCH

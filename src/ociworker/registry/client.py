@@ -14,9 +14,10 @@ import base64
 import hashlib
 import ipaddress
 import json
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -35,8 +36,10 @@ from ociworker.core.oci import (
 from ociworker.core.reference import DEFAULT_DOMAIN, Reference, parse_reference
 from ociworker.core.session import Credentials
 from ociworker.errors import (
+    ConfigError,
     DigestMismatchError,
     NotFoundError,
+    RegistryAuthError,
     RegistryError,
     UnsupportedError,
     UserError,
@@ -49,6 +52,11 @@ DEFAULT_USER_AGENT = "ociworker/0.1"
 MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 32 << 20
 DEFAULT_CHUNK_SIZE = 16 << 20
+#: waits before the 2nd and 3rd try of a blob upload a network error cut
+#: short (BuildKit's pusher retries too; three tries in all)
+DEFAULT_RETRY_DELAYS = (1.0, 2.0)
+#: what ``upload_blob`` did: the registry had it, mounted it, or got it from us
+BlobPush = Literal["exists", "mounted", "uploaded"]
 
 _MANIFEST_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
 _SCHEMA1_TYPES = (
@@ -199,11 +207,24 @@ def _registry_message(resp: httpx.Response) -> str:
 def _error(resp: httpx.Response, what: str = "") -> RegistryError:
     req = resp.request
     msg = _registry_message(resp)
+    if not msg and resp.status_code in _AUTH_WORDS:
+        # a HEAD's answer has no body: say it in docker's words
+        msg = _AUTH_WORDS[resp.status_code]
+    if resp.status_code == 400 and req.url.scheme == "http" and (not msg or "HTTPS" in msg):
+        # what a TLS server answers plain HTTP with (Go's words, or none to a HEAD)
+        msg = (
+            "the registry may speak only HTTPS (plain HTTP is tried for loopback and "
+            f"--insecure-registry hosts): trust its CA with --registry-ca "
+            f'{req.url.netloc.decode()}=FILE, or [registry."HOST"] ca in a daemon\'s config'
+            + (f" ({msg})" if msg else "")
+        )
     text = f"{req.method} {req.url}: {resp.status_code} {resp.reason_phrase}"
     if msg:
         text += f": {msg}"
     if what:
         text = f"{what}: {text}"
+    if resp.status_code in (401, 403):
+        return RegistryAuthError(text)
     return RegistryError(text)
 
 
@@ -216,6 +237,45 @@ def _denied(resp: httpx.Response, ref: Reference) -> RegistryError:
         f"pull access denied for {ref.repository}, repository does not exist or "
         "may require authorization",
     )
+
+
+def _retryable(exc: RegistryError) -> bool:
+    """A failure worth another try: the connection broke (a socket error under
+    the RegistryError) or the registry said it is briefly unable (5xx)."""
+    cause = exc.__cause__
+    if isinstance(cause, httpx.TransportError):
+        return True
+    return isinstance(exc, _ServerError)
+
+
+_AUTH_WORDS = {
+    401: "unauthorized: authentication required",
+    403: "denied: requested access to the resource is denied",
+}
+
+
+class _ServerError(RegistryError):
+    """A 5xx answer to an upload request: the registry may be restarting."""
+
+
+def ca_domains(ca: Mapping[str, Sequence[str]], domain: str) -> Sequence[str] | None:
+    """The CA files configured for ``domain`` (``host:port``, else ``host``), as
+    buildkitd's ``[registry."host"] ca`` keys match; None when none are."""
+    if domain in ca:
+        return ca[domain]
+    return ca.get(_host_of(domain))
+
+
+def _ssl_context(domain: str, files: Sequence[str]) -> ssl.SSLContext:
+    """The system's CAs plus ``files`` (buildkitd adds them to the pool too)."""
+    ctx = ssl.create_default_context()
+    for f in files:
+        try:
+            ctx.load_verify_locations(cafile=f)
+        except (OSError, ssl.SSLError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"registry {domain}: cannot load CA certificate {f}: {why}") from None
+    return ctx
 
 
 def _as_ref(ref: Reference | str) -> Reference:
@@ -237,6 +297,11 @@ class _Shared:
     http: httpx.AsyncClient
     insecure: tuple[str, ...]
     chunk_size: int
+    #: domain -> CA files trusted for it, and the clients made for them
+    ca: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    ca_clients: dict[str, httpx.AsyncClient] = field(default_factory=dict)
+    make_client: Callable[[ssl.SSLContext | None], httpx.AsyncClient] | None = None
+    retry_delays: tuple[float, ...] = DEFAULT_RETRY_DELAYS
     #: (domain, scopes, credential identity) -> Authorization header
     tokens: dict[tuple[str, str, str], str] = field(default_factory=dict)
     challenges: dict[str, Challenge] = field(default_factory=dict)  # domain -> last bearer
@@ -272,18 +337,28 @@ class RegistryClient:
         connect_timeout: float = 10.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         transport: httpx.AsyncBaseTransport | None = None,
+        ca: Mapping[str, Sequence[str]] | None = None,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
         _shared: _Shared | None = None,
     ) -> None:
         self._owner = _shared is None
-        self._shared = _shared or _Shared(
-            http=httpx.AsyncClient(
+
+        def make_client(verify: ssl.SSLContext | None) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
                 transport=transport,
                 timeout=httpx.Timeout(timeout, connect=connect_timeout),
                 follow_redirects=True,  # httpx drops Authorization on cross-origin redirects
                 headers={"User-Agent": user_agent},
-            ),
+                verify=verify if verify is not None else True,
+            )
+
+        self._shared = _shared or _Shared(
+            http=make_client(None),
             insecure=tuple(insecure),
             chunk_size=chunk_size,
+            ca=dict(ca or {}),
+            make_client=make_client,
+            retry_delays=tuple(retry_delays),
         )
         self._http = self._shared.http
         self._insecure = self._shared.insecure
@@ -299,6 +374,8 @@ class RegistryClient:
     async def aclose(self) -> None:
         if self._owner:  # a view does not own the connections
             await self._http.aclose()
+            for c in self._shared.ca_clients.values():
+                await c.aclose()
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -309,10 +386,33 @@ class RegistryClient:
     # -- URLs --------------------------------------------------------------------
 
     def scheme_for(self, domain: str) -> str:
-        # Like Docker, loopback registries are insecure by definition: no TLS try.
-        if is_loopback(domain) or any(_matches_insecure(domain, e) for e in self._insecure):
+        # Like Docker, loopback registries are insecure by definition: no TLS try,
+        # unless a CA is configured for it: that says it speaks TLS.
+        if any(_matches_insecure(domain, e) for e in self._insecure):
+            return "http"
+        if is_loopback(domain) and ca_domains(self._shared.ca, domain) is None:
             return "http"
         return "https"
+
+    def _http_for(self, url: str | httpx.URL) -> httpx.AsyncClient:
+        """The client whose TLS trust fits ``url``'s host: the shared one, or
+        one that also trusts the CA configured for that host."""
+        shared = self._shared
+        if not shared.ca:
+            return self._http
+        u = httpx.URL(str(url))
+        if u.scheme != "https":
+            return self._http
+        domain = f"{u.host}:{u.port}" if u.port else u.host
+        files = ca_domains(shared.ca, domain)
+        if files is None:
+            return self._http
+        key = "\0".join(files)
+        client = shared.ca_clients.get(key)
+        if client is None:
+            assert shared.make_client is not None
+            client = shared.ca_clients[key] = shared.make_client(_ssl_context(domain, files))
+        return client
 
     def _url(self, ref: Reference, tail: str) -> str:
         host = _API_HOSTS.get(ref.domain, ref.domain)
@@ -368,10 +468,10 @@ class RegistryClient:
                     client_id="ociworker",
                     scope=" ".join(wanted),
                 )
-                resp = await self._http.post(realm, data=form)
+                resp = await self._http_for(realm).post(realm, data=form)
             else:
                 auth = httpx.BasicAuth(*creds) if creds else None
-                resp = await self._http.get(realm, params=params, auth=auth)
+                resp = await self._http_for(realm).get(realm, params=params, auth=auth)
         except httpx.HTTPError as exc:
             method = "POST" if creds is not None and not creds[0] and creds[1] else "GET"
             raise RegistryError(
@@ -436,14 +536,15 @@ class RegistryClient:
                 # instead of paying for a 401 on every new scope.
                 await self._authenticate_with(key)
         for attempt in (0, 1):
-            request = self._http.build_request(
+            http = self._http_for(url)
+            request = http.build_request(
                 method, url, headers=headers, content=content, params=params
             )
             auth = await self._auth_header(domain, scopes)
             if auth:
                 request.headers["Authorization"] = auth
             try:
-                resp = await self._http.send(request, stream=True)
+                resp = await http.send(request, stream=True)
             except httpx.HTTPError as exc:
                 raise RegistryError(describe(exc, method, request.url)) from exc
             if resp.status_code == 401 and attempt == 0:
@@ -686,6 +787,19 @@ class RegistryClient:
     ) -> None:
         """Upload blob ``desc`` from ``store`` unless the registry has it; with
         ``mount_from`` (a repository on the same registry) try a cross-repo mount."""
+        await self.upload_blob(ref, desc, store, mount_from=mount_from)
+
+    async def upload_blob(
+        self,
+        ref: Reference | str,
+        desc: Descriptor,
+        store: ContentStore,
+        *,
+        mount_from: Reference | str | None = None,
+    ) -> BlobPush:
+        """``push_blob``, saying what happened. An upload cut short by the
+        network (or a 5xx) starts again, up to three tries in all, then fails
+        naming the blob."""
         ref = _as_ref(ref)
         size = store.size(desc.digest)
         if size != desc.size:
@@ -693,8 +807,30 @@ class RegistryClient:
                 f"blob {desc.digest} in the content store is {size} bytes, descriptor says "
                 f"{desc.size}"
             )
+        delays = self._shared.retry_delays
+        for attempt in range(len(delays) + 1):
+            try:
+                return await self._upload_once(ref, desc, store, mount_from)
+            except RegistryError as exc:
+                if not _retryable(exc):
+                    raise
+                if attempt == len(delays):
+                    raise RegistryError(
+                        f"failed to push blob {desc.digest} to {ref.repository} "
+                        f"after {attempt + 1} tries: {exc}"
+                    ) from exc
+                await asyncio.sleep(delays[attempt])
+        raise AssertionError("unreachable")
+
+    async def _upload_once(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        store: ContentStore,
+        mount_from: Reference | str | None,
+    ) -> BlobPush:
         if await self.has_blob(ref, desc.digest):
-            return
+            return "exists"
         scopes = _scope(ref.path, "pull,push")
         params: dict[str, str] = {}
         src = _as_ref(mount_from) if mount_from is not None else None
@@ -704,9 +840,9 @@ class RegistryClient:
         start_url = self._url(ref, "blobs/uploads/")
         resp = await self._send("POST", start_url, ref, scopes, params=params)
         if resp.status_code == 201 and params:
-            return  # mounted
+            return "mounted"
         if resp.status_code != 202:
-            raise _error(resp, f"push of blob {desc.digest} to {ref.repository} failed")
+            raise _upload_error(resp, desc, ref)
         location = _location(resp)
         if desc.size <= self._chunk_size:
             data = await asyncio.to_thread(store.read, desc.digest)
@@ -724,7 +860,8 @@ class RegistryClient:
             put_url = location.copy_merge_params({"digest": desc.digest})
             resp = await self._send("PUT", put_url, ref, scopes, content=b"")
         if resp.status_code not in (201, 204):
-            raise _error(resp, f"push of blob {desc.digest} to {ref.repository} failed")
+            raise _upload_error(resp, desc, ref)
+        return "uploaded"
 
     async def _upload_chunks(
         self,
@@ -753,9 +890,16 @@ class RegistryClient:
                     content=chunk,
                 )
                 if resp.status_code != 202:
-                    raise _error(resp, f"push of blob {desc.digest} to {ref.repository} failed")
+                    raise _upload_error(resp, desc, ref)
                 location = _location(resp)
                 offset = end + 1
+
+
+def _upload_error(resp: httpx.Response, desc: Descriptor, ref: Reference) -> RegistryError:
+    err = _error(resp, f"push of blob {desc.digest} to {ref.repository} failed")
+    if resp.status_code >= 500:
+        return _ServerError(str(err))
+    return err
 
 
 async def _drain(resp: httpx.Response) -> None:

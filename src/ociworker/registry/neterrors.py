@@ -26,6 +26,10 @@ _NO_SUCH_HOST = {
 }
 
 
+#: OpenSSL's X509_V_ERR_* codes for a chain that ends at no trusted CA
+_UNKNOWN_CA = frozenset({18, 19, 20, 21})  # self-signed leaf / in chain, unknown issuer
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and everything it was raised from, outermost first (groups
     flattened: anyio raises one error per address it tried)."""
@@ -66,8 +70,11 @@ def _timeout(exc: httpx.HTTPError, key: str) -> str:
 
 def _tls(err: ssl.SSLError) -> str:
     if isinstance(err, ssl.SSLCertVerificationError):
-        why = err.verify_message or err.reason or "certificate rejected"
-        return f"tls: failed to verify certificate: x509: {_one_line(str(why))}"
+        why = _one_line(str(err.verify_message or err.reason or "certificate rejected"))
+        if err.verify_code in _UNKNOWN_CA:
+            # Go's words, which say what to do about it: trust the CA
+            why = f"certificate signed by unknown authority ({why})"
+        return f"tls: failed to verify certificate: x509: {why}"
     if err.reason == "WRONG_VERSION_NUMBER":
         # what a TLS handshake meets when the server speaks plain HTTP
         return "http: server gave HTTP response to HTTPS client"

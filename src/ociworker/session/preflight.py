@@ -44,7 +44,7 @@ def check_build_paths(
         # First: for any other user the embedded worker cannot run at all,
         # whatever the other paths are.
         _check_user(root, os.geteuid() if euid is None else euid)
-    check_outputs(req.outputs)
+    check_outputs(req.outputs, req.tags)
     _check_context(req.context)
     if req.dockerfile is None:
         _check_default_dockerfile(req.context / "Dockerfile")

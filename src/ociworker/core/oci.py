@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ociworker.core.digest import Digest, check_digest
@@ -125,3 +125,7 @@ class Layer:
 
     descriptor: Descriptor
     diff_id: Digest
+    #: when the snapshot the layer was made from was first turned into a layer
+    #: (seconds since the epoch; None: not known, e.g. a layer of an imported
+    #: cache). Not part of the layer's identity.
+    created: float | None = field(default=None, compare=False)

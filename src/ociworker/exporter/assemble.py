@@ -156,15 +156,27 @@ async def make_image(
             entry["empty_layer"] = True  # BuildKit drops layers that change nothing
         else:
             kept.append(layer)
-    # The frontend dated everything when SOURCE_DATE_EPOCH is set; otherwise the
-    # build's time is what "created" says.
-    now = rfc3339_ns(time.time_ns())
+    # The frontend dated everything when SOURCE_DATE_EPOCH is set. Otherwise, as
+    # in BuildKit, a step is dated by the layer it made (when its snapshot was
+    # first exported), a step without a layer by the last layer before it, and
+    # the image by its newest step: a fully cached rebuild gives the same image
+    # digest. Only what no layer dates (an imported cache's) says the build's time.
+    now = time.time()
+    ours_made = [la.created or now for la in made[base_n:]]
+    # steps before the first layer (an ENV after FROM) take the first layer's date
+    when = ours_made[0] if ours_made else now
+    layer_times = iter(ours_made)
+    made_layer = {id(h) for h in layer_steps}
+    dated: list[dict[str, Any]] = []
+    newest = when
+    for h in ours:
+        if id(h) in made_layer:
+            when = next(layer_times)
+            newest = max(newest, when)
+        dated.append(h if "created" in h else dict(h, created=_rfc3339(when)))
     config = dict(plan.config)
-    history = base_history(list(plan.base_history), base_n) + [
-        h if "created" in h else dict(h, created=now) for h in ours
-    ]
-    config["history"] = history
-    config.setdefault("created", now)
+    config["history"] = base_history(list(plan.base_history), base_n) + dated
+    config.setdefault("created", _rfc3339(newest))
     inner = dict(config.get("config") or {})
     maint = inner.pop("_maintainer", None)
     if maint:
@@ -180,6 +192,10 @@ async def make_image(
         oci_media_types=opts.oci_media_types,
         annotations=dict(annotations or {}),
     )
+
+
+def _rfc3339(seconds: float) -> str:
+    return rfc3339_ns(int(seconds * 1e9))
 
 
 def base_history(history: list[dict[str, Any]], layers: int) -> list[dict[str, Any]]:

@@ -112,4 +112,5 @@ class SnapshotLayers:
         finally:
             await self._snapshots.remove(upper_key)
         self._cache.put_layer(name, comp, layer)
-        return layer
+        # as recorded: dated by the snapshot's first layer (an earlier compression's)
+        return self._cache.get_layer(name, comp) or layer

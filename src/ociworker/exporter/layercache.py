@@ -11,6 +11,7 @@ so a restart keeps them.
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -65,25 +66,32 @@ class SQLiteLayerCache:
         enable_wal(self._db, 30)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(layers)")}
+        if "created" not in columns:  # a state dir from before layers were dated
+            self._db.execute("ALTER TABLE layers ADD COLUMN created REAL")
 
     def close(self) -> None:
         self._db.close()
 
     def get_layer(self, snapshot: str, compression: str) -> Layer | None:
         row = self._db.execute(
-            "SELECT media_type, digest, size, diff_id FROM layers"
+            "SELECT media_type, digest, size, diff_id, created FROM layers"
             " WHERE snapshot = ? AND compression = ?",
             (snapshot, compression),
         ).fetchone()
         if row is None:
             return None
-        return Layer(Descriptor(row[0], check_digest(row[1]), int(row[2])), check_digest(row[3]))
+        desc = Descriptor(row[0], check_digest(row[1]), int(row[2]))
+        return Layer(desc, check_digest(row[3]), None if row[4] is None else float(row[4]))
 
     def put_layer(self, snapshot: str, compression: str, layer: Layer) -> None:
+        # A snapshot's date is that of its first layer, whatever the compression,
+        # so the image's history does not change with the output's options.
         self._db.execute(
             "INSERT OR REPLACE INTO layers"
-            " (snapshot, compression, media_type, digest, size, diff_id)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            " (snapshot, compression, media_type, digest, size, diff_id, created)"
+            " VALUES (?, ?, ?, ?, ?, ?,"
+            " COALESCE((SELECT MIN(created) FROM layers WHERE snapshot = ?), ?))",
             (
                 snapshot,
                 compression,
@@ -91,6 +99,8 @@ class SQLiteLayerCache:
                 layer.descriptor.digest,
                 layer.descriptor.size,
                 layer.diff_id,
+                snapshot,
+                layer.created if layer.created is not None else time.time(),
             ),
         )
 

@@ -53,6 +53,7 @@ from ociworker.errors import (
     NotFoundError,
     OciworkerError,
     UserError,
+    WorkerRefused,
 )
 from ociworker.fs.paths import check_relative_name
 from ociworker.session.filesync import ContextStore
@@ -217,9 +218,13 @@ class ControlService:
         self.contexts = ContextStore(worker.root / "contexts")
         self._builds: OrderedDict[str, _Build] = OrderedDict()
         self._tasks: set[asyncio.Task[pb.SolveResult]] = set()
+        #: set when the daemon stops: a Solve then is refused, not started and cancelled
+        self.closing = False
 
     async def cancel_all(self) -> None:
-        """Cancel every running build and wait until each has released what it held."""
+        """Cancel every running build and wait until each has released what it held;
+        builds asked for from now on are refused (a fleet client takes them elsewhere)."""
+        self.closing = True
         tasks = list(self._tasks)
         for t in tasks:
             # Once only: a second cancel would cut short the (shielded) cleanup
@@ -233,6 +238,11 @@ class ControlService:
     async def Solve(  # gRPC method names are CamelCase
         self, request: pb.SolveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        if self.closing:
+            # before anything is recorded or run: the client may hand the build
+            # to another worker without it ever running twice
+            await _abort(context, WorkerRefused("the daemon is shutting down"))
+            return
         build_id = request.build_id or uuid.uuid4().hex
         old = self._builds.get(build_id)
         if old is not None and not old.done:

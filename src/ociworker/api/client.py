@@ -18,7 +18,7 @@ import os
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -208,6 +208,7 @@ class Client:
         ssh_ids: Sequence[str] = (),
         credentials: Credentials | None = None,
         failover: bool = False,
+        accepted: Callable[[], None] | None = None,
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
         last the ``BuildResult``. Leaving the loop early cancels the build.
@@ -215,6 +216,8 @@ class Client:
         With ``failover``, a failure that proves the daemon did not take the
         build raises ``WorkerRefused`` (see ``_not_taken``): the caller may
         hand the same build to another daemon without it ever running twice.
+        ``accepted`` is called when the daemon first answers the Solve: from
+        then on the build is that daemon's.
         """
         definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
@@ -258,7 +261,10 @@ class Client:
                 call = self._stub.Solve(solve_req)
                 try:
                     async for msg in call:
-                        answered = True
+                        if not answered:
+                            answered = True
+                            if accepted is not None:
+                                accepted()
                         item = _item(msg)
                         if item is not None:
                             yield item
@@ -313,6 +319,7 @@ class Client:
         ssh_ids: Sequence[str] = (),
         credentials: Credentials | None = None,
         failover: bool = False,
+        accepted: Callable[[], None] | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> BuildResult:
@@ -320,7 +327,7 @@ class Client:
 
         ``request`` is a ``BuildRequest`` or a context dir with the request's
         other fields as keywords (``outputs`` may be strings as ``--output``).
-        ``failover`` is ``solve``'s; ``extra_metadata`` is added to the
+        ``failover`` and ``accepted`` are ``solve``'s; ``extra_metadata`` is added to the
         result's metadata (and file): the fleet records its pick there.
         """
         request = as_request(request, fields)
@@ -336,6 +343,7 @@ class Client:
                 ssh_ids=ssh_ids,
                 credentials=credentials,
                 failover=failover,
+                accepted=accepted,
             ):
                 if isinstance(item, OutputData):
                     await asyncio.to_thread(writers.write, item)

@@ -15,6 +15,7 @@ no build ever runs on two workers; its failure is the build's failure.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +56,7 @@ class Member(Protocol):
         *,
         events: EventSink,
         failover: bool,
+        accepted: Callable[[], None] | None,
         extra_metadata: Mapping[str, Any] | None,
         **options: Any,
     ) -> BuildResult: ...
@@ -121,8 +123,8 @@ class Fleet:
         """``Client.build`` on the first worker of ``ranking`` that is up and
         takes it; the result's metadata names it under ``WORKER_METADATA_KEY``.
 
-        ``announce`` gets the one line saying which worker builds (default: an
-        ``Info`` event); each worker passed over is a ``Warning`` event.
+        ``announce`` gets the one line saying which worker took the build
+        (default: an ``Info`` event); each worker passed over is a ``Warning``.
         """
         client_opts = {
             k: options.pop(k)
@@ -141,12 +143,14 @@ class Fleet:
                 passed.append(str(exc))
                 self._passing(events, exc, last=n == len(order))
                 continue
-            say(f'building with worker "{addr}" (sticky pick {n} of {len(order)})')
+            line = f'building with worker "{addr}" (sticky pick {n} of {len(order)})'
             try:
                 return await member.build(
                     req,
                     events=events,
                     failover=True,
+                    # said once the worker answers: a refusing one never "builds"
+                    accepted=functools.partial(say, line),
                     extra_metadata={WORKER_METADATA_KEY: addr},
                     **client_opts,
                 )

@@ -56,9 +56,12 @@ from ociworker.errors import (
     WorkerRefused,
 )
 from ociworker.fs.paths import check_relative_name
+from ociworker.log import get_logger
 from ociworker.session.filesync import ContextStore
 from ociworker.version import __version__
 from ociworker.worker import Worker
+
+_log = get_logger("ociworker.api.server")
 
 _FINISHED_KEPT = 100  # finished builds Status can still replay
 _OUTPUT_CREDITS = 32  # output chunks in flight per build (backpressure on exporters)
@@ -250,6 +253,8 @@ class ControlService:
             return
         rec = _Build(build_id)
         self._builds[build_id] = rec
+        # which worker of a fleet took which build, on the worker's side
+        _log.info("build accepted", build=build_id, context_key=request.context_key)
         self._forget_old()
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[pb.SolveEvent | None] = asyncio.Queue()

@@ -24,6 +24,7 @@ Run: .venv/bin/python benchmarks/fleet.py [--daemons 1,2,3] [--projects 6] [--ro
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import signal
@@ -142,14 +143,19 @@ def main() -> int:
         f"{args.projects} projects x {args.rounds} rounds, {args.concurrency} builds at once, "
         f"{args.work_mib} MiB hashed; builds/min: median of {args.n} runs (min-max)"
     )
-    print("| daemons | placement | builds | builds/min | median build s | RUN steps run / cached |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| daemons | placement | builds | builds/min | median build s "
+        "| RUN steps run / cached | host load |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for n in (int(x) for x in args.daemons.split(",")):
         policies = ["sticky", "random"] if args.random and n > 1 else ["sticky"]
         for policy in policies:
             try:
+                load = os.getloadavg()[0]
                 runs = [run_config(n, policy, args) for _ in range(args.n)]
-                print(row(n, policy, runs), flush=True)
+                # other work on the host skews a row: say how busy it was
+                print(f"{row(n, policy, runs)} {load:.1f}-{os.getloadavg()[0]:.1f} |", flush=True)
             except (DaemonStartError, RuntimeError) as exc:
                 print(f"| {n} | {policy} | failed: {exc} |", flush=True)
                 return 1

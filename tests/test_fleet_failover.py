@@ -4,7 +4,9 @@ build a worker took is never handed to another, whatever happens to it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from ociworker.api.server import ControlService, serve_session
 from ociworker.api.session import SessionHub
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
+from ociworker.cli import main
 from ociworker.core.progress import Event, Warning
 from ociworker.errors import ConfigError, DaemonUnavailable, WorkerRefused
 from ociworker.worker import Worker
@@ -200,3 +203,55 @@ async def test_a_stopping_daemon_refuses_a_build(tmp_path: Path) -> None:
     assert str(got.value) == (
         f"the ociworker daemon at {addr} refused the build: the daemon is shutting down"
     )
+
+
+async def _cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ociworker",
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_the_cli_names_the_worker_and_records_it(net: Net) -> None:
+    ctx = net.ctx()
+    meta = net.tmp / "meta.json"
+    order = Fleet(list(net.servers)).ranking(ctx)
+    net.servers[order[0]].mode = "refuse"
+    flags = [f for addr in net.servers for f in ("--addr", addr)]
+    code, err = await _cli(
+        "build", *flags, "--progress", "plain", "--metadata-file", str(meta), str(ctx)
+    )
+    assert code == 0, err
+    lines = err.splitlines()
+    assert f'building with worker "{order[1]}" (sticky pick 2 of 3)' in lines
+    assert [x for x in lines if x.startswith("WARNING: ")] == [
+        f"WARNING: {order[0]}: refused: the daemon is shutting down; "
+        "trying the next worker of the fleet"
+    ]
+    assert json.loads(meta.read_text())["ociworker.worker"] == order[1]
+
+
+async def test_one_addr_is_a_plain_daemon_build(net: Net) -> None:
+    ctx = net.ctx()
+    meta = net.tmp / "meta.json"
+    addr = next(iter(net.servers))
+    code, err = await _cli(
+        "build", "--addr", addr, "--progress", "plain", "--metadata-file", str(meta), str(ctx)
+    )
+    assert code == 0, err
+    assert "building with worker" not in err
+    assert "ociworker.worker" not in json.loads(meta.read_text())
+
+
+def test_du_and_prune_take_one_daemon(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in ("du", "prune"):
+        assert main([cmd, "--addr", "unix:///a.sock", "--addr", "unix:///b.sock"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ERROR: {cmd} works on one daemon: give one --addr"), err

@@ -35,6 +35,7 @@ class _Scripted(pb_grpc.ControlServicer):
         self.hub = SessionHub()
         self.mode = "ok"
         self.solves = 0
+        self.dockerfiles: list[bytes] = []
 
     async def Info(self, request: Any, context: Any) -> pb.InfoResponse:  # type: ignore[override]
         return pb.InfoResponse(version="scripted")
@@ -44,6 +45,7 @@ class _Scripted(pb_grpc.ControlServicer):
 
     async def Solve(self, request: pb.SolveRequest, context: Any) -> None:  # type: ignore[override]
         self.solves += 1
+        self.dockerfiles.append(request.dockerfile)
         if self.mode == "refuse":
             err = WorkerRefused("the daemon is shutting down")
             context.set_trailing_metadata(api_errors.trailing_metadata(err))
@@ -205,16 +207,17 @@ async def test_a_stopping_daemon_refuses_a_build(tmp_path: Path) -> None:
     )
 
 
-async def _cli(*args: str) -> tuple[int, str]:
+async def _cli(*args: str, stdin: bytes = b"") -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "ociworker",
         *args,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await proc.communicate()
+    _, err = await proc.communicate(stdin)
     assert proc.returncode is not None
     return proc.returncode, err.decode()
 
@@ -255,3 +258,15 @@ def test_du_and_prune_take_one_daemon(capsys: pytest.CaptureFixture[str]) -> Non
         assert main([cmd, "--addr", "unix:///a.sock", "--addr", "unix:///b.sock"]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"ERROR: {cmd} works on one daemon: give one --addr"), err
+
+
+async def test_a_dockerfile_from_stdin_reaches_the_worker_that_takes_over(net: Net) -> None:
+    ctx = net.ctx()
+    order = Fleet(list(net.servers)).ranking(ctx)
+    net.servers[order[0]].mode = "refuse"
+    flags = [f for addr in net.servers for f in ("--addr", addr)]
+    text = b"FROM scratch\nLABEL from=stdin\n"
+    code, err = await _cli("build", *flags, "--progress", "plain", "-f", "-", str(ctx), stdin=text)
+    assert code == 0, err
+    assert net.servers[order[0]].dockerfiles == [text]
+    assert net.servers[order[1]].dockerfiles == [text]

@@ -30,7 +30,7 @@ from ociworker.api.convert import event_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildRequest, BuildResult, UsageRecord
+from ociworker.core.build import BuildDefinition, BuildRequest, BuildResult, UsageRecord
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
@@ -209,6 +209,7 @@ class Client:
         credentials: Credentials | None = None,
         failover: bool = False,
         accepted: Callable[[], None] | None = None,
+        definition: BuildDefinition | None = None,
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
         last the ``BuildResult``. Leaving the loop early cancels the build.
@@ -217,9 +218,11 @@ class Client:
         build raises ``WorkerRefused`` (see ``_not_taken``): the caller may
         hand the same build to another daemon without it ever running twice.
         ``accepted`` is called when the daemon first answers the Solve: from
-        then on the build is that daemon's.
+        then on the build is that daemon's. ``definition`` is the Dockerfile
+        already read (once per build: ``-f -`` cannot be read twice).
         """
-        definition = read_definition(request.context, request.dockerfile)
+        if definition is None:
+            definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
         session = ClientSession(
             uuid.uuid4().hex,
@@ -320,6 +323,7 @@ class Client:
         credentials: Credentials | None = None,
         failover: bool = False,
         accepted: Callable[[], None] | None = None,
+        definition: BuildDefinition | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> BuildResult:
@@ -327,8 +331,9 @@ class Client:
 
         ``request`` is a ``BuildRequest`` or a context dir with the request's
         other fields as keywords (``outputs`` may be strings as ``--output``).
-        ``failover`` and ``accepted`` are ``solve``'s; ``extra_metadata`` is added to the
-        result's metadata (and file): the fleet records its pick there.
+        ``failover``, ``accepted`` and ``definition`` are ``solve``'s;
+        ``extra_metadata`` is added to the result's metadata (and file): the
+        fleet records its pick there.
         """
         request = as_request(request, fields)
         writers = _OutputWriters(request.outputs)
@@ -344,6 +349,7 @@ class Client:
                 credentials=credentials,
                 failover=failover,
                 accepted=accepted,
+                definition=definition,
             ):
                 if isinstance(item, OutputData):
                     await asyncio.to_thread(writers.write, item)
@@ -387,9 +393,10 @@ def _not_taken(err: grpc.aio.AioRpcError, *, solve_sent: bool) -> str | None:
     answer proves it did not; ``None`` when it may have (then no failover).
 
     Proof is: no Solve was sent yet (the session could not be opened), the
-    daemon refused the Solve in words (``WorkerRefused``, or gRPC's
-    RESOURCE_EXHAUSTED, which a server sends before it runs a handler), or the
-    channel never connected, so the Solve never left this process. A Solve
+    daemon refused the Solve in words (``WorkerRefused``, or RESOURCE_EXHAUSTED,
+    gRPC's "too busy"; a daemon's first answer is a small progress event, so
+    this is no answer that was too large), or the channel never connected, so
+    the Solve never left this process. A Solve
     that was sent on a live connection and then lost it (UNAVAILABLE, reset)
     may be running there: it is reported, not retried elsewhere.
     """

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ociworker.api.client import Client, DaemonInfo, as_request, check_addr
-from ociworker.core.build import BuildRequest, BuildResult
+from ociworker.core.build import BuildDefinition, BuildRequest, BuildResult
 from ociworker.core.fleet import rank
 from ociworker.core.progress import EventSink, Info, Warning, discard
 from ociworker.errors import ConfigError, DaemonUnavailable, WorkerRefused
+from ociworker.session.context import read_definition
 
 #: metadata key (result and ``--metadata-file``) naming the worker that built,
 #: as buildx's ``buildx.build.ref`` names the builder and node
@@ -57,6 +58,7 @@ class Member(Protocol):
         events: EventSink,
         failover: bool,
         accepted: Callable[[], None] | None,
+        definition: BuildDefinition | None,
         extra_metadata: Mapping[str, Any] | None,
         **options: Any,
     ) -> BuildResult: ...
@@ -132,6 +134,8 @@ class Fleet:
             if k in options
         }
         req = as_request(request, options)
+        # read once for every attempt (``-f -`` is stdin), and before any probe
+        definition = read_definition(req.context, req.dockerfile)
         say = announce or (lambda line: events(Info(line)))
         order = self.ranking(req.context)
         passed: list[str] = []
@@ -151,6 +155,7 @@ class Fleet:
                     failover=True,
                     # said once the worker answers: a refusing one never "builds"
                     accepted=functools.partial(say, line),
+                    definition=definition,
                     extra_metadata={WORKER_METADATA_KEY: addr},
                     **client_opts,
                 )

@@ -38,6 +38,8 @@ class _Scripted(pb_grpc.ControlServicer):
         self.dockerfiles: list[bytes] = []
 
     async def Info(self, request: Any, context: Any) -> pb.InfoResponse:  # type: ignore[override]
+        if self.mode == "hung":
+            await asyncio.sleep(60)  # a daemon that accepts connections and answers nothing
         return pb.InfoResponse(version="scripted")
 
     async def Session(self, request_iterator: Any, context: Any) -> None:  # type: ignore[override]
@@ -132,6 +134,19 @@ async def test_a_worker_that_is_down_is_passed_over(net: Net) -> None:
         assert warned[0].endswith("; trying the next worker of the fleet")
     else:
         assert warned == []
+
+
+async def test_a_worker_that_does_not_answer_the_probe_is_passed_over(net: Net) -> None:
+    ctx = net.ctx()
+    async with Fleet(list(net.servers), probe_timeout=0.5) as fleet:
+        first, second, third = fleet.ranking(ctx)
+        net.servers[first].mode = "hung"
+        line, events, meta = await _build(fleet, ctx)
+    assert line == f'building with worker "{second}" (sticky pick 2 of 3)'
+    assert meta[WORKER_METADATA_KEY] == second
+    assert [net.servers[a].solves for a in (first, second, third)] == [0, 1, 0]
+    (warned,) = [e.message for e in events if isinstance(e, Warning)]
+    assert warned.startswith(f"cannot reach the ociworker daemon at {first}: deadline")
 
 
 @pytest.mark.parametrize("mode", ["refuse", "exhausted"])

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +58,12 @@ def accepted(node: Node) -> collections.Counter[str]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, require_root: None, registry: str) -> Iterator[list[Node]]:
+def fleet(
+    tmp_path: Path,
+    require_root: None,
+    registry: str,
+    mounts_under: Callable[[Path], list[Path]],
+) -> Iterator[list[Node]]:
     nodes: list[Node] = []
     try:
         for i in range(3):
@@ -73,6 +78,10 @@ def fleet(tmp_path: Path, require_root: None, registry: str) -> Iterator[list[No
                 n.proc.send_signal(signal.SIGTERM)
         for n in nodes:
             n.proc.wait(timeout=60)
+        # A daemon killed mid-build may leave a mount (its next start would clean
+        # it up): it must not pin the host's tmp dir for the rest of the suite.
+        for point in mounts_under(tmp_path):
+            subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)
 
 
 def build(

@@ -8,8 +8,9 @@ from ociworker.version import __version__
 
 if TYPE_CHECKING:
     from ociworker.api.client import Client
+    from ociworker.api.fleet import Fleet
 
-__all__ = ["Client", "__version__"]
+__all__ = ["Client", "Fleet", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +19,8 @@ def __getattr__(name: str) -> Any:
         from ociworker.api.client import Client
 
         return Client
+    if name == "Fleet":
+        from ociworker.api.fleet import Fleet
+
+        return Fleet
     raise AttributeError(f"module 'ociworker' has no attribute {name!r}")

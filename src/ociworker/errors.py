@@ -152,6 +152,14 @@ class DaemonUnavailable(WorldError):
     code = "daemon_unavailable"
 
 
+class WorkerRefused(DaemonUnavailable):
+    """A worker did not take a build: it refused it (shutting down, no room) or
+    could not be reached before the build was handed to it. Nothing of the
+    build ran there, so a fleet client may hand it to the next worker."""
+
+    code = "worker_refused"
+
+
 class BuildCancelled(OciworkerError):
     """The build was cancelled by its caller."""
 

@@ -18,7 +18,7 @@ import os
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -30,13 +30,13 @@ from ociworker.api.convert import event_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildRequest, BuildResult, UsageRecord
+from ociworker.core.build import BuildDefinition, BuildRequest, BuildResult, UsageRecord
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable
+from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable, WorkerRefused
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.fs.oserror import os_error_text
@@ -108,25 +108,28 @@ def _read_pem(flag: str, path: str) -> bytes:
     return data
 
 
+def check_addr(addr: str) -> None:
+    """Refuse an address no channel can be opened to, before anything connects."""
+    if not addr.startswith(("unix://", "tcp://")):
+        raise ConfigError(f"invalid daemon address {addr!r}: use unix:///PATH or tcp://HOST:PORT")
+
+
 def _open_channel(
     addr: str, tlscacert: str | None, tlscert: str | None, tlskey: str | None
 ) -> grpc.aio.Channel:
+    check_addr(addr)
     options = list(KEEPALIVE_OPTIONS)
     if addr.startswith("unix://"):
         return grpc.aio.insecure_channel(addr, options=options)
-    if addr.startswith("tcp://"):
-        target = addr.removeprefix("tcp://")
-        if not (tlscacert and tlscert and tlskey):
-            raise ConfigError(
-                f"{addr}: TCP needs mutual TLS: give --tlscacert, --tlscert and --tlskey"
-            )
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read_pem("--tlscacert", tlscacert),
-            private_key=_read_pem("--tlskey", tlskey),
-            certificate_chain=_read_pem("--tlscert", tlscert),
-        )
-        return grpc.aio.secure_channel(target, creds, options=options)
-    raise ConfigError(f"invalid daemon address {addr!r}: use unix:///PATH or tcp://HOST:PORT")
+    target = addr.removeprefix("tcp://")
+    if not (tlscacert and tlscert and tlskey):
+        raise ConfigError(f"{addr}: TCP needs mutual TLS: give --tlscacert, --tlscert and --tlskey")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read_pem("--tlscacert", tlscacert),
+        private_key=_read_pem("--tlskey", tlskey),
+        certificate_chain=_read_pem("--tlscert", tlscert),
+    )
+    return grpc.aio.secure_channel(target, creds, options=options)
 
 
 class Client:
@@ -155,6 +158,8 @@ class Client:
 
     def _error(self, err: grpc.aio.AioRpcError) -> BaseException:
         exc = api_errors.from_rpc_error(err)
+        if isinstance(exc, WorkerRefused):
+            return WorkerRefused(f"the ociworker daemon at {self.addr} refused the build: {exc}")
         if isinstance(exc, DaemonUnavailable):
             # gRPC's text ("failed to connect to all addresses; last error: ...")
             # names neither the flag nor the cause in words: say both.
@@ -163,8 +168,10 @@ class Client:
             return DaemonUnavailable(f"cannot reach the ociworker daemon at {self.addr}: {cause}")
         return exc
 
-    async def info(self) -> DaemonInfo:
-        r = await self._unary(self._stub.Info, pb.InfoRequest())
+    async def info(self, *, timeout: float | None = None) -> DaemonInfo:
+        """The daemon's version and state; with ``timeout`` (seconds) a daemon
+        that does not answer in time is ``DaemonUnavailable`` (the fleet's probe)."""
+        r = await self._unary(self._stub.Info, pb.InfoRequest(), timeout=timeout)
         return DaemonInfo(r.version, r.root, r.runtime, r.snapshotter, r.running_builds)
 
     async def disk_usage(self) -> list[UsageRecord]:
@@ -182,9 +189,9 @@ class Client:
             for w in r.workers
         ]
 
-    async def _unary(self, method: Any, request: Any) -> Any:
+    async def _unary(self, method: Any, request: Any, *, timeout: float | None = None) -> Any:
         try:
-            return await method(request)
+            return await method(request, timeout=timeout)
         except grpc.aio.AioRpcError as err:
             raise self._error(err) from None
 
@@ -200,10 +207,22 @@ class Client:
         ssh: SSHAgents | None = None,
         ssh_ids: Sequence[str] = (),
         credentials: Credentials | None = None,
+        failover: bool = False,
+        accepted: Callable[[], None] | None = None,
+        definition: BuildDefinition | None = None,
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
-        last the ``BuildResult``. Leaving the loop early cancels the build."""
-        definition = read_definition(request.context, request.dockerfile)
+        last the ``BuildResult``. Leaving the loop early cancels the build.
+
+        With ``failover``, a failure that proves the daemon did not take the
+        build raises ``WorkerRefused`` (see ``_not_taken``): the caller may
+        hand the same build to another daemon without it ever running twice.
+        ``accepted`` is called when the daemon first answers the Solve: from
+        then on the build is that daemon's. ``definition`` is the Dockerfile
+        already read (once per build: ``-f -`` cannot be read twice).
+        """
+        if definition is None:
+            definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
         session = ClientSession(
             uuid.uuid4().hex,
@@ -242,18 +261,29 @@ class Client:
             annotations=request.annotations,
             labels=dict(request.labels),
         )
+        solve_sent = answered = False
         try:
             async with self._session(session):
+                solve_sent = True
                 call = self._stub.Solve(solve_req)
                 try:
                     async for msg in call:
+                        if not answered:
+                            answered = True
+                            if accepted is not None:
+                                accepted()
                         item = _item(msg)
                         if item is not None:
                             yield item
                 finally:
                     call.cancel()
         except grpc.aio.AioRpcError as err:
-            raise self._error(err) from None
+            exc = self._error(err)
+            if failover and not answered:
+                why = _not_taken(err, solve_sent=solve_sent)
+                if why is not None:
+                    raise WorkerRefused(f"{self.addr}: {why}") from None
+            raise exc from None
 
     async def status(self, build_id: str) -> AsyncIterator[SolveItem]:
         """Attach to a build by id: what happened so far, then until it ends."""
@@ -295,21 +325,21 @@ class Client:
         ssh: SSHAgents | None = None,
         ssh_ids: Sequence[str] = (),
         credentials: Credentials | None = None,
+        failover: bool = False,
+        accepted: Callable[[], None] | None = None,
+        definition: BuildDefinition | None = None,
+        extra_metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> BuildResult:
         """Run a build and write its outputs, iidfile and metadata file here.
 
         ``request`` is a ``BuildRequest`` or a context dir with the request's
         other fields as keywords (``outputs`` may be strings as ``--output``).
+        ``failover``, ``accepted`` and ``definition`` are ``solve``'s;
+        ``extra_metadata`` is added to the result's metadata (and file): the
+        fleet records its pick there.
         """
-        if not isinstance(request, BuildRequest):
-            outs = tuple(
-                o if isinstance(o, OutputSpec) else OutputSpec.parse(o)
-                for o in fields.pop("outputs", ())
-            )
-            request = BuildRequest(context=Path(request), outputs=outs, **fields)
-        elif fields:
-            request = replace(request, **fields)
+        request = as_request(request, fields)
         writers = _OutputWriters(request.outputs)
         result: BuildResult | None = None
         try:
@@ -321,6 +351,9 @@ class Client:
                 ssh=ssh,
                 ssh_ids=ssh_ids,
                 credentials=credentials,
+                failover=failover,
+                accepted=accepted,
+                definition=definition,
             ):
                 if isinstance(item, OutputData):
                     await asyncio.to_thread(writers.write, item)
@@ -334,6 +367,8 @@ class Client:
             writers.close()
         if result is None:
             raise ConfigError("the daemon ended the build without a result")
+        if extra_metadata:
+            result = replace(result, metadata={**result.metadata, **extra_metadata})
         meta = result.metadata
         from ociworker.exporter.target import write_errors
 
@@ -344,6 +379,42 @@ class Client:
             with write_errors(f"cannot write --metadata-file {request.metadata_file}"):
                 write_atomic(request.metadata_file, json.dumps(meta, indent=2).encode() + b"\n")
         return result
+
+
+def as_request(request: BuildRequest | Path | str, fields: dict[str, Any]) -> BuildRequest:
+    """``Client.build``'s ``request`` and keywords as one ``BuildRequest``."""
+    if not isinstance(request, BuildRequest):
+        outs = tuple(
+            o if isinstance(o, OutputSpec) else OutputSpec.parse(o)
+            for o in fields.pop("outputs", ())
+        )
+        return BuildRequest(context=Path(request), outputs=outs, **fields)
+    return replace(request, **fields) if fields else request
+
+
+def _not_taken(err: grpc.aio.AioRpcError, *, solve_sent: bool) -> str | None:
+    """Why the daemon did not take the build, when a failure before its first
+    answer proves it did not; ``None`` when it may have (then no failover).
+
+    Proof is: no Solve was sent yet (the session could not be opened), the
+    daemon refused the Solve in words (``WorkerRefused``, or RESOURCE_EXHAUSTED,
+    gRPC's "too busy"; a daemon's first answer is a small progress event, so
+    this is no answer that was too large), or the channel never connected, so
+    the Solve never left this process. A Solve
+    that was sent on a live connection and then lost it (UNAVAILABLE, reset)
+    may be running there: it is reported, not retried elsewhere.
+    """
+    code = err.code()
+    details = err.details() or str(code)
+    if isinstance(api_errors.from_rpc_error(err), WorkerRefused):
+        return f"refused: {details}"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"refused: {details}"
+    if code == grpc.StatusCode.UNAVAILABLE and (
+        not solve_sent or "failed to connect to all addresses" in details
+    ):
+        return f"unavailable: {details}"
+    return None
 
 
 def _item(msg: pb.SolveEvent) -> SolveItem | None:

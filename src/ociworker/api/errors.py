@@ -25,6 +25,8 @@ _STATUS: tuple[tuple[type[errors.OciworkerError], grpc.StatusCode], ...] = (
     (errors.UnsupportedError, grpc.StatusCode.UNIMPLEMENTED),
     (errors.ExecError, grpc.StatusCode.UNKNOWN),
     (errors.UserError, grpc.StatusCode.INVALID_ARGUMENT),
+    # RESOURCE_EXHAUSTED, as gRPC's own "too busy" answers: the client may try another worker
+    (errors.WorkerRefused, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.WorldError, grpc.StatusCode.UNAVAILABLE),
 )
 

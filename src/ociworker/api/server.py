@@ -54,11 +54,15 @@ from ociworker.errors import (
     NotFoundError,
     OciworkerError,
     UserError,
+    WorkerRefused,
 )
 from ociworker.fs.paths import check_relative_name
+from ociworker.log import get_logger
 from ociworker.session.filesync import ContextStore
 from ociworker.version import __version__
 from ociworker.worker import Worker
+
+_log = get_logger("ociworker.api.server")
 
 _FINISHED_KEPT = 100  # finished builds Status can still replay
 _OUTPUT_CREDITS = 32  # output chunks in flight per build (backpressure on exporters)
@@ -218,9 +222,13 @@ class ControlService:
         self.contexts = ContextStore(worker.root / "contexts")
         self._builds: OrderedDict[str, _Build] = OrderedDict()
         self._tasks: set[asyncio.Task[pb.SolveResult]] = set()
+        #: set when the daemon stops: a Solve then is refused, not started and cancelled
+        self.closing = False
 
     async def cancel_all(self) -> None:
-        """Cancel every running build and wait until each has released what it held."""
+        """Cancel every running build and wait until each has released what it held;
+        builds asked for from now on are refused (a fleet client takes them elsewhere)."""
+        self.closing = True
         tasks = list(self._tasks)
         for t in tasks:
             # Once only: a second cancel would cut short the (shielded) cleanup
@@ -234,6 +242,11 @@ class ControlService:
     async def Solve(  # gRPC method names are CamelCase
         self, request: pb.SolveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
+        if self.closing:
+            # before anything is recorded or run: the client may hand the build
+            # to another worker without it ever running twice
+            await _abort(context, WorkerRefused("the daemon is shutting down"))
+            return
         build_id = request.build_id or uuid.uuid4().hex
         old = self._builds.get(build_id)
         if old is not None and not old.done:
@@ -241,6 +254,8 @@ class ControlService:
             return
         rec = _Build(build_id)
         self._builds[build_id] = rec
+        # which worker of a fleet took which build, on the worker's side
+        _log.info("build accepted", build=build_id, context_key=request.context_key)
         self._forget_old()
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[pb.SolveEvent | None] = asyncio.Queue()

@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -83,11 +83,15 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
     # With an address (or $OCIWORKER_HOST) the command runs on that daemon;
-    # without, on the embedded worker.
+    # without, on the embedded worker. Repeated (build only): a fleet, see
+    # _resolve_addrs. The environment is read there, not as the default: an
+    # appended list would otherwise grow from it.
     p.add_argument(
         "--addr",
-        default=os.environ.get("OCIWORKER_HOST") or None,
-        help="daemon address unix:///PATH or tcp://HOST:PORT (default $OCIWORKER_HOST)",
+        action="append",
+        default=None,
+        help="daemon address unix:///PATH or tcp://HOST:PORT (default $OCIWORKER_HOST); "
+        "build: repeat for a fleet, the worker is picked by the context",
     )
     p.add_argument("--tlscacert", default=None, help="CA certificate of the daemon (tcp://)")
     p.add_argument("--tlscert", default=None, help="client certificate (tcp://)")
@@ -412,7 +416,26 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         tags=list(req.tags),
         addr=args.addr or "embedded",
     )
-    if args.addr:
+    if len(args.addrs) > 1:
+        # A fleet: the context picks the worker, the next takes over when it is down.
+        from ociworker.api.fleet import Fleet
+
+        async with Fleet(
+            args.addrs, tlscacert=args.tlscacert, tlscert=args.tlscert, tlskey=args.tlskey
+        ) as fleet:
+            with view:
+                _state.phase = Phase.SOLVE
+                result = await fleet.build(
+                    req,
+                    events=printer,
+                    announce=_announcer(printer),
+                    secrets=secrets,
+                    secret_ids=[s.id for s in secret_sources],
+                    ssh=ssh,
+                    ssh_ids=ssh_ids,
+                    credentials=DockerConfigCredentials(),
+                )
+    elif args.addr:
         # On a daemon, this process serves the same secrets, agents and docker
         # login through the build's session.
         async with _client(args) as client:
@@ -464,6 +487,34 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         # is in --metadata-file
         print(f"image digest: {result.manifest.digest}", file=sys.stderr)
     return 0
+
+
+def _announcer(printer: EventSink) -> Callable[[str], None] | None:
+    """Where the fleet's "building with worker" line goes: a progress line in
+    plain and rawjson (the default), above the live view in tty (which shows
+    a line only under a step, and none runs yet), nowhere with quiet."""
+    from ociworker.progress_ui import TTYPrinter
+
+    if isinstance(printer, QuietPrinter):
+        return lambda line: None
+    if isinstance(printer, TTYPrinter):
+        console = printer.console
+        return lambda line: console.print(line, highlight=False, markup=False)
+    return None
+
+
+def _resolve_addrs(args: argparse.Namespace) -> None:
+    """``args.addrs``: every --addr given, else $OCIWORKER_HOST; ``args.addr`` its
+    first (or None: the embedded worker). Only a build spreads over a fleet."""
+    addrs: list[str] = args.addr or (
+        [os.environ["OCIWORKER_HOST"]] if os.environ.get("OCIWORKER_HOST") else []
+    )
+    if len(addrs) > 1 and args.command != "build":
+        raise UsageError(
+            f"{args.command} works on one daemon: give one --addr", f"ociworker {args.command}"
+        )
+    args.addrs = addrs
+    args.addr = addrs[0] if addrs else None
 
 
 def _logged(sink: EventSink) -> EventSink:
@@ -601,6 +652,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             raise UsageError(what, f"ociworker {args.command}")
         log.configure(args.log_format, args.debug, info=args.command == "serve")
+        if args.command != "serve":
+            _resolve_addrs(args)
         _state.root = getattr(args, "root", None)
         return asyncio.run(_main(args))
     except BaseException as exc:  # the one place that maps every way out to words

@@ -351,9 +351,10 @@ def test_a_cached_rebuild_without_the_epoch_is_the_same_image(runs: Runs) -> Non
     build(root, runs.ctx[0], f"type=oci,dest={first}")
     after = datetime.now(UTC)
     build(root, runs.ctx[0], f"type=oci,dest={second}")
-    assert skopeo_inspect("oci-archive", first)["Digest"] == skopeo_inspect(
-        "oci-archive", second
-    )["Digest"]
+    assert (
+        skopeo_inspect("oci-archive", first)["Digest"]
+        == skopeo_inspect("oci-archive", second)["Digest"]
+    )
     c1, _ = oci_contents(first)
     created = datetime.fromisoformat(c1["created"].replace("Z", "+00:00"))
     assert before <= created <= after

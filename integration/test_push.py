@@ -979,3 +979,55 @@ def test_a_media_type_the_registry_refuses_shows_its_message(plain_registry: Reg
     msg = asyncio.run(push())
     assert msg.startswith(f"push of manifest to {plain_registry.addr}/refused/x:1 failed: PUT ")
     assert msg.endswith("400 Bad Request: MANIFEST_INVALID: manifest invalid")
+
+
+def test_a_cached_build_that_only_pushes_copies_blobs_registry_to_registry(
+    plain_registry: Registry,
+    base_image: str,
+    tmp_path: Path,
+    docker_config: Path,
+    require_root: None,
+) -> None:
+    """A fresh worker that finds every step in a registry cache and only pushes
+    never downloads a layer: the registry mounts each one from the cache's
+    repository (issue 10: "copies blobs registry-to-registry without pulling")."""
+    from conftest import plain_steps
+
+    tag = uuid.uuid4().hex[:8]
+    reg = plain_registry.addr
+    ctx = write_context(tmp_path, base_image, "r2r")
+    cache, first, second = f"{reg}/r2r/cache:{tag}", f"{reg}/r2r/one:{tag}", f"{reg}/r2r/two:{tag}"
+    ow(
+        tmp_path / "w1",
+        "--cache-to",
+        f"type=registry,ref={cache},mode=max",
+        "--output",
+        f"type=registry,name={first}",
+        str(ctx),
+        docker_config=docker_config,
+    )
+    before = len(plain_registry.requests())
+    proc = ow(
+        tmp_path / "w2",
+        "--progress",
+        "plain",
+        "--cache-from",
+        f"type=registry,ref={cache}",
+        "--output",
+        f"type=registry,name={second}",
+        str(ctx),
+        docker_config=docker_config,
+    )
+    reqs = plain_registry.requests_since(before)
+    layers = [d["digest"] for d in raw_manifest(second)["layers"]]  # type: ignore[attr-defined]
+    assert layers == [d["digest"] for d in raw_manifest(first)["layers"]]  # type: ignore[attr-defined]
+    run = [s for s in plain_steps(proc.stderr) if "RUN echo r2r" in s.name]
+    assert len(run) == 1 and run[0].states == ("CACHED",), proc.stderr
+    fetched = [u for m, u, s in reqs if m == "GET" and any(f"/blobs/{d}" in u for d in layers)]
+    assert fetched == [], fetched
+    mounted = {
+        unquote(u).split("mount=", 1)[1].split("&", 1)[0]
+        for m, u, s in uploads(reqs)
+        if m == "POST" and s == 201 and "mount=" in u
+    }
+    assert set(layers) <= mounted

@@ -212,8 +212,19 @@ async def build(
     parts = _export_parts(worker, target, events, credentials)
     check_cache_specs(req)
     imported = await _import_caches(worker, req, credentials, events)
+    # A build whose image only goes to registries leaves an imported cache's
+    # blobs where they are: the pushes mount them registry to registry (as
+    # BuildKit's lazy refs do), fetching only what a registry cannot mount.
+    remote_ok = (
+        imported is not None
+        and not req.tags
+        and not force
+        and all(e.runs_last for e in exporters if e.needs_image)
+    )
     if imported is not None:
-        parts = dataclasses.replace(parts, layers=ImportedLayers(parts.layers, imported))
+        layers = ImportedLayers(parts.layers, imported, fetch=not remote_ok)
+        fetch = imported.fetch_blob if remote_ok else None
+        parts = dataclasses.replace(parts, layers=layers, fetch_blob=fetch)
 
     # solve (the exporters that write while it runs see every result)
     watch = SolveWatch(plan.target, compression, parts)
@@ -270,6 +281,7 @@ async def build(
                 force=force,
                 labels=req.labels,
                 annotations=annotations,
+                remote_ok=remote_ok,
             )
             if inline:
                 cache = await collect(cache_inputs, "min", worker.cache.lookup)

@@ -126,6 +126,7 @@ async def make_image(
     force: bool = False,
     labels: Mapping[str, str] | None = None,
     annotations: Mapping[str, str] | None = None,
+    remote_ok: bool = False,
 ) -> ImageResult:
     """Write config and manifest for the chain under ``top`` (built from ``plan``).
 
@@ -191,6 +192,7 @@ async def make_image(
         kept,
         oci_media_types=opts.oci_media_types,
         annotations=dict(annotations or {}),
+        remote_ok=remote_ok,
     )
 
 

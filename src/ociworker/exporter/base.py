@@ -33,7 +33,7 @@ from ociworker.exporter.target import ExportTarget
 from ociworker.solver.scheduler import Result
 
 if TYPE_CHECKING:  # the push machinery loads only when an output pushes
-    from ociworker.exporter.push import BlobSources, Pusher
+    from ociworker.exporter.push import BlobSources, FetchBlob, Pusher
 
 
 class ImageNamer(Protocol):
@@ -66,6 +66,9 @@ class ExportParts:
     #: from (None: this caller cannot push)
     registry: Pusher | None = None
     sources: BlobSources | None = None
+    #: brings a blob the content store lacks (an imported cache's layer, left
+    #: where it is while only pushes need it); None: every blob is local
+    fetch_blob: FetchBlob | None = None
 
 
 class SolveStream(Protocol):
@@ -229,5 +232,11 @@ async def push(result: ExportResult, parts: ExportParts, names: Sequence[str]) -
     if parts.registry is None:
         raise UnsupportedError("this worker cannot push: it was given no registry client")
     await push_image(
-        parts.registry, parts.content, parts.sources, result.image, names, parts.events
+        parts.registry,
+        parts.content,
+        parts.sources,
+        result.image,
+        names,
+        parts.events,
+        parts.fetch_blob,
     )

@@ -53,12 +53,15 @@ def write_image(
     *,
     oci_media_types: bool = True,
     annotations: Mapping[str, str] = _NO_ANNOTATIONS,
+    remote_ok: bool = False,
 ) -> ImageResult:
     """Write the config and manifest blobs for ``layers`` and return their descriptors.
 
     ``config`` is the image config without ``rootfs`` (any given one is replaced);
     the caller's dict is not modified. Layer media types are rewritten to the
     family chosen by ``oci_media_types`` so one manifest never mixes the two.
+    ``remote_ok``: a layer blob may be absent (it stays in an imported cache's
+    registry, and the image is only pushed: it is mounted from there).
     """
     if not isinstance(config, dict):
         raise UserError(f"image config must be a JSON object, got {type(config).__name__}")
@@ -70,7 +73,8 @@ def write_image(
         raise UnsupportedError("manifest annotations need OCI media types (oci-mediatypes=true)")
 
     for layer in layers:
-        _check_blob(store, layer.descriptor)
+        if not (remote_ok and not store.has(layer.descriptor.digest)):
+            _check_blob(store, layer.descriptor)
     layers = tuple(_retype_layer(layer, oci_media_types) for layer in layers)
     cfg = copy.deepcopy(config)
     cfg["rootfs"] = {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}

@@ -16,7 +16,7 @@ names) as they are.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
 from ociworker.content.store import ContentStore
@@ -46,7 +46,15 @@ class Pusher(Protocol):
         mount_from: Reference | str | None = None,
     ) -> BlobPush: ...
 
+    async def mount_blob(
+        self, ref: Reference | str, desc: Descriptor, mount_from: Reference | str | None
+    ) -> BlobPush | None: ...
+
     async def push_manifest(self, ref: Reference | str, media_type: str, data: bytes) -> Digest: ...
+
+
+#: copies a blob into the content store from where it is known to be
+FetchBlob = Callable[[Descriptor], Awaitable[None]]
 
 
 class BlobSources(Protocol):
@@ -65,12 +73,15 @@ async def push_image(
     image: ImageResult,
     names: Sequence[str],
     events: EventSink,
+    fetch: FetchBlob | None = None,
 ) -> None:
-    """Push ``image`` under each of ``names``; RegistryError names the image."""
+    """Push ``image`` under each of ``names``; RegistryError names the image.
+    ``fetch`` brings a blob the content store lacks (a layer of an imported
+    cache) when the registry can neither mount it nor has it already."""
     for name in names:
         ref = parse_reference(name)
         try:
-            await _push_one(registry, content, sources, image, ref, events)
+            await _push_one(registry, content, sources, image, ref, events, fetch)
         except RegistryAuthError as exc:
             raise RegistryAuthError(
                 f"failed to push {ref}: {exc} (check the credentials for {ref.domain}: "
@@ -87,6 +98,7 @@ async def _push_one(
     image: ImageResult,
     ref: Reference,
     events: EventSink,
+    fetch: FetchBlob | None,
 ) -> None:
     blobs: dict[str, Descriptor] = {}
     for desc in (*(la.descriptor for la in image.layers), image.config):
@@ -97,7 +109,15 @@ async def _push_one(
         async def one(desc: Descriptor) -> None:
             src = sources.source_of(desc.digest, ref.domain) if sources is not None else None
             async with sem:
-                how = await registry.upload_blob(ref, desc, content, mount_from=src)
+                how: BlobPush | None = None
+                if fetch is not None and not content.has(desc.digest):
+                    # registry to registry: mounted from the cache's repository
+                    # when the registry allows, fetched here only when not
+                    how = await registry.mount_blob(ref, desc, src)
+                    if how is None:
+                        await fetch(desc)
+                if how is None:
+                    how = await registry.upload_blob(ref, desc, content, mount_from=src)
             if sources is not None and how != "mounted":
                 # the next push of this blob to another repository mounts it from here
                 sources.put_source(desc.digest, f"{ref.domain}/{ref.path}")

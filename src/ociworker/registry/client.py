@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -821,6 +822,32 @@ class RegistryClient:
                     ) from exc
                 await asyncio.sleep(delays[attempt])
         raise AssertionError("unreachable")
+
+    async def mount_blob(
+        self, ref: Reference | str, desc: Descriptor, mount_from: Reference | str | None
+    ) -> BlobPush | None:
+        """Put ``desc`` in ``ref``'s repository without sending its bytes: "exists"
+        when it is there, "mounted" when the registry mounts it from
+        ``mount_from`` (same registry); None when neither (the upload the
+        registry opened instead is cancelled)."""
+        ref = _as_ref(ref)
+        if await self.has_blob(ref, desc.digest):
+            return "exists"
+        src = _as_ref(mount_from) if mount_from is not None else None
+        if src is None or src.domain != ref.domain or src.path == ref.path:
+            return None
+        scopes = _scope(ref.path, "pull,push") + " " + _scope(src.path, "pull")
+        params = {"mount": desc.digest, "from": src.path}
+        resp = await self._send(
+            "POST", self._url(ref, "blobs/uploads/"), ref, scopes, params=params
+        )
+        if resp.status_code == 201:
+            return "mounted"
+        if resp.status_code == 202:
+            with contextlib.suppress(RegistryError, httpx.HTTPError):
+                await self._send("DELETE", _location(resp), ref, scopes)
+            return None
+        raise _upload_error(resp, desc, ref)
 
     async def _upload_once(
         self,

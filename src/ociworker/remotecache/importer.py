@@ -109,11 +109,25 @@ class CacheImport:
     def __init__(self, parts: ImportParts) -> None:
         self._parts = parts
         self._records: dict[str, _Found] = {}
+        self._blobs: dict[str, BlobSource] = {}
 
     def add(self, config: CacheConfig, blobs: BlobSource) -> None:
         """Add one import; keys already known from an earlier one keep their record."""
         for rec in config.records:
             self._records.setdefault(rec.key, _Found(rec, config, blobs))
+        for layer in config.layers:
+            self._blobs.setdefault(layer.descriptor.digest, blobs)
+            if isinstance(blobs, RegistryBlobs):
+                # a push to that registry mounts it from the cache's repository
+                ref = blobs.ref
+                self._parts.layers.put_source(layer.descriptor.digest, f"{ref.domain}/{ref.path}")
+
+    async def fetch_blob(self, desc: Descriptor) -> None:
+        """Blob ``desc`` of an imported cache into the content store."""
+        source = self._blobs.get(desc.digest)
+        if source is None:
+            raise NotFoundError(f"blob {desc.digest} is in no imported cache")
+        await source.fetch(desc, self._parts.content)
 
     @property
     def empty(self) -> bool:
@@ -188,9 +202,13 @@ class ImportedLayers:
     the cache's blobs, fetched into the content store (not unpacked) when an
     output writes them; empty ones are never fetched (images drop them)."""
 
-    def __init__(self, inner: ChainLayers, imported: CacheImport) -> None:
+    def __init__(self, inner: ChainLayers, imported: CacheImport, *, fetch: bool = True) -> None:
+        """``fetch=False``: blobs stay in the cache until someone needs their
+        bytes (a build whose only outputs are pushes copies them registry to
+        registry, ``CacheImport.fetch_blob``)."""
         self._inner = inner
         self._imported = imported
+        self._fetch = fetch
 
     @staticmethod
     def top_name(result: Result) -> str | None:
@@ -209,7 +227,7 @@ class ImportedLayers:
             return await self._inner.layer_of(chain, index, opts)
         key, _, i = name.removeprefix(REMOTE_CHAIN).rpartition("#")
         layer = self._imported.chain(key)[int(i)]
-        if not is_empty(layer):
+        if self._fetch and not is_empty(layer):
             await self._imported.fetch(key, layer)
         return layer
 

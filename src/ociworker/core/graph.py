@@ -32,6 +32,37 @@ class SourceOp:
 
 
 @dataclass(frozen=True)
+class HttpSourceOp:
+    """A file fetched over HTTP(S) (BuildKit's http source): a snapshot holding
+    the one file, named ``filename`` (else from Content-Disposition), mode 0600,
+    mtime from Last-Modified. ``checksum`` (``sha256:...``) pins its content.
+    Its cache key is the content's digest, found by a conditional request."""
+
+    url: str
+    checksum: str = ""
+    filename: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"http": {"url": self.url, "checksum": self.checksum, "filename": self.filename}}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any credential in it masked, as BuildKit's
+    ``urlutil.RedactCredentials`` does (a lone user name is masked too: it is
+    often a token)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    masked = f"{user}:xxxxx" if colon else "xxxxx"
+    return f"{scheme}://{masked}@{host}{slash}{path}"
+
+
+@dataclass(frozen=True)
 class ExecMount:
     """An extra mount of an exec op (``RUN --mount``); input is an index into the
     vertex's inputs or -1 for none."""
@@ -167,7 +198,7 @@ class FileOp:
 
 
 #: the op types every worker runs
-Op = SourceOp | ExecOp | FileOp
+Op = SourceOp | HttpSourceOp | ExecOp | FileOp
 
 
 class OpSpec(Protocol):

@@ -12,12 +12,24 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ociworker.core.build import Ulimit
-from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
+from ociworker.core.graph import (
+    Copy,
+    ExecMount,
+    ExecOp,
+    FileOp,
+    HttpSourceOp,
+    Mkdir,
+    Mkfile,
+    SourceOp,
+    Vertex,
+    redact_url,
+)
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote, parse
@@ -582,7 +594,7 @@ class Converter:
 
     def _step_name(self, st: _State, ins: Instruction, suffix: str = "") -> str:
         st.step += 1
-        text = ins.original.split("\n")[0].strip() + suffix
+        text = _redact_text(ins.original.split("\n")[0].strip() + suffix)
         if st.onbuild:
             text = "ONBUILD " + text
         return self._name(st.label, st.step, st.total, text)
@@ -1087,20 +1099,34 @@ class Converter:
                     ins,
                     self.opts.filename,
                 )
-        remote = [s for s in srcs if s.startswith(("http://", "https://", "git@"))]
-        if remote:
-            if not add:
+        remote = [s for s in srcs if s.startswith(("http://", "https://", "git@", "git://"))]
+        if remote and not add:
+            raise _err(
+                f"COPY source can't be a URL or git ref ({redact_url(remote[0])}): use ADD",
+                ins,
+                self.opts.filename,
+            )
+        git = [s for s in remote if _is_git_source(s)]
+        if git:
+            raise UnsupportedError(
+                f"{self.opts.filename}:{ins.start_line}: "
+                f"ADD from a git repository ({redact_url(git[0])}) is not supported yet"
+            )
+        checksum = self._word(st, flags.get("checksum"), ins) if flags.get("checksum") else ""
+        if checksum:
+            if not remote:
+                raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
+            if len(srcs) != 1:
+                # BuildKit: a checksum pins one download
                 raise _err(
-                    f"COPY source can't be a URL or git ref ({remote[0]}): use ADD",
+                    "checksum can't be specified for multiple sources", ins, self.opts.filename
+                )
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+                raise _err(
+                    f"invalid checksum digest format: {checksum!r} (want sha256:<64 hex digits>)",
                     ins,
                     self.opts.filename,
                 )
-            raise UnsupportedError(
-                f"{self.opts.filename}:{ins.start_line}: "
-                "remote sources (URLs, git) in ADD are not supported yet"
-            )
-        if flags.get("checksum"):
-            raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
         if flags.get("keep-git-dir"):
             raise _err("--keep-git-dir requires a Git source", ins, self.opts.filename)
         from_ref = flags.get("from")
@@ -1118,7 +1144,26 @@ class Converter:
         actions: list[Copy | Mkfile] = []
         shown: list[str] = []
         shown_docs: list[str] = []
+        inputs: list[Vertex | None] = [st.vertex, src_vertex]
         for s in srcs:
+            if s.startswith(("http://", "https://")):
+                # A download is a source of its own (BuildKit's http source),
+                # copied like a file; remote archives are never extracted.
+                fname = url_filename(s)
+                inputs.append(Vertex(HttpSourceOp(s, checksum, fname), (), name=redact_url(s)))
+                shown.append(redact_url(s))
+                actions.append(
+                    Copy(
+                        src_input=len(inputs) - 1,
+                        src="/" + fname if fname else "/*",
+                        dest=_abs(dest, wd)
+                        + ("/" if dest_is_dir and not dest.endswith("/") else ""),
+                        chown=chown,
+                        chmod=chmod,
+                        dest_is_dir=dest_is_dir,
+                    )
+                )
+                continue
             m = _HEREDOC_ONLY_RE.match(s)
             name = m.group(1).strip("'\"") if m else ""
             if m and name in heredocs:
@@ -1148,10 +1193,9 @@ class Converter:
             )
         name = self._step_name(st, ins)
         op = FileOp(tuple(actions), cwd=wd)
-        inputs: tuple[Vertex | None, ...] = (st.vertex,)
-        if any(isinstance(a, Copy) for a in actions):
-            inputs = (st.vertex, src_vertex)
-        st.vertex = Vertex(op, inputs, name=name, ignore_cache=self.opts.no_cache)
+        if not any(isinstance(a, Copy) for a in actions):
+            inputs = [st.vertex]
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
         msg = [ins.cmd.upper()]
         if flags.get("parents") and flags.bool("parents"):
             msg.append("--parents")
@@ -1181,6 +1225,42 @@ class Converter:
             if self.opts.context_name == CONTEXT
             else f"[internal] load build context {self.opts.context_name}",
         )
+
+
+def url_filename(url: str) -> str:
+    """The file name an ``ADD URL`` gets from the URL's path ("" when the path
+    names none: the download's Content-Disposition then names it)."""
+    path = url.partition("://")[2].partition("/")[2].partition("?")[0].partition("#")[0]
+    if not path or path.endswith("/"):
+        return ""
+    base = posixpath.basename(urllib.parse.unquote(path))
+    return "" if base in (".", "..") else base
+
+
+_CREDENTIAL_RE = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@\s]+)@")
+
+
+def _redact_text(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked (``redact_url``)."""
+    if "@" not in text:
+        return text
+    return _CREDENTIAL_RE.sub(
+        lambda m: (
+            m.group(1)
+            + ("{}:xxxxx".format(m.group(2).partition(":")[0]) if ":" in m.group(2) else "xxxxx")
+            + "@"
+        ),
+        text,
+    )
+
+
+def _is_git_source(src: str) -> bool:
+    """Whether an ADD source is a git repository (BuildKit: ``git@``, ``git://``,
+    or a URL ending in ``.git`` or with a ``#ref`` fragment)."""
+    if src.startswith(("git@", "git://")):
+        return True
+    base = src.partition("#")[0].partition("?")[0]
+    return base.endswith(".git")
 
 
 def _owned_map(st: _State, key: str) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from ociworker.ops.runmount.cache import CacheUsage
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import Job
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
+from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
 
 
@@ -78,8 +79,9 @@ async def plan_build(
         ignore_patterns=definition.ignore_patterns,
         filename=definition.filename,
         no_cache=req.no_cache,
+        named_contexts={nc.name: nc for nc in req.build_contexts},
     )
-    images: dict[str, ImageInfo] = {}
+    images: dict[str, ImageInfo] = await _layout_images(worker, req)
     for _ in range(16):  # each round resolves the bases the previous one found
         plan = convert(parsed, opts, images)
         if not plan.missing:
@@ -110,6 +112,35 @@ async def plan_build(
     for w in plan.warnings:
         events(Warning(w))
     return plan
+
+
+async def _layout_images(worker: Worker, req: BuildRequest) -> dict[str, ImageInfo]:
+    """The ``oci-layout://`` named contexts' images, imported into the content
+    store, by the context's value (what the frontend looks them up by)."""
+    out: dict[str, ImageInfo] = {}
+    for nc in req.build_contexts:
+        if nc.kind != "oci-layout":
+            continue
+        got = await asyncio.to_thread(
+            load_layout_image,
+            worker.content,
+            Path(nc.value),
+            nc.ref,
+            worker.config.platform,
+            f"--build-context {nc.name}={nc.raw}",
+        )
+        ref = f"oci-layout/{Path(nc.value).name or 'layout'}@{got.manifest_digest}"
+        out[nc.raw] = ImageInfo(ref=ref, config=got.config)
+    return out
+
+
+def named_locals(req: BuildRequest) -> dict[str, object]:
+    """The local sources of the build's DIR contexts (``local://named:NAME``)."""
+    return {
+        nc.local_name: LocalContext(Path(nc.value).absolute(), None)
+        for nc in req.build_contexts
+        if nc.kind == "local"
+    }
 
 
 def check_entitlements(
@@ -204,7 +235,7 @@ async def build(
         id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
-        locals={"context": LocalContext(req.context.absolute(), matcher)},
+        locals={"context": LocalContext(req.context.absolute(), matcher), **named_locals(req)},
         credentials=credentials,
         on_result=watch.on_result if watch.active else None,
         secrets=secrets if secrets is not None else NoSecrets(),

@@ -36,7 +36,7 @@ from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable
+from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable, UnsupportedError
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.fs.oserror import os_error_text
@@ -205,9 +205,25 @@ class Client:
         last the ``BuildResult``. Leaving the loop early cancels the build."""
         definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
+        dirs: dict[str, tuple[Path, IgnoreMatcher | None]] = {
+            "context": (ctx, IgnoreMatcher(definition.ignore_patterns))
+        }
+        contexts: dict[str, str] = {}
+        for nc in request.build_contexts:
+            if nc.kind == "oci-layout":
+                # the daemon must not read a path the client names on its host
+                raise UnsupportedError(
+                    f"--build-context {nc.name}={nc.raw}: oci-layout contexts are not "
+                    "supported on a daemon yet (build without --addr)"
+                )
+            if nc.kind == "local":
+                dirs[nc.local_name] = (Path(nc.value).absolute(), None)
+                contexts[nc.name] = "local:" + nc.local_name
+            else:
+                contexts[nc.name] = nc.raw
         session = ClientSession(
             uuid.uuid4().hex,
-            {"context": (ctx, IgnoreMatcher(definition.ignore_patterns))},
+            dirs,
             secrets=secrets,
             secret_ids=secret_ids,
             ssh=ssh,
@@ -237,6 +253,7 @@ class Client:
             context_key=session_key(ctx, definition.filename),
             allow=request.allow,
             extra_hosts=[f"{name}={ip}" for name, ip in request.extra_hosts],
+            build_contexts=contexts,
         )
         try:
             async with self._session(session):

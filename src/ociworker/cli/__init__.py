@@ -17,6 +17,7 @@ from ociworker.cli.failures import Phase, UsageError, describe
 from ociworker.core.build import (
     DEFAULT_ROOT,
     BuildRequest,
+    NamedContext,
     PruneFilter,
     Ulimit,
     parse_add_host,
@@ -182,6 +183,13 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="default|ID[=SOCKET|KEY[,KEY]]",
         help="ssh agent or keys for RUN --mount=type=ssh (repeatable)",
     )
+    b.add_argument(
+        "--build-context",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="named context: DIR, docker-image://REF, oci-layout://PATH[:TAG|@DIGEST], URL",
+    )
     b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
     _step_limit_flags(b)
@@ -220,6 +228,23 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
             continue
         out[k] = v
     return out
+
+
+def _build_contexts(items: Sequence[str]) -> tuple[NamedContext, ...]:
+    """``--build-context``s; a name given twice is refused (buildx keeps one
+    silently, which hides a typo), a DIR must be a directory."""
+    out: dict[str, NamedContext] = {}
+    for item in items:
+        nc = NamedContext.parse(item)
+        if nc.name in out:
+            raise ConfigError(f"--build-context {nc.name} is given twice")
+        if nc.kind == "local" and not Path(nc.value).is_dir():
+            raise ConfigError(
+                f"--build-context {item}: {nc.value} is not a directory "
+                "(want DIR, docker-image://REF, oci-layout://PATH, a git URL or an HTTP(S) URL)"
+            )
+        out[nc.name] = nc
+    return tuple(out.values())
 
 
 def _check_tags(tags: Sequence[str]) -> None:
@@ -309,6 +334,7 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         # buildx -q prints the image ID even when nothing is exported
         want_image=args.quiet,
         allow=parse_entitlements(args.allow, "--allow"),
+        build_contexts=_build_contexts(args.build_context),
     )
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths

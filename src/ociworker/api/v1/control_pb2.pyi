@@ -148,6 +148,26 @@ class SolveRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class BuildContextsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BUILD_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     DOCKERFILE_NAME_FIELD_NUMBER: _builtins.int
@@ -165,6 +185,7 @@ class SolveRequest(_message.Message):
     EXTRA_HOSTS_FIELD_NUMBER: _builtins.int
     ULIMITS_FIELD_NUMBER: _builtins.int
     SHM_SIZE_FIELD_NUMBER: _builtins.int
+    BUILD_CONTEXTS_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -197,6 +218,12 @@ class SolveRequest(_message.Message):
     def ulimits(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """--ulimit NAME=SOFT:HARD of every RUN, and --shm-size in bytes (0: default)"""
 
+    @_builtins.property
+    def build_contexts(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """--build-context NAME -> VALUE as buildx sends it; a DIR is "local:NAME", synced
+        through the session's dir of that name
+        """
+
     def __init__(
         self,
         *,
@@ -217,10 +244,11 @@ class SolveRequest(_message.Message):
         extra_hosts: _abc.Iterable[_builtins.str] | None = ...,
         ulimits: _abc.Iterable[_builtins.str] | None = ...,
         shm_size: _builtins.int = ...,
+        build_contexts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

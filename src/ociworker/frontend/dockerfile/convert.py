@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ociworker.core.build import Ulimit
+from ociworker.core.build import NamedContext, Ulimit
 from ociworker.core.graph import (
     Copy,
     ExecMount,
@@ -69,6 +69,10 @@ class Options:
     ignore_patterns: tuple[str, ...] = ()
     filename: str = "Dockerfile"
     no_cache: bool = False
+    #: ``--build-context``s by name: each replaces an image or stage of that name
+    #: in FROM, COPY --from and RUN --mount=from (an ``oci-layout`` one is looked
+    #: up in ``images`` by its ``raw`` value, which the caller resolves first)
+    named_contexts: Mapping[str, NamedContext] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -443,8 +447,23 @@ class Converter:
         base = self.stage_by_ref(stage.base_name) if stage.base_name else None
         if base is not None and (base.index >= stage.index or not base.name):
             base = None  # a later stage's name (or a number) is an image name here
-        triggers: list[Instruction] = []
+        # A named context replaces a stage of its name whole (as buildx), else an
+        # image of its name in FROM.
+        replaced = self._named(stage.name) if stage.name else None
+        named = replaced or (self._named(stage.base_name) if base is None else None)
+        image_name = stage.base_name
         st: _State
+        if named is not None:
+            base = None
+            if named.kind in ("docker-image", "oci-layout"):
+                image_name = named.value if named.kind == "docker-image" else named.raw
+            else:
+                st = self._named_fs_state(named, stage, total, label)
+                if not replaced:
+                    for ins in stage.instructions:
+                        self._dispatch(stage, st, ins)
+                return st
+        triggers: list[Instruction] = []
         if base is not None:
             parent = self._stage(base)
             # The parent stage's steps stay steps of this image: each of its layers
@@ -465,13 +484,13 @@ class Converter:
             )
             # BuildKit runs the parent stage's own ONBUILD instructions as triggers here.
             triggers = [i.sub for i in base.instructions if i.cmd == "onbuild" and i.sub]
-        elif stage.base_name.lower() == "scratch":
+        elif image_name.lower() == "scratch" and named is None:
             st = _State(None, {}, [], [], 0, _Env(), {}, 0, total, label)
         else:
-            info = self.images.get(stage.base_name)
+            info = self.images.get(image_name)
             if info is None:
-                self.missing.append(stage.base_name)
-                info = ImageInfo(ref=f"{stage.base_name}@unresolved", config={})
+                self.missing.append(image_name)
+                info = ImageInfo(ref=f"{image_name}@unresolved", config={})
             config = _copy_config(info.config.get("config") or {})
             hist = [dict(h) for h in (info.config.get("history") or [])]
             diff_ids = (info.config.get("rootfs") or {}).get("diff_ids") or []
@@ -495,6 +514,8 @@ class Converter:
                     name=self._name(label, 1, st.total, f"FROM {info.ref}"),
                 )
             triggers = self._base_triggers(stage, config.pop("OnBuild", None) or [])
+        if replaced is not None:
+            return st  # the stage's own instructions are replaced too
         if not any(e.startswith("PATH=") for e in st.config.get("Env") or []):
             st.config["Env"] = [*(st.config.get("Env") or []), f"PATH={DEFAULT_PATH}"]
         if base is None:
@@ -509,6 +530,47 @@ class Converter:
         for ins in stage.instructions:
             self._dispatch(stage, st, ins)
         return st
+
+    # -- named contexts ------------------------------------------------------------
+
+    def _named(self, name: str) -> NamedContext | None:
+        if not name or not self.opts.named_contexts:
+            return None
+        nc = self.opts.named_contexts.get(name) or self.opts.named_contexts.get(name.lower())
+        if nc is not None and nc.kind == "git":
+            raise UnsupportedError(
+                f"--build-context {nc.name}={nc.raw}: git contexts are not supported yet"
+            )
+        return nc
+
+    def _named_vertex(self, nc: NamedContext) -> Vertex:
+        """The files of a DIR or URL context as a source (a dir or a snapshot)."""
+        if nc.kind == "url":
+            return Vertex(
+                HttpSourceOp(nc.value, "", url_filename(nc.value)),
+                (),
+                name=f"[context {nc.name}] {redact_url(nc.value)}",
+            )
+        return Vertex(
+            SourceOp("local://" + nc.local_name),
+            (),
+            name=f"[internal] load build context {nc.name}",
+        )
+
+    def _named_fs_state(self, nc: NamedContext, stage: _Stage, total: int, label: str) -> _State:
+        """FROM a DIR or URL context: its files as a root filesystem (a snapshot
+        copied from the source), with an empty config as ``FROM scratch``."""
+        root = Vertex(
+            FileOp((Copy(src_input=1, src="/", dest="/"),), cwd="/"),
+            (None, self._named_vertex(nc)),
+            name=f"[context {nc.name}] load from client"
+            if nc.kind == "local"
+            else f"[context {nc.name}] {redact_url(nc.value)}",
+        )
+        env = _Env()
+        config: dict[str, Any] = {"Env": [f"PATH={DEFAULT_PATH}"]}
+        env["PATH"] = DEFAULT_PATH
+        return _State(root, config, [], [], 0, env, {}, 0, total, label)
 
     def _base_triggers(self, stage: _Stage, texts: Sequence[str]) -> list[Instruction]:
         """The base image's ONBUILD triggers as instructions, located at our FROM."""
@@ -1027,6 +1089,12 @@ class Converter:
                 ins,
                 self.opts.filename,
             )
+        named = self._named(ref)
+        if named is not None:
+            if named.kind in ("local", "url"):
+                return self._named_vertex(named)
+            ref = named.value if named.kind == "docker-image" else named.raw
+            return self._image_source(ref, ins)
         src_stage = self.stage_by_ref(ref)
         if ref.isdigit() and src_stage is None:
             raise _err(f"invalid stage index {ref}", ins, self.opts.filename)
@@ -1041,6 +1109,9 @@ class Converter:
                     self.opts.filename,
                 )
             return self._stage(src_stage).vertex
+        return self._image_source(ref, ins)
+
+    def _image_source(self, ref: str, ins: Instruction) -> Vertex | None:
         info = self.images.get(ref)
         if info is None:
             self.missing.append(ref)

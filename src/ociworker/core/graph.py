@@ -146,9 +146,19 @@ class Copy:
     exclude: tuple[str, ...] = ()  # COPY --exclude patterns, matched below each source
     unpack_archive: bool = False  # ADD: a local tar archive is extracted
     parents: bool = False  # COPY --parents: keep the source's parent dirs under dest
+    #: ``--chmod=u+x,g-w``: applied to each copied entry's own mode (``chmod`` is None)
+    chmod_symbolic: str = ""
+    #: one of several literal sources of a COPY whose dest has no trailing "/":
+    #: the dest must then be an existing directory (BuildKit refuses otherwise)
+    multi_source: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"copy": _fields(self)}
+        body = _fields(self)
+        # only when set: the keys of every existing copy step stay as they were
+        for key, unset in (("chmod_symbolic", ""), ("multi_source", False)):
+            if body[key] == unset:
+                del body[key]
+        return {"copy": body}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ociworker.core.build import NamedContext, Ulimit
+from ociworker.core.filemode import is_symbolic_mode
 from ociworker.core.graph import (
     Copy,
     ExecMount,
@@ -485,7 +486,8 @@ class Converter:
             # BuildKit runs the parent stage's own ONBUILD instructions as triggers here.
             triggers = [i.sub for i in base.instructions if i.cmd == "onbuild" and i.sub]
         elif image_name.lower() == "scratch" and named is None:
-            st = _State(None, {}, [], [], 0, _Env(), {}, 0, total, label)
+            # BuildKit's config of a scratch image says WorkingDir "/" (dockerd's too)
+            st = _State(None, {"WorkingDir": "/"}, [], [], 0, _Env(), {}, 0, total, label)
         else:
             info = self.images.get(image_name)
             if info is None:
@@ -854,18 +856,19 @@ class Converter:
         if len(ins.args) != 1:
             raise _err("WORKDIR requires exactly one argument", ins, self.opts.filename)
         path = self._word(st, ins.args[0], ins)
-        wd = posixpath.normpath(posixpath.join("/", st.config.get("WorkingDir") or "/", path))
-        if wd.startswith("//"):
-            wd = "/" + wd.lstrip("/")
-        st.config["WorkingDir"] = wd
+        wd = _clean_dir(posixpath.join("/", st.config.get("WorkingDir") or "/", path))
+        # BuildKit stores an absolute path as written ("/a//b/" stays so: dockerd
+        # 20.10 and v0.32 alike) and a relative one joined and cleaned.
+        stored = path if path.startswith("/") else wd
+        st.config["WorkingDir"] = stored
         if wd == "/":
             st.total -= 1  # nothing to create: BuildKit runs no step and adds no layer
-            self._history(st, "WORKDIR /", False)
+            self._history(st, "WORKDIR " + stored, False)
             return
         name = self._step_name(st, ins)
         op = FileOp((Mkdir(wd, 0o755, True, st.config.get("User", "")),), cwd="/")
         st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=self.opts.no_cache)
-        self._history(st, "WORKDIR " + wd, True)
+        self._history(st, "WORKDIR " + stored, True)
 
     def _i_run(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         flags = _Flags(
@@ -911,7 +914,7 @@ class Converter:
         op = ExecOp(
             args=tuple(args),
             env=self._run_env(st),
-            cwd=st.config.get("WorkingDir") or "/",
+            cwd=_clean_dir(st.config.get("WorkingDir") or "/"),
             user=st.config.get("User") or "",
             network=network,
             mounts=tuple(mounts),
@@ -1148,6 +1151,7 @@ class Converter:
         chown = self._word(st, flags.get("chown"), ins) if flags.get("chown") else ""
         chmod_text = self._word(st, flags.get("chmod"), ins) if flags.get("chmod") else ""
         chmod: int | None = None
+        chmod_symbolic = ""
         if chmod_text:
             try:
                 chmod = int(chmod_text, 8)
@@ -1159,11 +1163,15 @@ class Converter:
                         ins,
                         self.opts.filename,
                     ) from None
-                raise UnsupportedError(
-                    f"{self.opts.filename}:{ins.start_line}: --chmod={chmod_text}: only octal "
-                    "modes (such as 0755) are supported"
-                ) from None
-            if not 0 <= chmod <= 0o7777:
+                if not is_symbolic_mode(chmod_text):
+                    raise _err(
+                        f"invalid chmod parameter: {chmod_text!r}: want an octal mode "
+                        "(0755) or a symbolic one (u+x,g-w)",
+                        ins,
+                        self.opts.filename,
+                    ) from None
+                chmod_symbolic = chmod_text
+            if chmod is not None and not 0 <= chmod <= 0o7777:
                 raise _err(
                     f"invalid chmod parameter: {chmod_text!r}: it should be an octal string "
                     "between 0 and 07777",
@@ -1208,14 +1216,18 @@ class Converter:
         wd = st.config.get("WorkingDir") or "/"
         if dest in ("", "."):
             dest = "./"
-        dest_is_dir = dest.endswith("/") or len(srcs) > 1
+        dest_is_dir = dest.endswith("/")
+        # Several sources into a dest without "/": it must be an existing dir
+        # (checked when the step runs: BuildKit refuses to create it).
+        multi = len(srcs) > 1 and not dest_is_dir
         unpack = add and is_context
         if flags.get("unpack"):
             unpack = flags.bool("unpack")
         actions: list[Copy | Mkfile] = []
         shown: list[str] = []
         shown_docs: list[str] = []
-        inputs: list[Vertex | None] = [st.vertex, src_vertex]
+        inputs: list[Vertex | None] = [st.vertex]
+        src_index = -1  # the --from source's (or the context's) input, once needed
         for s in srcs:
             if s.startswith(("http://", "https://")):
                 # A download is a source of its own (BuildKit's http source),
@@ -1227,11 +1239,12 @@ class Converter:
                     Copy(
                         src_input=len(inputs) - 1,
                         src="/" + fname if fname else "/*",
-                        dest=_abs(dest, wd)
-                        + ("/" if dest_is_dir and not dest.endswith("/") else ""),
+                        dest=_abs(dest, wd),
                         chown=chown,
                         chmod=chmod,
                         dest_is_dir=dest_is_dir,
+                        chmod_symbolic=chmod_symbolic,
+                        multi_source=multi,
                     )
                 )
                 continue
@@ -1242,21 +1255,44 @@ class Converter:
                 data = h.body()
                 if h.expand:
                     data = self._expand_raw(st, data, ins)
-                target = posixpath.join(dest, h.name) if dest_is_dir else dest
+                # As BuildKit: the document is a file of its own, copied like any
+                # source (so an existing directory as dest takes it by its name).
+                inputs.append(
+                    Vertex(
+                        FileOp((Mkfile("/" + h.name, data, 0o644),), cwd="/"),
+                        (None,),
+                        name="[internal] preparing inline document",
+                    )
+                )
                 actions.append(
-                    Mkfile(_abs(target, wd), data, 0o644 if chmod is None else chmod, chown)
+                    Copy(
+                        src_input=len(inputs) - 1,
+                        src="/" + h.name,
+                        dest=_abs(dest, wd),
+                        chown=chown,
+                        chmod=chmod,
+                        dest_is_dir=dest_is_dir,
+                        allow_wildcard=False,
+                        chmod_symbolic=chmod_symbolic,
+                        multi_source=multi,
+                    )
                 )
                 shown_docs.append("<<" + h.name)
                 continue
             shown.append(s)
+            if src_index < 0:
+                inputs.append(src_vertex)
+                src_index = len(inputs) - 1
             actions.append(
                 Copy(
-                    src_input=1,
+                    src_input=src_index,
                     src=s,
-                    dest=_abs(dest, wd) + ("/" if dest_is_dir and not dest.endswith("/") else ""),
+                    dest=_abs(dest, wd),
                     chown=chown,
                     chmod=chmod,
                     dest_is_dir=dest_is_dir,
+                    chmod_symbolic=chmod_symbolic,
+                    multi_source=multi,
                     exclude=tuple(self._word(st, e, ins) for e in flags.all("exclude")),
                     unpack_archive=unpack,
                     parents=flags.bool("parents") if flags.get("parents") else False,
@@ -1264,8 +1300,6 @@ class Converter:
             )
         name = self._step_name(st, ins)
         op = FileOp(tuple(actions), cwd=wd)
-        if not any(isinstance(a, Copy) for a in actions):
-            inputs = [st.vertex]
         st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
         msg = [ins.cmd.upper()]
         if flags.get("parents") and flags.bool("parents"):
@@ -1296,6 +1330,12 @@ class Converter:
             if self.opts.context_name == CONTEXT
             else f"[internal] load build context {self.opts.context_name}",
         )
+
+
+def _clean_dir(path: str) -> str:
+    """An absolute directory path cleaned as Go's ``path.Clean`` cleans it."""
+    out = posixpath.normpath(posixpath.join("/", path))
+    return "/" + out.lstrip("/") if out.startswith("//") else out
 
 
 def url_filename(url: str) -> str:

@@ -17,6 +17,7 @@ from ociworker.core.build import (
     BuildResult,
     PruneFilter,
     UsageRecord,
+    check_platforms,
 )
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.outputs import check_outputs
@@ -80,6 +81,7 @@ async def plan_build(
         filename=definition.filename,
         no_cache=req.no_cache,
         named_contexts={nc.name: nc for nc in req.build_contexts},
+        no_cache_filter=req.no_cache_filter,
     )
     images: dict[str, ImageInfo] = await _layout_images(worker, req)
     for _ in range(16):  # each round resolves the bases the previous one found
@@ -90,7 +92,7 @@ async def plan_build(
         # Failures are raised inside the step, so it ends ERROR with their reason.
         with ProgressStep(events, "[internal] load metadata for " + ", ".join(plan.missing)):
             got = await asyncio.gather(
-                *(resolve_image(worker, m, credentials) for m in plan.missing),
+                *(resolve_image(worker, m, credentials, pull=req.pull) for m in plan.missing),
                 return_exceptions=True,
             )
             for name, info in zip(plan.missing, got, strict=True):
@@ -166,12 +168,13 @@ def check_entitlements(
 
 
 async def resolve_image(
-    worker: Worker, name: str, credentials: Credentials | None = None
+    worker: Worker, name: str, credentials: Credentials | None = None, *, pull: bool = False
 ) -> ImageInfo:
-    """Pin a FROM reference to a manifest digest: the image store first, then the registry."""
+    """Pin a FROM reference to a manifest digest: the image store first, then the
+    registry (``pull``: the registry only, as ``--pull``)."""
     ref = parse_reference(name)
     repo = ref.repository
-    if ref.digest is None:
+    if ref.digest is None and not pull:
         local = worker.images.get(str(ref))
         if local is not None:
             _, config = read_image(worker.content, local.digest)
@@ -208,6 +211,7 @@ async def build(
     (anonymous when None; the CLI passes its docker config); ``secrets`` and
     ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default)."""
     check_step_limits(worker, req)
+    check_platforms(req.platforms, worker.config.platform)
     steps: dict[str, dict[str, Any]] = {}
     events = cap_logs(_collect_usage(events, steps), req.log_cap)
     if target is None:

@@ -30,9 +30,9 @@ from ociworker.api.convert import event_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildRequest, BuildResult, UsageRecord
+from ociworker.core.build import BuildRequest, BuildResult, UsageRecord, check_platforms
 from ociworker.core.digest import Digest
-from ociworker.core.oci import Descriptor
+from ociworker.core.oci import Descriptor, Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
@@ -205,6 +205,16 @@ class Client:
         last the ``BuildResult``. Leaving the loop early cancels the build."""
         definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
+        if request.pull or request.no_cache_filter:
+            # not in the protocol yet: refused rather than silently dropped
+            flag = "--pull" if request.pull else "--no-cache-filter"
+            raise UnsupportedError(
+                f"{flag} is not supported on a daemon yet (build without --addr)"
+            )
+        if request.platforms:
+            workers = await self.list_workers()
+            own = Platform.parse(workers[0]["platforms"][0]) if workers else Platform()
+            check_platforms(request.platforms, own)
         dirs: dict[str, tuple[Path, IgnoreMatcher | None]] = {
             "context": (ctx, IgnoreMatcher(definition.ignore_patterns))
         }

@@ -190,6 +190,24 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="named context: DIR, docker-image://REF, oci-layout://PATH[:TAG|@DIGEST], URL",
     )
+    b.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="PLATFORM",
+        help="target platform (only the worker's own, e.g. linux/amd64)",
+    )
+    b.add_argument("--pull", action="store_true", help="always resolve images at the registry")
+    b.add_argument(
+        "--no-cache-filter",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="do not use the cache for these stages (repeatable, comma-separated)",
+    )
+    b.add_argument(
+        "--check", action="store_true", help="check the Dockerfile (lint rules), build nothing"
+    )
     b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
     _step_limit_flags(b)
@@ -228,6 +246,20 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
             continue
         out[k] = v
     return out
+
+
+def _check(req: BuildRequest) -> int:
+    """``build --check``: BuildKit's default lint rules over the Dockerfile,
+    printed as buildx prints them; nothing is built. Exit 1 if any warns (buildx)."""
+    from ociworker.frontend.dockerfile.lint import lint, report
+    from ociworker.frontend.dockerfile.parser import parse
+    from ociworker.session.context import read_definition
+
+    definition = read_definition(req.context, req.dockerfile)
+    warnings = lint(parse(definition.dockerfile, definition.filename))
+    sys.stdout.write(report(warnings, definition.dockerfile, definition.filename))
+    sys.stdout.flush()
+    return 1 if warnings else 0
 
 
 def _build_contexts(items: Sequence[str]) -> tuple[NamedContext, ...]:
@@ -335,7 +367,14 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         want_image=args.quiet,
         allow=parse_entitlements(args.allow, "--allow"),
         build_contexts=_build_contexts(args.build_context),
+        platforms=tuple(args.platform),
+        pull=args.pull,
+        no_cache_filter=tuple(
+            n.strip() for item in args.no_cache_filter for n in item.split(",") if n.strip()
+        ),
     )
+    if args.check:
+        return _check(req)
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ociworker.core.digest import Digest
-from ociworker.core.oci import Descriptor
+from ociworker.core.oci import Descriptor, Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import DEFAULT_LOG_CAP
-from ociworker.errors import ConfigError
+from ociworker.errors import ConfigError, UnsupportedError
 
 if TYPE_CHECKING:  # paths are values here: the callers do the IO
     from pathlib import Path
@@ -242,6 +242,32 @@ class BuildRequest:
     allow: tuple[str, ...] = ()
     #: ``--build-context``s by name
     build_contexts: tuple[NamedContext, ...] = ()
+    #: ``--platform``s (only the worker's own is built: ``check_platforms``)
+    platforms: tuple[str, ...] = ()
+    #: ``--pull``: resolve every image at its registry, never from the image store
+    pull: bool = False
+    #: ``--no-cache-filter``: stages (names or indexes) whose steps ignore the cache
+    no_cache_filter: tuple[str, ...] = ()
+
+
+def check_platforms(requested: Sequence[str], worker: Platform) -> None:
+    """``--platform`` values (comma-separated lists too): the worker's own
+    platform builds; any other is refused clearly (no cross-building yet)."""
+    for item in requested:
+        for text in item.split(","):
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                want = Platform.parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"invalid --platform {text!r}: {exc}") from None
+            same = (want.os, want.architecture) == (worker.os, worker.architecture)
+            if not same or (want.variant and want.variant != worker.variant):
+                raise UnsupportedError(
+                    f"--platform {text}: this worker builds {worker} only "
+                    "(cross-building is not available yet)"
+                )
 
 
 def parse_add_host(value: str) -> tuple[str, str]:

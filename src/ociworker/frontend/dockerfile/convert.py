@@ -74,6 +74,8 @@ class Options:
     #: in FROM, COPY --from and RUN --mount=from (an ``oci-layout`` one is looked
     #: up in ``images`` by its ``raw`` value, which the caller resolves first)
     named_contexts: Mapping[str, NamedContext] = field(default_factory=dict)
+    #: ``--no-cache-filter``: stages (names or indexes) whose steps ignore the cache
+    no_cache_filter: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class _State:
     total: int
     label: str
     cmd_set: bool = False  # a CMD in this stage: ENTRYPOINT then keeps it
+    no_cache: bool = False  # --no-cache, or the stage is in --no-cache-filter
     onbuild: bool = False  # dispatching a trigger of the base image
 
     @property
@@ -440,6 +443,10 @@ class Converter:
                 "not available yet"
             )
 
+    def _stage_no_cache(self, stage: _Stage) -> bool:
+        wanted = {s.lower() for s in self.opts.no_cache_filter}
+        return self.opts.no_cache or bool(wanted & {stage.name, str(stage.index)} - {""})
+
     def _run_stage(self, stage: _Stage) -> _State:
         total = sum(1 for i in stage.instructions if i.cmd in ("run", "copy", "add", "workdir"))
         label = self._label(stage)
@@ -460,6 +467,7 @@ class Converter:
                 image_name = named.value if named.kind == "docker-image" else named.raw
             else:
                 st = self._named_fs_state(named, stage, total, label)
+                st.no_cache = self._stage_no_cache(stage)
                 if not replaced:
                     for ins in stage.instructions:
                         self._dispatch(stage, st, ins)
@@ -516,6 +524,7 @@ class Converter:
                     name=self._name(label, 1, st.total, f"FROM {info.ref}"),
                 )
             triggers = self._base_triggers(stage, config.pop("OnBuild", None) or [])
+        st.no_cache = self._stage_no_cache(stage)
         if replaced is not None:
             return st  # the stage's own instructions are replaced too
         if not any(e.startswith("PATH=") for e in st.config.get("Env") or []):
@@ -867,7 +876,7 @@ class Converter:
             return
         name = self._step_name(st, ins)
         op = FileOp((Mkdir(wd, 0o755, True, st.config.get("User", "")),), cwd="/")
-        st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=self.opts.no_cache)
+        st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=st.no_cache)
         self._history(st, "WORKDIR " + stored, True)
 
     def _i_run(self, stage: _Stage, st: _State, ins: Instruction) -> None:
@@ -923,7 +932,7 @@ class Converter:
             security=security or "sandbox",
             extra_hosts=self.opts.extra_hosts,
         )
-        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=st.no_cache)
         self._history(st, "RUN " + self._run_history(st, args) + " # buildkit", True)
 
     def _run_heredoc(
@@ -1300,7 +1309,7 @@ class Converter:
             )
         name = self._step_name(st, ins)
         op = FileOp(tuple(actions), cwd=wd)
-        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=st.no_cache)
         msg = [ins.cmd.upper()]
         if flags.get("parents") and flags.bool("parents"):
             msg.append("--parents")

@@ -876,7 +876,7 @@ class Converter:
             return
         name = self._step_name(st, ins)
         op = FileOp((Mkdir(wd, 0o755, True, st.config.get("User", "")),), cwd="/")
-        st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=st.no_cache)
+        st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=_no_cache(st, (st.vertex,)))
         self._history(st, "WORKDIR " + stored, True)
 
     def _i_run(self, stage: _Stage, st: _State, ins: Instruction) -> None:
@@ -932,7 +932,7 @@ class Converter:
             security=security or "sandbox",
             extra_hosts=self.opts.extra_hosts,
         )
-        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=st.no_cache)
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=_no_cache(st, inputs))
         self._history(st, "RUN " + self._run_history(st, args) + " # buildkit", True)
 
     def _run_heredoc(
@@ -1309,7 +1309,7 @@ class Converter:
             )
         name = self._step_name(st, ins)
         op = FileOp(tuple(actions), cwd=wd)
-        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=st.no_cache)
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=_no_cache(st, inputs))
         msg = [ins.cmd.upper()]
         if flags.get("parents") and flags.bool("parents"):
             msg.append("--parents")
@@ -1339,6 +1339,14 @@ class Converter:
             if self.opts.context_name == CONTEXT
             else f"[internal] load build context {self.opts.context_name}",
         )
+
+
+def _no_cache(st: _State, inputs: Sequence[Vertex | None]) -> bool:
+    """Whether a step ignores the cache: its stage does (--no-cache, or named by
+    --no-cache-filter), or an input does. A step that uses a re-run step's result
+    re-runs too: our keys are known before anything runs, so a cached user would
+    never see the new result (BuildKit finds it by the content's checksum)."""
+    return st.no_cache or any(i is not None and i.ignore_cache for i in inputs)
 
 
 def _clean_dir(path: str) -> str:

@@ -31,6 +31,8 @@ from ociworker.sources.http import Fetched, HttpFetcher
 
 #: BuildKit's http source writes the file with this mode unless told otherwise
 DEFAULT_PERM = 0o600
+#: resolved downloads remembered between a step's cache key and its run
+_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class HttpHandler(HandlerBase[HttpDeps]):
         assert isinstance(op, HttpSourceOp)
         got = await self._resolve(op)
         self._resolved[(job.id, vertex.digest)] = got
+        while len(self._resolved) > _KEPT:
+            # a cache hit never runs the step, so its entry is never popped: the
+            # oldest go (a run that misses its entry just asks the server again)
+            del self._resolved[next(iter(self._resolved))]
         # The content, not the URL's text alone: a changed remote file is a new key.
         return digest_of(
             {

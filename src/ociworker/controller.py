@@ -47,6 +47,7 @@ from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
+from ociworker.frontend.dockerfile.lint import lint, report
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
@@ -143,6 +144,13 @@ def named_locals(req: BuildRequest) -> dict[str, object]:
         for nc in req.build_contexts
         if nc.kind == "local"
     }
+
+
+def check_dockerfile(definition: BuildDefinition) -> tuple[str, int]:
+    """``build --check``: the report of BuildKit's default lint rules over the
+    Dockerfile, and how many warnings it has (nothing is resolved or built)."""
+    warnings = lint(parse(definition.dockerfile, definition.filename))
+    return report(warnings, definition.dockerfile, definition.filename), len(warnings)
 
 
 def check_entitlements(

@@ -251,15 +251,13 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
 def _check(req: BuildRequest) -> int:
     """``build --check``: BuildKit's default lint rules over the Dockerfile,
     printed as buildx prints them; nothing is built. Exit 1 if any warns (buildx)."""
-    from ociworker.frontend.dockerfile.lint import lint, report
-    from ociworker.frontend.dockerfile.parser import parse
+    from ociworker.controller import check_dockerfile
     from ociworker.session.context import read_definition
 
-    definition = read_definition(req.context, req.dockerfile)
-    warnings = lint(parse(definition.dockerfile, definition.filename))
-    sys.stdout.write(report(warnings, definition.dockerfile, definition.filename))
+    text, found = check_dockerfile(read_definition(req.context, req.dockerfile))
+    sys.stdout.write(text)
     sys.stdout.flush()
-    return 1 if warnings else 0
+    return 1 if found else 0
 
 
 def _build_contexts(items: Sequence[str]) -> tuple[NamedContext, ...]:

@@ -122,3 +122,26 @@ def test_check_flag_prints_the_report_and_builds_nothing(tmp_path: Path) -> None
         timeout=60,
     )
     assert (proc.returncode, proc.stdout) == (0, "Check complete, no warnings found.\n")
+
+
+def test_report_is_printed_as_buildx_prints_it() -> None:
+    # buildx printResult("lint") + BuildKit lint.Warning.PrintTo + errdefs.Source.Print:
+    # a one-line instruction gets up to 2 lines of context each side
+    text = "FROM busybox AS b\nRUN a\nRUN b\nCMD app\nRUN c\nRUN d\nRUN e\n"
+    want = (
+        "Check complete, 1 warning has been found!\n"
+        "\n"
+        "WARNING: JSONArgsRecommended - "
+        "https://docs.docker.com/go/dockerfile/rule/json-args-recommended/\n"
+        "JSON arguments recommended for CMD to prevent unintended behavior related to OS "
+        "signals\n"
+        "Dockerfile:4\n"
+        "--------------------\n"
+        "   2 |     RUN a\n"
+        "   3 |     RUN b\n"
+        "   4 | >>> CMD app\n"
+        "   5 |     RUN c\n"
+        "   6 |     RUN d\n"
+        "--------------------\n"
+    )
+    assert report(lint(parse(text)), text, "Dockerfile") == want

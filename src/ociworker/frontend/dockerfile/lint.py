@@ -209,22 +209,42 @@ def _lint_from(
 
 
 def report(warnings: Sequence[LintWarning], source: str, filename: str) -> str:
-    """The text ``buildx build --check`` prints: a summary, then each warning with
-    its rule's link, its message and the lines it is on."""
+    """The text ``buildx build --check`` prints (buildx ``printResult`` "lint" and
+    BuildKit's ``lint.Warning.PrintTo`` / ``errdefs.Source.Print``): a summary, then
+    each warning with its rule's link, its message and the lines around it."""
     if not warnings:
         return "Check complete, no warnings found.\n"
     n = len(warnings)
-    lines = source.splitlines()
-    out = [f"Check complete, {n} warning{'s have' if n != 1 else ' has'} been found!", ""]
+    found = "1 warning has been found!" if n == 1 else f"{n} warnings have been found!"
+    out = [f"Check complete, {found}\n"]
+    lines = source.split("\n")
     for w in warnings:
-        out.append(f"WARNING: {w.rule} - {w.url}")
-        out.append(w.detail)
-        out.append(f"{filename}:{w.line}")
-        out.append("--------------------")
-        first, last = max(1, w.line - 2), min(len(lines), w.end_line + 2)
-        for i in range(first, last + 1):
-            mark = ">>>" if w.line <= i <= w.end_line else "   "
-            out.append(f" {i:>3} | {mark} {lines[i - 1]}".rstrip())
-        out.append("--------------------")
-        out.append("")
-    return "\n".join(out)
+        out.append(f"\nWARNING: {w.rule} - {w.url}\n{w.detail}\n")
+        out.append(_source_excerpt(lines, w.line, w.end_line, filename))
+    return "".join(out)
+
+
+def _source_excerpt(lines: list[str], line: int, end_line: int, filename: str) -> str:
+    """BuildKit's ``errdefs.Source.Print``: the lines of the instruction marked
+    ``>>>``, with 2 lines around a one-line one (1 around a longer one) where the
+    file has them."""
+    if line < 1 or line > len(lines):
+        return ""
+    last = min(end_line, len(lines))
+    start, end = line, last
+    pad = 4 if end == start else 2
+    p = 0
+    while p < pad:
+        if start > 1:
+            start -= 1
+            p += 1
+        if end != len(lines):
+            end += 1
+            p += 1
+        p += 1
+    text = [f"{filename}:{line}\n--------------------\n"]
+    for i in range(start, end + 1):
+        pfx = ">>>" if line <= i <= last else "   "
+        text.append(f" {i:>3} | {pfx} {lines[i - 1]}\n")
+    text.append("--------------------\n")
+    return "".join(text)

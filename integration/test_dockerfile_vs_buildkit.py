@@ -161,3 +161,180 @@ def _cat(dockerd: Dockerd, container: str, path: str) -> str:
         f = tf.extractfile(tf.getmembers()[0])
         assert f is not None, path
         return f.read().decode()
+
+
+# --- the known gaps of issue 13 ---------------------------------------------------------
+
+_USERS_DOCKERFILE = """\
+FROM {base}
+RUN echo 'app:x:1234:2345::/home/app:/bin/sh' >> /etc/passwd \\
+ && echo 'appg:x:2345:' >> /etc/group && echo 'extra:x:3456:app' >> /etc/group \\
+ && echo 'other:x:4567:root,app' >> /etc/group && mkdir -m 777 /out
+USER app
+RUN id -G > /out/name
+USER 1234
+RUN id -G > /out/uid
+USER 1234:5678
+RUN id -G > /out/uidgid && id > /out/uidgid-id
+USER app:extra
+RUN id -G > /out/name-group
+USER root
+RUN id -G > /out/root
+COPY --chown=app f.txt /chown-name.txt
+RUN stat -c '%u %g' /chown-name.txt > /out/chown
+"""
+
+_USER_FILES = ("name", "uid", "uidgid", "name-group", "root", "chown")
+
+
+def _ours(tmp: Path, ctx: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "build",
+            "--root",
+            str(tmp / "state"),
+            "--progress",
+            "plain",
+            *args,
+            str(ctx),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _ctx(tmp: Path, name: str, df: str, files: dict[str, str], mode: int = 0o644) -> Path:
+    ctx = tmp / f"ctx-{name}"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(df)
+    for rel, data in files.items():
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(data)
+        os.chmod(ctx / rel, mode)
+    return ctx
+
+
+@pytest.mark.usefixtures("require_root")
+def test_run_groups_and_chown_name_match_docker_buildkit(
+    dockerd: Dockerd, tmp_path: Path, base_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = _ctx(tmp_path, "groups", _USERS_DOCKERFILE.format(base=base_image), {"f.txt": "f\n"})
+    monkeypatch.setenv("DOCKER_BUILDKIT", "1")
+    dockerd.docker("build", "--network=host", "-t", "groups:theirs", str(ctx), timeout=600)
+    dockerd.docker("create", "--name", "groups-theirs", "groups:theirs")
+    out = tmp_path / "out"
+    proc = _ours(tmp_path, ctx, "--output", f"type=local,dest={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for name in _USER_FILES:
+        theirs = _cat(dockerd, "groups-theirs", "/out/" + name).split()
+        ours = (out / "out" / name).read_text().split()
+        # the same groups for every USER form as dockerd 20.10's BuildKit; only the
+        # order may differ: BuildKit v0.32 puts the primary gid first among the
+        # supplementary ones (executor/oci ensureAdditionalGids)
+        assert sorted(ours) == sorted(theirs), (name, ours, theirs)
+    # --chown=NAME: NAME's primary group from /etc/passwd (2345), not gid = uid
+    assert (out / "out/chown").read_text().split() == ["1234", "2345"]
+    # BuildKit v0.32 (the figure issue 13 gives): USER uid:gid shows "groups=5678"
+    want = ["uid=1234(app)", "gid=5678", "groups=5678"]
+    assert (out / "out/uidgid-id").read_text().split() == want
+
+
+@pytest.mark.usefixtures("require_root")
+def test_scratch_and_absolute_workdir_config_match_docker_buildkit(
+    dockerd: Dockerd, tmp_path: Path, base_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_BUILDKIT", "1")
+    cases = {
+        "scratch": "FROM scratch\nCOPY f.txt /\n",
+        # an absolute WORKDIR is kept as written: $A/$A is /path//path
+        "workdir": f"FROM {base_image}\nENV A=/path\nWORKDIR $A/$A\nRUN pwd > /pwd\n",
+        "workdir2": f"FROM {base_image}\nWORKDIR /x//y/\nWORKDIR rel//dir\nRUN pwd > /pwd\n",
+    }
+    for name, df in cases.items():
+        ctx = _ctx(tmp_path, name, df, {"f.txt": "f\n"})
+        dockerd.docker("build", "--network=host", "-t", f"{name}:theirs", str(ctx), timeout=600)
+        archive = tmp_path / f"{name}.tar"
+        proc = _ours(tmp_path, ctx, "-t", f"{name}:ours", "--output", f"type=docker,dest={archive}")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        dockerd.docker("load", "-i", str(archive))
+        theirs = _inspect(dockerd, f"{name}:theirs")["Config"]
+        ours = _inspect(dockerd, f"{name}:ours")["Config"]
+        assert ours.get("WorkingDir") == theirs.get("WorkingDir"), (name, ours, theirs)
+        if name != "scratch":
+            for tag in (f"{name}:theirs", f"{name}:ours"):
+                dockerd.docker("create", "--name", tag.replace(":", "-"), tag)
+            assert _cat(dockerd, f"{name}-ours", "/pwd") == _cat(dockerd, f"{name}-theirs", "/pwd")
+    # the values issue 13 names for BuildKit v0.32, which 20.10 shares
+    assert _inspect(dockerd, "scratch:ours")["Config"]["WorkingDir"] == "/"
+    assert _inspect(dockerd, "workdir:ours")["Config"]["WorkingDir"] == "/path//path"
+
+
+@pytest.mark.usefixtures("require_root")
+def test_symbolic_chmod_as_buildkit_v032(tmp_path: Path, base_image: str) -> None:
+    # dockerd 20.10 ignores a symbolic --chmod; BuildKit v0.32 takes chmod(1)'s
+    # symbolic modes, applied to each file's own mode: 0664 with u+x,g-w is 0744;
+    # X gives execute bits to a directory, not to a plain file without any
+    df = f"""FROM {base_image}
+COPY --chmod=u+x,g-w f.txt /sym.txt
+COPY --chmod=go-w,a+X d /symd
+COPY --chmod=u=rwx,go=rx f.txt /eq.txt
+RUN stat -c '%n %a' /sym.txt /symd /symd/x.sh /eq.txt > /modes
+"""
+    ctx = _ctx(tmp_path, "sym", df, {"f.txt": "f\n", "d/x.sh": "x\n"}, mode=0o664)
+    out = tmp_path / "out"
+    proc = _ours(tmp_path, ctx, "--output", f"type=local,dest={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "modes").read_text().splitlines() == [
+        "/sym.txt 744",
+        "/symd 755",
+        "/symd/x.sh 644",
+        "/eq.txt 755",
+    ]
+    bad = _ctx(tmp_path, "badmode", f"FROM {base_image}\nCOPY --chmod=u+q f.txt /\n", {})
+    proc = _ours(tmp_path, bad)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "invalid chmod parameter: 'u+q'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.usefixtures("require_root")
+def test_heredoc_into_an_existing_dir_and_several_sources_as_buildkit_v032(
+    tmp_path: Path, base_image: str
+) -> None:
+    # BuildKit v0.32 copies a heredoc like a file: into an existing directory it
+    # keeps its name, with or without a trailing "/" (dockerd 20.10 has no heredocs)
+    df = f"""FROM {base_image}
+RUN mkdir /existing-dir /other
+COPY <<EOF /existing-dir/
+one
+EOF
+COPY <<NOTE /other
+two
+NOTE
+COPY <<NEW /newfile
+three
+NEW
+COPY a.txt b.txt /other
+"""
+    ctx = _ctx(tmp_path, "heredoc", df, {"a.txt": "a\n", "b.txt": "b\n"})
+    out = tmp_path / "out"
+    proc = _ours(tmp_path, ctx, "--output", f"type=local,dest={out}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "existing-dir/EOF").read_text() == "one\n"
+    assert (out / "other/NOTE").read_text() == "two\n"
+    assert (out / "newfile").read_text() == "three\n"
+    # several literal sources into an EXISTING dir without "/" is fine...
+    assert (out / "other/a.txt").read_text() == "a\n"
+    assert (out / "other/b.txt").read_text() == "b\n"
+    # ...into one that does not exist it is an error in BuildKit v0.32 (20.10 made it)
+    df2 = f"FROM {base_image}\nCOPY a.txt b.txt /notyet\n"
+    ctx2 = _ctx(tmp_path, "multi", df2, {"a.txt": "a\n", "b.txt": "b\n"})
+    proc = _ours(tmp_path, ctx2)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert (
+        "When using COPY with more than one source file, the destination must be a "
+        "directory and end with a /" in proc.stderr
+    ), proc.stderr

@@ -28,32 +28,38 @@ staff:x:3000:other,builder
 
 
 def test_empty_spec_is_root_with_its_home_and_groups() -> None:
-    assert exec_user("", PASSWD, GROUP) == ExecUser(0, 0, (10,), "/root")
+    assert exec_user("", PASSWD, GROUP) == ExecUser(0, 0, (0, 10), "/root")
 
 
 def test_empty_spec_without_files_is_root_at_slash() -> None:
-    assert exec_user("", None, None) == ExecUser(0, 0, (), "/")
+    assert exec_user("", None, None) == ExecUser(0, 0, (0,), "/")
 
 
 def test_name_takes_uid_gid_home_and_membership_groups() -> None:
-    assert exec_user("builder", PASSWD, GROUP) == ExecUser(1234, 2345, (10, 3000), "/home/builder")
+    assert exec_user("builder", PASSWD, GROUP) == ExecUser(
+        1234, 2345, (2345, 10, 3000), "/home/builder"
+    )
 
 
 def test_numeric_uid_uses_first_matching_entry() -> None:
     # 1234 is builder's uid (first entry); "dup" with the same uid is ignored.
-    assert exec_user("1234", PASSWD, GROUP) == ExecUser(1234, 2345, (10, 3000), "/home/builder")
+    assert exec_user("1234", PASSWD, GROUP) == ExecUser(
+        1234, 2345, (2345, 10, 3000), "/home/builder"
+    )
 
 
 def test_numeric_uid_needs_no_entry() -> None:
-    assert exec_user("1000", PASSWD, GROUP) == ExecUser(1000, 0, (), "/")
-    assert exec_user("1000:1000", PASSWD, GROUP) == ExecUser(1000, 1000, (), "/")
-    assert exec_user("1000:1000", None, None) == ExecUser(1000, 1000, (), "/")
+    assert exec_user("1000", PASSWD, GROUP) == ExecUser(1000, 0, (0,), "/")
+    assert exec_user("1000:1000", PASSWD, GROUP) == ExecUser(1000, 1000, (1000,), "/")
+    assert exec_user("1000:1000", None, None) == ExecUser(1000, 1000, (1000,), "/")
 
 
 def test_explicit_group_replaces_gid_and_drops_supplementary_groups() -> None:
-    assert exec_user("builder:staff", PASSWD, GROUP) == ExecUser(1234, 3000, (), "/home/builder")
-    assert exec_user("builder:10", PASSWD, GROUP) == ExecUser(1234, 10, (), "/home/builder")
-    assert exec_user("1000:staff", PASSWD, GROUP) == ExecUser(1000, 3000, (), "/")
+    assert exec_user("builder:staff", PASSWD, GROUP) == ExecUser(
+        1234, 3000, (3000,), "/home/builder"
+    )
+    assert exec_user("builder:10", PASSWD, GROUP) == ExecUser(1234, 10, (10,), "/home/builder")
+    assert exec_user("1000:staff", PASSWD, GROUP) == ExecUser(1000, 3000, (3000,), "/")
 
 
 def test_empty_home_defaults_to_slash() -> None:
@@ -110,10 +116,10 @@ def test_resolve_never_follows_a_symlink_out_of_the_rootfs(tmp_path: Path) -> No
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "passwd").symlink_to("/etc/passwd-does-not-exist-here")
     (tmp_path / "etc" / "passwd-does-not-exist-here").write_text("only:x:5:6::/o:/bin/sh\n")
-    assert resolve_user(tmp_path, "only") == ExecUser(5, 6, (), "/o")
+    assert resolve_user(tmp_path, "only") == ExecUser(5, 6, (6,), "/o")
     (tmp_path / "etc" / "group").symlink_to("../../../../../../etc/group-x")
     # "../" is clamped at the rootfs, so this is the rootfs's /etc/group-x: absent.
-    assert resolve_user(tmp_path, "only:7") == ExecUser(5, 7, (), "/o")
+    assert resolve_user(tmp_path, "only:7") == ExecUser(5, 7, (7,), "/o")
     with pytest.raises(UserError, match="unable to find group wheel"):
         resolve_user(tmp_path, "only:wheel")
     with pytest.raises(UserError, match="unable to find user root"):
@@ -124,6 +130,6 @@ def test_unreadable_files_count_as_absent(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "passwd").symlink_to("passwd")  # a loop
     (tmp_path / "etc" / "group").mkdir()
-    assert resolve_user(tmp_path, "5:6") == ExecUser(5, 6, (), "/")
+    assert resolve_user(tmp_path, "5:6") == ExecUser(5, 6, (6,), "/")
     with pytest.raises(UserError, match="unable to find user x"):
         resolve_user(tmp_path, "x")

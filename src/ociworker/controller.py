@@ -18,6 +18,7 @@ from ociworker.core.build import (
     BuildResult,
     PruneFilter,
     UsageRecord,
+    check_platforms,
 )
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.outputs import check_outputs, parse_annotations
@@ -53,6 +54,7 @@ from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
+from ociworker.frontend.dockerfile.lint import lint, report
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
@@ -64,6 +66,7 @@ from ociworker.remotecache.importer import CacheImport, ImportedLayers, ImportPa
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import REMOTE, Job
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
+from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
 
 
@@ -87,8 +90,10 @@ async def plan_build(
         ignore_patterns=definition.ignore_patterns,
         filename=definition.filename,
         no_cache=req.no_cache,
+        named_contexts={nc.name: nc for nc in req.build_contexts},
+        no_cache_filter=req.no_cache_filter,
     )
-    images: dict[str, ImageInfo] = {}
+    images: dict[str, ImageInfo] = await _layout_images(worker, req)
     for _ in range(16):  # each round resolves the bases the previous one found
         plan = convert(parsed, opts, images)
         if not plan.missing:
@@ -97,7 +102,7 @@ async def plan_build(
         # Failures are raised inside the step, so it ends ERROR with their reason.
         with ProgressStep(events, "[internal] load metadata for " + ", ".join(plan.missing)):
             got = await asyncio.gather(
-                *(resolve_image(worker, m, credentials) for m in plan.missing),
+                *(resolve_image(worker, m, credentials, pull=req.pull) for m in plan.missing),
                 return_exceptions=True,
             )
             for name, info in zip(plan.missing, got, strict=True):
@@ -119,6 +124,42 @@ async def plan_build(
     for w in plan.warnings:
         events(Warning(w))
     return plan
+
+
+async def _layout_images(worker: Worker, req: BuildRequest) -> dict[str, ImageInfo]:
+    """The ``oci-layout://`` named contexts' images, imported into the content
+    store, by the context's value (what the frontend looks them up by)."""
+    out: dict[str, ImageInfo] = {}
+    for nc in req.build_contexts:
+        if nc.kind != "oci-layout":
+            continue
+        got = await asyncio.to_thread(
+            load_layout_image,
+            worker.content,
+            Path(nc.value),
+            nc.ref,
+            worker.config.platform,
+            f"--build-context {nc.name}={nc.raw}",
+        )
+        ref = f"oci-layout/{Path(nc.value).name or 'layout'}@{got.manifest_digest}"
+        out[nc.raw] = ImageInfo(ref=ref, config=got.config)
+    return out
+
+
+def named_locals(req: BuildRequest) -> dict[str, object]:
+    """The local sources of the build's DIR contexts (``local://named:NAME``)."""
+    return {
+        nc.local_name: LocalContext(Path(nc.value).absolute(), None)
+        for nc in req.build_contexts
+        if nc.kind == "local"
+    }
+
+
+def check_dockerfile(definition: BuildDefinition) -> tuple[str, int]:
+    """``build --check``: the report of BuildKit's default lint rules over the
+    Dockerfile, and how many warnings it has (nothing is resolved or built)."""
+    warnings = lint(parse(definition.dockerfile, definition.filename))
+    return report(warnings, definition.dockerfile, definition.filename), len(warnings)
 
 
 def check_entitlements(
@@ -144,12 +185,13 @@ def check_entitlements(
 
 
 async def resolve_image(
-    worker: Worker, name: str, credentials: Credentials | None = None
+    worker: Worker, name: str, credentials: Credentials | None = None, *, pull: bool = False
 ) -> ImageInfo:
-    """Pin a FROM reference to a manifest digest: the image store first, then the registry."""
+    """Pin a FROM reference to a manifest digest: the image store first, then the
+    registry (``pull``: the registry only, as ``--pull``)."""
     ref = parse_reference(name)
     repo = ref.repository
-    if ref.digest is None:
+    if ref.digest is None and not pull:
         local = worker.images.get(str(ref))
         if local is not None:
             _, config = read_image(worker.content, local.digest)
@@ -186,6 +228,7 @@ async def build(
     (anonymous when None; the CLI passes its docker config); ``secrets`` and
     ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default)."""
     check_step_limits(worker, req)
+    check_platforms(req.platforms, worker.config.platform)
     steps: dict[str, dict[str, Any]] = {}
     events = cap_logs(_collect_usage(events, steps), req.log_cap)
     if target is None:
@@ -234,7 +277,7 @@ async def build(
         id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
-        locals={"context": LocalContext(req.context.absolute(), matcher)},
+        locals={"context": LocalContext(req.context.absolute(), matcher), **named_locals(req)},
         credentials=credentials,
         on_result=watch.on_result if watch.active else None,
         secrets=secrets if secrets is not None else NoSecrets(),

@@ -196,6 +196,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         platform=config.platform,
         step_limits=config.step_limits(),
         entitlements=config.entitlements,
+        http_state=root / "http",
     )
     return Worker(
         config,

@@ -30,13 +30,25 @@ from ociworker.api.convert import event_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildDefinition, BuildRequest, BuildResult, UsageRecord
+from ociworker.core.build import (
+    BuildDefinition,
+    BuildRequest,
+    BuildResult,
+    UsageRecord,
+    check_platforms,
+)
 from ociworker.core.digest import Digest
-from ociworker.core.oci import Descriptor
+from ociworker.core.oci import Descriptor, Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable, WorkerRefused
+from ociworker.errors import (
+    BuildCancelled,
+    ConfigError,
+    DaemonUnavailable,
+    UnsupportedError,
+    WorkerRefused,
+)
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.fs.oserror import os_error_text
@@ -224,9 +236,35 @@ class Client:
         if definition is None:
             definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
+        if request.pull or request.no_cache_filter:
+            # not in the protocol yet: refused rather than silently dropped
+            flag = "--pull" if request.pull else "--no-cache-filter"
+            raise UnsupportedError(
+                f"{flag} is not supported on a daemon yet (build without --addr)"
+            )
+        if request.platforms:
+            workers = await self.list_workers()
+            own = Platform.parse(workers[0]["platforms"][0]) if workers else Platform()
+            check_platforms(request.platforms, own)
+        dirs: dict[str, tuple[Path, IgnoreMatcher | None]] = {
+            "context": (ctx, IgnoreMatcher(definition.ignore_patterns))
+        }
+        contexts: dict[str, str] = {}
+        for nc in request.build_contexts:
+            if nc.kind == "oci-layout":
+                # the daemon must not read a path the client names on its host
+                raise UnsupportedError(
+                    f"--build-context {nc.name}={nc.raw}: oci-layout contexts are not "
+                    "supported on a daemon yet (build without --addr)"
+                )
+            if nc.kind == "local":
+                dirs[nc.local_name] = (Path(nc.value).absolute(), None)
+                contexts[nc.name] = "local:" + nc.local_name
+            else:
+                contexts[nc.name] = nc.raw
         session = ClientSession(
             uuid.uuid4().hex,
-            {"context": (ctx, IgnoreMatcher(definition.ignore_patterns))},
+            dirs,
             secrets=secrets,
             secret_ids=secret_ids,
             ssh=ssh,
@@ -260,6 +298,7 @@ class Client:
             cache_from=[str(s) for s in request.cache_from],
             annotations=request.annotations,
             labels=dict(request.labels),
+            build_contexts=contexts,
         )
         solve_sent = answered = False
         try:

@@ -31,6 +31,7 @@ from ociworker.api.v1 import control_pb2_grpc as pb_grpc
 from ociworker.core.build import (
     BuildDefinition,
     BuildRequest,
+    NamedContext,
     PruneFilter,
     Ulimit,
     parse_add_host,
@@ -318,6 +319,10 @@ class ControlService:
         key = request.context_key or session.id
         async with contextlib.AsyncExitStack() as stack:
             ctx, sent = await self._sync_context(stack, session, key, events)
+            named: list[NamedContext] = []
+            for cname, value in sorted(request.build_contexts.items()):
+                nc = await self._named_context(stack, session, key, cname, value, events)
+                named.append(nc)
             req = BuildRequest(
                 context=ctx,
                 tags=tuple(request.tags),
@@ -336,6 +341,7 @@ class ControlService:
                 cache_from=parse_cache_specs(request.cache_from, export=False, over_daemon=True),
                 annotations=tuple(request.annotations),
                 labels=dict(request.labels),
+                build_contexts=tuple(named),
             )
             result = await controller.build(
                 self.worker,
@@ -355,25 +361,58 @@ class ControlService:
             metadata_json=json.dumps(metadata).encode(),
         )
 
+    async def _named_context(
+        self,
+        stack: contextlib.AsyncExitStack,
+        session: WorkerSession,
+        key: str,
+        name: str,
+        value: str,
+        events: EventSink,
+    ) -> NamedContext:
+        """A ``--build-context`` of the request: a DIR (``local:DIRNAME``) is
+        synced from the session like the main context."""
+        if value.startswith("local:"):
+            dir_name = value.removeprefix("local:")
+            path, _ = await self._sync_context(
+                stack,
+                session,
+                f"{key}:{dir_name}",
+                events,
+                dir_name=dir_name,
+                shown=f"[internal] load build context {name}",
+            )
+            return NamedContext(name, "local", str(path))
+        nc = NamedContext.of(name, value)
+        if nc.kind in ("local", "oci-layout"):
+            # a path would name the daemon's own files, which a client must not read
+            raise ConfigError(
+                f"--build-context {name}={value}: a {nc.kind} context must be sent "
+                "through the session, not named by path"
+            )
+        return nc
+
     async def _sync_context(
         self,
         stack: contextlib.AsyncExitStack,
         session: WorkerSession,
         key: str,
         events: EventSink,
+        dir_name: str = "context",
+        shown: str = "[internal] load build context",
     ) -> tuple[Path, int]:
         digest = "context:" + uuid.uuid4().hex
-        name = "[internal] load build context"
+        name = shown
         started = time.time()
         events(VertexStatus(digest, name, started=started))
         try:
-            stats = await session.stat("context")
+            stats = await session.stat(dir_name)
             # Held (open) until the build ends: the key's lock keeps another sync
             # from changing the dir this build reads; a second build of the same
             # context takes a spare copy instead of queueing behind this one.
             transfer = await self.contexts.abegin(key, stats, spare_copies=_SPARE_CONTEXTS)
             stack.enter_context(transfer)
-            await session.fetch("context", transfer)
+            await session.fetch(dir_name, transfer)
             path = await asyncio.to_thread(transfer.finish)
         except BaseException as exc:
             err = str(exc) if not isinstance(exc, asyncio.CancelledError) else "cancelled"

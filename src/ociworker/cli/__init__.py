@@ -17,6 +17,7 @@ from ociworker.cli.failures import Phase, UsageError, describe
 from ociworker.core.build import (
     DEFAULT_ROOT,
     BuildRequest,
+    NamedContext,
     PruneFilter,
     Ulimit,
     parse_add_host,
@@ -223,6 +224,31 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="HOST=FILE",
         help="trust this CA certificate (PEM) for the registry HOST[:PORT] (repeatable)",
     )
+    b.add_argument(
+        "--build-context",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="named context: DIR, docker-image://REF, oci-layout://PATH[:TAG|@DIGEST], URL",
+    )
+    b.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="PLATFORM",
+        help="target platform (only the worker's own, e.g. linux/amd64)",
+    )
+    b.add_argument("--pull", action="store_true", help="always resolve images at the registry")
+    b.add_argument(
+        "--no-cache-filter",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="do not use the cache for these stages (repeatable, comma-separated)",
+    )
+    b.add_argument(
+        "--check", action="store_true", help="check the Dockerfile (lint rules), build nothing"
+    )
     b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
     _step_limit_flags(b)
@@ -266,6 +292,35 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
     if epoch is not None and "SOURCE_DATE_EPOCH" not in out:
         out["SOURCE_DATE_EPOCH"] = epoch
     return out
+
+
+def _check(req: BuildRequest) -> int:
+    """``build --check``: BuildKit's default lint rules over the Dockerfile,
+    printed as buildx prints them; nothing is built. Exit 1 if any warns (buildx)."""
+    from ociworker.controller import check_dockerfile
+    from ociworker.session.context import read_definition
+
+    text, found = check_dockerfile(read_definition(req.context, req.dockerfile))
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return 1 if found else 0
+
+
+def _build_contexts(items: Sequence[str]) -> tuple[NamedContext, ...]:
+    """``--build-context``s; a name given twice is refused (buildx keeps one
+    silently, which hides a typo), a DIR must be a directory."""
+    out: dict[str, NamedContext] = {}
+    for item in items:
+        nc = NamedContext.parse(item)
+        if nc.name in out:
+            raise ConfigError(f"--build-context {nc.name} is given twice")
+        if nc.kind == "local" and not Path(nc.value).is_dir():
+            raise ConfigError(
+                f"--build-context {item}: {nc.value} is not a directory "
+                "(want DIR, docker-image://REF, oci-layout://PATH, a git URL or an HTTP(S) URL)"
+            )
+        out[nc.name] = nc
+    return tuple(out.values())
 
 
 def _check_tags(tags: Sequence[str]) -> None:
@@ -385,7 +440,15 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         cache_from=parse_cache_specs(args.cache_from, export=False, over_daemon=bool(args.addr)),
         annotations=tuple(args.annotation),
         labels=parse_labels(args.label),
+        build_contexts=_build_contexts(args.build_context),
+        platforms=tuple(args.platform),
+        pull=args.pull,
+        no_cache_filter=tuple(
+            n.strip() for item in args.no_cache_filter for n in item.split(",") if n.strip()
+        ),
     )
+    if args.check:
+        return _check(req)
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths
 

@@ -5,16 +5,17 @@ none of the controller's machinery to describe a build."""
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ociworker.core.cacheimport import CacheSpec
 from ociworker.core.digest import Digest
-from ociworker.core.oci import Descriptor
+from ociworker.core.oci import Descriptor, Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import DEFAULT_LOG_CAP
-from ociworker.errors import ConfigError
+from ociworker.errors import ConfigError, UnsupportedError
 
 if TYPE_CHECKING:  # paths are values here: the callers do the IO
     from pathlib import Path
@@ -124,6 +125,96 @@ def parse_ram_size(text: str) -> int:
     return int(value * 1024 ** _RAM_UNITS[unit])
 
 
+#: the prefix of a named DIR context's local source (``local://named:NAME``)
+NAMED_LOCAL_PREFIX = "named:"
+
+
+@dataclass(frozen=True)
+class NamedContext:
+    """One ``--build-context NAME=VALUE`` (buildx): a DIR, ``docker-image://REF``,
+    ``oci-layout://PATH[:TAG|@DIGEST]``, a git URL or an HTTP(S) URL."""
+
+    name: str
+    #: "local" | "docker-image" | "oci-layout" | "git" | "url"
+    kind: str
+    #: the dir, the image reference, the layout's path or the URL
+    value: str
+    #: oci-layout: the tag ("latest" by default) or ``sha256:...`` digest
+    ref: str = ""
+
+    @property
+    def raw(self) -> str:
+        """The value as the user wrote it (what the daemon's request carries)."""
+        if self.kind == "docker-image":
+            return "docker-image://" + self.value
+        if self.kind == "oci-layout":
+            sep = "@" if self.ref.startswith("sha256:") else ":"
+            return f"oci-layout://{self.value}{sep}{self.ref}"
+        return self.value
+
+    @property
+    def local_name(self) -> str:
+        return NAMED_LOCAL_PREFIX + self.name
+
+    @classmethod
+    def parse(cls, item: str) -> NamedContext:
+        """``NAME=VALUE`` as buildx reads ``--build-context``."""
+        name, eq, value = item.partition("=")
+        name = name.strip()
+        if not eq or not name or not value:
+            raise ConfigError(
+                f"invalid --build-context {item!r}: want NAME=DIR|docker-image://REF|"
+                "oci-layout://PATH[:TAG|@DIGEST]|GIT_URL|URL"
+            )
+        return cls.of(name, value)
+
+    @classmethod
+    def of(cls, name: str, value: str) -> NamedContext:
+        if value.startswith("docker-image://"):
+            ref = value.removeprefix("docker-image://")
+            if not ref:
+                raise ConfigError(f"invalid --build-context {name}={value}: no image reference")
+            return cls(name, "docker-image", ref)
+        if value.startswith("oci-layout://"):
+            rest = value.removeprefix("oci-layout://")
+            path, at, digest = rest.partition("@")
+            if at:
+                if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+                    raise ConfigError(
+                        f"invalid --build-context {name}={value}: {digest!r} is not a digest"
+                    )
+                return cls(name, "oci-layout", path, digest)
+            head, colon, tag = rest.rpartition(":")
+            if colon and "/" not in tag and head:
+                path, ref = head, tag
+            else:
+                path, ref = rest, "latest"
+            if not path:
+                raise ConfigError(f"invalid --build-context {name}={value}: no layout path")
+            return cls(name, "oci-layout", path, ref)
+        if is_git_url(value):
+            return cls(name, "git", value)
+        if value.startswith(("http://", "https://")):
+            return cls(name, "url", value)
+        if "://" in value:
+            raise ConfigError(
+                f"invalid --build-context {name}={value}: unsupported scheme "
+                "(want a DIR, docker-image://, oci-layout://, a git URL or an HTTP(S) URL)"
+            )
+        return cls(name, "local", value)
+
+
+def is_git_url(value: str) -> bool:
+    """A git repository as buildx recognises one: ``git://``, ``git@host:``,
+    ``ssh://``, or an HTTP(S) URL ending in ``.git`` (maybe with ``#ref``)."""
+    if value.startswith(("git://", "git@", "ssh://", "github.com/")):
+        return True
+    if value.startswith(("http://", "https://")):
+        base = value.partition("#")[0].partition("?")[0].rstrip("/")
+        return base.endswith(".git")
+    return False
+
+
 @dataclass(frozen=True)
 class BuildRequest:
     context: Path
@@ -157,6 +248,34 @@ class BuildRequest:
     annotations: tuple[str, ...] = ()
     #: ``--label``s: added to the image config's labels
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: ``--build-context``s by name
+    build_contexts: tuple[NamedContext, ...] = ()
+    #: ``--platform``s (only the worker's own is built: ``check_platforms``)
+    platforms: tuple[str, ...] = ()
+    #: ``--pull``: resolve every image at its registry, never from the image store
+    pull: bool = False
+    #: ``--no-cache-filter``: stages (names or indexes) whose steps ignore the cache
+    no_cache_filter: tuple[str, ...] = ()
+
+
+def check_platforms(requested: Sequence[str], worker: Platform) -> None:
+    """``--platform`` values (comma-separated lists too): the worker's own
+    platform builds; any other is refused clearly (no cross-building yet)."""
+    for item in requested:
+        for text in item.split(","):
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                want = Platform.parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"invalid --platform {text!r}: {exc}") from None
+            same = (want.os, want.architecture) == (worker.os, worker.architecture)
+            if not same or (want.variant and want.variant != worker.variant):
+                raise UnsupportedError(
+                    f"--platform {text}: this worker builds {worker} only "
+                    "(cross-building is not available yet)"
+                )
 
 
 def parse_add_host(value: str) -> tuple[str, str]:

@@ -32,6 +32,37 @@ class SourceOp:
 
 
 @dataclass(frozen=True)
+class HttpSourceOp:
+    """A file fetched over HTTP(S) (BuildKit's http source): a snapshot holding
+    the one file, named ``filename`` (else from Content-Disposition), mode 0600,
+    mtime from Last-Modified. ``checksum`` (``sha256:...``) pins its content.
+    Its cache key is the content's digest, found by a conditional request."""
+
+    url: str
+    checksum: str = ""
+    filename: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"http": {"url": self.url, "checksum": self.checksum, "filename": self.filename}}
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any credential in it masked, as BuildKit's
+    ``urlutil.RedactCredentials`` does (a lone user name is masked too: it is
+    often a token)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    masked = f"{user}:xxxxx" if colon else "xxxxx"
+    return f"{scheme}://{masked}@{host}{slash}{path}"
+
+
+@dataclass(frozen=True)
 class ExecMount:
     """An extra mount of an exec op (``RUN --mount``); input is an index into the
     vertex's inputs or -1 for none."""
@@ -115,9 +146,19 @@ class Copy:
     exclude: tuple[str, ...] = ()  # COPY --exclude patterns, matched below each source
     unpack_archive: bool = False  # ADD: a local tar archive is extracted
     parents: bool = False  # COPY --parents: keep the source's parent dirs under dest
+    #: ``--chmod=u+x,g-w``: applied to each copied entry's own mode (``chmod`` is None)
+    chmod_symbolic: str = ""
+    #: one of several literal sources of a COPY whose dest has no trailing "/":
+    #: the dest must then be an existing directory (BuildKit refuses otherwise)
+    multi_source: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"copy": _fields(self)}
+        body = _fields(self)
+        # only when set: the keys of every existing copy step stay as they were
+        for key, unset in (("chmod_symbolic", ""), ("multi_source", False)):
+            if body[key] == unset:
+                del body[key]
+        return {"copy": body}
 
 
 @dataclass(frozen=True)
@@ -167,7 +208,7 @@ class FileOp:
 
 
 #: the op types every worker runs
-Op = SourceOp | ExecOp | FileOp
+Op = SourceOp | HttpSourceOp | ExecOp | FileOp
 
 
 class OpSpec(Protocol):

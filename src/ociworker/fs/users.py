@@ -3,7 +3,8 @@
 The rules are those of runc's ``user.GetExecUser`` (which BuildKit uses): a
 numeric user or group needs no entry, a name must have one; the first matching
 entry wins; supplementary groups come from ``/etc/group`` membership only when
-the group was not given explicitly. The parsing half is pure (text in, value out)
+the group was not given explicitly, and (BuildKit v0.32) the primary gid is
+always among them. The parsing half is pure (text in, value out)
 so it is unit-tested without a rootfs; ``resolve_user`` reads the files through
 ``secure_join`` so a symlinked ``/etc/passwd`` can never reach the host's.
 """
@@ -139,6 +140,12 @@ def exec_user(spec: str, passwd: str | None, group: str | None) -> ExecUser:
         # Supplementary groups only in the implicit form: "user:group" means
         # exactly that group, as in runc.
         sgids = tuple(g.gid for g in groups if matched_name in g.members)
+    if uid_arg is not None and gid_arg is not None:
+        sgids = ()  # BuildKit's fast path for "uid:gid": no group file is read
+    # BuildKit v0.32 (executor/oci WithUIDGID -> ensureAdditionalGids, as containerd
+    # 1.7): the primary gid is always a supplementary one too, first unless listed
+    if gid not in sgids:
+        sgids = (gid, *sgids)
     return ExecUser(uid=uid, gid=gid, additional_gids=sgids, home=home)
 
 

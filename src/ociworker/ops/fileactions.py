@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ociworker.core.filemode import apply_symbolic_mode
 from ociworker.core.graph import Copy, Mkdir, Mkfile, Rm
 from ociworker.errors import NotFoundError, UnsafePathError, UserError
 from ociworker.fs.ignore import IgnoreMatcher
@@ -54,7 +55,12 @@ def resolve_chown(dest_root: Path, spec: str) -> Owner | None:
 
     user_part, _, group_part = spec.partition(":")
     resolved = resolve_user(dest_root, spec if group_part else user_part)
-    return Owner(resolved.uid, resolved.gid if group_part else resolved.uid)
+    if group_part:
+        return Owner(resolved.uid, resolved.gid)
+    # BuildKit (file op readUser): a user by name takes its primary group from
+    # /etc/passwd, a numeric one gid = uid
+    numeric = user_part.isascii() and user_part.isdigit()
+    return Owner(resolved.uid, resolved.uid if numeric else resolved.gid)
 
 
 def abs_path(path: str, cwd: str) -> str:
@@ -144,6 +150,11 @@ def do_copy(dest_root: Path, src: Source, action: Copy, cwd: str) -> None:
             return
         raise not_found(src, clean(action.src).lstrip("/"))
     dest_is_dir = action.dest_is_dir or dest.endswith("/")
+    if action.multi_source and not dest_is_dir:
+        # one of several literal sources: only an existing directory takes them
+        if not secure_join(dest_root, dest).is_dir():
+            raise _multi_source_error(action)
+        dest_is_dir = True
     if len(matches) > 1 and not dest_is_dir:
         if not secure_join(dest_root, dest).is_dir():
             raise _multi_source_error(action)
@@ -350,6 +361,9 @@ class _Copier:
             return
         if self.action.chmod is not None:
             mode = self.action.chmod
+        elif self.action.chmod_symbolic:
+            base = mode if mode is not None else stat.S_IMODE(st.st_mode)
+            mode = apply_symbolic_mode(self.action.chmod_symbolic, base, stat.S_ISDIR(st.st_mode))
         os.chmod(path, mode if mode is not None else stat.S_IMODE(st.st_mode))
         if not stat.S_ISDIR(st.st_mode):
             os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)

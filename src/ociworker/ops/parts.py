@@ -49,6 +49,8 @@ class OpParts:
     step_limits: StepLimits = field(default_factory=StepLimits)
     #: entitlements the worker grants (``WorkerConfig.entitlements``)
     entitlements: tuple[str, ...] = ()
+    #: records of ``ADD URL`` downloads (ETag, Last-Modified, digest); None: none
+    http_state: Path | None = None
 
     def pick(self, deps: type[D]) -> D:
         """The dataclass ``deps`` with each field taken from the part of the same

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from ociworker.core.graph import ExecOp, FileOp, SourceOp, Vertex
+from ociworker.core.graph import ExecOp, FileOp, HttpSourceOp, SourceOp, Vertex
 from ociworker.errors import UnsupportedError
 from ociworker.ops.exec import ExecHandler
 from ociworker.ops.file import FileHandler
+from ociworker.ops.http import HttpHandler
 from ociworker.ops.parts import OpParts
 from ociworker.ops.source import SourceHandler
 from ociworker.solver.scheduler import OpHandler
@@ -25,6 +26,7 @@ HANDLERS: Mapping[type, Callable[[OpParts], OpHandler]] = {
     SourceOp: SourceHandler.from_parts,
     ExecOp: ExecHandler.from_parts,
     FileOp: FileHandler.from_parts,
+    HttpSourceOp: HttpHandler.from_parts,
 }
 
 

@@ -12,13 +12,26 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ociworker.core.build import Ulimit
+from ociworker.core.build import NamedContext, Ulimit
 from ociworker.core.epoch import SOURCE_DATE_EPOCH, epoch_from_build_args, rfc3339
-from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
+from ociworker.core.filemode import is_symbolic_mode
+from ociworker.core.graph import (
+    Copy,
+    ExecMount,
+    ExecOp,
+    FileOp,
+    HttpSourceOp,
+    Mkdir,
+    Mkfile,
+    SourceOp,
+    Vertex,
+    redact_url,
+)
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote, parse
@@ -58,6 +71,12 @@ class Options:
     ignore_patterns: tuple[str, ...] = ()
     filename: str = "Dockerfile"
     no_cache: bool = False
+    #: ``--build-context``s by name: each replaces an image or stage of that name
+    #: in FROM, COPY --from and RUN --mount=from (an ``oci-layout`` one is looked
+    #: up in ``images`` by its ``raw`` value, which the caller resolves first)
+    named_contexts: Mapping[str, NamedContext] = field(default_factory=dict)
+    #: ``--no-cache-filter``: stages (names or indexes) whose steps ignore the cache
+    no_cache_filter: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,7 @@ class _State:
     total: int
     label: str
     cmd_set: bool = False  # a CMD in this stage: ENTRYPOINT then keeps it
+    no_cache: bool = False  # --no-cache, or the stage is in --no-cache-filter
     onbuild: bool = False  # dispatching a trigger of the base image
 
     @property
@@ -438,6 +458,10 @@ class Converter:
                 "not available yet"
             )
 
+    def _stage_no_cache(self, stage: _Stage) -> bool:
+        wanted = {s.lower() for s in self.opts.no_cache_filter}
+        return self.opts.no_cache or bool(wanted & {stage.name, str(stage.index)} - {""})
+
     def _run_stage(self, stage: _Stage) -> _State:
         total = sum(1 for i in stage.instructions if i.cmd in ("run", "copy", "add", "workdir"))
         label = self._label(stage)
@@ -446,8 +470,24 @@ class Converter:
         base = self.stage_by_ref(stage.base_name) if stage.base_name else None
         if base is not None and (base.index >= stage.index or not base.name):
             base = None  # a later stage's name (or a number) is an image name here
-        triggers: list[Instruction] = []
+        # A named context replaces a stage of its name whole (as buildx), else an
+        # image of its name in FROM.
+        replaced = self._named(stage.name) if stage.name else None
+        named = replaced or (self._named(stage.base_name) if base is None else None)
+        image_name = stage.base_name
         st: _State
+        if named is not None:
+            base = None
+            if named.kind in ("docker-image", "oci-layout"):
+                image_name = named.value if named.kind == "docker-image" else named.raw
+            else:
+                st = self._named_fs_state(named, stage, total, label)
+                st.no_cache = self._stage_no_cache(stage)
+                if not replaced:
+                    for ins in stage.instructions:
+                        self._dispatch(stage, st, ins)
+                return st
+        triggers: list[Instruction] = []
         if base is not None:
             parent = self._stage(base)
             # The parent stage's steps stay steps of this image: each of its layers
@@ -468,13 +508,14 @@ class Converter:
             )
             # BuildKit runs the parent stage's own ONBUILD instructions as triggers here.
             triggers = [i.sub for i in base.instructions if i.cmd == "onbuild" and i.sub]
-        elif stage.base_name.lower() == "scratch":
-            st = _State(None, {}, [], [], 0, _Env(), {}, 0, total, label)
+        elif image_name.lower() == "scratch" and named is None:
+            # BuildKit's config of a scratch image says WorkingDir "/" (dockerd's too)
+            st = _State(None, {"WorkingDir": "/"}, [], [], 0, _Env(), {}, 0, total, label)
         else:
-            info = self.images.get(stage.base_name)
+            info = self.images.get(image_name)
             if info is None:
-                self.missing.append(stage.base_name)
-                info = ImageInfo(ref=f"{stage.base_name}@unresolved", config={})
+                self.missing.append(image_name)
+                info = ImageInfo(ref=f"{image_name}@unresolved", config={})
             config = _copy_config(info.config.get("config") or {})
             hist = [dict(h) for h in (info.config.get("history") or [])]
             diff_ids = (info.config.get("rootfs") or {}).get("diff_ids") or []
@@ -498,6 +539,9 @@ class Converter:
                     name=self._name(label, 1, st.total, f"FROM {info.ref}"),
                 )
             triggers = self._base_triggers(stage, config.pop("OnBuild", None) or [])
+        st.no_cache = self._stage_no_cache(stage)
+        if replaced is not None:
+            return st  # the stage's own instructions are replaced too
         if not any(e.startswith("PATH=") for e in st.config.get("Env") or []):
             st.config["Env"] = [*(st.config.get("Env") or []), f"PATH={DEFAULT_PATH}"]
         if base is None:
@@ -512,6 +556,47 @@ class Converter:
         for ins in stage.instructions:
             self._dispatch(stage, st, ins)
         return st
+
+    # -- named contexts ------------------------------------------------------------
+
+    def _named(self, name: str) -> NamedContext | None:
+        if not name or not self.opts.named_contexts:
+            return None
+        nc = self.opts.named_contexts.get(name) or self.opts.named_contexts.get(name.lower())
+        if nc is not None and nc.kind == "git":
+            raise UnsupportedError(
+                f"--build-context {nc.name}={nc.raw}: git contexts are not supported yet"
+            )
+        return nc
+
+    def _named_vertex(self, nc: NamedContext) -> Vertex:
+        """The files of a DIR or URL context as a source (a dir or a snapshot)."""
+        if nc.kind == "url":
+            return Vertex(
+                HttpSourceOp(nc.value, "", url_filename(nc.value)),
+                (),
+                name=f"[context {nc.name}] {redact_url(nc.value)}",
+            )
+        return Vertex(
+            SourceOp("local://" + nc.local_name),
+            (),
+            name=f"[internal] load build context {nc.name}",
+        )
+
+    def _named_fs_state(self, nc: NamedContext, stage: _Stage, total: int, label: str) -> _State:
+        """FROM a DIR or URL context: its files as a root filesystem (a snapshot
+        copied from the source), with an empty config as ``FROM scratch``."""
+        root = Vertex(
+            FileOp((Copy(src_input=1, src="/", dest="/"),), cwd="/"),
+            (None, self._named_vertex(nc)),
+            name=f"[context {nc.name}] load from client"
+            if nc.kind == "local"
+            else f"[context {nc.name}] {redact_url(nc.value)}",
+        )
+        env = _Env()
+        config: dict[str, Any] = {"Env": [f"PATH={DEFAULT_PATH}"]}
+        env["PATH"] = DEFAULT_PATH
+        return _State(root, config, [], [], 0, env, {}, 0, total, label)
 
     def _base_triggers(self, stage: _Stage, texts: Sequence[str]) -> list[Instruction]:
         """The base image's ONBUILD triggers as instructions, located at our FROM."""
@@ -599,7 +684,7 @@ class Converter:
 
     def _step_name(self, st: _State, ins: Instruction, suffix: str = "") -> str:
         st.step += 1
-        text = ins.original.split("\n")[0].strip() + suffix
+        text = _redact_text(ins.original.split("\n")[0].strip() + suffix)
         if st.onbuild:
             text = "ONBUILD " + text
         return self._name(st.label, st.step, st.total, text)
@@ -797,18 +882,19 @@ class Converter:
         if len(ins.args) != 1:
             raise _err("WORKDIR requires exactly one argument", ins, self.opts.filename)
         path = self._word(st, ins.args[0], ins)
-        wd = posixpath.normpath(posixpath.join("/", st.config.get("WorkingDir") or "/", path))
-        if wd.startswith("//"):
-            wd = "/" + wd.lstrip("/")
-        st.config["WorkingDir"] = wd
+        wd = _clean_dir(posixpath.join("/", st.config.get("WorkingDir") or "/", path))
+        # BuildKit stores an absolute path as written ("/a//b/" stays so: dockerd
+        # 20.10 and v0.32 alike) and a relative one joined and cleaned.
+        stored = path if path.startswith("/") else wd
+        st.config["WorkingDir"] = stored
         if wd == "/":
             st.total -= 1  # nothing to create: BuildKit runs no step and adds no layer
-            self._history(st, "WORKDIR /", False)
+            self._history(st, "WORKDIR " + stored, False)
             return
         name = self._step_name(st, ins)
         op = FileOp((Mkdir(wd, 0o755, True, st.config.get("User", "")),), cwd="/")
-        st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=self.opts.no_cache)
-        self._history(st, "WORKDIR " + wd, True)
+        st.vertex = Vertex(op, (st.vertex,), name=name, ignore_cache=_no_cache(st, (st.vertex,)))
+        self._history(st, "WORKDIR " + stored, True)
 
     def _i_run(self, stage: _Stage, st: _State, ins: Instruction) -> None:
         flags = _Flags(
@@ -854,7 +940,7 @@ class Converter:
         op = ExecOp(
             args=tuple(args),
             env=self._run_env(st),
-            cwd=st.config.get("WorkingDir") or "/",
+            cwd=_clean_dir(st.config.get("WorkingDir") or "/"),
             user=st.config.get("User") or "",
             network=network,
             mounts=tuple(mounts),
@@ -863,7 +949,7 @@ class Converter:
             security=security or "sandbox",
             extra_hosts=self.opts.extra_hosts,
         )
-        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=self.opts.no_cache)
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=_no_cache(st, inputs))
         self._history(st, "RUN " + self._run_history(st, args) + " # buildkit", True)
 
     def _run_heredoc(
@@ -1032,6 +1118,12 @@ class Converter:
                 ins,
                 self.opts.filename,
             )
+        named = self._named(ref)
+        if named is not None:
+            if named.kind in ("local", "url"):
+                return self._named_vertex(named)
+            ref = named.value if named.kind == "docker-image" else named.raw
+            return self._image_source(ref, ins)
         src_stage = self.stage_by_ref(ref)
         if ref.isdigit() and src_stage is None:
             raise _err(f"invalid stage index {ref}", ins, self.opts.filename)
@@ -1046,6 +1138,9 @@ class Converter:
                     self.opts.filename,
                 )
             return self._stage(src_stage).vertex
+        return self._image_source(ref, ins)
+
+    def _image_source(self, ref: str, ins: Instruction) -> Vertex | None:
         info = self.images.get(ref)
         if info is None:
             self.missing.append(ref)
@@ -1082,6 +1177,7 @@ class Converter:
         chown = self._word(st, flags.get("chown"), ins) if flags.get("chown") else ""
         chmod_text = self._word(st, flags.get("chmod"), ins) if flags.get("chmod") else ""
         chmod: int | None = None
+        chmod_symbolic = ""
         if chmod_text:
             try:
                 chmod = int(chmod_text, 8)
@@ -1093,31 +1189,49 @@ class Converter:
                         ins,
                         self.opts.filename,
                     ) from None
-                raise UnsupportedError(
-                    f"{self.opts.filename}:{ins.start_line}: --chmod={chmod_text}: only octal "
-                    "modes (such as 0755) are supported"
-                ) from None
-            if not 0 <= chmod <= 0o7777:
+                if not is_symbolic_mode(chmod_text):
+                    raise _err(
+                        f"invalid chmod parameter: {chmod_text!r}: want an octal mode "
+                        "(0755) or a symbolic one (u+x,g-w)",
+                        ins,
+                        self.opts.filename,
+                    ) from None
+                chmod_symbolic = chmod_text
+            if chmod is not None and not 0 <= chmod <= 0o7777:
                 raise _err(
                     f"invalid chmod parameter: {chmod_text!r}: it should be an octal string "
                     "between 0 and 07777",
                     ins,
                     self.opts.filename,
                 )
-        remote = [s for s in srcs if s.startswith(("http://", "https://", "git@"))]
-        if remote:
-            if not add:
+        remote = [s for s in srcs if s.startswith(("http://", "https://", "git@", "git://"))]
+        if remote and not add:
+            raise _err(
+                f"COPY source can't be a URL or git ref ({redact_url(remote[0])}): use ADD",
+                ins,
+                self.opts.filename,
+            )
+        git = [s for s in remote if _is_git_source(s)]
+        if git:
+            raise UnsupportedError(
+                f"{self.opts.filename}:{ins.start_line}: "
+                f"ADD from a git repository ({redact_url(git[0])}) is not supported yet"
+            )
+        checksum = self._word(st, flags.get("checksum"), ins) if flags.get("checksum") else ""
+        if checksum:
+            if not remote:
+                raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
+            if len(srcs) != 1:
+                # BuildKit: a checksum pins one download
                 raise _err(
-                    f"COPY source can't be a URL or git ref ({remote[0]}): use ADD",
+                    "checksum can't be specified for multiple sources", ins, self.opts.filename
+                )
+            if not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+                raise _err(
+                    f"invalid checksum digest format: {checksum!r} (want sha256:<64 hex digits>)",
                     ins,
                     self.opts.filename,
                 )
-            raise UnsupportedError(
-                f"{self.opts.filename}:{ins.start_line}: "
-                "remote sources (URLs, git) in ADD are not supported yet"
-            )
-        if flags.get("checksum"):
-            raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
         if flags.get("keep-git-dir"):
             raise _err("--keep-git-dir requires a Git source", ins, self.opts.filename)
         from_ref = flags.get("from")
@@ -1128,14 +1242,38 @@ class Converter:
         wd = st.config.get("WorkingDir") or "/"
         if dest in ("", "."):
             dest = "./"
-        dest_is_dir = dest.endswith("/") or len(srcs) > 1
+        dest_is_dir = dest.endswith("/")
+        # Several sources into a dest without "/": it must be an existing dir
+        # (checked when the step runs: BuildKit refuses to create it).
+        multi = len(srcs) > 1 and not dest_is_dir
         unpack = add and is_context
         if flags.get("unpack"):
             unpack = flags.bool("unpack")
         actions: list[Copy | Mkfile] = []
         shown: list[str] = []
         shown_docs: list[str] = []
+        inputs: list[Vertex | None] = [st.vertex]
+        src_index = -1  # the --from source's (or the context's) input, once needed
         for s in srcs:
+            if s.startswith(("http://", "https://")):
+                # A download is a source of its own (BuildKit's http source),
+                # copied like a file; remote archives are never extracted.
+                fname = url_filename(s)
+                inputs.append(Vertex(HttpSourceOp(s, checksum, fname), (), name=redact_url(s)))
+                shown.append(redact_url(s))
+                actions.append(
+                    Copy(
+                        src_input=len(inputs) - 1,
+                        src="/" + fname if fname else "/*",
+                        dest=_abs(dest, wd),
+                        chown=chown,
+                        chmod=chmod,
+                        dest_is_dir=dest_is_dir,
+                        chmod_symbolic=chmod_symbolic,
+                        multi_source=multi,
+                    )
+                )
+                continue
             m = _HEREDOC_ONLY_RE.match(s)
             name = m.group(1).strip("'\"") if m else ""
             if m and name in heredocs:
@@ -1143,21 +1281,44 @@ class Converter:
                 data = h.body()
                 if h.expand:
                     data = self._expand_raw(st, data, ins)
-                target = posixpath.join(dest, h.name) if dest_is_dir else dest
+                # As BuildKit: the document is a file of its own, copied like any
+                # source (so an existing directory as dest takes it by its name).
+                inputs.append(
+                    Vertex(
+                        FileOp((Mkfile("/" + h.name, data, 0o644),), cwd="/"),
+                        (None,),
+                        name="[internal] preparing inline document",
+                    )
+                )
                 actions.append(
-                    Mkfile(_abs(target, wd), data, 0o644 if chmod is None else chmod, chown)
+                    Copy(
+                        src_input=len(inputs) - 1,
+                        src="/" + h.name,
+                        dest=_abs(dest, wd),
+                        chown=chown,
+                        chmod=chmod,
+                        dest_is_dir=dest_is_dir,
+                        allow_wildcard=False,
+                        chmod_symbolic=chmod_symbolic,
+                        multi_source=multi,
+                    )
                 )
                 shown_docs.append("<<" + h.name)
                 continue
             shown.append(s)
+            if src_index < 0:
+                inputs.append(src_vertex)
+                src_index = len(inputs) - 1
             actions.append(
                 Copy(
-                    src_input=1,
+                    src_input=src_index,
                     src=s,
-                    dest=_abs(dest, wd) + ("/" if dest_is_dir and not dest.endswith("/") else ""),
+                    dest=_abs(dest, wd),
                     chown=chown,
                     chmod=chmod,
                     dest_is_dir=dest_is_dir,
+                    chmod_symbolic=chmod_symbolic,
+                    multi_source=multi,
                     exclude=tuple(self._word(st, e, ins) for e in flags.all("exclude")),
                     unpack_archive=unpack,
                     parents=flags.bool("parents") if flags.get("parents") else False,
@@ -1165,10 +1326,7 @@ class Converter:
             )
         name = self._step_name(st, ins)
         op = FileOp(tuple(actions), cwd=wd)
-        inputs: tuple[Vertex | None, ...] = (st.vertex,)
-        if any(isinstance(a, Copy) for a in actions):
-            inputs = (st.vertex, src_vertex)
-        st.vertex = Vertex(op, inputs, name=name, ignore_cache=self.opts.no_cache)
+        st.vertex = Vertex(op, tuple(inputs), name=name, ignore_cache=_no_cache(st, inputs))
         msg = [ins.cmd.upper()]
         if flags.get("parents") and flags.bool("parents"):
             msg.append("--parents")
@@ -1198,6 +1356,56 @@ class Converter:
             if self.opts.context_name == CONTEXT
             else f"[internal] load build context {self.opts.context_name}",
         )
+
+
+def _no_cache(st: _State, inputs: Sequence[Vertex | None]) -> bool:
+    """Whether a step ignores the cache: its stage does (--no-cache, or named by
+    --no-cache-filter), or an input does. A step that uses a re-run step's result
+    re-runs too: our keys are known before anything runs, so a cached user would
+    never see the new result (BuildKit finds it by the content's checksum)."""
+    return st.no_cache or any(i is not None and i.ignore_cache for i in inputs)
+
+
+def _clean_dir(path: str) -> str:
+    """An absolute directory path cleaned as Go's ``path.Clean`` cleans it."""
+    out = posixpath.normpath(posixpath.join("/", path))
+    return "/" + out.lstrip("/") if out.startswith("//") else out
+
+
+def url_filename(url: str) -> str:
+    """The file name an ``ADD URL`` gets from the URL's path ("" when the path
+    names none: the download's Content-Disposition then names it)."""
+    path = url.partition("://")[2].partition("/")[2].partition("?")[0].partition("#")[0]
+    if not path or path.endswith("/"):
+        return ""
+    base = posixpath.basename(urllib.parse.unquote(path))
+    return "" if base in (".", "..") else base
+
+
+_CREDENTIAL_RE = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@\s]+)@")
+
+
+def _redact_text(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked (``redact_url``)."""
+    if "@" not in text:
+        return text
+    return _CREDENTIAL_RE.sub(
+        lambda m: (
+            m.group(1)
+            + ("{}:xxxxx".format(m.group(2).partition(":")[0]) if ":" in m.group(2) else "xxxxx")
+            + "@"
+        ),
+        text,
+    )
+
+
+def _is_git_source(src: str) -> bool:
+    """Whether an ADD source is a git repository (BuildKit: ``git@``, ``git://``,
+    or a URL ending in ``.git`` or with a ``#ref`` fragment)."""
+    if src.startswith(("git@", "git://")):
+        return True
+    base = src.partition("#")[0].partition("?")[0]
+    return base.endswith(".git")
 
 
 def _owned_map(st: _State, key: str) -> dict[str, Any]:

@@ -1,0 +1,159 @@
+"""The buildx flags of issue 13: ``--platform`` (the worker's own builds, a
+foreign one is refused clearly), ``--pull`` and ``--no-cache-filter``; real
+runc, overlayfs and the local registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import plain_steps
+from test_daemon import Daemon, start_daemon, stop_daemon
+
+pytestmark = pytest.mark.usefixtures("require_root")
+
+_MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+
+
+def _build(state: Path, ctx: Path, *args: str, addr: str = "") -> subprocess.CompletedProcess[str]:
+    where = ["--addr", addr] if addr else ["--root", str(state)]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "build",
+            *where,
+            "--progress",
+            "plain",
+            *args,
+            str(ctx),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _ctx(tmp: Path, name: str, df: str) -> Path:
+    ctx = tmp / name
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(df)
+    return ctx
+
+
+def _registry_platform(base_image: str) -> str:
+    """The base image's platform, as the registry's own config blob says (the
+    host's: the base image is made for this machine by scripts/make-base-image)."""
+    host, _, rest = base_image.partition("/")
+    repo, _, tag = rest.partition(":")
+    req = urllib.request.Request(
+        f"http://{host}/v2/{repo}/manifests/{tag}", headers={"Accept": _MANIFEST_TYPES}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        manifest = json.load(r)
+    with urllib.request.urlopen(
+        f"http://{host}/v2/{repo}/blobs/{manifest['config']['digest']}", timeout=10
+    ) as r:
+        config = json.load(r)
+    return f"{config['os']}/{config['architecture']}"
+
+
+def _foreign(own: str) -> str:
+    return "linux/s390x" if own != "linux/s390x" else "linux/arm64"
+
+
+def test_platform_own_builds_foreign_is_refused(
+    tmp_path: Path, state_dir: Path, base_image: str
+) -> None:
+    own = _registry_platform(base_image)
+    ctx = _context = _ctx(tmp_path, "ctx", f"FROM {base_image}\nRUN uname -m > /arch\n")
+    out = tmp_path / "out"
+    ok = _build(state_dir, ctx, "--platform", own, "-o", f"type=local,dest={out}")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (out / "arch").exists()
+    foreign = _foreign(own)
+    bad = _build(state_dir, _context, "--platform", foreign, "-o", f"type=local,dest={out}-2")
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert f"--platform {foreign}: this worker builds {own} only" in bad.stderr, bad.stderr
+    assert not (tmp_path / "out-2").exists()
+
+
+def test_pull_resolves_at_the_registry_not_the_image_store(
+    tmp_path: Path, state_dir: Path, base_image: str
+) -> None:
+    # the image store gets an image under the base image's own name, with a marker
+    local = _ctx(tmp_path, "local", f"FROM {base_image}\nRUN echo local > /marker\n")
+    made = _build(state_dir, local, "-t", base_image)
+    assert made.returncode == 0, made.stderr[-3000:]
+    df = f"FROM {base_image}\nRUN cat /marker > /seen 2>/dev/null || echo registry > /seen\n"
+    ctx = _ctx(tmp_path, "ctx", df)
+    plain = _build(state_dir, ctx, "-o", f"type=local,dest={tmp_path / 'a'}")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert (tmp_path / "a/seen").read_text() == "local\n"  # the image store first
+    pulled = _build(state_dir, ctx, "--pull", "-o", f"type=local,dest={tmp_path / 'b'}")
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    assert (tmp_path / "b/seen").read_text() == "registry\n"  # --pull: the registry's
+
+
+def _state(stderr: str, needle: str) -> tuple[str, ...]:
+    found = [s for s in plain_steps(stderr) if needle in s.name]
+    assert len(found) == 1, (needle, stderr)
+    return found[0].states
+
+
+def test_no_cache_filter_reruns_only_the_named_stage(
+    tmp_path: Path, state_dir: Path, base_image: str
+) -> None:
+    df = f"""FROM {base_image} AS first
+RUN cat /proc/sys/kernel/random/uuid > /a
+FROM {base_image} AS second
+RUN cat /proc/sys/kernel/random/uuid > /b
+FROM {base_image}
+COPY --from=first /a /a
+COPY --from=second /b /b
+"""
+    ctx = _ctx(tmp_path, "ctx", df)
+    one = _build(state_dir, ctx, "-o", f"type=local,dest={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _build(
+        state_dir, ctx, "--no-cache-filter", "first", "-o", f"type=local,dest={tmp_path / 'two'}"
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _state(two.stderr, "random/uuid > /a") == ("DONE",)
+    assert _state(two.stderr, "random/uuid > /b") == ("CACHED",)
+    assert (tmp_path / "two/a").read_text() != (tmp_path / "one/a").read_text()
+    assert (tmp_path / "two/b").read_text() == (tmp_path / "one/b").read_text()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, registry: str) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path / "droot", tmp_path / "d.sock")
+    yield d
+    assert stop_daemon(d) == 0
+
+
+def test_flags_over_the_daemon(tmp_path: Path, daemon: Daemon, base_image: str) -> None:
+    own = _registry_platform(base_image)
+    ctx = _ctx(tmp_path, "ctx", f"FROM {base_image}\nRUN true\n")
+    ok = _build(tmp_path, ctx, "--platform", own, addr=daemon.addr)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    foreign = _foreign(own)
+    bad = _build(tmp_path, ctx, "--platform", foreign, addr=daemon.addr)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert f"this worker builds {own} only" in bad.stderr, bad.stderr
+    for flag in (["--pull"], ["--no-cache-filter", "x"]):
+        refused = _build(tmp_path, ctx, *flag, addr=daemon.addr)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert f"{flag[0]} is not supported on a daemon yet" in refused.stderr, refused.stderr

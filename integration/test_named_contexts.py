@@ -1,0 +1,222 @@
+"""``--build-context NAME=...`` of each kind (a DIR, ``docker-image://``,
+``oci-layout://``) used by ``FROM NAME``, ``COPY --from=NAME`` and ``RUN
+--mount=from=NAME``, embedded and (DIR) over the daemon; real runc, overlayfs
+and the local registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_daemon import Daemon, start_daemon, stop_daemon
+
+pytestmark = pytest.mark.usefixtures("require_root")
+
+
+def _build(
+    state: Path, ctx: Path, out: Path, *args: str, addr: str = "", ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    where = ["--addr", addr] if addr else ["--root", str(state)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ociworker",
+        "build",
+        *where,
+        "--progress",
+        "plain",
+        "--output",
+        f"type=local,dest={out}",
+        *args,
+        str(ctx),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _context(tmp: Path, name: str, dockerfile: str) -> Path:
+    ctx = tmp / name
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    return ctx
+
+
+def _named_dir(tmp: Path) -> Path:
+    d = tmp / "extra"
+    (d / "sub").mkdir(parents=True)
+    (d / "greeting.txt").write_text("hello from the named dir\n")
+    (d / "sub" / "deep.txt").write_text("deep\n")
+    return d
+
+
+def _dir_dockerfile(base_image: str) -> str:
+    # FROM the dir (its files are the root), COPY --from it, RUN --mount=from it
+    return f"""FROM extra AS fromdir
+COPY --from=extra /sub/deep.txt /copied-deep.txt
+
+FROM {base_image}
+COPY --from=fromdir / /fromdir/
+COPY --from=extra /greeting.txt /copied.txt
+RUN --mount=from=extra,target=/m cat /m/greeting.txt /m/sub/deep.txt > /mounted.txt
+"""
+
+
+def _check_dir_outputs(out: Path) -> None:
+    assert (out / "fromdir/greeting.txt").read_text() == "hello from the named dir\n"
+    assert (out / "fromdir/sub/deep.txt").read_text() == "deep\n"
+    assert (out / "fromdir/copied-deep.txt").read_text() == "deep\n"
+    assert (out / "copied.txt").read_text() == "hello from the named dir\n"
+    assert (out / "mounted.txt").read_text() == "hello from the named dir\ndeep\n"
+
+
+def test_dir_context_in_from_copy_and_mount(
+    tmp_path: Path, state_dir: Path, base_image: str
+) -> None:
+    extra = _named_dir(tmp_path)
+    ctx = _context(tmp_path, "ctx", _dir_dockerfile(base_image))
+    # "FROM extra AS fromdir": the stage is named as the context is not, so
+    # FROM extra is the context; a stage NAMED like a context is replaced whole
+    out = tmp_path / "out"
+    _build(state_dir, ctx, out, "--build-context", f"extra={extra}")
+    _check_dir_outputs(out)
+
+    # a change in the named dir re-runs what reads it
+    (extra / "greeting.txt").write_text("changed\n")
+    out2 = tmp_path / "out2"
+    _build(state_dir, ctx, out2, "--build-context", f"extra={extra}")
+    assert (out2 / "mounted.txt").read_text() == "changed\ndeep\n"
+    assert (out2 / "copied.txt").read_text() == "changed\n"
+
+
+def test_context_replaces_a_stage_of_its_name(
+    tmp_path: Path, state_dir: Path, base_image: str
+) -> None:
+    extra = _named_dir(tmp_path)
+    df = f"""FROM {base_image} AS extra
+RUN echo from the stage > /greeting.txt
+
+FROM {base_image}
+COPY --from=extra /greeting.txt /g.txt
+"""
+    ctx = _context(tmp_path, "ctx", df)
+    out = tmp_path / "out"
+    _build(state_dir, ctx, out)
+    assert (out / "g.txt").read_text() == "from the stage\n"
+    out2 = tmp_path / "out2"
+    _build(state_dir, ctx, out2, "--build-context", f"extra={extra}")
+    assert (out2 / "g.txt").read_text() == "hello from the named dir\n"
+
+
+def _image_dockerfile() -> str:
+    return """FROM mybase
+RUN echo ran on the named image > /ran.txt
+COPY --from=mybase /bin/busybox /copied-busybox
+RUN --mount=from=mybase,target=/m cmp /m/bin/busybox /copied-busybox && echo same > /mounted.txt
+"""
+
+
+def _check_image_outputs(out: Path) -> None:
+    assert (out / "ran.txt").read_text() == "ran on the named image\n"
+    assert (out / "copied-busybox").read_bytes() == (out / "bin/busybox").read_bytes()
+    assert (out / "mounted.txt").read_text() == "same\n"
+
+
+def test_docker_image_context(tmp_path: Path, state_dir: Path, base_image: str) -> None:
+    ctx = _context(tmp_path, "ctx", _image_dockerfile())
+    out = tmp_path / "out"
+    _build(state_dir, ctx, out, "--build-context", f"mybase=docker-image://{base_image}")
+    _check_image_outputs(out)
+    # without the context, "mybase" is an image name nobody has
+    bad = _build(state_dir, ctx, tmp_path / "bad", ok=False)
+    assert bad.returncode != 0 and "mybase" in bad.stderr
+
+
+@pytest.fixture
+def layout(tmp_path: Path, base_image: str) -> Iterator[tuple[Path, str]]:
+    """An OCI layout dir (made by skopeo, an independent tool) holding the base
+    image under the tag ``v1``; and its manifest digest."""
+    d = tmp_path / "layout"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{base_image}",
+            f"oci:{d}:v1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    index = json.loads((d / "index.json").read_text())
+    yield d, index["manifests"][0]["digest"]
+
+
+def test_oci_layout_context_by_tag_and_digest(
+    tmp_path: Path, state_dir: Path, layout: tuple[Path, str]
+) -> None:
+    path, digest = layout
+    ctx = _context(tmp_path, "ctx", _image_dockerfile())
+    out = tmp_path / "out"
+    _build(state_dir, ctx, out, "--build-context", f"mybase=oci-layout://{path}:v1")
+    _check_image_outputs(out)
+    out2 = tmp_path / "out2"
+    _build(state_dir, ctx, out2, "--build-context", f"mybase=oci-layout://{path}@{digest}")
+    _check_image_outputs(out2)
+    missing = _build(
+        state_dir,
+        ctx,
+        tmp_path / "out3",
+        "--build-context",
+        f"mybase=oci-layout://{path}:nope",
+        ok=False,
+    )
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "no image tagged 'nope'" in missing.stderr, missing.stderr
+
+
+def test_bad_build_context_values_are_refused(tmp_path: Path, state_dir: Path) -> None:
+    ctx = _context(tmp_path, "ctx", "FROM scratch\n")
+    for value, words in [
+        ("extra", "want NAME=DIR"),
+        (f"extra={tmp_path / 'nope'}", "is not a directory"),
+        ("extra=ftp://host/x", "unsupported scheme"),
+    ]:
+        proc = _build(state_dir, ctx, tmp_path / "o", "--build-context", value, ok=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert words in proc.stderr, proc.stderr
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, registry: str) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path / "droot", tmp_path / "d.sock")
+    yield d
+    assert stop_daemon(d) == 0
+
+
+def test_dir_context_over_the_daemon(tmp_path: Path, daemon: Daemon, base_image: str) -> None:
+    extra = _named_dir(tmp_path)
+    ctx = _context(tmp_path, "ctx", _dir_dockerfile(base_image))
+    out = tmp_path / "out"
+    proc = _build(tmp_path, ctx, out, "--build-context", f"extra={extra}", addr=daemon.addr)
+    _check_dir_outputs(out)
+    # the named dir was synced through the session like the main context
+    assert "[internal] load build context extra" in proc.stderr
+    # a docker-image context goes over as its reference (the daemon pulls)
+    ctx2 = _context(tmp_path, "ctx2", _image_dockerfile())
+    out2 = tmp_path / "out2"
+    _build(
+        tmp_path,
+        ctx2,
+        out2,
+        "--build-context",
+        f"mybase=docker-image://{base_image}",
+        addr=daemon.addr,
+    )
+    _check_image_outputs(out2)

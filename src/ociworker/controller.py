@@ -18,6 +18,7 @@ from ociworker.core.build import (
     PruneFilter,
     UsageRecord,
 )
+from ociworker.core.gitref import KEEP_GIT_DIR_ARG
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.outputs import check_outputs
 from ociworker.core.progress import (
@@ -51,9 +52,12 @@ from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
+from ociworker.ops.remotecontext import open_remote_context
+from ociworker.ops.remotecontext import unpack_stdin_context as unpack_stdin_context
 from ociworker.ops.runmount.cache import CacheUsage
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import Job
+from ociworker.sources.git import GitFetcher
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import Worker
 
@@ -163,7 +167,7 @@ NO_OUTPUT_WARNING = (
 async def build(
     worker: Worker,
     req: BuildRequest,
-    definition: BuildDefinition,
+    definition: BuildDefinition | None,
     events: EventSink = discard,
     *,
     credentials: Credentials | None = None,
@@ -191,6 +195,26 @@ async def build(
     if not outputs and not req.tags:
         events(Warning(NO_OUTPUT_WARNING))
     credentials = credentials or NoCredentials()
+    context_root = req.context.absolute()
+    if req.context_url:
+        # The worker fetches the context (the client sent none) and, unless
+        # the caller read it already (-f -), the Dockerfile in it.
+        remote = await open_remote_context(
+            req.context_url,
+            git=GitFetcher(worker.root / "git"),
+            store=worker.root / "remote-contexts",
+            scratch=worker.tmp,
+            dockerfile=str(req.dockerfile) if req.dockerfile is not None else None,
+            want_definition=definition is None,
+            keep_git_dir=req.build_args.get(KEEP_GIT_DIR_ARG, "").lower() in ("1", "true"),
+            secrets=secrets if secrets is not None else NoSecrets(),
+            ssh=ssh if ssh is not None else NoSSH(),
+            events=events,
+        )
+        context_root = remote.root
+        definition = definition or remote.definition
+    if definition is None:
+        raise ConfigError("no Dockerfile for this build")
     plan = await plan_build(worker, req, definition, events, credentials)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     matcher = IgnoreMatcher(definition.ignore_patterns)
@@ -204,7 +228,7 @@ async def build(
         id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
-        locals={"context": LocalContext(req.context.absolute(), matcher)},
+        locals={"context": LocalContext(context_root, matcher)},
         credentials=credentials,
         on_result=watch.on_result if watch.active else None,
         secrets=secrets if secrets is not None else NoSecrets(),

@@ -38,6 +38,7 @@ from ociworker.registry.client import RegistryClient
 from ociworker.snapshot import open_snapshotter
 from ociworker.snapshot.base import Mounter, SnapshotStore
 from ociworker.solver.scheduler import Result, Solver
+from ociworker.sources.git import GitFetcher
 from ociworker.sources.image import ImagePuller
 
 if TYPE_CHECKING:
@@ -185,6 +186,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         platform=config.platform,
         step_limits=config.step_limits(),
         entitlements=config.entitlements,
+        git=GitFetcher(root / "git"),
     )
     return Worker(
         config,

@@ -30,7 +30,7 @@ from ociworker.api.convert import event_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.core.build import BuildRequest, BuildResult, UsageRecord
+from ociworker.core.build import BuildDefinition, BuildRequest, BuildResult, UsageRecord
 from ociworker.core.digest import Digest
 from ociworker.core.oci import Descriptor
 from ociworker.core.outputs import OutputSpec
@@ -40,7 +40,7 @@ from ociworker.errors import BuildCancelled, ConfigError, DaemonUnavailable
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.fs.oserror import os_error_text
-from ociworker.session.context import read_definition
+from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
 
 DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
 
@@ -203,11 +203,21 @@ class Client:
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
         last the ``BuildResult``. Leaving the loop early cancels the build."""
-        definition = read_definition(request.context, request.dockerfile)
+        remote = request.context_url
+        if remote:
+            # The worker fetches the context and reads the Dockerfile in it,
+            # unless it comes from stdin here (-f -).
+            definition = (
+                BuildDefinition(read_stdin_dockerfile(), "Dockerfile")
+                if request.dockerfile == STDIN
+                else BuildDefinition("", str(request.dockerfile or ""))
+            )
+        else:
+            definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
         session = ClientSession(
             uuid.uuid4().hex,
-            {"context": (ctx, IgnoreMatcher(definition.ignore_patterns))},
+            {} if remote else {"context": (ctx, IgnoreMatcher(definition.ignore_patterns))},
             secrets=secrets,
             secret_ids=secret_ids,
             ssh=ssh,
@@ -234,7 +244,8 @@ class Client:
                 or request.iidfile is not None
                 or request.metadata_file is not None
             ),
-            context_key=session_key(ctx, definition.filename),
+            context_key="" if remote else session_key(ctx, definition.filename),
+            context_url=remote,
             allow=request.allow,
             extra_hosts=[f"{name}={ip}" for name, ip in request.extra_hosts],
         )

@@ -149,6 +149,9 @@ class BuildRequest:
     #: entitlements the build asks for (``--allow``); a step gets one only if
     #: the worker grants it too (``core.entitlements``)
     allow: tuple[str, ...] = ()
+    #: a context the worker fetches (a git URL ``URL#REF:SUBDIR`` or an http(s)
+    #: tarball); ``context`` is then unused and ``dockerfile`` a path inside it
+    context_url: str = ""
 
 
 def parse_add_host(value: str) -> tuple[str, str]:

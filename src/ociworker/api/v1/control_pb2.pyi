@@ -165,6 +165,7 @@ class SolveRequest(_message.Message):
     EXTRA_HOSTS_FIELD_NUMBER: _builtins.int
     ULIMITS_FIELD_NUMBER: _builtins.int
     SHM_SIZE_FIELD_NUMBER: _builtins.int
+    CONTEXT_URL_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -177,6 +178,10 @@ class SolveRequest(_message.Message):
     context_key: _builtins.str
     """session key of the context: the worker keeps the last synced copy per key"""
     shm_size: _builtins.int
+    context_url: _builtins.str
+    """a context the worker fetches itself (a git URL#REF:SUBDIR or an http(s)
+    tarball): the session serves no context, dockerfile_name is a path inside it
+    """
     @_builtins.property
     def ignore_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -217,10 +222,11 @@ class SolveRequest(_message.Message):
         extra_hosts: _abc.Iterable[_builtins.str] | None = ...,
         ulimits: _abc.Iterable[_builtins.str] | None = ...,
         shm_size: _builtins.int = ...,
+        context_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "build_args", b"build_args", "build_id", b"build_id", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ociworker.core.build import Ulimit
+from ociworker.core.gitref import TOKEN_SECRET, is_git_url, parse_git_ref
 from ociworker.core.graph import Copy, ExecMount, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 from ociworker.core.oci import Platform
-from ociworker.errors import DockerfileError, UnsupportedError
+from ociworker.errors import DockerfileError, UnsupportedError, UserError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote, parse
 from ociworker.frontend.dockerfile.shell import (
     Expansion,
@@ -1087,8 +1088,9 @@ class Converter:
                     ins,
                     self.opts.filename,
                 )
+        git_src = self._git_source(st, ins, srcs, flags) if add else None
         remote = [s for s in srcs if s.startswith(("http://", "https://", "git@"))]
-        if remote:
+        if remote and git_src is None:
             if not add:
                 raise _err(
                     f"COPY source can't be a URL or git ref ({remote[0]}): use ADD",
@@ -1101,17 +1103,18 @@ class Converter:
             )
         if flags.get("checksum"):
             raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
-        if flags.get("keep-git-dir"):
+        if flags.get("keep-git-dir") and git_src is None:
             raise _err("--keep-git-dir requires a Git source", ins, self.opts.filename)
         from_ref = flags.get("from")
-        is_context = not from_ref
-        src_vertex = (
+        is_context = not from_ref and git_src is None
+        src_vertex = git_src or (
             self._copy_source(stage, st, ins, from_ref) if from_ref else self._context_vertex()
         )
         wd = st.config.get("WorkingDir") or "/"
         if dest in ("", "."):
             dest = "./"
-        dest_is_dir = dest.endswith("/") or len(srcs) > 1
+        # a repository's files go into the destination, as BuildKit copies them
+        dest_is_dir = dest.endswith("/") or len(srcs) > 1 or git_src is not None
         unpack = add and is_context
         if flags.get("unpack"):
             unpack = flags.bool("unpack")
@@ -1136,7 +1139,7 @@ class Converter:
             actions.append(
                 Copy(
                     src_input=1,
-                    src=s,
+                    src="/" if git_src is not None else s,
                     dest=_abs(dest, wd) + ("/" if dest_is_dir and not dest.endswith("/") else ""),
                     chown=chown,
                     chmod=chmod,
@@ -1168,6 +1171,34 @@ class Converter:
             return Lexer(skip_process_quotes=True).process(data, st.env).text
         except DockerfileError as exc:
             raise _err(exc.message, ins, self.opts.filename) from None
+
+    def _git_source(
+        self, st: _State, ins: Instruction, srcs: Sequence[str], flags: _Flags
+    ) -> Vertex | None:
+        """``ADD [--keep-git-dir] GIT_URL#REF:SUBDIR /dst``: the git source vertex
+        (None when no source is a git URL). Its identifier holds no credential:
+        a password in the URL would be stored in the definition and the history,
+        so a token goes in a ``GIT_AUTH_TOKEN.<host>`` secret instead."""
+        gits = [s for s in srcs if is_git_url(s)]
+        if not gits:
+            return None
+        if len(srcs) != 1:
+            raise _err("a git source must be ADD's only source", ins, self.opts.filename)
+        try:
+            ref = parse_git_ref(gits[0])
+        except UserError as exc:
+            raise _err(str(exc), ins, self.opts.filename) from None
+        if ref.password or ref.username:
+            raise _err(
+                f"ADD {ref.shown}: a password in a git URL would be kept in the image's "
+                f"history; pass it as --secret id={TOKEN_SECRET}.{ref.host} instead",
+                ins,
+                self.opts.filename,
+            )
+        keep = flags.bool("keep-git-dir") if flags.get("keep-git-dir") else False
+        attrs = (("git.keepgitdir", "true" if keep else "false"),)
+        ident = "git://" + ref.shown
+        return Vertex(SourceOp(ident, attrs), (), name=f"[internal] load git source {ref.shown}")
 
     def _context_vertex(self) -> Vertex:
         attrs: list[tuple[str, str]] = []

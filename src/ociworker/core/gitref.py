@@ -111,8 +111,9 @@ def parse_git_ref(text: str) -> GitRef:
     else:
         raise ConfigError(f"{redact(text)!r} is not a git URL")
     ref, _, subdir = frag.partition(":")
-    check_ref(ref, remote)
-    return GitRef(remote, scheme, host, ref, clean_subdir(subdir, remote), username, password)
+    out = GitRef(remote, scheme, host, ref, subdir, username, password)
+    check_ref(ref, out.shown)
+    return GitRef(remote, scheme, host, ref, clean_subdir(subdir, out.shown), username, password)
 
 
 def check_ref(ref: str, shown: str) -> None:

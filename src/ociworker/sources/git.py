@@ -81,8 +81,9 @@ class Resolved:
     refname: str | None
 
 
-#: a full fetch: every branch and tag (a short commit is looked for among them)
-_ALL_REFS = ("+refs/heads/*:refs/remotes/all/heads/*", "+refs/tags/*:refs/tags/*")
+#: a full fetch: every ref the remote advertises (pull request heads too), in
+#: which a short commit id is then looked for
+_ALL_REFS = ("+refs/*:refs/all/*",)
 
 
 def _shallow_fetch(bare: Path) -> list[str]:
@@ -243,8 +244,7 @@ class GitFetcher:
                 *args,
                 "--",
                 ref.remote,
-                "+refs/heads/*:refs/remotes/all/heads/*",
-                "+refs/tags/*:refs/tags/*",
+                *_ALL_REFS,
             ],
             auth,
             ref.shown,
@@ -344,6 +344,9 @@ class GitFetcher:
                 )
             if not keep_git_dir:
                 await asyncio.to_thread(_remove_git_dirs, tmp)
+            else:
+                # it names our cache's path, which is no business of the image
+                (tmp / ".git" / "FETCH_HEAD").unlink(missing_ok=True)
             try:
                 os.rename(tmp, dest)
             except OSError:

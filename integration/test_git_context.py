@@ -196,7 +196,7 @@ def test_subdir_and_file_inside_it(
 def test_keep_git_dir_build_arg_keeps_the_repository(
     repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
 ) -> None:
-    r, c = repo
+    _r, c = repo
     out = tmp_path / "out"
     _build(
         tmp_path / "root",
@@ -238,7 +238,7 @@ def test_a_new_commit_reruns_only_the_steps_its_changed_file_reaches(
     runtime: str,
     require_root: None,
 ) -> None:
-    r, c = repo
+    r, _c = repo
     root = tmp_path / "root"
     url = http.url("repo.git#main")
     _build(root, url, tmp_path / "out1", "--runtime", runtime)
@@ -357,7 +357,9 @@ def test_add_from_git_with_and_without_keep_git_dir(
         f"ADD --keep-git-dir=true {http.url('repo.git#v1')} /kept\n"
     )
     out = tmp_path / "out"
-    first = ow(tmp_path / "root", "build", "--progress=plain", "-o", f"type=local,dest={out}", str(ctx))
+    first = ow(
+        tmp_path / "root", "build", "--progress=plain", "-o", f"type=local,dest={out}", str(ctx)
+    )
     assert _tree(out / "src") == r.files_of(c.feature)
     pull = {k.removeprefix("sub/"): v for k, v in r.files_of(c.pull).items() if k[:4] == "sub/"}
     assert _tree(out / "pull") == pull
@@ -375,9 +377,7 @@ def test_daemon_fetches_the_git_context_itself(
     r, c = repo
     root = tmp_path / "droot"
     sock = tmp_path / "d.sock"
-    proc = spawn_daemon(
-        ["--addr", f"unix://{sock}", "--root", str(root)], tmp_path / "daemon.log"
-    )
+    proc = spawn_daemon(["--addr", f"unix://{sock}", "--root", str(root)], tmp_path / "daemon.log")
     try:
         meta = tmp_path / "meta.json"
         out = tmp_path / "out"

@@ -82,7 +82,9 @@ def parse_git_ref(text: str) -> GitRef:
     if text.startswith(("./", "../")):
         raise ConfigError(f"{text!r} is a local path, not a git URL")
     url, _, frag = text.partition("#")
-    if url.startswith("github.com/"):
+    github = url.startswith("github.com/")
+    if github:
+        # BuildKit's one bare host form: no .git suffix needed
         url = "https://" + url
     username = password = ""
     if _PROTO_RE.match(url):
@@ -90,7 +92,7 @@ def parse_git_ref(text: str) -> GitRef:
         scheme = u.scheme.lower()
         if scheme not in SCHEMES:
             raise ConfigError(f"unknown git protocol {scheme!r} in {redact(text)!r}")
-        if scheme in ("http", "https") and not u.path.endswith(".git"):
+        if scheme in ("http", "https") and not u.path.endswith(".git") and not github:
             raise ConfigError(f"{redact(text)!r} is not a git URL (its path ends not in .git)")
         host = u.hostname or ""
         if scheme != "file" and not host:

@@ -367,8 +367,10 @@ def test_add_from_git_with_and_without_keep_git_dir(
     assert {k: v for k, v in kept.items() if not k.startswith(".git/")} == r.files_of(c.main)
     assert git("--git-dir", str(out / "kept" / ".git"), "rev-parse", "HEAD").strip() == c.main
     assert "DONE" in first.stderr
+    fetched = http.pack_requests
     again = ow(tmp_path / "root", "build", "--progress=plain", str(ctx))
     assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
+    assert http.pack_requests == fetched, "the cached rebuild transferred pack data"
 
 
 def test_daemon_fetches_the_git_context_itself(
@@ -406,3 +408,35 @@ def test_daemon_fetches_the_git_context_itself(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_submodules_are_checked_out_without_their_git_links(
+    repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
+) -> None:
+    r, _ = repo
+    git("init", "-q", "--bare", "-b", "main", str(r.srv / "lib.git"))
+    lib = tmp_path / "libwork"
+    git("clone", "-q", str(r.srv / "lib.git"), str(lib))
+    git("checkout", "-q", "-b", "main", cwd=lib)
+    (lib / "lib.txt").write_text("from the submodule\n")
+    git("add", "-A", cwd=lib)
+    git("commit", "-q", "-m", "lib", cwd=lib)
+    git("push", "-q", "origin", "main", cwd=lib)
+    # a relative URL: resolved against the remote the build fetches from
+    git(
+        "-c",
+        "protocol.file.allow=always",
+        "submodule",
+        "add",
+        "-q",
+        "../lib.git",
+        "lib",
+        cwd=r.work,
+    )
+    git("commit", "-q", "-m", "add lib", cwd=r.work)
+    r.push("main")
+    out = tmp_path / "out"
+    _build(tmp_path / "root", http.url("repo.git#main"), out)
+    assert (out / "ctx" / "lib" / "lib.txt").read_text() == "from the submodule\n"
+    assert not (out / "ctx" / "lib" / ".git").exists()
+    assert not (out / "ctx" / ".git").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from ociworker.snapshot import access
 from ociworker.snapshot.base import Mounter, Snapshotter
 from ociworker.solver.scheduler import Job, Result
 from ociworker.sources.git import GitFetcher, Resolved, subdir_of
+
+_MEMO = 1024
 
 
 def git_ref_of(op: SourceOp) -> GitRef:
@@ -36,8 +39,9 @@ class GitSources:
         self.mounter = mounter
         self.scratch = scratch
         #: (job, identifier) -> the commit its cache key was computed with, so
-        #: the run checks out exactly that commit even if the ref moved since
-        self._resolved: dict[tuple[str, str], Resolved] = {}
+        #: the run checks out exactly that commit even if the ref moved since;
+        #: a cache hit never runs, so the oldest entries are dropped past a bound
+        self._resolved: OrderedDict[tuple[str, str], Resolved] = OrderedDict()
 
     async def _resolve(self, op: SourceOp, job: Job) -> Resolved:
         key = (job.id, op.identifier)
@@ -47,6 +51,8 @@ class GitSources:
             async with git_auth(ref, job.secrets, job.ssh, self.scratch) as auth:
                 found = await self.fetcher.resolve(ref, auth)
             self._resolved[key] = found
+            while len(self._resolved) > _MEMO:
+                self._resolved.popitem(last=False)
         return found
 
     async def cache_key(self, op: SourceOp, job: Job) -> str:

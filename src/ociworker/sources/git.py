@@ -154,7 +154,9 @@ class GitFetcher:
             raise WorldError("git sources need the git command, which is not installed") from None
         out, err = await proc.communicate()
         if proc.returncode != 0:
-            detail = redact(err.decode(errors="replace").strip(), [auth.password])
+            # a lone user name is a token (https://TOKEN@host/...)
+            hidden = [auth.password] if auth.password else [auth.username]
+            detail = redact(err.decode(errors="replace").strip(), hidden)
             last = detail.splitlines()[-1] if detail else f"exit status {proc.returncode}"
             raise UserError(f"git {what or args[0]} {shown} failed: {last}")
         return out.decode(errors="replace")

@@ -99,6 +99,7 @@ async def open_remote_context(
 def read_context_definition(root: Path, dockerfile: str | None, shown: str) -> BuildDefinition:
     """The Dockerfile at ``dockerfile`` inside ``root`` (no way out of it, even
     through a symlink) and the ignore patterns beside it or at the root."""
+    root = Path(os.path.realpath(root))
     rel = posixpath.normpath(dockerfile or "Dockerfile")
     if rel.startswith("/") or rel == ".." or rel.startswith("../"):
         raise UnsafePathError(f"context {shown}: Dockerfile {dockerfile!r} is outside the context")

@@ -276,6 +276,10 @@ def test_bad_ref_and_escapes_fail_naming_the_url_without_its_password(
         assert words in proc.stderr, proc.stderr
         assert "secret" not in proc.stderr + proc.stdout
         assert "Traceback" not in proc.stderr
+    # -f names a file inside the fetched context, never one outside it
+    proc = _build(root, base + "#main", tmp_path / "out", "-f", "../../../etc/passwd", check=False)
+    assert proc.returncode != 0 and "outside the context" in proc.stderr, proc.stderr
+    assert shown in proc.stderr and "secret" not in proc.stderr + proc.stdout
     https = f"https://user:secret@127.0.0.1:{http.port}/repo.git#main"
     proc = _build(root, https, tmp_path / "out", check=False)
     assert proc.returncode != 0

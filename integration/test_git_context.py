@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -395,8 +396,6 @@ def test_daemon_fetches_the_git_context_itself(
             *("--metadata-file", str(meta), "-o", f"type=local,dest={out}"),
             http.url("repo.git#feature"),
         ]
-        import sys
-
         done = subprocess.run(
             [sys.executable, "-m", "ociworker", *cmd],
             cwd=empty,
@@ -409,6 +408,21 @@ def test_daemon_fetches_the_git_context_itself(
         assert json.loads(meta.read_text())["ociworker.context.bytes_sent"] == 0
         assert "transferring context" not in done.stderr
         assert (root / "git" / "checkouts" / c.feature).is_dir()
+
+        # a file:// URL would read the daemon's own disk: refused, clearly
+        local = subprocess.run(
+            [
+                *(sys.executable, "-m", "ociworker", "build", "--addr", f"unix://{sock}"),
+                f"file://{r.bare}#main",
+            ],
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert local.returncode != 0
+        assert "file:// URLs would read the worker's own disk" in local.stderr, local.stderr
+        assert "Traceback" not in local.stderr
     finally:
         proc.terminate()
         proc.wait(timeout=60)

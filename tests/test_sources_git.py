@@ -13,7 +13,7 @@ import pytest
 
 from ociworker.core.gitref import parse_git_ref
 from ociworker.core.graph import SourceOp
-from ociworker.errors import NotFoundError, UnsafePathError
+from ociworker.errors import NotFoundError, UnsafePathError, UserError
 from ociworker.ops.gitsource import GitSources
 from ociworker.snapshot.base import Mounter, Snapshotter
 from ociworker.solver.scheduler import Job
@@ -107,3 +107,11 @@ async def test_git_source_key_is_the_commit_subdir_and_keep_git_dir(
     assert await key(url + ":sub") != same
     _commit(work, "c.txt", "three\n")
     assert await key(url, job="j3") != same
+
+
+async def test_a_fetcher_that_refuses_file_urls(work: Path, tmp_path: Path) -> None:
+    fetcher = GitFetcher(tmp_path / "git", allow_file=False)
+    commit = _git(work, "rev-parse", "main")
+    for frag in ("main", commit):
+        with pytest.raises(UserError, match="file:// URLs would read the worker's own disk"):
+            await fetcher.resolve(parse_git_ref(f"file://{work}#{frag}"), GitAuth())

@@ -201,7 +201,7 @@ async def build(
         # the caller read it already (-f -), the Dockerfile in it.
         remote = await open_remote_context(
             req.context_url,
-            git=GitFetcher(worker.root / "git"),
+            git=GitFetcher(worker.root / "git", allow_file=worker.config.git_file_urls),
             store=worker.root / "remote-contexts",
             scratch=worker.tmp,
             dockerfile=str(req.dockerfile) if req.dockerfile is not None else None,

@@ -75,6 +75,9 @@ class WorkerConfig:
     step_memory: int | None = None
     step_pids: int | None = DEFAULT_STEP_PIDS
     step_cpus: float | None = None
+    #: whether git sources may be file:// URLs, which read the worker's own disk:
+    #: yes for the embedded worker (its user owns the disk), no for a daemon's clients
+    git_file_urls: bool = True
 
     def step_limits(self) -> StepLimits:
         return StepLimits(memory=self.step_memory, pids=self.step_pids, cpus=self.step_cpus)
@@ -186,7 +189,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         platform=config.platform,
         step_limits=config.step_limits(),
         entitlements=config.entitlements,
-        git=GitFetcher(root / "git"),
+        git=GitFetcher(root / "git", allow_file=config.git_file_urls),
     )
     return Worker(
         config,

@@ -93,8 +93,10 @@ def _shallow_fetch(bare: Path) -> list[str]:
 class GitFetcher:
     """Resolves refs and fetches commits into checkouts cached by commit."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, allow_file: bool = True) -> None:
         self.root = root
+        #: file:// URLs read this host's disk: a daemon refuses them to its clients
+        self.allow_file = allow_file
         #: upload-pack runs the fetcher made (a test or ``du`` may count them)
         self.fetches = 0
 
@@ -210,6 +212,11 @@ class GitFetcher:
         """The commit ``ref.ref`` names now (``git ls-remote``: no pack data).
         A full commit id needs no remote; a short one is looked up in what was
         fetched before, else after fetching everything (as BuildKit does)."""
+        if ref.scheme == "file" and not self.allow_file:
+            raise UserError(
+                f"git source {ref.shown}: file:// URLs would read the worker's own disk, "
+                "which this daemon does not allow (serve the repository over git, http or ssh)"
+            )
         name = ref.ref or "HEAD"
         if FULL_SHA_RE.match(name):
             return Resolved(name.lower(), None)

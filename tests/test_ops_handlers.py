@@ -325,8 +325,8 @@ async def test_source_pulls_unpacks_and_records_each_layer(tmp_path: Path) -> No
 async def test_source_refuses_unknown_schemes_and_missing_locals(rig: Rig) -> None:
     deps = typing.cast(SourceDeps, None)  # neither case reaches a part
     handler = SourceHandler(deps)
-    with pytest.raises(UserError, match="unsupported source 'git://x'"):
-        await handler.run(Vertex(SourceOp("git://x")), [], Job(id="j"))
+    with pytest.raises(UserError, match="unsupported source 'svn://x'"):
+        await handler.run(Vertex(SourceOp("svn://x")), [], Job(id="j"))
     with pytest.raises(NotFoundError, match="no local source named 'ctx' in this session"):
         await handler.run(Vertex(SourceOp("local://ctx")), [], Job(id="j"))
     job = Job(id="j", locals={"ctx": LocalContext(rig.scratch, None)})

@@ -30,7 +30,7 @@ def _synopsis() -> list[str]:
 def _documented() -> tuple[str, dict[str, str]]:
     """The top-level line, and each build option string -> its option column."""
     lines = _synopsis()
-    assert lines[1].startswith("ociworker build [OPTIONS] CONTEXT"), lines[1]
+    assert lines[1].startswith("ociworker build [OPTIONS] PATH | URL | -"), lines[1]
     build: dict[str, str] = {}
     for line in lines[2:]:
         assert line.startswith("  -"), f"not an option line: {line!r}"

@@ -20,6 +20,7 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
+from ociworker.core.gitref import KEEP_GIT_DIR_ARG
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.outputs import check_outputs, parse_annotations
 from ociworker.core.progress import (
@@ -60,11 +61,14 @@ from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
+from ociworker.ops.remotecontext import open_remote_context
+from ociworker.ops.remotecontext import unpack_stdin_context as unpack_stdin_context
 from ociworker.ops.runmount.cache import CacheUsage
 from ociworker.remotecache.exporter import ExportInputs, add_inline_cache, collect, export_caches
 from ociworker.remotecache.importer import CacheImport, ImportedLayers, ImportParts, load_imports
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import REMOTE, Job
+from ociworker.sources.git import GitFetcher
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
@@ -214,7 +218,7 @@ NO_OUTPUT_WARNING = (
 async def build(
     worker: Worker,
     req: BuildRequest,
-    definition: BuildDefinition,
+    definition: BuildDefinition | None,
     events: EventSink = discard,
     *,
     credentials: Credentials | None = None,
@@ -245,6 +249,26 @@ async def build(
     if not outputs and not req.tags:
         events(Warning(NO_OUTPUT_WARNING))
     credentials = credentials or NoCredentials()
+    context_root = req.context.absolute()
+    if req.context_url:
+        # The worker fetches the context (the client sent none) and, unless
+        # the caller read it already (-f -), the Dockerfile in it.
+        remote = await open_remote_context(
+            req.context_url,
+            git=GitFetcher(worker.root / "git", allow_file=worker.config.git_file_urls),
+            store=worker.root / "remote-contexts",
+            scratch=worker.tmp,
+            dockerfile=str(req.dockerfile) if req.dockerfile is not None else None,
+            want_definition=definition is None,
+            keep_git_dir=req.build_args.get(KEEP_GIT_DIR_ARG, "").lower() in ("1", "true"),
+            secrets=secrets if secrets is not None else NoSecrets(),
+            ssh=ssh if ssh is not None else NoSSH(),
+            events=events,
+        )
+        context_root = remote.root
+        definition = definition or remote.definition
+    if definition is None:
+        raise ConfigError("no Dockerfile for this build")
     plan = await plan_build(worker, req, definition, events, credentials)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     layer_options = [e.layer_options for e in exporters]
@@ -277,7 +301,7 @@ async def build(
         id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
-        locals={"context": LocalContext(req.context.absolute(), matcher), **named_locals(req)},
+        locals={"context": LocalContext(context_root, matcher), **named_locals(req)},
         credentials=credentials,
         on_result=watch.on_result if watch.active else None,
         secrets=secrets if secrets is not None else NoSecrets(),

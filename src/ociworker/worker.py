@@ -46,6 +46,7 @@ from ociworker.registry.client import RegistryClient
 from ociworker.snapshot import open_snapshotter
 from ociworker.snapshot.base import Mounter, SnapshotStore
 from ociworker.solver.scheduler import Result, Solver
+from ociworker.sources.git import GitFetcher
 from ociworker.sources.image import ImagePuller
 
 if TYPE_CHECKING:
@@ -85,6 +86,9 @@ class WorkerConfig:
     step_memory: int | None = None
     step_pids: int | None = DEFAULT_STEP_PIDS
     step_cpus: float | None = None
+    #: whether git sources may be file:// URLs, which read the worker's own disk:
+    #: yes for the embedded worker (its user owns the disk), no for a daemon's clients
+    git_file_urls: bool = True
 
     def step_limits(self) -> StepLimits:
         return StepLimits(memory=self.step_memory, pids=self.step_pids, cpus=self.step_cpus)
@@ -197,6 +201,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         step_limits=config.step_limits(),
         entitlements=config.entitlements,
         http_state=root / "http",
+        git=GitFetcher(root / "git", allow_file=config.git_file_urls),
     )
     return Worker(
         config,

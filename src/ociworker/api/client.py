@@ -52,7 +52,7 @@ from ociworker.errors import (
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.fs.oserror import os_error_text
-from ociworker.session.context import read_definition
+from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
 
 DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
 
@@ -233,7 +233,16 @@ class Client:
         then on the build is that daemon's. ``definition`` is the Dockerfile
         already read (once per build: ``-f -`` cannot be read twice).
         """
-        if definition is None:
+        remote = request.context_url
+        if remote and definition is None:
+            # The worker fetches the context and reads the Dockerfile in it,
+            # unless it comes from stdin here (-f -).
+            definition = (
+                BuildDefinition(read_stdin_dockerfile(), "Dockerfile")
+                if request.dockerfile == STDIN
+                else BuildDefinition("", str(request.dockerfile or ""))
+            )
+        elif definition is None:
             definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
         if request.pull or request.no_cache_filter:
@@ -262,6 +271,8 @@ class Client:
                 contexts[nc.name] = "local:" + nc.local_name
             else:
                 contexts[nc.name] = nc.raw
+        if remote:
+            del dirs["context"]  # the worker fetches it; named dirs still go
         session = ClientSession(
             uuid.uuid4().hex,
             dirs,
@@ -291,7 +302,8 @@ class Client:
                 or request.iidfile is not None
                 or request.metadata_file is not None
             ),
-            context_key=session_key(ctx, definition.filename),
+            context_key="" if remote else session_key(ctx, definition.filename),
+            context_url=remote,
             allow=request.allow,
             extra_hosts=[f"{name}={ip}" for name, ip in request.extra_hosts],
             cache_to=[str(s) for s in request.cache_to],

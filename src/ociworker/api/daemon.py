@@ -245,6 +245,7 @@ async def serve(cfg: DaemonConfig) -> int:
                 step_pids=cfg.step_pids,
                 step_cpus=cfg.step_cpus,
                 entitlements=cfg.entitlements,
+                git_file_urls=False,
             )
         )
         sock: Path | None = None

@@ -25,7 +25,7 @@ from ociworker.core.build import BuildDefinition, BuildRequest, BuildResult
 from ociworker.core.fleet import rank
 from ociworker.core.progress import EventSink, Info, Warning, discard
 from ociworker.errors import ConfigError, DaemonUnavailable, WorkerRefused
-from ociworker.session.context import read_definition
+from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
 
 #: metadata key (result and ``--metadata-file``) naming the worker that built,
 #: as buildx's ``buildx.build.ref`` names the builder and node
@@ -110,9 +110,11 @@ class Fleet:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def ranking(self, context: Path) -> list[str]:
-        """The workers in the order a build of ``context`` tries them."""
-        return rank(fleet_key(context), self.addrs)
+    def ranking(self, context: Path | str) -> list[str]:
+        """The workers in the order a build of ``context`` (a directory, or the
+        URL of a context the worker fetches) tries them."""
+        key = context if isinstance(context, str) else fleet_key(context)
+        return rank(key, self.addrs)
 
     async def build(
         self,
@@ -134,10 +136,15 @@ class Fleet:
             if k in options
         }
         req = as_request(request, options)
-        # read once for every attempt (``-f -`` is stdin), and before any probe
-        definition = read_definition(req.context, req.dockerfile)
+        # read once for every attempt (``-f -`` is stdin), and before any probe;
+        # a fetched context's Dockerfile is the worker's to read
+        definition: BuildDefinition | None = None
+        if not req.context_url:
+            definition = read_definition(req.context, req.dockerfile)
+        elif req.dockerfile == STDIN:
+            definition = BuildDefinition(read_stdin_dockerfile(), "Dockerfile")
         say = announce or (lambda line: events(Info(line)))
-        order = self.ranking(req.context)
+        order = self.ranking(req.context_url or req.context)
         passed: list[str] = []
         for n, addr in enumerate(order, 1):
             member = self._member(addr)

@@ -308,7 +308,10 @@ class ControlService:
         aborted: threading.Event,
     ) -> pb.SolveResult:
         session = self.sessions.get(request.session_id)
-        definition = build_definition(request)
+        remote = request.context_url
+        # A fetched context's Dockerfile is read by the worker from it, unless
+        # the client sent one (-f -); its name is then a path inside the context.
+        definition = build_definition(request) if not remote or request.dockerfile else None
         outputs = [OutputSpec(o.type, tuple(sorted(o.attrs.items()))) for o in request.outputs]
         for o in outputs:
             if o.type not in OUTPUT_TYPES:
@@ -318,13 +321,21 @@ class ControlService:
 
         key = request.context_key or session.id
         async with contextlib.AsyncExitStack() as stack:
-            ctx, sent = await self._sync_context(stack, session, key, events)
+            ctx, sent = Path("."), 0
+            if not remote:
+                ctx, sent = await self._sync_context(stack, session, key, events)
             named: list[NamedContext] = []
             for cname, value in sorted(request.build_contexts.items()):
                 nc = await self._named_context(stack, session, key, cname, value, events)
                 named.append(nc)
             req = BuildRequest(
                 context=ctx,
+                context_url=remote,
+                dockerfile=(
+                    Path(request.dockerfile_name)
+                    if remote and definition is None and request.dockerfile_name
+                    else None
+                ),
                 tags=tuple(request.tags),
                 build_args=dict(request.build_args),
                 target=request.target,

@@ -16,6 +16,7 @@ from ociworker import log
 from ociworker.cli.failures import Phase, UsageError, describe
 from ociworker.core.build import (
     DEFAULT_ROOT,
+    BuildDefinition,
     BuildRequest,
     NamedContext,
     PruneFilter,
@@ -26,6 +27,7 @@ from ociworker.core.build import (
 )
 from ociworker.core.cacheimport import parse_cache_specs
 from ociworker.core.entitlements import parse_entitlements
+from ociworker.core.gitref import redact
 from ociworker.core.outputs import OutputSpec, parse_annotations, parse_labels, with_push
 from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
@@ -136,7 +138,11 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("build", help="build an image from a Dockerfile")
-    b.add_argument("context", type=Path, help="build context directory")
+    b.add_argument(
+        "context",
+        help="build context: a directory, a git URL (URL#REF:SUBDIR), an http(s) "
+        "tarball URL, or - (a tar or a Dockerfile on stdin)",
+    )
     b.add_argument(
         "-f",
         "--file",
@@ -389,6 +395,41 @@ def _progress_mode(args: argparse.Namespace) -> str:
 
 
 async def _cmd_build(args: argparse.Namespace) -> int:
+    # What the context argument is decides what the build reads (as buildx):
+    # - is stdin, an existing directory is local, a git or http(s) URL is
+    # fetched by the worker.
+    with contextlib.ExitStack() as stack:
+        context, context_url, dockerfile = _context_arg(args, stack)
+        return await _build(args, context, context_url, dockerfile)
+
+
+def _context_arg(
+    args: argparse.Namespace, stack: contextlib.ExitStack
+) -> tuple[Path, str, Path | None]:
+    from ociworker.core.gitref import is_remote_context
+    from ociworker.session.context import STDIN
+
+    text: str = args.context
+    if text == "-":
+        if args.file == STDIN:
+            raise ConfigError("can't use stdin for both build context and dockerfile")
+        import shutil
+        import tempfile
+
+        from ociworker.controller import unpack_stdin_context
+
+        tmp = Path(tempfile.mkdtemp(prefix="ociworker-stdin-"))
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        ctx, dockerfile = unpack_stdin_context(sys.stdin.buffer.read(), tmp)
+        return ctx, "", args.file if dockerfile is None else dockerfile
+    if not os.path.isdir(text) and is_remote_context(text):
+        return Path("."), text, args.file
+    return Path(text), "", args.file
+
+
+async def _build(
+    args: argparse.Namespace, context: Path, context_url: str, dockerfile: Path | None
+) -> int:
     progress = _progress_mode(args)
     printer: EventSink
     view: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -420,8 +461,9 @@ async def _cmd_build(args: argparse.Namespace) -> int:
             'its config names ([registry."HOST"] ca = [...])'
         )
     req = BuildRequest(
-        context=args.context,
-        dockerfile=args.file,
+        context=context,
+        context_url=context_url,
+        dockerfile=dockerfile,
         tags=tuple(args.tag),
         build_args=_build_args(args.build_arg),
         target=args.target,
@@ -473,7 +515,7 @@ async def _cmd_build(args: argparse.Namespace) -> int:
         ssh = LocalSSHAgents(ssh_sources)
     _log.debug(
         "build requested",
-        context=str(req.context),
+        context=redact(req.context_url) if req.context_url else str(req.context),
         dockerfile=str(req.dockerfile or ""),
         outputs=[o.type for o in req.outputs],
         tags=list(req.tags),
@@ -515,9 +557,13 @@ async def _cmd_build(args: argparse.Namespace) -> int:
                 )
     else:
         from ociworker import controller
-        from ociworker.session.context import read_definition
+        from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
 
-        definition = read_definition(req.context, req.dockerfile)
+        definition: BuildDefinition | None = None
+        if not req.context_url:
+            definition = read_definition(req.context, req.dockerfile)
+        elif req.dockerfile == STDIN:
+            definition = BuildDefinition(read_stdin_dockerfile(), "Dockerfile")
         worker = _worker(args)
         try:
             with view:  # the tty view prints its final state on every way out

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ociworker.core.cacheimport import CacheSpec
 from ociworker.core.digest import Digest
+from ociworker.core.gitref import is_git_url
 from ociworker.core.oci import Descriptor, Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import DEFAULT_LOG_CAP
@@ -204,17 +205,6 @@ class NamedContext:
         return cls(name, "local", value)
 
 
-def is_git_url(value: str) -> bool:
-    """A git repository as buildx recognises one: ``git://``, ``git@host:``,
-    ``ssh://``, or an HTTP(S) URL ending in ``.git`` (maybe with ``#ref``)."""
-    if value.startswith(("git://", "git@", "ssh://", "github.com/")):
-        return True
-    if value.startswith(("http://", "https://")):
-        base = value.partition("#")[0].partition("?")[0].rstrip("/")
-        return base.endswith(".git")
-    return False
-
-
 @dataclass(frozen=True)
 class BuildRequest:
     context: Path
@@ -256,6 +246,9 @@ class BuildRequest:
     pull: bool = False
     #: ``--no-cache-filter``: stages (names or indexes) whose steps ignore the cache
     no_cache_filter: tuple[str, ...] = ()
+    #: a context the worker fetches (a git URL ``URL#REF:SUBDIR`` or an http(s)
+    #: tarball); ``context`` is then unused and ``dockerfile`` a path inside it
+    context_url: str = ""
 
 
 def check_platforms(requested: Sequence[str], worker: Platform) -> None:

@@ -21,6 +21,7 @@ from ociworker.ops.runmount.cache import CacheMounts
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot.base import Mounter, SnapshotCatalog, Snapshotter
 from ociworker.solver.scheduler import Job
+from ociworker.sources.git import GitFetcher
 from ociworker.sources.image import ImagePuller
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class OpParts:
     entitlements: tuple[str, ...] = ()
     #: records of ``ADD URL`` downloads (ETag, Last-Modified, digest); None: none
     http_state: Path | None = None
+    #: git sources' fetcher and checkout cache (``<root>/git``)
+    git: GitFetcher | None = None
 
     def pick(self, deps: type[D]) -> D:
         """The dataclass ``deps`` with each field taken from the part of the same

@@ -1,10 +1,12 @@
 """The handler of ``SourceOp``: ``docker-image://REF@DIGEST`` (from the content
-store, else pulled) unpacked into snapshots, and ``local://NAME`` contexts."""
+store, else pulled) unpacked into snapshots, ``local://NAME`` contexts, and
+``git://URL#REF`` repositories (``ops.gitsource``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import check_digest
@@ -14,10 +16,12 @@ from ociworker.diff.base import Applier
 from ociworker.errors import UserError
 from ociworker.exporter.layercache import SOURCE, LayerCache
 from ociworker.ops.context import local_context
+from ociworker.ops.gitsource import GitSources
 from ociworker.ops.parts import HandlerBase
 from ociworker.registry.client import RegistryClient
-from ociworker.snapshot.base import SnapshotCatalog, Snapshotter
+from ociworker.snapshot.base import Mounter, SnapshotCatalog, Snapshotter
 from ociworker.solver.scheduler import SCRATCH, Job, Result, default_cache_key
+from ociworker.sources.git import GitFetcher
 from ociworker.sources.image import (
     ImagePuller,
     chain_ids,
@@ -39,12 +43,29 @@ class SourceDeps:
     #: pulled layers are recorded as ``source``: exported as they came
     layers: LayerCache
     platform: Platform
+    #: git sources: the fetcher, and what makes a snapshot of a checkout
+    git: GitFetcher | None = None
+    mounter: Mounter | None = None
+    scratch: Path | None = None
 
 
 class SourceHandler(HandlerBase[SourceDeps]):
     deps_type = SourceDeps
 
+    _git: GitSources | None = None
+
+    def _git_sources(self, op: SourceOp) -> GitSources:
+        d = self.deps
+        if self._git is None:
+            if d.git is None or d.mounter is None or d.scratch is None:
+                raise UserError(f"this worker has no git sources configured ({op.identifier})")
+            self._git = GitSources(d.git, d.snapshots, d.mounter, d.scratch)
+        return self._git
+
     async def cache_key(self, vertex: Vertex, input_keys: Sequence[str], job: Job) -> str:
+        op = vertex.op
+        if isinstance(op, SourceOp) and op.identifier.startswith("git://"):
+            return await self._git_sources(op).cache_key(op, job)
         return default_cache_key(vertex, input_keys)
 
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
@@ -55,6 +76,8 @@ class SourceHandler(HandlerBase[SourceDeps]):
         if scheme == "local":
             local_context(job, rest)
             return Result("dir", rest)
+        if scheme == "git":
+            return await self._git_sources(op).run(op, job)
         if scheme != "docker-image":
             raise UserError(f"unsupported source {op.identifier!r}")
         name, _, digest = rest.rpartition("@")

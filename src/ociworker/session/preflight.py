@@ -45,11 +45,12 @@ def check_build_paths(
         # whatever the other paths are.
         _check_user(root, os.geteuid() if euid is None else euid)
     check_outputs(req.outputs, req.tags)
-    _check_context(req.context)
-    if req.dockerfile is None:
-        _check_default_dockerfile(req.context / "Dockerfile")
-    elif str(req.dockerfile) != "-":
-        _check_dockerfile(req.context, req.dockerfile)
+    if not req.context_url:  # a fetched context (and its -f) is the worker's to check
+        _check_context(req.context)
+        if req.dockerfile is None:
+            _check_default_dockerfile(req.context / "Dockerfile")
+        elif str(req.dockerfile) != "-":
+            _check_dockerfile(req.context, req.dockerfile)
     for out in req.outputs:
         _check_output(out, _stdout_is_tty() if stdout_is_tty is None else stdout_is_tty)
     _check_distinct(req)

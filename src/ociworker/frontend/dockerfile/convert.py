@@ -20,6 +20,7 @@ from typing import Any
 from ociworker.core.build import NamedContext, Ulimit
 from ociworker.core.epoch import SOURCE_DATE_EPOCH, epoch_from_build_args, rfc3339
 from ociworker.core.filemode import is_symbolic_mode
+from ociworker.core.gitref import TOKEN_SECRET, is_git_url, parse_git_ref
 from ociworker.core.graph import (
     Copy,
     ExecMount,
@@ -33,7 +34,7 @@ from ociworker.core.graph import (
     redact_url,
 )
 from ociworker.core.oci import Platform
-from ociworker.errors import DockerfileError, UnsupportedError
+from ociworker.errors import DockerfileError, UnsupportedError, UserError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote, parse
 from ociworker.frontend.dockerfile.shell import (
     Expansion,
@@ -562,15 +563,21 @@ class Converter:
     def _named(self, name: str) -> NamedContext | None:
         if not name or not self.opts.named_contexts:
             return None
-        nc = self.opts.named_contexts.get(name) or self.opts.named_contexts.get(name.lower())
-        if nc is not None and nc.kind == "git":
-            raise UnsupportedError(
-                f"--build-context {nc.name}={nc.raw}: git contexts are not supported yet"
-            )
-        return nc
+        return self.opts.named_contexts.get(name) or self.opts.named_contexts.get(name.lower())
 
     def _named_vertex(self, nc: NamedContext) -> Vertex:
-        """The files of a DIR or URL context as a source (a dir or a snapshot)."""
+        """The files of a DIR, git or URL context as a source (a dir or a snapshot)."""
+        if nc.kind == "git":
+            try:
+                ref = parse_git_ref(nc.value)
+            except UserError as exc:
+                raise UserError(f"--build-context {nc.name}: {exc}") from None
+            # no credential in the identifier: a token goes in a secret
+            return Vertex(
+                SourceOp("git://" + ref.shown, (("git.keepgitdir", "false"),)),
+                (),
+                name=f"[context {nc.name}] load git source {ref.shown}",
+            )
         if nc.kind == "url":
             return Vertex(
                 HttpSourceOp(nc.value, "", url_filename(nc.value)),
@@ -1204,6 +1211,7 @@ class Converter:
                     ins,
                     self.opts.filename,
                 )
+        git_src = self._git_source(st, ins, srcs, flags) if add else None
         remote = [s for s in srcs if s.startswith(("http://", "https://", "git@", "git://"))]
         if remote and not add:
             raise _err(
@@ -1211,16 +1219,15 @@ class Converter:
                 ins,
                 self.opts.filename,
             )
-        git = [s for s in remote if _is_git_source(s)]
-        if git:
-            raise UnsupportedError(
-                f"{self.opts.filename}:{ins.start_line}: "
-                f"ADD from a git repository ({redact_url(git[0])}) is not supported yet"
-            )
         checksum = self._word(st, flags.get("checksum"), ins) if flags.get("checksum") else ""
         if checksum:
             if not remote:
                 raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
+            if git_src is not None:
+                raise UnsupportedError(
+                    f"{self.opts.filename}:{ins.start_line}: "
+                    "ADD --checksum of a git source is not supported yet"
+                )
             if len(srcs) != 1:
                 # BuildKit: a checksum pins one download
                 raise _err(
@@ -1232,17 +1239,18 @@ class Converter:
                     ins,
                     self.opts.filename,
                 )
-        if flags.get("keep-git-dir"):
+        if flags.get("keep-git-dir") and git_src is None:
             raise _err("--keep-git-dir requires a Git source", ins, self.opts.filename)
         from_ref = flags.get("from")
-        is_context = not from_ref
-        src_vertex = (
+        is_context = not from_ref and git_src is None
+        src_vertex = git_src or (
             self._copy_source(stage, st, ins, from_ref) if from_ref else self._context_vertex()
         )
         wd = st.config.get("WorkingDir") or "/"
         if dest in ("", "."):
             dest = "./"
-        dest_is_dir = dest.endswith("/")
+        # a repository's files go into the destination, as BuildKit copies them
+        dest_is_dir = dest.endswith("/") or git_src is not None
         # Several sources into a dest without "/": it must be an existing dir
         # (checked when the step runs: BuildKit refuses to create it).
         multi = len(srcs) > 1 and not dest_is_dir
@@ -1255,7 +1263,7 @@ class Converter:
         inputs: list[Vertex | None] = [st.vertex]
         src_index = -1  # the --from source's (or the context's) input, once needed
         for s in srcs:
-            if s.startswith(("http://", "https://")):
+            if git_src is None and s.startswith(("http://", "https://")):
                 # A download is a source of its own (BuildKit's http source),
                 # copied like a file; remote archives are never extracted.
                 fname = url_filename(s)
@@ -1312,8 +1320,8 @@ class Converter:
             actions.append(
                 Copy(
                     src_input=src_index,
-                    src=s,
-                    dest=_abs(dest, wd),
+                    src="/" if git_src is not None else s,
+                    dest=_abs(dest, wd) + ("/" if dest_is_dir and not dest.endswith("/") else ""),
                     chown=chown,
                     chmod=chmod,
                     dest_is_dir=dest_is_dir,
@@ -1343,6 +1351,34 @@ class Converter:
             return Lexer(skip_process_quotes=True).process(data, st.env).text
         except DockerfileError as exc:
             raise _err(exc.message, ins, self.opts.filename) from None
+
+    def _git_source(
+        self, st: _State, ins: Instruction, srcs: Sequence[str], flags: _Flags
+    ) -> Vertex | None:
+        """``ADD [--keep-git-dir] GIT_URL#REF:SUBDIR /dst``: the git source vertex
+        (None when no source is a git URL). Its identifier holds no credential:
+        a password in the URL would be stored in the definition and the history,
+        so a token goes in a ``GIT_AUTH_TOKEN.<host>`` secret instead."""
+        gits = [s for s in srcs if is_git_url(s)]
+        if not gits:
+            return None
+        if len(srcs) != 1:
+            raise _err("a git source must be ADD's only source", ins, self.opts.filename)
+        try:
+            ref = parse_git_ref(gits[0])
+        except UserError as exc:
+            raise _err(str(exc), ins, self.opts.filename) from None
+        if ref.password or ref.username:
+            raise _err(
+                f"ADD {ref.shown}: a password in a git URL would be kept in the image's "
+                f"history; pass it as --secret id={TOKEN_SECRET}.{ref.host} instead",
+                ins,
+                self.opts.filename,
+            )
+        keep = flags.bool("keep-git-dir") if flags.get("keep-git-dir") else False
+        attrs = (("git.keepgitdir", "true" if keep else "false"),)
+        ident = "git://" + ref.shown
+        return Vertex(SourceOp(ident, attrs), (), name=f"[internal] load git source {ref.shown}")
 
     def _context_vertex(self) -> Vertex:
         attrs: list[tuple[str, str]] = []
@@ -1397,15 +1433,6 @@ def _redact_text(text: str) -> str:
         ),
         text,
     )
-
-
-def _is_git_source(src: str) -> bool:
-    """Whether an ADD source is a git repository (BuildKit: ``git@``, ``git://``,
-    or a URL ending in ``.git`` or with a ``#ref`` fragment)."""
-    if src.startswith(("git@", "git://")):
-        return True
-    base = src.partition("#")[0].partition("?")[0]
-    return base.endswith(".git")
 
 
 def _owned_map(st: _State, key: str) -> dict[str, Any]:

@@ -1,0 +1,460 @@
+"""Builds from git repositories (``ociworker build GIT_URL#REF:SUBDIR``) and
+``ADD GIT_URL``, served on loopback by ``git daemon``, ``git http-backend`` and
+``file://``; what a build yields is compared with what ``git`` itself says the
+commit holds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_lists_steps, buildkit_steps
+from gitserve import GitHTTPServer, git, git_daemon
+from ociworker.testing.daemon import spawn_daemon
+from test_build import ow, write_runtime_spy
+
+DOCKERFILE = """\
+FROM {base} AS tree
+COPY . /ctx
+FROM {base}
+COPY a.txt /a.txt
+RUN cat /a.txt > /a.run
+COPY b.txt /b.txt
+COPY --from=tree /ctx /ctx
+"""
+
+
+@dataclass
+class Repo:
+    """A bare repository ``srv/repo.git`` and a working clone that pushes to it."""
+
+    srv: Path
+    work: Path
+
+    @property
+    def bare(self) -> Path:
+        return self.srv / "repo.git"
+
+    def commit(self, files: dict[str, str], message: str) -> str:
+        for name, text in files.items():
+            path = self.work / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        git("add", "-A", cwd=self.work)
+        git("commit", "-q", "-m", message, cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work).strip()
+
+    def push(self, *refspecs: str) -> None:
+        git("push", "-q", "origin", *refspecs, cwd=self.work)
+
+    def files_of(self, commit: str) -> dict[str, bytes]:
+        """The commit's files, as git shows them."""
+        names = git("ls-tree", "-r", "--name-only", commit, cwd=self.work).split("\n")
+        out = {}
+        for name in filter(None, names):
+            out[name] = subprocess.run(
+                ["git", "show", f"{commit}:{name}"], cwd=self.work, capture_output=True, check=True
+            ).stdout
+        return out
+
+
+@dataclass
+class Commits:
+    main: str
+    tag: str
+    feature: str
+    pull: str
+
+
+@pytest.fixture
+def repo(tmp_path: Path, base_image: str) -> Iterator[tuple[Repo, Commits]]:
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    git("init", "-q", "--bare", "-b", "main", str(srv / "repo.git"))
+    work = tmp_path / "work"
+    git("clone", "-q", str(srv / "repo.git"), str(work))
+    git("checkout", "-q", "-b", "main", cwd=work)
+    r = Repo(srv, work)
+    main = r.commit(
+        {
+            "Dockerfile": DOCKERFILE.format(base=base_image),
+            "a.txt": "a one\n",
+            "b.txt": "b one\n",
+            "sub/Dockerfile": f"FROM {base_image}\nCOPY . /sub\n",
+            "sub/s.txt": "in sub\n",
+        },
+        "first",
+    )
+    os.symlink("../../..", work / "escape")
+    main = r.commit({}, "a symlink that leaves the checkout")
+    git("tag", "-a", "-m", "v1", "v1", cwd=work)
+    git("checkout", "-q", "-b", "feature", cwd=work)
+    feature = r.commit({"b.txt": "b feature\n"}, "feature")
+    git("checkout", "-q", "--detach", main, cwd=work)
+    pull = r.commit({"a.txt": "a pull\n"}, "a pull request")
+    git("checkout", "-q", "main", cwd=work)
+    r.push("main", "feature", "v1", f"{pull}:refs/pull/42/head")
+    yield r, Commits(main, main, feature, pull)
+
+
+@pytest.fixture
+def http(tmp_path: Path) -> Iterator[GitHTTPServer]:
+    server = GitHTTPServer(tmp_path / "srv")
+    yield server
+    server.close()
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            rel = str(p.relative_to(root))
+            out[rel] = os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+    for dirpath, dirs, _ in os.walk(root):
+        for d in dirs:
+            p = Path(dirpath) / d
+            if p.is_symlink():
+                out[str(p.relative_to(root))] = os.readlink(p).encode()
+    return out
+
+
+def _build(
+    root: Path, url: str, out: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return ow(
+        root, "build", "--progress=plain", "-o", f"type=local,dest={out}", *args, url, check=check
+    )
+
+
+def _assert_built(out: Path, r: Repo, commit: str) -> None:
+    want = r.files_of(commit)
+    assert _tree(out / "ctx") == want
+    assert (out / "a.txt").read_bytes() == want["a.txt"]
+    assert (out / "a.run").read_bytes() == want["a.txt"]
+    assert (out / "b.txt").read_bytes() == want["b.txt"]
+
+
+@pytest.mark.parametrize("kind", ["branch", "tag", "full-commit", "short-commit", "pull-ref"])
+def test_each_ref_kind_builds_the_commits_files(
+    kind: str,
+    repo: tuple[Repo, Commits],
+    http: GitHTTPServer,
+    tmp_path: Path,
+    require_root: None,
+) -> None:
+    r, c = repo
+    ref, commit = {
+        "branch": ("feature", c.feature),
+        "tag": ("v1", c.tag),
+        "full-commit": (c.feature, c.feature),
+        "short-commit": (c.pull[:8], c.pull),
+        "pull-ref": ("refs/pull/42/head", c.pull),
+    }[kind]
+    out = tmp_path / "out"
+    _build(tmp_path / "root", http.url(f"repo.git#{ref}"), out)
+    _assert_built(out, r, commit)
+    # .git is left out unless asked for
+    assert not (out / "ctx" / ".git").exists()
+
+
+@pytest.mark.parametrize("transport", ["file", "git"])
+def test_file_and_git_daemon_urls_build(
+    transport: str, repo: tuple[Repo, Commits], tmp_path: Path, require_root: None
+) -> None:
+    r, c = repo
+    out = tmp_path / "out"
+    if transport == "file":
+        _build(tmp_path / "root", f"file://{r.bare}#main", out)
+    else:
+        with git_daemon(r.srv) as port:
+            _build(tmp_path / "root", f"git://127.0.0.1:{port}/repo.git#main", out)
+    _assert_built(out, r, c.main)
+
+
+def test_subdir_and_file_inside_it(
+    repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
+) -> None:
+    r, c = repo
+    out = tmp_path / "out"
+    _build(tmp_path / "root", http.url("repo.git#main:sub"), out)
+    want = {k.removeprefix("sub/"): v for k, v in r.files_of(c.main).items() if k[:4] == "sub/"}
+    assert _tree(out / "sub") == want
+    # -f names a file inside the fetched context
+    out2 = tmp_path / "out2"
+    _build(tmp_path / "root", http.url("repo.git#main"), out2, "-f", "sub/Dockerfile")
+    assert _tree(out2 / "sub") == r.files_of(c.main)
+
+
+def test_keep_git_dir_build_arg_keeps_the_repository(
+    repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
+) -> None:
+    _r, c = repo
+    out = tmp_path / "out"
+    _build(
+        tmp_path / "root",
+        http.url("repo.git#feature"),
+        out,
+        "--build-arg",
+        "BUILDKIT_CONTEXT_KEEP_GIT_DIR=1",
+    )
+    assert git("--git-dir", str(out / "ctx" / ".git"), "rev-parse", "HEAD").strip() == c.feature
+
+
+def test_rebuild_of_the_same_commit_is_cached_and_fetches_no_pack(
+    repo: tuple[Repo, Commits],
+    http: GitHTTPServer,
+    tmp_path: Path,
+    runtime: str,
+    require_root: None,
+) -> None:
+    r, c = repo
+    root = tmp_path / "root"
+    url = http.url("repo.git#main")
+    _build(root, url, tmp_path / "out1", "--runtime", runtime)
+    assert http.pack_requests >= 1
+    fetched = http.pack_requests
+
+    spy, log = write_runtime_spy(tmp_path, runtime)
+    again = _build(root, url, tmp_path / "out2", "--runtime", str(spy))
+    dockerfile = r.files_of(c.main)["Dockerfile"].decode()
+    assert_lists_steps(again.stderr, buildkit_steps(dockerfile), {})
+    assert not log.exists(), f"a container was started on a cached rebuild: {log.read_text()}"
+    assert http.pack_requests == fetched, "the rebuild transferred pack data"
+    _assert_built(tmp_path / "out2", r, c.main)
+
+
+def test_a_new_commit_reruns_only_the_steps_its_changed_file_reaches(
+    repo: tuple[Repo, Commits],
+    http: GitHTTPServer,
+    tmp_path: Path,
+    runtime: str,
+    require_root: None,
+) -> None:
+    r, _c = repo
+    root = tmp_path / "root"
+    url = http.url("repo.git#main")
+    _build(root, url, tmp_path / "out1", "--runtime", runtime)
+    new = r.commit({"b.txt": "b two\n"}, "change b")
+    r.push("main")
+
+    spy, log = write_runtime_spy(tmp_path, runtime)
+    again = _build(root, url, tmp_path / "out2", "--runtime", str(spy))
+    dockerfile = r.files_of(new)["Dockerfile"].decode()
+    steps = buildkit_steps(dockerfile)
+    # the steps that read b.txt (COPY . and COPY b.txt) and those after them in
+    # their stage; the RUN before them stays cached, so no container starts
+    rerun = ("COPY . /ctx", "COPY b.txt /b.txt", "COPY --from=tree /ctx /ctx")
+    states = {e.name: ("DONE",) for e in steps if e.name.endswith(rerun)}
+    assert len(states) == 3, [e.name for e in steps]
+    assert_lists_steps(again.stderr, steps, states)
+    assert not log.exists(), f"a container was started: {log.read_text()}"
+    _assert_built(tmp_path / "out2", r, new)
+
+
+def test_bad_ref_and_escapes_fail_naming_the_url_without_its_password(
+    repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
+) -> None:
+    root = tmp_path / "root"
+    base = f"http://user:secret@127.0.0.1:{http.port}/repo.git"
+    shown = f"http://user:xxxxx@127.0.0.1:{http.port}/repo.git"
+    for frag, words in [
+        ("#nosuchref", "not found"),
+        ("#main:../..", "outside the repository"),
+        ("#main:escape", "outside the repository"),
+    ]:
+        proc = _build(root, base + frag, tmp_path / "out", check=False)
+        assert proc.returncode != 0
+        assert shown in proc.stderr, proc.stderr
+        assert words in proc.stderr, proc.stderr
+        assert "secret" not in proc.stderr + proc.stdout
+        assert "Traceback" not in proc.stderr
+    # -f names a file inside the fetched context, never one outside it
+    proc = _build(root, base + "#main", tmp_path / "out", "-f", "../../../etc/passwd", check=False)
+    assert proc.returncode != 0 and "outside the context" in proc.stderr, proc.stderr
+    assert shown in proc.stderr and "secret" not in proc.stderr + proc.stdout
+    https = f"https://user:secret@127.0.0.1:{http.port}/repo.git#main"
+    proc = _build(root, https, tmp_path / "out", check=False)
+    assert proc.returncode != 0
+    assert f"https://user:xxxxx@127.0.0.1:{http.port}/repo.git" in proc.stderr, proc.stderr
+    assert "secret" not in proc.stderr + proc.stdout
+
+
+def test_token_secret_authenticates_and_is_kept_nowhere(
+    repo: tuple[Repo, Commits], tmp_path: Path, require_root: None
+) -> None:
+    r, c = repo
+    token = "tok-" + os.urandom(8).hex()
+    server = GitHTTPServer(r.srv, token=token)
+    try:
+        root = tmp_path / "root"
+        url = server.url("repo.git#main")
+        refused = _build(root, url, tmp_path / "o0", check=False)
+        assert refused.returncode != 0 and server.url("repo.git") in refused.stderr
+
+        meta = tmp_path / "meta.json"
+        env_before = os.environ.get("TOK")
+        os.environ["TOK"] = token
+        try:
+            proc = ow(
+                root,
+                "build",
+                "--progress=plain",
+                "--secret",
+                "id=GIT_AUTH_TOKEN.127.0.0.1,env=TOK",
+                "--metadata-file",
+                str(meta),
+                "-o",
+                f"type=oci,dest={tmp_path / 'img.tar'}",
+                "-o",
+                f"type=local,dest={tmp_path / 'out'}",
+                url,
+            )
+        finally:
+            if env_before is None:
+                del os.environ["TOK"]
+            else:
+                os.environ["TOK"] = env_before
+        _assert_built(tmp_path / "out", r, c.main)
+        assert any(a for _, a in server.seen), "the token was never sent"
+        assert token not in proc.stdout + proc.stderr
+        assert token not in meta.read_text()
+        with tarfile.open(tmp_path / "img.tar") as tf:
+            for m in tf.getmembers():
+                f = tf.extractfile(m)
+                data = f.read() if f else b""
+                assert token.encode() not in data, f"token in {m.name}"
+                if data[:2] == b"\x1f\x8b":
+                    import gzip
+
+                    assert token.encode() not in gzip.decompress(data), f"token in {m.name}"
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                p = Path(dirpath) / f
+                if p.is_file() and not p.is_symlink():
+                    assert token.encode() not in p.read_bytes(), f"token in {p}"
+    finally:
+        server.close()
+
+
+def test_add_from_git_with_and_without_keep_git_dir(
+    repo: tuple[Repo, Commits],
+    http: GitHTTPServer,
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+) -> None:
+    r, c = repo
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        f"ADD {http.url('repo.git#feature')} /src\n"
+        f"ADD --keep-git-dir {http.url('repo.git#refs/pull/42/head:sub')} /pull\n"
+        f"ADD --keep-git-dir=true {http.url('repo.git#v1')} /kept\n"
+    )
+    out = tmp_path / "out"
+    first = ow(
+        tmp_path / "root", "build", "--progress=plain", "-o", f"type=local,dest={out}", str(ctx)
+    )
+    assert _tree(out / "src") == r.files_of(c.feature)
+    pull = {k.removeprefix("sub/"): v for k, v in r.files_of(c.pull).items() if k[:4] == "sub/"}
+    assert _tree(out / "pull") == pull
+    kept = _tree(out / "kept")
+    assert {k: v for k, v in kept.items() if not k.startswith(".git/")} == r.files_of(c.main)
+    assert git("--git-dir", str(out / "kept" / ".git"), "rev-parse", "HEAD").strip() == c.main
+    assert "DONE" in first.stderr
+    fetched = http.pack_requests
+    again = ow(tmp_path / "root", "build", "--progress=plain", str(ctx))
+    assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
+    assert http.pack_requests == fetched, "the cached rebuild transferred pack data"
+
+
+def test_daemon_fetches_the_git_context_itself(
+    repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
+) -> None:
+    r, c = repo
+    root = tmp_path / "droot"
+    sock = tmp_path / "d.sock"
+    proc = spawn_daemon(["--addr", f"unix://{sock}", "--root", str(root)], tmp_path / "daemon.log")
+    try:
+        meta = tmp_path / "meta.json"
+        out = tmp_path / "out"
+        # run from an empty dir: the client has no context to send
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        cmd = [
+            *("build", "--addr", f"unix://{sock}", "--progress=plain"),
+            *("--metadata-file", str(meta), "-o", f"type=local,dest={out}"),
+            http.url("repo.git#feature"),
+        ]
+        done = subprocess.run(
+            [sys.executable, "-m", "ociworker", *cmd],
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr
+        _assert_built(out, r, c.feature)
+        assert json.loads(meta.read_text())["ociworker.context.bytes_sent"] == 0
+        assert "transferring context" not in done.stderr
+        assert (root / "git" / "checkouts" / c.feature).is_dir()
+
+        # a file:// URL would read the daemon's own disk: refused, clearly
+        local = subprocess.run(
+            [
+                *(sys.executable, "-m", "ociworker", "build", "--addr", f"unix://{sock}"),
+                f"file://{r.bare}#main",
+            ],
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert local.returncode != 0
+        assert "file:// URLs would read the worker's own disk" in local.stderr, local.stderr
+        assert "Traceback" not in local.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_submodules_are_checked_out_without_their_git_links(
+    repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
+) -> None:
+    r, _ = repo
+    git("init", "-q", "--bare", "-b", "main", str(r.srv / "lib.git"))
+    lib = tmp_path / "libwork"
+    git("clone", "-q", str(r.srv / "lib.git"), str(lib))
+    git("checkout", "-q", "-b", "main", cwd=lib)
+    (lib / "lib.txt").write_text("from the submodule\n")
+    git("add", "-A", cwd=lib)
+    git("commit", "-q", "-m", "lib", cwd=lib)
+    git("push", "-q", "origin", "main", cwd=lib)
+    # a relative URL: resolved against the remote the build fetches from
+    git(
+        "-c",
+        "protocol.file.allow=always",
+        "submodule",
+        "add",
+        "-q",
+        "../lib.git",
+        "lib",
+        cwd=r.work,
+    )
+    git("commit", "-q", "-m", "add lib", cwd=r.work)
+    r.push("main")
+    out = tmp_path / "out"
+    _build(tmp_path / "root", http.url("repo.git#main"), out)
+    assert (out / "ctx" / "lib" / "lib.txt").read_text() == "from the submodule\n"
+    assert not (out / "ctx" / "lib" / ".git").exists()
+    assert not (out / "ctx" / ".git").exists()

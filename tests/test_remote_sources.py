@@ -15,7 +15,7 @@ from ociworker.content.store import ContentStore
 from ociworker.core.build import NamedContext
 from ociworker.core.filemode import apply_symbolic_mode, is_symbolic_mode
 from ociworker.core.graph import Copy, FileOp, HttpSourceOp, SourceOp, redact_url
-from ociworker.errors import ConfigError, DigestMismatchError, UnsupportedError, UserError
+from ociworker.errors import ConfigError, DigestMismatchError, UserError
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, convert
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.sources.http import HttpFetcher, disposition_filename
@@ -64,8 +64,15 @@ def test_add_url_checksum_rules() -> None:
         _plan("FROM busybox\nADD --checksum=md5:00 https://h/f /f\n")
     with pytest.raises(UserError, match="checksum requires HTTP"):
         _plan(f"FROM busybox\nADD --checksum={good} f /f\n")
-    with pytest.raises(UnsupportedError, match="git repository"):
-        _plan("FROM busybox\nADD https://github.com/x/y.git /src\n")
+    # a git URL is a git source, never downloaded as a file
+    plan = _plan("FROM busybox\nADD https://github.com/x/y.git /src\n")
+    assert plan.target is not None
+    kinds = [type(v.op).__name__ for v in plan.target.walk()]  # type: ignore[union-attr]
+    assert "HttpSourceOp" not in kinds
+    assert any(
+        isinstance(v.op, SourceOp) and v.op.identifier.startswith("git://")
+        for v in plan.target.walk()  # type: ignore[union-attr]
+    )
 
 
 def test_named_contexts_parse() -> None:
@@ -105,8 +112,14 @@ def test_named_context_replaces_image_and_stage() -> None:
     }
     # alpine -> the busybox image; the "base" stage -> the dir (its RUN gone)
     assert ids == {"docker-image://" + BASE.ref, "local://named:base", "https://h/f.txt"}
-    with pytest.raises(UnsupportedError, match="git contexts are not supported yet"):
-        _plan(text, named_contexts={"alpine": NamedContext("alpine", "git", "git@h:r.git")})
+    # a git context is the repository's tree, fetched by the git source
+    plan = _plan(text, named_contexts={"alpine": NamedContext("alpine", "git", "git@h:r.git#v1")})
+    gits = [
+        v.op.identifier
+        for v in plan.target.walk()  # type: ignore[union-attr]
+        if isinstance(v.op, SourceOp) and v.op.identifier.startswith("git://")
+    ]
+    assert gits and all("h" in g and "r.git" in g and "v1" in g for g in gits), gits
 
 
 def test_symbolic_modes() -> None:

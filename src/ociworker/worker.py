@@ -8,6 +8,7 @@ is what the controller, the exporters and the API use.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
 import shutil
@@ -175,7 +176,13 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
     # this one alive; then what dead ones left goes (``executor.owners``).
     owner = Owner.claim(_owners_dir(root))
     try:
-        recover_dead(_owners_dir(root), functools.partial(_recover_owner, root))
+        # In a thread of its own: open_worker may be called on a running event
+        # loop, where pyroute2's synchronous calls (the network's teardown) fail.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            recovering = pool.submit(
+                recover_dead, _owners_dir(root), functools.partial(_recover_owner, root)
+            )
+            recovering.result()
         tmp = _scratch_dir(root, owner)
         tmp.mkdir()
         return _open_worker(config, root, tmp, owner, registry)

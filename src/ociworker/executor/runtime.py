@@ -56,6 +56,8 @@ T = TypeVar("T")
 #: how long a killed container may take to die before its runtime process is killed too
 _KILL_GRACE = 0.5
 _CTL_TIMEOUT = 10.0
+#: how long a killed container's processes may take to leave their cgroup
+_CGROUP_EMPTY_WAIT = 10.0
 _CHUNK = 65536
 _CAP_SYS_RESOURCE = 24
 
@@ -284,7 +286,9 @@ def recover_owner(state_dir: Path, owner: str) -> dict[str, int]:
         remove_netns(ns)
     # The runtimes removed their containers' cgroups on delete; ours around them
     # (named after the state dir and the owner) remain.
-    remove_leftovers(_cgroup_prefix(state_dir) + owner + "-")
+    # Its containers were killed just now: their last processes may still be
+    # exiting (and being reaped), which keeps a cgroup busy for a moment.
+    remove_leftovers(_cgroup_prefix(state_dir) + owner + "-", wait=_CGROUP_EMPTY_WAIT)
     return {"containers": containers, "mounts": mounts}
 
 

@@ -34,7 +34,7 @@ from test_build import write_context
 MountsUnder = Callable[[Path], list[Path]]
 
 
-def _build_cmd(root: Path, runtime: str, ctx: Path) -> list[str]:
+def _build_cmd(root: Path, runtime: str, ctx: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -46,13 +46,15 @@ def _build_cmd(root: Path, runtime: str, ctx: Path) -> list[str]:
         runtime,
         "--progress",
         "plain",
+        *extra,
         str(ctx),
     ]
 
 
-def _start(root: Path, runtime: str, ctx: Path) -> subprocess.Popen[str]:
+def _start(root: Path, runtime: str, ctx: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        _build_cmd(root, runtime, ctx),
+        _build_cmd(root, runtime, ctx, *extra),
+        env={**os.environ, "RECOVERY_TOKEN": "not-a-real-secret"},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -60,12 +62,28 @@ def _start(root: Path, runtime: str, ctx: Path) -> subprocess.Popen[str]:
     )
 
 
-def _parked_step(tmp: Path, base_image: str, marker: str, name: str) -> Path:
+#: how the parked step runs: its RUN flags and the build's flags for them.
+#: ``secret``: a secret in the env puts the step's config and its runtime's
+#: state on a tmpfs of the step's own; a secret file is on a tmpfs of the
+#: worker's scratch dir; ``none``: a namespace pinned by a mount, no veth.
+CASES = {
+    "default": ("", ()),
+    "none": ("--network=none ", ()),
+    "secret": (
+        "--mount=type=secret,id=tok,env=TOK --mount=type=secret,id=file ",
+        ("--secret", "id=tok,env=RECOVERY_TOKEN", "--secret", "id=file,env=RECOVERY_TOKEN"),
+    ),
+}
+
+
+def _parked_step(tmp: Path, base_image: str, marker: str, name: str, case: str = "default") -> Path:
     """A build whose RUN prints ``started <marker>`` and then waits in ``sleep``
     until the test ends that sleep (``_release``), then succeeds: no timing."""
+    flags = CASES[case][0]
     return write_context(
         tmp,
-        f"FROM {base_image}\nRUN echo started {marker}; sleep 3600 || true; echo {marker} done\n",
+        f"FROM {base_image}\n"
+        f"RUN {flags}echo started {marker}; sleep 3600 || true; echo {marker} done\n",
         name=name,
     )
 
@@ -114,11 +132,19 @@ def _release(shell: int) -> None:
 
 
 def _containers(root: Path, runtime: str) -> set[str]:
-    state = root / "executor" / "runtime" / runtime
-    out = subprocess.run(
-        [runtime, "--root", str(state), "list", "-q"], capture_output=True, text=True
-    )
-    return set(out.stdout.split())
+    """Containers the runtime lists under the root: in the worker's state dir,
+    and in the private state dirs of steps with secrets (in their bundles)."""
+    executor = root / "executor"
+    found = set()
+    for state in [executor / "runtime", *executor.glob("bundles/*/runtime")]:
+        if not (state / runtime).is_dir():
+            continue
+        out = subprocess.run(
+            [runtime, "--root", str(state / runtime), "list", "-q"], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        found |= set(out.stdout.split())
+    return found
 
 
 def _hierarchies() -> list[Path]:
@@ -141,15 +167,34 @@ def _cgroup_dirs(pid: int) -> set[Path]:
     return {h / t for h in _hierarchies() for t in tops if (h / t).is_dir()}
 
 
-def _netns_in_use(inode: int) -> bool:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
-                    return True
-            except OSError:
-                continue
-    return False
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _netns(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def _in_netns(inode: int, pids: frozenset[int] | None = None) -> frozenset[int]:
+    """Processes (of ``pids``, or all) in the network namespace ``inode``. Checked
+    by the processes that were in it, not by the inode alone: the kernel hands a
+    freed namespace's inode number to the next new one."""
+    candidates = pids if pids is not None else {int(p) for p in os.listdir("/proc") if p.isdigit()}
+    return frozenset(p for p in candidates if _netns(p) == inode)
+
+
+def _runtime_parent(pid: int, runtime: str) -> set[int]:
+    """The ``runc run``/``crun run`` process supervising a container's init."""
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    cmd = Path(f"/proc/{ppid}/cmdline").read_bytes().split(b"\0")
+    return {ppid} if runtime in Path(cmd[0].decode()).name else set()
 
 
 def _host_links() -> dict[int, dict[str, object]]:
@@ -197,18 +242,24 @@ class Footprint:
     mounts: frozenset[Path]
     cgroups: frozenset[Path]
     netns: int
+    #: the processes in that namespace while the step ran
+    netns_pids: frozenset[int]
     links: frozenset[str]
     tables: frozenset[str]
 
     def left(self, root: Path, runtime: str, mounts_under: MountsUnder) -> dict[str, object]:
         """What of it is still there."""
-        alive = {p for p in self.pids if Path(f"/proc/{p}").exists()}
+        # A killed container's runtime process exits on its own once the
+        # container is gone, a moment later; a zombie is gone already.
+        deadline = time.monotonic() + 10
+        while (alive := {p for p in self.pids if _alive(p)}) and time.monotonic() < deadline:
+            time.sleep(0.05)
         left: dict[str, object] = {
             "processes": alive,
             "containers": self.containers & _containers(root, runtime),
             "mounts": self.mounts & set(mounts_under(root)),
             "cgroups": {c for c in self.cgroups if c.exists()},
-            "netns": _netns_in_use(self.netns),
+            "netns": bool(_in_netns(self.netns, self.netns_pids)),
             "links": self.links & {str(v["ifname"]) for v in _host_links().values()},
             "tables": self.tables & _tables(),
         }
@@ -223,16 +274,23 @@ def _footprint(
     *,
     containers_before: set[str],
     mounts_before: set[Path],
+    case: str = "default",
 ) -> Footprint:
     """The step of ``shell`` as the host sees it; containers and mounts under
     the root are those that appeared since the ``*_before`` sets were taken."""
-    links = _step_links(shell)
+    links = _step_links(shell) if case != "none" else set()
+    # crun writes a container's status after starting its process: a step may
+    # print before ``crun list`` shows it
+    deadline = time.monotonic() + 30
+    while not _containers(root, runtime) - containers_before and time.monotonic() < deadline:
+        time.sleep(0.05)
     fp = Footprint(
-        pids=frozenset([shell, *_children(shell)]),
+        pids=frozenset([shell, *_children(shell), *_runtime_parent(shell, runtime)]),
         containers=frozenset(_containers(root, runtime) - containers_before),
         mounts=frozenset(set(mounts_under(root)) - mounts_before),
         cgroups=frozenset(_cgroup_dirs(shell)),
         netns=os.stat(f"/proc/{shell}/ns/net").st_ino,
+        netns_pids=_in_netns(os.stat(f"/proc/{shell}/ns/net").st_ino),
         links=frozenset(links),
         tables=frozenset(_tables_naming(links)),
     )
@@ -241,7 +299,12 @@ def _footprint(
     assert fp.mounts, fp
     assert fp.cgroups, fp
     assert fp.netns != os.stat("/proc/self/ns/net").st_ino
-    assert len(fp.links) == 2 and len(fp.tables) >= 1, fp
+    assert len(fp.pids) == 3, fp  # the runtime's process, the step's shell, its sleep
+    if case != "none":
+        assert len(fp.links) == 2 and len(fp.tables) >= 1, fp
+    if case == "secret":  # the step's own tmpfs, and the secret file's
+        assert len([m for m in fp.mounts if "bundles" not in m.parts]) >= 1, fp
+        assert len([m for m in fp.mounts if m.name.startswith("ociw-")]) == 1, fp
     return fp
 
 
@@ -253,44 +316,61 @@ def _succeeds(root: Path, runtime: str, ctx: Path) -> None:
 
 
 def _kill_mid_step(
-    root: Path, runtime: str, tmp: Path, base_image: str, mounts_under: MountsUnder
+    root: Path,
+    runtime: str,
+    tmp: Path,
+    base_image: str,
+    mounts_under: MountsUnder,
+    case: str = "default",
 ) -> Footprint:
     """An embedded build SIGKILLed while its step runs; what it left."""
     marker = f"dead-{uuid.uuid4().hex}"
     containers, mounts = _containers(root, runtime), set(mounts_under(root))
-    proc = _start(root, runtime, _parked_step(tmp, base_image, marker, "dead"))
-    shell = _wait_running(proc, marker)
-    fp = _footprint(
-        shell, root, runtime, mounts_under, containers_before=containers, mounts_before=mounts
-    )
-    proc.kill()
-    proc.wait()
-    assert proc.stderr is not None
-    proc.stderr.close()
+    ctx = _parked_step(tmp, base_image, marker, "dead", case)
+    proc = _start(root, runtime, ctx, *CASES[case][1])
+    try:
+        shell = _wait_running(proc, marker)
+        fp = _footprint(
+            shell,
+            root,
+            runtime,
+            mounts_under,
+            containers_before=containers,
+            mounts_before=mounts,
+            case=case,
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
     # The bug being fixed: all of it outlives the process, the step still runs.
-    assert set(fp.left(root, runtime, mounts_under)) == {
-        "processes",
-        "containers",
-        "mounts",
-        "cgroups",
-        "netns",
-        "links",
-        "tables",
-    }
+    kinds = {"processes", "containers", "mounts", "cgroups", "netns"}
+    if case != "none":
+        kinds |= {"links", "tables"}
+    assert set(fp.left(root, runtime, mounts_under)) == kinds
     return fp
 
 
+@pytest.mark.parametrize("case", list(CASES))
 def test_embedded_build_killed_mid_step_is_recovered_by_the_next(
-    runtime: str, tmp_path: Path, base_image: str, require_root: None, mounts_under: MountsUnder
+    runtime: str,
+    case: str,
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+    mounts_under: MountsUnder,
 ) -> None:
     root = tmp_path / "root"
-    dead = _kill_mid_step(root, runtime, tmp_path, base_image, mounts_under)
+    dead = _kill_mid_step(root, runtime, tmp_path, base_image, mounts_under, case)
     _succeeds(root, runtime, write_context(tmp_path, f"FROM {base_image}\nRUN echo next\n"))
     left = dead.left(root, runtime, mounts_under)
     assert left == {}, left
     # and nothing at all of either build under the root
     assert mounts_under(root) == []
     assert _containers(root, runtime) == set()
+    # the dead process's scratch dir went with it; the next one's with that one
+    assert list((root / "tmp").iterdir()) == []
 
 
 def test_recovery_leaves_a_live_concurrent_build_alone(
@@ -332,18 +412,36 @@ def test_recovery_leaves_a_live_concurrent_build_alone(
     assert mounts_under(root) == []
 
 
+@pytest.mark.parametrize("case", list(CASES))
 def test_sigterm_of_an_embedded_build_leaves_nothing(
-    runtime: str, tmp_path: Path, base_image: str, require_root: None, mounts_under: MountsUnder
+    runtime: str,
+    case: str,
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+    mounts_under: MountsUnder,
 ) -> None:
     root = tmp_path / "root"
     marker = f"term-{uuid.uuid4().hex}"
-    proc = _start(root, runtime, _parked_step(tmp_path, base_image, marker, "term"))
-    shell = _wait_running(proc, marker)
-    fp = _footprint(
-        shell, root, runtime, mounts_under, containers_before=set(), mounts_before=set()
-    )
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    ctx = _parked_step(tmp_path, base_image, marker, "term", case)
+    proc = _start(root, runtime, ctx, *CASES[case][1])
+    try:
+        shell = _wait_running(proc, marker)
+        fp = _footprint(
+            shell,
+            root,
+            runtime,
+            mounts_under,
+            containers_before=set(),
+            mounts_before=set(),
+            case=case,
+        )
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert fp.left(root, runtime, mounts_under) == {}
     assert mounts_under(root) == []
@@ -410,3 +508,50 @@ def _kill_parked() -> None:
                 os.kill(child, signal.SIGKILL)
         except OSError:
             continue  # ended meanwhile
+
+
+def test_daemon_start_leaves_a_live_embedded_build_alone(
+    runtime: str, tmp_path: Path, base_image: str, require_root: None, mounts_under: MountsUnder
+) -> None:
+    """A daemon's start-up recovery sweeps the whole root only when no other
+    worker process is alive on it: an embedded build's step stays whole."""
+    root, sock = tmp_path / "root", tmp_path / "d.sock"
+    marker = f"live-{uuid.uuid4().hex}"
+    live_proc = _start(root, runtime, _parked_step(tmp_path, base_image, marker, "live"))
+    daemon = None
+    try:
+        shell = _wait_running(live_proc, marker)
+        live = _footprint(
+            shell, root, runtime, mounts_under, containers_before=set(), mounts_before=set()
+        )
+        args = ("--addr", f"unix://{sock}", "--root", str(root), "--runtime", runtime)
+        daemon = spawn_daemon(args, tmp_path / "d.log")
+        ok = write_context(tmp_path, f"FROM {base_image}\nRUN echo via-daemon\n", name="ok")
+        via = subprocess.run(
+            [sys.executable, "-m", "ociworker", "build", "--addr", f"unix://{sock}", str(ok)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert via.returncode == 0, via.stderr[-3000:]
+        assert live.left(root, runtime, mounts_under) == {
+            "processes": set(live.pids),
+            "containers": set(live.containers),
+            "mounts": set(live.mounts),
+            "cgroups": set(live.cgroups),
+            "netns": True,
+            "links": set(live.links),
+            "tables": set(live.tables),
+        }
+        _release(shell)
+        _, err = live_proc.communicate(timeout=300)
+        assert live_proc.returncode == 0, err[-3000:]
+    finally:
+        if live_proc.poll() is None:
+            live_proc.kill()
+            live_proc.wait()
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=60) == 0
+    assert live.left(root, runtime, mounts_under) == {}
+    assert mounts_under(root) == []

@@ -285,9 +285,8 @@ def recover_owner(state_dir: Path, owner: str) -> dict[str, int]:
     for ns in sorted((state_dir / "netns").glob(prefix + "*")):
         remove_netns(ns)
     # The runtimes removed their containers' cgroups on delete; ours around them
-    # (named after the state dir and the owner) remain.
-    # Its containers were killed just now: their last processes may still be
-    # exiting (and being reaped), which keeps a cgroup busy for a moment.
+    # (named after the state dir and the owner) remain, busy for a moment while
+    # the last processes of the containers killed just now exit and are reaped.
     remove_leftovers(_cgroup_prefix(state_dir) + owner + "-", wait=_CGROUP_EMPTY_WAIT)
     return {"containers": containers, "mounts": mounts}
 

@@ -110,7 +110,7 @@ def _wait_running(proc: subprocess.Popen[str], marker: str) -> int:
     else:
         raise AssertionError(f"the build ended (rc {proc.wait()}) before its step started")
     deadline = time.monotonic() + 60
-    while not (pids := _procs_with(f"echo {marker} done")):
+    while not (pids := _procs_with(f"echo {marker} done")) or not _sleeps(pids[0]):
         assert time.monotonic() < deadline, "the step's process never showed"
         time.sleep(0.05)
     return pids[0]
@@ -123,9 +123,18 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _sleeps(shell: int) -> list[int]:
+    """The parked step's ``sleep`` (forked once its shell has printed)."""
+    try:
+        children = _children(shell)
+        return [c for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "sleep"]
+    except OSError:
+        return []
+
+
 def _release(shell: int) -> None:
     """End the parked step's ``sleep``: its shell goes on and exits 0."""
-    sleeps = [c for c in _children(shell) if Path(f"/proc/{c}/comm").read_text().strip() == "sleep"]
+    sleeps = _sleeps(shell)
     assert sleeps, "the parked step has no sleep"
     for pid in sleeps:
         os.kill(pid, signal.SIGTERM)

@@ -15,6 +15,7 @@ Everything is seen from the host only: the step's processes and their
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,12 +23,13 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from ociworker.executor.runtime import recover_state_dir
 from ociworker.testing.daemon import spawn_daemon
 from test_build import write_context
 
@@ -505,9 +507,13 @@ def test_daemon_killed_mid_step_is_recovered_by_its_restart(
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_step(request: pytest.FixtureRequest) -> None:
-    """A failed test must not leave a parked step sleeping for an hour."""
-    request.addfinalizer(_kill_parked)
+def _no_stray_step(tmp_path: Path) -> Iterator[None]:
+    """A failed test must leave neither a parked step sleeping for an hour nor
+    the host resources of a build it killed (a passing one leaves none)."""
+    yield
+    _kill_parked()
+    for executor in tmp_path.glob("*/executor"):
+        asyncio.run(recover_state_dir(executor))
 
 
 def _kill_parked() -> None:

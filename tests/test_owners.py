@@ -92,3 +92,13 @@ def test_own_claim_is_live_until_released(tmp_path: Path) -> None:
     assert live_owners(owners) == []
     assert list(owners.iterdir()) == []
     assert seen == []
+
+
+def test_a_claim_released_with_something_left_behind_is_recovered_next(tmp_path: Path) -> None:
+    owners = tmp_path / "owners"
+    me = Owner.claim(owners)
+    me.release(left_behind=True)
+    seen: list[str] = []
+    assert live_owners(owners) == []
+    assert recover_dead(owners, seen.append) == [me.ident]
+    assert seen == [me.ident]

@@ -126,7 +126,8 @@ class Worker:
         if self.owner is not None:
             # Last: once released, a later worker would take all named after it for dead.
             await asyncio.to_thread(_remove_scratch, self.tmp)
-            self.owner.release()
+            left = await asyncio.to_thread(_left_behind, self.root, self.owner.ident)
+            self.owner.release(left_behind=left)
 
     async def recover(self) -> dict[str, int]:
         """Make the root consistent after an unclean stop (a daemon killed with
@@ -270,6 +271,18 @@ def _recover_owner(root: Path, ident: str) -> None:
     _remove_scratch(scratch)
     if any(found.values()):
         _log.warning("recovered what a killed worker process left", owner=ident, **found)
+
+
+def _left_behind(root: Path, ident: str) -> bool:
+    """Whether anything named after owner ``ident`` is still on ``root`` (a
+    cleanup that failed), for the next start to remove."""
+    named = f"ociw-{ident}-*"
+    executor = root / "executor"
+    return (
+        (root / "tmp" / ident).exists()
+        or any(executor.glob(f"bundles/{named}"))
+        or any(executor.glob(f"netns/{named}"))
+    )
 
 
 def _unmount_points(points: Sequence[str]) -> int:

@@ -59,12 +59,16 @@ class Owner:
                 return cls(owners_dir, ident, fd)
             os.close(fd)
 
-    def release(self) -> None:
-        """Drop the claim once everything named after it is gone (idempotent)."""
+    def release(self, *, left_behind: bool = False) -> None:
+        """Drop the claim once everything named after it is gone (idempotent).
+        ``left_behind``: something could not be removed; the lock goes but the
+        file stays, so the next worker to start takes it for a dead owner's
+        and removes what is left."""
         if self._fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            (self.dir / f"{self.ident}{_SUFFIX}").unlink()
+        if not left_behind:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / f"{self.ident}{_SUFFIX}").unlink()
         os.close(self._fd)
         self._fd = None
 

@@ -8,9 +8,11 @@ is what the controller, the exporters and the API use.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
@@ -33,10 +35,10 @@ from ociworker.executor.base import (
     StepLimits,
 )
 from ociworker.executor.binary import find_runtime as find_runtime  # the CLI checks --runtime first
+from ociworker.executor.owners import Owner, live_owners, recover_dead
 from ociworker.exporter.imagestore import ImageStore
 from ociworker.exporter.layercache import SQLiteLayerCache
-from ociworker.fs.mount import HostMounter, unmount_below
-from ociworker.fs.tree import empty_dir
+from ociworker.fs.mount import HostMounter, mountpoints_under, unmount
 from ociworker.log import get_logger
 from ociworker.ops.context import ContextChecksums
 from ociworker.ops.parts import OpParts
@@ -117,13 +119,15 @@ class Worker:
     comparer: Comparer
     applier: Applier
     executor: RecoverableExecutor
+    #: this process's claim on the root (``executor.owners``); None for fakes
+    owner: Owner | None = None
     root: Path = field(init=False)
-    #: mount points and scratch copies; emptied by ``recover``
+    #: mount points and scratch copies of this process (``<root>/tmp/<owner>``)
     tmp: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.root = self.config.root.absolute()
-        self.tmp = self.root / "tmp"
+        self.tmp = _scratch_dir(self.root, self.owner)
 
     async def aclose(self) -> None:
         # The executor's default network (bridge, namespaces, nft tables) goes
@@ -134,17 +138,36 @@ class Worker:
         await self.registry.aclose()
         self.cache.close()
         self.layers.close()
+        if self.owner is not None:
+            # Last: once released, a later worker would take all named after it for dead.
+            await asyncio.to_thread(_remove_scratch, self.tmp)
+            left = await asyncio.to_thread(_left_behind, self.root, self.owner.ident)
+            self.owner.release(left_behind=left)
 
     async def recover(self) -> dict[str, int]:
         """Make the root consistent after an unclean stop (a daemon killed with
-        SIGKILL); counts of what was found. Whoever holds the root's lock calls it
-        before the first build: containers are killed first, then everything
-        below the root is unmounted, then scratch dirs are emptied, and only then
-        are the active snapshots dropped (a mounted snapshot cannot be removed)."""
+        SIGKILL); counts of what was found. The daemon, which holds the root's
+        lock, calls it before the first build. What dead worker processes left
+        is theirs alone and goes whatever else runs (``open_worker`` did it
+        already; the executor's pass catches one that died since). The sweep
+        of the whole root (mounts the snapshotter made, scratch dirs of no
+        owner, active snapshots) runs only when no other worker process (an
+        embedded build) is alive on this root: their mounts and snapshots are
+        indistinguishable from a dead process's. Containers first, then
+        mounts, then scratch dirs, and only then snapshots (a mounted
+        snapshot cannot be removed)."""
         by_executor = await self.executor.recover()
-        mounts = await asyncio.to_thread(unmount_below, self.root)
-        await asyncio.to_thread(empty_dir, self.tmp)
-        active = await self.snapshots.recover()
+        # Listed before the live owners are: a process that mounted anything
+        # listed here had claimed its id before, so it is seen alive below.
+        points = await asyncio.to_thread(mountpoints_under, self.root)
+        live = set(await asyncio.to_thread(live_owners, _owners_dir(self.root)))
+        mine = {self.owner.ident} if self.owner is not None else set()
+        mounts, active = 0, 0
+        if live <= mine:
+            base = os.path.realpath(self.root)
+            mounts = await asyncio.to_thread(_unmount_points, [p for p in points if p != base])
+            active = await self.snapshots.recover()
+        await asyncio.to_thread(_remove_unowned_scratch, self.root)
         found = {
             "containers": by_executor["containers"],
             "mounts": by_executor["mounts"] + mounts,
@@ -164,14 +187,35 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
     root = config.root.absolute()
     root.mkdir(parents=True, exist_ok=True)
     os.chmod(root, 0o711)
-    tmp = root / "tmp"
-    tmp.mkdir(exist_ok=True)
+    (root / "tmp").mkdir(exist_ok=True)
+    # Claimed before recovering, so a worker starting at the same moment sees
+    # this one alive; then what dead ones left goes (``executor.owners``).
+    owner = Owner.claim(_owners_dir(root))
+    try:
+        # In a thread of its own: open_worker may be called on a running event
+        # loop, where pyroute2's synchronous calls (the network's teardown) fail.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            recovering = pool.submit(
+                recover_dead, _owners_dir(root), functools.partial(_recover_owner, root)
+            )
+            recovering.result()
+        tmp = _scratch_dir(root, owner)
+        tmp.mkdir()
+        return _open_worker(config, root, tmp, owner, registry)
+    except BaseException:
+        owner.release()
+        raise
+
+
+def _open_worker(
+    config: WorkerConfig, root: Path, tmp: Path, owner: Owner, registry: RegistryClient | None
+) -> Worker:
     content = ContentStore(root / "content")
     snapshots = open_snapshotter(root / "snapshots", config.snapshotter)
     if registry is None:
         registry = RegistryClient(insecure=config.insecure_registries, ca=dict(config.registry_ca))
     mounter = HostMounter(tmp)
-    executor = _LazyExecutor(root / "executor", config)
+    executor = _LazyExecutor(root / "executor", config, owner.ident)
     applier = _LazyApplier(functools.partial(_applier, content, tmp))
     layers = SQLiteLayerCache(root / "cache.db")
     cache_mounts = CacheMounts(root / "cachemounts")
@@ -217,7 +261,74 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         comparer=_LazyComparer(functools.partial(_comparer, content, tmp)),
         applier=applier,
         executor=executor,
+        owner=owner,
     )
+
+
+def _owners_dir(root: Path) -> Path:
+    return root / "executor" / "owners"
+
+
+def _scratch_dir(root: Path, owner: Owner | None) -> Path:
+    """Mount points and scratch copies of one worker process: named after its
+    owner id, so what a killed one left is told from a live one's."""
+    return root / "tmp" / owner.ident if owner is not None else root / "tmp"
+
+
+def _recover_owner(root: Path, ident: str) -> None:
+    """Everything the dead worker process ``ident`` left on ``root``."""
+    # Imported here: the runtime driver is loaded on first use only (below),
+    # and most starts find no dead owner.
+    from ociworker.executor.runtime import recover_owner
+
+    found = recover_owner(root / "executor", ident)
+    scratch = root / "tmp" / ident
+    found["mounts"] += len(mountpoints_under(scratch))
+    unmount(scratch)
+    _remove_scratch(scratch)
+    if any(found.values()):
+        _log.warning("recovered what a killed worker process left", owner=ident, **found)
+
+
+def _left_behind(root: Path, ident: str) -> bool:
+    """Whether anything named after owner ``ident`` is still on ``root`` (a
+    cleanup that failed), for the next start to remove."""
+    named = f"ociw-{ident}-*"
+    executor = root / "executor"
+    return (
+        (root / "tmp" / ident).exists()
+        or any(executor.glob(f"bundles/{named}"))
+        or any(executor.glob(f"netns/{named}"))
+    )
+
+
+def _unmount_points(points: Sequence[str]) -> int:
+    for point in reversed(points):
+        unmount(Path(point))
+    return len(points)
+
+
+def _remove_scratch(d: Path) -> None:
+    """Remove a scratch dir, unless something is still mounted below it: rmtree
+    would then delete the contents of a snapshot."""
+    if d.is_dir() and not mountpoints_under(d):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_unowned_scratch(root: Path) -> None:
+    """Unmount and remove what ``<root>/tmp`` holds but the scratch dirs of
+    claimed owners. By lock file, not by a list of live owners made earlier: a
+    process claims its id before it makes its scratch dir, and a dead one's
+    lock file goes only once its scratch dir has gone."""
+    owners, tmp = _owners_dir(root), root / "tmp"
+    for entry in list(tmp.iterdir()) if tmp.is_dir() else []:
+        if (owners / f"{entry.name}.lock").exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            unmount(entry)
+            _remove_scratch(entry)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 # The runtime driver and the differ (tar, gzip, zstd) are imported on first use
@@ -234,12 +345,12 @@ class _Lazy(Generic[T]):
 
 
 class _LazyExecutor(_Lazy["OCIRuntimeExecutor"]):
-    def __init__(self, state_dir: Path, config: WorkerConfig) -> None:
+    def __init__(self, state_dir: Path, config: WorkerConfig, owner: str) -> None:
         def make() -> OCIRuntimeExecutor:
             from ociworker.executor.runtime import OCIRuntimeExecutor
 
             return OCIRuntimeExecutor(
-                state_dir, config.runtime, subnet=config.network_subnet, dns=config.dns
+                state_dir, config.runtime, subnet=config.network_subnet, dns=config.dns, owner=owner
             )
 
         super().__init__(make)

@@ -21,22 +21,20 @@ lists for every match, NAT included), while ``nft -f -`` takes the whole
 ruleset as one readable, atomic transaction and removes it with one command.
 Links, addresses and routes are pyroute2 netlink calls.
 
-Names are derived from an 8-hex instance id: bridge ``ociw<id>``, veths
-``ow<id><n>``, tables ``ociworker_<id>``. The instance is recorded in
-``<state>/network/<id>.lock``, flocked for as long as it lives, so whoever
-finds an unlocked record (a killed worker's) removes what it names.
+Names are derived from the 8-hex id of the worker process that owns the
+network (``executor.owners``): bridge ``ociw<id>``, veths ``ow<id><n>``,
+tables ``ociworker_<id>``. Each worker process has its own bridge, so a
+bridge is never shared; whoever finds the owner dead removes what its id names
+(``teardown_instance``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import ipaddress
-import json
 import os
 import random
-import secrets
 import shutil
 import subprocess
 import threading
@@ -174,30 +172,6 @@ def teardown_instance(ident: str) -> None:
     _delete_links(ident)
 
 
-def recover_network(state_dir: Path) -> int:
-    """Remove what dead instances under ``state_dir`` left; the number removed.
-
-    A live instance holds its record's flock, so only dead ones are touched.
-    """
-    records = state_dir / "network"
-    if not records.is_dir():
-        return 0
-    n = 0
-    for rec in records.glob("*.lock"):
-        fd = os.open(rec, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # alive
-            teardown_instance(rec.stem)
-            rec.unlink()
-            n += 1
-        finally:
-            os.close(fd)
-    return n
-
-
 def _used_networks() -> list[ipaddress.IPv4Network]:
     from pyroute2 import IPRoute
 
@@ -236,8 +210,7 @@ def _free_subnets(pool: ipaddress.IPv4Network) -> list[ipaddress.IPv4Network]:
 class BridgeNetwork:
     """The bridge of one executor and its pool of ready namespaces."""
 
-    def __init__(self, state_dir: Path, subnet: str = "") -> None:
-        self._state_dir = state_dir
+    def __init__(self, subnet: str = "", *, ident: str) -> None:
         self._configured = subnet
         if subnet:
             try:
@@ -246,12 +219,12 @@ class BridgeNetwork:
                 raise ConfigError(f"invalid network subnet {subnet!r}: {exc}") from None
             if net.prefixlen > 29:
                 raise ConfigError(f"network subnet {subnet} is too small (at most /29)")
-        self.ident = secrets.token_hex(4)
+        self.ident = ident
         self.bridge = f"ociw{self.ident}"
         self.subnet: ipaddress.IPv4Network | None = None
         self.gateway: ipaddress.IPv4Address | None = None
         self._lock = asyncio.Lock()
-        self._record_fd: int | None = None
+        self._made = False
         self._free: list[ipaddress.IPv4Address] = []
         self._ready: list[Slot] = []
         self._filling: set[asyncio.Task[None]] = set()
@@ -270,18 +243,12 @@ class BridgeNetwork:
                 await asyncio.to_thread(self._setup)
 
     def _setup(self) -> None:
-        recover_network(self._state_dir)
-        records = self._state_dir / "network"
-        records.mkdir(parents=True, exist_ok=True)
-        fd = os.open(records / f"{self.ident}.lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        self._record_fd = fd
+        self._made = True
         try:
             self._make_bridge()
         except BaseException:
             teardown_instance(self.ident)
             raise
-        os.write(fd, json.dumps({"bridge": self.bridge, "subnet": str(self.subnet)}).encode())
 
     def _make_bridge(self) -> None:
         from pyroute2 import IPRoute
@@ -476,16 +443,13 @@ class BridgeNetwork:
             # on exit.
             for slot in ready:
                 os.close(slot.fd)
-            if self._record_fd is not None:
+            if self._made:
                 await asyncio.gather(
                     asyncio.to_thread(_delete_tables, self.ident),
                     asyncio.to_thread(_delete_bridge, self.bridge),
                 )
                 await asyncio.to_thread(_wait_veths_gone, self.ident)
-                with contextlib.suppress(FileNotFoundError):
-                    (self._state_dir / "network" / f"{self.ident}.lock").unlink()
-                os.close(self._record_fd)
-                self._record_fd = None
+                self._made = False
 
 
 def _write_sysctl(name: str, value: str) -> None:

@@ -273,10 +273,12 @@ def remove_tree(d: Path, *, wait: float = 2.0) -> bool:
             time.sleep(0.05)
 
 
-def remove_leftovers(prefix: str, hierarchies: tuple[Hierarchy, ...] | None = None) -> int:
+def remove_leftovers(
+    prefix: str, hierarchies: tuple[Hierarchy, ...] | None = None, *, wait: float = 0.5
+) -> int:
     """Remove the step cgroups named ``prefix...`` that a killed worker left
-    (only empty ones can go: a live step of another worker keeps its own).
-    Returns how many were removed."""
+    (only empty ones can go: a live step of another worker keeps its own),
+    waiting up to ``wait`` seconds for each to empty. How many were removed."""
     n = 0
     for h in host_hierarchies() if hierarchies is None else hierarchies:
         try:
@@ -285,5 +287,5 @@ def remove_leftovers(prefix: str, hierarchies: tuple[Hierarchy, ...] | None = No
             continue
         for e in entries:
             if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False):
-                n += remove_tree(Path(e.path), wait=0.5)
+                n += remove_tree(Path(e.path), wait=wait)
     return n

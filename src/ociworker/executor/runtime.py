@@ -36,9 +36,10 @@ from ociworker.executor.base import (
     check_run,
 )
 from ociworker.executor.binary import find_runtime
-from ociworker.executor.bridge import BridgeNetwork, recover_network
+from ociworker.executor.bridge import BridgeNetwork, teardown_instance
 from ociworker.executor.cgroups import StepCgroup, host_hierarchies, remove_leftovers
 from ociworker.executor.network import create_loopback_netns, remove_netns
+from ociworker.executor.owners import Owner, recover_dead
 from ociworker.executor.spec import (
     NOFILE_LIMIT,
     SpecLimits,
@@ -47,10 +48,9 @@ from ociworker.executor.spec import (
     make_spec,
     resolv_conf_content,
 )
-from ociworker.fs.mount import mount_all, unmount, unmount_below
+from ociworker.fs.mount import mount_all, mountpoints_under, unmount
 from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import clean, secure_join
-from ociworker.fs.tree import empty_dir
 from ociworker.fs.users import resolve_user
 from ociworker.log import get_logger
 
@@ -63,6 +63,8 @@ T = TypeVar("T")
 #: how long a killed container may take to die before its runtime process is killed too
 _KILL_GRACE = 0.5
 _CTL_TIMEOUT = 10.0
+#: how long a killed container's processes may take to leave their cgroup
+_CGROUP_EMPTY_WAIT = 10.0
 _CHUNK = 65536
 _CAP_SYS_RESOURCE = 24
 
@@ -234,9 +236,9 @@ def _is_exec_failure(msg: str) -> bool:
     )
 
 
-def _kill_containers(runtime_dir: Path) -> int:
-    """Kill and delete every container the runtimes still know under ``runtime_dir``
-    (one ``--root`` per runtime, named after it)."""
+def _kill_containers(runtime_dir: Path, prefix: str) -> int:
+    """Kill and delete the containers named ``prefix...`` that the runtimes still
+    know under ``runtime_dir`` (one ``--root`` per runtime, named after it)."""
     n = 0
     if not runtime_dir.is_dir():
         return 0
@@ -248,6 +250,8 @@ def _kill_containers(runtime_dir: Path) -> int:
             [binary, f"--root={state}", "list", "-q"], capture_output=True, text=True, timeout=30
         )
         for cid in got.stdout.split():
+            if not cid.startswith(prefix):
+                continue  # another worker's, maybe alive
             subprocess.run(
                 [binary, f"--root={state}", "kill", cid, "KILL"], capture_output=True, timeout=30
             )
@@ -260,26 +264,52 @@ def _kill_containers(runtime_dir: Path) -> int:
     return n
 
 
-async def recover_state_dir(state_dir: Path) -> dict[str, int]:
-    """Undo what the runs of a dead process left under an executor's ``state_dir``:
-    containers killed and deleted (for runc and crun alike), then rootfs, tmpfs
-    and namespace mounts released, then bundles and namespace files removed.
-    Counts of the containers and mounts found."""
+def container_prefix(owner: str) -> str:
+    """Container ids, bundles and ``none`` namespaces of owner ``owner`` start with this."""
+    return f"ociw-{owner}-"
+
+
+def recover_owner(state_dir: Path, owner: str) -> dict[str, int]:
+    """Remove what the runs of the dead owner ``owner`` (``executor.owners``)
+    left under an executor's ``state_dir``, and nothing of anyone else's:
+    containers killed and deleted (runc and crun alike, including those whose
+    state is on a secret step's own tmpfs), then rootfs, tmpfs and namespace
+    mounts released, bundles removed, its network (bridge, veths, nft tables)
+    and its step cgroups removed. Idempotent. Counts of containers and mounts."""
     state_dir = Path(state_dir).absolute()
-    containers = await asyncio.to_thread(_kill_containers, state_dir / "runtime")
-    mounts = await asyncio.to_thread(unmount_below, state_dir) if state_dir.is_dir() else 0
-    await asyncio.to_thread(empty_dir, state_dir / "bundles")
-    # The bridge, veths and nft tables of a dead instance, before its netns files.
-    if state_dir.is_dir():
-        await asyncio.to_thread(recover_network, state_dir)
-    netns = state_dir / "netns"
-    if netns.is_dir():
-        for ns in list(netns.iterdir()):
-            await asyncio.to_thread(remove_netns, ns)
-    # The runtimes removed their containers' cgroups above; ours around them
-    # (named after this state dir, so another worker's are never touched) remain.
-    await asyncio.to_thread(remove_leftovers, _cgroup_prefix(state_dir))
+    prefix = container_prefix(owner)
+    bundles = sorted((state_dir / "bundles").glob(prefix + "*"))
+    containers = _kill_containers(state_dir / "runtime", prefix)
+    for bundle in bundles:
+        containers += _kill_containers(bundle / "runtime", prefix)
+    mounts = 0
+    for bundle in bundles:
+        mounts += len(mountpoints_under(bundle))
+        unmount(bundle)
+        _remove_bundle(bundle)
+    # Its bridge, veths and nft tables; then the pinned ``none`` namespaces.
+    teardown_instance(owner)
+    for ns in sorted((state_dir / "netns").glob(prefix + "*")):
+        remove_netns(ns)
+    # The runtimes removed their containers' cgroups on delete; ours around them
+    # (named after the state dir and the owner) remain, busy for a moment while
+    # the last processes of the containers killed just now exit and are reaped.
+    remove_leftovers(_cgroup_prefix(state_dir) + owner + "-", wait=_CGROUP_EMPTY_WAIT)
     return {"containers": containers, "mounts": mounts}
+
+
+async def recover_state_dir(state_dir: Path) -> dict[str, int]:
+    """Start-up recovery of an executor's ``state_dir``: ``recover_owner`` for
+    every dead owner, live ones left alone. Counts of containers and mounts."""
+    state_dir = Path(state_dir).absolute()
+    found = {"containers": 0, "mounts": 0}
+
+    def cleanup(owner: str) -> None:
+        for k, v in recover_owner(state_dir, owner).items():
+            found[k] += v
+
+    await asyncio.to_thread(recover_dead, state_dir / "owners", cleanup)
+    return found
 
 
 def _cgroup_prefix(state_dir: Path) -> str:
@@ -297,20 +327,31 @@ class OCIRuntimeExecutor:
         *,
         subnet: str = "",
         dns: tuple[str, ...] = (),
+        owner: str | None = None,
     ) -> None:
         self._binary = find_runtime(runtime)
         self._flavour: Flavour = _detect_flavour(self._binary)
         self._state_dir = Path(state_dir).absolute()
         self._runtime_root = self._state_dir / "runtime" / self._flavour
         self._dns = dns
+        #: ``owner``: the id (``executor.owners``) of the worker process this
+        #: executor runs in, put into every name below; without one (an executor
+        #: used on its own) it claims its own, released by ``aclose``.
+        self._claim: Owner | None = None
+        if owner is None:
+            self._claim = Owner.claim(self._state_dir / "owners")
+            owner = self._claim.ident
+        self.owner = owner
         #: the ``default`` network, made on the first step that uses it
-        self._bridge = BridgeNetwork(self._state_dir, subnet)
+        self._bridge = BridgeNetwork(subnet, ident=self.owner)
         self._hierarchies = host_hierarchies()
-        self._cgroup_prefix = _cgroup_prefix(self._state_dir)
+        self._cgroup_prefix = _cgroup_prefix(self._state_dir) + self.owner + "-"
 
     async def aclose(self) -> None:
         """Remove the default network (bridge, pooled namespaces, nft tables)."""
         await self._bridge.aclose()
+        if self._claim is not None:
+            self._claim.release()
 
     def prepare(self, network: NetworkMode) -> None:
         if network == "default":
@@ -364,7 +405,7 @@ class OCIRuntimeExecutor:
     ) -> int:
         check_run(rootfs, process, mounts)
 
-        cid = "ociw-" + secrets.token_hex(8)
+        cid = container_prefix(self.owner) + secrets.token_hex(6)
         bundle = self._state_dir / "bundles" / cid
         root_dir = bundle / "rootfs"
         runtime_root = self._runtime_root
@@ -377,7 +418,7 @@ class OCIRuntimeExecutor:
                 # their state dir: both live on a tmpfs of this run alone.
                 stack.push_sync(lambda: unmount(bundle))
                 await _finish(asyncio.to_thread(_mount_private_tmpfs, bundle))
-                runtime_root = bundle / "runtime"
+                runtime_root = bundle / "runtime" / self._flavour
             root_dir.mkdir()
             runtime_root.mkdir(parents=True, exist_ok=True)
 
@@ -461,7 +502,8 @@ class OCIRuntimeExecutor:
         one (no cgroupfs, a read-only one): the step then runs unaccounted."""
         if not self._hierarchies:
             return None
-        cgroup = StepCgroup(self._cgroup_prefix + cid.removeprefix("ociw-"), self._hierarchies)
+        name = self._cgroup_prefix + cid.removeprefix(container_prefix(self.owner))
+        cgroup = StepCgroup(name, self._hierarchies)
         stack.push_sync(cgroup.remove)
         try:
             await asyncio.to_thread(cgroup.create)

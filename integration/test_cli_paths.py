@@ -67,12 +67,10 @@ def ctx(tmp_path: Path) -> Path:
         # buildx: "type is required for output"
         ("dest=x.tar", "type is required for output 'dest=x.tar'"),
         ("typ=oci,dest=x.tar", "type is required for output 'typ=oci,dest=x.tar'"),
-        # pushing is not implemented: refused, never exit 0 having pushed nothing
-        (
-            "type=image,name=127.0.0.1:5000/x/y:1,push=true",
-            "pushing to a registry is not supported yet",
-        ),
-        ("type=registry", "pushing to a registry is not supported yet"),
+        # a push with nowhere to push to (buildx's words), or a push flag that is
+        # neither true nor false: refused, never exit 0 having pushed nothing
+        ("type=registry", "tag is needed when pushing to registry"),
+        ("type=image,name=127.0.0.1:5000/x/y:1,push=yes", "push must be true or false"),
         # attributes no exporter of ours honours
         ("type=oci,dest=x.tar,tar=false", "unknown attribute 'tar' for type=oci"),
         ("type=local,dest=out,compression=zstd", "unknown attribute 'compression' for type=local"),

@@ -199,7 +199,9 @@ async def test_named_user_with_supplementary_groups(
 async def test_named_user_explicit_group(executor: OCIRuntimeExecutor, rootfs: Path) -> None:
     code, out = await _run(executor, rootfs, "id", user="builder:staff")
     assert code == 0
-    assert out.text("stdout").strip() == "uid=1234(builder) gid=3000(staff)"
+    # BuildKit v0.32 lists the primary group among the supplementary ones too
+    # (the issue 13 gap: ``USER uid:gid`` prints ``groups=GID`` there)
+    assert out.text("stdout").strip() == "uid=1234(builder) gid=3000(staff) groups=3000(staff)"
 
 
 async def test_missing_user_is_a_user_error(executor: OCIRuntimeExecutor, rootfs: Path) -> None:

@@ -3,11 +3,15 @@
 Docker's default seccomp profile refuses, for a step with Docker's default
 capabilities: ``unshare`` (user and network namespaces: the profile allows
 unshare/setns/mount only with CAP_SYS_ADMIN), ``mount`` (same rule) and
-``keyctl`` (no rule allows it; the kernel's keyring is not namespaced). busybox
-has no keyctl, so a tiny static x86_64 ELF made below calls the syscall and
-exits with the errno (0 on success). Expected errnos come from the profile
-(defaultErrnoRet 1 = EPERM). The same probes succeed on the host (the refusal is
-the sandbox's). ``RUN --security=insecure`` with ``--allow security.insecure``
+``keyctl`` (no rule allows it; the kernel's keyring is not namespaced), and
+``ptrace`` of a process that is not a descendant of the caller (Yama's scope 1,
+which Docker relies on the host for; we apply it ourselves, as this host's
+kernel has no Yama), while a process may still seize its own child (``strace
+CMD``). busybox has neither keyctl nor a ptrace tool, so tiny static x86_64 ELFs
+made below call the syscalls and exit with the errno (0 on success). Expected
+errnos come from the kernel's rules: the profile's defaultErrnoRet 1 = EPERM,
+and Yama's EPERM for a non-descendant. The same probes succeed on the host (the
+refusal is the sandbox's). ``RUN --security=insecure`` with ``--allow security.insecure``
 mounts a tmpfs; without the entitlement the build fails naming the step.
 """
 
@@ -29,11 +33,30 @@ pytestmark = pytest.mark.usefixtures("require_root")
 
 OCIWORKER = [sys.executable, "-m", "ociworker"]
 SYS_KEYCTL = 250
+SYS_PTRACE = 101
+PTRACE_ATTACH = 16
+PTRACE_SEIZE = 0x4206
 KEYCTL_GET_KEYRING_ID = 0
 KEY_SPEC_SESSION_KEYRING = -3
 EPERM = 1
 #: the step's own output line in plain progress (not its name, which holds the text too)
 LOGGED_OK = re.compile(r"^#\d+ \d+\.\d+ mounted-ok$", re.M)
+
+
+def static_elf(code: bytes) -> bytes:
+    """A static x86_64 ELF whose one loadable segment is ``code``, entered at its start."""
+    base, hdrs = 0x400000, 64 + 56
+    ehdr = struct.pack(
+        "<4sBBBBB7xHHIQQQIHHHHHH",
+        *(b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, base + hdrs, 64, 0, 0, 64, 56, 1, 0, 0, 0),
+    )
+    size = hdrs + len(code)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return ehdr + phdr + code
+
+
+#: edi = eax < 0 ? -eax : 0; exit(edi)
+_EXIT_ERRNO = b"\x89\xc7\xf7\xdf\x85\xc0\x7c\x02\x31\xff" + b"\xb8\x3c\x00\x00\x00\x0f\x05"
 
 
 def syscall_probe(nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> bytes:
@@ -48,17 +71,32 @@ def syscall_probe(nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> bytes:
         + b"\x48\xc7\xc6" + imm(a1)  # mov rsi, a1
         + b"\x48\xc7\xc2" + imm(a2)  # mov rdx, a2
         + b"\x4d\x31\xd2\x0f\x05"  # xor r10, r10; syscall
-        + b"\x89\xc7\xf7\xdf\x85\xc0\x7c\x02\x31\xff"  # edi = eax < 0 ? -eax : 0
-        + b"\xb8\x3c\x00\x00\x00\x0f\x05"  # exit(edi)
+        + _EXIT_ERRNO
     )  # fmt: skip
-    base, hdrs = 0x400000, 64 + 56
-    ehdr = struct.pack(
-        "<4sBBBBB7xHHIQQQIHHHHHH",
-        *(b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, base + hdrs, 64, 0, 0, 64, 56, 1, 0, 0, 0),
+    return static_elf(code)
+
+
+def seize_child_probe() -> bytes:
+    """A static x86_64 ELF: fork; the child pauses; the parent calls
+    ptrace(PTRACE_SEIZE, child), kills and reaps the child, exit(errno or 0)."""
+    code = (
+        b"\xb8\x39\x00\x00\x00\x0f\x05"  # 00 mov eax, 57 (fork); syscall
+        b"\x85\xc0\x7f\x0b"  # 07 test eax, eax; jg parent (0x16)
+        b"\x75\x46"  # 0b jnz done (0x53): fork failed
+        b"\xb8\x22\x00\x00\x00\x0f\x05\xeb\xf7"  # 0d child: pause(); jmp child
+        b"\x41\x89\xc4"  # 16 parent: mov r12d, eax (the child's pid)
+        b"\xbf\x06\x42\x00\x00"  # 19 mov edi, 0x4206 (PTRACE_SEIZE)
+        b"\x44\x89\xe6\x31\xd2\x45\x31\xd2"  # 1e mov esi, r12d; xor edx, edx; xor r10d, r10d
+        b"\xb8\x65\x00\x00\x00\x0f\x05"  # 26 mov eax, 101 (ptrace); syscall
+        b"\x41\x89\xc5"  # 2d mov r13d, eax (its result)
+        b"\x44\x89\xe7\xbe\x09\x00\x00\x00"  # 30 mov edi, r12d; mov esi, 9 (SIGKILL)
+        b"\xb8\x3e\x00\x00\x00\x0f\x05"  # 38 mov eax, 62 (kill); syscall
+        b"\x44\x89\xe7\x31\xf6\x31\xd2\x45\x31\xd2"  # 3f wait4(r12d, 0, 0, 0)
+        b"\xb8\x3d\x00\x00\x00\x0f\x05"  # 49 mov eax, 61 (wait4); syscall
+        b"\x44\x89\xe8"  # 50 mov eax, r13d
+        + _EXIT_ERRNO  # 53 done
     )
-    size = hdrs + len(code)
-    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
-    return ehdr + phdr + code
+    return static_elf(code)
 
 
 def build(ctx: Path, root: Path, runtime: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -101,6 +139,80 @@ def test_default_profile_refuses(
     for refused in ("unshare-U=1", "unshare-n=1", "mount=1"):
         assert refused in r.stderr, r.stderr
     assert "ordinary" in r.stderr  # an ordinary command still runs in the same step
+
+
+def _probe(path: Path, code: bytes) -> Path:
+    path.write_bytes(code)
+    path.chmod(0o755)
+    return path
+
+
+def test_ptrace_probes_work_on_the_host(tmp_path: Path) -> None:
+    # Outside the sandbox root attaches to a process that is not its child (a
+    # sleep this test started: a sibling of the probe), and seizes its own child.
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for name, req in (("attach", PTRACE_ATTACH), ("seize1", PTRACE_SEIZE)):
+            probe = _probe(tmp_path / name, syscall_probe(SYS_PTRACE, req, sleeper.pid))
+            # (ATTACH leaves the sleep stopped; SEIZE attaches to it all the same)
+            assert subprocess.run([str(probe)], check=False).returncode == 0, name
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    seize = _probe(tmp_path / "seize", seize_child_probe())
+    assert subprocess.run([str(seize)], check=False).returncode == 0
+
+
+def _sockets_under(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_socket()]
+
+
+def test_ptrace_of_a_non_child_is_refused(
+    tmp_path: Path, base_image: str, runtime: str, state_dir: Path
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    # pid 1 of the step is its shell: the probe's parent, not its descendant.
+    _probe(ctx / "attach", syscall_probe(SYS_PTRACE, PTRACE_ATTACH, 1))
+    _probe(ctx / "seize1", syscall_probe(SYS_PTRACE, PTRACE_SEIZE, 1))
+    _probe(ctx / "seize", seize_child_probe())
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "COPY attach seize1 seize /probe/\n"
+        # An ATTACH that succeeded would leave the shell stopped (its SIGSTOP)
+        # and the step hanging: tried only once SEIZE, which stops nothing, was
+        # refused, so a regression fails the test instead.
+        'RUN /probe/seize1; s=$?; echo "seize-parent=$s"; '
+        'if [ $s = 1 ]; then /probe/attach; echo "attach-parent=$?"; fi; '
+        '/probe/seize; echo "seize-child=$?"; echo ordinary > /ok; cat /ok\n'
+    )
+    r = build(ctx, state_dir, runtime)
+    assert r.returncode == 0, r.stderr
+    assert f"attach-parent={EPERM}" in r.stderr, r.stderr
+    assert f"seize-parent={EPERM}" in r.stderr, r.stderr
+    assert "seize-child=0" in r.stderr, r.stderr
+    assert "ordinary" in r.stderr
+    # The worker stopped: its supervisor's socket is gone with it.
+    assert _sockets_under(state_dir) == []
+
+
+def test_insecure_step_may_attach_anywhere(
+    tmp_path: Path, base_image: str, runtime: str, state_dir: Path
+) -> None:
+    # RUN --security=insecure has no seccomp filter (and CAP_SYS_PTRACE): the
+    # kernel alone decides, as on the host. SEIZE, not ATTACH: an attached shell
+    # would stay stopped by ATTACH's SIGSTOP once the probe exits.
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    _probe(ctx / "seize1", syscall_probe(SYS_PTRACE, PTRACE_SEIZE, 1))
+    (ctx / "Dockerfile").write_text(
+        f"FROM {base_image}\n"
+        "COPY seize1 /probe/\n"
+        'RUN --security=insecure /probe/seize1; echo "seize-parent=$?"\n'
+    )
+    r = build(ctx, state_dir, runtime, "--allow", "security.insecure")
+    assert r.returncode == 0, r.stderr
+    assert "seize-parent=0" in r.stderr, r.stderr
 
 
 def test_insecure_needs_the_entitlement(

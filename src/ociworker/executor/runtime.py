@@ -32,6 +32,7 @@ from ociworker.executor.binary import find_runtime
 from ociworker.executor.bridge import BridgeNetwork, recover_network
 from ociworker.executor.cgroups import StepCgroup, host_hierarchies, remove_leftovers
 from ociworker.executor.network import create_loopback_netns, remove_netns
+from ociworker.executor.ptrace_guard import PtraceGuard, remove_socket, socket_path
 from ociworker.executor.spec import (
     NOFILE_LIMIT,
     SpecLimits,
@@ -269,6 +270,8 @@ async def recover_state_dir(state_dir: Path) -> dict[str, int]:
     if netns.is_dir():
         for ns in list(netns.iterdir()):
             await asyncio.to_thread(remove_netns, ns)
+    # A killed worker's supervisor socket (nothing listens on it any more).
+    await asyncio.to_thread(remove_socket, socket_path(state_dir))
     # The runtimes removed their containers' cgroups above; ours around them
     # (named after this state dir, so another worker's are never touched) remain.
     await asyncio.to_thread(remove_leftovers, _cgroup_prefix(state_dir))
@@ -300,10 +303,30 @@ class OCIRuntimeExecutor:
         self._bridge = BridgeNetwork(self._state_dir, subnet)
         self._hierarchies = host_hierarchies()
         self._cgroup_prefix = _cgroup_prefix(self._state_dir)
+        #: answers sandboxed steps' attaching ptrace calls; started by the first one
+        self._guard = PtraceGuard(socket_path(self._state_dir))
 
     async def aclose(self) -> None:
-        """Remove the default network (bridge, pooled namespaces, nft tables)."""
-        await self._bridge.aclose()
+        """Remove the default network (bridge, pooled namespaces, nft tables)
+        and stop the ptrace supervisor (its socket removed)."""
+        try:
+            await self._bridge.aclose()
+        finally:
+            await asyncio.to_thread(self._guard.close)
+
+    async def _ptrace_listener(self) -> str:
+        """The supervisor's socket, started on first use. Without it a step
+        would run with ptrace left to a Yama this host may not have: refused."""
+        if not self._guard.running:
+            try:
+                self._state_dir.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(self._guard.start)
+            except OSError as exc:
+                raise HostError(
+                    f"cannot start the ptrace supervisor at {self._guard.path}: "
+                    f"{os_error_text(exc)}"
+                ) from exc
+        return str(self._guard.path)
 
     @property
     def flavour(self) -> Flavour:
@@ -406,6 +429,8 @@ class OCIRuntimeExecutor:
             # stubs below are the entries the runtime will really create.
             resolved = await asyncio.to_thread(_resolve_targets, root_dir, mounts)
             cgroup = await self._step_cgroup(cid, stack)
+            privileged = process.security == "insecure"
+            listener = "" if privileged else await self._ptrace_listener()
             spec = make_spec(
                 SpecOptions(
                     args=tuple(process.args),
@@ -417,13 +442,14 @@ class OCIRuntimeExecutor:
                     nofile=_nofile_limit(),
                     home=user.home,
                     hostname=process.hostname,
-                    privileged=process.security == "insecure",
+                    privileged=privileged,
                     mounts=resolved,
                     isolated_network=process.network != "host",
                     netns_path=netns,
                     resolv_conf=str(resolv),
                     hosts=str(hosts),
                     limits=_spec_limits(process.limits, cgroup),
+                    seccomp_listener=listener,
                 )
             )
             stubs = await asyncio.to_thread(

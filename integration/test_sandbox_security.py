@@ -95,7 +95,7 @@ def seize_child_probe() -> bytes:
         b"\xb8\x3d\x00\x00\x00\x0f\x05"  # 49 mov eax, 61 (wait4); syscall
         b"\x44\x89\xe8"  # 50 mov eax, r13d
         + _EXIT_ERRNO  # 53 done
-    )
+    )  # fmt: skip
     return static_elf(code)
 
 
@@ -281,3 +281,32 @@ def test_daemon_grants_only_its_configured_entitlements(
         assert "entitlement security.insecure is not allowed" in r.stderr
         assert "the worker does not grant it" in r.stderr
         assert not LOGGED_OK.search(r.stderr)
+
+
+def test_daemon_guards_ptrace_and_leaves_no_socket(tmp_path: Path, base_image: str) -> None:
+    # `ociworker serve` runs the same supervisor; it lives as long as the daemon.
+    sock = tmp_path / "d.sock"
+    droot = tmp_path / "droot"
+    proc = spawn_daemon(("--addr", f"unix://{sock}", "--root", str(droot)), tmp_path / "d.log")
+    try:
+        ctx = tmp_path / "ctx"
+        ctx.mkdir()
+        _probe(ctx / "seize1", syscall_probe(SYS_PTRACE, PTRACE_SEIZE, 1))
+        _probe(ctx / "seize", seize_child_probe())
+        (ctx / "Dockerfile").write_text(
+            f"FROM {base_image}\nCOPY seize1 seize /probe/\n"
+            'RUN /probe/seize1; echo "seize-parent=$?"; /probe/seize; echo "seize-child=$?"\n'
+        )
+        r = subprocess.run(
+            [*OCIWORKER, "build", "--progress=plain", "--addr", f"unix://{sock}", str(ctx)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+        assert f"seize-parent={EPERM}" in r.stderr and "seize-child=0" in r.stderr, r.stderr
+        assert len(_sockets_under(droot)) == 1  # the supervisor's, while the daemon runs
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    assert _sockets_under(droot) == []

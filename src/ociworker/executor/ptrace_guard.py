@@ -161,31 +161,41 @@ class ProcTree:
         if len(self._where) > _CACHE_MAX:
             self._where.clear()
         same_ns = []
-        for entry in os.scandir(self.root):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            try:
-                if self.pid_ns(pid) != ns:
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
                     continue
-                inner = self.status(pid).nspid[-1]
-            except ProcessGone:
-                continue
-            same_ns.append(pid)
-            self._where[(ns, inner)] = pid
-            if inner == nr:
-                return pid
+                pid = int(entry.name)
+                try:
+                    if self.pid_ns(pid) != ns:
+                        continue
+                    inner = self.status(pid).nspid[-1]
+                except ProcessGone:
+                    continue
+                same_ns.append(pid)
+                self._where[(ns, inner)] = pid
+                if inner == nr:
+                    return pid
         # Not a process: maybe a thread (ptrace attaches to threads too).
         for pid in same_ns:
-            with contextlib.suppress(OSError):
-                for task in os.scandir(self.root / str(pid) / "task"):
-                    if task.name.isdigit() and int(task.name) != pid:
-                        try:
-                            st = self._status(Path(task.path) / "status")
-                        except ProcessGone:
-                            continue
-                        if st.nspid[-1] == nr:
+            tid = self._thread_of(pid, nr)
+            if tid is not None:
+                return tid
+        return None
+
+    def _thread_of(self, pid: int, nr: int) -> int | None:
+        try:
+            with os.scandir(self.root / str(pid) / "task") as tasks:
+                for task in tasks:
+                    if not task.name.isdigit() or int(task.name) == pid:
+                        continue
+                    try:
+                        if self._status(Path(task.path) / "status").nspid[-1] == nr:
                             return int(task.name)
+                    except ProcessGone:
+                        continue
+        except OSError:
+            pass  # the process ended
         return None
 
 
@@ -379,7 +389,7 @@ class PtraceGuard:
             return
         except OSError:
             data, ancdata = b"", []
-        got = []
+        got: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 n = len(payload) // struct.calcsize("i")

@@ -201,7 +201,10 @@ def _ptrace_rules() -> list[dict[str, Any]]:
     allow = [
         _arg(0, PTRACE_ATTACH, "SCMP_CMP_LT"),
         _arg(0, PTRACE_SEIZE, "SCMP_CMP_GT"),
-        *(_arg(0, m, "SCMP_CMP_MASKED_EQ", v) for m, v in _blocks(PTRACE_ATTACH + 1, PTRACE_SEIZE - 1)),
+        *(
+            _arg(0, m, "SCMP_CMP_MASKED_EQ", v)
+            for m, v in _blocks(PTRACE_ATTACH + 1, PTRACE_SEIZE - 1)
+        ),
     ]
     rules = [{"names": ["ptrace"], "action": "SCMP_ACT_ALLOW", "args": [a]} for a in allow]
     rules += [

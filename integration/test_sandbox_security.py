@@ -76,27 +76,63 @@ def syscall_probe(nr: int, a0: int = 0, a1: int = 0, a2: int = 0) -> bytes:
     return static_elf(code)
 
 
-def seize_child_probe() -> bytes:
-    """A static x86_64 ELF: fork; the child pauses; the parent calls
-    ptrace(PTRACE_SEIZE, child), kills and reaps the child, exit(errno or 0)."""
+#: the child of a forking probe: pause(); jmp back
+_PAUSE = b"\xb8\x22\x00\x00\x00\x0f\x05\xeb\xf7"
+
+#: ptrace(PTRACE_SEIZE, r12d, 0, 0), its result in r13d
+SEIZE_R12 = (
+    b"\xbf\x06\x42\x00\x00"  # mov edi, 0x4206 (PTRACE_SEIZE)
+    b"\x44\x89\xe6\x31\xd2\x45\x31\xd2"  # mov esi, r12d; xor edx, edx; xor r10d, r10d
+    b"\xb8\x65\x00\x00\x00\x0f\x05"  # mov eax, 101 (ptrace); syscall
+    b"\x41\x89\xc5"  # mov r13d, eax
+)  # fmt: skip
+
+#: process_vm_readv(r12d, {buf, 1}, 1, {0x400000, 1}, 1, 0): one byte of the
+#: target's copy of a probe (loaded there), its result in r13d
+VM_READ_R12 = (
+    b"\x48\x83\xec\x40"  # sub rsp, 64
+    b"\x48\x8d\x44\x24\x20\x48\x89\x04\x24"  # local iov at rsp: base rsp+32
+    b"\x48\xc7\x44\x24\x08\x01\x00\x00\x00"  # ... len 1
+    b"\x48\xc7\x44\x24\x10\x00\x00\x40\x00"  # remote iov at rsp+16: base 0x400000
+    b"\x48\xc7\x44\x24\x18\x01\x00\x00\x00"  # ... len 1
+    b"\x44\x89\xe7\x48\x89\xe6\xba\x01\x00\x00\x00"  # edi = r12d; rsi = rsp; edx = 1
+    b"\x4c\x8d\x54\x24\x10\x41\xb8\x01\x00\x00\x00"  # r10 = rsp+16; r8d = 1
+    b"\x45\x31\xc9\xb8\x36\x01\x00\x00\x0f\x05"  # r9d = 0; eax = 310; syscall
+    b"\x41\x89\xc5"  # mov r13d, eax
+)  # fmt: skip
+
+
+def on_pid_probe(pid: int, call: bytes) -> bytes:
+    """A static x86_64 ELF: ``call`` on ``pid``, exit(errno or 0)."""
+    mov_r12 = b"\x41\xbc" + struct.pack("<i", pid)  # mov r12d, pid
+    return static_elf(mov_r12 + call + b"\x44\x89\xe8" + _EXIT_ERRNO)  # eax = r13d
+
+
+def on_child_probe(call: bytes) -> bytes:
+    """A static x86_64 ELF: fork; the child pauses; the parent runs ``call`` on
+    the child's pid, kills and reaps the child, exit(errno or 0)."""
+    parent = (
+        b"\x41\x89\xc4"  # mov r12d, eax (the child's pid)
+        + call
+        + b"\x44\x89\xe7\xbe\x09\x00\x00\x00"  # mov edi, r12d; mov esi, 9 (SIGKILL)
+        + b"\xb8\x3e\x00\x00\x00\x0f\x05"  # mov eax, 62 (kill); syscall
+        + b"\x44\x89\xe7\x31\xf6\x31\xd2\x45\x31\xd2"  # wait4(r12d, 0, 0, 0)
+        + b"\xb8\x3d\x00\x00\x00\x0f\x05"  # mov eax, 61 (wait4); syscall
+        + b"\x44\x89\xe8"  # mov eax, r13d
+    )  # fmt: skip
     code = (
-        b"\xb8\x39\x00\x00\x00\x0f\x05"  # 00 mov eax, 57 (fork); syscall
-        b"\x85\xc0\x7f\x0b"  # 07 test eax, eax; jg parent (0x16)
-        b"\x75\x46"  # 0b jnz done (0x53): fork failed
-        b"\xb8\x22\x00\x00\x00\x0f\x05\xeb\xf7"  # 0d child: pause(); jmp child
-        b"\x41\x89\xc4"  # 16 parent: mov r12d, eax (the child's pid)
-        b"\xbf\x06\x42\x00\x00"  # 19 mov edi, 0x4206 (PTRACE_SEIZE)
-        b"\x44\x89\xe6\x31\xd2\x45\x31\xd2"  # 1e mov esi, r12d; xor edx, edx; xor r10d, r10d
-        b"\xb8\x65\x00\x00\x00\x0f\x05"  # 26 mov eax, 101 (ptrace); syscall
-        b"\x41\x89\xc5"  # 2d mov r13d, eax (its result)
-        b"\x44\x89\xe7\xbe\x09\x00\x00\x00"  # 30 mov edi, r12d; mov esi, 9 (SIGKILL)
-        b"\xb8\x3e\x00\x00\x00\x0f\x05"  # 38 mov eax, 62 (kill); syscall
-        b"\x44\x89\xe7\x31\xf6\x31\xd2\x45\x31\xd2"  # 3f wait4(r12d, 0, 0, 0)
-        b"\xb8\x3d\x00\x00\x00\x0f\x05"  # 49 mov eax, 61 (wait4); syscall
-        b"\x44\x89\xe8"  # 50 mov eax, r13d
-        + _EXIT_ERRNO  # 53 done
+        b"\xb8\x39\x00\x00\x00\x0f\x05"  # mov eax, 57 (fork); syscall
+        + b"\x85\xc0\x7f" + bytes([2 + len(_PAUSE)])  # test eax, eax; jg parent
+        + b"\x75" + bytes([len(_PAUSE) + len(parent)])  # jnz done: fork failed
+        + _PAUSE  # the child
+        + parent
+        + _EXIT_ERRNO  # done
     )  # fmt: skip
     return static_elf(code)
+
+
+def seize_child_probe() -> bytes:
+    return on_child_probe(SEIZE_R12)
 
 
 def build(ctx: Path, root: Path, runtime: str, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -161,6 +197,17 @@ def test_ptrace_probes_work_on_the_host(tmp_path: Path) -> None:
         sleeper.wait()
     seize = _probe(tmp_path / "seize", seize_child_probe())
     assert subprocess.run([str(seize)], check=False).returncode == 0
+    # process_vm_readv of a process that is not its child: a probe-like static
+    # ELF (its first byte at 0x400000), and of its own child.
+    target = subprocess.Popen([str(_probe(tmp_path / "pause", static_elf(_PAUSE)))])
+    try:
+        read = _probe(tmp_path / "vmread", on_pid_probe(target.pid, VM_READ_R12))
+        assert subprocess.run([str(read)], check=False).returncode == 0
+    finally:
+        target.kill()
+        target.wait()
+    read_child = _probe(tmp_path / "vmread-child", on_child_probe(VM_READ_R12))
+    assert subprocess.run([str(read_child)], check=False).returncode == 0
 
 
 def _sockets_under(root: Path) -> list[Path]:
@@ -176,21 +223,27 @@ def test_ptrace_of_a_non_child_is_refused(
     _probe(ctx / "attach", syscall_probe(SYS_PTRACE, PTRACE_ATTACH, 1))
     _probe(ctx / "seize1", syscall_probe(SYS_PTRACE, PTRACE_SEIZE, 1))
     _probe(ctx / "seize", seize_child_probe())
+    _probe(ctx / "vmread1", on_pid_probe(1, VM_READ_R12))
+    _probe(ctx / "vmread-child", on_child_probe(VM_READ_R12))
     (ctx / "Dockerfile").write_text(
         f"FROM {base_image}\n"
-        "COPY attach seize1 seize /probe/\n"
+        "COPY attach seize1 seize vmread1 vmread-child /probe/\n"
         # An ATTACH that succeeded would leave the shell stopped (its SIGSTOP)
         # and the step hanging: tried only once SEIZE, which stops nothing, was
         # refused, so a regression fails the test instead.
         'RUN /probe/seize1; s=$?; echo "seize-parent=$s"; '
         'if [ $s = 1 ]; then /probe/attach; echo "attach-parent=$?"; fi; '
-        '/probe/seize; echo "seize-child=$?"; echo ordinary > /ok; cat /ok\n'
+        '/probe/seize; echo "seize-child=$?"; /probe/vmread1; echo "vmread-parent=$?"; '
+        '/probe/vmread-child; echo "vmread-child=$?"; echo ordinary > /ok; cat /ok\n'
     )
     r = build(ctx, state_dir, runtime)
     assert r.returncode == 0, r.stderr
     assert f"attach-parent={EPERM}" in r.stderr, r.stderr
     assert f"seize-parent={EPERM}" in r.stderr, r.stderr
     assert "seize-child=0" in r.stderr, r.stderr
+    # process_vm_readv: the same access check in the kernel, the same rule
+    assert f"vmread-parent={EPERM}" in r.stderr, r.stderr
+    assert "vmread-child=0" in r.stderr, r.stderr
     assert "ordinary" in r.stderr
     # The worker stopped: its supervisor's socket is gone with it.
     assert _sockets_under(state_dir) == []

@@ -384,7 +384,9 @@ class PtraceGuard:
         conn = conns[fd]
         size = socket.CMSG_SPACE(8 * struct.calcsize("i"))
         try:
-            data, ancdata, _, _ = conn.recvmsg(1 << 16, size)
+            # close-on-exec from the start: a runtime we spawn meanwhile must
+            # not inherit a step's notify fd
+            data, ancdata, _, _ = conn.recvmsg(1 << 16, size, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -396,7 +398,6 @@ class PtraceGuard:
                 got.extend(struct.unpack(f"{n}i", payload[: n * struct.calcsize("i")]))
         for nfd in got:
             if is_notify_fd(nfd):
-                os.set_inheritable(nfd, False)
                 notify.add(nfd)
                 poller.register(nfd, select.POLLIN)
             else:

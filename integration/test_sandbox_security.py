@@ -17,12 +17,15 @@ mounts a tmpfs; without the entitlement the build fails naming the step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -214,6 +217,23 @@ def _sockets_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_socket()]
 
 
+def _notify_fds(pid: int) -> int:
+    """How many seccomp notify fds process ``pid`` holds."""
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            n += os.readlink(fd) == "anon_inode:seccomp notify"
+    return n
+
+
+def _wait_until(cond: Callable[[], bool], tries: int = 100) -> bool:
+    for _ in range(tries):
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
 def test_ptrace_of_a_non_child_is_refused(
     tmp_path: Path, base_image: str, runtime: str, state_dir: Path
 ) -> None:
@@ -359,6 +379,8 @@ def test_daemon_guards_ptrace_and_leaves_no_socket(tmp_path: Path, base_image: s
         assert r.returncode == 0, r.stderr
         assert f"seize-parent={EPERM}" in r.stderr and "seize-child=0" in r.stderr, r.stderr
         assert len(_sockets_under(droot)) == 1  # the supervisor's, while the daemon runs
+        # The step's notify fd was closed when the step ended (the kernel's POLLHUP).
+        assert _wait_until(lambda: _notify_fds(proc.pid) == 0), _notify_fds(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

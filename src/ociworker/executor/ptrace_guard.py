@@ -11,7 +11,7 @@ non-child, and refusing PTRACE_ATTACH/SEIZE outright breaks ``strace CMD`` and
 two requests, and process_vm_readv/writev (the same access check in the
 kernel), to this supervisor through seccomp user notification
 (SCMP_ACT_NOTIFY): the runtime hands us the filter's notify fd over the unix
-socket named by ``linux.seccomp.listenerPath`` (runc >= 1.1, crun >= 1.9) or
+socket named by ``linux.seccomp.listenerPath`` (runc >= 1.1, newer crun) or
 crun's ``run.oci.seccomp.receiver`` annotation (crun 1.8), and we answer each
 call: the target is a descendant of the caller -> the kernel carries on with
 the call (SECCOMP_USER_NOTIF_FLAG_CONTINUE, so every other rule of the kernel

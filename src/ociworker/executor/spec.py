@@ -339,7 +339,7 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
         if opts.seccomp_listener:
             seccomp = guard_ptrace(seccomp)
             if has_notify(seccomp):
-                # runc (and crun >= 1.9) read listenerPath; crun 1.8 only its
+                # runc (and newer crun) read listenerPath; crun 1.8 only its
                 # annotation (a crun that knows both prefers listenerPath).
                 seccomp["listenerPath"] = opts.seccomp_listener
                 annotations["run.oci.seccomp.receiver"] = opts.seccomp_listener

@@ -62,3 +62,78 @@ def test_spec_sandbox_and_privileged() -> None:
     assert "CAP_SYS_ADMIN" in priv["process"]["capabilities"]["bounding"]
     sysfs = next(m for m in priv["mounts"] if m["type"] == "sysfs")
     assert "ro" not in sysfs["options"]
+
+
+# --- ptrace of a non-descendant goes to the supervisor (executor.ptrace_guard) ---
+
+PTRACE_ATTACH, PTRACE_SEIZE = 16, 0x4206
+U64 = (1 << 64) - 1
+
+
+def _matches(arg: dict[str, Any], x: int) -> bool:
+    """libseccomp's comparison of one argument (as the OCI spec names them)."""
+    op, v, v2 = arg["op"], arg["value"] & U64, arg["valueTwo"] & U64
+    return {
+        "SCMP_CMP_EQ": x == v,
+        "SCMP_CMP_NE": x != v,
+        "SCMP_CMP_LT": x < v,
+        "SCMP_CMP_LE": x <= v,
+        "SCMP_CMP_GT": x > v,
+        "SCMP_CMP_GE": x >= v,
+        "SCMP_CMP_MASKED_EQ": x & v == v2,
+    }[op]
+
+
+def _actions(profile: dict[str, Any], name: str, args: tuple[int, ...]) -> list[str]:
+    """The actions of every rule of ``profile`` a call ``name(*args)`` matches."""
+    return [
+        r["action"]
+        for r in profile["syscalls"]
+        if name in r["names"] and all(_matches(a, args[a["index"]]) for a in r.get("args", []))
+    ]
+
+
+def _guarded() -> dict[str, Any]:
+    spec = make_spec(
+        SpecOptions(
+            args=("true",), machine="x86_64", kernel_release="6.1", seccomp_listener="/run/g.sock"
+        )
+    )
+    return spec
+
+
+def test_attaching_ptrace_is_notified_the_rest_allowed() -> None:
+    p = _guarded()["linux"]["seccomp"]
+    # Every request but ATTACH and SEIZE matches exactly one rule, ALLOW; those
+    # two match exactly one, NOTIFY (rules of one syscall must not overlap).
+    requests = [*range(0x4300), 0x7FFFFFFF, 0xFFFFFFFF, 1 << 32 | PTRACE_ATTACH, U64]
+    for req in requests:
+        want = "SCMP_ACT_NOTIFY" if req in (PTRACE_ATTACH, PTRACE_SEIZE) else "SCMP_ACT_ALLOW"
+        assert _actions(p, "ptrace", (req, 1, 0, 0)) == [want], hex(req)
+    for name in ("process_vm_readv", "process_vm_writev"):
+        assert _actions(p, name, (1, 0, 0, 0, 0, 0)) == ["SCMP_ACT_NOTIFY"]
+    # Numbers crun reads as signed 64-bit: none above 2**63.
+    assert all(a["value"] < 1 << 63 for r in p["syscalls"] for a in r.get("args", []))
+    # Nothing else changed: the calls Docker's profile allows are still allowed.
+    plain = resolve(default_profile(), DEFAULT_CAPABILITIES, "x86_64", "6.1")
+    assert _allowed(plain) - _allowed(p) == {"ptrace", "process_vm_readv", "process_vm_writev"}
+
+
+def test_listener_is_named_for_runc_and_crun() -> None:
+    spec = _guarded()
+    assert spec["linux"]["seccomp"]["listenerPath"] == "/run/g.sock"
+    assert spec["annotations"] == {"run.oci.seccomp.receiver": "/run/g.sock"}
+    # Without a listener, or without seccomp, or without a ptrace rule at all
+    # (before 4.8), Docker's profile as it is and no listener.
+    for opts in (
+        SpecOptions(args=("true",), machine="x86_64", kernel_release="6.1"),
+        SpecOptions(args=("true",), privileged=True, seccomp_listener="/run/g.sock"),
+        SpecOptions(
+            args=("true",), machine="x86_64", kernel_release="4.4", seccomp_listener="/run/g"
+        ),
+    ):
+        s = make_spec(opts)
+        assert "annotations" not in s
+        seccomp = s["linux"].get("seccomp", {"syscalls": []})
+        assert "listenerPath" not in seccomp
+        assert all(r["action"] != "SCMP_ACT_NOTIFY" for r in seccomp["syscalls"])

@@ -40,6 +40,7 @@ from ociworker.executor.bridge import BridgeNetwork, teardown_instance
 from ociworker.executor.cgroups import StepCgroup, host_hierarchies, remove_leftovers
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.owners import Owner, recover_dead
+from ociworker.executor.ptrace_guard import PtraceGuard, remove_socket, socket_path
 from ociworker.executor.spec import (
     NOFILE_LIMIT,
     SpecLimits,
@@ -291,6 +292,8 @@ def recover_owner(state_dir: Path, owner: str) -> dict[str, int]:
     teardown_instance(owner)
     for ns in sorted((state_dir / "netns").glob(prefix + "*")):
         remove_netns(ns)
+    # Its ptrace supervisor's socket (nothing listens on it any more).
+    remove_socket(socket_path(state_dir, owner))
     # The runtimes removed their containers' cgroups on delete; ours around them
     # (named after the state dir and the owner) remain, busy for a moment while
     # the last processes of the containers killed just now exit and are reaped.
@@ -346,16 +349,36 @@ class OCIRuntimeExecutor:
         self._bridge = BridgeNetwork(subnet, ident=self.owner)
         self._hierarchies = host_hierarchies()
         self._cgroup_prefix = _cgroup_prefix(self._state_dir) + self.owner + "-"
+        #: answers sandboxed steps' attaching ptrace calls; started by the first one
+        self._guard = PtraceGuard(socket_path(self._state_dir, self.owner))
 
     async def aclose(self) -> None:
-        """Remove the default network (bridge, pooled namespaces, nft tables)."""
-        await self._bridge.aclose()
-        if self._claim is not None:
-            self._claim.release()
+        """Remove the default network (bridge, pooled namespaces, nft tables),
+        stop the ptrace supervisor (its socket removed), give up the owner id."""
+        try:
+            await self._bridge.aclose()
+        finally:
+            await asyncio.to_thread(self._guard.close)
+            if self._claim is not None:
+                self._claim.release()
 
     def prepare(self, network: NetworkMode) -> None:
         if network == "default":
             self._bridge.warm()
+
+    async def _ptrace_listener(self) -> str:
+        """The supervisor's socket, started on first use. Without it a step
+        would run with ptrace left to a Yama this host may not have: refused."""
+        if not self._guard.running:
+            try:
+                self._state_dir.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(self._guard.start)
+            except OSError as exc:
+                raise HostError(
+                    f"cannot start the ptrace supervisor at {self._guard.path}: "
+                    f"{os_error_text(exc)}"
+                ) from exc
+        return str(self._guard.path)
 
     @property
     def flavour(self) -> Flavour:
@@ -458,6 +481,8 @@ class OCIRuntimeExecutor:
             # stubs below are the entries the runtime will really create.
             resolved = await asyncio.to_thread(_resolve_targets, root_dir, mounts)
             cgroup = await self._step_cgroup(cid, stack)
+            privileged = process.security == "insecure"
+            listener = "" if privileged else await self._ptrace_listener()
             spec = make_spec(
                 SpecOptions(
                     args=tuple(process.args),
@@ -469,13 +494,14 @@ class OCIRuntimeExecutor:
                     nofile=_nofile_limit(),
                     home=user.home,
                     hostname=process.hostname,
-                    privileged=process.security == "insecure",
+                    privileged=privileged,
                     mounts=resolved,
                     isolated_network=process.network != "host",
                     netns_path=netns,
                     resolv_conf=str(resolv),
                     hosts=str(hosts),
                     limits=_spec_limits(process.limits, cgroup),
+                    seccomp_listener=listener,
                 )
             )
             stubs = await asyncio.to_thread(

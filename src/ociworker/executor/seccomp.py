@@ -160,3 +160,86 @@ def default_profile() -> Profile:
     from ociworker.executor.seccomp_default import DEFAULT_PROFILE
 
     return DEFAULT_PROFILE
+
+
+# --- ptrace of a non-descendant (see executor.ptrace_guard) ----------------
+
+PTRACE_ATTACH = 16
+PTRACE_SEIZE = 0x4206
+#: the calls Yama's scope 1 limits to descendants (ptrace_may_access in ATTACH
+#: mode); their target pid is args[1] of ptrace, args[0] of the other two
+GUARDED_CALLS = ("ptrace", "process_vm_readv", "process_vm_writev")
+_LOW32 = 0xFFFFFFFF
+
+
+def _blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """[lo, hi] as aligned power-of-two blocks, each ``(mask, value)`` for
+    SCMP_CMP_MASKED_EQ on the low 32 bits."""
+    out = []
+    while lo <= hi:
+        size = lo & -lo if lo else 1 << 32
+        while size > hi - lo + 1:
+            size >>= 1
+        out.append((_LOW32 & ~(size - 1), lo))
+        lo += size
+    return out
+
+
+def _arg(index: int, value: int, op: str, value_two: int = 0) -> dict[str, Any]:
+    return {"index": index, "value": value, "valueTwo": value_two, "op": op}
+
+
+def _ptrace_rules() -> list[dict[str, Any]]:
+    """ptrace: PTRACE_ATTACH and PTRACE_SEIZE go to the supervisor, every other
+    request is allowed as before. Rules for one syscall must not overlap (how
+    libseccomp merges overlapping rules of different actions is not specified),
+    and a rule may compare an argument once, so "any request but these two" is
+    below 16, above 0x4206, or one of the blocks between them. Those blocks
+    compare the low 32 bits only (crun reads numbers as signed 64-bit): a value
+    whose high bits are set is no ptrace request the kernel knows (EIO), and
+    16 and 0x4206 themselves never fall in one."""
+    allow = [
+        _arg(0, PTRACE_ATTACH, "SCMP_CMP_LT"),
+        _arg(0, PTRACE_SEIZE, "SCMP_CMP_GT"),
+        *(
+            _arg(0, m, "SCMP_CMP_MASKED_EQ", v)
+            for m, v in _blocks(PTRACE_ATTACH + 1, PTRACE_SEIZE - 1)
+        ),
+    ]
+    rules = [{"names": ["ptrace"], "action": "SCMP_ACT_ALLOW", "args": [a]} for a in allow]
+    rules += [
+        {"names": ["ptrace"], "action": "SCMP_ACT_NOTIFY", "args": [_arg(0, req, "SCMP_CMP_EQ")]}
+        for req in (PTRACE_ATTACH, PTRACE_SEIZE)
+    ]
+    return rules
+
+
+def guard_ptrace(seccomp: dict[str, Any]) -> dict[str, Any]:
+    """``seccomp`` (a ``resolve`` result) with attaching ptrace and
+    process_vm_readv/writev sent to a user-space supervisor (SCMP_ACT_NOTIFY)
+    instead of allowed outright; unchanged when the profile does not allow them
+    unconditionally (an old kernel, or a rule set without them)."""
+    guarded: set[str] = set()
+    syscalls: list[dict[str, Any]] = []
+    for rule in seccomp["syscalls"]:
+        if rule["action"] == "SCMP_ACT_ALLOW" and "args" not in rule:
+            hit = [n for n in rule["names"] if n in GUARDED_CALLS]
+            if hit:
+                guarded.update(hit)
+                rest = [n for n in rule["names"] if n not in GUARDED_CALLS]
+                if rest:
+                    syscalls.append(dict(rule, names=rest))
+                continue
+        syscalls.append(rule)
+    if not guarded:
+        return seccomp
+    if "ptrace" in guarded:
+        syscalls.extend(_ptrace_rules())
+    vm = sorted(guarded - {"ptrace"})
+    if vm:
+        syscalls.append({"names": vm, "action": "SCMP_ACT_NOTIFY"})
+    return dict(seccomp, syscalls=syscalls)
+
+
+def has_notify(seccomp: dict[str, Any]) -> bool:
+    return any(r["action"] == "SCMP_ACT_NOTIFY" for r in seccomp["syscalls"])

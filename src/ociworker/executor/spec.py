@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ociworker.core.mounts import Mount, is_bind
-from ociworker.executor.seccomp import default_profile, resolve
+from ociworker.executor.seccomp import default_profile, guard_ptrace, has_notify, resolve
 
 OCI_VERSION = "1.0.2"
 
@@ -227,6 +227,10 @@ class SpecOptions:
     #: ``uname -m`` and ``uname -r`` the seccomp profile is resolved for
     machine: str = ""
     kernel_release: str = ""
+    #: the unix socket of the ptrace supervisor (``executor.ptrace_guard``):
+    #: attaching ptrace calls are sent there; "" = allowed as Docker's profile
+    #: allows them (left to the host's Yama)
+    seccomp_listener: str = ""
 
 
 def process_env(env: tuple[str, ...], home: str) -> list[str]:
@@ -314,6 +318,7 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
         namespaces.append(ns)
 
     linux: dict[str, Any] = {"namespaces": namespaces}
+    annotations: dict[str, str] = {}
     if opts.privileged:
         linux["resources"] = {"devices": [{"allow": True, "access": "rwm"}]}
     else:
@@ -325,17 +330,25 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
         linux["maskedPaths"] = list(MASKED_PATHS)
         linux["readonlyPaths"] = list(READONLY_PATHS)
         uname = os.uname()
-        linux["seccomp"] = resolve(
+        seccomp = resolve(
             default_profile(),
             caps,
             opts.machine or uname.machine,
             opts.kernel_release or uname.release,
         )
+        if opts.seccomp_listener:
+            seccomp = guard_ptrace(seccomp)
+            if has_notify(seccomp):
+                # runc (and newer crun) read listenerPath; crun 1.8 only its
+                # annotation (a crun that knows both prefers listenerPath).
+                seccomp["listenerPath"] = opts.seccomp_listener
+                annotations["run.oci.seccomp.receiver"] = opts.seccomp_listener
+        linux["seccomp"] = seccomp
     # An insecure step is limited as any other.
     linux["resources"].update(limit_resources(opts.limits))
     if opts.limits.cgroups_path:
         linux["cgroupsPath"] = opts.limits.cgroups_path
-    return {
+    spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": False,
@@ -362,3 +375,6 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
         "mounts": mounts,
         "linux": linux,
     }
+    if annotations:
+        spec["annotations"] = annotations
+    return spec

@@ -7,6 +7,7 @@ restart of the daemon."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,11 +94,16 @@ def test_fork_bomb_fails_naming_the_pids_limit_and_the_next_build_works(
     took = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert took < 10, f"the fork bomb ran {took:.1f}s"
-    assert (
-        "ERROR: failed to solve: step [2/2] RUN f(){ f | f & }; f; sleep 60: "
-        "process '/bin/sh -c f(){ f | f & }; f; sleep 60' did not complete successfully: "
-        "exit code: 137: killed: pids limit 128 reached"
-    ) in proc.stderr
+    # Killed by us once a fork is refused (137), or, when the bomb's shell gave up
+    # by itself between two samples, its own exit code: the limit is named either way.
+    assert re.search(
+        re.escape(
+            "ERROR: failed to solve: step [2/2] RUN f(){ f | f & }; f; sleep 60: "
+            "process '/bin/sh -c f(){ f | f & }; f; sleep 60' did not complete successfully: "
+        )
+        + r"exit code: (137: killed|\d+): pids limit 128 reached",
+        proc.stderr,
+    ), proc.stderr[-3000:]
     ok = write_context(tmp_path, f"FROM {base_image}\nRUN echo after-bomb\n", name="ok")
     after = _build(root, runtime, ok, "--step-pids", "128")
     assert after.returncode == 0, after.stderr[-3000:]

@@ -101,7 +101,11 @@ class ExecError(UserError):
         self.exit_code = exit_code
         #: the limit that killed the process (``memory limit 256MiB``), if one did
         self.killed_by = killed_by
-        killed = f": killed: {killed_by} reached" if killed_by else ""
+        # A process can also end by itself once a limit bit (a shell whose
+        # forks were refused exits 2): only a SIGKILL is worded as "killed".
+        killed = ""
+        if killed_by:
+            killed = f": {'killed: ' if exit_code == 137 else ''}{killed_by} reached"
         super().__init__(
             f"step {step}: process {command!r} did not complete successfully: "
             f"exit code: {exit_code}{killed}"

@@ -183,6 +183,19 @@ class StepCgroup:
                 if wanted:
                     (d / "cgroup.subtree_control").write_text(wanted)
 
+    def limit_pids(self, limit: int) -> bool:
+        """Put the pids limit on our own cgroup (False: no pids controller there).
+
+        Ours outlives the runtime's cgroup below it, so the count of forks the
+        limit refused (``pids.events``, kept by the cgroup whose limit refused
+        them) can still be read once the step has ended: a fork bomb whose shell
+        gave up on its own between two samples is still named as such."""
+        d = self._dir("pids")
+        if d is None or not (d / "pids.max").exists():
+            return False
+        (d / "pids.max").write_text(str(limit))
+        return True
+
     def sample(self) -> Sample:
         pids_dir, mem_dir = self._dir("pids"), self._dir("memory")
         pids = _int(pids_dir / "pids.current") if pids_dir else None

@@ -481,6 +481,9 @@ class OCIRuntimeExecutor:
             # stubs below are the entries the runtime will really create.
             resolved = await asyncio.to_thread(_resolve_targets, root_dir, mounts)
             cgroup = await self._step_cgroup(cid, stack)
+            own_pids = False
+            if cgroup is not None and process.limits.pids is not None:
+                own_pids = await asyncio.to_thread(cgroup.limit_pids, process.limits.pids)
             privileged = process.security == "insecure"
             listener = "" if privileged else await self._ptrace_listener()
             spec = make_spec(
@@ -500,7 +503,7 @@ class OCIRuntimeExecutor:
                     netns_path=netns,
                     resolv_conf=str(resolv),
                     hosts=str(hosts),
-                    limits=_spec_limits(process.limits, cgroup),
+                    limits=_spec_limits(process.limits, cgroup, own_pids),
                     seccomp_listener=listener,
                 )
             )
@@ -641,11 +644,12 @@ class OCIRuntimeExecutor:
 _SAMPLE_EVERY = 0.2
 
 
-def _spec_limits(limits: StepLimits, cgroup: StepCgroup | None) -> SpecLimits:
+def _spec_limits(limits: StepLimits, cgroup: StepCgroup | None, own_pids: bool) -> SpecLimits:
+    """``own_pids``: the pids limit is on our cgroup already (``limit_pids``)."""
     return SpecLimits(
         cgroups_path=cgroup.runtime_path if cgroup is not None else "",
         memory=limits.memory,
-        pids=limits.pids,
+        pids=None if own_pids else limits.pids,
         cpus=limits.cpus,
         shm_size=limits.shm_size,
         rlimits=tuple((u.rlimit, u.soft, u.hard) for u in limits.ulimits),
@@ -685,7 +689,9 @@ class _Accounting:
         usage = self.cgroup.usage()
         hit = ""
         memory = self.limits.memory
-        if self.pids_killed:
+        # The last sample may have come before the refused fork: the shell of a
+        # fork bomb can give up (exit 2) between two samples.
+        if self.pids_killed or (self.limits.pids is not None and self.cgroup.sample().pids_refused):
             hit = f"pids limit {self.limits.pids}"
         elif code == 128 + signal.SIGKILL and memory is not None:
             # The kernel's OOM killer sends SIGKILL. v2 counts the kills in our

@@ -20,17 +20,21 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
+from ociworker.core.digest import sha256_bytes
 from ociworker.core.gitref import KEEP_GIT_DIR_ARG
 from ociworker.core.graph import ExecOp, Vertex
+from ociworker.core.history import explain, explain_lines
 from ociworker.core.outputs import check_outputs, parse_annotations
 from ociworker.core.progress import (
     Event,
     EventSink,
+    Info,
     ProgressStep,
     VertexStatus,
     Warning,
     cap_logs,
     discard,
+    error_line,
 )
 from ociworker.core.reference import parse_reference
 from ociworker.core.session import (
@@ -61,6 +65,7 @@ from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
+from ociworker.ops.history import BuildRecorder
 from ociworker.ops.remotecontext import open_remote_context
 from ociworker.ops.remotecontext import unpack_stdin_context as unpack_stdin_context
 from ociworker.ops.runmount.cache import CacheUsage
@@ -230,10 +235,84 @@ async def build(
     (default: written to the local filesystem, ``dest=-`` to stdout).
     ``credentials``: the registry credentials the caller lends this build
     (anonymous when None; the CLI passes its docker config); ``secrets`` and
-    ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default)."""
+    ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default).
+
+    Every build that starts (success or failure) leaves a history record."""
     check_step_limits(worker, req)
     check_platforms(req.platforms, worker.config.platform)
+    if worker.history is None:
+        return await _build(
+            worker, req, definition, events, None, credentials, target, secrets, ssh
+        )
+    recorder = BuildRecorder(
+        dockerfile="",
+        context=req.context_url or str(req.context),
+        target=req.target,
+        build_args=req.build_args,
+        no_cache=req.no_cache,
+    )
+    error = ""
+    result: BuildResult | None = None
+    try:
+        result = await _build(
+            worker, req, definition, events, recorder, credentials, target, secrets, ssh
+        )
+        return result
+    except BaseException as exc:
+        error = error_line(exc)
+        raise
+    finally:
+        await _record(worker, req, recorder, result, error, events)
+
+
+async def _record(
+    worker: Worker,
+    req: BuildRequest,
+    recorder: BuildRecorder,
+    result: BuildResult | None,
+    error: str,
+    events: EventSink,
+) -> None:
+    """Keep the build's record; with ``--explain-cache``, say why each step that
+    ran missed (against the closest earlier build of the same Dockerfile and
+    target). A history that cannot be written never fails the build."""
+    history = worker.history
+    assert history is not None
+    outputs = {
+        k: str(v)
+        for k, v in (result.metadata if result else {}).items()
+        if k in ("containerimage.digest", "containerimage.config.digest", "image.name")
+    }
+    try:
+        record = await recorder.finish(recorder.graph, recorder.job, outputs, error)
+        previous = await asyncio.to_thread(history.previous, record)
+        reasons = explain(record, previous)
+        record = dataclasses.replace(
+            record, explain=reasons, compared_with=previous.id if previous else ""
+        )
+        await asyncio.to_thread(history.put, record, recorder.events)
+    except Exception as exc:  # the build's own outcome stands
+        events(Warning(f"build history not recorded: {exc}"))
+        return
+    if req.explain_cache:
+        for line in explain_lines(record):
+            events(Info(line))
+
+
+async def _build(
+    worker: Worker,
+    req: BuildRequest,
+    definition: BuildDefinition | None,
+    events: EventSink,
+    recorder: BuildRecorder | None,
+    credentials: Credentials | None,
+    target: ExportTarget | None,
+    secrets: Secrets | None,
+    ssh: SSHAgents | None,
+) -> BuildResult:
     steps: dict[str, dict[str, Any]] = {}
+    if recorder is not None:
+        events = recorder.sink(events)
     events = cap_logs(_collect_usage(events, steps), req.log_cap)
     if target is None:
         target = LocalExportTarget()
@@ -269,6 +348,10 @@ async def build(
         definition = definition or remote.definition
     if definition is None:
         raise ConfigError("no Dockerfile for this build")
+    if recorder is not None:
+        recorder.dockerfile = f"{context_root if not req.context_url else req.context_url}"
+        recorder.dockerfile += f"//{req.dockerfile or definition.filename}"
+        recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
     plan = await plan_build(worker, req, definition, events, credentials)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     layer_options = [e.layer_options for e in exporters]
@@ -309,6 +392,8 @@ async def build(
         entitlements=req.allow,
         imported=imported,
     )
+    if recorder is not None:
+        recorder.graph, recorder.job = plan.target, job
     solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
     # A layer that cannot be written fails the build now, not when the solve ends.
     watch.on_failure = solving.cancel

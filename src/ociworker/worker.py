@@ -16,11 +16,13 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
+from ociworker.cachedb.history import SQLiteHistory
 from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
 from ociworker.core.build import DEFAULT_ROOT as DEFAULT_ROOT
 from ociworker.core.digest import Digest
 from ociworker.core.entitlements import ENTITLEMENTS
+from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
@@ -89,6 +91,10 @@ class WorkerConfig:
     #: whether git sources may be file:// URLs, which read the worker's own disk:
     #: yes for the embedded worker (its user owns the disk), no for a daemon's clients
     git_file_urls: bool = True
+    #: build history kept (``history ls``): at most this many records, none older
+    #: than this many seconds (0 = no limit), BuildKit's history defaults
+    history_max_entries: int = DEFAULT_MAX_ENTRIES
+    history_max_age: float = DEFAULT_MAX_AGE
 
     def step_limits(self) -> StepLimits:
         return StepLimits(memory=self.step_memory, pids=self.step_pids, cpus=self.step_cpus)
@@ -117,6 +123,8 @@ class Worker:
     comparer: Comparer
     applier: Applier
     executor: RecoverableExecutor
+    #: the build history (``history ls``); None: not recorded (fakes)
+    history: SQLiteHistory | None = None
     root: Path = field(init=False)
     #: mount points and scratch copies; emptied by ``recover``
     tmp: Path = field(init=False)
@@ -134,6 +142,8 @@ class Worker:
         await self.registry.aclose()
         self.cache.close()
         self.layers.close()
+        if self.history is not None:
+            self.history.close()
 
     async def recover(self) -> dict[str, int]:
         """Make the root consistent after an unclean stop (a daemon killed with
@@ -217,6 +227,9 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         comparer=_LazyComparer(functools.partial(_comparer, content, tmp)),
         applier=applier,
         executor=executor,
+        history=SQLiteHistory(
+            root / "history.db", config.history_max_entries, config.history_max_age
+        ),
     )
 
 

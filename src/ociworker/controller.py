@@ -285,12 +285,12 @@ async def _record(
     }
     try:
         record = await recorder.finish(recorder.graph, recorder.job, outputs, error)
-        previous = await asyncio.to_thread(history.previous, record)
+        previous = history.previous(record)
         reasons = explain(record, previous)
         record = dataclasses.replace(
             record, explain=reasons, compared_with=previous.id if previous else ""
         )
-        await asyncio.to_thread(history.put, record, recorder.events)
+        history.put(record, recorder.events)
     except Exception as exc:  # the build's own outcome stands
         events(Warning(f"build history not recorded: {exc}"))
         return
@@ -349,8 +349,11 @@ async def _build(
     if definition is None:
         raise ConfigError("no Dockerfile for this build")
     if recorder is not None:
-        recorder.dockerfile = f"{context_root if not req.context_url else req.context_url}"
-        recorder.dockerfile += f"//{req.dockerfile or definition.filename}"
+        # the same Dockerfile is the same file of the same context (or URL)
+        name = str(req.dockerfile or definition.filename)
+        recorder.dockerfile = (
+            f"{req.context_url}//{name}" if req.context_url else str(context_root / name)
+        )
         recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
     plan = await plan_build(worker, req, definition, events, credentials)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)

@@ -353,6 +353,7 @@ class ControlService:
                 annotations=tuple(request.annotations),
                 labels=dict(request.labels),
                 build_contexts=tuple(named),
+                explain_cache=request.explain_cache,
             )
             result = await controller.build(
                 self.worker,
@@ -495,6 +496,57 @@ class ControlService:
             raise AssertionError("unreachable") from exc
         return pb.PruneResponse(removed=removed, freed=freed)
 
+    # -- build history -------------------------------------------------------------------
+
+    def _history(self) -> Worker:
+        if self.worker.history is None:
+            raise NotFoundError("this worker keeps no build history")
+        return self.worker
+
+    async def ListHistory(
+        self, request: pb.HistoryListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryListResponse:
+        try:
+            records = _history_of(self._history()).records()
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryListResponse(
+            records_json=[json.dumps(r.to_json()).encode() for r in records]
+        )
+
+    async def InspectHistory(
+        self, request: pb.HistoryRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryRecordResponse:
+        try:
+            record = _history_of(self._history()).get(request.ref)
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryRecordResponse(record_json=json.dumps(record.to_json()).encode())
+
+    async def HistoryLogs(
+        self, request: pb.HistoryRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryLogsResponse:
+        try:
+            events = _history_of(self._history()).events(request.ref)
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryLogsResponse(events_json=json.dumps(events).encode())
+
+    async def RemoveHistory(
+        self, request: pb.HistoryRemoveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryRemoveResponse:
+        try:
+            history = _history_of(self._history())
+            refs = history.ids() if request.all else list(request.refs)
+            gone = history.remove(refs)
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryRemoveResponse(ids=gone)
+
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListWorkersResponse:
@@ -604,3 +656,8 @@ def add_to_server(service: ControlService, server: grpc.aio.Server) -> None:
 
 def unix_socket_path(addr: str) -> Path | None:
     return Path(addr.removeprefix("unix://")) if addr.startswith("unix://") else None
+
+
+def _history_of(worker: Worker) -> Any:
+    # typed by the worker (the store is the worker's part, not the API's)
+    return worker.history

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -219,7 +220,7 @@ def explain(current: BuildRecord, previous: BuildRecord | None) -> dict[str, tup
     if not ran:
         return out
     by_digest = {s.digest: s for s in current.steps}
-    prev_by_name = {s.name: s for s in previous.build_steps()} if previous else {}
+    prev_by_name = {_match_name(s.name): s for s in previous.build_steps()} if previous else {}
     prev_keys = {s.key for s in previous.build_steps()} if previous else set()
     for s in ran:
         if current.no_cache:
@@ -228,7 +229,7 @@ def explain(current: BuildRecord, previous: BuildRecord | None) -> dict[str, tup
         if previous is None:
             out[s.name] = ("no earlier build of this Dockerfile and target",)
             continue
-        p = prev_by_name.get(s.name)
+        p = prev_by_name.get(_match_name(s.name))
         if p is None:
             if s.key in prev_keys:
                 out[s.name] = (f"its cache record was pruned since build {previous.id[:12]}",)
@@ -244,6 +245,12 @@ def explain(current: BuildRecord, previous: BuildRecord | None) -> dict[str, tup
         reasons += _input_reasons(s, p, by_digest)
         out[s.name] = tuple(reasons) or ("its cache key changed (no recorded input differs)",)
     return out
+
+
+def _match_name(name: str) -> str:
+    # a FROM step's name carries the digest its tag resolved to: the same step
+    # of a build whose base image moved is still the same step
+    return re.sub(r"@sha256:[0-9a-f]{64}", "", name)
 
 
 def _is_local_source(s: StepRecord) -> bool:

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,7 @@ async def build(
     target: ExportTarget | None = None,
     secrets: Secrets | None = None,
     ssh: SSHAgents | None = None,
+    prelude: Sequence[Event] = (),
 ) -> BuildResult:
     """Plan, solve and export ``req``; every output is handed to ``target``
     (default: written to the local filesystem, ``dest=-`` to stdout).
@@ -237,7 +239,9 @@ async def build(
     (anonymous when None; the CLI passes its docker config); ``secrets`` and
     ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default).
 
-    Every build that starts (success or failure) leaves a history record."""
+    Every build that starts (success or failure) leaves a history record;
+    ``prelude``: what the caller showed of it already (a daemon syncing the
+    context), recorded with it."""
     check_step_limits(worker, req)
     check_platforms(req.platforms, worker.config.platform)
     if worker.history is None:
@@ -251,6 +255,9 @@ async def build(
         build_args=req.build_args,
         no_cache=req.no_cache,
     )
+    note = recorder.sink(discard)
+    for ev in prelude:
+        note(ev)
     error = ""
     result: BuildResult | None = None
     try:

@@ -320,13 +320,20 @@ class ControlService:
         target = _StreamTarget(outputs, send, credits, aborted)
 
         key = request.context_key or session.id
+        # the steps before the build (syncing contexts) belong to its history record
+        early: list[Event] = []
+
+        def noted(ev: Event) -> None:
+            early.append(ev)
+            events(ev)
+
         async with contextlib.AsyncExitStack() as stack:
             ctx, sent = Path("."), 0
             if not remote:
-                ctx, sent = await self._sync_context(stack, session, key, events)
+                ctx, sent = await self._sync_context(stack, session, key, noted)
             named: list[NamedContext] = []
             for cname, value in sorted(request.build_contexts.items()):
-                nc = await self._named_context(stack, session, key, cname, value, events)
+                nc = await self._named_context(stack, session, key, cname, value, noted)
                 named.append(nc)
             req = BuildRequest(
                 context=ctx,
@@ -364,6 +371,7 @@ class ControlService:
                 credentials=session,
                 secrets=session,
                 ssh=session,
+                prelude=tuple(early),
             )
         metadata = dict(result.metadata)
         metadata["ociworker.context.bytes_sent"] = sent

@@ -70,6 +70,8 @@ class BuildRecorder:
                 st = self._status.setdefault(ev.digest, _Status(ev.name))
                 if ev.started is not None and st.started is None:
                     st.started = ev.started
+                    # a step shown before the build began (a daemon's context sync)
+                    self.created = min(self.created, ev.started)
                 if ev.completed is not None:
                     st.completed = ev.completed
                 st.cached = st.cached or ev.cached

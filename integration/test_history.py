@@ -56,8 +56,23 @@ def _pattern(stderr: str) -> dict[str, str]:
     for s in plain_steps(stderr):
         if not s.name.startswith("[") or s.name.startswith("[internal]"):
             continue
-        out[normalize_step_name(s.name)] = "cached" if "CACHED" in s.states else "ran"
+        key = _key(s.name)
+        state = "cached" if "CACHED" in s.states else "ran"
+        # both stages start FROM the same image: one step, which BuildKit names
+        # after either stage
+        out[key] = "ran" if out.get(key) == "ran" else state
     return out
+
+
+def _no_from(pattern: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in pattern.items() if k != "FROM"}
+
+
+def _key(name: str) -> str:
+    """A step by its place (``[app 3/4]``): BuildKit 20.10 prints a RUN with its
+    variables expanded, ociworker as written; a FROM is the base image's step."""
+    prefix = normalize_step_name(name).split("]", 1)[0] + "]"
+    return "FROM" if " FROM " in name else prefix
 
 
 def _explained(stderr: str) -> dict[str, list[str]]:
@@ -70,8 +85,8 @@ def _explained(stderr: str) -> dict[str, list[str]]:
         if line.startswith("    - "):
             out[step].append(line[6:])
         elif line.startswith("  ") and not line.startswith("   "):
-            step = normalize_step_name(line.strip())
-            out[step] = []
+            step = _key(line.strip())
+            out.setdefault(step, [])
         else:
             break
     return out
@@ -90,10 +105,11 @@ def bases(dockerd: Dockerd, registry: str, base_image: str) -> Iterator[tuple[st
 
 
 def _bump(dockerd: Dockerd, tmp: Path, base: str) -> None:
-    """A second image pushed under ``base``'s tag (a changed config: a new digest)."""
+    """A second image pushed under ``base``'s tag, with a layer more (dockerd's
+    BuildKit keys a base image by its layers: a config-only change is no miss there)."""
     d = tmp / "bump"
     d.mkdir(exist_ok=True)
-    (d / "Dockerfile").write_text(f"FROM {base}\nLABEL bumped={uuid.uuid4().hex}\n")
+    (d / "Dockerfile").write_text(f"FROM {base}\nRUN echo {uuid.uuid4().hex} > /bumped\n")
     dockerd.docker("build", "--network=host", "-t", base, str(d), timeout=600)
     dockerd.docker("push", base, timeout=300)
 
@@ -129,6 +145,7 @@ def test_edit_sequence_matches_buildkit_and_every_miss_is_explained(
 
     theirs, ours, _ = build()
     assert set(ours) == set(theirs), (ours, theirs)
+    assert set(ours.values()) == {"ran"}, ours
 
     def edit(what: str) -> None:
         if what == "touch a context file":
@@ -148,11 +165,11 @@ def test_edit_sequence_matches_buildkit_and_every_miss_is_explained(
 
     # what each edit's miss must name (a substring of the reason of the step it hits)
     named = {
-        "edit a context file": ("[app 2/4] COPY . /ctx/", "context files changed: app.txt"),
-        "change a build-arg": ('[deps 2/2] RUN echo "deps $VERSION" > /deps', "build-arg VERSION"),
-        "change an ENV": (f"[app 3/4] RUN {RUN_1}", "env MODE changed"),
-        "bump the base image": ("[deps 1/2] FROM", "base image changed"),
-        "edit the Dockerfile": (f"[app 3/4] RUN {RUN_2}", "the Dockerfile changed"),
+        "edit a context file": ("[app 2/4]", "context files changed: app.txt"),
+        "change a build-arg": ("[deps 2/2]", "build-arg VERSION changed"),
+        "change an ENV": ("[app 3/4]", "env MODE changed"),
+        "bump the base image": ("FROM", "base image changed"),
+        "edit the Dockerfile": ("[app 3/4]", "the Dockerfile changed"),
     }
     for what in (
         "touch a context file",
@@ -165,7 +182,10 @@ def test_edit_sequence_matches_buildkit_and_every_miss_is_explained(
     ):
         edit(what)
         theirs, ours, stderr = build()
-        assert ours == theirs, f"after '{what}': ours {ours}, BuildKit {theirs}"
+        # dockerd's BuildKit shows a FROM of an image in its store DONE on every
+        # build, cached or not: the FROM is compared by its explanation only
+        assert _no_from(ours) == _no_from(theirs), f"after '{what}': ours {ours}, BuildKit {theirs}"
+        assert ours["FROM"] == ("ran" if what == "bump the base image" else "cached"), what
         ran = {n for n, state in ours.items() if state == "ran"}
         explained = _explained(stderr)
         # every step that ran is explained, each by an input (never "no reason")
@@ -180,11 +200,7 @@ def test_edit_sequence_matches_buildkit_and_every_miss_is_explained(
                 ), (what, name, r)
         if what in named:
             step, reason = named[what]
-            hits = [
-                r for n, rs in explained.items() if n.startswith(normalize_step_name(step))
-                for r in rs
-            ]  # fmt: skip
-            assert any(reason in r for r in hits), (what, explained)
+            assert any(reason in r for r in explained.get(step, [])), (what, explained)
 
 
 def _history(*args: str, root: Path | None = None, addr: str = "") -> str:

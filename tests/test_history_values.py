@@ -193,3 +193,17 @@ def test_store_keeps_limits_finds_previous_and_removes(tmp_path: Path) -> None:
     assert h.remove(["id4"]) == ["id4"]
     assert h.ids() == ["id3", "id2"]
     h.close()
+
+
+def test_a_base_image_step_named_after_another_stage_is_still_matched() -> None:
+    prev = _build("p")
+    renamed = tuple(
+        s
+        if not s.name.startswith("[1/3]")
+        else StepRecord(**{**s.__dict__, "name": "[b 1/2] FROM"})
+        for s in prev.steps
+    )
+    prev = BuildRecord(**{**prev.__dict__, "steps": renamed})
+    cur = _build("c", base=BASE_NEW, ran=("FROM", "COPY", "RUN"))
+    (reason,) = explain(cur, prev)["[1/3] FROM r/base@sha256:" + "2" * 64]
+    assert reason.startswith("base image changed: ")

@@ -222,6 +222,10 @@ def explain(current: BuildRecord, previous: BuildRecord | None) -> dict[str, tup
     by_digest = {s.digest: s for s in current.steps}
     prev_by_name = {_match_name(s.name): s for s in previous.build_steps()} if previous else {}
     prev_keys = {s.key for s in previous.build_steps()} if previous else set()
+    # an image source shared by stages is one step named after either of them:
+    # the same image (any digest) is the same step
+    prev_by_source = {_source_of(s): s for s in previous.build_steps()} if previous else {}
+    prev_by_source.pop("", None)
     for s in ran:
         if current.no_cache:
             out[s.name] = ("--no-cache was given",)
@@ -229,7 +233,7 @@ def explain(current: BuildRecord, previous: BuildRecord | None) -> dict[str, tup
         if previous is None:
             out[s.name] = ("no earlier build of this Dockerfile and target",)
             continue
-        p = prev_by_name.get(_match_name(s.name))
+        p = prev_by_name.get(_match_name(s.name)) or prev_by_source.get(_source_of(s))
         if p is None:
             if s.key in prev_keys:
                 out[s.name] = (f"its cache record was pruned since build {previous.id[:12]}",)
@@ -251,6 +255,14 @@ def _match_name(name: str) -> str:
     # a FROM step's name carries the digest its tag resolved to: the same step
     # of a build whose base image moved is still the same step
     return re.sub(r"@sha256:[0-9a-f]{64}", "", name)
+
+
+def _source_of(s: StepRecord) -> str:
+    src = s.op.get("source")
+    if not isinstance(src, dict):
+        return ""
+    ident = str(src.get("identifier", ""))
+    return ident.split("@", 1)[0] if ident.startswith("docker-image://") else ""
 
 
 def _is_local_source(s: StepRecord) -> bool:

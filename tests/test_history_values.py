@@ -207,3 +207,14 @@ def test_a_base_image_step_named_after_another_stage_is_still_matched() -> None:
     cur = _build("c", base=BASE_NEW, ran=("FROM", "COPY", "RUN"))
     (reason,) = explain(cur, prev)["[1/3] FROM r/base@sha256:" + "2" * 64]
     assert reason.startswith("base image changed: ")
+
+
+def test_a_stage_under_no_cache_filter_says_so() -> None:
+    prev = _build("p")
+    cur = _build("c", ran=("RUN",))
+    steps = tuple(
+        StepRecord(**{**s.__dict__, "cache_ignored": True}) if s.name.startswith("[3/3]") else s
+        for s in cur.steps
+    )
+    cur = BuildRecord.from_json(BuildRecord(**{**cur.__dict__, "steps": steps}).to_json())
+    assert explain(cur, prev)["[3/3] RUN make"] == ("--no-cache-filter names its stage",)

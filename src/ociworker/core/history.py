@@ -46,6 +46,8 @@ class StepRecord:
     input_keys: tuple[str, ...] = ()
     #: context file -> content digest, for the files the key covered
     files: Mapping[str, str] = field(default_factory=dict)
+    #: the step's stage ignored the cache (``--no-cache-filter``)
+    cache_ignored: bool = False
 
     @property
     def ran(self) -> bool:
@@ -75,6 +77,8 @@ class StepRecord:
             d["input_keys"] = list(self.input_keys)
         if self.files:
             d["files"] = dict(self.files)
+        if self.cache_ignored:
+            d["cache_ignored"] = True
         return d
 
     @classmethod
@@ -92,6 +96,7 @@ class StepRecord:
             inputs=tuple(d.get("inputs", ())),
             input_keys=tuple(d.get("input_keys", ())),
             files=dict(d.get("files", {})),
+            cache_ignored=bool(d.get("cache_ignored", False)),
         )
 
 
@@ -229,6 +234,9 @@ def explain(current: BuildRecord, previous: BuildRecord | None) -> dict[str, tup
     for s in ran:
         if current.no_cache:
             out[s.name] = ("--no-cache was given",)
+            continue
+        if s.cache_ignored:
+            out[s.name] = ("--no-cache-filter names its stage",)
             continue
         if previous is None:
             out[s.name] = ("no earlier build of this Dockerfile and target",)

@@ -116,6 +116,7 @@ class BuildRecorder:
                         for i in v.inputs
                     ),
                     files=files,
+                    cache_ignored=v.ignore_cache,
                 )
             steps.append(step)
         return BuildRecord(

@@ -292,3 +292,38 @@ def test_history_commands_over_the_daemon(tmp_path: Path, base_image: str) -> No
         _check_history_commands(_three_stages(tmp_path, base_image), addr=d.addr)
     finally:
         assert stop_daemon(d) == 0
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.usefixtures("require_root")
+def test_trace_svg_of_a_three_stage_build_opens_in_chromium(
+    tmp_path: Path, base_image: str
+) -> None:
+    """The SVG opens in a headless Chromium (a screenshot is left next to it, in
+    the test's tmp dir), and the DOM Chromium parsed names every step the build printed."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is not installed: run scripts/setup-host")
+    ctx, root = _three_stages(tmp_path, base_image), tmp_path / "state"
+    built = _ow("build", "--root", str(root), "--progress", "plain", str(ctx))
+    shown = [s.name for s in plain_steps(built.stderr)]
+    stages = {n.split()[0] for n in shown if n.startswith("[") and not n.startswith("[int")}
+    assert stages == {"[one", "[two", "[stage-2"}, shown
+    svg, png = tmp_path / "trace.svg", tmp_path / "trace.png"
+    _history("trace", "^0", "-o", str(svg), root=root)
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1240,400"]
+    shot = subprocess.run(
+        [*browser, f"--screenshot={png}", svg.as_uri()], capture_output=True, text=True, timeout=120
+    )
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    dom = subprocess.run(
+        [*browser, "--dump-dom", svg.as_uri()], capture_output=True, text=True, timeout=120
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    parsed = ET.fromstring(dom.stdout)
+    assert parsed.tag == "{http://www.w3.org/2000/svg}svg"
+    titles = ["".join(t.itertext()) for t in parsed.iter("{http://www.w3.org/2000/svg}title")]
+    for name in shown:
+        assert any(t.startswith(name) for t in titles), (name, titles)

@@ -562,7 +562,8 @@ def trace_svg(r: BuildRecord) -> str:
         klass = " ".join(
             c for c, on in (("step", True), ("cached", s.cached), ("critical", critical)) if on
         )
-        tag = " CACHED" if s.cached else f" {human_duration(s.duration)}"
+        took = f"{s.duration * 1000:.0f}ms" if s.duration < 1 else human_duration(s.duration)
+        tag = " CACHED" if s.cached else f" {took}"
         out.append(
             f'<g class="{klass}"><title>{html.escape(s.name)}{tag}</title>'
             f'<text x="8" y="{y + 15}">{html.escape(_clip(s.name, 70))}</text>'

@@ -216,8 +216,13 @@ def _check_history_commands(build_dir: Path, *, root: Path | None = None, addr: 
     (build_dir / "Dockerfile").write_text(
         (build_dir / "Dockerfile").read_text() + "RUN echo failing && exit 3\n"
     )
-    second = _ow("build", *where, "--progress", "plain", str(build_dir), check=False)
+    second = _ow(
+        "build", *where, "--progress", "plain", "--explain-cache", str(build_dir), check=False
+    )
     assert second.returncode != 0
+    # a failed build is explained too: its new step is a Dockerfile edit
+    tail = second.stderr[second.stderr.index("explain-cache: 1 step(s) ran") :]
+    assert "  [stage-2 5/5] RUN echo failing && exit 3\n    - the Dockerfile changed" in tail
 
     ls = _history("ls", "--format", "json", root=root, addr=addr).splitlines()
     rows = [json.loads(x) for x in ls]
@@ -241,6 +246,8 @@ def _check_history_commands(build_dir: Path, *, root: Path | None = None, addr: 
     # logs: the same plain output the build printed (step names and log lines)
     logs = _history("logs", newest, root=root, addr=addr)
     assert "failing" in logs
+    raw = _history("logs", newest, "--progress", "rawjson", root=root, addr=addr)
+    assert all(json.loads(line) for line in raw.splitlines())
     assert [s.name for s in plain_steps(logs)] == [s.name for s in plain_steps(second.stderr)]
 
     # trace: an SVG naming every step, and Chrome trace JSON

@@ -104,6 +104,10 @@ def host_platform() -> Platform:
     return Platform.parse(os.uname().machine)
 
 
+#: the build history's store, as the API names it (it may not import cachedb)
+HistoryStore = SQLiteHistory
+
+
 @dataclass(eq=False)
 class Worker:
     """The parts of one state dir, wired together. ``open_worker`` builds the

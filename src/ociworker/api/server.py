@@ -61,6 +61,7 @@ from ociworker.fs.paths import check_relative_name
 from ociworker.log import get_logger
 from ociworker.session.filesync import ContextStore
 from ociworker.version import __version__
+from ociworker.worker import HistoryStore as SQLiteHistoryLike
 from ociworker.worker import Worker
 
 _log = get_logger("ociworker.api.server")
@@ -506,16 +507,17 @@ class ControlService:
 
     # -- build history -------------------------------------------------------------------
 
-    def _history(self) -> Worker:
-        if self.worker.history is None:
+    def _history(self) -> SQLiteHistoryLike:
+        history = self.worker.history
+        if history is None:
             raise NotFoundError("this worker keeps no build history")
-        return self.worker
+        return history
 
     async def ListHistory(
         self, request: pb.HistoryListRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HistoryListResponse:
         try:
-            records = _history_of(self._history()).records()
+            records = self._history().records()
         except OciworkerError as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -527,7 +529,7 @@ class ControlService:
         self, request: pb.HistoryRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HistoryRecordResponse:
         try:
-            record = _history_of(self._history()).get(request.ref)
+            record = self._history().get(request.ref)
         except OciworkerError as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -537,7 +539,7 @@ class ControlService:
         self, request: pb.HistoryRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HistoryLogsResponse:
         try:
-            events = _history_of(self._history()).events(request.ref)
+            events = self._history().events(request.ref)
         except OciworkerError as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -547,9 +549,8 @@ class ControlService:
         self, request: pb.HistoryRemoveRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.HistoryRemoveResponse:
         try:
-            history = _history_of(self._history())
-            refs = history.ids() if request.all else list(request.refs)
-            gone = history.remove(refs)
+            history = self._history()
+            gone = history.remove(history.ids() if request.all else list(request.refs))
         except OciworkerError as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
@@ -664,8 +665,3 @@ def add_to_server(service: ControlService, server: grpc.aio.Server) -> None:
 
 def unix_socket_path(addr: str) -> Path | None:
     return Path(addr.removeprefix("unix://")) if addr.startswith("unix://") else None
-
-
-def _history_of(worker: Worker) -> Any:
-    # typed by the worker (the store is the worker's part, not the API's)
-    return worker.history

@@ -297,6 +297,7 @@ def _history_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     ins.add_argument("--format", choices=("pretty", "json"), default="pretty")
     lg = hs.add_parser("logs", help="print the logs of a build record (plain progress)")
     lg.add_argument("ref", nargs="?", default="", metavar="REF")
+    lg.add_argument("--progress", choices=("plain", "rawjson"), default="plain")
     rm = hs.add_parser("rm", help="remove build records")
     rm.add_argument("refs", nargs="*", metavar="REF")
     rm.add_argument("--all", action="store_true", help="remove every record")

@@ -18,9 +18,10 @@ from ociworker.core.history import (
     trace_json,
     trace_svg,
 )
+from ociworker.core.progress import EventSink
 from ociworker.errors import ConfigError
 from ociworker.fs.atomic import write_atomic
-from ociworker.progress_ui import PlainPrinter
+from ociworker.progress_ui import PlainPrinter, RawJSONPrinter
 
 if TYPE_CHECKING:
     from ociworker.api.client import Client
@@ -107,7 +108,9 @@ async def _run(args: argparse.Namespace, history: History) -> int:
             print(rid)
         return 0
     if cmd == "logs":
-        printer = PlainPrinter(sys.stdout)
+        printer: EventSink = (
+            RawJSONPrinter(sys.stdout) if args.progress == "rawjson" else PlainPrinter(sys.stdout)
+        )
         for d in await history.events(args.ref):
             ev = event_from_json(d)
             if ev is not None:

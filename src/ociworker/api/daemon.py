@@ -119,6 +119,12 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         if not isinstance(ents, list) or not all(isinstance(e, str) for e in ents):
             raise ConfigError(f"config file {path}: entitlements must be a list of names")
         values["entitlements"] = parse_entitlements(ents, f"config file {path}")
+    for key in ("history_max_entries", "history_max_age"):
+        v = values.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(f"config file {path}: {key} must be a number >= 0 (0: no limit)")
+    if "history_max_entries" in values and not isinstance(values["history_max_entries"], int):
+        raise ConfigError(f"config file {path}: history_max_entries must be a whole number")
     if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
         raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
     cfg = DaemonConfig(**values)

@@ -254,6 +254,7 @@ async def build(
         target=req.target,
         build_args=req.build_args,
         no_cache=req.no_cache,
+        checksums=worker.checksums,
     )
     note = recorder.sink(discard)
     for ev in prelude:

@@ -129,6 +129,9 @@ class Worker:
     executor: RecoverableExecutor
     #: the build history (``history ls``); None: not recorded (fakes)
     history: SQLiteHistory | None = None
+    #: the handlers' context checksums (their per-file memo serves the history's
+    #: record of which files a step's key covered, without reading them again)
+    checksums: ContextChecksums = field(default_factory=ContextChecksums)
     root: Path = field(init=False)
     #: mount points and scratch copies; emptied by ``recover``
     tmp: Path = field(init=False)
@@ -198,6 +201,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         return result.kind == "none"
 
     cache = SQLiteCacheIndex(root / "cache.db", validate=valid)
+    checksums = ContextChecksums()
     parts = OpParts(
         content=content,
         snapshots=snapshots,
@@ -210,7 +214,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         layers=layers,
         cache_mounts=cache_mounts,
         scratch=tmp,
-        checksums=ContextChecksums(),
+        checksums=checksums,
         platform=config.platform,
         step_limits=config.step_limits(),
         entitlements=config.entitlements,
@@ -231,6 +235,7 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         comparer=_LazyComparer(functools.partial(_comparer, content, tmp)),
         applier=applier,
         executor=executor,
+        checksums=checksums,
         history=SQLiteHistory(
             root / "history.db", config.history_max_entries, config.history_max_age
         ),

@@ -21,9 +21,6 @@ from ociworker.ops.exec import ExecHandler
 from ociworker.ops.file import FileHandler
 from ociworker.solver.scheduler import Job
 
-#: per-file hashes are remembered across builds while a file is unchanged
-_FILES = ContextChecksums()
-
 
 @dataclass
 class _Status:
@@ -46,7 +43,10 @@ class BuildRecorder:
         target: str,
         build_args: Mapping[str, str],
         no_cache: bool,
+        checksums: ContextChecksums,
     ) -> None:
+        # the handlers' own: their per-file memo has what the keys just read
+        self._checksums = checksums
         self.id = uuid.uuid4().hex[:25]
         self.created = time.time()
         self.dockerfile = dockerfile
@@ -105,7 +105,7 @@ class BuildRecorder:
             v = vertices.get(digest)
             key = job.keys.get(v.digest) if v is not None and job is not None else None
             if v is not None and job is not None and key is not None:
-                files = await asyncio.to_thread(_files, v, job)
+                files = await asyncio.to_thread(_files, v, job, self._checksums)
                 step = replace(
                     step,
                     key=key,
@@ -147,7 +147,7 @@ def _input_key(inp: Vertex, job: Job, files_digest: str) -> str:
     return job.keys.get(inp.digest, "")
 
 
-def _files(v: Vertex, job: Job) -> dict[str, str]:
+def _files(v: Vertex, job: Job, checksums: ContextChecksums) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, inp in enumerate(v.inputs):
         if inp is None or not _is_local(inp):
@@ -163,6 +163,6 @@ def _files(v: Vertex, job: Job) -> dict[str, str]:
         elif isinstance(v.op, FileOp):
             copies = FileHandler.selected(v.op, i)
         prefix = "" if name == "context" else f"{name}:"
-        for path, d in _FILES.selected_files(ctx, copies).items():
+        for path, d in checksums.selected_files(ctx, copies).items():
             out[prefix + path] = d
     return out

@@ -334,3 +334,16 @@ def test_trace_svg_of_a_three_stage_build_opens_in_chromium(
     titles = ["".join(t.itertext()) for t in parsed.iter("{http://www.w3.org/2000/svg}title")]
     for name in shown:
         assert any(t.startswith(name) for t in titles), (name, titles)
+
+
+@pytest.mark.usefixtures("require_root")
+def test_a_context_url_password_never_reaches_the_history(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    url = "http://user:hunter2pw@127.0.0.1:9/repo.git#main"  # port 9: nobody answers
+    proc = _ow("build", "--root", str(root), "--progress", "plain", url, check=False)
+    assert proc.returncode != 0
+    record = json.loads(_history("inspect", "^0", "--format", "json", root=root))
+    assert record["error"], record
+    assert record["context"] == "http://user:xxxxx@127.0.0.1:9/repo.git#main"
+    for f in root.glob("history.db*"):
+        assert b"hunter2pw" not in f.read_bytes(), f

@@ -22,7 +22,7 @@ from ociworker.core.build import (
     check_platforms,
 )
 from ociworker.core.digest import sha256_bytes
-from ociworker.core.gitref import KEEP_GIT_DIR_ARG
+from ociworker.core.gitref import KEEP_GIT_DIR_ARG, redact
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.history import explain, explain_lines
 from ociworker.core.outputs import check_outputs, parse_annotations
@@ -250,7 +250,8 @@ async def build(
         )
     recorder = BuildRecorder(
         dockerfile="",
-        context=req.context_url or str(req.context),
+        # a URL's credentials never reach the record
+        context=redact(req.context_url) if req.context_url else str(req.context),
         target=req.target,
         build_args=req.build_args,
         no_cache=req.no_cache,
@@ -360,7 +361,7 @@ async def _build(
         # the same Dockerfile is the same file of the same context (or URL)
         name = str(req.dockerfile or definition.filename)
         recorder.dockerfile = (
-            f"{req.context_url}//{name}" if req.context_url else str(context_root / name)
+            f"{redact(req.context_url)}//{name}" if req.context_url else str(context_root / name)
         )
         recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
     plan = await plan_build(worker, req, definition, events, credentials)

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ociworker.core.progress import Info, Usage, VertexLog, VertexStatus, Warning
 from ociworker.errors import NotFoundError
 
 #: buildx's defaults for BuildKit's history (``history.maxEntries`` / ``maxAge``)
@@ -446,14 +447,7 @@ def format_inspect(r: BuildRecord) -> str:
 
 
 def _usage(u: Mapping[str, Any]) -> str:
-    parts = []
-    if "cpu_seconds" in u:
-        parts.append(f"cpu {float(u['cpu_seconds']):.2f}s")
-    if "peak_memory_bytes" in u:
-        parts.append(f"mem {int(u['peak_memory_bytes']) >> 10}KiB")
-    if u.get("written_bytes"):
-        parts.append(f"wr {int(u['written_bytes']) >> 10}KiB")
-    return ", ".join(parts) or "-"
+    return Usage.from_json(dict(u)).summary() or "-"
 
 
 # --- where the time went ----------------------------------------------------------
@@ -589,11 +583,11 @@ def dumps(record: BuildRecord) -> str:
     return json.dumps(record.to_json(), sort_keys=True)
 
 
-def event_from_json(d: Mapping[str, Any]) -> Any:
+def event_from_json(
+    d: Mapping[str, Any],
+) -> VertexStatus | VertexLog | Warning | Info | None:
     """A recorded progress event back (``history logs`` replays them); None for
     kinds the logs do not show."""
-    from ociworker.core.progress import Info, Usage, VertexLog, VertexStatus, Warning
-
     if "vertex" in d:
         v = d["vertex"]
         return VertexStatus(

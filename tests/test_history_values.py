@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -20,7 +21,10 @@ from ociworker.core.history import (
     trace_json,
     trace_svg,
 )
+from ociworker.core.progress import VertexLog, VertexStatus
 from ociworker.errors import NotFoundError
+from ociworker.ops import history as oh
+from ociworker.ops.context import ContextChecksums
 
 BASE_OLD = "docker-image://r/base@sha256:" + "1" * 64
 BASE_NEW = "docker-image://r/base@sha256:" + "2" * 64
@@ -218,3 +222,23 @@ def test_a_stage_under_no_cache_filter_says_so() -> None:
     )
     cur = BuildRecord.from_json(BuildRecord(**{**cur.__dict__, "steps": steps}).to_json())
     assert explain(cur, prev)["[3/3] RUN make"] == ("--no-cache-filter names its stage",)
+
+
+def test_recorder_keeps_statuses_and_clips_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oh, "MAX_LOG_BYTES", 10)
+    rec = oh.BuildRecorder(
+        dockerfile="/c/Dockerfile", context="/c", target="", build_args={}, no_cache=False,
+        checksums=ContextChecksums(),
+    )  # fmt: skip
+    seen: list[object] = []
+    sink = rec.sink(seen.append)
+    sink(VertexStatus("v", "[1/1] RUN x", started=5.0))
+    for n in range(4):
+        sink(VertexLog("v", 1, b"1234", float(n)))
+    sink(VertexStatus("v", "[1/1] RUN x", started=5.0, completed=6.0, error="boom"))
+    assert len(seen) == 6  # the build's own view is untouched
+    logs = [e["log"]["data"] for e in rec.events if "log" in e]
+    assert logs[:2] == ["1234", "1234"] and "logs clipped" in logs[2] and len(logs) == 3
+    record = asyncio.run(rec.finish(None, None, {}, "boom"))
+    (step,) = record.steps
+    assert (step.started, step.completed, step.error, step.ran) == (5.0, 6.0, "boom", True)

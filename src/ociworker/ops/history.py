@@ -15,11 +15,14 @@ from typing import Any
 from ociworker.core.digest import digest_of
 from ociworker.core.graph import Copy, ExecOp, FileOp, SourceOp, Vertex
 from ociworker.core.history import BuildRecord, StepRecord
-from ociworker.core.progress import Event, EventSink, LayerCommitted, VertexStatus
+from ociworker.core.progress import Event, EventSink, LayerCommitted, VertexLog, VertexStatus
 from ociworker.ops.context import ContextChecksums, LocalContext
 from ociworker.ops.exec import ExecHandler
 from ociworker.ops.file import FileHandler
 from ociworker.solver.scheduler import Job
+
+#: log bytes a build's record keeps (``history logs``), over all its steps
+MAX_LOG_BYTES = 16 << 20
 
 
 @dataclass
@@ -57,6 +60,7 @@ class BuildRecorder:
         self.dockerfile_digest = ""
         self.events: list[dict[str, Any]] = []
         self._status: dict[str, _Status] = {}
+        self._log_bytes = 0
         #: the build's graph and job, once known (a build refused before it
         #: solves records its pseudo-steps only)
         self.graph: Vertex | None = None
@@ -64,7 +68,9 @@ class BuildRecorder:
 
     def sink(self, events: EventSink) -> EventSink:
         def record(ev: Event) -> None:
-            if not isinstance(ev, LayerCommitted):
+            if isinstance(ev, VertexLog):
+                self._keep_log(ev)
+            elif not isinstance(ev, LayerCommitted):
                 self.events.append(ev.to_json())
             if isinstance(ev, VertexStatus):
                 st = self._status.setdefault(ev.digest, _Status(ev.name))
@@ -82,6 +88,17 @@ class BuildRecorder:
             events(ev)
 
         return record
+
+    def _keep_log(self, ev: VertexLog) -> None:
+        # Each step's log is capped already; many steps could still fill the
+        # store, so a record keeps at most MAX_LOG_BYTES of them, then says so.
+        if self._log_bytes > MAX_LOG_BYTES:
+            return
+        self._log_bytes += len(ev.data)
+        if self._log_bytes > MAX_LOG_BYTES:
+            note = f"\n[history: logs clipped, {MAX_LOG_BYTES >> 20}MiB kept per build]\n"
+            ev = VertexLog(ev.digest, 2, note.encode(), ev.timestamp)
+        self.events.append(ev.to_json())
 
     async def finish(
         self,

@@ -242,3 +242,22 @@ def test_recorder_keeps_statuses_and_clips_logs(monkeypatch: pytest.MonkeyPatch)
     record = asyncio.run(rec.finish(None, None, {}, "boom"))
     (step,) = record.steps
     assert (step.started, step.completed, step.error, step.ran) == (5.0, 6.0, "boom", True)
+
+
+def test_a_step_that_failed_or_stopped_last_time_is_no_pruned_record() -> None:
+    prev = _build("p")
+    failed = tuple(
+        StepRecord(**{**s.__dict__, "error": "exit code: 1"}) if s.name.startswith("[3/3]") else s
+        for s in prev.steps
+    )
+    stopped = tuple(
+        StepRecord(**{**s.__dict__, "completed": None, "cached": False})
+        if s.name.startswith("[3/3]")
+        else s
+        for s in prev.steps
+    )
+    cur = _build("c", ran=("RUN",))
+    for steps, why in ((failed, "it failed in build p"), (stopped, "it did not finish")):
+        prev_run = BuildRecord(**{**prev.__dict__, "steps": steps})
+        (reason,) = explain(cur, prev_run)["[3/3] RUN make"]
+        assert reason.startswith(why), reason

@@ -252,7 +252,13 @@ def explain(current: BuildRecord, previous: BuildRecord | None) -> dict[str, tup
                 )
             continue
         if p.key == s.key:
-            out[s.name] = (f"its cache record was pruned since build {previous.id[:12]}",)
+            if p.error:
+                why = f"it failed in build {previous.id[:12]}: no result was kept"
+            elif not p.cached and p.completed is None:
+                why = f"it did not finish in build {previous.id[:12]} (the build stopped)"
+            else:
+                why = f"its cache record was pruned since build {previous.id[:12]}"
+            out[s.name] = (why,)
             continue
         reasons = _op_reasons(s.op, p.op, current.build_args, previous.build_args)
         reasons += _input_reasons(s, p, by_digest)

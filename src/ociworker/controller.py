@@ -293,8 +293,9 @@ async def _record(
         if k in ("containerimage.digest", "containerimage.config.digest", "image.name")
     }
     try:
-        record = await recorder.finish(recorder.graph, recorder.job, outputs, error)
-        previous = history.previous(record)
+        previous = history.previous_of(recorder.dockerfile, recorder.target, recorder.id)
+        known = {s.key: s.files for s in previous.steps if s.key} if previous else {}
+        record = await recorder.finish(recorder.graph, recorder.job, outputs, error, known)
         reasons = explain(record, previous)
         record = dataclasses.replace(
             record, explain=reasons, compared_with=previous.id if previous else ""

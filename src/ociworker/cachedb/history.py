@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ CREATE TABLE IF NOT EXISTS builds (
     created REAL NOT NULL,
     dockerfile TEXT NOT NULL,
     target TEXT NOT NULL,
-    record TEXT NOT NULL,
-    events TEXT NOT NULL
+    record BLOB NOT NULL,
+    events BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS builds_created ON builds (created);
 """
@@ -61,8 +62,8 @@ class SQLiteHistory:
                 record.created,
                 record.dockerfile,
                 record.target,
-                json.dumps(record.to_json()),
-                json.dumps(list(events)),
+                _pack(record.to_json()),
+                _pack(list(events)),
             ),
         )
         rows = self._db.execute("SELECT id, created FROM builds").fetchall()
@@ -75,21 +76,21 @@ class SQLiteHistory:
 
     def records(self) -> list[BuildRecord]:
         rows = self._db.execute("SELECT record FROM builds ORDER BY created DESC").fetchall()
-        return [BuildRecord.from_json(json.loads(r[0])) for r in rows]
+        return [BuildRecord.from_json(_unpack(r[0])) for r in rows]
 
     def get(self, ref: str) -> BuildRecord:
         rid = resolve_ref(ref, self.ids())
         row = self._db.execute("SELECT record FROM builds WHERE id = ?", (rid,)).fetchone()
         if row is None:
             raise NotFoundError(f"no build record {ref!r}")
-        return BuildRecord.from_json(json.loads(row[0]))
+        return BuildRecord.from_json(_unpack(row[0]))
 
     def events(self, ref: str) -> list[dict[str, Any]]:
         rid = resolve_ref(ref, self.ids())
         row = self._db.execute("SELECT events FROM builds WHERE id = ?", (rid,)).fetchone()
         if row is None:
             raise NotFoundError(f"no build record {ref!r}")
-        got: list[dict[str, Any]] = json.loads(row[0])
+        got: list[dict[str, Any]] = _unpack(row[0])
         return got
 
     def remove(self, refs: Sequence[str]) -> list[str]:
@@ -103,9 +104,23 @@ class SQLiteHistory:
 
     def previous(self, record: BuildRecord) -> BuildRecord | None:
         """The closest earlier build of the same Dockerfile and target."""
+        return self.previous_of(record.dockerfile, record.target, record.id)
+
+    def previous_of(self, dockerfile: str, target: str, exclude: str) -> BuildRecord | None:
+        """The newest kept build of ``dockerfile`` and ``target`` other than ``exclude``."""
         row = self._db.execute(
             "SELECT record FROM builds WHERE dockerfile = ? AND target = ? AND id != ?"
-            " AND created <= ? ORDER BY created DESC LIMIT 1",
-            (record.dockerfile, record.target, record.id, record.created),
+            " ORDER BY created DESC LIMIT 1",
+            (dockerfile, target, exclude),
         ).fetchone()
-        return BuildRecord.from_json(json.loads(row[0])) if row else None
+        return BuildRecord.from_json(_unpack(row[0])) if row else None
+
+
+# Records are JSON, compressed: a step's list of context files (names repeat
+# their directories) and its logs shrink several times.
+def _pack(value: Any) -> bytes:
+    return zlib.compress(json.dumps(value).encode(), 6)
+
+
+def _unpack(blob: bytes) -> Any:
+    return json.loads(zlib.decompress(blob))

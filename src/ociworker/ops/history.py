@@ -106,7 +106,11 @@ class BuildRecorder:
         job: Job | None,
         outputs: Mapping[str, str],
         error: str,
+        known: Mapping[str, Mapping[str, str]] | None = None,
     ) -> BuildRecord:
+        """The record. ``known``: cache key -> the files an earlier record noted
+        for it (a key covers the same files: they are not walked again)."""
+        known = known or {}
         vertices: dict[str, Vertex] = {v.digest: v for v in graph.walk()} if graph else {}
         steps: list[StepRecord] = []
         for digest, st in self._status.items():
@@ -122,7 +126,12 @@ class BuildRecorder:
             v = vertices.get(digest)
             key = job.keys.get(v.digest) if v is not None and job is not None else None
             if v is not None and job is not None and key is not None:
-                files = await asyncio.to_thread(_files, v, job, self._checksums)
+                old = known.get(key)
+                files = (
+                    dict(old)
+                    if old is not None
+                    else await asyncio.to_thread(_files, v, job, self._checksums)
+                )
                 step = replace(
                     step,
                     key=key,

@@ -78,3 +78,15 @@ def test_bad_toml(tmp_path: Path) -> None:
     cfg_file.write_text("addr = \n")
     with pytest.raises(ConfigError, match=r"c\.toml"):
         load_config(cfg_file, {})
+
+
+def test_history_limits(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("history_max_entries = 5\nhistory_max_age = 3600\n")
+    cfg = load_config(cfg_file, {})
+    assert (cfg.history_max_entries, cfg.history_max_age) == (5, 3600)
+    assert DaemonConfig().history_max_entries == 50  # BuildKit's default
+    for bad in ("history_max_entries = -1", 'history_max_age = "2d"', "history_max_entries = 1.5"):
+        cfg_file.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match="history_max_"):
+            load_config(cfg_file, {})

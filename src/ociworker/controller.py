@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +21,21 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
-from ociworker.core.gitref import KEEP_GIT_DIR_ARG
+from ociworker.core.digest import sha256_bytes
+from ociworker.core.gitref import KEEP_GIT_DIR_ARG, redact
 from ociworker.core.graph import ExecOp, Vertex
+from ociworker.core.history import explain, explain_lines
 from ociworker.core.outputs import check_outputs, parse_annotations
 from ociworker.core.progress import (
     Event,
     EventSink,
+    Info,
     ProgressStep,
     VertexStatus,
     Warning,
     cap_logs,
     discard,
+    error_line,
 )
 from ociworker.core.reference import parse_reference
 from ociworker.core.session import (
@@ -61,6 +66,7 @@ from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
+from ociworker.ops.history import BuildRecorder
 from ociworker.ops.remotecontext import open_remote_context
 from ociworker.ops.remotecontext import unpack_stdin_context as unpack_stdin_context
 from ociworker.ops.runmount.cache import CacheUsage
@@ -225,15 +231,98 @@ async def build(
     target: ExportTarget | None = None,
     secrets: Secrets | None = None,
     ssh: SSHAgents | None = None,
+    prelude: Sequence[Event] = (),
 ) -> BuildResult:
     """Plan, solve and export ``req``; every output is handed to ``target``
     (default: written to the local filesystem, ``dest=-`` to stdout).
     ``credentials``: the registry credentials the caller lends this build
     (anonymous when None; the CLI passes its docker config); ``secrets`` and
-    ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default)."""
+    ``ssh`` serve ``RUN --mount=type=secret|ssh`` (none by default).
+
+    Every build that starts (success or failure) leaves a history record;
+    ``prelude``: what the caller showed of it already (a daemon syncing the
+    context), recorded with it."""
     check_step_limits(worker, req)
     check_platforms(req.platforms, worker.config.platform)
+    if worker.history is None:
+        return await _build(
+            worker, req, definition, events, None, credentials, target, secrets, ssh
+        )
+    recorder = BuildRecorder(
+        dockerfile="",
+        # a URL's credentials never reach the record
+        context=redact(req.context_url) if req.context_url else str(req.context),
+        target=req.target,
+        build_args=req.build_args,
+        no_cache=req.no_cache,
+        checksums=worker.checksums,
+    )
+    note = recorder.sink(discard)
+    for ev in prelude:
+        note(ev)
+    error = ""
+    result: BuildResult | None = None
+    try:
+        result = await _build(
+            worker, req, definition, events, recorder, credentials, target, secrets, ssh
+        )
+        return result
+    except BaseException as exc:
+        error = error_line(exc)
+        raise
+    finally:
+        await _record(worker, req, recorder, result, error, events)
+
+
+async def _record(
+    worker: Worker,
+    req: BuildRequest,
+    recorder: BuildRecorder,
+    result: BuildResult | None,
+    error: str,
+    events: EventSink,
+) -> None:
+    """Keep the build's record; with ``--explain-cache``, say why each step that
+    ran missed (against the closest earlier build of the same Dockerfile and
+    target). A history that cannot be written never fails the build."""
+    history = worker.history
+    assert history is not None
+    outputs = {
+        k: str(v)
+        for k, v in (result.metadata if result else {}).items()
+        if k in ("containerimage.digest", "containerimage.config.digest", "image.name")
+    }
+    try:
+        previous = history.previous_of(recorder.dockerfile, recorder.target, recorder.id)
+        known = {s.key: s.files for s in previous.steps if s.key} if previous else {}
+        record = await recorder.finish(recorder.graph, recorder.job, outputs, error, known)
+        reasons = explain(record, previous)
+        record = dataclasses.replace(
+            record, explain=reasons, compared_with=previous.id if previous else ""
+        )
+        history.put(record, recorder.events)
+    except Exception as exc:  # the build's own outcome stands
+        events(Warning(f"build history not recorded: {exc}"))
+        return
+    if req.explain_cache:
+        for line in explain_lines(record):
+            events(Info(line))
+
+
+async def _build(
+    worker: Worker,
+    req: BuildRequest,
+    definition: BuildDefinition | None,
+    events: EventSink,
+    recorder: BuildRecorder | None,
+    credentials: Credentials | None,
+    target: ExportTarget | None,
+    secrets: Secrets | None,
+    ssh: SSHAgents | None,
+) -> BuildResult:
     steps: dict[str, dict[str, Any]] = {}
+    if recorder is not None:
+        events = recorder.sink(events)
     events = cap_logs(_collect_usage(events, steps), req.log_cap)
     if target is None:
         target = LocalExportTarget()
@@ -269,6 +358,13 @@ async def build(
         definition = definition or remote.definition
     if definition is None:
         raise ConfigError("no Dockerfile for this build")
+    if recorder is not None:
+        # the same Dockerfile is the same file of the same context (or URL)
+        name = str(req.dockerfile or definition.filename)
+        recorder.dockerfile = (
+            f"{redact(req.context_url)}//{name}" if req.context_url else str(context_root / name)
+        )
+        recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
     plan = await plan_build(worker, req, definition, events, credentials)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     layer_options = [e.layer_options for e in exporters]
@@ -309,6 +405,8 @@ async def build(
         entitlements=req.allow,
         imported=imported,
     )
+    if recorder is not None:
+        recorder.graph, recorder.job = plan.target, job
     solving = asyncio.ensure_future(worker.solver.solve(plan.target, job))
     # A layer that cannot be written fails the build now, not when the solve ends.
     watch.on_failure = solving.cancel

@@ -18,11 +18,13 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
+from ociworker.cachedb.history import SQLiteHistory
 from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
 from ociworker.core.build import DEFAULT_ROOT as DEFAULT_ROOT
 from ociworker.core.digest import Digest
 from ociworker.core.entitlements import ENTITLEMENTS
+from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.mounts import Mount
 from ociworker.core.oci import Descriptor, Layer, Platform
 from ociworker.diff.base import Applier, Comparer, CompressionOpts
@@ -91,6 +93,10 @@ class WorkerConfig:
     #: whether git sources may be file:// URLs, which read the worker's own disk:
     #: yes for the embedded worker (its user owns the disk), no for a daemon's clients
     git_file_urls: bool = True
+    #: build history kept (``history ls``): at most this many records, none older
+    #: than this many seconds (0 = no limit), BuildKit's history defaults
+    history_max_entries: int = DEFAULT_MAX_ENTRIES
+    history_max_age: float = DEFAULT_MAX_AGE
 
     def step_limits(self) -> StepLimits:
         return StepLimits(memory=self.step_memory, pids=self.step_pids, cpus=self.step_cpus)
@@ -98,6 +104,10 @@ class WorkerConfig:
 
 def host_platform() -> Platform:
     return Platform.parse(os.uname().machine)
+
+
+#: the build history's store, as the API names it (it may not import cachedb)
+HistoryStore = SQLiteHistory
 
 
 @dataclass(eq=False)
@@ -121,6 +131,11 @@ class Worker:
     executor: RecoverableExecutor
     #: this process's claim on the root (``executor.owners``); None for fakes
     owner: Owner | None = None
+    #: the build history (``history ls``); None: not recorded (fakes)
+    history: SQLiteHistory | None = None
+    #: the handlers' context checksums (their per-file memo serves the history's
+    #: record of which files a step's key covered, without reading them again)
+    checksums: ContextChecksums = field(default_factory=ContextChecksums)
     root: Path = field(init=False)
     #: mount points and scratch copies of this process (``<root>/tmp/<owner>``)
     tmp: Path = field(init=False)
@@ -138,6 +153,8 @@ class Worker:
         await self.registry.aclose()
         self.cache.close()
         self.layers.close()
+        if self.history is not None:
+            self.history.close()
         if self.owner is not None:
             # Last: once released, a later worker would take all named after it for dead.
             await asyncio.to_thread(_remove_scratch, self.tmp)
@@ -228,6 +245,7 @@ def _open_worker(
         return result.kind == "none"
 
     cache = SQLiteCacheIndex(root / "cache.db", validate=valid)
+    checksums = ContextChecksums()
     parts = OpParts(
         content=content,
         snapshots=snapshots,
@@ -240,7 +258,7 @@ def _open_worker(
         layers=layers,
         cache_mounts=cache_mounts,
         scratch=tmp,
-        checksums=ContextChecksums(),
+        checksums=checksums,
         platform=config.platform,
         step_limits=config.step_limits(),
         entitlements=config.entitlements,
@@ -262,6 +280,10 @@ def _open_worker(
         applier=applier,
         executor=executor,
         owner=owner,
+        checksums=checksums,
+        history=SQLiteHistory(
+            root / "history.db", config.history_max_entries, config.history_max_age
+        ),
     )
 
 

@@ -38,6 +38,7 @@ from ociworker.core.build import (
     check_platforms,
 )
 from ociworker.core.digest import Digest
+from ociworker.core.history import BuildRecord
 from ociworker.core.oci import Descriptor, Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import Event, EventSink, LayerCommitted, discard
@@ -194,6 +195,26 @@ class Client:
         r = await self._unary(self._stub.Prune, pb.PruneRequest(all=all, filters=filters))
         return r.removed, r.freed
 
+    # -- build history ---------------------------------------------------------------
+
+    async def history_records(self) -> list[BuildRecord]:
+        r = await self._unary(self._stub.ListHistory, pb.HistoryListRequest())
+        return [BuildRecord.from_json(json.loads(x)) for x in r.records_json]
+
+    async def history_get(self, ref: str) -> BuildRecord:
+        r = await self._unary(self._stub.InspectHistory, pb.HistoryRef(ref=ref))
+        return BuildRecord.from_json(json.loads(r.record_json))
+
+    async def history_events(self, ref: str) -> list[dict[str, Any]]:
+        r = await self._unary(self._stub.HistoryLogs, pb.HistoryRef(ref=ref))
+        got: list[dict[str, Any]] = json.loads(r.events_json)
+        return got
+
+    async def history_remove(self, refs: Sequence[str], *, all: bool = False) -> list[str]:
+        req = pb.HistoryRemoveRequest(refs=list(refs), all=all)
+        r = await self._unary(self._stub.RemoveHistory, req)
+        return list(r.ids)
+
     async def list_workers(self) -> list[dict[str, Any]]:
         r = await self._unary(self._stub.ListWorkers, pb.ListWorkersRequest())
         return [
@@ -311,6 +332,7 @@ class Client:
             annotations=request.annotations,
             labels=dict(request.labels),
             build_contexts=contexts,
+            explain_cache=request.explain_cache,
         )
         solve_sent = answered = False
         try:

@@ -27,6 +27,7 @@ from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
 from ociworker.core.build import step_limits
 from ociworker.core.entitlements import parse_entitlements
+from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
@@ -77,6 +78,10 @@ class DaemonConfig:
     #: entitlements builds may ask for with --allow (none unless listed; buildkitd's
     #: insecure-entitlements)
     entitlements: tuple[str, ...] = ()
+    #: build history kept (``history ls``): at most history_max_entries records,
+    #: none older than history_max_age seconds (0 = no limit)
+    history_max_entries: int = DEFAULT_MAX_ENTRIES
+    history_max_age: float = DEFAULT_MAX_AGE
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
@@ -114,6 +119,12 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         if not isinstance(ents, list) or not all(isinstance(e, str) for e in ents):
             raise ConfigError(f"config file {path}: entitlements must be a list of names")
         values["entitlements"] = parse_entitlements(ents, f"config file {path}")
+    for key in ("history_max_entries", "history_max_age"):
+        v = values.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+            raise ConfigError(f"config file {path}: {key} must be a number >= 0 (0: no limit)")
+    if "history_max_entries" in values and not isinstance(values["history_max_entries"], int):
+        raise ConfigError(f"config file {path}: history_max_entries must be a whole number")
     if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
         raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
     cfg = DaemonConfig(**values)
@@ -246,6 +257,8 @@ async def serve(cfg: DaemonConfig) -> int:
                 step_cpus=cfg.step_cpus,
                 entitlements=cfg.entitlements,
                 git_file_urls=False,
+                history_max_entries=cfg.history_max_entries,
+                history_max_age=cfg.history_max_age,
             )
         )
         sock: Path | None = None

@@ -61,6 +61,7 @@ from ociworker.fs.paths import check_relative_name
 from ociworker.log import get_logger
 from ociworker.session.filesync import ContextStore
 from ociworker.version import __version__
+from ociworker.worker import HistoryStore as SQLiteHistoryLike
 from ociworker.worker import Worker
 
 _log = get_logger("ociworker.api.server")
@@ -320,13 +321,20 @@ class ControlService:
         target = _StreamTarget(outputs, send, credits, aborted)
 
         key = request.context_key or session.id
+        # the steps before the build (syncing contexts) belong to its history record
+        early: list[Event] = []
+
+        def noted(ev: Event) -> None:
+            early.append(ev)
+            events(ev)
+
         async with contextlib.AsyncExitStack() as stack:
             ctx, sent = Path("."), 0
             if not remote:
-                ctx, sent = await self._sync_context(stack, session, key, events)
+                ctx, sent = await self._sync_context(stack, session, key, noted)
             named: list[NamedContext] = []
             for cname, value in sorted(request.build_contexts.items()):
-                nc = await self._named_context(stack, session, key, cname, value, events)
+                nc = await self._named_context(stack, session, key, cname, value, noted)
                 named.append(nc)
             req = BuildRequest(
                 context=ctx,
@@ -353,6 +361,7 @@ class ControlService:
                 annotations=tuple(request.annotations),
                 labels=dict(request.labels),
                 build_contexts=tuple(named),
+                explain_cache=request.explain_cache,
             )
             result = await controller.build(
                 self.worker,
@@ -363,6 +372,7 @@ class ControlService:
                 credentials=session,
                 secrets=session,
                 ssh=session,
+                prelude=tuple(early),
             )
         metadata = dict(result.metadata)
         metadata["ociworker.context.bytes_sent"] = sent
@@ -494,6 +504,57 @@ class ControlService:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
         return pb.PruneResponse(removed=removed, freed=freed)
+
+    # -- build history -------------------------------------------------------------------
+
+    def _history(self) -> SQLiteHistoryLike:
+        history = self.worker.history
+        if history is None:
+            raise NotFoundError("this worker keeps no build history")
+        return history
+
+    async def ListHistory(
+        self, request: pb.HistoryListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryListResponse:
+        try:
+            records = self._history().records()
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryListResponse(
+            records_json=[json.dumps(r.to_json()).encode() for r in records]
+        )
+
+    async def InspectHistory(
+        self, request: pb.HistoryRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryRecordResponse:
+        try:
+            record = self._history().get(request.ref)
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryRecordResponse(record_json=json.dumps(record.to_json()).encode())
+
+    async def HistoryLogs(
+        self, request: pb.HistoryRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryLogsResponse:
+        try:
+            events = self._history().events(request.ref)
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryLogsResponse(events_json=json.dumps(events).encode())
+
+    async def RemoveHistory(
+        self, request: pb.HistoryRemoveRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HistoryRemoveResponse:
+        try:
+            history = self._history()
+            gone = history.remove(history.ids() if request.all else list(request.refs))
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.HistoryRemoveResponse(ids=gone)
 
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -255,6 +255,11 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--check", action="store_true", help="check the Dockerfile (lint rules), build nothing"
     )
+    b.add_argument(
+        "--explain-cache",
+        action="store_true",
+        help="after the build, say why each step that ran missed the cache",
+    )
     b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
     _step_limit_flags(b)
@@ -275,9 +280,33 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
     _worker_flags(pr)
 
+    _history_parser(sub)
+
     sv = sub.add_parser("serve", help="run the worker daemon (gRPC)")
     _serve_flags(sv)
     return parser
+
+
+def _history_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    h = sub.add_parser("history", help="work on build records (buildx history)")
+    hs = h.add_subparsers(dest="history_command", required=True, parser_class=_Parser)
+    ls = hs.add_parser("ls", help="list build records")
+    ls.add_argument("--format", choices=("table", "json"), default="table")
+    ins = hs.add_parser("inspect", help="inspect a build record")
+    ins.add_argument("ref", nargs="?", default="", metavar="REF", help="ID, prefix or ^N")
+    ins.add_argument("--format", choices=("pretty", "json"), default="pretty")
+    lg = hs.add_parser("logs", help="print the logs of a build record (plain progress)")
+    lg.add_argument("ref", nargs="?", default="", metavar="REF")
+    lg.add_argument("--progress", choices=("plain", "rawjson"), default="plain")
+    rm = hs.add_parser("rm", help="remove build records")
+    rm.add_argument("refs", nargs="*", metavar="REF")
+    rm.add_argument("--all", action="store_true", help="remove every record")
+    tr = hs.add_parser("trace", help="the build as a timeline (SVG) or Chrome trace JSON")
+    tr.add_argument("ref", nargs="?", default="", metavar="REF")
+    tr.add_argument("--format", choices=("svg", "json"), default="svg")
+    tr.add_argument("-o", "--output", type=Path, default=None, help="file (default stdout)")
+    for p in (ls, ins, lg, rm, tr):
+        _worker_flags(p)
 
 
 def _build_args(items: Sequence[str]) -> dict[str, str]:
@@ -488,6 +517,7 @@ async def _build(
         no_cache_filter=tuple(
             n.strip() for item in args.no_cache_filter for n in item.split(",") if n.strip()
         ),
+        explain_cache=args.explain_cache,
     )
     if args.check:
         return _check(req)
@@ -738,6 +768,10 @@ async def _main(args: argparse.Namespace) -> int:
         return await _cmd_du(args)
     if args.command == "serve":
         return await _cmd_serve(args)
+    if args.command == "history":
+        from ociworker.cli.history import cmd_history
+
+        return await cmd_history(args, _client, _worker)
     return await _cmd_prune(args)
 
 

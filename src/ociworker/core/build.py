@@ -249,6 +249,8 @@ class BuildRequest:
     #: a context the worker fetches (a git URL ``URL#REF:SUBDIR`` or an http(s)
     #: tarball); ``context`` is then unused and ``dockerfile`` a path inside it
     context_url: str = ""
+    #: ``--explain-cache``: after the build, say why each step that ran missed
+    explain_cache: bool = False
 
 
 def check_platforms(requested: Sequence[str], worker: Platform) -> None:

@@ -64,6 +64,29 @@ class ContextChecksums:
                         h.update(b"D")
         return "sha256:" + h.hexdigest()
 
+    def selected_files(self, ctx: LocalContext, copies: Sequence[Copy]) -> dict[str, str]:
+        """The regular files (and links) ``copies`` select, each with the digest of
+        its content (or link target): the names ``--explain-cache`` reports, for
+        the same walk the key covered."""
+        src = walk.Source(ctx.root, ctx.ignore, is_context=True)
+        out: dict[str, str] = {}
+        for copy in copies:
+            for rel in fileops.source_roots(src, copy):
+                try:
+                    entries = list(walk.walk_selected(src, rel, follow=True))
+                except NotFoundError:
+                    continue
+                for path, st in entries:
+                    mode = f"{stat.S_IMODE(st.st_mode):o}"
+                    if stat.S_ISREG(st.st_mode):
+                        # 64 bits tell a changed file from an unchanged one; the
+                        # key itself covers the whole digest (records stay small)
+                        out[path] = f"{mode}:{self._file_hash(ctx.root, path, st)[:16]}"
+                    elif stat.S_ISLNK(st.st_mode):
+                        link = os.readlink(secure_join(ctx.root, path, follow_last=False))
+                        out[path] = f"{mode}:L{link[:64]}"
+        return out
+
     def _file_hash(self, root: Path, rel: str, st: os.stat_result) -> str:
         real = secure_join(root, rel, follow_last=True)
         key = (str(real), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

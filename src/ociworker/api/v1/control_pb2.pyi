@@ -211,6 +211,7 @@ class SolveRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     BUILD_CONTEXTS_FIELD_NUMBER: _builtins.int
     CONTEXT_URL_FIELD_NUMBER: _builtins.int
+    EXPLAIN_CACHE_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -227,6 +228,8 @@ class SolveRequest(_message.Message):
     """a context the worker fetches itself (a git URL#REF:SUBDIR or an http(s)
     tarball): the session serves no context, dockerfile_name is a path inside it
     """
+    explain_cache: _builtins.bool
+    """--explain-cache: the build ends with info lines saying why each step that ran missed"""
     @_builtins.property
     def ignore_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -293,10 +296,11 @@ class SolveRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         build_contexts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         context_url: _builtins.str = ...,
+        explain_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "explain_cache", b"explain_cache", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -757,6 +761,146 @@ class PruneResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PruneResponse: _TypeAlias = PruneResponse  # noqa: Y015
+
+@_typing.final
+class HistoryListRequest(_message.Message):
+    """--- build history ------------------------------------------------------------"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryListRequest: _TypeAlias = HistoryListRequest  # noqa: Y015
+
+@_typing.final
+class HistoryListResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_JSON_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records_json(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        records_json: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records_json", b"records_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryListResponse: _TypeAlias = HistoryListResponse  # noqa: Y015
+
+@_typing.final
+class HistoryRef(_message.Message):
+    """a build: its ID, a unique prefix, ^N (the Nth before the newest) or "" (the newest)"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    ref: _builtins.str
+    def __init__(
+        self,
+        *,
+        ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryRef: _TypeAlias = HistoryRef  # noqa: Y015
+
+@_typing.final
+class HistoryRecordResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORD_JSON_FIELD_NUMBER: _builtins.int
+    record_json: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        record_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["record_json", b"record_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryRecordResponse: _TypeAlias = HistoryRecordResponse  # noqa: Y015
+
+@_typing.final
+class HistoryLogsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_JSON_FIELD_NUMBER: _builtins.int
+    events_json: _builtins.bytes
+    """the build's progress events as JSON (Event.to_json), in order"""
+    def __init__(
+        self,
+        *,
+        events_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_json", b"events_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryLogsResponse: _TypeAlias = HistoryLogsResponse  # noqa: Y015
+
+@_typing.final
+class HistoryRemoveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFS_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    @_builtins.property
+    def refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        refs: _abc.Iterable[_builtins.str] | None = ...,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "refs", b"refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryRemoveRequest: _TypeAlias = HistoryRemoveRequest  # noqa: Y015
+
+@_typing.final
+class HistoryRemoveResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryRemoveResponse: _TypeAlias = HistoryRemoveResponse  # noqa: Y015
 
 @_typing.final
 class ListWorkersRequest(_message.Message):

@@ -64,6 +64,26 @@ class ControlStub:
                 request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoRequest.SerializeToString,
                 response_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.ListHistory = channel.unary_unary(
+                '/ociworker.v1.Control/ListHistory',
+                request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryListRequest.SerializeToString,
+                response_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryListResponse.FromString,
+                _registered_method=True)
+        self.InspectHistory = channel.unary_unary(
+                '/ociworker.v1.Control/InspectHistory',
+                request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRef.SerializeToString,
+                response_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRecordResponse.FromString,
+                _registered_method=True)
+        self.HistoryLogs = channel.unary_unary(
+                '/ociworker.v1.Control/HistoryLogs',
+                request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRef.SerializeToString,
+                response_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryLogsResponse.FromString,
+                _registered_method=True)
+        self.RemoveHistory = channel.unary_unary(
+                '/ociworker.v1.Control/RemoveHistory',
+                request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRemoveRequest.SerializeToString,
+                response_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRemoveResponse.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/ociworker.v1.Control/Session',
                 request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.SessionMessage.SerializeToString,
@@ -115,6 +135,32 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHistory(self, request, context):
+        """Build history (history ls | inspect | logs | rm): records as JSON
+        (ociworker.core.history.BuildRecord.to_json), newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InspectHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HistoryLogs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Session(self, request_iterator, context):
         """The client serves, the worker pulls. The client's first message is a
         SessionHello; every later worker->client message is a request with an id
@@ -156,6 +202,26 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoRequest.FromString,
                     response_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoResponse.SerializeToString,
+            ),
+            'ListHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHistory,
+                    request_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryListRequest.FromString,
+                    response_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryListResponse.SerializeToString,
+            ),
+            'InspectHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectHistory,
+                    request_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRef.FromString,
+                    response_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRecordResponse.SerializeToString,
+            ),
+            'HistoryLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.HistoryLogs,
+                    request_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRef.FromString,
+                    response_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryLogsResponse.SerializeToString,
+            ),
+            'RemoveHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveHistory,
+                    request_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRemoveRequest.FromString,
+                    response_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRemoveResponse.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -325,6 +391,114 @@ class Control:
             '/ociworker.v1.Control/Info',
             ociworker_dot_api_dot_v1_dot_control__pb2.InfoRequest.SerializeToString,
             ociworker_dot_api_dot_v1_dot_control__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ociworker.v1.Control/ListHistory',
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryListRequest.SerializeToString,
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ociworker.v1.Control/InspectHistory',
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRef.SerializeToString,
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HistoryLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ociworker.v1.Control/HistoryLogs',
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRef.SerializeToString,
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ociworker.v1.Control/RemoveHistory',
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRemoveRequest.SerializeToString,
+            ociworker_dot_api_dot_v1_dot_control__pb2.HistoryRemoveResponse.FromString,
             options,
             channel_credentials,
             insecure,

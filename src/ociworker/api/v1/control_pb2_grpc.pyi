@@ -46,6 +46,13 @@ class ControlStub:
     Prune: _grpc.UnaryUnaryMultiCallable[_control_pb2.PruneRequest, _control_pb2.PruneResponse]
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]
     Info: _grpc.UnaryUnaryMultiCallable[_control_pb2.InfoRequest, _control_pb2.InfoResponse]
+    ListHistory: _grpc.UnaryUnaryMultiCallable[_control_pb2.HistoryListRequest, _control_pb2.HistoryListResponse]
+    """Build history (history ls | inspect | logs | rm): records as JSON
+    (ociworker.core.history.BuildRecord.to_json), newest first.
+    """
+    InspectHistory: _grpc.UnaryUnaryMultiCallable[_control_pb2.HistoryRef, _control_pb2.HistoryRecordResponse]
+    HistoryLogs: _grpc.UnaryUnaryMultiCallable[_control_pb2.HistoryRef, _control_pb2.HistoryLogsResponse]
+    RemoveHistory: _grpc.UnaryUnaryMultiCallable[_control_pb2.HistoryRemoveRequest, _control_pb2.HistoryRemoveResponse]
     Session: _grpc.StreamStreamMultiCallable[_control_pb2.SessionMessage, _control_pb2.SessionMessage]
     """The client serves, the worker pulls. The client's first message is a
     SessionHello; every later worker->client message is a request with an id
@@ -68,6 +75,13 @@ class ControlAsyncStub(ControlStub):
     Prune: _aio.UnaryUnaryMultiCallable[_control_pb2.PruneRequest, _control_pb2.PruneResponse]  # type: ignore[assignment]
     ListWorkers: _aio.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]  # type: ignore[assignment]
     Info: _aio.UnaryUnaryMultiCallable[_control_pb2.InfoRequest, _control_pb2.InfoResponse]  # type: ignore[assignment]
+    ListHistory: _aio.UnaryUnaryMultiCallable[_control_pb2.HistoryListRequest, _control_pb2.HistoryListResponse]  # type: ignore[assignment]
+    """Build history (history ls | inspect | logs | rm): records as JSON
+    (ociworker.core.history.BuildRecord.to_json), newest first.
+    """
+    InspectHistory: _aio.UnaryUnaryMultiCallable[_control_pb2.HistoryRef, _control_pb2.HistoryRecordResponse]  # type: ignore[assignment]
+    HistoryLogs: _aio.UnaryUnaryMultiCallable[_control_pb2.HistoryRef, _control_pb2.HistoryLogsResponse]  # type: ignore[assignment]
+    RemoveHistory: _aio.UnaryUnaryMultiCallable[_control_pb2.HistoryRemoveRequest, _control_pb2.HistoryRemoveResponse]  # type: ignore[assignment]
     Session: _aio.StreamStreamMultiCallable[_control_pb2.SessionMessage, _control_pb2.SessionMessage]  # type: ignore[assignment]
     """The client serves, the worker pulls. The client's first message is a
     SessionHello; every later worker->client message is a request with an id
@@ -123,6 +137,37 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.InfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.InfoResponse, _abc.Awaitable[_control_pb2.InfoResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListHistory(
+        self,
+        request: _control_pb2.HistoryListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.HistoryListResponse, _abc.Awaitable[_control_pb2.HistoryListResponse]]:
+        """Build history (history ls | inspect | logs | rm): records as JSON
+        (ociworker.core.history.BuildRecord.to_json), newest first.
+        """
+
+    @_abc_1.abstractmethod
+    def InspectHistory(
+        self,
+        request: _control_pb2.HistoryRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.HistoryRecordResponse, _abc.Awaitable[_control_pb2.HistoryRecordResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def HistoryLogs(
+        self,
+        request: _control_pb2.HistoryRef,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.HistoryLogsResponse, _abc.Awaitable[_control_pb2.HistoryLogsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveHistory(
+        self,
+        request: _control_pb2.HistoryRemoveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.HistoryRemoveResponse, _abc.Awaitable[_control_pb2.HistoryRemoveResponse]]: ...
 
     @_abc_1.abstractmethod
     def Session(

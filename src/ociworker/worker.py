@@ -184,6 +184,8 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
         return result.kind == "none"
 
     cache = SQLiteCacheIndex(root / "cache.db", validate=valid)
+    # leases of builds whose process died (a crash, SIGKILL) are released now
+    cache.held_since()
     parts = OpParts(
         content=content,
         snapshots=snapshots,

@@ -107,6 +107,15 @@ class SQLiteLayerCache:
     def forget_layers(self, snapshot: str) -> None:
         self._db.execute("DELETE FROM layers WHERE snapshot = ?", (snapshot,))
 
+    def blobs_of(self, snapshot: str) -> list[str]:
+        """Digests of the layer blobs made from ``snapshot`` (for du and GC)."""
+        rows = self._db.execute("SELECT digest FROM layers WHERE snapshot = ?", (snapshot,))
+        return [str(r[0]) for r in rows.fetchall()]
+
+    def blob_in_use(self, digest: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM layers WHERE digest = ? LIMIT 1", (digest,))
+        return row.fetchone() is not None
+
     def put_source(self, digest: str, repository: str) -> None:
         registry = parse_reference(repository).domain
         self._db.execute(

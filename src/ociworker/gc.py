@@ -277,6 +277,8 @@ def _image_blobs(worker: Worker) -> set[str]:
 async def _orphan_blobs(worker: Worker) -> list[UsageRecord]:
     """``prune --all``: blobs no stored image uses go too (manifests and configs
     of pulled images, exported cache blobs, downloads)."""
+    if worker.cache.held_since() is not None:
+        return []  # a running build may need any of them (its base's manifest, its layers)
     keep = _image_blobs(worker)
     out: list[UsageRecord] = []
     for digest, size in list(worker.content.walk()):

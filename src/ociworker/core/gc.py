@@ -188,9 +188,11 @@ def select_one(
         target = policy.reserved_space
     else:
         return candidates
+    floor = policy.reserved_space if policy.sized else 0
     out: list[UsageRecord] = []
     for r in candidates:
-        if used <= target:
+        # reservedSpace is a floor for the space rules: never collect below it
+        if used <= target or used - r.size < floor:
             break
         out.append(r)
         used -= r.size

@@ -39,7 +39,6 @@ from ociworker.core.build import (
     UsageRecord,
 )
 from ociworker.core.gc import DiskSpace, GCPolicy, PruneOptions, prune_selection, select
-from ociworker.fs.tree import disk_usage
 from ociworker.log import get_logger
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import Worker
@@ -52,7 +51,7 @@ Remove = Callable[[], Awaitable[int]]
 @dataclass(frozen=True)
 class _Entry:
     record: UsageRecord
-    #: removes it if still unused; bytes freed (0: it was kept after all)
+    #: removes it if still unused; bytes freed (-1: it was kept after all)
     remove: Remove
 
 
@@ -92,12 +91,41 @@ async def collect(
     async with _lock(worker):
         entries = await _inventory(worker, contexts)
         st = os.statvfs(worker.root)
-        disk = DiskSpace(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize)
+        other = await asyncio.to_thread(_unowned_blobs, worker, entries)
+        disk = DiskSpace(
+            total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize, other=other
+        )
         chosen = select([e.record for e in entries], policies, disk=disk, now=time.time())
         removed = await _remove(worker, entries, chosen)
         if removed:
             _log.info("gc", removed=len(removed), freed=sum(r.size for r in removed))
         return removed
+
+
+def _unowned_blobs(worker: Worker, entries: Sequence[_Entry]) -> int:
+    """Bytes the snapshot and content stores hold beyond what the records count
+    (see ``DiskSpace.other``): blobs no record owns, and each snapshot's own
+    bookkeeping (its dir, overlayfs' work dir), which its size leaves out."""
+    held = sum(disk_usage(worker.root / d) for d in ("snapshots", "content"))
+    counted = sum(e.record.size for e in entries if e.record.type == REGULAR_TYPE)
+    return max(0, held - counted)
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes of disk used below ``path``, each inode once; files that vanish
+    while it walks (a build's scratch files, SQLite's -shm) are skipped."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
 
 
 _locks: weakref.WeakKeyDictionary[Worker, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -184,7 +212,8 @@ async def _snapshot_entries(worker: Worker, held: float | None) -> list[_Entry]:
             shared=shared,
             usage_count=r.usage_count,
         )
-        out.append(_Entry(rec, _remove_cache_record(worker, r.key, ref, r.last_used)))
+        remove = _remove_cache_record(worker, r.key, ref, r.last_used)
+        out.append(_Entry(rec, remove))
     # committed snapshots no record names: the lower layers of pulled images,
     # results whose record was dropped; records too, so du adds up to the disk
     for key, info in infos.items():
@@ -208,7 +237,8 @@ async def _snapshot_entries(worker: Worker, held: float | None) -> list[_Entry]:
             in_use=held is not None,
             shared=bool(children.get(key)),
         )
-        out.append(_Entry(rec, _remove_snapshot_chain(worker, key)))
+        remove = _remove_snapshot_chain(worker, key)
+        out.append(_Entry(rec, remove))
     return out
 
 

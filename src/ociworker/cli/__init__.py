@@ -37,7 +37,7 @@ from ociworker.core.outputs import OutputSpec, parse_annotations, parse_labels, 
 from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.core.units import human_size, parse_size
-from ociworker.errors import ConfigError
+from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
 from ociworker.version import __version__
@@ -605,9 +605,13 @@ async def _build(
                     secrets=secrets,
                     ssh=ssh,
                 )
-            if gc.enabled:  # after the build, as buildkitd's GC (cheap when under the cap)
-                st = os.statvfs(worker.root)
-                await controller.collect_garbage(worker, gc.effective(st.f_blocks * st.f_frsize))
+            if gc.enabled:  # after the build, as buildkitd's GC
+                try:
+                    st = os.statvfs(worker.root)
+                    policies = gc.effective(st.f_blocks * st.f_frsize)
+                    await controller.collect_garbage(worker, policies)
+                except (OSError, OciworkerError) as exc:  # the build itself succeeded
+                    _log.warning("gc failed", error=str(exc))
         finally:
             await worker.aclose()
     _state.phase = Phase.SETUP

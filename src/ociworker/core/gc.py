@@ -67,6 +67,10 @@ class DiskSpace:
 
     total: int
     free: int
+    #: bytes the root's stores hold outside every record (blobs no record owns,
+    #: such as pulled images' manifests; each snapshot's own bookkeeping): they
+    #: count towards maxUsedSpace, though no GC rule can remove them
+    other: int = 0
 
 
 def default_policies(disk_total: int) -> tuple[GCPolicy, ...]:
@@ -152,7 +156,7 @@ def select(
     removed: list[UsageRecord] = []
     free = disk.free
     for policy in policies:
-        gone = select_one(left, policy, free=free, now=now)
+        gone = select_one(left, policy, free=free, now=now, other=disk.other)
         ids = {r.id for r in gone}
         left = [r for r in left if r.id not in ids]
         free += sum(r.size for r in gone)
@@ -161,9 +165,9 @@ def select(
 
 
 def select_one(
-    records: Sequence[UsageRecord], policy: GCPolicy, *, free: int, now: float
+    records: Sequence[UsageRecord], policy: GCPolicy, *, free: int, now: float, other: int = 0
 ) -> list[UsageRecord]:
-    used = sum(r.size for r in records)
+    used = sum(r.size for r in records) + other
     last, held = _through_children(records)
     candidates = sorted(
         (

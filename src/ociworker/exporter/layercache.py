@@ -68,7 +68,13 @@ class SQLiteLayerCache:
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(layers)")}
         if "created" not in columns:  # a state dir from before layers were dated
-            self._db.execute("ALTER TABLE layers ADD COLUMN created REAL")
+            try:
+                self._db.execute("ALTER TABLE layers ADD COLUMN created REAL")
+            except sqlite3.OperationalError:
+                # two processes opening a new root at once: the other one added it
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(layers)")}
+                if "created" not in columns:
+                    raise
 
     def close(self) -> None:
         self._db.close()

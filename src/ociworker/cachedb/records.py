@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS records (
     ref TEXT NOT NULL,
     description TEXT NOT NULL,
     created REAL NOT NULL,
-    last_used REAL NOT NULL
+    last_used REAL NOT NULL,
+    usage_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY,

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_lists_steps, buildkit_steps, plain_steps
+from ociworker.testing.daemon import spawn_daemon
 from test_build import ow, write_context
 from test_daemon import Daemon, cli, start_daemon, stop_daemon
 
@@ -265,5 +266,34 @@ def test_daemon_du_lists_synced_contexts_and_prune_keeps_a_running_build(
         gone = cli(d, "prune", "--filter", "type=source.local").stdout
         assert len(gone.splitlines()) >= 3
         assert "source.local" not in cli(d, "du", "--verbose").stdout
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_daemon_collects_after_builds_by_its_config_policy(tmp_path: Path, base_image: str) -> None:
+    """The daemon's GC runs in the background after each build: with a 12 MiB cap
+    and builds of 1-3 MB, the root settles under the cap once the pass is done."""
+    cap = 12 * 1024 * 1024
+    cfg = tmp_path / "d.toml"
+    policy = f"[[worker.oci.gcpolicy]]\nall = true\nmaxUsedSpace = {cap}\n"
+    cfg.write_text('gc_interval = "1h"\n[worker.oci]\n' + policy)
+    root, sock = tmp_path / "droot", tmp_path / "d.sock"
+    log = tmp_path / "daemon.log"
+    args = ("--addr", f"unix://{sock}", "--root", str(root), "--config", str(cfg))
+    d = Daemon(root, sock, spawn_daemon(args, log), "runc")
+    try:
+        for k in range(8):
+            ctx = write_context(tmp_path, _dockerfile(base_image, k), name=f"ctx{k}")
+            cli(d, "build", str(ctx))
+        deadline = time.monotonic() + 60
+        while _measured(root) > cap:  # the last build's pass is in the background
+            assert time.monotonic() < deadline, (_measured(root), log.read_text()[-2000:])
+            time.sleep(0.2)
+        # the newest build survived the passes: its rebuild is all cached
+        out = cli(d, "build", "--progress=plain", str(tmp_path / "ctx7")).stderr
+        assert_lists_steps(out, buildkit_steps(_dockerfile(base_image, 7)), {})
+        # 8 builds of 1-3 MB do not fit: the oldest went
+        first = cli(d, "build", "--progress=plain", str(tmp_path / "ctx0")).stderr
+        assert _state_of(first, "> /blob0") == ("DONE",), first
     finally:
         assert stop_daemon(d) == 0

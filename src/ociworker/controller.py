@@ -504,9 +504,13 @@ async def prune(
 
 
 async def collect_garbage(
-    worker: Worker, policies: Sequence[GCPolicy], contexts: Path | None = None
+    worker: Worker,
+    policies: Sequence[GCPolicy],
+    contexts: Path | None = None,
+    *,
+    skip_unchanged: bool = False,
 ) -> list[UsageRecord]:
-    """One GC pass of ``policies``; the records removed."""
+    """One GC pass of ``policies``; the records removed (see ``gc.collect``)."""
     from ociworker import gc
 
-    return await gc.collect(worker, policies, contexts)
+    return await gc.collect(worker, policies, contexts, skip_unchanged=skip_unchanged)

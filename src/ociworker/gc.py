@@ -39,6 +39,7 @@ from ociworker.core.build import (
     UsageRecord,
 )
 from ociworker.core.gc import DiskSpace, GCPolicy, PruneOptions, prune_selection, select
+from ociworker.fs.atomic import write_atomic
 from ociworker.log import get_logger
 from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.worker import Worker
@@ -84,10 +85,29 @@ async def prune(
         return removed
 
 
+#: a root nothing was written to is looked at again after this long anyway
+#: (time-based rules: records age without any build)
+RECHECK_AFTER = 3600.0
+
+
 async def collect(
-    worker: Worker, policies: Sequence[GCPolicy], contexts: Path | None = None
+    worker: Worker,
+    policies: Sequence[GCPolicy],
+    contexts: Path | None = None,
+    *,
+    skip_unchanged: bool = False,
 ) -> list[UsageRecord]:
-    """One GC pass of ``policies`` over the root; the records removed."""
+    """One GC pass of ``policies`` over the root; the records removed. With
+    ``skip_unchanged`` (the embedded worker, after each build) a root where no
+    record was written since the last pass, less than ``RECHECK_AFTER`` ago, is
+    not walked: a fully cached rebuild costs one query."""
+    stamp = worker.root / "gc.last"
+    newest = worker.cache.newest_created()
+    if skip_unchanged:
+        with contextlib.suppress(OSError, ValueError):
+            seen = float(stamp.read_text())
+            if newest <= seen and time.time() - stamp.stat().st_mtime < RECHECK_AFTER:
+                return []
     async with _lock(worker):
         entries = await _inventory(worker, contexts)
         st = os.statvfs(worker.root)
@@ -99,6 +119,11 @@ async def collect(
         removed = await _remove(worker, entries, chosen)
         if removed:
             _log.info("gc", removed=len(removed), freed=sum(r.size for r in removed))
+        with contextlib.suppress(OSError):
+            if worker.cache.held_since() is None:
+                write_atomic(stamp, repr(newest).encode())
+            else:  # a running build kept what it holds: the next pass must look again
+                stamp.unlink(missing_ok=True)
         return removed
 
 

@@ -125,6 +125,11 @@ class SQLiteCacheIndex:
     def remove(self, key: str) -> None:
         self._db.execute("DELETE FROM records WHERE key = ?", (key,))
 
+    def newest_created(self) -> float:
+        """When the newest record was written (0 when there is none)."""
+        row = self._db.execute("SELECT MAX(created) FROM records").fetchone()
+        return float(row[0] or 0.0)
+
     def remove_unused_since(self, key: str, last_used: float) -> bool:
         """Remove ``key`` unless it was used after ``last_used`` (by a build that
         looked it up since the caller read it); whether it was removed."""

@@ -609,7 +609,7 @@ async def _build(
                 try:
                     st = os.statvfs(worker.root)
                     policies = gc.effective(st.f_blocks * st.f_frsize)
-                    await controller.collect_garbage(worker, policies)
+                    await controller.collect_garbage(worker, policies, skip_unchanged=True)
                 except (OSError, OciworkerError) as exc:  # the build itself succeeded
                     _log.warning("gc failed", error=str(exc))
         finally:

@@ -474,12 +474,12 @@ def test_du_lists_cache_and_prune_all_empties_it(
     on_disk = (root / "snapshots" / "snapshots", root / "content" / "blobs" / "sha256")
     for d in on_disk:
         assert any(d.iterdir()), f"the build left nothing in {d}: wrong place to look"
-    du = ow(root, "du").stdout
+    du = ow(root, "du", "--verbose").stdout
     assert "RUN head -c 100000" in du
-    assert "Total:" in du
+    assert "Total:" in ow(root, "du").stdout
     pruned = ow(root, "prune", "--all").stdout
-    assert "Removed" in pruned
-    after = ow(root, "du").stdout
+    assert pruned.splitlines()[-1].startswith("Total:")
+    after = ow(root, "du", "--verbose").stdout
     assert "RUN head" not in after
     # no image is stored (no -t), so nothing on disk is kept
     for d in on_disk:

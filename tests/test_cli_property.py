@@ -90,7 +90,7 @@ BAD_OTHER: list[tuple[str, ...]] = [
     ("du", "--root", "/proc/nope"),
     ("du", "--root", "{file}"),
     ("du", "--bogus"),
-    ("prune", "--filter", "until=24h"),
+    ("prune", "--filter", "until=soon"),
     ("prune", "--filter", "nonsense"),
     ("prune", "--root", "/proc/nope"),
     ("prune", "--max-parallelism", "x"),

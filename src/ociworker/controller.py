@@ -13,15 +13,14 @@ from typing import Any
 
 from ociworker.content.image import read_image
 from ociworker.core.build import (
-    CACHE_MOUNT_TYPE,
     BuildDefinition,
     BuildRequest,
     BuildResult,
-    PruneFilter,
     UsageRecord,
     check_platforms,
 )
 from ociworker.core.digest import sha256_bytes
+from ociworker.core.gc import GCPolicy, PruneOptions
 from ociworker.core.gitref import KEEP_GIT_DIR_ARG, redact
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.history import explain, explain_lines
@@ -69,13 +68,11 @@ from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.history import BuildRecorder
 from ociworker.ops.remotecontext import open_remote_context
 from ociworker.ops.remotecontext import unpack_stdin_context as unpack_stdin_context
-from ociworker.ops.runmount.cache import CacheUsage
 from ociworker.remotecache.exporter import ExportInputs, add_inline_cache, collect, export_caches
 from ociworker.remotecache.importer import CacheImport, ImportedLayers, ImportParts, load_imports
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import REMOTE, Job
 from ociworker.sources.git import GitFetcher
-from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
 
@@ -222,6 +219,36 @@ NO_OUTPUT_WARNING = (
 
 
 async def build(
+    worker: Worker,
+    req: BuildRequest,
+    definition: BuildDefinition | None,
+    events: EventSink = discard,
+    *,
+    credentials: Credentials | None = None,
+    target: ExportTarget | None = None,
+    secrets: Secrets | None = None,
+    ssh: SSHAgents | None = None,
+    prelude: Sequence[Event] = (),
+) -> BuildResult:
+    """``_recorded`` under a lease: what it uses is in use for prune and GC until it ends."""
+    lease = worker.cache.lease()
+    try:
+        return await _recorded(
+            worker,
+            req,
+            definition,
+            events,
+            credentials=credentials,
+            target=target,
+            secrets=secrets,
+            ssh=ssh,
+            prelude=prelude,
+        )
+    finally:
+        worker.cache.release(lease)
+
+
+async def _recorded(
     worker: Worker,
     req: BuildRequest,
     definition: BuildDefinition | None,
@@ -555,84 +582,34 @@ def _export_parts(
     )
 
 
-# --- du / prune ---------------------------------------------------------------------
+# --- du / prune (see ociworker.gc) --------------------------------------------------------
 
 
-async def disk_usage(worker: Worker) -> list[UsageRecord]:
-    out: list[UsageRecord] = []
-    for rec in worker.cache.records():
-        if rec.result.kind != "snapshot":
-            continue
-        size = 0
-        with contextlib.suppress(Exception):
-            size = await worker.snapshots.usage(rec.result.ref)
-        # pulled layers are the snapshots named by ChainID; everything else was built
-        kind = "source.image" if rec.result.ref.startswith(LAYER_SNAPSHOT_PREFIX) else "regular"
-        out.append(UsageRecord(rec.key, kind, size, rec.description, rec.last_used))
-    for cm in await asyncio.to_thread(worker.cache_mounts.usage):
-        out.append(_cache_mount_record(cm))
-    return out
+async def disk_usage(worker: Worker, contexts: Path | None = None) -> list[UsageRecord]:
+    """Every record of the root (``contexts``: the daemon's synced contexts' dir)."""
+    from ociworker import gc
+
+    return await gc.disk_usage_records(worker, contexts)
 
 
-def _cache_mount_record(cm: CacheUsage) -> UsageRecord:
-    return UsageRecord("sha256:" + cm.key, CACHE_MOUNT_TYPE, cm.size, cm.id, cm.last_used)
+async def prune(
+    worker: Worker, opts: PruneOptions | None = None, contexts: Path | None = None
+) -> list[UsageRecord]:
+    """Remove what ``opts`` selects (default: everything but internal records)
+    and nothing a running build holds; the records removed."""
+    from ociworker import gc
+
+    return await gc.prune(worker, opts or PruneOptions(), contexts)
 
 
-async def prune_filtered(worker: Worker, flt: PruneFilter) -> tuple[int, int]:
-    """Remove the cache mounts ``flt`` selects (records of other types are left
-    alone); (removed, bytes freed). A cache mount in use by a step is kept."""
-    removed = freed = 0
-    for cm in await asyncio.to_thread(worker.cache_mounts.usage):
-        if not flt.matches(_cache_mount_record(cm)):
-            continue
-        size = await asyncio.to_thread(worker.cache_mounts.remove, cm.key)
-        if size or not (worker.cache_mounts.root / cm.key).exists():
-            removed += 1
-            freed += size
-    return removed, freed
+async def collect_garbage(
+    worker: Worker,
+    policies: Sequence[GCPolicy],
+    contexts: Path | None = None,
+    *,
+    skip_unchanged: bool = False,
+) -> list[UsageRecord]:
+    """One GC pass of ``policies``; the records removed (see ``gc.collect``)."""
+    from ociworker import gc
 
-
-async def prune(worker: Worker, flt: PruneFilter | None = None) -> tuple[int, int]:
-    """Remove every cache record, every committed snapshot, every cache mount and
-    every blob no stored image uses; (records, bytes) freed. With a filter, only
-    what it selects (see ``PruneFilter``)."""
-    if flt is not None and not flt.empty:
-        return await prune_filtered(worker, flt)
-    removed, freed = await prune_filtered(worker, PruneFilter())
-    for rec in worker.cache.records():
-        worker.cache.remove(rec.key)
-        removed += 1
-    # Remove committed snapshots from the leaves down; parents go once childless.
-    infos = await worker.snapshots.walk()
-    children: dict[str, int] = {}
-    for info in infos:
-        if info.parent:
-            children[info.parent] = children.get(info.parent, 0) + 1
-    pending = [i for i in infos if i.kind == "committed"]
-    progress = True
-    while pending and progress:
-        progress = False
-        for info in list(pending):
-            if children.get(info.key, 0):
-                continue
-            with contextlib.suppress(Exception):
-                freed += await worker.snapshots.usage(info.key)
-            await worker.snapshots.remove(info.key)
-            worker.layers.forget_layers(info.key)
-            pending.remove(info)
-            if info.parent:
-                children[info.parent] -= 1
-            progress = True
-    # Blobs referenced by no stored image can go too.
-    keep_blobs: set[str] = set()
-    for _, desc in worker.images.list():
-        keep_blobs.add(desc.digest)
-        with contextlib.suppress(Exception):
-            manifest, _cfg = read_image(worker.content, desc.digest)
-            keep_blobs.add(manifest["config"]["digest"])
-            keep_blobs.update(layer["digest"] for layer in manifest.get("layers", []))
-    for digest, size in list(worker.content.walk()):
-        if digest not in keep_blobs:
-            worker.content.delete(digest)
-            freed += size
-    return removed, freed
+    return await gc.collect(worker, policies, contexts, skip_unchanged=skip_unchanged)

@@ -246,6 +246,8 @@ def _open_worker(
 
     cache = SQLiteCacheIndex(root / "cache.db", validate=valid)
     checksums = ContextChecksums()
+    # leases of builds whose process died (a crash, SIGKILL) are released now
+    cache.held_since()
     parts = OpParts(
         content=content,
         snapshots=snapshots,

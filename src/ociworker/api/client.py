@@ -26,7 +26,7 @@ from typing import IO, Any, BinaryIO, cast
 import grpc
 
 from ociworker.api import errors as api_errors
-from ociworker.api.convert import event_from_proto
+from ociworker.api.convert import event_from_proto, usage_record_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
@@ -189,11 +189,23 @@ class Client:
 
     async def disk_usage(self) -> list[UsageRecord]:
         r = await self._unary(self._stub.DiskUsage, pb.DiskUsageRequest())
-        return [UsageRecord(x.id, x.type, x.size, x.description, x.last_used) for x in r.records]
+        return [usage_record_from_proto(x) for x in r.records]
 
-    async def prune(self, *, all: bool = True, filters: Sequence[str] = ()) -> tuple[int, int]:
-        r = await self._unary(self._stub.Prune, pb.PruneRequest(all=all, filters=filters))
-        return r.removed, r.freed
+    async def prune(
+        self,
+        *,
+        all: bool = False,
+        filters: Sequence[str] = (),
+        keep_storage: int = 0,
+        keep_duration: float = 0.0,
+    ) -> list[UsageRecord]:
+        """Prune on the daemon (buildx's flags); the records it removed, each
+        with the bytes it freed."""
+        request = pb.PruneRequest(
+            all=all, filters=filters, keep_storage=keep_storage, keep_duration=keep_duration
+        )
+        r = await self._unary(self._stub.Prune, request)
+        return [usage_record_from_proto(x) for x in r.records]
 
     # -- build history ---------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ociworker.api.v1 import control_pb2 as pb
+from ociworker.core.build import UsageRecord
 from ociworker.core.progress import (
     Event,
     Info,
@@ -87,3 +88,35 @@ def event_from_proto(msg: pb.SolveEvent) -> Event | None:
     if which == "layer_committed":
         return LayerCommitted.from_json(json.loads(msg.layer_committed.descriptor_json))
     return None
+
+
+def usage_record_to_proto(r: UsageRecord) -> pb.UsageRecord:
+    return pb.UsageRecord(
+        id=r.id,
+        type=r.type,
+        size=r.size,
+        description=r.description,
+        last_used=r.last_used,
+        created=r.created,
+        parents=list(r.parents),
+        mutable=r.mutable,
+        in_use=r.in_use,
+        shared=r.shared,
+        usage_count=r.usage_count,
+    )
+
+
+def usage_record_from_proto(m: pb.UsageRecord) -> UsageRecord:
+    return UsageRecord(
+        m.id,
+        m.type,
+        m.size,
+        m.description,
+        m.last_used,
+        created=m.created,
+        parents=tuple(m.parents),
+        mutable=m.mutable,
+        in_use=m.in_use,
+        shared=m.shared,
+        usage_count=m.usage_count,
+    )

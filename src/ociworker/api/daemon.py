@@ -17,7 +17,7 @@ import os
 import signal
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ import grpc
 
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
-from ociworker.core.build import step_limits
+from ociworker.core.build import parse_duration, step_limits
 from ociworker.core.entitlements import parse_entitlements
+from ociworker.core.gc import GCConfig, gc_config
 from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
@@ -82,6 +83,10 @@ class DaemonConfig:
     #: none older than history_max_age seconds (0 = no limit)
     history_max_entries: int = DEFAULT_MAX_ENTRIES
     history_max_age: float = DEFAULT_MAX_AGE
+    #: buildkitd's [worker.oci] gc / [[worker.oci.gcpolicy]]: run after builds and
+    #: every gc_interval seconds
+    gc: GCConfig = field(default_factory=GCConfig)
+    gc_interval: float = 300.0
 
 
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
@@ -96,7 +101,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
             raise ConfigError(f"config file {path}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     # registry_ca is spelt as buildkitd's [registry."HOST"] tables
-    known = {f.name for f in fields(DaemonConfig)} - {"registry_ca"} | {"registry"}
+    known = {f.name for f in fields(DaemonConfig)} - {"registry_ca", "gc"} | {"registry", "worker"}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
@@ -104,6 +109,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         ca, http = _registry_tables(values.pop("registry"), path)
         values["registry_ca"] = ca
         values["insecure_registries"] = [*values.get("insecure_registries", ()), *http]
+    if "worker" in values:
+        values["gc"] = gc_config(values.pop("worker"), f"config file {path}")
+    if "gc_interval" in values:
+        values["gc_interval"] = parse_duration(str(values["gc_interval"]))
     if "root" in values:
         values["root"] = Path(values["root"])
     if "insecure_registries" in values:
@@ -269,15 +278,19 @@ async def serve(cfg: DaemonConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await worker.recover()
-            service = ControlService(worker, log_cap=cfg.log_cap)
+            service = ControlService(worker, log_cap=cfg.log_cap, gc=cfg.gc)
             server = grpc.aio.server(options=list(SERVER_OPTIONS))
             add_to_server(service, server)
             sock = _bind(server, cfg)
             await server.start()
+            timer = asyncio.create_task(service.gc_every(cfg.gc_interval))
             _log.info("serving", addr=cfg.addr, root=str(worker.root))
             print(f"ociworker: serving on {cfg.addr}", flush=True)
             await stop.wait()
             _log.info("stopping: cancelling builds")
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
             await service.cancel_all()
             await server.stop(grace=2)
             await _drain()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -24,7 +25,7 @@ import grpc
 
 from ociworker import controller
 from ociworker.api import errors as api_errors
-from ociworker.api.convert import event_to_proto
+from ociworker.api.convert import event_to_proto, usage_record_to_proto
 from ociworker.api.session import SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
@@ -38,6 +39,7 @@ from ociworker.core.build import (
 )
 from ociworker.core.cacheimport import parse_cache_specs
 from ociworker.core.entitlements import parse_entitlements
+from ociworker.core.gc import GCConfig, PruneOptions
 from ociworker.core.outputs import OUTPUT_TYPES, OutputSpec
 from ociworker.core.progress import (
     DEFAULT_LOG_CAP,
@@ -217,9 +219,14 @@ class ControlService:
     failure can still set the status and its typed detail after the stream.
     """
 
-    def __init__(self, worker: Worker, *, log_cap: int = DEFAULT_LOG_CAP) -> None:
+    def __init__(
+        self, worker: Worker, *, log_cap: int = DEFAULT_LOG_CAP, gc: GCConfig | None = None
+    ) -> None:
         self.worker = worker
         self.log_cap = log_cap
+        self.gc = gc if gc is not None else GCConfig(enabled=False)
+        self._gc_task: asyncio.Task[None] | None = None
+        self._gc_again = False
         self.sessions = SessionHub()
         self.contexts = ContextStore(worker.root / "contexts")
         self._builds: OrderedDict[str, _Build] = OrderedDict()
@@ -227,10 +234,43 @@ class ControlService:
         #: set when the daemon stops: a Solve then is refused, not started and cancelled
         self.closing = False
 
+    # -- GC: after builds and on a timer (buildkitd's throttled GC) ---------------------
+
+    async def gc_every(self, interval: float) -> None:
+        while True:
+            self.gc_soon()
+            await asyncio.sleep(interval)
+
+    def gc_soon(self) -> None:
+        """A GC pass in the background; one at a time (a request during a pass
+        runs one more after it, so the last build's records are counted)."""
+        if not self.gc.enabled:
+            return
+        if self._gc_task is not None and not self._gc_task.done():
+            self._gc_again = True
+            return
+        self._gc_task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        again = True
+        while again:
+            self._gc_again = False
+            try:
+                st = os.statvfs(self.worker.root)
+                policies = self.gc.effective(st.f_blocks * st.f_frsize)
+                await controller.collect_garbage(self.worker, policies, self.contexts.root)
+            except Exception as exc:  # GC must never take the daemon down
+                _log.warning("gc failed", error=str(exc))
+            again = self._gc_again
+
     async def cancel_all(self) -> None:
         """Cancel every running build and wait until each has released what it held;
         builds asked for from now on are refused (a fleet client takes them elsewhere)."""
         self.closing = True
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gc_task
         tasks = list(self._tasks)
         for t in tasks:
             # Once only: a second cancel would cut short the (shielded) cleanup
@@ -363,17 +403,20 @@ class ControlService:
                 build_contexts=tuple(named),
                 explain_cache=request.explain_cache,
             )
-            result = await controller.build(
-                self.worker,
-                req,
-                definition,
-                events,
-                target=target,
-                credentials=session,
-                secrets=session,
-                ssh=session,
-                prelude=tuple(early),
-            )
+            try:
+                result = await controller.build(
+                    self.worker,
+                    req,
+                    definition,
+                    events,
+                    target=target,
+                    credentials=session,
+                    secrets=session,
+                    ssh=session,
+                    prelude=tuple(early),
+                )
+            finally:
+                self.gc_soon()
         metadata = dict(result.metadata)
         metadata["ociworker.context.bytes_sent"] = sent
         return pb.SolveResult(
@@ -480,30 +523,28 @@ class ControlService:
     async def DiskUsage(
         self, request: pb.DiskUsageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DiskUsageResponse:
-        records = await controller.disk_usage(self.worker)
-        return pb.DiskUsageResponse(
-            records=[
-                pb.UsageRecord(
-                    id=r.id,
-                    type=r.type,
-                    size=r.size,
-                    description=r.description,
-                    last_used=r.last_used,
-                )
-                for r in records
-            ]
-        )
+        records = await controller.disk_usage(self.worker, self.contexts.root)
+        return pb.DiskUsageResponse(records=[usage_record_to_proto(r) for r in records])
 
     async def Prune(
         self, request: pb.PruneRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PruneResponse:
         try:
-            flt = PruneFilter.parse(list(request.filters))
-            removed, freed = await controller.prune(self.worker, flt)
+            opts = PruneOptions(
+                filter=PruneFilter.parse(list(request.filters)),
+                all=request.all,
+                keep_storage=max(0, request.keep_storage),
+                keep_duration=max(0.0, request.keep_duration),
+            )
+            removed = await controller.prune(self.worker, opts, self.contexts.root)
         except OciworkerError as exc:
             await _abort(context, exc)
             raise AssertionError("unreachable") from exc
-        return pb.PruneResponse(removed=removed, freed=freed)
+        return pb.PruneResponse(
+            removed=len(removed),
+            freed=sum(r.size for r in removed),
+            records=[usage_record_to_proto(r) for r in removed],
+        )
 
     # -- build history -------------------------------------------------------------------
 

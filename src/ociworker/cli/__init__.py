@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -21,18 +23,21 @@ from ociworker.core.build import (
     NamedContext,
     PruneFilter,
     Ulimit,
+    UsageRecord,
     parse_add_host,
+    parse_duration,
     parse_ram_size,
     step_limits,
 )
 from ociworker.core.cacheimport import parse_cache_specs
 from ociworker.core.entitlements import parse_entitlements
+from ociworker.core.gc import GCConfig, gc_config
 from ociworker.core.gitref import redact
 from ociworker.core.outputs import OutputSpec, parse_annotations, parse_labels, with_push
 from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
-from ociworker.core.units import human_size
-from ociworker.errors import ConfigError
+from ociworker.core.units import human_size, parse_size
+from ociworker.errors import ConfigError, OciworkerError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
 from ociworker.version import __version__
@@ -264,19 +269,40 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
     _step_limit_flags(b)
     _worker_flags(b)
+    b.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="worker config (TOML, as serve's): its [worker.oci] GC policies run after the build",
+    )
 
     du = sub.add_parser("du", help="show build cache disk usage")
-    du.add_argument("--verbose", "-v", action="store_true")
+    du.add_argument("--verbose", "-v", action="store_true", help="every field of every record")
+    du.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        help="type=T, id=ID, until=DURATION, description~=REGEX: show only those records",
+    )
     _worker_flags(du)
 
     pr = sub.add_parser("prune", help="remove build cache")
-    pr.add_argument("--all", "-a", action="store_true", help="remove all cache records")
+    pr.add_argument(
+        "--all", "-a", action="store_true", help="include internal/frontend records (git repos)"
+    )
     pr.add_argument(
         "--filter",
         action="append",
         default=[],
-        help="type=exec.cachemount and/or id=ID: remove only those cache mounts",
+        help="type=T, id=ID, until=DURATION, description~=REGEX: remove only those records",
     )
+    pr.add_argument(
+        "--keep-storage", default="0", metavar="SIZE", help="amount of disk space to keep for cache"
+    )
+    pr.add_argument(
+        "--keep-duration", default="0", metavar="DURATION", help="keep data newer than this limit"
+    )
+    pr.add_argument("--verbose", "-v", action="store_true", help="every field of each removed")
     pr.add_argument("--force", "-f", action="store_true", help="do not ask (always true)")
     _worker_flags(pr)
 
@@ -594,6 +620,7 @@ async def _build(
             definition = read_definition(req.context, req.dockerfile)
         elif req.dockerfile == STDIN:
             definition = BuildDefinition(read_stdin_dockerfile(), "Dockerfile")
+        gc = _gc_config(args.config)
         worker = _worker(args)
         try:
             with view:  # the tty view prints its final state on every way out
@@ -608,6 +635,13 @@ async def _build(
                     secrets=secrets,
                     ssh=ssh,
                 )
+            if gc.enabled:  # after the build, as buildkitd's GC
+                try:
+                    st = os.statvfs(worker.root)
+                    policies = gc.effective(st.f_blocks * st.f_frsize)
+                    await controller.collect_garbage(worker, policies, skip_unchanged=True)
+                except (OSError, OciworkerError) as exc:  # the build itself succeeded
+                    _log.warning("gc failed", error=str(exc))
         finally:
             await worker.aclose()
     _state.phase = Phase.SETUP
@@ -692,6 +726,7 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 async def _cmd_du(args: argparse.Namespace) -> int:
+    flt = PruneFilter.parse(args.filter)
     if args.addr:
         async with _client(args) as client:
             records = await client.disk_usage()
@@ -703,33 +738,138 @@ async def _cmd_du(args: argparse.Namespace) -> int:
             records = await controller.disk_usage(worker)
         finally:
             await worker.aclose()
-    print(f"{'ID':<25} {'TYPE':<18} {'SIZE':>10}  DESCRIPTION")
-    total = 0
-    for r in records:
-        total += r.size
-        desc = r.description if len(r.description) < 60 else r.description[:57] + "..."
-        print(f"{r.id[7:31]:<25} {r.type:<18} {human_size(r.size, 3):>10}  {desc}")
-    print(f"Total: {human_size(total, 3)}")
+    now = time.time()
+    records = [r for r in records if flt.matches(r, now=now)]
+    # smallest first: the records that matter most end next to the totals
+    records.sort(key=lambda r: (r.size, r.id))
+    print(format_usage(records, verbose=args.verbose, now=now), end="")
+    shared = sum(r.size for r in records if r.shared)
+    total = sum(r.size for r in records)
+    rows = []
+    if shared:
+        rows += [("Shared:", shared), ("Private:", total - shared)]
+    rows += [("Reclaimable:", sum(r.size for r in records if r.reclaimable)), ("Total:", total)]
+    for label, n in rows:
+        print(f"{label:<16}{human_size(n)}")
     return 0
 
 
 async def _cmd_prune(args: argparse.Namespace) -> int:
     # Parsed before the worker opens anything; a filter we cannot honour is
     # refused, never ignored (ignoring it would prune everything).
-    flt = PruneFilter.parse(args.filter)
+    from ociworker.core.gc import PruneOptions
+
+    opts = PruneOptions(
+        filter=PruneFilter.parse(args.filter),
+        all=args.all,
+        keep_storage=parse_size(args.keep_storage),
+        keep_duration=parse_duration(args.keep_duration),
+    )
     if args.addr:
         async with _client(args) as client:
-            removed, freed = await client.prune(filters=args.filter)
+            removed = await client.prune(
+                all=opts.all,
+                filters=args.filter,
+                keep_storage=opts.keep_storage,
+                keep_duration=opts.keep_duration,
+            )
     else:
         from ociworker import controller
 
         worker = _worker(args)
         try:
-            removed, freed = await controller.prune(worker, flt)
+            removed = await controller.prune(worker, opts)
         finally:
             await worker.aclose()
-    print(f"Removed {removed} cache records; total reclaimed space: {human_size(freed, 3)}")
+    print(format_usage(removed, verbose=args.verbose, now=time.time()), end="")
+    print(f"{'Total:':<16}{human_size(sum(r.size for r in removed))}")
     return 0
+
+
+def _gc_config(path: Path | None) -> GCConfig:
+    """The GC part of ``--config`` (serve's TOML; its other keys are the daemon's)."""
+    if path is None:
+        return GCConfig()
+    import tomllib
+
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    return gc_config(values.get("worker", {}), f"config file {path}")
+
+
+def format_usage(records: Sequence[UsageRecord], *, verbose: bool, now: float) -> str:
+    """buildx's du table (ID, RECLAIMABLE, SIZE, LAST ACCESSED; a mutable
+    record's id and a shared record's size marked ``*``) or, verbose, its
+    per-record blocks."""
+    lines: list[str] = []
+    if verbose:
+        for r in records:
+            fields = [("ID:", r.id.removeprefix("sha256:"))]
+            if len(r.parents) == 1:
+                fields.append(("Parent:", r.parents[0].removeprefix("sha256:")))
+            elif r.parents:
+                fields.append(("Parents:", ""))
+            fields += [
+                ("Created at:", _timestamp(r.created)),
+                ("Mutable:", str(r.mutable).lower()),
+                ("Reclaimable:", str(r.reclaimable).lower()),
+                ("Shared:", str(r.shared).lower()),
+                ("Size:", human_size(r.size)),
+            ]
+            if r.description:
+                fields.append(("Description:", r.description))
+            fields.append(("Usage count:", str(r.usage_count)))
+            if r.last_used:
+                fields.append(("Last used:", _ago(r.last_used, now)))
+            fields.append(("Type:", r.type))
+            lines += [f"{k:<16}{v}".rstrip() for k, v in fields]
+            lines += [f"{'':<16}- {p.removeprefix('sha256:')}" for p in r.parents[1:]]
+            lines.append("")
+        return "".join(line + "\n" for line in lines)
+    if records:
+        lines.append(f"{'ID':<40}\t{'RECLAIMABLE':<11}\t{'SIZE':<10}\tLAST ACCESSED")
+    for r in records:
+        rid = r.id.removeprefix("sha256:")[:25] + ("*" if r.mutable else "")
+        size = human_size(r.size) + ("*" if r.shared else "")
+        last = _ago(r.last_used, now) if r.last_used else ""
+        lines.append(f"{rid:<40}\t{str(r.reclaimable).lower():<11}\t{size:<10}\t{last}".rstrip())
+    return "".join(line.expandtabs(8) + "\n" for line in lines)
+
+
+def _timestamp(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f %z UTC")
+
+
+def _ago(t: float, now: float) -> str:
+    """go-units HumanDuration of ``now - t`` + " ago", as buildx prints it."""
+    s = max(0.0, now - t)
+    if s < 1:
+        return "Less than a second ago"
+    if s < 2:
+        return "1 second ago"
+    if s < 60:
+        return f"{int(s)} seconds ago"
+    m = s / 60
+    if m < 2:
+        return "About a minute ago"
+    if m < 60:
+        return f"{int(m)} minutes ago"
+    h = m / 60
+    if h < 1.5:
+        return "About an hour ago"
+    if h < 48:
+        return f"{round(h)} hours ago"
+    if h < 24 * 7 * 2:
+        return f"{int(h / 24)} days ago"
+    if h < 24 * 30 * 2:
+        return f"{int(h / 24 / 7)} weeks ago"
+    if h < 24 * 365 * 2:
+        return f"{int(h / 24 / 30)} months ago"
+    return f"{int(h / 24 / 365)} years ago"
 
 
 async def _cmd_serve(args: argparse.Namespace) -> int:

@@ -311,51 +311,118 @@ class BuildResult:
 
 @dataclass(frozen=True)
 class UsageRecord:
+    """One record of ``du`` (BuildKit's ``UsageRecord``): a cache result, a
+    cache mount, a synced context, a git checkout or repository, an HTTP download."""
+
     id: str
     type: str
     size: int
     description: str
     last_used: float
+    created: float = 0.0
+    #: ids of the records this one is built on (its snapshot's parent)
+    parents: tuple[str, ...] = ()
+    mutable: bool = False
+    #: held by a running build (a lease), so no prune or GC removes it
+    in_use: bool = False
+    #: other records are built on it: removing it alone frees nothing
+    shared: bool = False
+    usage_count: int = 0
+
+    @property
+    def reclaimable(self) -> bool:
+        return not self.in_use
+
+    @property
+    def internal(self) -> bool:
+        """Kept by ``prune`` without ``--all`` (as BuildKit keeps these)."""
+        return self.type in (INTERNAL_TYPE, FRONTEND_TYPE)
 
 
 CACHE_MOUNT_TYPE = "exec.cachemount"
+REGULAR_TYPE = "regular"
+LOCAL_SOURCE_TYPE = "source.local"
+GIT_CHECKOUT_TYPE = "source.git.checkout"
+INTERNAL_TYPE = "internal"
+FRONTEND_TYPE = "frontend"
+#: BuildKit's record types (client.UsageRecordType*)
+RECORD_TYPES = (
+    REGULAR_TYPE,
+    LOCAL_SOURCE_TYPE,
+    GIT_CHECKOUT_TYPE,
+    CACHE_MOUNT_TYPE,
+    INTERNAL_TYPE,
+    FRONTEND_TYPE,
+)
+#: the issue's short name for git checkouts, accepted as a filter
+_TYPE_ALIASES = {"source.git": GIT_CHECKOUT_TYPE}
 
 
 @dataclass(frozen=True)
 class PruneFilter:
-    """``prune --filter``: ``type=exec.cachemount`` and/or ``id=ID`` (as buildx)."""
+    """``prune``/``du --filter`` as buildx: ``type=T``, ``id=ID``, ``until=DURATION``
+    (records unused for at least that long), ``description~=TEXT`` (a regular
+    expression searched in the description). Several values of one key: any
+    of them; several keys: all of them. ``==`` is accepted for ``=``."""
 
     types: tuple[str, ...] = ()
     ids: tuple[str, ...] = ()
+    until: float | None = None
+    descriptions: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, items: Sequence[str]) -> PruneFilter:
         types: list[str] = []
         ids: list[str] = []
+        descriptions: list[str] = []
+        until: float | None = None
         for item in items:
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or not value:
-                raise ConfigError(f"invalid prune filter {item!r}: want key=value")
-            if key == "type":
-                if value != CACHE_MOUNT_TYPE:
+            for part in item.split(","):
+                m = re.match(r"^\s*([a-z-]+)\s*(==|=|~=)(.*)$", part)
+                if m is None or not m.group(3):
+                    raise ConfigError(f"invalid --filter {part!r}: want key=value")
+                key, op, value = m.group(1), m.group(2), m.group(3).strip()
+                if key == "description" and op == "~=":
+                    try:
+                        re.compile(value)
+                    except re.error as exc:
+                        raise ConfigError(f"invalid --filter {part!r}: {exc}") from None
+                    descriptions.append(value)
+                elif op == "~=":
+                    raise ConfigError(f"invalid --filter {part!r}: ~= is for description only")
+                elif key == "type":
+                    value = _TYPE_ALIASES.get(value, value)
+                    if value not in RECORD_TYPES:
+                        raise ConfigError(
+                            f"invalid --filter type={value}: want one of {', '.join(RECORD_TYPES)}"
+                        )
+                    types.append(value)
+                elif key == "id":
+                    ids.append(value)
+                elif key in ("until", "unused-for"):
+                    try:
+                        until = parse_duration(value)
+                    except ConfigError as exc:
+                        raise ConfigError(f"invalid --filter {part!r}: {exc}") from None
+                elif key == "description":
+                    descriptions.append("^" + re.escape(value) + "$")
+                else:
                     raise ConfigError(
-                        f"prune --filter type={value} is not supported "
-                        f"(only type={CACHE_MOUNT_TYPE})"
+                        f"unsupported --filter {key!r} (type, id, until, description~= are)"
                     )
-                types.append(value)
-            elif key == "id":
-                ids.append(value)
-            else:
-                raise ConfigError(f"prune --filter {key}=... is not supported (use type or id)")
-        return cls(tuple(types), tuple(ids))
+        return cls(tuple(types), tuple(ids), until, tuple(descriptions))
 
     @property
     def empty(self) -> bool:
-        return not self.types and not self.ids
+        return not self.types and not self.ids and self.until is None and not self.descriptions
 
-    def matches(self, rec: UsageRecord) -> bool:
+    def matches(self, rec: UsageRecord, *, now: float) -> bool:
+        """Whether ``rec`` is selected at time ``now`` (seconds since the epoch)."""
         if self.types and rec.type not in self.types:
+            return False
+        if self.until is not None and rec.last_used > now - self.until:
+            return False
+        if self.descriptions and not any(re.search(d, rec.description) for d in self.descriptions):
             return False
         # an id as du shows it (a prefix of the hex) or in full
         hexid = rec.id.removeprefix("sha256:")
@@ -363,3 +430,19 @@ class PruneFilter:
             i in (rec.id, rec.description) or (len(i) >= 12 and hexid.startswith(i))
             for i in self.ids
         )
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_duration(value: str) -> float:
+    """Seconds from a Go duration as buildx takes them (``48h``, ``1h30m``, ``90s``;
+    ``d`` for days too) or a bare number of seconds."""
+    text = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ConfigError(f"invalid duration {value!r}: want e.g. 48h, 30m, 1h30m")
+    return sum(float(n) * scale[u] for n, u in parts)

@@ -68,7 +68,13 @@ class SQLiteLayerCache:
         self._db.executescript(_SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(layers)")}
         if "created" not in columns:  # a state dir from before layers were dated
-            self._db.execute("ALTER TABLE layers ADD COLUMN created REAL")
+            try:
+                self._db.execute("ALTER TABLE layers ADD COLUMN created REAL")
+            except sqlite3.OperationalError:
+                # two processes opening a new root at once: the other one added it
+                columns = {row[1] for row in self._db.execute("PRAGMA table_info(layers)")}
+                if "created" not in columns:
+                    raise
 
     def close(self) -> None:
         self._db.close()
@@ -106,6 +112,15 @@ class SQLiteLayerCache:
 
     def forget_layers(self, snapshot: str) -> None:
         self._db.execute("DELETE FROM layers WHERE snapshot = ?", (snapshot,))
+
+    def blobs_of(self, snapshot: str) -> list[str]:
+        """Digests of the layer blobs made from ``snapshot`` (for du and GC)."""
+        rows = self._db.execute("SELECT digest FROM layers WHERE snapshot = ?", (snapshot,))
+        return [str(r[0]) for r in rows.fetchall()]
+
+    def blob_in_use(self, digest: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM layers WHERE digest = ? LIMIT 1", (digest,))
+        return row.fetchone() is not None
 
     def put_source(self, digest: str, repository: str) -> None:
         registry = parse_reference(repository).domain

@@ -318,6 +318,9 @@ class GitFetcher:
         commit = resolved.commit
         dest = self.root / "checkouts" / (commit + (".git" if keep_git_dir else ""))
         if dest.is_dir():
+            # its mtime is its last use: prune and GC keep what a running build reads
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(dest)
             return dest
         bare = await self.fetch(ref, resolved, auth)
         dest.parent.mkdir(parents=True, exist_ok=True)

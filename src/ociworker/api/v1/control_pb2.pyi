@@ -675,11 +675,26 @@ class UsageRecord(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     LAST_USED_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    PARENTS_FIELD_NUMBER: _builtins.int
+    MUTABLE_FIELD_NUMBER: _builtins.int
+    IN_USE_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    USAGE_COUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     size: _builtins.int
     description: _builtins.str
     last_used: _builtins.float
+    created: _builtins.float
+    mutable: _builtins.bool
+    in_use: _builtins.bool
+    """held by a running build (a lease)"""
+    shared: _builtins.bool
+    """other records are built on it"""
+    usage_count: _builtins.int
+    @_builtins.property
+    def parents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -688,10 +703,16 @@ class UsageRecord(_message.Message):
         size: _builtins.int = ...,
         description: _builtins.str = ...,
         last_used: _builtins.float = ...,
+        created: _builtins.float = ...,
+        parents: _abc.Iterable[_builtins.str] | None = ...,
+        mutable: _builtins.bool = ...,
+        in_use: _builtins.bool = ...,
+        shared: _builtins.bool = ...,
+        usage_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "id", b"id", "last_used", b"last_used", "size", b"size", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "id", b"id", "in_use", b"in_use", "last_used", b"last_used", "mutable", b"mutable", "parents", b"parents", "shared", b"shared", "size", b"size", "type", b"type", "usage_count", b"usage_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -723,7 +744,13 @@ class PruneRequest(_message.Message):
 
     ALL_FIELD_NUMBER: _builtins.int
     FILTERS_FIELD_NUMBER: _builtins.int
+    KEEP_STORAGE_FIELD_NUMBER: _builtins.int
+    KEEP_DURATION_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
+    keep_storage: _builtins.int
+    """bytes (--keep-storage)"""
+    keep_duration: _builtins.float
+    """seconds (--keep-duration)"""
     @_builtins.property
     def filters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -731,10 +758,12 @@ class PruneRequest(_message.Message):
         *,
         all: _builtins.bool = ...,
         filters: _abc.Iterable[_builtins.str] | None = ...,
+        keep_storage: _builtins.int = ...,
+        keep_duration: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "filters", b"filters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "filters", b"filters", "keep_duration", b"keep_duration", "keep_storage", b"keep_storage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -746,17 +775,23 @@ class PruneResponse(_message.Message):
 
     REMOVED_FIELD_NUMBER: _builtins.int
     FREED_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
     removed: _builtins.int
     freed: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRecord]:
+        """what was removed, each with the bytes it freed"""
+
     def __init__(
         self,
         *,
         removed: _builtins.int = ...,
         freed: _builtins.int = ...,
+        records: _abc.Iterable[Global___UsageRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed", b"freed", "removed", b"removed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["freed", b"freed", "records", b"records", "removed", b"removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,6 +1,6 @@
 """The buildx flags of issue 13: ``--platform`` (the worker's own builds, a
-foreign one is refused clearly), ``--pull`` and ``--no-cache-filter``; real
-runc, overlayfs and the local registry."""
+foreign one is refused clearly), ``--pull`` and ``--no-cache-filter`` (embedded
+and over the daemon); real runc, overlayfs and the local registry."""
 
 from __future__ import annotations
 
@@ -90,19 +90,31 @@ def test_platform_own_builds_foreign_is_refused(
     assert not (tmp_path / "out-2").exists()
 
 
+@pytest.fixture(params=["embedded", "daemon"])
+def where(request: pytest.FixtureRequest, tmp_path: Path, state_dir: Path) -> Iterator[str]:
+    """Build embedded (``--root``: "") or through a daemon (its ``--addr``)."""
+    if request.param == "embedded":
+        yield ""
+        return
+    request.getfixturevalue("registry")
+    d = start_daemon(tmp_path / "droot", tmp_path / "d.sock")
+    yield d.addr
+    assert stop_daemon(d) == 0
+
+
 def test_pull_resolves_at_the_registry_not_the_image_store(
-    tmp_path: Path, state_dir: Path, base_image: str
+    tmp_path: Path, state_dir: Path, base_image: str, where: str
 ) -> None:
     # the image store gets an image under the base image's own name, with a marker
     local = _ctx(tmp_path, "local", f"FROM {base_image}\nRUN echo local > /marker\n")
-    made = _build(state_dir, local, "-t", base_image)
+    made = _build(state_dir, local, "-t", base_image, addr=where)
     assert made.returncode == 0, made.stderr[-3000:]
     df = f"FROM {base_image}\nRUN cat /marker > /seen 2>/dev/null || echo registry > /seen\n"
     ctx = _ctx(tmp_path, "ctx", df)
-    plain = _build(state_dir, ctx, "-o", f"type=local,dest={tmp_path / 'a'}")
+    plain = _build(state_dir, ctx, "-o", f"type=local,dest={tmp_path / 'a'}", addr=where)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert (tmp_path / "a/seen").read_text() == "local\n"  # the image store first
-    pulled = _build(state_dir, ctx, "--pull", "-o", f"type=local,dest={tmp_path / 'b'}")
+    pulled = _build(state_dir, ctx, "--pull", "-o", f"type=local,dest={tmp_path / 'b'}", addr=where)
     assert pulled.returncode == 0, pulled.stderr[-3000:]
     assert (tmp_path / "b/seen").read_text() == "registry\n"  # --pull: the registry's
 
@@ -114,7 +126,7 @@ def _state(stderr: str, needle: str) -> tuple[str, ...]:
 
 
 def test_no_cache_filter_reruns_only_the_named_stage(
-    tmp_path: Path, state_dir: Path, base_image: str
+    tmp_path: Path, state_dir: Path, base_image: str, where: str
 ) -> None:
     df = f"""FROM {base_image} AS first
 RUN cat /proc/sys/kernel/random/uuid > /a
@@ -125,10 +137,16 @@ COPY --from=first /a /a
 COPY --from=second /b /b
 """
     ctx = _ctx(tmp_path, "ctx", df)
-    one = _build(state_dir, ctx, "-o", f"type=local,dest={tmp_path / 'one'}")
+    one = _build(state_dir, ctx, "-o", f"type=local,dest={tmp_path / 'one'}", addr=where)
     assert one.returncode == 0, one.stderr[-3000:]
     two = _build(
-        state_dir, ctx, "--no-cache-filter", "first", "-o", f"type=local,dest={tmp_path / 'two'}"
+        state_dir,
+        ctx,
+        "--no-cache-filter",
+        "first",
+        "-o",
+        f"type=local,dest={tmp_path / 'two'}",
+        addr=where,
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert _state(two.stderr, "random/uuid > /a") == ("DONE",)
@@ -153,7 +171,3 @@ def test_flags_over_the_daemon(tmp_path: Path, daemon: Daemon, base_image: str) 
     bad = _build(tmp_path, ctx, "--platform", foreign, addr=daemon.addr)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"this worker builds {own} only" in bad.stderr, bad.stderr
-    for flag in (["--pull"], ["--no-cache-filter", "x"]):
-        refused = _build(tmp_path, ctx, *flag, addr=daemon.addr)
-        assert refused.returncode != 0 and "Traceback" not in refused.stderr
-        assert f"{flag[0]} is not supported on a daemon yet" in refused.stderr, refused.stderr

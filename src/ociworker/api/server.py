@@ -353,6 +353,8 @@ class ControlService:
                 annotations=tuple(request.annotations),
                 labels=dict(request.labels),
                 build_contexts=tuple(named),
+                pull=request.pull,
+                no_cache_filter=tuple(request.no_cache_filter),
             )
             result = await controller.build(
                 self.worker,

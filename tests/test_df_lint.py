@@ -8,8 +8,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from ociworker.frontend.dockerfile.lint import lint, report
+from ociworker.frontend.dockerfile.lint import BaseImage, BaseRef, base_images, lint, report
 from ociworker.frontend.dockerfile.parser import parse
 
 
@@ -78,6 +79,13 @@ def test_from_args_workdir_multiple_and_empty_continuation() -> None:
         'CMD ["b"]\nRUN echo a \\\n\n b\n'
     )
     assert _found(text) == [
+        # $NOPE is empty with the defaults: no image name (BuildKit's
+        # validateBaseImagesWithDefaultArgs, before the ARG check)
+        (
+            "InvalidDefaultArgInFrom",
+            "Default value for ARG $NOPE results in empty or invalid base image name",
+            3,
+        ),
         ("UndefinedArgInFrom", "FROM argument 'NOPE' is not declared", 3),
         (
             "WorkdirRelativePath",
@@ -88,7 +96,9 @@ def test_from_args_workdir_multiple_and_empty_continuation() -> None:
             "MultipleInstructionsDisallowed",
             "Multiple CMD instructions should not be used in the same stage because only "
             "the last one will be used",
-            6,
+            # the earlier CMD: "Report the location of the previous invocation because
+            # it is the one that will be ignored" (BuildKit validations.go validateUsedOnce)
+            5,
         ),
         ("NoEmptyContinuation", "Empty continuation line", 7),
     ]
@@ -145,3 +155,146 @@ def test_report_is_printed_as_buildx_prints_it() -> None:
         "--------------------\n"
     )
     assert report(lint(parse(text)), text, "Dockerfile") == want
+
+
+# -- the rules that need the base images, and the newer default rules ------------------
+# Expected messages: BuildKit's frontend/dockerfile/linter/ruleset.go and the rule pages
+# (frontend/dockerfile/docs/rules/*.md); when each fires: dockerfile2llb/validations.go.
+
+_PY = BaseRef("python", "linux/amd64")
+_PYTHON = BaseImage(("PATH=/usr/local/bin:/usr/bin", "PYTHON_VERSION=3.12.4"), "linux/amd64")
+
+
+def _checked(text: str, **kw: Any) -> list[tuple[str, str, int]]:
+    kw.setdefault("platform", "linux/amd64")
+    return [(w.rule, w.detail, w.line) for w in lint(parse(text), **kw)]
+
+
+def test_undefined_var_follows_the_stage_environment() -> None:
+    # the undefined-var.md examples, then BuildKit's suggestion ("did you mean")
+    text = (
+        "FROM python AS base\n"
+        "ARG VERSION=$PYTHON_VERSION\n"  # the base image defines it
+        "COPY $foo .\n"  # undefined
+        "ARG foo\n"
+        "COPY $foo .\n"  # declared (no value): not reported
+        "ENV A=$PYTON_VERSION\n"  # a typo of the base's variable
+        "RUN echo $nothing\n"  # RUN is left to the shell
+        "FROM base AS child\n"
+        "COPY $foo $VERSION $A /\n"  # all inherited from the parent stage
+        "FROM scratch\n"
+        "WORKDIR $PATH\n"  # scratch has PATH
+        "USER $who\n"
+    )
+    want_bases = [_PY]
+    assert base_images(parse(text), platform="linux/amd64") == want_bases
+    assert _checked(text, bases={_PY: _PYTHON}) == [
+        ("UndefinedVar", "Usage of undefined variable '$foo'", 3),
+        (
+            "UndefinedVar",
+            "Usage of undefined variable '$PYTON_VERSION' (did you mean $PYTHON_VERSION?)",
+            6,
+        ),
+        ("UndefinedVar", "Usage of undefined variable '$who'", 12),
+    ]
+    # an unresolved base hides its variables: nothing is reported for its stages
+    assert _checked(text) == [("UndefinedVar", "Usage of undefined variable '$who'", 12)]
+
+
+def test_undefined_var_in_copy_flags_mounts_and_heredocs() -> None:
+    text = (
+        "FROM scratch\n"
+        "COPY --chown=$owner a /a\n"
+        "RUN --mount=type=cache,target=$cachedir true\n"
+        "COPY <<EOF /x\n$inbody\nEOF\n"
+        "COPY <<'EOF' /y\n$quoted\nEOF\n"
+        'ENV K="$PATH" K2=$K\n'  # $K is not set yet when the line expands
+    )
+    assert _checked(text) == [
+        ("UndefinedVar", "Usage of undefined variable '$owner'", 2),
+        ("UndefinedVar", "Usage of undefined variable '$cachedir'", 3),
+        ("UndefinedVar", "Usage of undefined variable '$inbody'", 4),
+        ("UndefinedVar", "Usage of undefined variable '$K'", 10),
+    ]
+
+
+def test_invalid_base_image_platform_has_no_link() -> None:
+    text = "FROM python\nFROM --platform=$BUILDPLATFORM python AS b\n"
+    s390x = BaseImage(_PYTHON.env, "linux/s390x")
+    bases = {_PY: s390x}
+    warnings = lint(parse(text), bases, platform="linux/amd64")
+    msg = (
+        'Base image python was pulled with platform "linux/s390x", expected "linux/amd64" '
+        "for current build"
+    )
+    assert [(w.rule, w.detail, w.line) for w in warnings] == [
+        ("InvalidBaseImagePlatform", msg, 1),
+        ("InvalidBaseImagePlatform", msg, 2),
+    ]
+    # ruleset.go gives the rule no URL: lint.Warning.PrintTo prints the name alone
+    assert f"\nWARNING: InvalidBaseImagePlatform\n{msg}\nDockerfile:1\n" in report(
+        warnings, text, "Dockerfile"
+    )
+    # the image's own platform: nothing; an image without layers is scratch to BuildKit
+    assert _checked(text, bases={_PY: _PYTHON}) == []
+    assert _checked(text, bases={_PY: BaseImage((), "linux/s390x", layers=False)}) == []
+
+
+def test_invalid_default_arg_in_from() -> None:
+    # the invalid-default-arg-in-from.md examples: one bad, three good
+    assert _checked("ARG TAG\nFROM busybox:${TAG}\n") == [
+        (
+            "InvalidDefaultArgInFrom",
+            "Default value for ARG busybox:${TAG} results in empty or invalid base image name",
+            2,
+        )
+    ]
+    for good in (
+        "ARG TAG=latest\nFROM busybox:${TAG}\n",
+        "ARG VARIANT\nFROM busybox:stable${VARIANT}\n",
+        "ARG TAG\nFROM alpine:${TAG:-3.14}\n",
+    ):
+        assert _checked(good) == [], good
+
+
+def test_expose_rules() -> None:
+    text = "FROM scratch\nEXPOSE 80/TcP\nEXPOSE 127.0.0.1:80:80\nEXPOSE 80:80\nEXPOSE 80/tcp 81\n"
+    bad_format = "EXPOSE instruction should not define an IP address or host-port mapping"
+    assert _checked(text) == [
+        (
+            "ExposeProtoCasing",
+            "Defined protocol '80/TcP' in EXPOSE instruction should be lowercase",
+            2,
+        ),
+        ("ExposeInvalidFormat", f"{bad_format}, found '127.0.0.1:80:80'", 3),
+        ("ExposeInvalidFormat", f"{bad_format}, found '80:80'", 4),
+    ]
+
+
+def test_copy_ignored_file_and_secret_allow_list() -> None:
+    text = (
+        "FROM scratch\n"
+        "COPY ./tmp/helloworld.txt /helloworld.txt\n"
+        "COPY ./forever/helloworld.txt /helloworld.txt\n"
+        "ADD tmp/x /x\n"
+        "COPY --from=other tmp/y /y\n"  # not the context
+        "ARG PUBLIC_KEY\n"  # "public" marks it as no secret (secretsAllowRegexp)
+        "ARG API_KEY\n"
+    )
+    assert _checked(text, ignore_patterns=("tmp",)) == [
+        (
+            "CopyIgnoredFile",
+            'Attempting to Copy file "tmp/helloworld.txt" that is excluded by .dockerignore',
+            2,
+        ),
+        ("CopyIgnoredFile", 'Attempting to Add file "tmp/x" that is excluded by .dockerignore', 4),
+        (
+            "SecretsUsedInArgOrEnv",
+            'Do not use ARG or ENV instructions for sensitive data (ARG "API_KEY")',
+            7,
+        ),
+    ]
+    # an exception in the file: BuildKit does not try to decide
+    assert [r for r, _, _ in _checked(text, ignore_patterns=("tmp", "!tmp/x"))] == [
+        "SecretsUsedInArgOrEnv"
+    ]

@@ -110,21 +110,25 @@ def test_links_are_the_rules_reference_pages() -> None:
 
 
 def test_check_flag_prints_the_report_and_builds_nothing(tmp_path: Path) -> None:
-    (tmp_path / "Dockerfile").write_text("FROM busybox as base\nCMD app\n")
+    # FROM scratch: no base image to resolve, so no worker and no state dir
+    # (integration/test_buildx_flags.py checks the resolving kind)
+    (tmp_path / "Dockerfile").write_text("FROM scratch as base\nCMD app\n")
+    root = tmp_path / "state"
     proc = subprocess.run(
-        [sys.executable, "-m", "ociworker", "build", "--check", str(tmp_path)],
+        [sys.executable, "-m", "ociworker", "build", "--root", str(root), "--check", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 1, proc.stderr
+    assert not root.exists()
     assert proc.stdout.startswith("Check complete, 2 warnings have been found!\n")
     assert (
         "WARNING: FromAsCasing - https://docs.docker.com/go/dockerfile/rule/from-as-casing/\n"
         "'as' and 'FROM' keywords' casing do not match\nDockerfile:1\n" in proc.stdout
     )
     assert "   2 | >>> CMD app" in proc.stdout
-    (tmp_path / "Dockerfile").write_text('FROM busybox AS base\nCMD ["app"]\n')
+    (tmp_path / "Dockerfile").write_text('FROM scratch AS base\nCMD ["app"]\n')
     proc = subprocess.run(
         [sys.executable, "-m", "ociworker", "build", "--check", str(tmp_path)],
         capture_output=True,

@@ -73,6 +73,29 @@ esac
 """
 
 
+#: git's advice after a failed remote read: says nothing about this failure
+_ADVICE = frozenset(
+    {"Please make sure you have the correct access rights", "and the repository exists."}
+)
+
+
+def _reason(detail: str, status: int | None) -> str:
+    """The telling part of git's stderr: its last line but the generic advice,
+    after ssh's refusal when there is one (it says which user and why)."""
+    lines = [line.strip() for line in detail.splitlines()]
+    lines = [line for line in lines if line and line not in _ADVICE]
+    if not lines:
+        return f"exit status {status}"
+    denied = [line for line in lines if "Permission denied" in line]
+    return "; ".join(dict.fromkeys([*denied[:1], lines[-1]]))
+
+
+def _ssh_hint(detail: str, auth: GitAuth) -> str:
+    if "Permission denied (publickey" in detail and not auth.ssh_socket:
+        return " (no ssh agent was lent to the build: give --ssh default)"
+    return ""
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A ref resolved to a commit; ``refname`` is what to fetch (None: a commit)."""
@@ -159,8 +182,10 @@ class GitFetcher:
             # a lone user name is a token (https://TOKEN@host/...)
             hidden = [auth.password] if auth.password else [auth.username]
             detail = redact(err.decode(errors="replace").strip(), hidden)
-            last = detail.splitlines()[-1] if detail else f"exit status {proc.returncode}"
-            raise UserError(f"git {what or args[0]} {shown} failed: {last}")
+            raise UserError(
+                f"git {what or args[0]} {shown} failed: {_reason(detail, proc.returncode)}"
+                + _ssh_hint(detail, auth)
+            )
         return out.decode(errors="replace")
 
     @contextlib.asynccontextmanager

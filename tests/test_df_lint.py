@@ -12,6 +12,7 @@ from typing import Any
 
 from ociworker.frontend.dockerfile.lint import BaseImage, BaseRef, base_images, lint, report
 from ociworker.frontend.dockerfile.parser import parse
+from ociworker.fs.ignore import IgnoreMatcher
 
 
 def _found(text: str) -> list[tuple[str, str, int]]:
@@ -285,7 +286,7 @@ def test_copy_ignored_file_and_secret_allow_list() -> None:
         "ARG PUBLIC_KEY\n"  # "public" marks it as no secret (secretsAllowRegexp)
         "ARG API_KEY\n"
     )
-    assert _checked(text, ignore_patterns=("tmp",)) == [
+    assert _checked(text, ignore=IgnoreMatcher(["tmp"])) == [
         (
             "CopyIgnoredFile",
             'Attempting to Copy file "tmp/helloworld.txt" that is excluded by .dockerignore',
@@ -299,6 +300,6 @@ def test_copy_ignored_file_and_secret_allow_list() -> None:
         ),
     ]
     # an exception in the file: BuildKit does not try to decide
-    assert [r for r, _, _ in _checked(text, ignore_patterns=("tmp", "!tmp/x"))] == [
+    assert [r for r, _, _ in _checked(text, ignore=IgnoreMatcher(["tmp", "!tmp/x"]))] == [
         "SecretsUsedInArgOrEnv"
     ]

@@ -178,7 +178,7 @@ def check_dockerfile(
         build_args=req.build_args if req else None,
         platform=platform,
         named=[nc.name for nc in req.build_contexts] if req else (),
-        ignore_patterns=definition.ignore_patterns,
+        ignore=IgnoreMatcher(definition.ignore_patterns) if definition.ignore_patterns else None,
     )
     return report(warnings, definition.dockerfile, definition.filename), len(warnings)
 

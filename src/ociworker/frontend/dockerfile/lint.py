@@ -17,13 +17,13 @@ import csv
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ociworker.core.oci import Platform
 from ociworker.core.reference import parse_reference
 from ociworker.errors import OciworkerError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote
 from ociworker.frontend.dockerfile.shell import Lexer, expand
-from ociworker.fs.ignore import IgnoreMatcher
 
 _DOCS = "https://docs.docker.com/go/dockerfile/rule/"
 #: rules BuildKit gives no documentation link (its report prints the name alone)
@@ -64,6 +64,15 @@ class LintWarning:
         kebab = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "-", self.rule)
         kebab = kebab.lower()
         return _DOCS + kebab + "/"
+
+
+class IgnoreRules(Protocol):
+    """The context's .dockerignore, as CopyIgnoredFile asks it (fs.IgnoreMatcher)."""
+
+    @property
+    def patterns(self) -> tuple[str, ...]: ...
+
+    def excluded(self, path: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -212,14 +221,14 @@ def lint(
     build_args: Mapping[str, str] | None = None,
     platform: str = "",
     named: Collection[str] = (),
-    ignore_patterns: Sequence[str] = (),
+    ignore: IgnoreRules | None = None,
 ) -> list[LintWarning]:
     """Every default rule's warnings, in the order of the lines they are on.
 
     ``bases``: the configs of the images ``base_images`` lists (None: nothing
     resolved); ``platform``: the build's (the expected one of a base image);
-    ``named``: the build's named contexts; ``ignore_patterns``: the context's
-    .dockerignore (for CopyIgnoredFile)."""
+    ``named``: the build's named contexts; ``ignore``: the context's
+    .dockerignore (for CopyIgnoredFile; None: there is none)."""
     out: list[LintWarning] = []
 
     def warn(rule: str, detail: str, ins: Instruction) -> None:
@@ -246,7 +255,6 @@ def lint(
 
     _lint_default_from_args(parsed, warn)
     global_declared, global_values = _global_args(parsed, build_args or {}, platform)
-    ignore = IgnoreMatcher(ignore_patterns) if ignore_patterns else None
     walk = _StageWalk(
         parsed.escape, global_declared, global_values, bases, platform, named, ignore, warn
     )
@@ -276,7 +284,7 @@ class _StageWalk:
         bases: Mapping[BaseRef, BaseImage] | None,
         platform: str,
         named: Collection[str],
-        ignore: IgnoreMatcher | None,
+        ignore: IgnoreRules | None,
         warn: _Warn,
     ) -> None:
         self.escape = escape

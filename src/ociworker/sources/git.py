@@ -6,6 +6,7 @@ Layout under the fetcher's root (``<worker root>/git``)::
 
     repos/<sha256 of the URL>/   bare repositories, one per remote (credentials
                                  are no part of the key), holding what was fetched
+    repos/<sha256>.init.lock     taken while one is created (ociworker.ready: done)
     checkouts/<commit>[.git]     the commit's files (with ``.git`` when kept);
                                  written whole under a temporary name, then renamed
     home/                        git's HOME: no user or system config applies
@@ -203,16 +204,26 @@ class GitFetcher:
 
     async def _ensure_bare(self, ref: GitRef) -> Path:
         bare = self._bare(ref)
-        if not (bare / "HEAD").exists():
-            bare.mkdir(parents=True, exist_ok=True)
-            await self._git(["init", "-q", "--bare", str(bare)], GitAuth(), ref.shown, what="init")
-            # checkouts fetch a commit from here by its id
-            await self._git(
-                ["--git-dir", str(bare), "config", "uploadpack.allowAnySHA1InWant", "true"],
-                GitAuth(),
-                ref.shown,
-                what="config",
-            )
+        # written last: a repository another step is still setting up is not ready
+        ready = bare / "ociworker.ready"
+        if ready.exists():
+            return bare
+        # Steps of one build (several ADDs of one remote) or two builds may
+        # create it at once: two `git init`s of one dir race on its config.
+        async with self._locked(bare.with_name(bare.name + ".init.lock")):
+            if not ready.exists():
+                bare.mkdir(parents=True, exist_ok=True)
+                await self._git(
+                    ["init", "-q", "--bare", str(bare)], GitAuth(), ref.shown, what="init"
+                )
+                # checkouts fetch a commit from here by its id
+                await self._git(
+                    ["--git-dir", str(bare), "config", "uploadpack.allowAnySHA1InWant", "true"],
+                    GitAuth(),
+                    ref.shown,
+                    what="config",
+                )
+                ready.touch()
         return bare
 
     async def _has_commit(self, bare: Path, commit: str) -> str | None:

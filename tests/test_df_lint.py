@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from ociworker.errors import DockerfileError
 from ociworker.frontend.dockerfile.lint import BaseImage, BaseRef, base_images, lint, report
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.ignore import IgnoreMatcher
@@ -303,3 +306,19 @@ def test_copy_ignored_file_and_secret_allow_list() -> None:
     assert [r for r, _, _ in _checked(text, ignore=IgnoreMatcher(["tmp", "!tmp/x"]))] == [
         "SecretsUsedInArgOrEnv"
     ]
+
+
+def test_check_directive_and_build_arg_skip_rules() -> None:
+    # BuildKit's dockerfile_check_test.go (testLintSkip...): the build arg
+    # BUILDKIT_DOCKERFILE_CHECK replaces the "# check=" directive
+    text = "#check=skip=all\nFROM scratch as base\ncopy Dockerfile .\n"
+    assert _checked(text) == []
+    args = {"BUILDKIT_DOCKERFILE_CHECK": "skip=ConsistentInstructionCasing;error=true"}
+    assert _checked(text, build_args=args) == [
+        ("FromAsCasing", "'as' and 'FROM' keywords' casing do not match", 2)
+    ]
+    text = "#check=error=true\nFROM scratch as base\ncopy Dockerfile .\n"
+    assert _checked(text, build_args={"BUILDKIT_DOCKERFILE_CHECK": "skip=all"}) == []
+    assert [r for r, _, _ in _checked(text)] == ["FromAsCasing", "ConsistentInstructionCasing"]
+    with pytest.raises(DockerfileError, match="invalid check option"):
+        _checked("#check=nope=1\nFROM scratch\n")

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from ociworker.core.oci import Platform
 from ociworker.core.reference import parse_reference
-from ociworker.errors import OciworkerError
+from ociworker.errors import DockerfileError, OciworkerError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote
 from ociworker.frontend.dockerfile.shell import Lexer, expand
 
@@ -269,7 +269,40 @@ def lint(
         if not seen_from:
             continue
         walk.step(ins)
-    return sorted(out, key=lambda w: w.line)
+    skip_all, skipped = _check_options(parsed, build_args)
+    kept = [w for w in out if not skip_all and w.rule not in skipped]
+    return sorted(kept, key=lambda w: w.line)
+
+
+def _check_options(
+    parsed: ParseResult, build_args: Mapping[str, str] | None
+) -> tuple[bool, frozenset[str]]:
+    """The rules to skip: ``--build-arg BUILDKIT_DOCKERFILE_CHECK=...`` if given,
+    else the ``# check=...`` directive (BuildKit's ParseLintOptions:
+    ``skip=all|RULE,...``, ``error=BOOL``, ``experimental=...``, ";"-separated)."""
+    text = (build_args or {}).get("BUILDKIT_DOCKERFILE_CHECK")
+    if text is None:
+        text = parsed.check or ""
+    skip_all, skipped = False, set[str]()
+    for part in text.strip().split(";", 2) if text.strip() else []:
+        key, eq, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in ("skip", "error", "experimental"):
+            raise DockerfileError(f"failed to parse check options: invalid check option {part!r}")
+        if key == "skip":
+            if value == "all":
+                skip_all = True
+            else:
+                skipped.update(r.strip() for r in value.split(","))
+        elif key == "error" and value not in _GO_BOOLS:
+            raise DockerfileError(f"failed to parse check options: {part!r} is no boolean")
+    return skip_all, frozenset(skipped)
+
+
+#: what Go's strconv.ParseBool accepts
+_GO_BOOLS = frozenset(
+    ["1", "t", "T", "TRUE", "true", "True", "0", "f", "F", "FALSE", "false", "False"]
+)
 
 
 class _StageWalk:

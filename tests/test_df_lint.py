@@ -322,3 +322,124 @@ def test_check_directive_and_build_arg_skip_rules() -> None:
     assert [r for r, _, _ in _checked(text)] == ["FromAsCasing", "ConsistentInstructionCasing"]
     with pytest.raises(DockerfileError, match="invalid check option"):
         _checked("#check=nope=1\nFROM scratch\n")
+
+
+# -- cases of BuildKit's own frontend/dockerfile/dockerfile_check_test.go --------------
+# (its Dockerfiles and expected rule/detail/line; "alpine" stands for a base image
+# whose config sets PATH only, as the test's alpine does)
+
+_ALPINE = BaseRef("alpine", "linux/amd64")
+_ALPINE_IMG = BaseImage(
+    ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",), "linux/amd64"
+)
+
+
+def _bk(text: str, **kw: Any) -> list[tuple[str, str, int]]:
+    return _checked(text, bases={_ALPINE: _ALPINE_IMG}, **kw)
+
+
+def test_buildkit_unmatched_vars() -> None:
+    assert _bk("\nFROM scratch\nARG foo\nCOPY Dockerfile${foo} .\n") == []
+    assert _bk("\nFROM alpine AS base\nARG foo=Dockerfile\n\nFROM base\nCOPY $foo .\n") == []
+    assert _bk("\nFROM alpine\nRUN echo $PATH\n") == []
+    assert _bk("\nFROM alpine\nCOPY $foo .\nARG foo=bar\nRUN echo $foo\n") == [
+        ("UndefinedVar", "Usage of undefined variable '$foo'", 3)
+    ]
+    text = (
+        "\nFROM alpine\nARG DIR_BINARIES=binaries/\nARG DIR_ASSETS=assets/\n"
+        "ARG DIR_CONFIG=config/\nCOPY $DIR_ASSET .\n\t"
+    )
+    assert _bk(text) == [
+        ("UndefinedVar", "Usage of undefined variable '$DIR_ASSET' (did you mean $DIR_ASSETS?)", 6)
+    ]
+    assert _bk("\nFROM alpine\nENV PATH=$PAHT:/tmp/bin\n\t\t") == [
+        ("UndefinedVar", "Usage of undefined variable '$PAHT' (did you mean $PATH?)", 3)
+    ]
+
+
+def test_buildkit_multiple_instructions_and_workdir() -> None:
+    multiple = (
+        "Multiple {} instructions should not be used in the same stage because only the "
+        "last one will be used"
+    )
+    text = (
+        '\nFROM scratch\nENTRYPOINT ["/myapp"]\nENTRYPOINT ["/myotherapp"]\nCMD ["/myapp"]\n'
+        'CMD ["/myotherapp"]\nHEALTHCHECK CMD ["/myapp"]\nHEALTHCHECK CMD ["/myotherapp"]\n'
+    )
+    assert _bk(text) == [
+        ("MultipleInstructionsDisallowed", multiple.format("ENTRYPOINT"), 3),
+        ("MultipleInstructionsDisallowed", multiple.format("CMD"), 5),
+        ("MultipleInstructionsDisallowed", multiple.format("HEALTHCHECK"), 7),
+    ]
+    text = (
+        '\nFROM scratch AS a\nENTRYPOINT ["/myapp"]\nCMD ["/myapp"]\nHEALTHCHECK CMD ["/myapp"]\n'
+        '\nFROM a AS b\nENTRYPOINT ["/myotherapp"]\nCMD ["/myotherapp"]\n'
+        'HEALTHCHECK CMD ["/myotherapp"]\n'
+    )
+    assert _bk(text) == []
+    assert _bk("\nFROM scratch\nWORKDIR app/\n") == [
+        (
+            "WorkdirRelativePath",
+            'Relative workdir "app/" can have unexpected results if the base image changes',
+            3,
+        )
+    ]
+    assert _bk("\nFROM scratch AS a\nWORKDIR /app\n\nFROM a AS b\nWORKDIR subdir/\n") == []
+
+
+def test_buildkit_copy_ignored_files() -> None:
+    text = "\nFROM scratch\nCOPY Dockerfile .\nADD Dockerfile /windy\n"
+    assert _bk(text, ignore=IgnoreMatcher(["Dockerfile"])) == [
+        (
+            "CopyIgnoredFile",
+            'Attempting to Copy file "Dockerfile" that is excluded by .dockerignore',
+            3,
+        ),
+        (
+            "CopyIgnoredFile",
+            'Attempting to Add file "Dockerfile" that is excluded by .dockerignore',
+            4,
+        ),
+    ]
+    text = (
+        "\nFROM scratch AS base\nCOPY Dockerfile /foobar\nADD Dockerfile /windy\n\n"
+        "FROM base\nCOPY --from=base /foobar /Dockerfile\n"
+    )
+    assert _bk(text, ignore=IgnoreMatcher(["foobar"])) == []
+    exceptions = IgnoreMatcher(["**", "!Dockerfile"])
+    assert _bk("\nFROM scratch\nCOPY ./Dockerfile .\n", ignore=exceptions) == []
+    assert _bk("\nFROM scratch\nCOPY . .\n\t", ignore=exceptions) == []
+    assert _bk("\nFROM scratch\nCOPY . .\n", ignore=IgnoreMatcher([".*"])) == []
+    assert _bk("\nFROM scratch\nCOPY . .\n", ignore=IgnoreMatcher(["*"])) == [
+        ("CopyIgnoredFile", 'Attempting to Copy file "." that is excluded by .dockerignore', 3)
+    ]
+
+
+def test_buildkit_undeclared_arg() -> None:
+    for good in (
+        "\nARG base=scratch\nFROM $base\nCOPY Dockerfile .\n",
+        "\nARG BUILDPLATFORM=linux/amd64\nFROM --platform=$BUILDPLATFORM scratch\n"
+        "COPY Dockerfile .\n",
+        "\nFROM --platform=$BUILDPLATFORM scratch\nCOPY Dockerfile .\n",
+        "\nARG DEBUG\nFROM scratch${DEBUG}\nCOPY Dockerfile .\n",
+        "\nARG DEBUG\nFROM scra${DEBUG:-tch}\nCOPY Dockerfile .\n",
+        '\nARG DEBUG=""\nFROM scratch${DEBUG-@bogus}\nCOPY Dockerfile .\n',
+    ):
+        assert _bk(good) == [], good
+    assert _bk("\nFROM --platform=$BULIDPLATFORM scratch\nCOPY Dockerfile .\n") == [
+        (
+            "UndefinedArgInFrom",
+            "FROM argument 'BULIDPLATFORM' is not declared (did you mean BUILDPLATFORM?)",
+            2,
+        )
+    ]
+    text = (
+        "\nARG MY_OS=linux\nARG MY_ARCH=amd64\nFROM --platform=linux/${MYARCH} busybox\n"
+        "COPY Dockerfile .\n\t"
+    )
+    assert _bk(text) == [
+        ("UndefinedArgInFrom", "FROM argument 'MYARCH' is not declared (did you mean MY_ARCH?)", 4)
+    ]
+    assert _bk("\nARG tag=latest\nFROM busybox:${tag}${version} AS b\nCOPY Dockerfile .\n") == [
+        ("UndefinedArgInFrom", "FROM argument 'version' is not declared", 3)
+    ]

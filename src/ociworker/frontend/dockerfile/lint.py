@@ -328,8 +328,9 @@ class _StageWalk:
         self.named = named
         self.ignore = ignore
         self.warn = warn
-        #: each stage's final (environment or None when unknown, declared ARGs)
-        self.stages: dict[str, tuple[dict[str, str] | None, set[str]]] = {}
+        #: each stage's final (environment or None when unknown, declared ARGs,
+        #: whether it set a WORKDIR): what a stage FROM it starts with
+        self.stages: dict[str, tuple[dict[str, str] | None, set[str], bool]] = {}
         self.env: dict[str, str] | None = None
         self.args: set[str] = set()
         self.name = ""
@@ -338,7 +339,7 @@ class _StageWalk:
 
     def _close(self) -> None:
         if self.name:
-            self.stages[self.name] = (self.env, self.args)
+            self.stages[self.name] = (self.env, self.args, self.workdir_set)
 
     def start(self, ins: Instruction) -> None:
         self._close()
@@ -350,7 +351,7 @@ class _StageWalk:
         if base.lower() == "scratch":
             self.env = dict(_SCRATCH_ENV)
         elif base.lower() in self.stages and base not in self.named:
-            env, args = self.stages[base.lower()]
+            env, args, self.workdir_set = self.stages[base.lower()]
             self.env = None if env is None else dict(env)
             self.args = set(args)
         elif base and base not in self.named and self.bases is not None:
@@ -635,8 +636,10 @@ def _lint_from(
                 ins,
             )
         stage_names.append(low)
-    if args:
-        _, missing = _expand(args[0], dict.fromkeys(global_args, "x"), escape)
+    # the image name, then the --platform value (BuildKit's buildDispatchStates)
+    words = args[:1] + [f.partition("=")[2] for f in ins.flags if f.startswith("--platform=")]
+    for word in words:
+        _, missing = _expand(word, dict.fromkeys(global_args, "x"), escape)
         for var in sorted(missing):
             hint = _suggest(var, sorted(global_args))
             detail = f"FROM argument '{var}' is not declared"

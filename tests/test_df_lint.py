@@ -175,7 +175,7 @@ _PYTHON = BaseImage(("PATH=/usr/local/bin:/usr/bin", "PYTHON_VERSION=3.12.4"), "
 
 def _checked(text: str, **kw: Any) -> list[tuple[str, str, int]]:
     kw.setdefault("platform", "linux/amd64")
-    return [(w.rule, w.detail, w.line) for w in lint(parse(text), **kw)]
+    return [(w.rule, w.detail, w.line) for w in lint(parse(text), source=text, **kw)]
 
 
 def test_undefined_var_follows_the_stage_environment() -> None:
@@ -442,4 +442,51 @@ def test_buildkit_undeclared_arg() -> None:
     ]
     assert _bk("\nARG tag=latest\nFROM busybox:${tag}${version} AS b\nCOPY Dockerfile .\n") == [
         ("UndefinedArgInFrom", "FROM argument 'version' is not declared", 3)
+    ]
+
+
+def test_buildkit_secrets_and_check_comments() -> None:
+    text = """# check=skip=InvalidDefinitionDescription
+
+FROM scratch
+ARG SECRET_PASSPHRASE
+ENV SUPER_Secret=foo
+ENV password=bar secret=baz
+ARG super_duper_secret_token=foo auth=bar
+ENV apikey=bar sunflower=foo
+ENV git_key=
+ENV PUBLIC_KEY=
+ARG public_token
+ARG SECRET_PASSPHRASE_FILE
+ENV password_file=bar secret_File=baz
+ARG AUTH_MODULE_VERSION
+# check=skip=SecretsUsedInArgOrEnv // allow secret in environment
+ENV password=bar
+# check=skip=SecretsUsedInArgOrEnv // allow secret in arg
+ARG password
+# check=skip=all // is local to only this instruction
+ENV alternate_password=bar
+# check=skip=all // is local to only this instruction
+ARG alternate_password
+"""
+    secret = "Do not use ARG or ENV instructions for sensitive data ({})"
+    found = _bk(text)
+    # BuildKit's test lists same-line warnings sorted by detail
+    assert sorted(found, key=lambda f: (f[2], f[1])) == [
+        ("SecretsUsedInArgOrEnv", secret.format(d), line)
+        for d, line in [
+            ('ARG "SECRET_PASSPHRASE"', 4),
+            ('ENV "SUPER_Secret"', 5),
+            ('ENV "password"', 6),
+            ('ENV "secret"', 6),
+            ('ARG "auth"', 7),
+            ('ARG "super_duper_secret_token"', 7),
+            ('ENV "apikey"', 8),
+            ('ENV "git_key"', 9),
+        ]
+    ]
+    # a comment above an instruction skips its rules there only (testWorkdirRelativePath)
+    assert _bk("\nFROM scratch\n# check=skip=WorkdirRelativePath\nWORKDIR app/\n") == []
+    assert [r for r, _, _ in _bk("\nFROM scratch\n# check=skip=all\n#\nWORKDIR app/\n")] == [
+        "WorkdirRelativePath"
     ]

@@ -179,6 +179,7 @@ def check_dockerfile(
         platform=platform,
         named=[nc.name for nc in req.build_contexts] if req else (),
         ignore=IgnoreMatcher(definition.ignore_patterns) if definition.ignore_patterns else None,
+        source=definition.dockerfile,
     )
     return report(warnings, definition.dockerfile, definition.filename), len(warnings)
 

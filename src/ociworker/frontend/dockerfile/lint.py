@@ -13,9 +13,10 @@ UndefinedVar, as its variables may come from that base.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,8 +45,31 @@ _EMPTY_CONT_RE = re.compile(r"^.*:(\d+): empty continuation line")
 _NON_ENV_ARGS = frozenset({"BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"})
 #: a ``FROM scratch`` stage's environment (BuildKit's emptyImage)
 _SCRATCH_ENV = (("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),)
-#: how a rule reports: (rule, message, the instruction it is about)
-_Warn = Callable[[str, str, Instruction], None]
+#: rules BuildKit runs with the file's settings only: a "# check=" comment above
+#: an instruction does not skip them (validateCommandCasing, validateStageNames,
+#: the parser's warnings, the base image checks)
+_FILE_RULES = frozenset(
+    {
+        "ConsistentInstructionCasing",
+        "DuplicateStageName",
+        "ReservedStageName",
+        "NoEmptyContinuation",
+        "InvalidDefaultArgInFrom",
+        "InvalidBaseImagePlatform",
+    }
+)
+#: a comment BuildKit reads as a setting (its DirectiveParser, "#" stripped)
+_CHECK_COMMENT_RE = re.compile(r"^\s*check\s*=\s*(.+?)\s*$", re.IGNORECASE)
+_DIRECTIVE_LINE_RE = re.compile(r"^\s*#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=")
+
+
+class _Warn(Protocol):
+    """How a rule reports: the rule, its message, the instruction it is about,
+    and (when another) the instruction whose ``# check=`` comment governs it."""
+
+    def __call__(
+        self, rule: str, detail: str, ins: Instruction, by: Instruction | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -222,23 +246,29 @@ def lint(
     platform: str = "",
     named: Collection[str] = (),
     ignore: IgnoreRules | None = None,
+    source: str = "",
 ) -> list[LintWarning]:
     """Every default rule's warnings, in the order of the lines they are on.
 
     ``bases``: the configs of the images ``base_images`` lists (None: nothing
     resolved); ``platform``: the build's (the expected one of a base image);
     ``named``: the build's named contexts; ``ignore``: the context's
-    .dockerignore (for CopyIgnoredFile; None: there is none)."""
+    .dockerignore (for CopyIgnoredFile; None: there is none); ``source``: the
+    Dockerfile's text, for the ``# check=`` comments above instructions."""
     out: list[LintWarning] = []
+    #: the start line of the instruction whose comments govern each warning
+    governed: list[int] = []
 
-    def warn(rule: str, detail: str, ins: Instruction) -> None:
+    def warn(rule: str, detail: str, ins: Instruction, by: Instruction | None = None) -> None:
         out.append(LintWarning(rule, detail, ins.start_line, ins.end_line))
+        governed.append((by or ins).start_line)
 
     for text in parsed.warnings:
         m = _EMPTY_CONT_RE.match(text)
         if m:
             line = int(m.group(1))
             out.append(LintWarning("NoEmptyContinuation", "Empty continuation line", line, line))
+            governed.append(line)
 
     # ConsistentInstructionCasing: against the majority casing of the file
     words = [_keyword(i) for i in parsed.instructions]
@@ -270,19 +300,19 @@ def lint(
             continue
         walk.step(ins)
     skip_all, skipped = _check_options(parsed, build_args)
-    kept = [w for w in out if not skip_all and w.rule not in skipped]
+    local = _comment_skips(parsed, source) if source else {}
+    kept: list[LintWarning] = []
+    for found, by in zip(out, governed, strict=True):
+        if skip_all or found.rule in skipped:
+            continue
+        here_all, here = local.get(by, (False, frozenset()))
+        if found.rule not in _FILE_RULES and (here_all or found.rule in here):
+            continue
+        kept.append(found)
     return sorted(kept, key=lambda w: w.line)
 
 
-def _check_options(
-    parsed: ParseResult, build_args: Mapping[str, str] | None
-) -> tuple[bool, frozenset[str]]:
-    """The rules to skip: ``--build-arg BUILDKIT_DOCKERFILE_CHECK=...`` if given,
-    else the ``# check=...`` directive (BuildKit's ParseLintOptions:
-    ``skip=all|RULE,...``, ``error=BOOL``, ``experimental=...``, ";"-separated)."""
-    text = (build_args or {}).get("BUILDKIT_DOCKERFILE_CHECK")
-    if text is None:
-        text = parsed.check or ""
+def _parse_skips(text: str) -> tuple[bool, frozenset[str]]:
     skip_all, skipped = False, set[str]()
     for part in text.strip().split(";", 2) if text.strip() else []:
         key, eq, value = part.partition("=")
@@ -297,6 +327,51 @@ def _check_options(
         elif key == "error" and value not in _GO_BOOLS:
             raise DockerfileError(f"failed to parse check options: {part!r} is no boolean")
     return skip_all, frozenset(skipped)
+
+
+def _comment_skips(parsed: ParseResult, source: str) -> dict[int, tuple[bool, frozenset[str]]]:
+    """Each instruction's (start line) ``# check=...`` comment: the first such
+    among the comment lines since the instruction before it ("#" alone clears
+    them; the file's directives at the top are none), text after a space
+    ignored, a bad one ignored (BuildKit's WithMergedConfigFromComments)."""
+    lines = source.split("\n")
+    out: dict[int, tuple[bool, frozenset[str]]] = {}
+    prev_end = 0
+    for i, ins in enumerate(parsed.instructions):
+        comments: list[str] = []
+        top = i == 0
+        for n in range(prev_end + 1, ins.start_line):
+            raw = lines[n - 1].strip() if n - 1 < len(lines) else ""
+            if top and _DIRECTIVE_LINE_RE.match(raw):
+                continue  # a parser directive, not a comment
+            if raw.startswith("#"):
+                top = False
+                text = raw[1:].strip()
+                comments = [*comments, text] if text else []
+            elif raw:
+                top = False
+        prev_end = max(prev_end, ins.end_line)
+        for text in comments:
+            m = _CHECK_COMMENT_RE.match(text)
+            if m is None:
+                continue
+            # a bad setting in a comment is ignored, as BuildKit
+            with contextlib.suppress(DockerfileError):
+                out[ins.start_line] = _parse_skips(m.group(1).split(" ", 1)[0])
+            break
+    return out
+
+
+def _check_options(
+    parsed: ParseResult, build_args: Mapping[str, str] | None
+) -> tuple[bool, frozenset[str]]:
+    """The rules to skip: ``--build-arg BUILDKIT_DOCKERFILE_CHECK=...`` if given,
+    else the ``# check=...`` directive (BuildKit's ParseLintOptions:
+    ``skip=all|RULE,...``, ``error=BOOL``, ``experimental=...``, ";"-separated)."""
+    text = (build_args or {}).get("BUILDKIT_DOCKERFILE_CHECK")
+    if text is None:
+        text = parsed.check or ""
+    return _parse_skips(text)
 
 
 #: what Go's strconv.ParseBool accepts
@@ -420,6 +495,7 @@ class _StageWalk:
                     f"Multiple {cmd.upper()} instructions should not be used in the same "
                     "stage because only the last one will be used",
                     before,
+                    by=ins,
                 )
             self.used_once[cmd] = ins
         if cmd in ("env", "label") and ins.kv_legacy:

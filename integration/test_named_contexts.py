@@ -1,6 +1,6 @@
 """``--build-context NAME=...`` of each kind (a DIR, ``docker-image://``,
-``oci-layout://``) used by ``FROM NAME``, ``COPY --from=NAME`` and ``RUN
---mount=from=NAME``, embedded and (DIR) over the daemon; real runc, overlayfs
+``oci-layout://``, a git URL, an HTTP URL) used by ``FROM NAME``, ``COPY --from=NAME`` and ``RUN
+--mount=from=NAME``, embedded and over the daemon; real runc, overlayfs
 and the local registry."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gitserve import GitHTTPServer, git, git_daemon
 from test_daemon import Daemon, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.usefixtures("require_root")
@@ -220,3 +221,175 @@ def test_dir_context_over_the_daemon(tmp_path: Path, daemon: Daemon, base_image:
         addr=daemon.addr,
     )
     _check_image_outputs(out2)
+
+
+# -- git and URL contexts ---------------------------------------------------------------
+
+
+@pytest.fixture
+def git_repo(tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
+    """A bare repository ``srv/lib.git`` with a branch ``rel`` (not the default
+    one); its working clone and the branch's commit."""
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    git("init", "-q", "--bare", "-b", "main", str(srv / "lib.git"))
+    work = tmp_path / "libwork"
+    git("clone", "-q", str(srv / "lib.git"), str(work))
+    git("checkout", "-q", "-b", "main", cwd=work)
+    (work / "greeting.txt").write_text("hello from git main\n")
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "main", cwd=work)
+    git("checkout", "-q", "-b", "rel", cwd=work)
+    (work / "greeting.txt").write_text("hello from git rel\n")
+    (work / "sub").mkdir()
+    (work / "sub" / "deep.txt").write_text("deep in git\n")
+    git("add", "-A", cwd=work)
+    git("commit", "-q", "-m", "rel", cwd=work)
+    git("push", "-q", "origin", "main", "rel", cwd=work)
+    yield srv, work, git("rev-parse", "HEAD", cwd=work).strip()
+
+
+def _git_files(work: Path, commit: str) -> dict[str, bytes]:
+    """What ``git`` itself says the commit holds (``ls-tree`` + ``show``)."""
+    names = git("ls-tree", "-r", "--name-only", commit, cwd=work).split("\n")
+    return {
+        n: subprocess.run(
+            ["git", "show", f"{commit}:{n}"], cwd=work, capture_output=True, check=True
+        ).stdout
+        for n in filter(None, names)
+    }
+
+
+def _files_under(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _git_dockerfile(base_image: str) -> str:
+    return f"""FROM lib AS fromgit
+FROM {base_image}
+COPY --from=fromgit / /fromgit/
+COPY --from=lib /sub/deep.txt /copied.txt
+RUN --mount=from=lib,target=/m cat /m/greeting.txt /m/sub/deep.txt > /mounted.txt
+"""
+
+
+def _check_git_outputs(out: Path, want: dict[str, bytes]) -> None:
+    assert _files_under(out / "fromgit") == want
+    assert not (out / "fromgit" / ".git").exists()
+    assert (out / "copied.txt").read_bytes() == want["sub/deep.txt"]
+    assert (out / "mounted.txt").read_bytes() == want["greeting.txt"] + want["sub/deep.txt"]
+
+
+@pytest.fixture
+def served(tmp_path: Path, git_repo: tuple[Path, Path, str]) -> Iterator[GitHTTPServer]:
+    server = GitHTTPServer(git_repo[0])
+    # a file with bytes no text round-trip keeps
+    server.files["tool.bin"] = bytes(range(256)) * 3 + b"\x00end\n"
+    yield server
+    server.close()
+
+
+def _url_dockerfile(base_image: str) -> str:
+    return f"""FROM tool AS fromurl
+FROM {base_image}
+COPY --from=fromurl / /fromurl/
+COPY --from=tool /tool.bin /copied.bin
+RUN --mount=from=tool,target=/m cp /m/tool.bin /mounted.bin
+"""
+
+
+def _check_url_outputs(out: Path, want: bytes) -> None:
+    # the file is named after the URL's last path part, as BuildKit's HTTP source
+    assert _files_under(out / "fromurl") == {"tool.bin": want}
+    assert (out / "copied.bin").read_bytes() == want
+    assert (out / "mounted.bin").read_bytes() == want
+
+
+def test_git_context_in_from_copy_and_mount(
+    tmp_path: Path,
+    state_dir: Path,
+    base_image: str,
+    git_repo: tuple[Path, Path, str],
+    served: GitHTTPServer,
+) -> None:
+    srv, work, rel = git_repo
+    want = _git_files(work, rel)
+    ctx = _context(tmp_path, "ctx", _git_dockerfile(base_image))
+    out = tmp_path / "out"
+    _build(state_dir, ctx, out, "--build-context", f"lib={served.url('lib.git#rel')}")
+    _check_git_outputs(out, want)
+    # git:// (git daemon) reaches the same commit
+    with git_daemon(srv) as port:
+        out2 = tmp_path / "out2"
+        _build(state_dir, ctx, out2, "--build-context", f"lib=git://127.0.0.1:{port}/lib.git#rel")
+    _check_git_outputs(out2, want)
+    # a ref the repository lacks fails clearly, naming the URL
+    bad = _build(
+        state_dir,
+        ctx,
+        tmp_path / "bad",
+        "--build-context",
+        f"lib={served.url('lib.git#nope')}",
+        ok=False,
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "lib.git" in bad.stderr and "nope" in bad.stderr, bad.stderr
+
+
+def test_url_context_in_from_copy_and_mount(
+    tmp_path: Path, state_dir: Path, base_image: str, served: GitHTTPServer
+) -> None:
+    ctx = _context(tmp_path, "ctx", _url_dockerfile(base_image))
+    out = tmp_path / "out"
+    _build(state_dir, ctx, out, "--build-context", f"tool={served.url('files/tool.bin')}")
+    _check_url_outputs(out, served.files["tool.bin"])
+    missing = _build(
+        state_dir,
+        ctx,
+        tmp_path / "bad",
+        "--build-context",
+        f"tool={served.url('files/absent.bin')}",
+        ok=False,
+    )
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "404" in missing.stderr and "absent.bin" in missing.stderr, missing.stderr
+
+
+def test_git_and_url_contexts_over_the_daemon(
+    tmp_path: Path,
+    daemon: Daemon,
+    base_image: str,
+    git_repo: tuple[Path, Path, str],
+    served: GitHTTPServer,
+) -> None:
+    _, work, rel = git_repo
+    ctx = _context(tmp_path, "ctx", _git_dockerfile(base_image))
+    out = tmp_path / "out"
+    proc = _build(
+        tmp_path,
+        ctx,
+        out,
+        "--build-context",
+        f"lib={served.url('lib.git#rel')}",
+        addr=daemon.addr,
+    )
+    _check_git_outputs(out, _git_files(work, rel))
+    # the worker fetched it: the client synced no "lib" dir
+    assert "load build context lib" not in proc.stderr
+    assert (daemon.root / "git" / "checkouts" / rel).is_dir()
+
+    ctx2 = _context(tmp_path, "ctx2", _url_dockerfile(base_image))
+    out2 = tmp_path / "out2"
+    _build(
+        tmp_path,
+        ctx2,
+        out2,
+        "--build-context",
+        f"tool={served.url('files/tool.bin')}",
+        addr=daemon.addr,
+    )
+    _check_url_outputs(out2, served.files["tool.bin"])

@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from ociworker.core.gc import GCPolicy, PruneOptions
 from ociworker.core.gitref import KEEP_GIT_DIR_ARG, redact
 from ociworker.core.graph import ExecOp, Vertex
 from ociworker.core.history import explain, explain_lines
+from ociworker.core.oci import INDEX_TYPES, Descriptor, Platform
 from ociworker.core.outputs import check_outputs, parse_annotations
 from ociworker.core.progress import (
     Event,
@@ -59,7 +60,7 @@ from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
-from ociworker.frontend.dockerfile.lint import lint, report
+from ociworker.frontend.dockerfile.lint import BaseImage, BaseRef, base_images, lint, report
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
@@ -162,11 +163,98 @@ def named_locals(req: BuildRequest) -> dict[str, object]:
     }
 
 
-def check_dockerfile(definition: BuildDefinition) -> tuple[str, int]:
+def check_dockerfile(
+    definition: BuildDefinition,
+    req: BuildRequest | None = None,
+    bases: Mapping[BaseRef, BaseImage] | None = None,
+    platform: str = "",
+) -> tuple[str, int]:
     """``build --check``: the report of BuildKit's default lint rules over the
-    Dockerfile, and how many warnings it has (nothing is resolved or built)."""
-    warnings = lint(parse(definition.dockerfile, definition.filename))
+    Dockerfile, and how many warnings it has (nothing is built). ``bases``: the
+    base images ``check_bases`` resolved (None: the rules that need them see
+    no base's variables and no platform)."""
+    parsed = parse(definition.dockerfile, definition.filename)
+    warnings = lint(
+        parsed,
+        bases,
+        build_args=req.build_args if req else None,
+        platform=platform,
+        named=[nc.name for nc in req.build_contexts] if req else (),
+        ignore=IgnoreMatcher(definition.ignore_patterns) if definition.ignore_patterns else None,
+        source=definition.dockerfile,
+    )
     return report(warnings, definition.dockerfile, definition.filename), len(warnings)
+
+
+def check_base_refs(definition: BuildDefinition, req: BuildRequest, platform: str) -> list[BaseRef]:
+    """The base images a check of ``definition`` resolves (what its stages are FROM)."""
+    parsed = parse(definition.dockerfile, definition.filename)
+    return base_images(parsed, req.build_args, platform, [nc.name for nc in req.build_contexts])
+
+
+async def check_bases(
+    worker: Worker,
+    refs: Sequence[BaseRef],
+    credentials: Credentials | None = None,
+    *,
+    pull: bool = False,
+) -> dict[BaseRef, BaseImage]:
+    """Resolve the check's base images as a build does (the image store, then
+    the registry), but take a single-platform image whatever its platform:
+    BuildKit's check reports a foreign one (InvalidBaseImagePlatform), where a
+    build refuses it. A base that cannot be resolved fails the check, as
+    BuildKit's (its error names the image)."""
+
+    async def one(ref: BaseRef) -> BaseImage:
+        config = await _check_config(worker, ref, credentials, pull)
+        plat = Platform.from_json(config) if config.get("architecture") else None
+        rootfs = config.get("rootfs") or {}
+        return BaseImage(
+            env=tuple(str(e) for e in (config.get("config") or {}).get("Env") or ()),
+            platform=str(plat) if plat and plat.os else "",
+            layers=bool(rootfs.get("diff_ids")),
+        )
+
+    got = await asyncio.gather(*(one(r) for r in refs), return_exceptions=True)
+    out: dict[BaseRef, BaseImage] = {}
+    for ref, info in zip(refs, got, strict=True):
+        if isinstance(info, RegistryError):
+            raise RegistryError(
+                f"{ref.name}: failed to resolve source metadata for "
+                f"{parse_reference(ref.name)}: {info}"
+            ) from info
+        if isinstance(info, BaseException):
+            raise info
+        out[ref] = info
+    return out
+
+
+async def _check_config(
+    worker: Worker, ref: BaseRef, credentials: Credentials | None, pull: bool
+) -> dict[str, Any]:
+    parsed = parse_reference(ref.name)
+    if parsed.digest is None and not pull:
+        local = worker.images.get(str(parsed))
+        if local is not None:
+            return read_image(worker.content, local.digest)[1]
+    registry = worker.registry.with_credentials(credentials)
+    desc, data = await registry.fetch_manifest(parsed)
+    if desc.media_type in INDEX_TYPES:
+        # an index picks the stage's platform (none: the error says which it has)
+        want = Platform.parse(ref.platform) if ref.platform else worker.config.platform
+        resolved = await registry.resolve(parsed, want, store=worker.content)
+        config: dict[str, Any] = json.loads(resolved.config_json)
+        return config
+    try:
+        cdesc = Descriptor.from_json(json.loads(data)["config"])
+    except (TypeError, ValueError, KeyError, OciworkerError) as exc:
+        raise RegistryError(f"invalid manifest {desc.digest} of {parsed}: {exc}") from None
+    if not worker.content.has(cdesc.digest):
+        await registry.fetch_blob(parsed, cdesc, worker.content)
+    loaded = json.loads(worker.content.read(cdesc.digest))
+    if not isinstance(loaded, dict):
+        raise RegistryError(f"image config of {parsed} is not a JSON object")
+    return loaded
 
 
 def check_entitlements(

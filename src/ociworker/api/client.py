@@ -278,12 +278,6 @@ class Client:
         elif definition is None:
             definition = read_definition(request.context, request.dockerfile)
         ctx = request.context.absolute()
-        if request.pull or request.no_cache_filter:
-            # not in the protocol yet: refused rather than silently dropped
-            flag = "--pull" if request.pull else "--no-cache-filter"
-            raise UnsupportedError(
-                f"{flag} is not supported on a daemon yet (build without --addr)"
-            )
         if request.platforms:
             workers = await self.list_workers()
             own = Platform.parse(workers[0]["platforms"][0]) if workers else Platform()
@@ -315,7 +309,6 @@ class Client:
             ssh_ids=ssh_ids,
             credentials=credentials,
         )
-        # not in the protocol yet: refused rather than silently dropped
         solve_req = pb.SolveRequest(
             build_id=build_id or uuid.uuid4().hex,
             session_id=session.id,
@@ -345,6 +338,8 @@ class Client:
             labels=dict(request.labels),
             build_contexts=contexts,
             explain_cache=request.explain_cache,
+            pull=request.pull,
+            no_cache_filter=request.no_cache_filter,
         )
         solve_sent = answered = False
         try:

@@ -402,6 +402,8 @@ class ControlService:
                 labels=dict(request.labels),
                 build_contexts=tuple(named),
                 explain_cache=request.explain_cache,
+                pull=request.pull,
+                no_cache_filter=tuple(request.no_cache_filter),
             )
             try:
                 result = await controller.build(

@@ -355,13 +355,30 @@ def _build_args(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _check(req: BuildRequest) -> int:
+async def _check(args: argparse.Namespace, req: BuildRequest) -> int:
     """``build --check``: BuildKit's default lint rules over the Dockerfile,
-    printed as buildx prints them; nothing is built. Exit 1 if any warns (buildx)."""
-    from ociworker.controller import check_dockerfile
+    printed as buildx prints them; nothing is built. Exit 1 if any warns (buildx).
+    The base images are resolved as a build resolves them (BuildKit's check
+    does: UndefinedVar reads their variables, InvalidBaseImagePlatform their
+    platform), by the embedded worker; a daemon has no check request, so over
+    ``--addr`` the rules see no base image."""
+    from ociworker.controller import check_base_refs, check_bases, check_dockerfile
     from ociworker.session.context import read_definition
+    from ociworker.worker import host_platform
 
-    text, found = check_dockerfile(read_definition(req.context, req.dockerfile))
+    definition = read_definition(req.context, req.dockerfile)
+    platform = str(host_platform())
+    refs = check_base_refs(definition, req, platform)
+    if args.addr or not refs:
+        # nothing to resolve (or no worker here to resolve it): no state dir is made
+        text, found = check_dockerfile(definition, req, {} if not refs else None, platform)
+    else:
+        worker = _worker(args)
+        try:
+            bases = await check_bases(worker, refs, DockerConfigCredentials(), pull=req.pull)
+            text, found = check_dockerfile(definition, req, bases, platform)
+        finally:
+            await worker.aclose()
     sys.stdout.write(text)
     sys.stdout.flush()
     return 1 if found else 0
@@ -546,7 +563,7 @@ async def _build(
         explain_cache=args.explain_cache,
     )
     if args.check:
-        return _check(req)
+        return await _check(args, req)
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths
 

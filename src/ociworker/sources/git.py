@@ -6,6 +6,7 @@ Layout under the fetcher's root (``<worker root>/git``)::
 
     repos/<sha256 of the URL>/   bare repositories, one per remote (credentials
                                  are no part of the key), holding what was fetched
+    repos/<sha256>.init.lock     taken while one is created (ociworker.ready: done)
     checkouts/<commit>[.git]     the commit's files (with ``.git`` when kept);
                                  written whole under a temporary name, then renamed
     home/                        git's HOME: no user or system config applies
@@ -71,6 +72,29 @@ case "$1" in
   *) printf '%s\\n' "$OCIWORKER_GIT_PASSWORD" ;;
 esac
 """
+
+
+#: git's advice after a failed remote read: says nothing about this failure
+_ADVICE = frozenset(
+    {"Please make sure you have the correct access rights", "and the repository exists."}
+)
+
+
+def _reason(detail: str, status: int | None) -> str:
+    """The telling part of git's stderr: its last line but the generic advice,
+    after ssh's refusal when there is one (it says which user and why)."""
+    lines = [line.strip() for line in detail.splitlines()]
+    lines = [line for line in lines if line and line not in _ADVICE]
+    if not lines:
+        return f"exit status {status}"
+    denied = [line for line in lines if "Permission denied" in line]
+    return "; ".join(dict.fromkeys([*denied[:1], lines[-1]]))
+
+
+def _ssh_hint(detail: str, auth: GitAuth) -> str:
+    if "Permission denied (publickey" in detail and not auth.ssh_socket:
+        return " (no ssh agent was lent to the build: give --ssh default)"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -159,8 +183,10 @@ class GitFetcher:
             # a lone user name is a token (https://TOKEN@host/...)
             hidden = [auth.password] if auth.password else [auth.username]
             detail = redact(err.decode(errors="replace").strip(), hidden)
-            last = detail.splitlines()[-1] if detail else f"exit status {proc.returncode}"
-            raise UserError(f"git {what or args[0]} {shown} failed: {last}")
+            raise UserError(
+                f"git {what or args[0]} {shown} failed: {_reason(detail, proc.returncode)}"
+                + _ssh_hint(detail, auth)
+            )
         return out.decode(errors="replace")
 
     @contextlib.asynccontextmanager
@@ -178,16 +204,26 @@ class GitFetcher:
 
     async def _ensure_bare(self, ref: GitRef) -> Path:
         bare = self._bare(ref)
-        if not (bare / "HEAD").exists():
-            bare.mkdir(parents=True, exist_ok=True)
-            await self._git(["init", "-q", "--bare", str(bare)], GitAuth(), ref.shown, what="init")
-            # checkouts fetch a commit from here by its id
-            await self._git(
-                ["--git-dir", str(bare), "config", "uploadpack.allowAnySHA1InWant", "true"],
-                GitAuth(),
-                ref.shown,
-                what="config",
-            )
+        # written last: a repository another step is still setting up is not ready
+        ready = bare / "ociworker.ready"
+        if ready.exists():
+            return bare
+        # Steps of one build (several ADDs of one remote) or two builds may
+        # create it at once: two `git init`s of one dir race on its config.
+        async with self._locked(bare.with_name(bare.name + ".init.lock")):
+            if not ready.exists():
+                bare.mkdir(parents=True, exist_ok=True)
+                await self._git(
+                    ["init", "-q", "--bare", str(bare)], GitAuth(), ref.shown, what="init"
+                )
+                # checkouts fetch a commit from here by its id
+                await self._git(
+                    ["--git-dir", str(bare), "config", "uploadpack.allowAnySHA1InWant", "true"],
+                    GitAuth(),
+                    ref.shown,
+                    what="config",
+                )
+                ready.touch()
         return bare
 
     async def _has_commit(self, bare: Path, commit: str) -> str | None:

@@ -212,6 +212,8 @@ class SolveRequest(_message.Message):
     BUILD_CONTEXTS_FIELD_NUMBER: _builtins.int
     CONTEXT_URL_FIELD_NUMBER: _builtins.int
     EXPLAIN_CACHE_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    NO_CACHE_FILTER_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -230,6 +232,8 @@ class SolveRequest(_message.Message):
     """
     explain_cache: _builtins.bool
     """--explain-cache: the build ends with info lines saying why each step that ran missed"""
+    pull: _builtins.bool
+    """--pull: resolve every image at its registry, never from the worker's image store"""
     @_builtins.property
     def ignore_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -270,6 +274,10 @@ class SolveRequest(_message.Message):
         through the session's dir of that name
         """
 
+    @_builtins.property
+    def no_cache_filter(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """--no-cache-filter STAGE: stages that ignore the cache (the daemon checks the names)"""
+
     def __init__(
         self,
         *,
@@ -297,10 +305,12 @@ class SolveRequest(_message.Message):
         build_contexts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         context_url: _builtins.str = ...,
         explain_cache: _builtins.bool = ...,
+        pull: _builtins.bool = ...,
+        no_cache_filter: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "explain_cache", b"explain_cache", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "outputs", b"outputs", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "explain_cache", b"explain_cache", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "no_cache_filter", b"no_cache_filter", "outputs", b"outputs", "pull", b"pull", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1127,7 +1127,7 @@ class Converter:
             )
         named = self._named(ref)
         if named is not None:
-            if named.kind in ("local", "url"):
+            if named.kind in ("local", "git", "url"):
                 return self._named_vertex(named)
             ref = named.value if named.kind == "docker-image" else named.raw
             return self._image_source(ref, ins)

@@ -78,8 +78,12 @@ def fleet(
                 n.proc.send_signal(signal.SIGTERM)
         for n in nodes:
             n.proc.wait(timeout=60)
-        # A daemon killed mid-build may leave a mount (its next start would clean
-        # it up): it must not pin the host's tmp dir for the rest of the suite.
+        # A daemon killed mid-build leaves its network, cgroups and mounts for the
+        # next worker on its root to remove: one is started on each root (a ``du``)
+        # so nothing of it outlives the test.
+        for i in range(len(nodes)):
+            cmd = [sys.executable, "-m", "ociworker", "du", "--root", str(tmp_path / f"root{i}")]
+            subprocess.run(cmd, check=False, capture_output=True, timeout=120)
         for point in mounts_under(tmp_path):
             subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)
 

@@ -141,11 +141,11 @@ def _delete_links(ident: str) -> None:
                     ipr.link("del", index=link["index"])
 
 
-def _delete_bridge(bridge: str) -> None:
+def _delete_link(name: str) -> None:
     from pyroute2 import IPRoute
 
     with IPRoute() as ipr:
-        for idx in ipr.link_lookup(ifname=bridge):
+        for idx in ipr.link_lookup(ifname=name):
             with contextlib.suppress(Exception):
                 ipr.link("del", index=idx)
 
@@ -369,14 +369,9 @@ class BridgeNetwork:
             os.close(host_fd)
 
     def _destroy(self, slot: Slot) -> None:
-        from pyroute2 import IPRoute
-
         # Deleting our end removes the pair now, not when the kernel gets
         # round to freeing the namespace.
-        with IPRoute() as ipr:
-            for idx in ipr.link_lookup(ifname=slot.veth):
-                with contextlib.suppress(Exception):
-                    ipr.link("del", index=idx)
+        _delete_link(slot.veth)
         if slot.fd >= 0:
             os.close(slot.fd)
         self._free.append(slot.address)
@@ -446,7 +441,7 @@ class BridgeNetwork:
             if self._made:
                 await asyncio.gather(
                     asyncio.to_thread(_delete_tables, self.ident),
-                    asyncio.to_thread(_delete_bridge, self.bridge),
+                    asyncio.to_thread(_delete_link, self.bridge),
                 )
                 await asyncio.to_thread(_wait_veths_gone, self.ident)
                 self._made = False

@@ -831,34 +831,25 @@ class RegistryClient:
         ``mount_from`` (same registry); None when neither (the upload the
         registry opened instead is cancelled)."""
         ref = _as_ref(ref)
-        if await self.has_blob(ref, desc.digest):
-            return "exists"
         src = _as_ref(mount_from) if mount_from is not None else None
         if src is None or src.domain != ref.domain or src.path == ref.path:
-            return None
-        scopes = _scope(ref.path, "pull,push") + " " + _scope(src.path, "pull")
-        params = {"mount": desc.digest, "from": src.path}
-        resp = await self._send(
-            "POST", self._url(ref, "blobs/uploads/"), ref, scopes, params=params
-        )
-        if resp.status_code == 201:
-            return "mounted"
-        if resp.status_code == 202:
-            with contextlib.suppress(RegistryError, httpx.HTTPError):
-                await self._send("DELETE", _location(resp), ref, scopes)
-            return None
-        raise _upload_error(resp, desc, ref)
+            return "exists" if await self.has_blob(ref, desc.digest) else None
+        begun, scopes = await self._start_upload(ref, desc, src)
+        if isinstance(begun, str):
+            return begun
+        with contextlib.suppress(RegistryError, httpx.HTTPError):
+            await self._send("DELETE", begun, ref, scopes)
+        return None
 
-    async def _upload_once(
-        self,
-        ref: Reference,
-        desc: Descriptor,
-        store: ContentStore,
-        mount_from: Reference | str | None,
-    ) -> BlobPush:
-        if await self.has_blob(ref, desc.digest):
-            return "exists"
+    async def _start_upload(
+        self, ref: Reference, desc: Descriptor, mount_from: Reference | str | None
+    ) -> tuple[BlobPush | httpx.URL, str]:
+        """HEAD, then open an upload (a cross-repository mount when
+        ``mount_from`` is another repository of the same registry): "exists" or
+        "mounted", or the upload's location; and the token scopes it used."""
         scopes = _scope(ref.path, "pull,push")
+        if await self.has_blob(ref, desc.digest):
+            return "exists", scopes
         params: dict[str, str] = {}
         src = _as_ref(mount_from) if mount_from is not None else None
         if src is not None and src.domain == ref.domain and src.path != ref.path:
@@ -867,10 +858,22 @@ class RegistryClient:
         start_url = self._url(ref, "blobs/uploads/")
         resp = await self._send("POST", start_url, ref, scopes, params=params)
         if resp.status_code == 201 and params:
-            return "mounted"
+            return "mounted", scopes
         if resp.status_code != 202:
             raise _upload_error(resp, desc, ref)
-        location = _location(resp)
+        return _location(resp), scopes
+
+    async def _upload_once(
+        self,
+        ref: Reference,
+        desc: Descriptor,
+        store: ContentStore,
+        mount_from: Reference | str | None,
+    ) -> BlobPush:
+        begun, scopes = await self._start_upload(ref, desc, mount_from)
+        if isinstance(begun, str):
+            return begun
+        location = begun
         if desc.size <= self._chunk_size:
             data = await asyncio.to_thread(store.read, desc.digest)
             put_url = location.copy_merge_params({"digest": desc.digest})

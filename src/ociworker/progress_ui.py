@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ociworker.core.epoch import rfc3339
 from ociworker.core.progress import (
     Event,
     Info,
@@ -149,11 +150,8 @@ def go_time(t: float) -> str:
     to 9 digits with trailing zeros trimmed (none when whole), ``Z``."""
     # Our stamps come from time.time(): microseconds are all a float carries
     # faithfully at today's epoch, so round there instead of inventing nanoseconds.
-    micros = round(t * 1_000_000)
-    secs, us = divmod(micros, 1_000_000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-    frac = f"{us * 1000:09d}".rstrip("0")
-    return f"{stamp}.{frac}Z" if frac else f"{stamp}Z"
+    secs, us = divmod(round(t * 1_000_000), 1_000_000)
+    return rfc3339(secs, us * 1000)
 
 
 def vertex_digest(digest: str) -> str:

@@ -83,6 +83,8 @@ def test_redact_hides_passwords_and_given_secrets() -> None:
         == "fatal: unable to access 'https://u:xxxxx@h/r.git/': and xxxxx too"
     )
     assert redact("ssh://git@host/r.git") == "ssh://git@host/r.git"
+    # a password with an "@" in it is hidden whole, not up to its first "@"
+    assert redact("https://u:p@ss@host/r.git") == "https://u:xxxxx@host/r.git"
 
 
 @pytest.mark.parametrize("frag", ["#main:..", "#main:../x", "#main:a/../../b"])

@@ -22,7 +22,9 @@ FULL_SHA_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 SHORT_SHA_RE = re.compile(r"^[0-9a-fA-F]{4,39}$")
 #: what git's check-ref-format refuses, and a leading "-" (an option to git)
 _BAD_REF_RE = re.compile(r"(^-)|(\.\.)|([\x00-\x20\x7f~^:?*\[\\])|(@\{)|(//)|(^/)|(/$)|(\.lock$)")
-_USERINFO_RE = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@\s]+)@")
+# The userinfo runs to the authority's last "@": a password holding an "@" is
+# hidden whole, as BuildKit's RedactCredentials (url.Parse) does.
+_USERINFO_RE = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^/\s]+)@")
 REDACTED = "xxxxx"
 #: the build arg that keeps ``.git`` in a git context (BuildKit's name)
 KEEP_GIT_DIR_ARG = "BUILDKIT_CONTEXT_KEEP_GIT_DIR"

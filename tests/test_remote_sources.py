@@ -14,7 +14,8 @@ import pytest
 from ociworker.content.store import ContentStore
 from ociworker.core.build import NamedContext
 from ociworker.core.filemode import apply_symbolic_mode, is_symbolic_mode
-from ociworker.core.graph import Copy, FileOp, HttpSourceOp, SourceOp, redact_url
+from ociworker.core.gitref import redact
+from ociworker.core.graph import Copy, FileOp, HttpSourceOp, SourceOp
 from ociworker.errors import ConfigError, DigestMismatchError, UserError
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, convert
 from ociworker.frontend.dockerfile.parser import parse
@@ -30,10 +31,10 @@ def _plan(text: str, **opts: object):  # type: ignore[no-untyped-def]
     return convert(parse(text), Options(**opts), {"busybox": BASE})  # type: ignore[arg-type]
 
 
-def test_redact_url_masks_passwords_and_lone_users() -> None:
-    assert redact_url("https://u:pw@h/p?q") == "https://u:xxxxx@h/p?q"
-    assert redact_url("https://tok@h/p") == "https://xxxxx@h/p"
-    assert redact_url("https://h/p@x") == "https://h/p@x"  # an @ in the path is no userinfo
+def test_redact_masks_passwords_and_lone_users() -> None:
+    assert redact("https://u:pw@h/p?q") == "https://u:xxxxx@h/p?q"
+    assert redact("https://tok@h/p") == "https://xxxxx@h/p"
+    assert redact("https://h/p@x") == "https://h/p@x"  # an @ in the path is no userinfo
 
 
 def test_add_url_is_an_http_source_copied_into_place() -> None:

@@ -46,22 +46,6 @@ class HttpSourceOp:
         return {"http": {"url": self.url, "checksum": self.checksum, "filename": self.filename}}
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any credential in it masked, as BuildKit's
-    ``urlutil.RedactCredentials`` does (a lone user name is masked too: it is
-    often a token)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    masked = f"{user}:xxxxx" if colon else "xxxxx"
-    return f"{scheme}://{masked}@{host}{slash}{path}"
-
-
 @dataclass(frozen=True)
 class ExecMount:
     """An extra mount of an exec op (``RUN --mount``); input is an index into the

@@ -29,7 +29,7 @@ import httpx
 
 from ociworker.content.store import ContentStore
 from ociworker.core.digest import Digest
-from ociworker.core.graph import redact_url
+from ociworker.core.gitref import redact
 from ociworker.errors import DigestMismatchError, UserError, WorldError
 from ociworker.fs.atomic import write_atomic
 from ociworker.registry.neterrors import reason
@@ -118,12 +118,12 @@ class HttpFetcher:
         if checksum and got.digest != checksum:
             # BuildKit's words (source/http: validatePinnedChecksum)
             raise DigestMismatchError(
-                f"digest mismatch for {redact_url(url)}: {got.digest} (expected: {checksum})"
+                f"digest mismatch for {redact(url)}: {got.digest} (expected: {checksum})"
             )
         return got
 
     async def _fetch(self, url: str, filename: str) -> Fetched:
-        shown = redact_url(url)
+        shown = redact(url)
         rec = self._load(url)
         headers = {"User-Agent": "ociworker"}
         if rec.get("etag"):

@@ -20,7 +20,7 @@ from typing import Any
 from ociworker.core.build import NamedContext, Ulimit
 from ociworker.core.epoch import SOURCE_DATE_EPOCH, epoch_from_build_args, rfc3339
 from ociworker.core.filemode import is_symbolic_mode
-from ociworker.core.gitref import TOKEN_SECRET, is_git_url, parse_git_ref
+from ociworker.core.gitref import TOKEN_SECRET, is_git_url, parse_git_ref, redact
 from ociworker.core.graph import (
     Copy,
     ExecMount,
@@ -31,7 +31,6 @@ from ociworker.core.graph import (
     Mkfile,
     SourceOp,
     Vertex,
-    redact_url,
 )
 from ociworker.core.oci import Platform
 from ociworker.errors import DockerfileError, UnsupportedError, UserError
@@ -582,7 +581,7 @@ class Converter:
             return Vertex(
                 HttpSourceOp(nc.value, "", url_filename(nc.value)),
                 (),
-                name=f"[context {nc.name}] {redact_url(nc.value)}",
+                name=f"[context {nc.name}] {redact(nc.value)}",
             )
         return Vertex(
             SourceOp("local://" + nc.local_name),
@@ -598,7 +597,7 @@ class Converter:
             (None, self._named_vertex(nc)),
             name=f"[context {nc.name}] load from client"
             if nc.kind == "local"
-            else f"[context {nc.name}] {redact_url(nc.value)}",
+            else f"[context {nc.name}] {redact(nc.value)}",
         )
         env = _Env()
         config: dict[str, Any] = {"Env": [f"PATH={DEFAULT_PATH}"]}
@@ -691,7 +690,7 @@ class Converter:
 
     def _step_name(self, st: _State, ins: Instruction, suffix: str = "") -> str:
         st.step += 1
-        text = _redact_text(ins.original.split("\n")[0].strip() + suffix)
+        text = redact(ins.original.split("\n")[0].strip() + suffix)
         if st.onbuild:
             text = "ONBUILD " + text
         return self._name(st.label, st.step, st.total, text)
@@ -1215,7 +1214,7 @@ class Converter:
         remote = [s for s in srcs if s.startswith(("http://", "https://", "git@", "git://"))]
         if remote and not add:
             raise _err(
-                f"COPY source can't be a URL or git ref ({redact_url(remote[0])}): use ADD",
+                f"COPY source can't be a URL or git ref ({redact(remote[0])}): use ADD",
                 ins,
                 self.opts.filename,
             )
@@ -1267,8 +1266,8 @@ class Converter:
                 # A download is a source of its own (BuildKit's http source),
                 # copied like a file; remote archives are never extracted.
                 fname = url_filename(s)
-                inputs.append(Vertex(HttpSourceOp(s, checksum, fname), (), name=redact_url(s)))
-                shown.append(redact_url(s))
+                inputs.append(Vertex(HttpSourceOp(s, checksum, fname), (), name=redact(s)))
+                shown.append(redact(s))
                 actions.append(
                     Copy(
                         src_input=len(inputs) - 1,
@@ -1416,23 +1415,6 @@ def url_filename(url: str) -> str:
         return ""
     base = posixpath.basename(urllib.parse.unquote(path))
     return "" if base in (".", "..") else base
-
-
-_CREDENTIAL_RE = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@\s]+)@")
-
-
-def _redact_text(text: str) -> str:
-    """``text`` with the credentials of every URL in it masked (``redact_url``)."""
-    if "@" not in text:
-        return text
-    return _CREDENTIAL_RE.sub(
-        lambda m: (
-            m.group(1)
-            + ("{}:xxxxx".format(m.group(2).partition(":")[0]) if ":" in m.group(2) else "xxxxx")
-            + "@"
-        ),
-        text,
-    )
 
 
 def _owned_map(st: _State, key: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from ociworker.core.gitref import is_git_url
 from ociworker.core.oci import Descriptor, Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import DEFAULT_LOG_CAP
+from ociworker.core.units import go_duration_ns
 from ociworker.errors import ConfigError, UnsupportedError
 
 if TYPE_CHECKING:  # paths are values here: the callers do the IO
@@ -432,17 +433,13 @@ class PruneFilter:
         )
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-
-
 def parse_duration(value: str) -> float:
     """Seconds from a Go duration as buildx takes them (``48h``, ``1h30m``, ``90s``;
     ``d`` for days too) or a bare number of seconds."""
     text = value.strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    parts = _DURATION_PART.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
+    ns = go_duration_ns(text, days=True)
+    if ns is None:
         raise ConfigError(f"invalid duration {value!r}: want e.g. 48h, 30m, 1h30m")
-    return sum(float(n) * scale[u] for n, u in parts)
+    return ns / 10**9

@@ -32,3 +32,32 @@ def parse_size(value: int | str) -> int:
     num, unit = float(m.group(1)), (m.group(2) or "").lower().rstrip("b")
     mult = 1024 ** {"k": 1, "m": 2, "g": 3}[unit[0]] if unit.endswith("i") else _UNITS[unit]
     return int(num * mult)
+
+
+_GO_DURATION_NS = {
+    "ns": 1,
+    "us": 10**3,
+    "µs": 10**3,
+    "μs": 10**3,
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([^\d.]+)")
+
+
+def go_duration_ns(text: str, *, days: bool = False) -> int | None:
+    """Nanoseconds of a Go duration (``30s``, ``1m30s``, ``500ms``; Go's
+    ``time.ParseDuration`` units), or None when ``text`` is not one. ``days``
+    also takes ``d``, which buildx's ``--keep-duration`` and filters accept."""
+    body = text.strip()
+    if body == "0":
+        return 0
+    units = {**_GO_DURATION_NS, "d": 86400 * 10**9} if days else _GO_DURATION_NS
+    parts = _DURATION_PART.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        return None
+    if any(u not in units for _, u in parts):
+        return None
+    return int(sum(float(n) * units[u] for n, u in parts))

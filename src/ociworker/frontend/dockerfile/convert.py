@@ -33,6 +33,7 @@ from ociworker.core.graph import (
     Vertex,
 )
 from ociworker.core.oci import Platform
+from ociworker.core.units import go_duration_ns
 from ociworker.errors import DockerfileError, UnsupportedError, UserError
 from ociworker.frontend.dockerfile.parser import Instruction, ParseResult, go_quote, parse
 from ociworker.frontend.dockerfile.shell import (
@@ -863,7 +864,9 @@ class Converter:
                 ("start-interval", "StartInterval"),
             ):
                 if flags.get(flag):
-                    ns = _duration_ns(flags.get(flag), ins, self.opts.filename)
+                    ns = go_duration_ns(flags.get(flag))
+                    if ns is None:
+                        raise _err(f"invalid duration {flags.get(flag)!r}", ins, self.opts.filename)
                     if 0 < ns < 10**6:
                         raise _err(f"--{flag} cannot be less than 1ms", ins, self.opts.filename)
                     if ns:
@@ -1483,41 +1486,6 @@ def _expand_ports(spec: str, ins: Instruction, filename: str) -> list[str]:
     if not (0 < start <= end <= 65535):
         raise _err(f"invalid port range {spec!r} in EXPOSE", ins, filename)
     return [f"{p}/{proto}" for p in range(start, end + 1)]
-
-
-_UNITS = {
-    "ns": 1,
-    "us": 10**3,
-    "µs": 10**3,
-    "ms": 10**6,
-    "s": 10**9,
-    "m": 60 * 10**9,
-    "h": 3600 * 10**9,
-}
-
-
-def _duration_ns(text: str, ins: Instruction, filename: str) -> int:
-    """A Go duration (``30s``, ``1m30s``, ``500ms``) in nanoseconds."""
-    total = 0.0
-    num = ""
-    unit = ""
-    rest = text.strip()
-    if not rest:
-        raise _err("empty duration", ins, filename)
-    i = 0
-    while i < len(rest):
-        num = ""
-        while i < len(rest) and (rest[i].isdigit() or rest[i] == "."):
-            num += rest[i]
-            i += 1
-        unit = ""
-        while i < len(rest) and not (rest[i].isdigit() or rest[i] == "."):
-            unit += rest[i]
-            i += 1
-        if not num or unit not in _UNITS:
-            raise _err(f"invalid duration {text!r}", ins, filename)
-        total += float(num) * _UNITS[unit]
-    return int(total)
 
 
 def convert(parsed: ParseResult, opts: Options, images: Mapping[str, ImageInfo]) -> Plan:

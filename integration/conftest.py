@@ -653,7 +653,7 @@ def as_user(test_user: str) -> Iterator[CLI]:
 
 
 @pytest.fixture
-def cli(leg: str, tmp_path: Path, request: pytest.FixtureRequest) -> CLI:
+def cli(leg: str, tmp_path: Path, request: pytest.FixtureRequest, require_root: None) -> CLI:
     """``ociworker`` as the leg's user: root, or the rootless test user (``as_user``)."""
     if leg == "root":
         return root_cli(tmp_path)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_lists_steps, buildkit_steps, oci_archive_image
+from conftest import CLI, assert_lists_steps, buildkit_steps, oci_archive_image
 from dockerd import Dockerd
 
 SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
@@ -96,24 +96,39 @@ def write_context(
 def test_bench_case_builds_then_rebuilds_fully_cached(
     case: str,
     runtime: str,
-    tmp_path: Path,
+    cli: CLI,
     base_image: str,
-    require_root: None,
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
-    root = tmp_path / "state"
-    ctx = make_context_case(tmp_path) if case == "context" else SHARED_BENCH / case
-    out = f"type=oci,dest={tmp_path / 'img.tar'}"
-    first = ow(root, "build", "--progress", "plain", "--runtime", runtime, "-o", out, str(ctx))
+    # Runs as root and as the rootless test user (the ``cli`` fixture's legs): everything the
+    # build reads and writes is in ``cli.home``, which that user owns.
+    root = cli.home / "state"
+    if case == "context":
+        ctx = make_context_case(cli.home)
+        cli.give(ctx)
+    else:
+        ctx = cli.own(SHARED_BENCH / case)
+    out = f"type=oci,dest={cli.home / 'img.tar'}"
+    first = cli.run(
+        "build", "--root", str(root), "--progress", "plain", "--runtime", runtime, "-o", out,
+        str(ctx),
+    )  # fmt: skip
     assert "DONE" in first.stderr
 
-    spy, log = write_runtime_spy(tmp_path, runtime)
-    again = ow(root, "build", "--progress", "plain", "--runtime", str(spy), "-o", out, str(ctx))
+    spy, log = write_runtime_spy(cli.home, runtime)
+    cli.give(spy)
+    again = cli.run(
+        "build", "--root", str(root), "--progress", "plain", "--runtime", str(spy), "-o", out,
+        str(ctx),
+    )  # fmt: skip
     # Every step BuildKit lists for this Dockerfile is shown, once, CACHED, after its inputs.
     assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
     assert not log.exists(), f"a container was started on a cached rebuild: {log.read_text()}"
-    assert mounts_under(root) == []
-    assert runtime_containers(root, runtime) == ""
+    if not cli.rootless:
+        # A rootless worker's mounts and runtime state live in its own namespaces, which end
+        # with it: there is nothing left to look at from here.
+        assert mounts_under(root) == []
+        assert runtime_containers(root, runtime) == ""
 
 
 def test_run_exit_code_fails_naming_step_command_and_code(

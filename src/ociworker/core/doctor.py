@@ -221,17 +221,22 @@ def check_subid(kind: str, facts: Facts) -> Check:
             "image files owned by other ids cannot be unpacked",
             (fix,),
         )
-    total = sum(r.count for r in mine)
-    where = ", ".join(f"{r.start}-{r.end - 1}" for r in mine)
-    if total < SUBID_MIN:
+    # newuidmap is given one range: the worker (and ``unshare --map-auto``) map the user's
+    # first one, so that one must hold every id an image uses.
+    head, more = mine[0], len(mine) - 1
+    where = f"{head.start}-{head.end - 1}"
+    if head.count < SUBID_MIN:
         return Check(
             f"sub{kind}",
             FAIL,
-            f"{facts.user} has {total} subordinate {kind}s ({where}) in {path}; "
-            f"at least {SUBID_MIN} are needed",
-            (fix,),
+            f"the first range of {facts.user} in {path} ({where}) holds {head.count} ids; "
+            f"the worker maps the first range, which must hold {SUBID_MIN}",
+            (f"sudo usermod --del-sub{kind}s {where} {fix.removeprefix('sudo usermod ')}",),
         )
-    return Check(f"sub{kind}", OK, f"{facts.user} has {total} subordinate {kind}s ({where})")
+    also = f"; {more} more range{'s' * (more != 1)} unused" if more else ""
+    return Check(
+        f"sub{kind}", OK, f"{facts.user} has {head.count} subordinate {kind}s ({where}){also}"
+    )
 
 
 def check_idtool(name: str, tool: Tool | None) -> Check:

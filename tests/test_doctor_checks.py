@@ -117,18 +117,29 @@ def test_missing_subuid_names_the_user_and_a_free_range() -> None:
     assert report.render().splitlines()[-1].startswith("builds cannot run (rootless, as carol")
 
 
-def test_subid_by_uid_and_in_two_ranges() -> None:
-    report = diagnose(_healthy(subgid="1001:300000:40000\ncarol:400000:25536\n"))
+def test_subid_by_uid_and_a_second_range() -> None:
+    report = diagnose(_healthy(subgid="1001:300000:65536\ncarol:400000:25536\n"))
     check = _check(report, "subgid")
     assert check.status == OK
-    assert "65536 subordinate gids (300000-339999, 400000-425535)" in check.detail
+    assert check.detail == "carol has 65536 subordinate gids (300000-365535); 1 more range unused"
 
 
 def test_too_few_subids_fail() -> None:
     check = _check(diagnose(_healthy(subuid="carol:200000:1000\n")), "subuid")
     assert check.status == FAIL
-    assert "1000 subordinate uids" in check.detail
-    assert check.fixes[0].startswith("sudo usermod --add-subuids ")
+    assert "(200000-200999) holds 1000 ids" in check.detail
+    # carol's subgid range ends at 265535: the new range starts after it
+    assert check.fixes == (
+        "sudo usermod --del-subuids 200000-200999 --add-subuids 265536-331071 carol",
+    )
+
+
+def test_a_small_first_range_fails_even_with_enough_ids_in_all() -> None:
+    # newuidmap is given the first range only (as the worker and unshare --map-auto do)
+    text = "carol:300000:40000\ncarol:400000:65536\n"
+    check = _check(diagnose(_healthy(subuid=text)), "subuid")
+    assert check.status == FAIL and "holds 40000 ids" in check.detail
+    assert check.fixes[0].startswith("sudo usermod --del-subuids 300000-339999 --add-subuids ")
 
 
 def test_no_subid_file() -> None:

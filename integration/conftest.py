@@ -8,6 +8,7 @@ half-prepared machine can never pass by running nothing.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -476,8 +477,9 @@ def assert_lists_steps(
 #
 # A test that takes the ``cli`` fixture runs twice: as root (this process's user) and as the
 # test user scripts/setup-host makes (rootless). ``@pytest.mark.rootless_skip("why")`` skips
-# such a test in the rootless leg only, saying why. Until the rootless worker works on every
-# host, the rootless leg runs only with OCIWORKER_TEST_ROOTLESS=1.
+# such a test in the rootless leg only, saying why. OCIWORKER_TEST_ROOTLESS=0 skips every
+# rootless leg (a host without user namespaces), =1 runs them even on a checkout that has no
+# rootless worker yet (to watch them fail); unset, they run when the checkout has one.
 
 TEST_USER = os.environ.get("OCIWORKER_TEST_USER", "ociw-test")
 ROOTLESS_ENV = "OCIWORKER_TEST_ROOTLESS"
@@ -490,18 +492,28 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def _rootless_gate() -> str | None:
+    """Why no rootless leg runs in this session, or None when they run."""
+    wanted = os.environ.get(ROOTLESS_ENV, "")
+    if wanted == "0":
+        return f"{ROOTLESS_ENV}=0"
+    if wanted != "1" and importlib.util.find_spec("ociworker.rootless") is None:
+        return f"this checkout has no rootless worker (ociworker.rootless); {ROOTLESS_ENV}=1 forces"
+    return None
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "leg" not in metafunc.fixturenames:
         return
-    gate = pytest.mark.skip(reason=f"rootless leg: set {ROOTLESS_ENV}=1 to run it")
+    gate = _rootless_gate()
     skip = metafunc.definition.get_closest_marker("rootless_skip")
     params = []
     for leg in LEGS:
         marks: list[pytest.MarkDecorator] = []
         if leg == "rootless" and skip is not None:
             marks.append(pytest.mark.skip(reason=f"cannot run rootless: {_skip_reason(skip)}"))
-        elif leg == "rootless" and os.environ.get(ROOTLESS_ENV) != "1":
-            marks.append(gate)
+        elif leg == "rootless" and gate is not None:
+            marks.append(pytest.mark.skip(reason=f"rootless leg off: {gate}"))
         params.append(pytest.param(leg, marks=marks, id=leg))
     metafunc.parametrize("leg", params)
 

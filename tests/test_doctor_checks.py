@@ -13,6 +13,7 @@ import re
 import pytest
 
 from ociworker.cli import main
+from ociworker.core import doctor
 from ociworker.core.doctor import (
     FAIL,
     OK,
@@ -213,12 +214,20 @@ def test_idmap_that_maps_too_few_ids_fails() -> None:
     assert "maps only 1000 uids and 65536 gids" in check.detail
 
 
-def test_no_kernel_overlay_falls_back_to_fuse_overlayfs() -> None:
-    report = diagnose(_healthy(overlay=Probe(False, "mount: permission denied")))
+def test_no_kernel_overlay_means_native_until_the_worker_takes_fuse_overlayfs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    facts = _healthy(overlay=Probe(False, "mount: permission denied"))
+    report = diagnose(facts)
     assert _check(report, "overlay").status == WARN
     assert "permission denied" in _check(report, "overlay").detail
-    assert _check(report, "snapshotter").detail == "auto picks fuse-overlayfs"
+    assert "does not use it yet" in _check(report, "fuse-overlayfs").detail
+    assert _check(report, "snapshotter").status == WARN
+    assert "auto picks native" in _check(report, "snapshotter").detail
     assert report.exit_code == 0
+    # once the worker falls back to fuse-overlayfs, doctor says so
+    monkeypatch.setattr(doctor, "WORKER_USES_FUSE_OVERLAYFS", True)
+    assert _check(diagnose(facts), "snapshotter").detail == "auto picks fuse-overlayfs"
 
 
 def test_no_overlay_and_no_usable_fuse_means_native() -> None:

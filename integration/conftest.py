@@ -7,6 +7,7 @@ half-prepared machine can never pass by running nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -603,6 +604,7 @@ def root_cli(home: Path) -> CLI:
     return CLI(None, home, {**os.environ, "PYTHONPATH": import_path()}, sys.executable)
 
 
+@functools.cache
 def _user_python(user: str) -> str:
     """An interpreter the user may execute: this one, unless it lives where the user cannot
     go (a pyenv under /root), then the system's python3 of the same version."""
@@ -641,11 +643,11 @@ def test_user(require_root: None) -> str:
 def as_user(test_user: str) -> Iterator[CLI]:
     """``ociworker`` run as the test user, with HOME and the XDG dirs in a fresh dir it owns
     (removed afterwards); the import path is this checkout's, as for root."""
+    python = _user_python(test_user)
     home = _user_dir(test_user)
     runtime = home / "run"
     runtime.mkdir(mode=0o700)
     shutil.chown(runtime, test_user, test_user)
-    python = _user_python(test_user)
     env = {
         "HOME": str(home),
         "USER": test_user,

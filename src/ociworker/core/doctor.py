@@ -16,8 +16,9 @@ from enum import Enum
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
-#: BuildKit's rootless docs: "runc (>= v1.0.0-rc91)" (older ones cannot run in a user
-#: namespace without cgroups). BuildKit names no minimum for crun, so neither do we.
+#: The floor BuildKit's rootless docs give: runc >= v1.0.0-rc91 (with crun as the way out for
+#: hosts without it). BuildKit names no minimum for crun, so neither do we: its version is
+#: reported, and the one crun problem we know of (hybrid cgroups) is its own check.
 RUNC_MIN = (1, 0, 0, 91)
 #: what a container image needs: uids 0..65535 (nobody is 65534), as BuildKit's rootless
 #: docs ask ("should contain >= 65536 sub-IDs")

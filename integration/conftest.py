@@ -476,7 +476,7 @@ def assert_lists_steps(
 
 # --- the rootless leg (issue 12, item 6) --------------------------------------------------
 #
-# A test that takes the ``cli`` fixture runs twice: as root (this process's user) and as the
+# A test that takes the ``leg_cli`` fixture runs twice: as root (this process's user) and as the
 # test user scripts/setup-host makes (rootless). ``@pytest.mark.rootless_skip("why")`` skips
 # such a test in the rootless leg only, saying why. OCIWORKER_TEST_ROOTLESS=0 skips every
 # rootless leg (a host without user namespaces), =1 runs them even on a checkout that has no
@@ -667,7 +667,7 @@ def as_user(test_user: str) -> Iterator[CLI]:
 
 
 @pytest.fixture
-def cli(leg: str, tmp_path: Path, request: pytest.FixtureRequest, require_root: None) -> CLI:
+def leg_cli(leg: str, tmp_path: Path, request: pytest.FixtureRequest, require_root: None) -> CLI:
     """``ociworker`` as the leg's user: root, or the rootless test user (``as_user``)."""
     if leg == "root":
         return root_cli(tmp_path)

@@ -96,35 +96,35 @@ def write_context(
 def test_bench_case_builds_then_rebuilds_fully_cached(
     case: str,
     runtime: str,
-    cli: CLI,
+    leg_cli: CLI,
     base_image: str,
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
-    # Runs as root and as the rootless test user (the ``cli`` fixture's legs): everything the
-    # build reads and writes is in ``cli.home``, which that user owns.
-    root = cli.home / "state"
+    # Runs as root and as the rootless test user (the ``leg_cli`` fixture's legs): everything the
+    # build reads and writes is in ``leg_cli.home``, which that user owns.
+    root = leg_cli.home / "state"
     if case == "context":
-        ctx = make_context_case(cli.home)
-        cli.give(ctx)
+        ctx = make_context_case(leg_cli.home)
+        leg_cli.give(ctx)
     else:
-        ctx = cli.own(SHARED_BENCH / case)
-    out = f"type=oci,dest={cli.home / 'img.tar'}"
-    first = cli.run(
+        ctx = leg_cli.own(SHARED_BENCH / case)
+    out = f"type=oci,dest={leg_cli.home / 'img.tar'}"
+    first = leg_cli.run(
         "build", "--root", str(root), "--progress", "plain", "--runtime", runtime, "-o", out,
         str(ctx),
     )  # fmt: skip
     assert "DONE" in first.stderr
 
-    spy, log = write_runtime_spy(cli.home, runtime)
-    cli.give(spy)
-    again = cli.run(
+    spy, log = write_runtime_spy(leg_cli.home, runtime)
+    leg_cli.give(spy)
+    again = leg_cli.run(
         "build", "--root", str(root), "--progress", "plain", "--runtime", str(spy), "-o", out,
         str(ctx),
     )  # fmt: skip
     # Every step BuildKit lists for this Dockerfile is shown, once, CACHED, after its inputs.
     assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
     assert not log.exists(), f"a container was started on a cached rebuild: {log.read_text()}"
-    if not cli.rootless:
+    if not leg_cli.rootless:
         # A rootless worker's mounts and runtime state live in its own namespaces, which end
         # with it: there is nothing left to look at from here.
         assert mounts_under(root) == []

@@ -175,6 +175,11 @@ def test_doctor_as_the_test_user(as_user: CLI) -> None:
     for tool in ("pasta", "slirp4netns"):
         found = shutil.which(tool)
         assert (f"{tool} ({found})" in net["detail"]) == bool(found)
+    tun = os.stat("/dev/net/tun")
+    tun_open = (tun.st_mode & 0o006) == 0o006
+    assert net["status"] == ("ok" if tun_open else "FAIL")
+    if not tun_open:
+        assert f"/dev/net/tun is {stat.filemode(tun.st_mode)}" in net["detail"]
 
     _common_checks(checks)
     mode, _ = _cgroup_mode()

@@ -338,6 +338,21 @@ def test_rootless_without_pasta_or_slirp4netns_fails() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("detail", "fix"),
+    [
+        ("/dev/net/tun is crw------- root", "sudo chmod 0666 /dev/net/tun"),
+        ("/dev/net/tun: No such file or directory", "sudo modprobe tun"),
+    ],
+)
+def test_rootless_network_needs_dev_net_tun(detail: str, fix: str) -> None:
+    report = diagnose(_healthy(dev_tun=Probe(False, detail)))
+    check = _check(report, "network")
+    assert check.status == FAIL and detail in check.detail and "pasta" in check.detail
+    assert check.fixes == (fix,)
+    assert report.exit_code == 1
+
+
 def test_text_report_lines() -> None:
     report = diagnose(_healthy(subuid="", pasta=None))
     lines = report.render().splitlines()

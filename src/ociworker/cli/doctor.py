@@ -62,7 +62,7 @@ def gather() -> Facts:
         idmap=_idmap_probe() if rootless else None,
         overlay=_overlay_probe(rootless),
         fuse_overlayfs=_which("fuse-overlayfs"),
-        dev_fuse=_dev_fuse(),
+        dev_fuse=_device("/dev/fuse"),
         cgroup_fs=_fstype("/sys/fs/cgroup"),
         unified_controllers=_read("/sys/fs/cgroup/unified/cgroup.controllers"),
         delegated=_read(f"{_user_service(uid)}/cgroup.controllers") if rootless else None,
@@ -70,6 +70,7 @@ def gather() -> Facts:
         runtimes=tuple(_runtime(n) for n in ("runc", "crun")),
         pasta=_which("pasta"),
         slirp4netns=_which("slirp4netns"),
+        dev_tun=_device("/dev/net/tun"),
     )
 
 
@@ -208,14 +209,16 @@ def _probe_parent(rootless: bool) -> str | None:
     return None
 
 
-def _dev_fuse() -> Probe:
+def _device(path: str) -> Probe:
+    """Whether this user can open the device ``path`` read-write (inside a user namespace
+    only the file's mode counts, so this is what a rootless worker gets too)."""
     try:
-        st = os.stat("/dev/fuse")
+        st = os.stat(path)
     except OSError as exc:
-        return Probe(False, f"/dev/fuse: {exc.strerror}")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return Probe(False, f"{path}: {exc.strerror}")
+    if not os.access(path, os.R_OK | os.W_OK):
         owner = _user_name(st.st_uid)
-        return Probe(False, f"/dev/fuse is {stat.filemode(st.st_mode)} {owner}")
+        return Probe(False, f"{path} is {stat.filemode(st.st_mode)} {owner}")
     return Probe(True)
 
 

@@ -105,6 +105,8 @@ class Facts:
     runtimes: tuple[Runtime, ...] = ()
     pasta: str | None = None
     slirp4netns: str | None = None
+    #: /dev/net/tun exists and this user can open it read-write (pasta and slirp4netns need it)
+    dev_tun: Probe = Probe(True)
 
     @property
     def mode(self) -> Mode:
@@ -532,14 +534,28 @@ def check_network(facts: Facts) -> Check:
     found = [
         f"{n} ({p})" for n, p in (("pasta", facts.pasta), ("slirp4netns", facts.slirp4netns)) if p
     ]
-    if found:
-        return Check("network", OK, "--network default via " + ", ".join(found))
-    return Check(
-        "network",
-        FAIL,
-        "neither pasta nor slirp4netns is installed: rootless --network default has no way out",
-        ("sudo apt-get install passt",),
-    )
+    if not found:
+        return Check(
+            "network",
+            FAIL,
+            "neither pasta nor slirp4netns is installed: rootless --network default has no way out",
+            ("sudo apt-get install passt",),
+        )
+    if not facts.dev_tun.ok:
+        # Both open /dev/net/tun inside the user's namespace, where only the file's mode
+        # counts: root's alone (no udev: containers, minimal VMs), it is closed to them.
+        fix = (
+            "sudo modprobe tun"
+            if "No such file" in facts.dev_tun.detail
+            else "sudo chmod 0666 /dev/net/tun"
+        )
+        return Check(
+            "network",
+            FAIL,
+            f"{', '.join(found)} cannot open /dev/net/tun: {facts.dev_tun.detail}",
+            (fix,),
+        )
+    return Check("network", OK, "--network default via " + ", ".join(found))
 
 
 def diagnose(facts: Facts) -> Report:

@@ -49,6 +49,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.integration)
+        # rootless_skip only means something to a test with legs: elsewhere it would do nothing
+        if item.get_closest_marker("rootless_skip") and "leg" not in getattr(
+            item, "fixturenames", ()
+        ):
+            raise pytest.UsageError(f"{item.nodeid}: rootless_skip on a test without leg_cli")
 
 
 def _status(url: str, *, method: str = "GET", accept: str | None = None) -> int | str:

@@ -27,18 +27,18 @@ def test_plain(leg):
 """
 
 
-def _pytest(tmp_path: Path, rootless: str) -> list[str]:
+def _pytest(tmp_path: Path, rootless: str, tests: str = _TESTS, rc: int = 0) -> list[str]:
     for name in ("conftest.py", "dockerd.py"):
         shutil.copy(HERE / name, tmp_path / name)
-    (tmp_path / "test_sample.py").write_text(_TESTS)
+    (tmp_path / "test_sample.py").write_text(tests)
     env = {**os.environ, "OCIWORKER_TEST_ROOTLESS": rootless, "PYTHONPATH": import_path()}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider",
          f"--basetemp={tmp_path / 'bt'}", "test_sample.py"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout.splitlines()
+    assert proc.returncode == rc, proc.stdout + proc.stderr
+    return (proc.stdout + proc.stderr).splitlines()
 
 
 def test_rootless_skip_skips_only_the_rootless_leg(tmp_path: Path) -> None:
@@ -60,6 +60,12 @@ def test_rootless_legs_can_be_turned_off(tmp_path: Path) -> None:
         "it talks to the host's dockerd socket",
         "OCIWORKER_TEST_ROOTLESS=0",
     }
+
+
+def test_rootless_skip_on_a_test_without_legs_is_an_error(tmp_path: Path) -> None:
+    tests = '@__import__("pytest").mark.rootless_skip("why")\ndef test_x():\n    pass\n'
+    out = _pytest(tmp_path, "1", tests, rc=4)  # pytest's usage error
+    assert any("test_x: rootless_skip on a test without leg_cli" in ln for ln in out), out
 
 
 def test_as_user_runs_ociworker_as_the_test_user(as_user: CLI) -> None:

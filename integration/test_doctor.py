@@ -88,7 +88,12 @@ def test_doctor_as_root(require_root: None, tmp_path: Path) -> None:
     assert (report["mode"], report["user"], report["uid"]) == ("root", "root", 0)
     checks = _checks(report)
     # root builds need no subordinate ids, user namespaces or user-mode networking
-    assert set(checks) == {"overlay", "snapshotter", "cgroups", "runc", "crun", "crun-cgroups"}
+    assert set(checks) == {
+        "overlay", "snapshotter", "cgroups", "runc", "crun", "crun-cgroups", "network"
+    }  # fmt: skip
+    nft = shutil.which("nft")
+    assert checks["network"]["status"] == ("ok" if nft else "FAIL")
+    assert f"({nft})" in checks["network"]["detail"]
     _common_checks(checks)
     probe = tmp_path / "probe"
     probe.mkdir()
@@ -177,7 +182,7 @@ def test_doctor_as_the_test_user(as_user: CLI) -> None:
         assert (f"{tool} ({found})" in net["detail"]) == bool(found)
     tun = os.stat("/dev/net/tun")
     tun_open = (tun.st_mode & 0o006) == 0o006
-    assert net["status"] == ("ok" if tun_open else "FAIL")
+    assert net["status"] == ("ok" if tun_open and shutil.which("nft") else "FAIL")
     if not tun_open:
         assert f"/dev/net/tun is {stat.filemode(tun.st_mode)}" in net["detail"]
 

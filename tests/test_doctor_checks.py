@@ -95,7 +95,12 @@ def test_a_healthy_rootless_host_passes_every_check() -> None:
 def test_root_gets_no_rootless_checks() -> None:
     report = diagnose(_healthy(uid=0, user="root", cgroup_fs="tmpfs", unified_controllers=""))
     names = [c.name for c in report.checks]
-    assert names == ["overlay", "snapshotter", "cgroups", "runc", "crun", "crun-cgroups"]
+    assert names == [
+        "overlay", "snapshotter", "cgroups", "runc", "crun", "crun-cgroups", "network"
+    ]  # fmt: skip
+    assert _check(report, "network").detail == (
+        "--network default via a bridge and nftables (/usr/sbin/nft)"
+    )
     assert report.ready
     assert report.render().splitlines()[-1] == "builds can run (as root; 0 warnings)"
 
@@ -350,6 +355,14 @@ def test_rootless_network_needs_dev_net_tun(detail: str, fix: str) -> None:
     check = _check(report, "network")
     assert check.status == FAIL and detail in check.detail and "pasta" in check.detail
     assert check.fixes == (fix,)
+    assert report.exit_code == 1
+
+
+@pytest.mark.parametrize("uid", [0, 1001])
+def test_default_network_needs_nft(uid: int) -> None:
+    report = diagnose(_healthy(uid=uid, nft=None))
+    check = _check(report, "network")
+    assert (check.status, check.fixes) == (FAIL, ("sudo apt-get install nftables",))
     assert report.exit_code == 1
 
 

@@ -71,6 +71,7 @@ def gather() -> Facts:
         pasta=_which("pasta"),
         slirp4netns=_which("slirp4netns"),
         dev_tun=_device("/dev/net/tun"),
+        nft=_which("nft"),
     )
 
 

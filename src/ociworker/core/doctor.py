@@ -107,6 +107,7 @@ class Facts:
     slirp4netns: str | None = None
     #: /dev/net/tun exists and this user can open it read-write (pasta and slirp4netns need it)
     dev_tun: Probe = Probe(True)
+    nft: str | None = "/usr/sbin/nft"
 
     @property
     def mode(self) -> Mode:
@@ -531,6 +532,17 @@ def _check_crun_cgroups(controllers: list[str], severity: str) -> Check:
 
 
 def check_network(facts: Facts) -> Check:
+    # --network default is a bridge of the worker's own, fenced by nftables, for root and
+    # rootless alike (a rootless worker builds it inside its network namespace).
+    if facts.nft is None:
+        return Check(
+            "network",
+            FAIL,
+            "nft is not installed: --network default cannot fence its bridge",
+            ("sudo apt-get install nftables",),
+        )
+    if facts.mode is Mode.ROOT:
+        return Check("network", OK, f"--network default via a bridge and nftables ({facts.nft})")
     found = [
         f"{n} ({p})" for n, p in (("pasta", facts.pasta), ("slirp4netns", facts.slirp4netns)) if p
     ]
@@ -578,6 +590,5 @@ def diagnose(facts: Facts) -> Report:
     checks.append(check_snapshotter(facts))
     checks.append(check_cgroups(facts))
     checks += check_runtimes(facts)
-    if facts.mode is Mode.ROOTLESS:
-        checks.append(check_network(facts))
+    checks.append(check_network(facts))
     return Report(facts.mode, facts.user, facts.uid, tuple(checks))

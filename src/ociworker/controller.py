@@ -60,7 +60,9 @@ from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
-from ociworker.frontend.dockerfile.lint import BaseImage, BaseRef, base_images, lint, report
+from ociworker.frontend.dockerfile.lint import BaseImage as BaseImage
+from ociworker.frontend.dockerfile.lint import BaseRef as BaseRef
+from ociworker.frontend.dockerfile.lint import base_images, lint, report
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher

@@ -76,6 +76,7 @@ from ociworker.remotecache.importer import CacheImport, ImportedLayers, ImportPa
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import REMOTE, Job
 from ociworker.sources.git import GitFetcher
+from ociworker.sources.http import HttpFetcher
 from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
 
@@ -470,6 +471,8 @@ async def _build(
             secrets=secrets if secrets is not None else NoSecrets(),
             ssh=ssh if ssh is not None else NoSSH(),
             events=events,
+            # the records ADD URL keeps: a rebuild asks with If-None-Match
+            http=HttpFetcher(worker.content, worker.root / "http", None),
         )
         context_root = remote.root
         definition = definition or remote.definition

@@ -65,7 +65,7 @@ from ociworker.frontend.dockerfile.lint import BaseRef as BaseRef
 from ociworker.frontend.dockerfile.lint import base_images, lint, report
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
-from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.ignore import IgnoreMatcher, read_dir_ignore
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.history import BuildRecorder
@@ -160,7 +160,9 @@ async def _layout_images(worker: Worker, req: BuildRequest) -> dict[str, ImageIn
 def named_locals(req: BuildRequest) -> dict[str, object]:
     """The local sources of the build's DIR contexts (``local://named:NAME``)."""
     return {
-        nc.local_name: LocalContext(Path(nc.value).absolute(), None)
+        nc.local_name: LocalContext(
+            Path(nc.value).absolute(), read_dir_ignore(Path(nc.value).absolute())
+        )
         for nc in req.build_contexts
         if nc.kind == "local"
     }

@@ -54,7 +54,7 @@ from ociworker.errors import (
     WorkerRefused,
 )
 from ociworker.fs.atomic import write_atomic
-from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.ignore import IgnoreMatcher, read_dir_ignore
 from ociworker.fs.oserror import os_error_text
 from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
 
@@ -321,7 +321,9 @@ class Client:
                     "supported on a daemon yet (build without --addr)"
                 )
             if nc.kind == "local":
-                dirs[nc.local_name] = (Path(nc.value).absolute(), None)
+                # its own .dockerignore, applied here: ignored files are never sent
+                root = Path(nc.value).absolute()
+                dirs[nc.local_name] = (root, read_dir_ignore(root))
                 contexts[nc.name] = "local:" + nc.local_name
             else:
                 contexts[nc.name] = nc.raw

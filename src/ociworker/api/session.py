@@ -378,6 +378,8 @@ class ClientSession:
             try:
                 while data := await conn.read(65536):
                     await self._put(id=rid, ssh_data=pb.SSHData(data=data))
+            except OSError:
+                pass  # the agent went away: the worker is told by the close below
             finally:
                 worker_closed = up.done() and not up.cancelled() and up.exception() is None
                 up.cancel()

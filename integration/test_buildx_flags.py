@@ -263,3 +263,41 @@ def test_check_resolves_the_base_images(tmp_path: Path, state_dir: Path, base_im
     bad = _build(state_dir, _ctx(tmp_path, "bad", f"FROM {host}/nope:1\n"), "--check")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"{host}/nope:1" in bad.stderr, bad.stderr
+
+
+def test_check_over_the_daemon_equals_the_embedded_check(
+    tmp_path: Path, state_dir: Path, daemon: Daemon, base_image: str
+) -> None:
+    """Over ``--addr`` the daemon resolves the base images (its platform, its
+    store, the registry), so the report is the embedded one, byte for byte, and
+    holds the warnings BuildKit's rules give (docs/rules/undefined-var.md,
+    invalid-base-image-platform.md: messages from linter/ruleset.go)."""
+    own = _registry_platform(base_image)
+    foreign = _foreign(own)
+    ref = _push_foreign(base_image, foreign)
+    var = _registry_env(base_image)[0].partition("=")[0]
+    df = (
+        f"FROM {base_image}\nCOPY ${var}X /x\nWORKDIR ${var}\nFROM {ref} AS other\nCOPY ${var} /y\n"
+    )
+    ctx = _ctx(tmp_path, "ctx", df)
+    embedded = _build(state_dir, ctx, "--check")
+    remote = _build(tmp_path, ctx, "--check", addr=daemon.addr)
+    assert remote.returncode == embedded.returncode == 1, remote.stderr[-3000:]
+    assert remote.stdout == embedded.stdout
+    assert remote.stdout.startswith("Check complete, 2 warnings have been found!\n"), remote.stdout
+    assert (
+        "\nWARNING: UndefinedVar - https://docs.docker.com/go/dockerfile/rule/undefined-var/\n"
+        f"Usage of undefined variable '${var}X' (did you mean ${var}?)\nDockerfile:2\n"
+    ) in remote.stdout, remote.stdout
+    assert (
+        "\nWARNING: InvalidBaseImagePlatform\n"
+        f'Base image {ref} was pulled with platform "{foreign}", '
+        f'expected "{own}" for current build\nDockerfile:4\n'
+    ) in remote.stdout, remote.stdout
+    # a base nobody has: the daemon's resolution fails the check, naming it
+    host = base_image.partition("/")[0]
+    bad = _build(
+        tmp_path, _ctx(tmp_path, "bad", f"FROM {host}/nope:1\n"), "--check", addr=daemon.addr
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert f"{host}/nope:1" in bad.stderr, bad.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_lists_steps, buildkit_steps
 from gitserve import GitHTTPServer, git, git_daemon
 from test_daemon import Daemon, start_daemon, stop_daemon
 
@@ -221,6 +222,77 @@ def test_dir_context_over_the_daemon(tmp_path: Path, daemon: Daemon, base_image:
         addr=daemon.addr,
     )
     _check_image_outputs(out2)
+
+
+#: what BuildKit's named local context takes from ``_ignoring_dir`` (dockerui's
+#: namedcontext.go: DIR/.dockerignore's patterns become the source's excludes,
+#: moby/patternmatcher rules; the main context's ignore file plays no part)
+IGNORED_DIR_KEPT = [".", "./.dockerignore", "./keep.txt", "./logs", "./logs/keep.log", "./sub",
+                    "./sub/y.txt"]  # fmt: skip
+SECRET = "not-for-the-build-3f9a"
+
+
+def _ignoring_dir(tmp: Path) -> Path:
+    d = tmp / "ign"
+    for name, text in {
+        "keep.txt": "kept\n",
+        "secret.env": SECRET + "\n",
+        "logs/a.log": "a\n",
+        "logs/keep.log": "k\n",
+        "sub/x.tmp": "tmp\n",
+        "sub/y.txt": "y\n",
+        ".dockerignore": "# named context rules\n*.env\nlogs/*\n!logs/keep.log\n**/*.tmp\n",
+    }.items():
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    return d
+
+
+def _ignoring_context(tmp: Path, base_image: str) -> Path:
+    ctx = _context(
+        tmp,
+        "ctx-ign",
+        f"FROM {base_image}\nCOPY --from=ign / /copied/\n"
+        "RUN --mount=from=ign,target=/m cd /m && find . | sort > /mounted.lst\n",
+    )
+    # the main context's own rules must not reach the named one
+    (ctx / ".dockerignore").write_text("keep.txt\n")
+    return ctx
+
+
+def _check_ignored(out: Path) -> None:
+    assert (out / "mounted.lst").read_text().split() == IGNORED_DIR_KEPT
+    copied = sorted("./" + str(p.relative_to(out / "copied")) for p in (out / "copied").rglob("*"))
+    assert [".", *copied] == IGNORED_DIR_KEPT
+
+
+def test_dir_context_applies_its_own_dockerignore(
+    tmp_path: Path, state_dir: Path, base_image: str
+) -> None:
+    ign = _ignoring_dir(tmp_path)
+    ctx = _ignoring_context(tmp_path, base_image)
+    out = tmp_path / "out"
+    _build(state_dir, ctx, out, "--build-context", f"ign={ign}")
+    _check_ignored(out)
+    # an ignored file is no input: changing it re-runs nothing
+    (ign / "secret.env").write_text("changed\n")
+    again = _build(state_dir, ctx, tmp_path / "out2", "--build-context", f"ign={ign}")
+    assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
+
+
+def test_dir_context_over_the_daemon_sends_no_ignored_file(
+    tmp_path: Path, daemon: Daemon, base_image: str
+) -> None:
+    ign = _ignoring_dir(tmp_path)
+    ctx = _ignoring_context(tmp_path, base_image)
+    out = tmp_path / "out"
+    _build(tmp_path, ctx, out, "--build-context", f"ign={ign}", addr=daemon.addr)
+    _check_ignored(out)
+    # the client never sent it: no file under the daemon's root holds its bytes
+    leaked = subprocess.run(
+        ["grep", "-rl", "--", SECRET, str(daemon.root)], capture_output=True, text=True
+    )
+    assert leaked.stdout == "", leaked.stdout
 
 
 # -- git and URL contexts ---------------------------------------------------------------

@@ -354,6 +354,56 @@ RUN --mount=type=ssh,id=missing test -z "$SSH_AUTH_SOCK" && echo skipped > /opti
     assert failed.returncode == 1 and "'nope'" in failed.stderr
 
 
+def test_ssh_mounts_over_the_daemon_reach_the_clients_agent_every_time(
+    runtime: str,
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+    ssh_agent: tuple[str, str, Path],
+) -> None:
+    """Each step opens the client's agent through the daemon's session and writes
+    its request at once; 10 steps, built twice, so a dropped or stalled forward (the
+    bug was about 1 connection in 5) cannot pass."""
+    from ociworker.testing.daemon import spawn_daemon
+
+    sock, fingerprint, _ = ssh_agent
+    steps = "".join(f"RUN --mount=type=ssh ssh-add -l > /l{i}\n" for i in range(10))
+    ctx = write_context(tmp_path, f"FROM {base_image}\nCOPY sshroot/ /\n{steps}")
+    _ssh_add_tree(ctx)
+    dsock = tmp_path / "d.sock"
+    env_without_agent = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    daemon_args = ["--addr", f"unix://{dsock}", "--root", str(tmp_path / "droot")]
+    daemon_args += ["--runtime", runtime]
+    saved = os.environ.pop("SSH_AUTH_SOCK", None)
+    try:  # the daemon holds no agent of its own
+        proc = spawn_daemon(daemon_args, tmp_path / "daemon.log")
+    finally:
+        if saved is not None:
+            os.environ["SSH_AUTH_SOCK"] = saved
+    try:
+        for n in range(2):
+            out = tmp_path / f"out{n}"
+            cmd = [
+                sys.executable, "-m", "ociworker", "build", "--addr", f"unix://{dsock}",
+                "--progress", "plain", "--ssh", "default", "--no-cache",
+                "-o", f"type=local,dest={out}", str(ctx),
+            ]  # fmt: skip
+            done = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env=dict(env_without_agent, SSH_AUTH_SOCK=sock),
+                # ten ssh-add runs take seconds; a stall fails here, not after 10 min
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            for i in range(10):
+                assert fingerprint in (out / f"l{i}").read_text(), i
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def test_parallel_stages_share_or_lock_one_cache(
     runtime: str,
     tmp_path: Path,

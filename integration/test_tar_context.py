@@ -18,8 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_lists_steps, buildkit_steps
 from gitserve import GitHTTPServer
 from ociworker.testing.daemon import spawn_daemon
+from test_add_http import (
+    FileServer,
+    server,  # noqa: F401  (the counting file server, a fixture)
+)
 from test_build import ow
 
 FILES = {"a.txt": b"alpha\n", "dir/b.txt": b"beta\n", "dir/deep/c.bin": bytes(range(256))}
@@ -48,9 +53,9 @@ COMPRESS = {
 
 @pytest.fixture
 def http(tmp_path: Path) -> Iterator[GitHTTPServer]:
-    server = GitHTTPServer(tmp_path)
-    yield server
-    server.close()
+    git_http = GitHTTPServer(tmp_path)
+    yield git_http
+    git_http.close()
 
 
 def _context_files(base_image: str) -> dict[str, bytes]:
@@ -198,3 +203,42 @@ def test_daemon_fetches_a_tarball_url_and_takes_a_stdin_tar(
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_tarball_url_rebuild_asks_conditionally_and_is_all_cached(
+    server: FileServer,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    base_image: str,
+    require_root: None,
+) -> None:
+    """As ADD URL: the first build records the ETag; the rebuild sends
+    If-None-Match, the server answers 304 with no body, and every step is
+    CACHED; a changed tarball is downloaded again and re-runs what it reaches."""
+    files = {
+        **_context_files(base_image),
+        "Dockerfile": (f"FROM {base_image}\nCOPY . /ctx\nRUN cat /ctx/a.txt > /a.run\n").encode(),
+    }
+    server.put("/ctx.tar.gz", gzip.compress(_tar(files), mtime=0))
+    url = server.url("/ctx.tar.gz")
+    root = tmp_path / "root"
+    first = ow(root, "build", "--progress=plain", "-o", f"type=local,dest={tmp_path / 'one'}", url)
+    assert _tree(tmp_path / "one" / "ctx") == files
+    assert [e[2] for e in server.log] == [200]
+    assert "DONE" in first.stderr
+
+    server.log.clear()
+    again = ow(root, "build", "--progress=plain", "-o", f"type=local,dest={tmp_path / 'two'}", url)
+    # one conditional request, naming the ETag the server gave, answered 304
+    assert server.log == [("GET", "/ctx.tar.gz", 304, server.files["/ctx.tar.gz"].etag)]
+    assert_lists_steps(again.stderr, buildkit_steps(files["Dockerfile"].decode()), {})
+    assert _tree(tmp_path / "two" / "ctx") == files
+
+    changed = {**files, "a.txt": b"alpha two\n"}
+    server.put("/ctx.tar.gz", gzip.compress(_tar(changed), mtime=0))
+    server.log.clear()
+    third = ow(
+        root, "build", "--progress=plain", "-o", f"type=local,dest={tmp_path / 'three'}", url
+    )
+    assert [e[2] for e in server.log] == [200]
+    assert (tmp_path / "three" / "a.run").read_bytes() == b"alpha two\n"
+    assert "DONE" in third.stderr

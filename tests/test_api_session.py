@@ -245,3 +245,82 @@ async def test_registry_credentials_come_from_the_client(link: Link, tmp_path: P
     ws = await link.open(cs)
     assert await ws.credentials("reg.example") == ("user", "tok")
     assert await ws.credentials("other.example") is None
+
+
+class _SlowAgents(_Agents):
+    """Connecting takes a while, as a real agent's socket does: the worker's first
+    bytes (sent right after the open, as ssh does) arrive before the connection."""
+
+    async def connect_agent(self, agent_id: str) -> _Echo:
+        await asyncio.sleep(0.05)
+        return await super().connect_agent(agent_id)
+
+
+async def test_bytes_sent_before_the_agent_connects_are_delivered(
+    link: Link, tmp_path: Path
+) -> None:
+    agents = _SlowAgents()
+    cs = ClientSession(uuid.uuid4().hex, {}, ssh=agents, ssh_ids=["default"])
+    ws = await link.open(cs)
+    conns = [await ws.connect_agent("default") for _ in range(5)]
+    for i, c in enumerate(conns):
+        await c.write(f"req{i}".encode())
+    for i, c in enumerate(conns):
+        want = f"REQ{i}".encode()
+        got = b""
+        while len(got) < len(want):
+            got += await asyncio.wait_for(c.read(100), 10)
+        assert got == want
+        await c.close()
+
+
+@pytest.fixture
+def real_agent(tmp_path: Path) -> Any:
+    import shutil
+    import subprocess
+
+    if shutil.which("ssh-agent") is None:
+        pytest.fail("openssh-client is not installed: run scripts/setup-host")
+    sock = tmp_path / "agent.sock"
+    key = tmp_path / "id"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            subprocess.run(["sleep", "0.05"], check=True)
+        env = dict(os.environ, SSH_AUTH_SOCK=str(sock))
+        subprocess.run(["ssh-add", "-q", str(key)], check=True, env=env)
+        # the key's wire blob, from ssh-keygen's own public file
+        import base64
+
+        yield sock, base64.b64decode((tmp_path / "id.pub").read_text().split()[1])
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+async def test_a_real_agent_answers_through_the_session_every_time(
+    link: Link, tmp_path: Path, real_agent: tuple[Path, bytes]
+) -> None:
+    """ssh opens the agent and writes its request at once; each of 30 connections
+    must get the agent's identities answer naming the key (a dropped request stalls)."""
+    from ociworker.session.sshagent import LocalSSHAgents, SSHSource
+
+    sock, blob = real_agent
+    agents = LocalSSHAgents([SSHSource("default", (str(sock),))])
+    cs = ClientSession(uuid.uuid4().hex, {}, ssh=agents, ssh_ids=["default"])
+    ws = await link.open(cs)
+    request = (1).to_bytes(4, "big") + bytes([11])  # SSH_AGENTC_REQUEST_IDENTITIES
+    for _ in range(30):
+        c = await ws.connect_agent("default")
+        await c.write(request)
+        got = b""
+        while len(got) < 4 or len(got) < 4 + int.from_bytes(got[:4], "big"):
+            chunk = await asyncio.wait_for(c.read(65536), 10)
+            assert chunk, "the agent connection closed without an answer"
+            got += chunk
+        assert got[4] == 12  # SSH_AGENT_IDENTITIES_ANSWER
+        assert blob in got
+        await c.close()

@@ -13,7 +13,7 @@ import pytest
 
 from ociworker.core.gitref import parse_git_ref
 from ociworker.core.graph import SourceOp
-from ociworker.errors import NotFoundError, UnsafePathError, UserError
+from ociworker.errors import DigestMismatchError, NotFoundError, UnsafePathError, UserError
 from ociworker.ops.gitsource import GitSources
 from ociworker.snapshot.base import Mounter, Snapshotter
 from ociworker.solver.scheduler import Job
@@ -115,3 +115,34 @@ async def test_a_fetcher_that_refuses_file_urls(work: Path, tmp_path: Path) -> N
     for frag in ("main", commit):
         with pytest.raises(UserError, match="file:// URLs would read the worker's own disk"):
             await fetcher.resolve(parse_git_ref(f"file://{work}#{frag}"), GitAuth())
+
+
+async def test_annotated_tag_resolves_to_its_commit_and_checksums_pin_it(
+    work: Path, tmp_path: Path
+) -> None:
+    """An annotated tag is keyed by its commit (``git rev-parse TAG^{commit}``);
+    ``ADD --checksum`` takes the commit, a prefix of it, or the tag object, and
+    a wrong one fails before any key exists, naming what was wanted and got."""
+    _git(work, "tag", "-a", "-m", "rel", "v1")
+    commit, tag = _git(work, "rev-parse", "v1^{commit}"), _git(work, "rev-parse", "v1")
+    assert commit != tag
+    fetcher = GitFetcher(tmp_path / "git")
+    resolved = await fetcher.resolve(parse_git_ref(f"file://{work}#v1"), GitAuth())
+    assert (resolved.commit, resolved.tag) == (commit, tag)
+    sources = GitSources(
+        fetcher, typing.cast(Snapshotter, None), typing.cast(Mounter, None), tmp_path
+    )
+
+    async def key(checksum: str, job: str) -> str:
+        op = SourceOp(
+            f"git://file://{work}#v1",
+            (("git.keepgitdir", "false"), ("git.checksum", checksum)),
+        )
+        return await sources.cache_key(op, Job(id=job))
+
+    # the checksum pins the source; it is no part of the key (BuildKit's cache matches)
+    assert await key(commit, "a") == await key(commit[:7], "b") == await key(tag, "c")
+    wrong = _git(work, "rev-parse", "main~1")
+    with pytest.raises(DigestMismatchError) as exc:
+        await key(wrong, "d")
+    assert f"expected checksum to match {wrong}, got {tag} or {commit}" in str(exc.value)

@@ -60,10 +60,12 @@ from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
-from ociworker.frontend.dockerfile.lint import BaseImage, BaseRef, base_images, lint, report
+from ociworker.frontend.dockerfile.lint import BaseImage as BaseImage
+from ociworker.frontend.dockerfile.lint import BaseRef as BaseRef
+from ociworker.frontend.dockerfile.lint import base_images, lint, report
 from ociworker.frontend.dockerfile.parser import parse
 from ociworker.fs.atomic import write_atomic
-from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.ignore import IgnoreMatcher, read_dir_ignore
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.history import BuildRecorder
@@ -74,6 +76,7 @@ from ociworker.remotecache.importer import CacheImport, ImportedLayers, ImportPa
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import REMOTE, Job
 from ociworker.sources.git import GitFetcher
+from ociworker.sources.http import HttpFetcher
 from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
 
@@ -157,7 +160,9 @@ async def _layout_images(worker: Worker, req: BuildRequest) -> dict[str, ImageIn
 def named_locals(req: BuildRequest) -> dict[str, object]:
     """The local sources of the build's DIR contexts (``local://named:NAME``)."""
     return {
-        nc.local_name: LocalContext(Path(nc.value).absolute(), None)
+        nc.local_name: LocalContext(
+            Path(nc.value).absolute(), read_dir_ignore(Path(nc.value).absolute())
+        )
         for nc in req.build_contexts
         if nc.kind == "local"
     }
@@ -468,6 +473,8 @@ async def _build(
             secrets=secrets if secrets is not None else NoSecrets(),
             ssh=ssh if ssh is not None else NoSSH(),
             events=events,
+            # the records ADD URL keeps: a rebuild asks with If-None-Match
+            http=HttpFetcher(worker.content, worker.root / "http", None),
         )
         context_root = remote.root
         definition = definition or remote.definition

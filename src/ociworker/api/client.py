@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 import grpc
 
@@ -30,6 +30,9 @@ from ociworker.api.convert import event_from_proto, usage_record_from_proto
 from ociworker.api.session import ClientSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from ociworker.controller import BaseImage, BaseRef
 from ociworker.core.build import (
     BuildDefinition,
     BuildRequest,
@@ -51,7 +54,7 @@ from ociworker.errors import (
     WorkerRefused,
 )
 from ociworker.fs.atomic import write_atomic
-from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.ignore import IgnoreMatcher, read_dir_ignore
 from ociworker.fs.oserror import os_error_text
 from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
 
@@ -234,6 +237,30 @@ class Client:
             for w in r.workers
         ]
 
+    async def check_bases(
+        self,
+        refs: Sequence[BaseRef],
+        *,
+        pull: bool = False,
+        credentials: Credentials | None = None,
+    ) -> dict[BaseRef, BaseImage]:
+        """``build --check``'s base images, resolved by the daemon; registry
+        credentials are served from here through a session, as for a build."""
+        from ociworker.controller import BaseImage
+
+        session = ClientSession(uuid.uuid4().hex, {}, credentials=credentials)
+        request = pb.CheckBasesRequest(
+            refs=[pb.CheckBaseRef(name=r.name, platform=r.platform) for r in refs],
+            pull=pull,
+            session_id=session.id,
+        )
+        async with self._session(session):
+            r = await self._unary(self._stub.CheckBases, request)
+        return {
+            ref: BaseImage(env=tuple(b.env), platform=b.platform, layers=b.layers)
+            for ref, b in zip(refs, r.images, strict=True)
+        }
+
     async def _unary(self, method: Any, request: Any, *, timeout: float | None = None) -> Any:
         try:
             return await method(request, timeout=timeout)
@@ -294,7 +321,9 @@ class Client:
                     "supported on a daemon yet (build without --addr)"
                 )
             if nc.kind == "local":
-                dirs[nc.local_name] = (Path(nc.value).absolute(), None)
+                # its own .dockerignore, applied here: ignored files are never sent
+                root = Path(nc.value).absolute()
+                dirs[nc.local_name] = (root, read_dir_ignore(root))
                 contexts[nc.name] = "local:" + nc.local_name
             else:
                 contexts[nc.name] = nc.raw

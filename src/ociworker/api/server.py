@@ -629,6 +629,26 @@ class ControlService:
             running_builds=sum(1 for b in self._builds.values() if not b.done),
         )
 
+    async def CheckBases(
+        self, request: pb.CheckBasesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CheckBasesResponse:
+        """``build --check`` over the daemon: the worker resolves the base images
+        (its image store, then the registry with the session's credentials), so
+        the client's rules see what an embedded check sees."""
+        try:
+            session = self.sessions.get(request.session_id) if request.session_id else None
+            refs = [controller.BaseRef(r.name, r.platform) for r in request.refs]
+            bases = await controller.check_bases(self.worker, refs, session, pull=request.pull)
+        except OciworkerError as exc:
+            await _abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return pb.CheckBasesResponse(
+            images=[
+                pb.CheckBaseImage(env=b.env, platform=b.platform, layers=b.layers)
+                for b in (bases[r] for r in refs)
+            ]
+        )
+
     # -- Session -------------------------------------------------------------------------
 
     async def Session(

@@ -234,6 +234,9 @@ class ClientSession:
         self.bytes_sent = 0
         self._out: asyncio.Queue[pb.SessionMessage] = asyncio.Queue(maxsize=64)
         self._conns: dict[int, Duplex] = {}
+        # bytes for each ssh connection, in arrival order: they may arrive before the
+        # agent is connected (ssh writes its request right after the open)
+        self._inbox: dict[int, asyncio.Queue[bytes | None]] = {}
         self._sizes: dict[str, dict[str, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -255,9 +258,11 @@ class ClientSession:
                 msg = await call.read()
                 if msg is eof or not isinstance(msg, pb.SessionMessage):
                     return
-                if msg.WhichOneof("msg") in ("ssh_data", "ssh_close"):
-                    # in order: a connection's bytes must not be reordered by tasks
-                    await self._handle(msg)
+                which = msg.WhichOneof("msg")
+                if which in ("ssh_open", "ssh_data", "ssh_close"):
+                    # queued here, in stream order, before any task runs: a
+                    # connection's bytes must be neither reordered nor dropped
+                    self._ssh_message(msg)
                 else:
                     self._spawn(self._handle(msg))
         finally:
@@ -308,16 +313,6 @@ class ClientSession:
                         secret=got[1] if got else "",
                     ),
                 )
-            elif which == "ssh_open":
-                await self._ssh_open(msg.id, msg.ssh_open.agent_id)
-            elif which == "ssh_data":
-                conn = self._conns.get(msg.id)
-                if conn is not None:
-                    await conn.write(msg.ssh_data.data)
-            elif which == "ssh_close":
-                conn = self._conns.pop(msg.id, None)
-                if conn is not None:
-                    await conn.close()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -353,16 +348,53 @@ class ClientSession:
                 await self._put(id=rid, file_chunk=pb.FileChunk(path=path, data=chunk))
         await self._put(id=rid, file_chunk=pb.FileChunk(done=True))
 
-    async def _ssh_open(self, rid: int, agent_id: str) -> None:
-        if self.ssh is None or agent_id not in self.ssh_ids:
-            await self._put(id=rid, ssh_close=pb.SSHClose())
+    def _ssh_message(self, msg: pb.SessionMessage) -> None:
+        which = msg.WhichOneof("msg")
+        if which == "ssh_open":
+            inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+            self._inbox[msg.id] = inbox
+            self._spawn(self._ssh_conn(msg.id, msg.ssh_open.agent_id, inbox))
             return
-        conn = await self.ssh.connect_agent(agent_id)
-        self._conns[rid] = conn
+        box = self._inbox.get(msg.id)
+        if box is not None:
+            box.put_nowait(msg.ssh_data.data if which == "ssh_data" else None)
+
+    async def _ssh_conn(self, rid: int, agent_id: str, inbox: asyncio.Queue[bytes | None]) -> None:
+        """One agent connection: the worker's bytes in from ``inbox``, the agent's out."""
         try:
-            while data := await conn.read(65536):
-                await self._put(id=rid, ssh_data=pb.SSHData(data=data))
-        finally:
-            if self._conns.pop(rid, None) is not None:
-                await conn.close()
+            if self.ssh is None or agent_id not in self.ssh_ids:
                 await self._put(id=rid, ssh_close=pb.SSHClose())
+                return
+            try:
+                conn = await self.ssh.connect_agent(agent_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._put(id=rid, error=pb.SessionError(message=str(exc)))
+                return
+            self._conns[rid] = conn
+            up = asyncio.create_task(self._ssh_up(conn, inbox))
+            worker_closed = False
+            try:
+                while data := await conn.read(65536):
+                    await self._put(id=rid, ssh_data=pb.SSHData(data=data))
+            except OSError:
+                pass  # the agent went away: the worker is told by the close below
+            finally:
+                worker_closed = up.done() and not up.cancelled() and up.exception() is None
+                up.cancel()
+                await asyncio.gather(up, return_exceptions=True)
+                self._conns.pop(rid, None)
+                await conn.close()
+            if not worker_closed:
+                await self._put(id=rid, ssh_close=pb.SSHClose())
+        finally:
+            self._inbox.pop(rid, None)
+
+    @staticmethod
+    async def _ssh_up(conn: Duplex, inbox: asyncio.Queue[bytes | None]) -> None:
+        """The worker's bytes to the agent until the worker closes; then closing the
+        agent connection ends the reader above."""
+        while (data := await inbox.get()) is not None:
+            await conn.write(data)
+        await conn.close()

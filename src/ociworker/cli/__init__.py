@@ -364,25 +364,37 @@ async def _check(args: argparse.Namespace, req: BuildRequest) -> int:
     printed as buildx prints them; nothing is built. Exit 1 if any warns (buildx).
     The base images are resolved as a build resolves them (BuildKit's check
     does: UndefinedVar reads their variables, InvalidBaseImagePlatform their
-    platform), by the embedded worker; a daemon has no check request, so over
-    ``--addr`` the rules see no base image."""
+    platform), by the worker that would build: the embedded one, or over
+    ``--addr`` the daemon (for its platform and its image store)."""
     from ociworker.controller import check_base_refs, check_bases, check_dockerfile
     from ociworker.session.context import read_definition
     from ociworker.worker import host_platform
 
     definition = read_definition(req.context, req.dockerfile)
-    platform = str(host_platform())
-    refs = check_base_refs(definition, req, platform)
-    if args.addr or not refs:
-        # nothing to resolve (or no worker here to resolve it): no state dir is made
-        text, found = check_dockerfile(definition, req, {} if not refs else None, platform)
+    if args.addr:
+        async with _client(args) as client:
+            workers = await client.list_workers()
+            platform = workers[0]["platforms"][0] if workers else str(host_platform())
+            refs = check_base_refs(definition, req, platform)
+            bases = (
+                await client.check_bases(refs, pull=req.pull, credentials=DockerConfigCredentials())
+                if refs
+                else {}
+            )
+        text, found = check_dockerfile(definition, req, bases, platform)
     else:
-        worker = _worker(args)
-        try:
-            bases = await check_bases(worker, refs, DockerConfigCredentials(), pull=req.pull)
-            text, found = check_dockerfile(definition, req, bases, platform)
-        finally:
-            await worker.aclose()
+        platform = str(host_platform())
+        refs = check_base_refs(definition, req, platform)
+        if not refs:
+            # nothing to resolve: no state dir is made
+            text, found = check_dockerfile(definition, req, {}, platform)
+        else:
+            worker = _worker(args)
+            try:
+                bases = await check_bases(worker, refs, DockerConfigCredentials(), pull=req.pull)
+                text, found = check_dockerfile(definition, req, bases, platform)
+            finally:
+                await worker.aclose()
     sys.stdout.write(text)
     sys.stdout.flush()
     return 1 if found else 0

@@ -13,7 +13,8 @@ Rules (the same as ``docker build`` and BuildKit):
 * ``!pattern`` re-includes what earlier patterns excluded; the last matching
   pattern decides.
 
-All matching is pure; ``session.context`` reads the file.
+All matching is pure; ``session.context`` reads a build's file, and
+``read_dir_ignore`` a named directory context's.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ociworker.errors import DockerfileError
 
-__all__ = ["IGNORE_FILE", "IgnoreMatcher", "parse_ignore"]
+__all__ = ["IGNORE_FILE", "IgnoreMatcher", "parse_ignore", "read_dir_ignore"]
 
 IGNORE_FILE = ".dockerignore"
 # Characters that end the literal prefix of a pattern: past them, we can no
@@ -284,3 +286,15 @@ def _normalise(path: str) -> str:
     while path.startswith("/"):
         path = path[1:]
     return path or "."
+
+
+def read_dir_ignore(root: Path) -> IgnoreMatcher | None:
+    """The rules of a named directory context (``--build-context NAME=DIR``):
+    ``DIR/.dockerignore`` only, as BuildKit's named local context reads it (no
+    Dockerfile-specific file there); None when it has none."""
+    try:
+        data = (root / IGNORE_FILE).read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+    patterns = parse_ignore(data.decode("utf-8", errors="replace"))
+    return IgnoreMatcher(patterns) if patterns else None

@@ -50,6 +50,10 @@ class GitSources:
             ref = git_ref_of(op)
             async with git_auth(ref, job.secrets, job.ssh, self.scratch) as auth:
                 found = await self.fetcher.resolve(ref, auth)
+            checksum = op.attr("git.checksum")
+            if checksum:
+                # before the key: a cached result of another commit is never used
+                found.check(checksum, ref.shown)
             self._resolved[key] = found
             while len(self._resolved) > _MEMO:
                 self._resolved.popitem(last=False)

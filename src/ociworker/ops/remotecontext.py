@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import posixpath
 import shutil
@@ -20,8 +19,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 from ociworker.core.build import BuildDefinition
 from ociworker.core.gitref import GitRef, is_git_url, parse_git_ref, redact
@@ -32,15 +29,12 @@ from ociworker.errors import (
     NotFoundError,
     UnsafePathError,
     UserError,
-    WorldError,
 )
 from ociworker.fs.ignore import IGNORE_FILE, parse_ignore
 from ociworker.ops.runmount.ssh import AgentSocket, agent_sockets
 from ociworker.ops.untar import extract_archive, is_tar_archive
 from ociworker.sources.git import GitAuth, GitFetcher, auth_for, subdir_of
-
-#: BuildKit's limit for a remote context's download is none; ours guards the disk
-MAX_TARBALL = 4 << 30
+from ociworker.sources.http import HttpFetcher
 
 
 @dataclass(frozen=True)
@@ -74,6 +68,7 @@ async def open_remote_context(
     secrets: Secrets,
     ssh: SSHAgents,
     events: EventSink,
+    http: HttpFetcher,
     want_definition: bool = True,
 ) -> RemoteContext:
     """Fetch the context ``url`` names and read its Dockerfile (``dockerfile``
@@ -92,7 +87,7 @@ async def open_remote_context(
         raise UserError(f"unsupported build context URL {redact(url)!r}")
     shown = redact(url)
     with ProgressStep(events, f"[internal] load remote build context {shown}"):
-        ctx = await _tarball_context(url, shown, store, dockerfile)
+        ctx = await _tarball_context(url, shown, store, dockerfile, http)
     return ctx if want_definition else RemoteContext(ctx.root, None)
 
 
@@ -121,50 +116,23 @@ def read_context_definition(root: Path, dockerfile: str | None, shown: str) -> B
     return BuildDefinition(text, path.name, patterns)
 
 
-async def _download(url: str, shown: str, dest: Path) -> str:
-    """GET ``url`` into ``dest``; the sha256 of what came."""
-    h = hashlib.sha256()
-    size = 0
-    try:
-        async with (
-            httpx.AsyncClient(follow_redirects=True, timeout=60) as client,
-            client.stream("GET", url) as resp,
-        ):
-            if resp.status_code != 200:
-                raise UserError(
-                    f"failed to fetch build context {shown}: "
-                    f"{resp.status_code} {resp.reason_phrase}"
-                )
-            with open(dest, "wb") as f:
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > MAX_TARBALL:
-                        raise UserError(f"build context {shown} is bigger than {MAX_TARBALL} bytes")
-                    h.update(chunk)
-                    f.write(chunk)
-    except httpx.HTTPError as exc:
-        raise WorldError(f"failed to fetch build context {shown}: {redact(str(exc))}") from None
-    return h.hexdigest()
-
-
 async def _tarball_context(
-    url: str, shown: str, store: Path, dockerfile: str | None
+    url: str, shown: str, store: Path, dockerfile: str | None, http: HttpFetcher
 ) -> RemoteContext:
     """A tarball (plain, gzip, bzip2, xz: told by its first bytes) extracted
     safely; anything else is the Dockerfile itself, with an empty context (as
-    BuildKit reads an http context)."""
+    BuildKit reads an http context). Fetched as ``ADD URL`` is (the same
+    ETag / Last-Modified record): an unchanged remote answers 304, and its
+    extraction, kept by digest, is used again."""
+    got = await http.fetch(url)
+    blob = http.blob_path(got.digest)
     store.mkdir(parents=True, exist_ok=True)
-    part = store / f".download-{uuid.uuid4().hex}"
-    try:
-        digest = await _download(url, shown, part)
-        dest = store / digest
-        if not dest.is_dir():
-            if await asyncio.to_thread(is_tar_archive, part):
-                await asyncio.to_thread(extract_context_tar, part, dest, shown)
-            else:
-                return await asyncio.to_thread(_dockerfile_only, part, store, shown)
-    finally:
-        part.unlink(missing_ok=True)
+    dest = store / got.digest.removeprefix("sha256:")
+    if not dest.is_dir():
+        if await asyncio.to_thread(is_tar_archive, blob):
+            await asyncio.to_thread(extract_context_tar, blob, dest, shown)
+        else:
+            return await asyncio.to_thread(_dockerfile_only, blob, store, shown)
     return RemoteContext(dest, read_context_definition(dest, dockerfile, shown))
 
 

@@ -39,7 +39,13 @@ from ociworker.core.gitref import (
     redact,
 )
 from ociworker.core.session import Secrets
-from ociworker.errors import NotFoundError, UnsafePathError, UserError, WorldError
+from ociworker.errors import (
+    DigestMismatchError,
+    NotFoundError,
+    UnsafePathError,
+    UserError,
+    WorldError,
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,18 @@ class Resolved:
 
     commit: str
     refname: str | None
+    #: the annotated tag object the ref names (its commit is ``commit``)
+    tag: str | None = None
+
+    def check(self, checksum: str, shown: str) -> None:
+        """``ADD --checksum=HEX GIT_URL``: as BuildKit, ``checksum`` must be (a
+        prefix of) the commit's name or the annotated tag's; else the error names
+        what was wanted and what the ref names."""
+        want = checksum.lower()
+        if self.commit.startswith(want) or (self.tag is not None and self.tag.startswith(want)):
+            return
+        got = f"{self.tag} or {self.commit}" if self.tag else self.commit
+        raise DigestMismatchError(f"{shown}: expected checksum to match {checksum}, got {got}")
 
 
 #: a full fetch: every ref the remote advertises (pull request heads too), in
@@ -256,7 +274,9 @@ class GitFetcher:
         name = ref.ref or "HEAD"
         if FULL_SHA_RE.match(name):
             return Resolved(name.lower(), None)
-        out = await self._git(["ls-remote", "--", ref.remote, name], auth, ref.shown)
+        # NAME^{} too: ls-remote lists an annotated tag's commit only when asked
+        # (its pattern matches whole path components), and the commit is the key
+        out = await self._git(["ls-remote", "--", ref.remote, name, name + "^{}"], auth, ref.shown)
         found: dict[str, str] = {}
         for line in out.splitlines():
             sha, _, refname = line.partition("\t")
@@ -264,7 +284,7 @@ class GitFetcher:
         for candidate in (name, f"refs/tags/{name}", f"refs/heads/{name}"):
             peeled = found.get(candidate + "^{}")
             if peeled:
-                return Resolved(peeled, candidate)
+                return Resolved(peeled, candidate, tag=found.get(candidate))
             if candidate in found:
                 return Resolved(found[candidate], candidate)
         if SHORT_SHA_RE.match(name):

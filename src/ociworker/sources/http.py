@@ -84,6 +84,10 @@ class HttpFetcher:
         self._transport = transport
         self._locks: dict[str, asyncio.Lock] = {}
 
+    def blob_path(self, digest: Digest) -> Path:
+        """Where a fetched content lies (read it; never write it)."""
+        return self._content.blob_path(digest)
+
     def _record_path(self, url: str) -> Path | None:
         if self._state is None:
             return None

@@ -1076,6 +1076,104 @@ class InfoResponse(_message.Message):
 Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
 
 @_typing.final
+class CheckBaseRef(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    platform: _builtins.str
+    """os/arch[/variant] the stage asks for; "" for the worker's own"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        platform: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "platform", b"platform"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBaseRef: _TypeAlias = CheckBaseRef  # noqa: Y015
+
+@_typing.final
+class CheckBasesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFS_FIELD_NUMBER: _builtins.int
+    PULL_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    pull: _builtins.bool
+    session_id: _builtins.str
+    """the open session that serves registry credentials ("" for none)"""
+    @_builtins.property
+    def refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckBaseRef]: ...
+    def __init__(
+        self,
+        *,
+        refs: _abc.Iterable[Global___CheckBaseRef] | None = ...,
+        pull: _builtins.bool = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pull", b"pull", "refs", b"refs", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBasesRequest: _TypeAlias = CheckBasesRequest  # noqa: Y015
+
+@_typing.final
+class CheckBaseImage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENV_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    LAYERS_FIELD_NUMBER: _builtins.int
+    platform: _builtins.str
+    layers: _builtins.bool
+    @_builtins.property
+    def env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        env: _abc.Iterable[_builtins.str] | None = ...,
+        platform: _builtins.str = ...,
+        layers: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["env", b"env", "layers", b"layers", "platform", b"platform"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBaseImage: _TypeAlias = CheckBaseImage  # noqa: Y015
+
+@_typing.final
+class CheckBasesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def images(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckBaseImage]:
+        """one per request ref, in its order"""
+
+    def __init__(
+        self,
+        *,
+        images: _abc.Iterable[Global___CheckBaseImage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["images", b"images"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckBasesResponse: _TypeAlias = CheckBasesResponse  # noqa: Y015
+
+@_typing.final
 class SessionHello(_message.Message):
     """--- session ------------------------------------------------------------------"""
 

@@ -64,6 +64,11 @@ class ControlStub:
                 request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoRequest.SerializeToString,
                 response_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.CheckBases = channel.unary_unary(
+                '/ociworker.v1.Control/CheckBases',
+                request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.CheckBasesRequest.SerializeToString,
+                response_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.CheckBasesResponse.FromString,
+                _registered_method=True)
         self.ListHistory = channel.unary_unary(
                 '/ociworker.v1.Control/ListHistory',
                 request_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.HistoryListRequest.SerializeToString,
@@ -135,6 +140,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckBases(self, request, context):
+        """build --check: resolve the base images the lint rules read (their Env and
+        platform), as a build resolves them; the client runs the rules.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListHistory(self, request, context):
         """Build history (history ls | inspect | logs | rm): records as JSON
         (ociworker.core.history.BuildRecord.to_json), newest first.
@@ -202,6 +215,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoRequest.FromString,
                     response_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.InfoResponse.SerializeToString,
+            ),
+            'CheckBases': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckBases,
+                    request_deserializer=ociworker_dot_api_dot_v1_dot_control__pb2.CheckBasesRequest.FromString,
+                    response_serializer=ociworker_dot_api_dot_v1_dot_control__pb2.CheckBasesResponse.SerializeToString,
             ),
             'ListHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.ListHistory,
@@ -391,6 +409,33 @@ class Control:
             '/ociworker.v1.Control/Info',
             ociworker_dot_api_dot_v1_dot_control__pb2.InfoRequest.SerializeToString,
             ociworker_dot_api_dot_v1_dot_control__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckBases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ociworker.v1.Control/CheckBases',
+            ociworker_dot_api_dot_v1_dot_control__pb2.CheckBasesRequest.SerializeToString,
+            ociworker_dot_api_dot_v1_dot_control__pb2.CheckBasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class ControlStub:
     Prune: _grpc.UnaryUnaryMultiCallable[_control_pb2.PruneRequest, _control_pb2.PruneResponse]
     ListWorkers: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]
     Info: _grpc.UnaryUnaryMultiCallable[_control_pb2.InfoRequest, _control_pb2.InfoResponse]
+    CheckBases: _grpc.UnaryUnaryMultiCallable[_control_pb2.CheckBasesRequest, _control_pb2.CheckBasesResponse]
+    """build --check: resolve the base images the lint rules read (their Env and
+    platform), as a build resolves them; the client runs the rules.
+    """
     ListHistory: _grpc.UnaryUnaryMultiCallable[_control_pb2.HistoryListRequest, _control_pb2.HistoryListResponse]
     """Build history (history ls | inspect | logs | rm): records as JSON
     (ociworker.core.history.BuildRecord.to_json), newest first.
@@ -75,6 +79,10 @@ class ControlAsyncStub(ControlStub):
     Prune: _aio.UnaryUnaryMultiCallable[_control_pb2.PruneRequest, _control_pb2.PruneResponse]  # type: ignore[assignment]
     ListWorkers: _aio.UnaryUnaryMultiCallable[_control_pb2.ListWorkersRequest, _control_pb2.ListWorkersResponse]  # type: ignore[assignment]
     Info: _aio.UnaryUnaryMultiCallable[_control_pb2.InfoRequest, _control_pb2.InfoResponse]  # type: ignore[assignment]
+    CheckBases: _aio.UnaryUnaryMultiCallable[_control_pb2.CheckBasesRequest, _control_pb2.CheckBasesResponse]  # type: ignore[assignment]
+    """build --check: resolve the base images the lint rules read (their Env and
+    platform), as a build resolves them; the client runs the rules.
+    """
     ListHistory: _aio.UnaryUnaryMultiCallable[_control_pb2.HistoryListRequest, _control_pb2.HistoryListResponse]  # type: ignore[assignment]
     """Build history (history ls | inspect | logs | rm): records as JSON
     (ociworker.core.history.BuildRecord.to_json), newest first.
@@ -137,6 +145,16 @@ class ControlServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.InfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.InfoResponse, _abc.Awaitable[_control_pb2.InfoResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CheckBases(
+        self,
+        request: _control_pb2.CheckBasesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.CheckBasesResponse, _abc.Awaitable[_control_pb2.CheckBasesResponse]]:
+        """build --check: resolve the base images the lint rules read (their Env and
+        platform), as a build resolves them; the client runs the rules.
+        """
 
     @_abc_1.abstractmethod
     def ListHistory(

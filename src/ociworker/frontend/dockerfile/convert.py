@@ -1225,17 +1225,13 @@ class Converter:
         if checksum:
             if not remote:
                 raise _err("checksum requires HTTP(S) or Git sources", ins, self.opts.filename)
-            if git_src is not None:
-                raise UnsupportedError(
-                    f"{self.opts.filename}:{ins.start_line}: "
-                    "ADD --checksum of a git source is not supported yet"
-                )
-            if len(srcs) != 1:
+            # a git source's checksum (a commit) is checked by _git_source
+            if git_src is None and len(srcs) != 1:
                 # BuildKit: a checksum pins one download
                 raise _err(
                     "checksum can't be specified for multiple sources", ins, self.opts.filename
                 )
-            if not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
+            if git_src is None and not re.fullmatch(r"sha256:[0-9a-f]{64}", checksum):
                 raise _err(
                     f"invalid checksum digest format: {checksum!r} (want sha256:<64 hex digits>)",
                     ins,
@@ -1378,7 +1374,18 @@ class Converter:
                 self.opts.filename,
             )
         keep = flags.bool("keep-git-dir") if flags.get("keep-git-dir") else False
-        attrs = (("git.keepgitdir", "true" if keep else "false"),)
+        attrs: tuple[tuple[str, str], ...] = (("git.keepgitdir", "true" if keep else "false"),)
+        checksum = self._word(st, flags.get("checksum"), ins) if flags.get("checksum") else ""
+        if checksum:
+            # BuildKit v0.32: a git source's checksum is (a prefix of) the commit
+            # the ref names, or of its annotated tag; the source checks it
+            if not re.fullmatch(r"[0-9a-fA-F]{1,64}", checksum):
+                raise _err(
+                    f"invalid checksum {checksum}: expected hex commit hash",
+                    ins,
+                    self.opts.filename,
+                )
+            attrs += (("git.checksum", checksum.lower()),)
         ident = "git://" + ref.shown
         return Vertex(SourceOp(ident, attrs), (), name=f"[internal] load git source {ref.shown}")
 

@@ -36,9 +36,17 @@ class _Forwarder:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks.add(task)
+        # The teardown cancels the inner task, never this one: Python 3.11's
+        # stream server logs a traceback for a handler that ends cancelled.
+        task = asyncio.ensure_future(self._serve(reader, writer))
+        self.tasks.add(task)
+        try:
+            await asyncio.wait([task])
+        finally:
+            task.cancel()  # a no-op once it ended; else this handler was cancelled
+            self.tasks.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn: Duplex | None = None
         try:
             conn = await self._agents.connect_agent(self._id)
@@ -54,8 +62,6 @@ class _Forwarder:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            if task is not None:
-                self.tasks.discard(task)
 
 
 async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Duplex) -> None:

@@ -544,7 +544,7 @@ async def _build(
         # before exporting: a false hit fails the build with nothing written or pushed
         from ociworker.verify import verify_cache
 
-        await verify_cache(worker, plan.target, job, shown, hits=hits, epoch=plan.epoch)
+        await verify_cache(worker, plan.target, job, shown, hits=hits, epoch=compression.epoch)
     if result.kind == REMOTE and any(not e.needs_image for e in exporters):
         # an output of files (local, tar): the imported result is unpacked;
         # image outputs take its blobs as they are

@@ -105,7 +105,9 @@ def _what_differs(x: Entry, y: Entry) -> list[str]:
         what.append(f"mode {x.mode:o} vs {y.mode:o}")
     if (x.uid, x.gid) != (y.uid, y.gid):
         what.append(f"owner {x.uid}:{x.gid} vs {y.uid}:{y.gid}")
-    if x.kind == y.kind and x.data != y.data:
+    if x.kind != y.kind:
+        pass  # another type: its data and size are of another kind too
+    elif x.data != y.data:
         what.append({"symlink": "link target", "hardlink": "link target"}.get(x.kind, "content"))
     elif x.size != y.size:
         what.append("size")

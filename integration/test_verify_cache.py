@@ -303,3 +303,27 @@ def test_source_date_epoch_makes_rerun_layers_identical(
         )  # fmt: skip
         verdict, why = verify_lines(proc.stderr)[step]
         assert verdict == "verified" and why.startswith(want), (args, why)
+
+
+def test_damaged_base_layer_snapshot_is_a_false_hit(
+    runtime: str, tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN echo hi > /f\n")
+    root = tmp_path / "state"
+    ow(root, "build", "--runtime", runtime, str(ctx))
+    clean = ow(
+        root, "build", "--progress", "plain", "--runtime", runtime, "--verify-cache", str(ctx)
+    )
+    (from_step,) = [n for n in verify_lines(clean.stderr) if "] FROM " in n]
+    assert verify_lines(clean.stderr)[from_step][0] == "verified"
+    # the unpacked base image no longer is the image: its /etc/group was edited
+    (group,) = [p for p in (root / "snapshots").rglob("group") if p.parent.name == "etc"]
+    group.write_text(group.read_text() + "intruder:x:4242:\n")
+    proc = ow(
+        root, "build", "--progress", "plain", "--runtime", runtime, "--verify-cache", str(ctx),
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    verdict, why = verify_lines(proc.stderr)[from_step]
+    assert verdict == "false hit" and "/etc/group (content)" in why, why
+    assert "intruder" not in proc.stderr

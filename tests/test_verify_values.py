@@ -11,6 +11,7 @@ from ociworker.core.verify import (
     Entry,
     StepFiles,
     VerifyReport,
+    check_pulled,
     classify,
     differing_paths,
     failure,
@@ -132,3 +133,25 @@ def test_report_lines_summary_warning_and_failure() -> None:
     assert "1 false cache hit(s)" in text and "[4/4] RUN c: false hit" in text
     assert "[3/4] RUN b" not in text
     assert VerifyReport((ok,)).warning() is None
+
+
+def test_pulled_layers_are_judged_against_their_blobs() -> None:
+    blob = layer(etc=Entry("dir", 0o755), etc__group=_file("root:x:0:"), bin=Entry("dir", 0o755))
+    # the unpacked diff leaves out a directory with its lower layer's metadata
+    unpacked = layer(etc=Entry("dir", 0o755), etc__group=_file("root:x:0:"))
+    ok = check_pulled("[1/2] FROM img", [("sha256:" + "a" * 64, unpacked, blob)])
+    assert (ok.verdict, ok.detail) == ("verified", "the pulled layer matches its blob")
+    damaged = layer(etc=Entry("dir", 0o755), etc__group=_file("root:x:0:\nintruder"))
+    bad = check_pulled(
+        "[1/2] FROM img",
+        [("sha256:" + "b" * 64, blob, blob), ("sha256:" + "c" * 64, damaged, blob)],
+    )
+    assert bad.verdict == "false hit"
+    assert bad.detail == (
+        "the unpacked snapshot differs from the image's layer sha256:cccccccccccc: "
+        "/etc/group (content)"
+    )
+    # a file the snapshot lacks is a difference, a directory is not
+    lacking = layer(etc=Entry("dir", 0o755))
+    gone = check_pulled("s", [("sha256:" + "d" * 64, lacking, blob)])
+    assert gone.detail.endswith("/etc/group (only in the blob)")

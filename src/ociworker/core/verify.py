@@ -182,6 +182,34 @@ def classify(
     return StepCheck(name, "false hit", detail, was_cached)
 
 
+def check_pulled(name: str, layers: Sequence[tuple[str, StepFiles, StepFiles]]) -> StepCheck:
+    """The verdict on a FROM step from its unpacked layers: (blob digest, the
+    snapshot's layer as diffed, the blob's own entries) each. The blob is the
+    image's truth (its digest was checked), so any difference is a false hit:
+    the snapshot the cache serves is not the image. A directory only in the
+    blob is left out: an unpacked directory with its lower layer's metadata is
+    not in a diff (as in any diff of ours), nothing of the image is lost."""
+    for digest, unpacked, image in layers:
+        paths = [
+            p
+            for p in differing_paths(unpacked, image)
+            if not (p.endswith("(not in the first)") and _is_dir(image, p))
+        ]
+        if paths:
+            detail = f"the unpacked snapshot differs from the image's layer {digest[:19]}: "
+            return StepCheck(
+                name, "false hit", detail + _named(paths, ("the snapshot", "the blob"))
+            )
+    n = len(layers)
+    said = f"{n} pulled layers match their blobs" if n != 1 else "the pulled layer matches its blob"
+    return StepCheck(name, "verified", said)
+
+
+def _is_dir(files: StepFiles, shown: str) -> bool:
+    entry = files.entries.get(shown.split(" (", 1)[0].removeprefix("/"))
+    return entry is not None and entry.kind == "dir"
+
+
 def not_checked(name: str, why: str, *, was_cached: bool = True) -> StepCheck:
     return StepCheck(name, "not checked", why, was_cached)
 

@@ -327,3 +327,28 @@ def test_damaged_base_layer_snapshot_is_a_false_hit(
     verdict, why = verify_lines(proc.stderr)[from_step]
     assert verdict == "false hit" and "/etc/group (content)" in why, why
     assert "intruder" not in proc.stderr
+
+
+def test_a_step_that_fails_without_the_cache_fails_the_check_by_name(
+    runtime: str, tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    # another build warms the cache mount; the step passes only with it warm
+    root = tmp_path / "state"
+    warm = write_context(
+        tmp_path, f"FROM {base_image}\nRUN --mount=type=cache,target=/c touch /c/warm\n", name="w"
+    )
+    ow(root, "build", "--runtime", runtime, str(warm))
+    ctx = write_context(
+        tmp_path, f"FROM {base_image}\nRUN --mount=type=cache,target=/c test -e /c/warm\n"
+    )
+    ow(root, "build", "--runtime", runtime, str(ctx))
+    out = tmp_path / "img.tar"
+    proc = ow(
+        root, "build", "--progress", "plain", "--runtime", runtime, "--verify-cache",
+        "-o", f"type=oci,dest={out}", str(ctx), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    error = proc.stderr[proc.stderr.index("ERROR:") :]
+    assert "run 1 without the cache failed" in error
+    assert "[2/2] RUN --mount=type=cache,target=/c test -e /c/warm" in error
+    assert not out.exists()

@@ -61,7 +61,7 @@ from ociworker.core.verify import (
     not_checked,
 )
 from ociworker.diff.base import Compression, CompressionOpts
-from ociworker.errors import CacheVerifyError
+from ociworker.errors import CacheVerifyError, OciworkerError
 from ociworker.exporter.layercache import SOURCE
 from ociworker.ops.parts import OpParts
 from ociworker.ops.registry import OpResolver
@@ -202,7 +202,15 @@ class _Scratch:
             credentials=real.credentials,
             entitlements=real.entitlements,
         )
-        await self.solver.solve(target, job)
+        try:
+            await self.solver.solve(target, job)
+        except OciworkerError as exc:
+            # the build itself succeeded: say this is the check's run, and that
+            # nothing was checked (a step may need what only a warm cache holds)
+            raise CacheVerifyError(
+                f"verify-cache: run {n} without the cache failed, so the cache could not "
+                f"be checked; nothing was exported: {exc}"
+            ) from exc
         return job.results
 
     async def files(self, result: Result) -> StepFiles:

@@ -125,7 +125,7 @@ def test_nondeterministic_step_is_named_and_the_build_succeeds(
     assert "/r (content)" in why
     assert report["[2/4] RUN echo stable > /s"][0] == "verified"
     assert report["[4/4] RUN cat /s > /t"][0] == "verified"
-    # named in a warning too (shown in every progress mode), and not a failure
+    # named in a warning too (what tty mode shows of it: no step logs), and not a failure
     warning = next(line for line in proc.stderr.splitlines() if line.startswith("WARNING: verify"))
     assert "RUN head -c 32 /dev/urandom > /r" in warning
     assert out.is_file()

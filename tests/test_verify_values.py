@@ -4,6 +4,12 @@ so each expectation follows from what the test made differ."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import tarfile
+from pathlib import Path
+
 import pytest
 
 from ociworker.core.verify import (
@@ -155,3 +161,50 @@ def test_pulled_layers_are_judged_against_their_blobs() -> None:
     lacking = layer(etc=Entry("dir", 0o755))
     gone = check_pulled("s", [("sha256:" + "d" * 64, lacking, blob)])
     assert gone.detail.endswith("/etc/group (only in the blob)")
+
+
+def _tar(path: Path, mtime: float, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in members:
+            info.mtime = mtime
+            tf.addfile(info, io.BytesIO(data) if data else None)
+    return path
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, **kw: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size, info.mode = kind, size, 0o644
+    for k, v in kw.items():
+        setattr(info, k, v)
+    return info
+
+
+def test_read_entries_keeps_what_a_rerun_must_reproduce_and_drops_times(tmp_path: Path) -> None:
+    from ociworker.verify import read_entries
+
+    def members(content: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+        link = _info("./usr/bin/sh", tarfile.LNKTYPE, linkname="./bin/busybox")
+        attr = _info("x", size=1, pax_headers={"SCHILY.xattr.user.k": "v"})
+        return [
+            (_info("./bin/", tarfile.DIRTYPE, mode=0o755), b""),
+            (_info("./bin/busybox", size=len(content), uid=7), content),
+            (link, b""),
+            (_info("lnk", tarfile.SYMTYPE, linkname="/bin/busybox"), b""),
+            (attr, b"1"),
+        ]
+
+    a = read_entries(_tar(tmp_path / "a.tar", 1_000, members(b"elf")))
+    # the same files a day later: equal entries
+    assert read_entries(_tar(tmp_path / "b.tar", 90_000, members(b"elf"))) == a
+    assert set(a) == {"bin", "bin/busybox", "usr/bin/sh", "lnk", "x"}
+    assert a["bin/busybox"] == Entry("file", 0o644, 7, 0, 3, hashlib.sha256(b"elf").hexdigest())
+    assert a["usr/bin/sh"].data == "bin/busybox"  # named as the entries are
+    assert a["lnk"].data == "/bin/busybox"
+    assert a["x"].xattrs == (("SCHILY.xattr.user.k", "v"),)
+    # other bytes: another content digest, so a difference is found
+    c = read_entries(_tar(tmp_path / "c.tar", 1_000, members(b"ELF")))
+    assert differing_paths(StepFiles(entries=a), StepFiles(entries=c)) == ["/bin/busybox (content)"]
+    # compressed layers (as pulled) read the same
+    with open(tmp_path / "a.tar", "rb") as f:
+        (tmp_path / "a.tar.gz").write_bytes(gzip.compress(f.read()))
+    assert read_entries(tmp_path / "a.tar.gz") == a

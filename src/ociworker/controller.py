@@ -510,10 +510,11 @@ async def _build(
     watch = SolveWatch(plan.target, compression, parts)
     for e in exporters:
         e.watch(watch)
-    hits: set[str] = set()  # the steps taken from the cache (--verify-cache)
+    # --verify-cache: each step as shown (in that order), and whether it was CACHED
+    steps_shown: dict[str, bool] = {}
     job = Job(
         id=uuid.uuid4().hex,
-        events=_noting_hits(events, hits) if req.verify_cache else events,
+        events=_noting_steps(events, steps_shown) if req.verify_cache else events,
         no_cache=req.no_cache,
         locals={"context": LocalContext(context_root, matcher), **named_locals(req)},
         credentials=credentials,
@@ -544,7 +545,9 @@ async def _build(
         # before exporting: a false hit fails the build with nothing written or pushed
         from ociworker.verify import verify_cache
 
-        await verify_cache(worker, plan.target, job, shown, hits=hits, epoch=compression.epoch)
+        await verify_cache(
+            worker, plan.target, job, shown, steps=steps_shown, epoch=compression.epoch
+        )
     if result.kind == REMOTE and any(not e.needs_image for e in exporters):
         # an output of files (local, tar): the imported result is unpacked;
         # image outputs take its blobs as they are
@@ -633,13 +636,14 @@ async def _import_caches(
     return None if imported.empty else imported
 
 
-def _noting_hits(events: EventSink, hits: set[str]) -> EventSink:
-    """``events``, noting in ``hits`` each step reported CACHED (``--verify-cache``
+def _noting_steps(events: EventSink, steps: dict[str, bool]) -> EventSink:
+    """``events``, noting each step in ``steps`` as it is first shown, with
+    whether it was CACHED (``--verify-cache`` reports in the build's order, and
     words a difference of a step that ran in this build as non-determinism)."""
 
     def sink(ev: Event) -> None:
-        if isinstance(ev, VertexStatus) and ev.cached:
-            hits.add(ev.digest)
+        if isinstance(ev, VertexStatus):
+            steps[ev.digest] = steps.get(ev.digest, False) or ev.cached
         events(ev)
 
     return sink

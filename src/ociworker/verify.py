@@ -34,6 +34,7 @@ import shutil
 import tarfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -338,13 +339,14 @@ async def verify_cache(
     job: Job,
     events: EventSink,
     *,
-    hits: set[str],
+    steps: Mapping[str, bool],
     epoch: int | None = None,
 ) -> VerifyReport:
     """Check every step of ``job``'s solve of ``target`` against runs without the
     cache (see the module doc); the report, after showing it. Raises
     ``CacheVerifyError`` on a false hit; warns of non-deterministic steps.
-    ``hits``: the digests of the steps the build took from the cache."""
+    ``steps``: the build's steps by digest as it showed them, in order, and
+    whether each was taken from the cache; the report follows that order."""
     if target is None:
         return VerifyReport(())
     vertices = _graph(target)
@@ -354,7 +356,7 @@ async def verify_cache(
     scratch = _Scratch(worker, job, epoch)
     try:
         first = await scratch.run(target, 1, events)
-        report = await _compare(scratch, vertices, records, first, target, events, hits)
+        report = await _compare(scratch, vertices, records, first, target, events, steps)
     finally:
         await scratch.close(before)
     with ProgressStep(events, "[verify-cache] compare every step with the cache") as step:
@@ -375,7 +377,7 @@ async def _compare(
     first: dict[Digest, Result],
     target: Vertex,
     events: EventSink,
-    hits: set[str],
+    steps: Mapping[str, bool],
 ) -> VerifyReport:
     job = scratch.job
     cached: dict[Digest, Result] = {}
@@ -423,11 +425,14 @@ async def _compare(
                 await scratch.files(cached[v.digest]),
                 await scratch.files(first[v.digest]),
                 await scratch.files(again) if again is not None else None,
-                was_cached=v.digest in hits,
+                was_cached=steps.get(v.digest, False),
                 nondeterministic_inputs=inherited,
             )
             checks[v.digest] = check
             if check.verdict == "non-deterministic":
                 inherited = sorted({*inherited, name})
         nondet[v.digest] = inherited
-    return VerifyReport(tuple(checks[v.digest] for v in vertices))
+    # as the build listed them (a step it did not show goes last, in graph order)
+    shown = {d: i for i, d in enumerate(steps)}
+    ordered = sorted(vertices, key=lambda v: shown.get(v.digest, len(shown)))
+    return VerifyReport(tuple(checks[v.digest] for v in ordered))

@@ -352,3 +352,29 @@ def test_a_step_that_fails_without_the_cache_fails_the_check_by_name(
     assert "run 1 without the cache failed" in error
     assert "[2/2] RUN --mount=type=cache,target=/c test -e /c/warm" in error
     assert not out.exists()
+
+
+def test_a_context_change_the_key_misses_is_a_false_hit(
+    runtime: str, tmp_path: Path, base_image: str, require_root: None
+) -> None:
+    # A hard link in the context replaced by a copy of the same bytes: COPY's
+    # key covers each file's content, mode and owner, not which files share an
+    # inode (BuildKit's contenthash gives a hard link its target's record too),
+    # so the rebuild is a hit, and the cached layer still holds a hard link
+    # that a build from scratch does not make.
+    ctx = write_context(tmp_path, f"FROM {base_image}\nCOPY . /c/\n", {"d/x": "same\n"})
+    (ctx / "hl").hardlink_to(ctx / "d" / "x")
+    root = tmp_path / "state"
+    ow(root, "build", "--runtime", runtime, str(ctx))
+    (ctx / "hl").unlink()
+    (ctx / "hl").write_text("same\n")
+    proc = ow(
+        root, "build", "--progress", "plain", "--runtime", runtime, "--verify-cache", str(ctx),
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    verdict, why = verify_lines(proc.stderr)["[2/2] COPY . /c/"]
+    assert verdict == "false hit"
+    # one side has a hard link where the other has a file; which name is the
+    # link is the tar writer's choice, so both are accepted
+    assert re.search(r"/c/(hl|d/x) \(type (hardlink vs file|file vs hardlink)\)", why), why

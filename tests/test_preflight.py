@@ -208,3 +208,37 @@ def test_the_embedded_worker_needs_root(tmp_path: Path, ctx: Path) -> None:
     )
     assert "--addr" in msg
     assert not root.exists()
+
+
+def test_builds_starting_together_on_a_new_root_all_get_it(tmp_path: Path) -> None:
+    # Two embedded builds started at once on a root that does not exist yet
+    # (integration/test_gc.py's first pair): the one that creates a dir second
+    # must take it as made, not fail with "cannot be created (File exists)".
+    import threading
+
+    from ociworker.session.preflight import check_root
+
+    for trial in range(30):
+        root = tmp_path / f"t{trial}" / "a" / "b" / "state"
+        start = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def one(
+            root: Path = root,
+            start: threading.Barrier = start,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            start.wait()
+            try:
+                check_root(root)
+            except BaseException as exc:  # reported below, whatever it is
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], errors
+        assert root.is_dir()
+        assert (root.stat().st_mode & 0o777) == 0o700

@@ -441,6 +441,8 @@ async def _build(
     ssh: SSHAgents | None,
 ) -> BuildResult:
     steps: dict[str, dict[str, Any]] = {}
+    # --verify-cache's runs are shown, not recorded as the build's own steps
+    shown = cap_logs(events, req.log_cap)
     if recorder is not None:
         events = recorder.sink(events)
     events = cap_logs(_collect_usage(events, steps), req.log_cap)
@@ -515,9 +517,11 @@ async def _build(
     watch = SolveWatch(plan.target, compression, parts)
     for e in exporters:
         e.watch(watch)
+    # --verify-cache: each step as shown (in that order), and whether it was CACHED
+    steps_shown: dict[str, bool] = {}
     job = Job(
         id=uuid.uuid4().hex,
-        events=events,
+        events=_noting_steps(events, steps_shown) if req.verify_cache else events,
         no_cache=req.no_cache,
         locals={"context": LocalContext(context_root, matcher), **named_locals(req)},
         credentials=credentials,
@@ -544,6 +548,13 @@ async def _build(
             if isinstance(exc, asyncio.CancelledError) and watch.error is not None and ours:
                 raise watch.error from None
         raise
+    if req.verify_cache:
+        # before exporting: a false hit fails the build with nothing written or pushed
+        from ociworker.verify import verify_cache
+
+        await verify_cache(
+            worker, plan.target, job, shown, steps=steps_shown, epoch=compression.epoch
+        )
     if result.kind == REMOTE and any(not e.needs_image for e in exporters):
         # an output of files (local, tar): the imported result is unpacked;
         # image outputs take its blobs as they are
@@ -630,6 +641,19 @@ async def _import_caches(
     registry = worker.registry.with_credentials(credentials)
     imported = await load_imports(req.cache_from, parts, registry, worker.config.platform, events)
     return None if imported.empty else imported
+
+
+def _noting_steps(events: EventSink, steps: dict[str, bool]) -> EventSink:
+    """``events``, noting each step in ``steps`` as it is first shown, with
+    whether it was CACHED (``--verify-cache`` reports in the build's order, and
+    words a difference of a step that ran in this build as non-determinism)."""
+
+    def sink(ev: Event) -> None:
+        if isinstance(ev, VertexStatus):
+            steps[ev.digest] = steps.get(ev.digest, False) or ev.cached
+        events(ev)
+
+    return sink
 
 
 def _collect_usage(events: EventSink, steps: dict[str, dict[str, Any]]) -> EventSink:

@@ -164,6 +164,14 @@ class WorkerRefused(DaemonUnavailable):
     code = "worker_refused"
 
 
+class CacheVerifyError(WorldError):
+    """``--verify-cache`` found a false cache hit: a cached result that runs of its
+    step without the cache do not make (a stale or damaged record). The build's
+    input is fine; the worker's cache is not."""
+
+    code = "cache_verify"
+
+
 class BuildCancelled(OciworkerError):
     """The build was cancelled by its caller."""
 

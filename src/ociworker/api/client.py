@@ -367,6 +367,7 @@ class Client:
             labels=dict(request.labels),
             build_contexts=contexts,
             explain_cache=request.explain_cache,
+            verify_cache=request.verify_cache,
             pull=request.pull,
             no_cache_filter=request.no_cache_filter,
         )

@@ -402,6 +402,7 @@ class ControlService:
                 labels=dict(request.labels),
                 build_contexts=tuple(named),
                 explain_cache=request.explain_cache,
+                verify_cache=request.verify_cache,
                 pull=request.pull,
                 no_cache_filter=tuple(request.no_cache_filter),
             )

@@ -265,6 +265,11 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after the build, say why each step that ran missed the cache",
     )
+    b.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="run every step again without the cache (in scratch) and fail on a false cache hit",
+    )
     b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
     _step_limit_flags(b)
@@ -577,6 +582,7 @@ async def _build(
             n.strip() for item in args.no_cache_filter for n in item.split(",") if n.strip()
         ),
         explain_cache=args.explain_cache,
+        verify_cache=args.verify_cache,
     )
     if args.check:
         return await _check(args, req)

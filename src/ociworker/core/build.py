@@ -252,6 +252,9 @@ class BuildRequest:
     context_url: str = ""
     #: ``--explain-cache``: after the build, say why each step that ran missed
     explain_cache: bool = False
+    #: ``--verify-cache``: before exporting, run every step again with the cache
+    #: off in scratch and fail the build if a cached result differs (a false hit)
+    verify_cache: bool = False
 
 
 def check_platforms(requested: Sequence[str], worker: Platform) -> None:

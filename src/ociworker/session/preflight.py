@@ -15,6 +15,7 @@ here when missing, parents too, as buildkitd does with its root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -101,11 +102,18 @@ def _make_dirs(root: Path) -> None:
     made: list[Path] = []
     try:
         for p in reversed(missing):
-            p.mkdir(mode=0o700 if p == root else 0o755)
+            try:
+                p.mkdir(mode=0o700 if p == root else 0o755)
+            except FileExistsError:
+                if p.is_dir() and not p.is_symlink():
+                    continue  # a build starting at the same moment made it: it serves
+                raise
             made.append(p)
     except OSError as e:
         for p in reversed(made):
-            p.rmdir()
+            # not empty: a concurrent start made its own dirs in it, keep them
+            with contextlib.suppress(OSError):
+                p.rmdir()
         reason = e.strerror or str(e)
         raise ConfigError(
             f"--root {root} cannot be created ({reason}): give a directory on a "

@@ -214,6 +214,7 @@ class SolveRequest(_message.Message):
     EXPLAIN_CACHE_FIELD_NUMBER: _builtins.int
     PULL_FIELD_NUMBER: _builtins.int
     NO_CACHE_FILTER_FIELD_NUMBER: _builtins.int
+    VERIFY_CACHE_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -234,6 +235,10 @@ class SolveRequest(_message.Message):
     """--explain-cache: the build ends with info lines saying why each step that ran missed"""
     pull: _builtins.bool
     """--pull: resolve every image at its registry, never from the worker's image store"""
+    verify_cache: _builtins.bool
+    """--verify-cache: before exporting, every step runs again with the cache off in
+    scratch; a cached result that differs fails the build (a false hit)
+    """
     @_builtins.property
     def ignore_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -307,10 +312,11 @@ class SolveRequest(_message.Message):
         explain_cache: _builtins.bool = ...,
         pull: _builtins.bool = ...,
         no_cache_filter: _abc.Iterable[_builtins.str] | None = ...,
+        verify_cache: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "explain_cache", b"explain_cache", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "no_cache_filter", b"no_cache_filter", "outputs", b"outputs", "pull", b"pull", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "explain_cache", b"explain_cache", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "no_cache_filter", b"no_cache_filter", "outputs", b"outputs", "pull", b"pull", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "verify_cache", b"verify_cache", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -317,6 +317,8 @@ async def build(
     secrets: Secrets | None = None,
     ssh: SSHAgents | None = None,
     prelude: Sequence[Event] = (),
+    plan: Plan | None = None,
+    local_dirs: Mapping[str, LocalContext] | None = None,
 ) -> BuildResult:
     """``_recorded`` under a lease: what it uses is in use for prune and GC until it ends."""
     lease = worker.cache.lease()
@@ -331,6 +333,8 @@ async def build(
             secrets=secrets,
             ssh=ssh,
             prelude=prelude,
+            plan=plan,
+            local_dirs=local_dirs,
         )
     finally:
         worker.cache.release(lease)
@@ -347,6 +351,8 @@ async def _recorded(
     secrets: Secrets | None = None,
     ssh: SSHAgents | None = None,
     prelude: Sequence[Event] = (),
+    plan: Plan | None = None,
+    local_dirs: Mapping[str, LocalContext] | None = None,
 ) -> BuildResult:
     """Plan, solve and export ``req``; every output is handed to ``target``
     (default: written to the local filesystem, ``dest=-`` to stdout).
@@ -356,12 +362,24 @@ async def _recorded(
 
     Every build that starts (success or failure) leaves a history record;
     ``prelude``: what the caller showed of it already (a daemon syncing the
-    context), recorded with it."""
+    context), recorded with it. ``plan``: a graph made already (``ociworker.graph``)
+    instead of a Dockerfile's, with ``local_dirs`` its local sources beside the
+    context."""
     check_step_limits(worker, req)
     check_platforms(req.platforms, worker.config.platform)
     if worker.history is None:
         return await _build(
-            worker, req, definition, events, None, credentials, target, secrets, ssh
+            worker,
+            req,
+            definition,
+            events,
+            None,
+            credentials,
+            target,
+            secrets,
+            ssh,
+            plan,
+            local_dirs,
         )
     recorder = BuildRecorder(
         dockerfile="",
@@ -379,7 +397,17 @@ async def _recorded(
     result: BuildResult | None = None
     try:
         result = await _build(
-            worker, req, definition, events, recorder, credentials, target, secrets, ssh
+            worker,
+            req,
+            definition,
+            events,
+            recorder,
+            credentials,
+            target,
+            secrets,
+            ssh,
+            plan,
+            local_dirs,
         )
         return result
     except BaseException as exc:
@@ -434,6 +462,8 @@ async def _build(
     target: ExportTarget | None,
     secrets: Secrets | None,
     ssh: SSHAgents | None,
+    plan: Plan | None = None,
+    local_dirs: Mapping[str, LocalContext] | None = None,
 ) -> BuildResult:
     steps: dict[str, dict[str, Any]] = {}
     if recorder is not None:
@@ -471,22 +501,30 @@ async def _build(
         )
         context_root = remote.root
         definition = definition or remote.definition
-    if definition is None:
+    if plan is not None:
+        if recorder is not None:
+            # a graph's builds are compared with those of the same graph
+            recorder.dockerfile = f"graph:{plan.target.digest if plan.target else 'scratch'}"
+        for w in plan.warnings:
+            events(Warning(w))
+    elif definition is None:
         raise ConfigError("no Dockerfile for this build")
-    if recorder is not None:
+    elif recorder is not None:
         # the same Dockerfile is the same file of the same context (or URL)
         name = str(req.dockerfile or definition.filename)
         recorder.dockerfile = (
             f"{redact(req.context_url)}//{name}" if req.context_url else str(context_root / name)
         )
         recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
-    plan = await plan_build(worker, req, definition, events, credentials)
+    if plan is None:
+        assert definition is not None
+        plan = await plan_build(worker, req, definition, events, credentials)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     layer_options = [e.layer_options for e in exporters]
     compression = with_epoch(compression, layer_options, plan.epoch)
     for w in epoch_warnings(layer_options, plan.epoch):
         events(Warning(w))
-    matcher = IgnoreMatcher(definition.ignore_patterns)
+    matcher = IgnoreMatcher(definition.ignore_patterns if definition is not None else ())
     parts = _export_parts(worker, target, events, credentials)
     check_cache_specs(req)
     imported = await _import_caches(worker, req, credentials, events)
@@ -512,7 +550,11 @@ async def _build(
         id=uuid.uuid4().hex,
         events=events,
         no_cache=req.no_cache,
-        locals={"context": LocalContext(context_root, matcher), **named_locals(req)},
+        locals={
+            "context": LocalContext(context_root, matcher),
+            **named_locals(req),
+            **(local_dirs or {}),
+        },
         credentials=credentials,
         on_result=watch.on_result if watch.active else None,
         secrets=secrets if secrets is not None else NoSecrets(),

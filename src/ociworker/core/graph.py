@@ -207,8 +207,29 @@ class FileOp:
         return {"file": {"actions": [a.to_json() for a in self.actions], "cwd": self.cwd}}
 
 
+@dataclass(frozen=True)
+class MergeOp:
+    """BuildKit's MergeOp: the inputs' layers applied in order, each input's
+    whole chain (its deletions too) over what the inputs before it made. A
+    ``None`` input (scratch) adds nothing."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"merge": {}}
+
+
+@dataclass(frozen=True)
+class DiffOp:
+    """BuildKit's DiffOp: the changes from input 0 (lower; ``None`` = scratch) to
+    input 1 (upper). Mounted on its own it holds the added and changed files;
+    its layer (what an image or a later merge takes) also deletes what upper
+    removed from lower."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"diff": {}}
+
+
 #: the op types every worker runs
-Op = SourceOp | HttpSourceOp | ExecOp | FileOp
+Op = SourceOp | HttpSourceOp | ExecOp | FileOp | MergeOp | DiffOp
 
 
 class OpSpec(Protocol):

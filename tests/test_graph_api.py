@@ -1,0 +1,267 @@
+"""``ociworker.graph``: a build written in Python lowers to the same vertices
+(digests, hence cache keys) and the same image config as the equivalent
+Dockerfile, whose conversion is the expectation (pure: nothing runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ociworker import graph as g
+from ociworker.core.graph import DiffOp, ExecOp, FileOp, MergeOp, Vertex
+from ociworker.errors import UnsupportedError, UserError
+from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
+from ociworker.frontend.dockerfile.parser import parse
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO.parent / "shared" / "bench"
+BASE = "127.0.0.1:5000/busybox:latest"
+#: a base image config as a registry serves one (PATH set, one layer, history)
+BASE_CONFIG: dict[str, Any] = {
+    "architecture": "amd64",
+    "os": "linux",
+    "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "FROMBASE=1"], "Cmd": ["sh"]},
+    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "a" * 64]},
+    "history": [{"created_by": "base layer"}],
+}
+IMAGES = {BASE: ImageInfo(ref="127.0.0.1:5000/busybox@sha256:" + "b" * 64, config=BASE_CONFIG)}
+
+
+def _dockerfile(text: str, **opts: Any) -> Plan:
+    plan = convert(parse(text), Options(**opts), IMAGES)
+    assert not plan.missing
+    return plan
+
+
+def _python(state: g.State) -> Plan:
+    plan = g.lower(state, IMAGES)
+    assert not plan.missing
+    return plan
+
+
+def _digests(v: Vertex | None) -> list[str]:
+    return [x.digest for x in v.walk()] if v is not None else []
+
+
+def _same(df: Plan, py: Plan) -> None:
+    """Same graph (every vertex, in order) and the same image config."""
+    assert _digests(py.target) == _digests(df.target)
+    assert py.target is not None and df.target is not None
+    assert py.target.digest == df.target.digest
+    assert py.config == df.config
+    assert (py.base_history, py.base_layers) == (df.base_history, df.base_layers)
+
+
+def _bench(name: str) -> str:
+    path = BENCH / name / "Dockerfile"
+    if not path.exists():  # the bench cases live beside the repository
+        pytest.fail(f"missing bench case {path}")
+    return path.read_text()
+
+
+def test_bench_steps() -> None:
+    st = g.image(BASE)
+    for i in range(1, 31):
+        st = st.run(f"echo {i} >> /log")
+    _same(_dockerfile(_bench("steps")), _python(st))
+
+
+def test_bench_fanout() -> None:
+    base = g.image(BASE).run("mkdir /out")
+    one = base.run("sleep 2 && echo one > /out/one")
+    two = base.run("sleep 2 && echo two > /out/two")
+    three = base.run("sleep 2 && echo three > /out/three")
+    final = (
+        base.copy(one, "/out/one", "/r/")
+        .copy(two, "/out/two", "/r/")
+        .copy(three, "/out/three", "/r/")
+    )
+    _same(_dockerfile(_bench("fanout")), _python(final))
+
+
+def test_bench_cachemount() -> None:
+    st = (
+        g.image(BASE)
+        .run(
+            "ls /var/cache/thing/marker 2>/dev/null || (head -c 33554432 /dev/urandom > "
+            "/var/cache/thing/data && touch /var/cache/thing/marker)",
+            mounts=[g.cache("/var/cache/thing")],
+        )
+        .run("echo hi > /t/x && cat /t/x > /out", mounts=[g.tmpfs("/t")])
+    )
+    _same(_dockerfile(_bench("cachemount")), _python(st))
+
+
+def test_bench_layer_export() -> None:
+    st = (
+        g.image(BASE)
+        .run(
+            "mkdir -p /d && cd /d && i=0; while [ $i -lt 100 ]; do mkdir s$i; j=0; while "
+            "[ $j -lt 100 ]; do echo $i.$j > s$i/$j; j=$((j+1)); done; i=$((i+1)); done"
+        )
+        .run("head -c 134217728 /dev/urandom > /blob")
+    )
+    _same(_dockerfile(_bench("layer-export")), _python(st))
+
+
+def test_bench_context_with_dockerignore() -> None:
+    st = g.image(BASE).copy(g.local(exclude=["*.tmp"]), ".", "/src").run("du -s /src > /size")
+    _same(_dockerfile(_bench("context"), ignore_patterns=("*.tmp",)), _python(st))
+
+
+def test_examples_hello() -> None:
+    """examples/hello: two stages, an ARG in the first, a CMD."""
+    base = g.image(BASE)
+    greeter = base.run(
+        'echo "$GREETING from stage one, running as $(id -un) on $(uname -s)" > /greeting.txt',
+        env={"GREETING": "hello"},
+    )
+    final = (
+        base.copy(g.local(), "message.txt", "/message.txt")
+        .copy(greeter, "/greeting.txt", "/hello.txt")
+        .run("cat /message.txt >> /hello.txt && wc -l /hello.txt")
+        .with_cmd(["cat", "/hello.txt"])
+    )
+    text = (REPO / "examples" / "hello" / "Dockerfile").read_text()
+    _same(_dockerfile(text), _python(final))
+
+
+def test_examples_mounts() -> None:
+    """examples/mounts: secret (file and env), ssh (two agents), cache, tmpfs, bind."""
+    st = (
+        g.image(BASE)
+        .run(
+            'echo "npmrc: $(test -s /run/secrets/npmrc && echo mounted), '
+            'GH_TOKEN: ${GH_TOKEN:+set}"',
+            mounts=[g.secret("npmrc", required=True), g.secret("token", env="GH_TOKEN")],
+        )
+        .run("echo /run/buildkit/ssh_agent.*", mounts=[g.ssh(), g.ssh("deploy")])
+        .run(
+            'date >>/var/cache/app/builds && echo "builds in the cache: '
+            '$(wc -l </var/cache/app/builds)"',
+            mounts=[
+                g.cache("/var/cache/app"),
+                g.tmpfs("/scratch"),
+                g.bind(g.local(), "/Dockerfile", source="Dockerfile"),
+            ],
+        )
+    )
+    text = (REPO / "examples" / "mounts" / "Dockerfile").read_text()
+    _same(_dockerfile(text), _python(st))
+
+
+def test_config_instructions_and_file_steps() -> None:
+    """ENV, WORKDIR (relative, with a step), USER, LABEL, ENTRYPOINT after CMD,
+    exec-form RUN with the per-step cwd/user/network, COPY flags."""
+    text = (
+        f"FROM {BASE}\n"
+        "ENV A=1 B=two\n"
+        "WORKDIR app\n"
+        "USER nobody\n"
+        "LABEL org.example=yes\n"
+        'CMD ["run"]\n'
+        'ENTRYPOINT ["/bin/app"]\n'
+        'RUN --network=none ["ls", "-l"]\n'
+        "COPY --chown=1:2 --chmod=0755 a b sub/\n"
+        "COPY --chmod=u+x --exclude=*.md --parents x/ /opt/\n"
+        "WORKDIR /\n"
+    )
+    st = (
+        g.image(BASE)
+        .with_env({"A": "1", "B": "two"})
+        .with_workdir("app")
+        .with_user("nobody")
+        .with_label("org.example", "yes")
+        .with_cmd(["run"])
+        .with_entrypoint(["/bin/app"])
+        .run(["ls", "-l"], network="none")
+        .copy(g.local(), ["a", "b"], "sub/", chown="1:2", chmod="0755")
+        .copy(g.local(), "x/", "/opt/", chmod="u+x", exclude=["*.md"], parents=True)
+        .with_workdir("/")
+    )
+    _same(_dockerfile(text), _python(st))
+
+
+def test_from_scratch_and_named_context() -> None:
+    text = (
+        "FROM scratch\n"
+        "COPY --from=assets /logo.png /logo.png\n"
+        "FROM assets AS copied\n"
+        "RUN true\n"
+        "FROM scratch\n"
+        "COPY --from=copied / /\n"
+    )
+    from ociworker.core.build import NamedContext
+
+    df = _dockerfile(text, named_contexts={"assets": NamedContext.of("assets", "/tmp/x")})
+    copied = g.local("assets").run("true")
+    st = g.scratch().copy(copied, "/", "/")
+    _same(df, _python(st))
+
+
+def test_a_state_is_immutable_and_shared() -> None:
+    base = g.image(BASE)
+    a = base.run("echo a")
+    b = base.run("echo b")
+    pa, pb = _python(a), _python(b)
+    assert pa.target is not None and pb.target is not None
+    assert pa.target.inputs[0] == pb.target.inputs[0]  # one base vertex, two users
+    assert _python(base).config == _python(g.image(BASE)).config
+
+
+def test_merge_and_diff_vertices() -> None:
+    base = g.image(BASE)
+    a = base.run("echo a > /a")
+    b = base.run("echo b > /b")
+    m = _python(g.merge([a, b]))
+    assert m.target is not None and isinstance(m.target.op, MergeOp)
+    pa, pb = _python(a), _python(b)
+    assert [i.digest if i else None for i in m.target.inputs] == [
+        pa.target.digest if pa.target else None,
+        pb.target.digest if pb.target else None,
+    ]
+    # one more layer on a's chain: a's history plus the merge's
+    assert m.config["history"][:-1] == pa.config["history"]
+    assert m.config["history"][-1]["created_by"] == "MERGE 2 states"
+    d = _python(g.diff(base, a))
+    assert d.target is not None and isinstance(d.target.op, DiffOp)
+    assert d.base_layers == 0 and d.base_history == ()
+    assert [h["created_by"] for h in d.config["history"]] == ["DIFF"]
+    # a merge's key changes with its order: later inputs win
+    assert _python(g.merge([b, a])).target != m.target
+
+
+def test_local_as_root_is_copied_into_scratch() -> None:
+    st = _python(g.local("ctx2").run("ls"))
+    assert st.target is not None and isinstance(st.target.op, ExecOp)
+    root = st.target.inputs[0]
+    assert root is not None and isinstance(root.op, FileOp)
+    assert root.inputs[0] is None
+
+
+def test_missing_images_are_listed() -> None:
+    st = g.image("other:1").copy(g.image("third:2"), "/x", "/x")
+    assert g.image_refs(st) == ["other:1", "third:2"]
+    assert g.lower(st, {}).missing == ("other:1", "third:2")
+
+
+def test_bad_input_is_refused_with_a_clear_error() -> None:
+    base = g.image(BASE)
+    with pytest.raises(UserError, match="network"):
+        base.run("x", network="bridge")
+    with pytest.raises(UserError, match="command"):
+        base.run([])
+    with pytest.raises(UserError, match="sharing"):
+        g.cache("/c", sharing="bad")
+    with pytest.raises(UserError, match="chmod"):
+        _python(base.copy(g.local(), "a", "/a", chmod="x+9"))
+    with pytest.raises(UserError, match="State"):
+        base.copy("not a state", "a", "/a")  # type: ignore[arg-type]
+    with pytest.raises(UserError, match="scratch"):
+        _python(g.diff(base, g.scratch()))
+    with pytest.raises(UnsupportedError, match="cross-building"):
+        _python(g.image(BASE, platform="linux/s390x"))
+    with pytest.raises(UserError, match="credential"):
+        _python(g.scratch().copy(g.git("https://user:pw@example.com/r.git"), "/", "/"))

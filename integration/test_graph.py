@@ -1,0 +1,149 @@
+"""``ociworker.graph`` end to end, on real runc, overlayfs and the local registry:
+a Python graph and the equivalent Dockerfile share every cache record and make
+the same image, and merge/diff have BuildKit's semantics on real snapshots."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import oci_archive_image, plain_steps
+from ociworker import graph as g
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "graph"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
+    return proc
+
+
+def _dockerfile_build(root: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return _run(
+        [
+            "-m",
+            "ociworker",
+            "build",
+            "--root",
+            str(root),
+            "--progress=plain",
+            "-o",
+            f"type=oci,dest={out}",
+            str(REPO / "examples" / "hello"),
+        ]
+    )
+
+
+def _python_build(root: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    return _run([str(EXAMPLES / "hello.py"), "--root", str(root), "-o", f"type=oci,dest={out}"])
+
+
+def _work_steps(stderr: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The steps that do work (RUN, COPY; not the exporters or the context load)."""
+    return [
+        (s.name, s.states) for s in plain_steps(stderr) if "RUN " in s.name or "COPY " in s.name
+    ]
+
+
+@pytest.mark.parametrize("first", ["dockerfile", "python"])
+def test_hello_in_python_shares_the_dockerfile_cache(
+    first: str, require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """Built one way, then the other on the same root: the second build runs
+    nothing (each of its 4 steps CACHED) and writes the image the first made."""
+    builds = {"dockerfile": _dockerfile_build, "python": _python_build}
+    second = "python" if first == "dockerfile" else "dockerfile"
+    one = builds[first](state_dir, tmp_path / "one.tar")
+    ran = _work_steps(one.stderr)
+    # the Dockerfile's two RUNs and two COPYs ran the first time
+    assert len(ran) == 4 and all(states == ("DONE",) for _, states in ran), one.stderr
+    two = builds[second](state_dir, tmp_path / "two.tar")
+    cached = _work_steps(two.stderr)
+    assert len(cached) == 4, two.stderr
+    assert all(states == ("CACHED",) for _, states in cached), two.stderr
+    a = oci_archive_image(tmp_path / "one.tar")
+    b = oci_archive_image(tmp_path / "two.tar")
+    assert a == b
+
+
+def test_matrix_merges_each_bases_report(
+    require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """examples/graph/matrix.py: one base image plus the three runs' reports."""
+    out = tmp_path / "out"
+    _run([str(EXAMPLES / "matrix.py"), "--root", str(state_dir), "-o", f"type=local,dest={out}"])
+    results = out / "results"
+    assert sorted(p.name for p in results.iterdir()) == [
+        "hardened.txt",
+        "plain.txt",
+        "tools.txt",
+    ]
+    # what report.sh prints on each base, as matrix.py makes the bases
+    assert (results / "plain.txt").read_text().splitlines() == [
+        "base: plain",
+        "flavor: plain",
+        "user: root",
+        "tools: ",
+    ]
+    assert (results / "tools.txt").read_text().splitlines()[3].split() == ["tools:", "jq", "yq"]
+    hardened = (results / "hardened.txt").read_text().splitlines()
+    assert hardened[:3] == ["base: hardened", "flavor: hardened", "user: app"]
+    # the diffs took only the reports: nothing of the app or of the variants' bases
+    assert not (out / "app").exists()
+    assert not (out / "opt" / "tools").exists()
+    assert not (out / "etc" / "flavor").exists()
+    assert (out / "bin" / "busybox").exists()  # the base the results were merged onto
+
+
+def test_diff_takes_changes_and_merge_applies_deletions(
+    require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """BuildKit's semantics: a diff mounted alone holds what upper added or
+    changed; merged over another state it also deletes what upper removed."""
+    lower = g.scratch().mkfile("/doomed", "x").mkfile("/kept", "k").mkfile("/changed", "old")
+    upper = lower.rm("/doomed").mkfile("/new", "n").mkfile("/changed", "new")
+    changes = g.diff(lower, upper)
+    target = (
+        g.scratch().mkfile("/doomed", "theirs").mkfile("/elsewhere", "e").mkfile("/changed", "x")
+    )
+    merged = g.merge([target, changes])
+
+    alone = tmp_path / "alone"
+    g.build(changes, root=state_dir, outputs=[f"type=local,dest={alone}"], context=tmp_path)
+    assert sorted(p.name for p in alone.iterdir()) == ["changed", "new"]
+    assert (alone / "changed").read_text() == "new"
+
+    out = tmp_path / "merged"
+    g.build(merged, root=state_dir, outputs=[f"type=local,dest={out}"], context=tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["changed", "elsewhere", "new"]
+    assert (out / "changed").read_text() == "new"
+    assert (out / "new").read_text() == "n"
+
+
+def test_merge_applies_later_states_over_earlier_ones(
+    require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    base = g.image(base_image)
+    a = base.run("echo a > /f && echo a > /only-a")
+    b = base.run("echo b > /f && rm /bin/true")
+    out = tmp_path / "out"
+    g.build(g.merge([a, b]), root=state_dir, outputs=[f"type=local,dest={out}"], context=tmp_path)
+    assert (out / "f").read_text() == "b\n"  # the later state wins
+    assert (out / "only-a").read_text() == "a\n"
+    # b's deletion, applied (links to /bin/busybox: lexists, not the host's file)
+    assert not os.path.lexists(out / "bin" / "true")
+    assert os.path.lexists(out / "bin" / "false")

@@ -47,9 +47,6 @@ VERSION = "graph.v1"
 MAX_BYTES = 64 << 20
 #: more vertices than this are refused as soon as the count is passed
 MAX_VERTICES = 100_000
-#: a JSON definition holding more objects than this is refused before it is
-#: parsed (json builds every object first: the count bounds the memory)
-MAX_JSON_OBJECTS = 32 * MAX_VERTICES
 
 Format = Literal["pb", "json"]
 
@@ -333,7 +330,7 @@ def decode(data: bytes) -> Definition:
             f"definition of {len(data)} bytes is over the limit of {MAX_BYTES} bytes"
         )
     head = data.lstrip()[:1]
-    if head == b"{":
+    if head in (b"{", b"["):  # no protobuf Definition starts so (field 15, 11: groups)
         version, raws, target, config = _read_json(data)
     else:
         version, raws, target, config = _read_pb(data)
@@ -359,6 +356,12 @@ def _read_pb(data: bytes) -> tuple[str, list[_Raw], str, dict[str, Any] | None]:
     raws: list[_Raw] = []
     kinds = {k.number: n for n, k in OP_KINDS.items()}
     try:
+        # counted before any vertex is parsed: a huge graph is refused in O(1) memory
+        count = 0
+        for number, _wire, _value in fields(data, "Definition"):
+            count += number == 2
+            if count > MAX_VERTICES:
+                raise _too_many()
         for number, wire, value in fields(data, "Definition"):
             if number == 1 and wire == 2:
                 version = bytes(value).decode("utf-8", "replace")
@@ -428,11 +431,48 @@ def _config(raw: bytes) -> dict[str, Any]:
     return config
 
 
+def _count_json_vertices(text: str) -> None:
+    """Refuse a JSON definition with too many vertices before it is loaded:
+    each element of its top-level ``vertices`` is decoded alone and dropped,
+    so the count costs one vertex's memory."""
+    dec = json.JSONDecoder()
+
+    def ws(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    i = ws(0)
+    if text[i : i + 1] != "{":
+        return  # not an object: json.loads words the error
+    i = ws(i + 1)
+    while i < len(text) and text[i] != "}":
+        key, i = dec.raw_decode(text, i)
+        i = ws(i)
+        if text[i : i + 1] != ":":
+            return
+        i = ws(i + 1)
+        if key == "vertices" and text[i : i + 1] == "[":
+            i, count = ws(i + 1), 0
+            while i < len(text) and text[i] != "]":
+                _, i = dec.raw_decode(text, i)
+                count += 1
+                if count > MAX_VERTICES:
+                    raise _too_many()
+                i = ws(i)
+                i = ws(i + 1) if text[i : i + 1] == "," else i
+            i += 1
+        else:
+            _, i = dec.raw_decode(text, i)
+        i = ws(i)
+        i = ws(i + 1) if text[i : i + 1] == "," else i
+
+
 def _read_json(data: bytes) -> tuple[str, list[_Raw], str, dict[str, Any] | None]:
-    if data.count(b"{") > MAX_JSON_OBJECTS:
-        raise _too_many()
     try:
-        doc = json.loads(data)
+        text = data.decode("utf-8")
+        _count_json_vertices(text)
+        doc = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise DefinitionError(f"malformed JSON definition: {exc}") from None
     if not isinstance(doc, dict):

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ociworker import plugins
 from ociworker.content.image import read_image
 from ociworker.core.build import (
     BuildDefinition,
@@ -19,6 +20,8 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
+from ociworker.core.definition import decode as decode_definition
+from ociworker.core.definition import encode as encode_definition
 from ociworker.core.digest import sha256_bytes
 from ociworker.core.gc import GCPolicy, PruneOptions
 from ociworker.core.gitref import KEEP_GIT_DIR_ARG, redact
@@ -46,7 +49,13 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
-from ociworker.errors import ConfigError, DockerfileError, OciworkerError, RegistryError
+from ociworker.errors import (
+    ConfigError,
+    DockerfileError,
+    OciworkerError,
+    RegistryError,
+    UserError,
+)
 from ociworker.exporter.assemble import (
     compression_opts,
     epoch_warnings,
@@ -55,15 +64,17 @@ from ociworker.exporter.assemble import (
     with_epoch,
 )
 from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch, all_image_names
-from ociworker.exporter.chain import SnapshotLayers
+from ociworker.exporter.chain import ChainLayers, SnapshotLayers
 from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
+from ociworker.frontend.base import FrontendInputs
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.lint import BaseImage, BaseRef, base_images, lint, report
-from ociworker.frontend.dockerfile.parser import parse
+from ociworker.frontend.dockerfile.parser import parse, syntax_of
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.reader import ContextFiles
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.history import BuildRecorder
@@ -132,6 +143,84 @@ async def plan_build(
     for w in plan.warnings:
         events(Warning(w))
     return plan
+
+
+def choose_frontend(req: BuildRequest, definition: BuildDefinition) -> plugins.Chosen:
+    """The frontend that reads ``definition``: ``--frontend`` (default
+    dockerfile.v0), and for the Dockerfile frontend the frontend its
+    ``# syntax=`` line names when that is a registered one (an image reference
+    that names none keeps the Dockerfile frontend, which warns about it)."""
+    chosen = plugins.get(req.frontend)
+    if chosen.frontend is None and definition.dockerfile:
+        syntax = syntax_of(definition.dockerfile)
+        if syntax and plugins.known(syntax):
+            return plugins.get(syntax)
+    return chosen
+
+
+async def plan_frontend(
+    worker: Worker,
+    chosen: plugins.Chosen,
+    req: BuildRequest,
+    definition: BuildDefinition,
+    context_root: Path,
+    events: EventSink = discard,
+) -> Plan:
+    """The plan of a frontend other than the Dockerfile's: it reads the
+    definition and the context through a confined reader and returns a graph,
+    which is checked whole (``core.definition``: op types, sizes, paths,
+    digests) before anything runs. Its layers' history is made after the
+    solve (``frontend_history``): the graph does not say how many layers its
+    base images bring."""
+    assert chosen.frontend is not None
+    opts = {f"build-arg:{k}": v for k, v in req.build_args.items()}
+    if req.target:
+        opts["target"] = req.target
+    opts.update(req.frontend_opts)
+    inputs = FrontendInputs(
+        definition=definition.source or definition.dockerfile.encode(),
+        filename=definition.filename,
+        context=ContextFiles(context_root, IgnoreMatcher(definition.ignore_patterns)),
+        opts=opts,
+    )
+    with ProgressStep(
+        events, f"[internal] load build definition from {definition.filename} ({chosen.name})"
+    ):
+        try:
+            result = await asyncio.to_thread(chosen.frontend.solve, inputs)
+        except OciworkerError:
+            raise
+        except Exception as exc:  # a plugin's bug is the build's error, not a traceback
+            raise UserError(f"frontend {chosen.name} failed: {type(exc).__name__}: {exc}") from None
+        # Whatever the frontend built, the worker solves only a graph that
+        # survives its own serialized form's checks.
+        target = result.target
+        if target is not None:
+            target = await asyncio.to_thread(
+                lambda: decode_definition(encode_definition(target)).target
+            )
+    config: dict[str, Any] = dict(result.image_config)
+    for k, v in worker.config.platform.to_json().items():
+        config.setdefault(k, v)
+    config["config"] = dict(config.get("config") or {})
+    config.pop("rootfs", None)
+    config["history"] = [dict(h) for h in config.get("history") or ()]
+    return Plan(
+        target=target, config=config, base_history=(), base_layers=0, missing=(), warnings=()
+    )
+
+
+async def frontend_history(plan: Plan, layers: ChainLayers, top: str | None, name: str) -> Plan:
+    """``plan`` with one history entry per layer of the solved chain (the
+    frontend's own when it gave exactly that many, else one naming it)."""
+    chain = await layers.chain(top)
+    given = list(plan.config["history"])
+    if sum(1 for h in given if not h.get("empty_layer")) != len(chain):
+        given = [{"created_by": name, "comment": "ociworker frontend"} for _ in chain]
+    config = dict(plan.config, history=given)
+    return dataclasses.replace(
+        plan, config=config, base_history=tuple(given), base_layers=len(chain)
+    )
 
 
 async def _layout_images(worker: Worker, req: BuildRequest) -> dict[str, ImageInfo]:
@@ -516,9 +605,14 @@ async def _build(
             f"{redact(req.context_url)}//{name}" if req.context_url else str(context_root / name)
         )
         recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
+    chosen: plugins.Chosen | None = None
     if plan is None:
         assert definition is not None
-        plan = await plan_build(worker, req, definition, events, credentials)
+        chosen = choose_frontend(req, definition)
+        if chosen.frontend is None:
+            plan = await plan_build(worker, req, definition, events, credentials)
+        else:
+            plan = await plan_frontend(worker, chosen, req, definition, context_root, events)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     layer_options = [e.layer_options for e in exporters]
     compression = with_epoch(compression, layer_options, plan.epoch)
@@ -592,6 +686,8 @@ async def _build(
     need_image = need_image or req.iidfile is not None or req.metadata_file is not None
     need_image = need_image or req.want_image
     image: ImageResult | None = None
+    if need_image and chosen is not None and chosen.frontend is not None:
+        plan = await frontend_history(plan, parts.layers, top, chosen.name)
     if need_image:
         with ProgressStep(events, "exporting layers"):
             image = await make_image(

@@ -254,7 +254,7 @@ class Client:
         credentials: Credentials | None = None,
         failover: bool = False,
         accepted: Callable[[], None] | None = None,
-        definition: BuildDefinition | None = None,
+        definition: BuildDefinition | bytes | None = None,
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
         last the ``BuildResult``. Leaving the loop early cancels the build.
@@ -264,8 +264,12 @@ class Client:
         hand the same build to another daemon without it ever running twice.
         ``accepted`` is called when the daemon first answers the Solve: from
         then on the build is that daemon's. ``definition`` is the Dockerfile
-        already read (once per build: ``-f -`` cannot be read twice).
+        already read (once per build: ``-f -`` cannot be read twice), or
+        the bytes of a definition for ``request.frontend`` (graph.v1: what
+        ``core.definition.encode`` wrote).
         """
+        if isinstance(definition, bytes):
+            definition = BuildDefinition("", "definition", source=definition)
         remote = request.context_url
         if remote and definition is None:
             # The worker fetches the context and reads the Dockerfile in it,
@@ -340,6 +344,9 @@ class Client:
             explain_cache=request.explain_cache,
             pull=request.pull,
             no_cache_filter=request.no_cache_filter,
+            definition=definition.source,
+            frontend=request.frontend,
+            frontend_opts=dict(request.frontend_opts),
         )
         solve_sent = answered = False
         try:
@@ -407,7 +414,7 @@ class Client:
         credentials: Credentials | None = None,
         failover: bool = False,
         accepted: Callable[[], None] | None = None,
-        definition: BuildDefinition | None = None,
+        definition: BuildDefinition | bytes | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> BuildResult:

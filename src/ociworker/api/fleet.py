@@ -138,8 +138,10 @@ class Fleet:
         req = as_request(request, options)
         # read once for every attempt (``-f -`` is stdin), and before any probe;
         # a fetched context's Dockerfile is the worker's to read
-        definition: BuildDefinition | None = None
-        if not req.context_url:
+        definition: BuildDefinition | None = options.pop("definition", None)
+        if definition is not None:
+            pass  # the caller read it (--frontend graph.v1)
+        elif not req.context_url:
             definition = read_definition(req.context, req.dockerfile)
         elif req.dockerfile == STDIN:
             definition = BuildDefinition(read_stdin_dockerfile(), "Dockerfile")

@@ -251,6 +251,10 @@ class BuildRequest:
     context_url: str = ""
     #: ``--explain-cache``: after the build, say why each step that ran missed
     explain_cache: bool = False
+    #: ``--frontend``: the frontend that reads the definition ("": dockerfile.v0,
+    #: or what the Dockerfile's ``# syntax=`` names) and the options it is given
+    frontend: str = ""
+    frontend_opts: Mapping[str, str] = field(default_factory=dict)
 
 
 def check_platforms(requested: Sequence[str], worker: Platform) -> None:
@@ -300,6 +304,9 @@ class BuildDefinition:
     dockerfile: str
     filename: str = "Dockerfile"
     ignore_patterns: tuple[str, ...] = ()
+    #: the definition file's bytes, for a frontend other than the Dockerfile's
+    #: (``--frontend graph.v1``: a protobuf definition is no text)
+    source: bytes = b""
 
 
 @dataclass(frozen=True)

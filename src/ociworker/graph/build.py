@@ -6,19 +6,19 @@ itself is pure (``ociworker.graph.lower``)."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from ociworker.core.build import DEFAULT_ROOT, NAMED_LOCAL_PREFIX, BuildRequest, BuildResult
+from ociworker.core.definition import Format, encode
 from ociworker.core.oci import Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import EventSink, discard
 from ociworker.core.reference import parse_reference
 from ociworker.core.session import Credentials, Secrets, SSHAgents
-from ociworker.errors import RegistryError, UnsupportedError, UserError
+from ociworker.errors import RegistryError, UserError
 from ociworker.frontend.dockerfile.convert import CONTEXT, ImageInfo, Plan
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.graph.lower import image_refs, lower
@@ -102,16 +102,8 @@ def definition(
     if format not in FORMATS:
         raise UserError(f"unknown definition format {format!r}: use pb or json")
     resolved = asyncio.run(plan(state, resolver or RegistryResolver(platform), platform))
-    try:
-        encoder: Any = importlib.import_module("ociworker.core.definition")
-    except ImportError:
-        raise UnsupportedError(
-            "this ociworker has no graph serializer (ociworker.core.definition)"
-        ) from None
-    if resolved.target is None:
-        raise UserError("the state is an empty filesystem: there is no graph to write")
-    data: bytes = encoder.encode(resolved.target, resolved.config, format)
-    return data
+    fmt: Format = "json" if format == "json" else "pb"
+    return encode(resolved.target, resolved.config, fmt)
 
 
 def local_dirs(state: State, context: Path, contexts: Mapping[str, str | Path]) -> dict[str, Any]:

@@ -3,6 +3,9 @@ same cache records and the same image digest as ``ociworker build
 examples/hello`` (built first, this one is all CACHED; and the other way round).
 
     python examples/graph/hello.py -o type=oci,dest=hello.oci.tar
+    # or its serialized graph, for a daemon or the CLI (the context is the cwd):
+    cd examples/hello
+    python ../graph/hello.py --definition pb | ociworker build --frontend graph.v1 -
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ def main() -> None:
     p.add_argument("-o", "--output", action="append", default=[], help="as ociworker build -o")
     p.add_argument("-t", "--tag", action="append", default=[])
     p.add_argument("--root", help="state dir (default $OCIWORKER_ROOT or /var/lib/ociworker)")
+    p.add_argument(
+        "--definition", choices=("pb", "json"), help="write the graph to stdout, build nothing"
+    )
     args = p.parse_args()
+    if args.definition:
+        sys.stdout.buffer.write(g.definition(hello(args.base), args.definition))
+        return
     result = g.build(
         hello(args.base),
         context=CONTEXT,

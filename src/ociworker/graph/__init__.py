@@ -31,6 +31,7 @@ from ociworker.graph.build import (
     build,
     build_async,
     definition,
+    definition_async,
     plan,
 )
 from ociworker.graph.lower import image_refs, lower
@@ -71,6 +72,7 @@ __all__ = [
     "build_async",
     "cache",
     "definition",
+    "definition_async",
     "diff",
     "git",
     "http",

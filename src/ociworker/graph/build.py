@@ -88,7 +88,7 @@ async def plan(state: State, resolver: ImageResolver, platform: Platform | None 
     return out
 
 
-def definition(
+async def definition_async(
     state: State,
     format: str = "pb",
     *,
@@ -97,13 +97,34 @@ def definition(
 ) -> bytes:
     """The serialized graph of ``state`` (``format``: ``pb``, the protobuf
     document, or ``json``, its canonical JSON form), which ``ociworker build
-    --frontend graph.v1 FILE`` builds. Base images are resolved at their
-    registry (``resolver``: another way), so the document is pinned."""
+    --frontend graph.v1 FILE`` and a daemon's ``Solve`` build. Base images are
+    resolved at their registry (``resolver``: another way), so the document
+    is pinned."""
     if format not in FORMATS:
         raise UserError(f"unknown definition format {format!r}: use pb or json")
-    resolved = asyncio.run(plan(state, resolver or RegistryResolver(platform), platform))
+    resolved = await plan(state, resolver or RegistryResolver(platform), platform)
     fmt: Format = "json" if format == "json" else "pb"
     return encode(resolved.target, resolved.config, fmt)
+
+
+def definition(
+    state: State,
+    format: str = "pb",
+    *,
+    resolver: ImageResolver | None = None,
+    platform: Platform | None = None,
+) -> bytes:
+    """``definition_async`` for callers without an event loop."""
+    _no_loop("definition")
+    return asyncio.run(definition_async(state, format, resolver=resolver, platform=platform))
+
+
+def _no_loop(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise UserError(f"ociworker.graph.{name}() runs its own event loop: await {name}_async()")
 
 
 def local_dirs(state: State, context: Path, contexts: Mapping[str, str | Path]) -> dict[str, Any]:
@@ -208,4 +229,5 @@ async def build_async(
 
 def build(state: State, **options: Any) -> BuildResult:
     """``build_async`` for callers without an event loop."""
+    _no_loop("build")
     return asyncio.run(build_async(state, **options))

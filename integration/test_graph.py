@@ -52,6 +52,29 @@ def _python_build(root: Path, out: Path) -> subprocess.CompletedProcess[str]:
     return _run([str(EXAMPLES / "hello.py"), "--root", str(root), "-o", f"type=oci,dest={out}"])
 
 
+def _graph_v1_build(root: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """``hello.py --definition pb | ociworker build --frontend graph.v1 -``, run
+    in examples/hello (the definition's context is the current dir)."""
+    script = (
+        f"{sys.executable} {EXAMPLES / 'hello.py'} --definition pb | "
+        f"{sys.executable} -m ociworker build --root {root} --progress=plain "
+        f"--frontend graph.v1 -o type=oci,dest={out} -"
+    )
+    proc = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=REPO / "examples" / "hello",
+    )
+    assert proc.returncode == 0, f"graph.v1 build failed ({proc.returncode}):\n{proc.stderr}"
+    return proc
+
+
+BUILDS = {"dockerfile": _dockerfile_build, "python": _python_build, "graph.v1": _graph_v1_build}
+
+
 def _work_steps(stderr: str) -> list[tuple[str, tuple[str, ...]]]:
     """The steps that do work (RUN, COPY; not the exporters or the context load)."""
     return [
@@ -59,25 +82,25 @@ def _work_steps(stderr: str) -> list[tuple[str, tuple[str, ...]]]:
     ]
 
 
-@pytest.mark.parametrize("first", ["dockerfile", "python"])
-def test_hello_in_python_shares_the_dockerfile_cache(
+@pytest.mark.parametrize("first", list(BUILDS))
+def test_hello_three_ways_share_one_cache_and_image(
     first: str, require_root: None, base_image: str, state_dir: Path, tmp_path: Path
 ) -> None:
-    """Built one way, then the other on the same root: the second build runs
-    nothing (each of its 4 steps CACHED) and writes the image the first made."""
-    builds = {"dockerfile": _dockerfile_build, "python": _python_build}
-    second = "python" if first == "dockerfile" else "dockerfile"
-    one = builds[first](state_dir, tmp_path / "one.tar")
+    """examples/hello as its Dockerfile, as hello.py, and as hello.py's graph.v1
+    definition: whichever is built first, the other two on the same root run
+    nothing (each of the 4 steps CACHED) and write the image the first made."""
+    one = BUILDS[first](state_dir, tmp_path / "first.tar")
     ran = _work_steps(one.stderr)
     # the Dockerfile's two RUNs and two COPYs ran the first time
     assert len(ran) == 4 and all(states == ("DONE",) for _, states in ran), one.stderr
-    two = builds[second](state_dir, tmp_path / "two.tar")
-    cached = _work_steps(two.stderr)
-    assert len(cached) == 4, two.stderr
-    assert all(states == ("CACHED",) for _, states in cached), two.stderr
-    a = oci_archive_image(tmp_path / "one.tar")
-    b = oci_archive_image(tmp_path / "two.tar")
-    assert a == b
+    want = oci_archive_image(tmp_path / "first.tar")
+    for other in (b for b in BUILDS if b != first):
+        out = tmp_path / f"{other}.tar"
+        again = BUILDS[other](state_dir, out)
+        cached = _work_steps(again.stderr)
+        assert len(cached) == 4, again.stderr
+        assert all(states == ("CACHED",) for _, states in cached), (other, again.stderr)
+        assert oci_archive_image(out) == want, other
 
 
 def test_matrix_merges_each_bases_report(

@@ -85,6 +85,7 @@ from ociworker.remotecache.importer import CacheImport, ImportedLayers, ImportPa
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import REMOTE, Job
 from ociworker.sources.git import GitFetcher
+from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
 
@@ -212,14 +213,30 @@ async def plan_frontend(
 
 async def frontend_history(plan: Plan, layers: ChainLayers, top: str | None, name: str) -> Plan:
     """``plan`` with one history entry per layer of the solved chain (the
-    frontend's own when it gave exactly that many, else one naming it)."""
+    frontend's own when it gave exactly that many, else one naming it).
+
+    The chain's pulled layers (at its bottom) are the base image's: their
+    entries, and the dated ones after them, stay as given; the entries of the
+    graph's own steps are dated by their layers as a Dockerfile build's are, so
+    the same graph from either frontend makes the same image."""
     chain = await layers.chain(top)
     given = list(plan.config["history"])
     if sum(1 for h in given if not h.get("empty_layer")) != len(chain):
         given = [{"created_by": name, "comment": "ociworker frontend"} for _ in chain]
+        base_n, split = len(chain), len(given)
+    else:
+        base_n = 0
+        while base_n < len(chain) and chain[base_n].startswith(LAYER_SNAPSHOT_PREFIX):
+            base_n += 1
+        split, seen = 0, 0
+        while split < len(given) and seen < base_n:
+            seen += not given[split].get("empty_layer")
+            split += 1
+        while split < len(given) and given[split].get("empty_layer") and "created" in given[split]:
+            split += 1
     config = dict(plan.config, history=given)
     return dataclasses.replace(
-        plan, config=config, base_history=tuple(given), base_layers=len(chain)
+        plan, config=config, base_history=tuple(given[:split]), base_layers=base_n
     )
 
 

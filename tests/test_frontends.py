@@ -121,7 +121,7 @@ def test_entry_point_frontend_is_found_by_name(installed_plugin: str) -> None:
     assert chosen.frontend is not None
     got = chosen.frontend.solve(FrontendInputs(b"hello", "x", ContextFiles(Path("/nonexistent"))))
     assert isinstance(got.target, Vertex) and isinstance(got.target.op, FileOp)
-    with pytest.raises(ConfigError, match="broken.v1.*could not be loaded"):
+    with pytest.raises(ConfigError, match=r"broken\.v1.*could not be loaded"):
         plugins.get("broken.v1")
 
 
@@ -180,7 +180,7 @@ def test_plugin_graph_is_checked_like_a_definition(tmp_path: Path) -> None:
     escape = Vertex(FileOp((Mkfile("/../../etc/cron.d/x", "boom", 0o644),)), (None,))
     with pytest.raises(DefinitionError, match="escapes its root"):
         _plan(_Returns(FrontendResult(escape)), tmp_path)
-    with pytest.raises(UserError, match="frontend test.v1 failed: KeyError"):
+    with pytest.raises(UserError, match=r"frontend test\.v1 failed: KeyError"):
         _plan(_Returns(KeyError("boom")), tmp_path)
     good = Vertex(FileOp((Mkfile("/f", "ok", 0o644),)), (None,))
     plan = _plan(_Returns(FrontendResult(good, {"config": {"Cmd": ["x"]}})), tmp_path)

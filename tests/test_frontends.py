@@ -197,3 +197,21 @@ def test_graph_frontend_reads_its_definition(tmp_path: Path) -> None:
         FrontendInputs(encode(good, {"config": {}}, "json"), "g.json", ContextFiles(tmp_path))
     )
     assert got.target == good and got.image_config == {"config": {}}
+
+
+@pytest.mark.parametrize(
+    ("syntax", "warns"),
+    [
+        ("example.com/me/frontend:2", True),
+        ("docker/dockerfile:1", False),
+        ("dockerfile.v0", False),
+        ("dockerfile", False),
+    ],
+)
+def test_syntax_naming_no_plugin_keeps_the_dockerfile_warning(syntax: str, warns: bool) -> None:
+    from ociworker.frontend.dockerfile.convert import Options, convert
+    from ociworker.frontend.dockerfile.parser import parse
+
+    plan = convert(parse(f"# syntax={syntax}\nFROM scratch\n"), Options(), {})
+    found = [w for w in plan.warnings if "syntax directive names the frontend" in w]
+    assert bool(found) == warns, plan.warnings

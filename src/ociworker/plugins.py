@@ -67,7 +67,8 @@ def get(name: str) -> Chosen:
         )
     try:
         obj = ep.load()
-        frontend = obj if hasattr(obj, "solve") else obj()
+        # a class (or factory) is called; an object with solve() is the frontend
+        frontend = obj() if isinstance(obj, type) or not hasattr(obj, "solve") else obj
     except Exception as exc:  # a broken plugin is the build's error, not a crash
         raise ConfigError(f"frontend {name!r} ({ep.value}) could not be loaded: {exc}") from None
     if not callable(getattr(frontend, "solve", None)):

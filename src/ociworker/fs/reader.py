@@ -41,11 +41,20 @@ class ContextFiles:
             raise NotFoundError(f"frontend read {path!r}: no such file in the context") from None
         except OSError as exc:
             raise UserError(f"frontend read {path!r}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise UserError(f"frontend read {path!r}: not a regular file")
-            data = f.read(self._limit + 1)
+            chunks: list[bytes] = []
+            size = 0
+            while size <= self._limit:
+                chunk = os.read(fd, min(1 << 20, self._limit + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
         if len(data) > self._limit:
             raise UserError(f"frontend read {path!r}: larger than {self._limit} bytes")
         return data

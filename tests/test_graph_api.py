@@ -311,3 +311,22 @@ def test_a_diff_with_one_input_is_refused_before_anything_runs() -> None:
     lone = Vertex(DiffOp(), (None,))
     with pytest.raises(DefinitionError, match="diff takes 2 inputs"):
         decode(encode(lone, None, "json"))
+
+
+def test_local_include_and_exclude_select_what_the_worker_reads(tmp_path: Path) -> None:
+    """``local(include=, exclude=)`` become the context's ignore rules: only what
+    an include names is read, minus what an exclude names."""
+    from ociworker.fs import walk
+    from ociworker.graph.build import local_dirs
+
+    for rel in ("src/a.py", "src/skip.tmp", "docs/x.md", "top.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    st = g.scratch().copy(g.local(include=["src"], exclude=["**/*.tmp"]), ".", "/app/")
+    dirs = local_dirs(st, tmp_path, {})
+    ctx = dirs["context"]
+    source = walk.Source(ctx.root, ctx.ignore, is_context=True)
+    seen = sorted(p.removeprefix("./") for p, _ in walk.walk_selected(source, ".", follow=True))
+    assert seen == [".", "src", "src/a.py"]
+    with pytest.raises(UserError, match="no such context"):
+        local_dirs(g.local("other").run("ls"), tmp_path, {})

@@ -170,3 +170,29 @@ def test_merge_applies_later_states_over_earlier_ones(
     # b's deletion, applied (links to /bin/busybox: lexists, not the host's file)
     assert not os.path.lexists(out / "bin" / "true")
     assert os.path.lexists(out / "bin" / "false")
+
+
+def test_secret_reaches_its_step_and_nothing_else(
+    require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """``secret()`` with ``build(secrets=[--secret values])``: the step reads the
+    value; the exported filesystem holds no trace of it."""
+    value = "hunter2-" + os.urandom(4).hex()
+    src = tmp_path / "token"
+    src.write_text(value)
+    st = g.image(base_image).run(
+        f'test "$(cat /run/secrets/tok)" = {value} && echo ok > /checked',
+        mounts=[g.secret("tok", required=True)],
+    )
+    out = tmp_path / "out"
+    g.build(
+        st,
+        root=state_dir,
+        context=tmp_path,
+        secrets=[f"id=tok,src={src}"],
+        outputs=[f"type=local,dest={out}"],
+    )
+    assert (out / "checked").read_text() == "ok\n"
+    for path in out.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert value.encode() not in path.read_bytes(), path

@@ -176,8 +176,8 @@ async def build_async(
     runtime: str = "runc",
     no_cache: bool = False,
     allow: Sequence[str] = (),
-    secrets: Secrets | None = None,
-    ssh: SSHAgents | None = None,
+    secrets: Sequence[str] | Secrets = (),
+    ssh: Sequence[str] | SSHAgents = (),
     credentials: Credentials | None = None,
     events: EventSink = discard,
     metadata_file: str | Path | None = None,
@@ -186,11 +186,15 @@ async def build_async(
     ``$OCIWORKER_ROOT``, else /var/lib/ociworker; needs root privileges, as
     ``ociworker build``). ``outputs`` are ``-o`` values (``type=oci,dest=F``,
     a dir, ...), ``tags`` go to the image store; the result's ``manifest``
-    is the image. Every step is keyed as the equivalent Dockerfile's, so
-    both builds share their cache."""
+    is the image. ``secrets`` and ``ssh`` are ``--secret`` / ``--ssh`` values
+    (``id=npmrc,src=FILE``, ``default``) or the session's own providers;
+    registry credentials are docker's config unless ``credentials`` says.
+    Every step is keyed as the equivalent Dockerfile's, so both builds share
+    their cache."""
     import os
 
     from ociworker import controller
+    from ociworker.session.credentials import DockerConfigCredentials
     from ociworker.worker import WorkerConfig, open_worker
 
     where = Path(root or os.environ.get("OCIWORKER_ROOT") or DEFAULT_ROOT)
@@ -204,6 +208,9 @@ async def build_async(
         allow=tuple(allow),
         metadata_file=Path(metadata_file) if metadata_file is not None else None,
     )
+    lent_secrets = _secrets(secrets)
+    lent_ssh = _ssh(ssh)
+    credentials = credentials or DockerConfigCredentials()
     worker = open_worker(WorkerConfig(root=where, runtime=runtime))
     try:
 
@@ -218,13 +225,37 @@ async def build_async(
             None,
             events,
             credentials=credentials,
-            secrets=secrets,
-            ssh=ssh,
+            secrets=lent_secrets,
+            ssh=lent_ssh,
             plan=made,
             local_dirs=dirs,
         )
     finally:
         await worker.aclose()
+
+
+def _secrets(given: Sequence[str] | Secrets) -> Secrets:
+    from ociworker.session.secrets import LocalSecrets, SecretSource
+
+    if isinstance(given, str):
+        given = [given]
+    if isinstance(given, Sequence):
+        return LocalSecrets([SecretSource.parse(s) for s in given])
+    return given
+
+
+def _ssh(given: Sequence[str] | SSHAgents) -> SSHAgents:
+    from ociworker.core.session import NoSSH
+
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, Sequence):
+        return given
+    if not given:
+        return NoSSH()
+    from ociworker.session.sshagent import LocalSSHAgents, SSHSource
+
+    return LocalSSHAgents([SSHSource.parse(s) for s in given])
 
 
 def build(state: State, **options: Any) -> BuildResult:

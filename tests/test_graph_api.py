@@ -330,3 +330,18 @@ def test_local_include_and_exclude_select_what_the_worker_reads(tmp_path: Path) 
     assert seen == [".", "src", "src/a.py"]
     with pytest.raises(UserError, match="no such context"):
         local_dirs(g.local("other").run("ls"), tmp_path, {})
+
+
+def test_a_chain_of_thousands_of_steps_lowers_and_digests() -> None:
+    """Deep graphs hit no recursion limit (lowering nor digests), and a long
+    Python chain still equals its Dockerfile."""
+    n = 3000
+    text = f"FROM {BASE}\n" + "".join(f"RUN echo {i} >> /log\n" for i in range(n))
+    st = g.image(BASE)
+    for i in range(n):
+        st = st.run(f"echo {i} >> /log")
+    py = _python(st)
+    df = _dockerfile(text)
+    assert py.target is not None and df.target is not None
+    assert py.target.digest == df.target.digest
+    assert len(py.config["history"]) == 1 + n

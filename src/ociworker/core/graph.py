@@ -259,6 +259,22 @@ class Vertex:
 
     @cached_property
     def digest(self) -> Digest:
+        # The inputs' digests first, deepest first, without recursion: a chain
+        # of a few hundred steps would otherwise pass Python's stack limit.
+        todo: list[Vertex] = [self]
+        while todo:
+            v = todo[-1]
+            missing = [i for i in v.inputs if i is not None and "digest" not in i.__dict__]
+            if missing:
+                todo.extend(missing)
+                continue
+            todo.pop()
+            if v is not self and "digest" not in v.__dict__:
+                v.__dict__["digest"] = v._own_digest()
+        return self._own_digest()
+
+    def _own_digest(self) -> Digest:
+        """The digest, given that every input's is known already."""
         return digest_of(
             {
                 "op": self.op.to_json(),

@@ -345,3 +345,26 @@ def test_a_chain_of_thousands_of_steps_lowers_and_digests() -> None:
     assert py.target is not None and df.target is not None
     assert py.target.digest == df.target.digest
     assert len(py.config["history"]) == 1 + n
+
+
+def test_with_arg_is_a_dockerfile_arg() -> None:
+    """ARG: in later RUNs' environment and history (``|N``), not in the config;
+    ENV of the same name after it wins in both."""
+    text = (
+        f'FROM {BASE}\nARG A=1\nRUN echo $A\nARG B=two\nENV A=3\nRUN ["sh", "-c", "echo $A $B"]\n'
+    )
+    st = (
+        g.image(BASE)
+        .with_arg("A", "1")
+        .run("echo $A")
+        .with_arg("B", "two")
+        .with_env("A", "3")
+        .run(["sh", "-c", "echo $A $B"])
+    )
+    df, py = _dockerfile(text), _python(st)
+    _same(df, py)
+    runs = [h["created_by"] for h in py.config["history"] if h["created_by"].startswith("RUN")]
+    assert runs == [
+        "RUN |1 A=1 /bin/sh -c echo $A # buildkit",
+        "RUN |2 A=3 B=two sh -c echo $A $B # buildkit",
+    ]

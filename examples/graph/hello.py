@@ -25,9 +25,8 @@ BASE = "127.0.0.1:5000/busybox:latest"
 def hello(base: str = BASE) -> g.State:
     """``FROM $BASE AS greeter`` ... ``CMD ["cat", "/hello.txt"]``, step for step."""
     image = g.image(base)
-    greeter = image.run(
-        'echo "$GREETING from stage one, running as $(id -un) on $(uname -s)" > /greeting.txt',
-        env={"GREETING": "hello"},  # the stage's ARG GREETING=hello
+    greeter = image.with_arg("GREETING", "hello").run(
+        'echo "$GREETING from stage one, running as $(id -un) on $(uname -s)" > /greeting.txt'
     )
     return (
         image.copy(g.local(), "message.txt", "/message.txt")

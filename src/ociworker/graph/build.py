@@ -195,6 +195,7 @@ async def build_async(
 
     from ociworker import controller
     from ociworker.session.credentials import DockerConfigCredentials
+    from ociworker.session.preflight import check_worker_root
     from ociworker.worker import WorkerConfig, open_worker
 
     where = Path(root or os.environ.get("OCIWORKER_ROOT") or DEFAULT_ROOT)
@@ -211,6 +212,8 @@ async def build_async(
     lent_secrets = _secrets(secrets)
     lent_ssh = _ssh(ssh)
     credentials = credentials or DockerConfigCredentials()
+    # as ociworker build: a clear error for a user who may not run the worker
+    check_worker_root(where)
     worker = open_worker(WorkerConfig(root=where, runtime=runtime))
     try:
 

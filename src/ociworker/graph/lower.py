@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ociworker.core.build import NAMED_LOCAL_PREFIX
@@ -92,6 +92,8 @@ class _Lowered:
     #: what ``run`` sees: the config's Env, in order
     env: dict[str, str]
     cmd_set: bool = False
+    #: ``with_arg``s so far, in order (what a RUN's history lists)
+    build_args: dict[str, str] = field(default_factory=dict)
     #: the state's own source vertex when it is a local, git or http source:
     #: what a copy or a bind mount takes from it (its root is a copy of it)
     source: Vertex | None = None
@@ -105,6 +107,7 @@ class _Lowered:
             self.base_layers,
             dict(self.env),
             self.cmd_set,
+            dict(self.build_args),
         )
 
     @property
@@ -350,7 +353,10 @@ class _Lowering:
         )
         text = "RUN " + " ".join(args)
         low.vertex = Vertex(op, tuple(inputs), name=text)
-        _history(low, text + " # buildkit", True)
+        # as the converter's _run_history: the ARGs seen so far, by their values now
+        seen = [f"{k}={low.env.get(k, v)}" for k, v in low.build_args.items()]
+        shown = " ".join([f"|{len(seen)}", *seen, *args]) if seen else " ".join(args)
+        _history(low, "RUN " + shown + " # buildkit", True)
         return low
 
     def _mount(self, m: Mount, wd: str, inputs: list[Vertex | None], ssh_index: int) -> ExecMount:
@@ -457,6 +463,11 @@ class _Lowering:
                 low.env[k] = v
             low.config["Env"] = [f"{k}={v}" for k, v in env.items()]
             _history(low, "ENV " + " ".join(f"{k}={v}" for k, v in pairs), False)
+        elif kind == "ARG":
+            for k, v in pairs:
+                low.env[k] = v
+                low.build_args[k] = v
+            _history(low, "ARG " + " ".join(f"{k}={v}" for k, v in pairs), False)
         elif kind == "LABEL":
             labels = low.config.get("Labels")
             if not isinstance(labels, dict):

@@ -235,7 +235,7 @@ class ConfigNode:
 
     parent: State
     kind: str
-    #: ENV, LABEL: the pairs; CMD, ENTRYPOINT: argv (one string with ``shell``);
+    #: ENV, LABEL, ARG: the pairs; CMD, ENTRYPOINT: argv (one string with ``shell``);
     #: WORKDIR, USER: ``text``
     pairs: tuple[tuple[str, str], ...] = ()
     argv: tuple[str, ...] = ()
@@ -297,7 +297,9 @@ class State:
         """Run ``cmd`` (a string: through the image's shell, ``RUN cmd``; a list:
         as argv, ``RUN ["a", "b"]``) on this filesystem. ``env`` is added to the
         config's environment for this step only (as a Dockerfile ``ARG``),
-        ``cwd``/``user`` override the config's for this step only."""
+        ``cwd``/``user`` override the config's for this step only. Its history
+        entry is ``RUN argv``: unlike a Dockerfile's, it lists no ARGs
+        (``|N NAME=value``), which only the image's history would show."""
         if isinstance(cmd, str):
             args: tuple[str, ...] = (cmd,)
             shell = True
@@ -366,6 +368,14 @@ class State:
             raise UserError("with_env: names must not be empty")
         return State(ConfigNode(self, "ENV", pairs=tuple((str(k), str(v)) for k, v in pairs)))
 
+    def with_arg(self, name: str, value: str) -> State:
+        """``ARG name=value``: in the environment of every later ``run`` (not in
+        the image config), and listed in their history as a Dockerfile's ARGs
+        are (``RUN |1 name=value ...``)."""
+        if not name or "=" in name:
+            raise UserError(f"with_arg: invalid name {name!r}")
+        return State(ConfigNode(self, "ARG", pairs=((name, str(value)),)))
+
     def with_workdir(self, path: str) -> State:
         """``WORKDIR path``: later steps run (and relative paths resolve) there;
         the directory is created, as a Dockerfile's WORKDIR does."""
@@ -409,7 +419,8 @@ def _nonempty(text: str, what: str) -> str:
 
 
 def image(ref: str, *, platform: str = "") -> State:
-    """The image ``ref`` (``FROM ref``): its filesystem and config."""
+    """The image ``ref`` (``FROM ref``): its filesystem and config (its ONBUILD
+    triggers are a Dockerfile's and do not run)."""
     if not ref or ref.lower() == "scratch":
         return scratch()
     return State(ImageNode(ref, platform))
@@ -441,7 +452,8 @@ def git(url: str, ref: str = "", *, keep_git_dir: bool = False) -> State:
 
 def http(url: str, *, checksum: str = "", filename: str = "") -> State:
     """One file downloaded from ``url`` (``ADD URL``), pinned by ``checksum``
-    (``sha256:...``) when given."""
+    (``sha256:...``) when given. Its file is ``/NAME``: ``filename``, else the
+    URL's last path segment (``copy(http(url), "/NAME", dest)``)."""
     if not url.startswith(("http://", "https://")):
         raise UserError(f"http: {url!r} is no http(s) URL")
     return State(HttpNode(url, checksum, filename))

@@ -131,6 +131,22 @@ def test_matrix_merges_each_bases_report(
     assert not (out / "etc" / "flavor").exists()
     assert (out / "bin" / "busybox").exists()  # the base the results were merged onto
 
+    # built again: every step, merge and diffs included, is found in the cache
+    again = _run(
+        [str(EXAMPLES / "matrix.py"), "--root", str(state_dir), "-o", f"type=local,dest={out}2"]
+    )
+    steps = [
+        s
+        for s in plain_steps(again.stderr)
+        if s.name.split(" ")[0] in ("RUN", "COPY", "MKFILE", "MKDIR", "merge", "diff")
+    ]
+    # per base a COPY, a RUN and a diff; the variants' 1 + 3 steps; the merge
+    assert len(steps) == 3 * 3 + 4 + 1, again.stderr
+    assert all(s.states == ("CACHED",) for s in steps), again.stderr
+    assert sorted(p.name for p in (out.parent / "out2" / "results").iterdir()) == sorted(
+        p.name for p in results.iterdir()
+    )
+
 
 def test_diff_takes_changes_and_merge_applies_deletions(
     require_root: None, base_image: str, state_dir: Path, tmp_path: Path

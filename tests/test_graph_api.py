@@ -368,3 +368,21 @@ def test_with_arg_is_a_dockerfile_arg() -> None:
         "RUN |1 A=1 /bin/sh -c echo $A # buildkit",
         "RUN |2 A=3 B=two sh -c echo $A $B # buildkit",
     ]
+
+
+def test_add_of_a_url_and_of_a_git_repository_are_copies_of_sources() -> None:
+    """``ADD URL`` and ``ADD GIT_URL#REF`` as copies from ``http()`` and ``git()``:
+    the same vertices (the history says COPY, so only the graph is compared)."""
+    pin = "sha256:" + "c" * 64
+    text = (
+        f"FROM {BASE}\n"
+        f"ADD --checksum={pin} https://example.com/dl/tool.tgz /opt/\n"
+        "ADD https://example.com/org/repo.git#v1.2 /src/\n"
+    )
+    st = (
+        g.image(BASE)
+        .copy(g.http("https://example.com/dl/tool.tgz", checksum=pin), "/tool.tgz", "/opt/")
+        .copy(g.git("https://example.com/org/repo.git", "v1.2"), "/", "/src/")
+    )
+    df, py = _dockerfile(text), _python(st)
+    assert _digests(py.target) == _digests(df.target)

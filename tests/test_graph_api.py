@@ -386,3 +386,13 @@ def test_add_of_a_url_and_of_a_git_repository_are_copies_of_sources() -> None:
     )
     df, py = _dockerfile(text), _python(st)
     assert _digests(py.target) == _digests(df.target)
+
+
+def test_a_state_shows_in_one_line_without_credentials() -> None:
+    deep = g.image(BASE)
+    for i in range(2000):
+        deep = deep.run(f"echo {i}")
+    assert repr(deep) == "State(run 'echo 1999')"
+    shown = repr(g.scratch().copy(g.git("https://user:s3cret@example.com/r.git"), "/", "/"))
+    assert "s3cret" not in repr(g.git("https://user:s3cret@example.com/r.git"))
+    assert shown == "State(copy)"

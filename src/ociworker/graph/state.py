@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ociworker.core.graph import redact_url
 from ociworker.errors import UserError
 
 #: ``run(network=...)``: what ``RUN --network`` takes
@@ -280,6 +281,19 @@ class State:
     returns a new state; the steps run only when the state is built."""
 
     node: Node = field(default_factory=ScratchNode)
+
+    def __repr__(self) -> str:
+        # One line: the default repr would print the whole chain below (and an
+        # error message naming a mount would recurse through every state).
+        n = self.node
+        if isinstance(n, ImageNode):
+            return f"State(image {n.ref!r})"
+        if isinstance(n, LocalNode | GitNode | HttpNode):
+            what = n.name if isinstance(n, LocalNode) else redact_url(n.url)
+            return f"State({type(n).__name__.removesuffix('Node').lower()} {what!r})"
+        if isinstance(n, RunNode):
+            return f"State(run {' '.join(n.args)!r})"
+        return f"State({type(n).__name__.removesuffix('Node').lower()})"
 
     # -- steps that make a layer -------------------------------------------------
 

@@ -212,3 +212,61 @@ def test_secret_reaches_its_step_and_nothing_else(
     for path in out.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert value.encode() not in path.read_bytes(), path
+
+
+SHARED_BENCH = REPO.parent / "shared" / "bench"
+
+
+@pytest.mark.parametrize("case", ["steps", "fanout", "cachemount", "context"])
+def test_bench_case_in_python_is_all_cached_after_its_dockerfile(
+    case: str, require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """The bench case's Dockerfile, then examples/graph/bench.py's graph of it on
+    the same root: every RUN and COPY CACHED, the same image. (layer-export's
+    graph is compared vertex for vertex in the unit tests: 128 MiB is no test.)"""
+    dockerfile = SHARED_BENCH / case / "Dockerfile"
+    if not dockerfile.exists():
+        pytest.fail(f"missing bench case {dockerfile}")
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    if case == "context":
+        for i in range(40):
+            d = ctx / f"d{i % 5}"
+            d.mkdir(exist_ok=True)
+            (d / f"f{i}.txt").write_text(f"file {i}\n" * 100)
+    # the steps BuildKit would list for it: its RUN and COPY instructions
+    want = sum(
+        1 for line in dockerfile.read_text().splitlines() if line.startswith(("RUN", "COPY"))
+    )
+    first = _run(
+        [
+            "-m",
+            "ociworker",
+            "build",
+            "--root",
+            str(state_dir),
+            "--progress=plain",
+            "-f",
+            str(dockerfile),
+            "-o",
+            f"type=oci,dest={tmp_path / 'df.tar'}",
+            str(ctx),
+        ]
+    )
+    assert len(_work_steps(first.stderr)) == want, first.stderr
+    again = _run(
+        [
+            str(EXAMPLES / "bench.py"),
+            case,
+            "--context",
+            str(ctx),
+            "--root",
+            str(state_dir),
+            "-o",
+            f"type=oci,dest={tmp_path / 'py.tar'}",
+        ]
+    )
+    steps = _work_steps(again.stderr)
+    assert len(steps) == want, again.stderr
+    assert all(states == ("CACHED",) for _, states in steps), again.stderr
+    assert oci_archive_image(tmp_path / "py.tar") == oci_archive_image(tmp_path / "df.tar")

@@ -4,7 +4,9 @@ Dockerfile, whose conversion is the expectation (pure: nothing runs)."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -63,71 +65,32 @@ def _bench(name: str) -> str:
     return path.read_text()
 
 
-def test_bench_steps() -> None:
-    st = g.image(BASE)
-    for i in range(1, 31):
-        st = st.run(f"echo {i} >> /log")
-    _same(_dockerfile(_bench("steps")), _python(st))
+def _example(name: str) -> ModuleType:
+    """A module of examples/graph, loaded from its file (examples are no package)."""
+    path = REPO / "examples" / "graph" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"graph_example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_bench_fanout() -> None:
-    base = g.image(BASE).run("mkdir /out")
-    one = base.run("sleep 2 && echo one > /out/one")
-    two = base.run("sleep 2 && echo two > /out/two")
-    three = base.run("sleep 2 && echo three > /out/three")
-    final = (
-        base.copy(one, "/out/one", "/r/")
-        .copy(two, "/out/two", "/r/")
-        .copy(three, "/out/three", "/r/")
-    )
-    _same(_dockerfile(_bench("fanout")), _python(final))
-
-
-def test_bench_cachemount() -> None:
-    st = (
-        g.image(BASE)
-        .run(
-            "ls /var/cache/thing/marker 2>/dev/null || (head -c 33554432 /dev/urandom > "
-            "/var/cache/thing/data && touch /var/cache/thing/marker)",
-            mounts=[g.cache("/var/cache/thing")],
-        )
-        .run("echo hi > /t/x && cat /t/x > /out", mounts=[g.tmpfs("/t")])
-    )
-    _same(_dockerfile(_bench("cachemount")), _python(st))
-
-
-def test_bench_layer_export() -> None:
-    st = (
-        g.image(BASE)
-        .run(
-            "mkdir -p /d && cd /d && i=0; while [ $i -lt 100 ]; do mkdir s$i; j=0; while "
-            "[ $j -lt 100 ]; do echo $i.$j > s$i/$j; j=$((j+1)); done; i=$((i+1)); done"
-        )
-        .run("head -c 134217728 /dev/urandom > /blob")
-    )
-    _same(_dockerfile(_bench("layer-export")), _python(st))
+@pytest.mark.parametrize("case", ["steps", "fanout", "cachemount", "layer-export", "context"])
+def test_bench_cases_in_python_equal_their_dockerfiles(case: str) -> None:
+    """examples/graph/bench.py against ../shared/bench/CASE/Dockerfile."""
+    state = _example("bench").CASES[case](BASE)
+    _same(_dockerfile(_bench(case)), _python(state))
 
 
 def test_bench_context_with_dockerignore() -> None:
-    st = g.image(BASE).copy(g.local(exclude=["*.tmp"]), ".", "/src").run("du -s /src > /size")
-    _same(_dockerfile(_bench("context"), ignore_patterns=("*.tmp",)), _python(st))
+    state = _example("bench").context(BASE, exclude=("*.tmp",))
+    _same(_dockerfile(_bench("context"), ignore_patterns=("*.tmp",)), _python(state))
 
 
 def test_examples_hello() -> None:
-    """examples/hello: two stages, an ARG in the first, a CMD."""
-    base = g.image(BASE)
-    greeter = base.run(
-        'echo "$GREETING from stage one, running as $(id -un) on $(uname -s)" > /greeting.txt',
-        env={"GREETING": "hello"},
-    )
-    final = (
-        base.copy(g.local(), "message.txt", "/message.txt")
-        .copy(greeter, "/greeting.txt", "/hello.txt")
-        .run("cat /message.txt >> /hello.txt && wc -l /hello.txt")
-        .with_cmd(["cat", "/hello.txt"])
-    )
+    """examples/graph/hello.py is examples/hello: two stages, an ARG, a CMD."""
     text = (REPO / "examples" / "hello" / "Dockerfile").read_text()
-    _same(_dockerfile(text), _python(final))
+    _same(_dockerfile(text), _python(_example("hello").hello(BASE)))
 
 
 def test_examples_mounts() -> None:

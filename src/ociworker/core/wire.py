@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Union
 
 from ociworker.errors import UserError
@@ -42,8 +43,17 @@ class Message:
     name: str
     fields: tuple[Field, ...]
 
+    @cached_property
     def by_number(self) -> dict[int, Field]:
         return {f.number: f for f in self.fields}
+
+    @cached_property
+    def plan(self) -> tuple[tuple[Field, bytes], ...]:
+        """The fields in number order with their key bytes, as encode walks them."""
+        return tuple(
+            (f, _key(f.number, _VARINT if f.kind in ("int", "bool") else _LEN))
+            for f in sorted(self.fields, key=lambda f: f.number)
+        )
 
 
 class WireError(UserError):
@@ -53,7 +63,12 @@ class WireError(UserError):
 # --- encoding ------------------------------------------------------------------
 
 
+_SMALL = [bytes((i,)) for i in range(128)]
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 128:
+        return _SMALL[n]
     if n < 0:
         n += 1 << 64  # two's complement, as protobuf writes negative int64
     out = bytearray()
@@ -71,20 +86,21 @@ def _key(number: int, wire: int) -> bytes:
     return _varint(number << 3 | wire)
 
 
-def _scalar(f: Field, value: Any) -> bytes:
-    if isinstance(f.kind, Message):
-        body = encode(f.kind, value)
-        return _key(f.number, _LEN) + _varint(len(body)) + body
-    if f.kind == "string":
+def _scalar(f: Field, key: bytes, value: Any) -> bytes:
+    kind = f.kind
+    if kind == "string":
         raw = str(value).encode("utf-8")
-        return _key(f.number, _LEN) + _varint(len(raw)) + raw
-    if f.kind == "bytes":
-        return _key(f.number, _LEN) + _varint(len(value)) + bytes(value)
-    if f.kind == "bool":
-        return _key(f.number, _VARINT) + _varint(1 if value else 0)
-    if f.kind == "int":
-        return _key(f.number, _VARINT) + _varint(int(value))
-    raise ValueError(f"unknown kind {f.kind!r}")
+        return key + _varint(len(raw)) + raw
+    if isinstance(kind, Message):
+        body = encode(kind, value)
+        return key + _varint(len(body)) + body
+    if kind == "bytes":
+        return key + _varint(len(value)) + bytes(value)
+    if kind == "bool":
+        return key + (b"\x01" if value else b"\x00")
+    if kind == "int":
+        return key + _varint(int(value))
+    raise ValueError(f"unknown kind {kind!r}")
 
 
 def _is_zero(f: Field, value: Any) -> bool:
@@ -98,19 +114,19 @@ _ENTRY = Message("Entry", (Field(1, "key", "string"), Field(2, "value", "string"
 def encode(msg: Message, value: dict[str, Any]) -> bytes:
     """``value`` (a dict by field name; missing names are unset) as wire bytes."""
     out = bytearray()
-    for f in sorted(msg.fields, key=lambda f: f.number):
+    for f, key in msg.plan:
         v = value.get(f.name)
         if v is None:
             continue
         if f.kind == "map":
             for k in sorted(v):
                 body = encode(_ENTRY, {"key": k, "value": v[k]})
-                out += _key(f.number, _LEN) + _varint(len(body)) + body
+                out += key + _varint(len(body)) + body
         elif f.card == "rep":
             for item in v:
-                out += _scalar(f, item)
+                out += _scalar(f, key, item)
         elif f.card == "opt" or not _is_zero(f, v):
-            out += _scalar(f, v)
+            out += _scalar(f, key, v)
     return bytes(out)
 
 
@@ -189,7 +205,7 @@ def decode(
     their default). An unknown field is refused: ``unknown(number)`` words the
     error (default: the field's number and the message's name)."""
     where = where or msg.name
-    table = msg.by_number()
+    table = msg.by_number
     out = empty(msg)
     for number, wire, value in fields(data, where):
         f = table.get(number)

@@ -10,6 +10,7 @@ and every stated digest is recomputed by the decoder.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import tracemalloc
@@ -47,10 +48,8 @@ def measure(label: str, fn: Callable[[], Any], *, memory: bool = False) -> Any:
     peak = ""
     if memory:
         tracemalloc.start()
-        try:
+        with contextlib.suppress(DefinitionError):
             fn()
-        except DefinitionError:
-            pass
         peak = f"  peak {tracemalloc.get_traced_memory()[1] / 2**20:6.1f} MiB"
         tracemalloc.stop()
     print(f"{label:<34} {took:8.3f} s{peak}")

@@ -48,6 +48,21 @@ class Message:
         return {f.number: f for f in self.fields}
 
     @cached_property
+    def defaults(self) -> dict[str, Any]:
+        """Each plain field's zero value (None for messages and optionals)."""
+        return {
+            f.name: None if f.card == "opt" or isinstance(f.kind, Message) else _ZERO[f.kind]
+            for f in self.fields
+            if f.card != "rep" and f.kind != "map"
+        }
+
+    @cached_property
+    def containers(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The repeated fields' names, and the maps': each decode gives them new ones."""
+        reps = tuple(f.name for f in self.fields if f.card == "rep" and f.kind != "map")
+        return reps, tuple(f.name for f in self.fields if f.kind == "map")
+
+    @cached_property
     def plan(self) -> tuple[tuple[Field, bytes], ...]:
         """The fields in number order with their key bytes, as encode walks them."""
         return tuple(
@@ -134,6 +149,8 @@ def encode(msg: Message, value: dict[str, Any]) -> bytes:
 
 
 def _read_varint(data: bytes | memoryview, pos: int, where: str) -> tuple[int, int]:
+    if pos < len(data) and data[pos] < 0x80:  # most keys and lengths: one byte
+        return data[pos], pos + 1
     n = shift = 0
     while True:
         if pos >= len(data):
@@ -173,25 +190,16 @@ def _signed(n: int) -> int:
     return n - (1 << 64) if n >= 1 << 63 else n
 
 
-def _text(raw: memoryview, where: str) -> str:
-    try:
-        return bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        raise WireError(f"{where}: a string field is not UTF-8") from None
+_ZERO: dict[str, Any] = {"string": "", "bytes": b"", "int": 0, "bool": False}
 
 
 def empty(msg: Message) -> dict[str, Any]:
     """The value of a message with no field set (protobuf's defaults)."""
-    out: dict[str, Any] = {}
-    for f in msg.fields:
-        if f.kind == "map":
-            out[f.name] = {}
-        elif f.card == "rep":
-            out[f.name] = []
-        elif f.card == "opt" or isinstance(f.kind, Message):
-            out[f.name] = None
-        else:
-            out[f.name] = {"string": "", "bytes": b"", "int": 0, "bool": False}[str(f.kind)]
+    out = dict(msg.defaults)
+    for name in msg.containers[0]:
+        out[name] = []
+    for name in msg.containers[1]:
+        out[name] = {}
     return out
 
 
@@ -211,20 +219,23 @@ def decode(
         f = table.get(number)
         if f is None:
             raise WireError(unknown(number) if unknown else f"{where}: unknown field {number}")
-        want = _VARINT if f.kind in ("int", "bool") else _LEN
-        if wire != want:
+        kind = f.kind
+        if wire != (_VARINT if kind == "int" or kind == "bool" else _LEN):
             raise WireError(f"{where}.{f.name}: wrong wire type {wire}")
-        if f.kind == "map":
+        if kind == "string":
+            try:
+                item: Any = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise WireError(f"{where}.{f.name}: a string field is not UTF-8") from None
+        elif kind == "map":
             entry = decode(_ENTRY, value, f"{where}.{f.name}")
             out[f.name][entry["key"]] = entry["value"]
             continue
-        if isinstance(f.kind, Message):
-            item: Any = decode(f.kind, value, f"{where}.{f.name}")
-        elif f.kind == "string":
-            item = _text(value, f"{where}.{f.name}")
-        elif f.kind == "bytes":
+        elif isinstance(kind, Message):
+            item = decode(kind, value, f"{where}.{f.name}")
+        elif kind == "bytes":
             item = bytes(value)
-        elif f.kind == "bool":
+        elif kind == "bool":
             item = bool(value)
         else:
             item = _signed(value)

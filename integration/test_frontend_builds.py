@@ -228,6 +228,15 @@ def test_daemon_refuses_hostile_definitions_then_builds(
         return result.manifest.digest if result.manifest else None
 
     assert asyncio.run(via_client()) is not None
+    # a definition past gRPC's 4 MiB default message size travels whole
+    big = "0123456789abcdef" * (6 << 16)  # 6 MiB
+    top = Vertex(FileOp((Mkfile("/big", big, 0o644),)), (None,), name="big file")
+    out = tmp_path / "big-out"
+    _ok(
+        ow("build", "--addr", daemon_addr, "--frontend", "graph.v1", "-",
+           "-o", f"type=local,dest={out}", stdin=encode(top, None, "pb"))
+    )  # fmt: skip
+    assert (out / "big").read_text() == big
 
 
 # --- a third-party frontend, installed with pip ---------------------------------------------

@@ -215,3 +215,18 @@ def test_syntax_naming_no_plugin_keeps_the_dockerfile_warning(syntax: str, warns
     plan = convert(parse(f"# syntax={syntax}\nFROM scratch\n"), Options(), {})
     found = [w for w in plan.warnings if "syntax directive names the frontend" in w]
     assert bool(found) == warns, plan.warnings
+
+
+def test_client_refuses_an_oversize_definition_before_sending(tmp_path: Path) -> None:
+    from ociworker.api.client import Client
+    from ociworker.core.definition import MAX_BYTES
+
+    async def go() -> None:
+        # no daemon listens there: the refusal comes before any connection is tried
+        async with Client(f"unix://{tmp_path}/none.sock") as client:
+            req = BuildRequest(context=tmp_path, frontend="graph.v1")
+            async for _ in client.solve(req, definition=b" " * (MAX_BYTES + 1)):
+                pass
+
+    with pytest.raises(DefinitionError, match="over the limit"):
+        asyncio.run(go())

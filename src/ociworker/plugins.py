@@ -15,12 +15,15 @@ every other frontend is called through ``Frontend.solve``.
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ociworker.errors import ConfigError
 from ociworker.frontend.base import Frontend
 from ociworker.frontend.graph import GraphFrontend
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 GROUP = "ociworker.frontends"
 DOCKERFILE = "dockerfile.v0"
@@ -36,7 +39,11 @@ class Chosen:
     frontend: Frontend | None
 
 
-def _plugins() -> dict[str, importlib.metadata.EntryPoint]:
+def _plugins() -> dict[str, EntryPoint]:
+    # imported here: reading every installed distribution's metadata is for
+    # builds that name a frontend, not for every start of the CLI
+    import importlib.metadata
+
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUP)}
 
 

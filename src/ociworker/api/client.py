@@ -37,6 +37,8 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
+from ociworker.core.definition import MAX_BYTES as MAX_DEFINITION_BYTES
+from ociworker.core.definition import DefinitionError
 from ociworker.core.digest import Digest
 from ociworker.core.history import BuildRecord
 from ociworker.core.oci import Descriptor, Platform
@@ -270,6 +272,11 @@ class Client:
         """
         if isinstance(definition, bytes):
             definition = BuildDefinition("", "definition", source=definition)
+        if definition is not None and len(definition.source) > MAX_DEFINITION_BYTES:
+            raise DefinitionError(
+                f"definition of {len(definition.source)} bytes is over the limit of "
+                f"{MAX_DEFINITION_BYTES} bytes"
+            )
         remote = request.context_url
         if remote and definition is None:
             # The worker fetches the context and reads the Dockerfile in it,

@@ -609,8 +609,14 @@ async def _build(
         explain_cache=args.explain_cache,
         frontend=args.frontend,
     )
+    from ociworker import plugins
+
     if args.check:
+        if plugins.get(req.frontend).frontend is not None:
+            raise ConfigError(f"--check lints Dockerfiles; not with --frontend {req.frontend}")
         return await _check(args, req)
+    if not args.addr:
+        plugins.get(req.frontend)  # an unknown name is refused before the worker starts
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths
 

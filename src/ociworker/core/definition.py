@@ -243,6 +243,10 @@ VERTEX_FIELDS = (
 )
 
 
+#: a Vertex with its op left as bytes (read apart, see ``_pb_vertex``)
+_VERTEX_RAW_OP = Message("Vertex", (*VERTEX_FIELDS, Field(5, "op", "bytes")))
+
+
 def _vertex_message() -> Message:
     return Message("Vertex", (*VERTEX_FIELDS, Field(5, "op", _op_message())))
 
@@ -269,11 +273,31 @@ def _wire_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+def _digest_bottom_up(target: Vertex) -> None:
+    """Compute every digest inputs first: ``Vertex.digest`` asks its inputs'
+    recursively, which a chain of thousands of steps would take past
+    Python's recursion limit; each one cached, no call goes deep."""
+    done: set[int] = set()
+    stack: list[tuple[Vertex, bool]] = [(target, False)]
+    while stack:
+        v, ready = stack.pop()
+        if id(v) in done:
+            continue
+        if ready:
+            _ = v.digest
+            done.add(id(v))
+            continue
+        stack.append((v, True))
+        stack.extend((i, False) for i in v.inputs if i is not None and id(i) not in done)
+
+
 def encode(
     target: Vertex | None, image_config: dict[str, Any] | None = None, fmt: Format = "pb"
 ) -> bytes:
     """The definition of the graph under ``target``, every vertex once, inputs
     before their users. Equal graphs give equal bytes."""
+    if target is not None:
+        _digest_bottom_up(target)
     vertices = list(target.walk()) if target is not None else []
     if fmt == "json":
         doc: dict[str, Any] = {
@@ -297,6 +321,7 @@ def encode(
     if fmt != "pb":
         raise DefinitionError(f"unknown definition format {fmt!r}: want pb or json")
     vmsg = _vertex_message()
+    one = Message("Definition", (Field(2, "v", vmsg),))
     out = bytearray(wire_encode(Message("V", (Field(1, "version", _S),)), {"version": VERSION}))
     for v in vertices:
         kind, body = _op_json(v)
@@ -307,7 +332,7 @@ def encode(
             "ignore_cache": v.ignore_cache,
             "op": {kind: _wire_body(kind, body)},
         }
-        out += wire_encode(Message("D", (Field(2, "v", vmsg),)), {"v": record})
+        out += wire_encode(one, {"v": record})
     rest: dict[str, Any] = {"target": target.digest if target is not None else "", "config": None}
     if image_config is not None:
         rest["config"] = canonical_json(image_config)
@@ -392,7 +417,7 @@ def _read_pb(data: bytes) -> tuple[str, list[_Raw], str, dict[str, Any] | None]:
 def _pb_vertex(vmsg: Message, value: Any, index: int, kinds: dict[int, str]) -> _Raw:
     where = f"vertex {index}"
     # the op is read apart so that an unknown op type is refused by its number
-    rec = wire_decode(Message("Vertex", (*VERTEX_FIELDS, Field(5, "op", "bytes"))), value, where)
+    rec = wire_decode(_VERTEX_RAW_OP, value, where)
     name = ""
     body: dict[str, Any] | None = None
     for number, _wire, raw in fields(rec["op"] or b"", f"{where} op"):

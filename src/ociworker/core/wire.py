@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Union
 
 from ociworker.errors import UserError
@@ -42,8 +43,32 @@ class Message:
     name: str
     fields: tuple[Field, ...]
 
+    @cached_property
     def by_number(self) -> dict[int, Field]:
         return {f.number: f for f in self.fields}
+
+    @cached_property
+    def defaults(self) -> dict[str, Any]:
+        """Each plain field's zero value (None for messages and optionals)."""
+        return {
+            f.name: None if f.card == "opt" or isinstance(f.kind, Message) else _ZERO[f.kind]
+            for f in self.fields
+            if f.card != "rep" and f.kind != "map"
+        }
+
+    @cached_property
+    def containers(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The repeated fields' names, and the maps': each decode gives them new ones."""
+        reps = tuple(f.name for f in self.fields if f.card == "rep" and f.kind != "map")
+        return reps, tuple(f.name for f in self.fields if f.kind == "map")
+
+    @cached_property
+    def plan(self) -> tuple[tuple[Field, bytes], ...]:
+        """The fields in number order with their key bytes, as encode walks them."""
+        return tuple(
+            (f, _key(f.number, _VARINT if f.kind in ("int", "bool") else _LEN))
+            for f in sorted(self.fields, key=lambda f: f.number)
+        )
 
 
 class WireError(UserError):
@@ -53,7 +78,12 @@ class WireError(UserError):
 # --- encoding ------------------------------------------------------------------
 
 
+_SMALL = [bytes((i,)) for i in range(128)]
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 128:
+        return _SMALL[n]
     if n < 0:
         n += 1 << 64  # two's complement, as protobuf writes negative int64
     out = bytearray()
@@ -71,20 +101,21 @@ def _key(number: int, wire: int) -> bytes:
     return _varint(number << 3 | wire)
 
 
-def _scalar(f: Field, value: Any) -> bytes:
-    if isinstance(f.kind, Message):
-        body = encode(f.kind, value)
-        return _key(f.number, _LEN) + _varint(len(body)) + body
-    if f.kind == "string":
+def _scalar(f: Field, key: bytes, value: Any) -> bytes:
+    kind = f.kind
+    if kind == "string":
         raw = str(value).encode("utf-8")
-        return _key(f.number, _LEN) + _varint(len(raw)) + raw
-    if f.kind == "bytes":
-        return _key(f.number, _LEN) + _varint(len(value)) + bytes(value)
-    if f.kind == "bool":
-        return _key(f.number, _VARINT) + _varint(1 if value else 0)
-    if f.kind == "int":
-        return _key(f.number, _VARINT) + _varint(int(value))
-    raise ValueError(f"unknown kind {f.kind!r}")
+        return key + _varint(len(raw)) + raw
+    if isinstance(kind, Message):
+        body = encode(kind, value)
+        return key + _varint(len(body)) + body
+    if kind == "bytes":
+        return key + _varint(len(value)) + bytes(value)
+    if kind == "bool":
+        return key + (b"\x01" if value else b"\x00")
+    if kind == "int":
+        return key + _varint(int(value))
+    raise ValueError(f"unknown kind {kind!r}")
 
 
 def _is_zero(f: Field, value: Any) -> bool:
@@ -98,19 +129,19 @@ _ENTRY = Message("Entry", (Field(1, "key", "string"), Field(2, "value", "string"
 def encode(msg: Message, value: dict[str, Any]) -> bytes:
     """``value`` (a dict by field name; missing names are unset) as wire bytes."""
     out = bytearray()
-    for f in sorted(msg.fields, key=lambda f: f.number):
+    for f, key in msg.plan:
         v = value.get(f.name)
         if v is None:
             continue
         if f.kind == "map":
             for k in sorted(v):
                 body = encode(_ENTRY, {"key": k, "value": v[k]})
-                out += _key(f.number, _LEN) + _varint(len(body)) + body
+                out += key + _varint(len(body)) + body
         elif f.card == "rep":
             for item in v:
-                out += _scalar(f, item)
+                out += _scalar(f, key, item)
         elif f.card == "opt" or not _is_zero(f, v):
-            out += _scalar(f, v)
+            out += _scalar(f, key, v)
     return bytes(out)
 
 
@@ -118,6 +149,8 @@ def encode(msg: Message, value: dict[str, Any]) -> bytes:
 
 
 def _read_varint(data: bytes | memoryview, pos: int, where: str) -> tuple[int, int]:
+    if pos < len(data) and data[pos] < 0x80:  # most keys and lengths: one byte
+        return data[pos], pos + 1
     n = shift = 0
     while True:
         if pos >= len(data):
@@ -157,25 +190,16 @@ def _signed(n: int) -> int:
     return n - (1 << 64) if n >= 1 << 63 else n
 
 
-def _text(raw: memoryview, where: str) -> str:
-    try:
-        return bytes(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        raise WireError(f"{where}: a string field is not UTF-8") from None
+_ZERO: dict[str, Any] = {"string": "", "bytes": b"", "int": 0, "bool": False}
 
 
 def empty(msg: Message) -> dict[str, Any]:
     """The value of a message with no field set (protobuf's defaults)."""
-    out: dict[str, Any] = {}
-    for f in msg.fields:
-        if f.kind == "map":
-            out[f.name] = {}
-        elif f.card == "rep":
-            out[f.name] = []
-        elif f.card == "opt" or isinstance(f.kind, Message):
-            out[f.name] = None
-        else:
-            out[f.name] = {"string": "", "bytes": b"", "int": 0, "bool": False}[str(f.kind)]
+    out = dict(msg.defaults)
+    for name in msg.containers[0]:
+        out[name] = []
+    for name in msg.containers[1]:
+        out[name] = {}
     return out
 
 
@@ -189,26 +213,29 @@ def decode(
     their default). An unknown field is refused: ``unknown(number)`` words the
     error (default: the field's number and the message's name)."""
     where = where or msg.name
-    table = msg.by_number()
+    table = msg.by_number
     out = empty(msg)
     for number, wire, value in fields(data, where):
         f = table.get(number)
         if f is None:
             raise WireError(unknown(number) if unknown else f"{where}: unknown field {number}")
-        want = _VARINT if f.kind in ("int", "bool") else _LEN
-        if wire != want:
+        kind = f.kind
+        if wire != (_VARINT if kind == "int" or kind == "bool" else _LEN):
             raise WireError(f"{where}.{f.name}: wrong wire type {wire}")
-        if f.kind == "map":
+        if kind == "string":
+            try:
+                item: Any = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise WireError(f"{where}.{f.name}: a string field is not UTF-8") from None
+        elif kind == "map":
             entry = decode(_ENTRY, value, f"{where}.{f.name}")
             out[f.name][entry["key"]] = entry["value"]
             continue
-        if isinstance(f.kind, Message):
-            item: Any = decode(f.kind, value, f"{where}.{f.name}")
-        elif f.kind == "string":
-            item = _text(value, f"{where}.{f.name}")
-        elif f.kind == "bytes":
+        elif isinstance(kind, Message):
+            item = decode(kind, value, f"{where}.{f.name}")
+        elif kind == "bytes":
             item = bytes(value)
-        elif f.kind == "bool":
+        elif kind == "bool":
             item = bool(value)
         else:
             item = _signed(value)

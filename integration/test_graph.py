@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -270,3 +271,61 @@ def test_bench_case_in_python_is_all_cached_after_its_dockerfile(
     assert len(steps) == want, again.stderr
     assert all(states == ("CACHED",) for _, states in steps), again.stderr
     assert oci_archive_image(tmp_path / "py.tar") == oci_archive_image(tmp_path / "df.tar")
+
+
+def test_build_on_a_daemon_shares_its_cache_with_the_dockerfile(
+    require_root: None, base_image: str, tmp_path: Path
+) -> None:
+    """``build(addr=)``: the graph goes to the daemon as a graph.v1 definition; a
+    Dockerfile build there first leaves nothing for it to run, and the image is
+    the same."""
+    import io
+    import signal
+
+    from ociworker.progress_ui import PlainPrinter
+    from ociworker.testing.daemon import spawn_daemon
+
+    sock = tmp_path / "d.sock"
+    addr = f"unix://{sock}"
+    daemon = spawn_daemon(
+        ("--addr", addr, "--root", str(tmp_path / "droot")), tmp_path / "daemon.log"
+    )
+    try:
+        _run(
+            [
+                "-m",
+                "ociworker",
+                "build",
+                "--addr",
+                addr,
+                "-o",
+                f"type=oci,dest={tmp_path / 'df.tar'}",
+                str(REPO / "examples" / "hello"),
+            ]
+        )
+        shown = io.StringIO()
+        hello = _example_module("hello").hello(base_image)
+        g.build(
+            hello,
+            addr=addr,
+            context=REPO / "examples" / "hello",
+            outputs=[f"type=oci,dest={tmp_path / 'py.tar'}"],
+            events=PlainPrinter(shown),
+        )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    steps = _work_steps(shown.getvalue())
+    assert len(steps) == 4, shown.getvalue()
+    assert all(states == ("CACHED",) for _, states in steps), shown.getvalue()
+    assert oci_archive_image(tmp_path / "py.tar") == oci_archive_image(tmp_path / "df.tar")
+
+
+def _example_module(name: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"graph_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -21,7 +21,7 @@ from ociworker.core.session import Credentials, Secrets, SSHAgents
 from ociworker.errors import RegistryError, UserError
 from ociworker.frontend.dockerfile.convert import CONTEXT, ImageInfo, Plan
 from ociworker.fs.ignore import IgnoreMatcher
-from ociworker.graph.lower import image_refs, lower
+from ociworker.graph.lower import _post_order, image_refs, lower
 from ociworker.graph.state import LocalNode, State
 
 #: what ``definition`` writes (the serialized graph: ``ociworker.core.definition``)
@@ -131,7 +131,6 @@ def local_dirs(state: State, context: Path, contexts: Mapping[str, str | Path]) 
     """The local sources ``state`` reads, as the worker's job names them: the
     context as ``context``, the others as a Dockerfile's named contexts, each
     with the include / exclude patterns its ``local()`` gave."""
-    from ociworker.graph.lower import _post_order
     from ociworker.ops.context import LocalContext
 
     out: dict[str, Any] = {}
@@ -181,6 +180,7 @@ async def build_async(
     credentials: Credentials | None = None,
     events: EventSink = discard,
     metadata_file: str | Path | None = None,
+    addr: str | None = None,
 ) -> BuildResult:
     """Build ``state`` on an embedded worker (root: ``root``, else
     ``$OCIWORKER_ROOT``, else /var/lib/ociworker; needs root privileges, as
@@ -190,8 +190,27 @@ async def build_async(
     (``id=npmrc,src=FILE``, ``default``) or the session's own providers;
     registry credentials are docker's config unless ``credentials`` says.
     Every step is keyed as the equivalent Dockerfile's, so both builds share
-    their cache."""
+    their cache. ``addr``: build on that daemon instead (``unix:///PATH``,
+    ``tcp://HOST:PORT``), through its ``graph.v1`` frontend, with ``context``
+    sent as the build's context."""
     import os
+
+    if addr is not None:
+        return await _on_daemon(
+            state,
+            addr,
+            tags=tags,
+            outputs=outputs,
+            context=Path(context),
+            contexts=contexts or {},
+            no_cache=no_cache,
+            allow=allow,
+            secrets=secrets,
+            ssh=ssh,
+            credentials=credentials,
+            events=events,
+            metadata_file=metadata_file,
+        )
 
     from ociworker import controller
     from ociworker.session.credentials import DockerConfigCredentials
@@ -235,6 +254,75 @@ async def build_async(
         )
     finally:
         await worker.aclose()
+
+
+async def _on_daemon(
+    state: State,
+    addr: str,
+    *,
+    tags: Sequence[str],
+    outputs: Sequence[str],
+    context: Path,
+    contexts: Mapping[str, str | Path],
+    no_cache: bool,
+    allow: Sequence[str],
+    secrets: Sequence[str] | Secrets,
+    ssh: Sequence[str] | SSHAgents,
+    credentials: Credentials | None,
+    events: EventSink,
+    metadata_file: str | Path | None,
+) -> BuildResult:
+    """``state``'s definition built by the daemon at ``addr`` (``ociworker.Client``)."""
+    from ociworker.api.client import Client
+    from ociworker.core.build import NamedContext
+    from ociworker.session.credentials import DockerConfigCredentials
+
+    for st in _post_order(state):
+        if isinstance(st.node, LocalNode) and (st.node.include or st.node.exclude):
+            raise UserError(
+                f"local({st.node.name!r}, include=, exclude=) is honoured by the embedded "
+                "worker only: a daemon reads the context's .dockerignore"
+            )
+    if isinstance(secrets, str):
+        secrets = [secrets]
+    if isinstance(ssh, str):
+        ssh = [ssh]
+    if not isinstance(secrets, Sequence) or not isinstance(ssh, Sequence):
+        raise UserError("on a daemon, pass secrets and ssh as --secret / --ssh values")
+    from ociworker.session.secrets import SecretSource
+
+    secret_ids = [SecretSource.parse(s).id for s in secrets]
+    ssh_ids: list[str] = []
+    if ssh:
+        from ociworker.session.sshagent import SSHSource
+
+        ssh_ids = [SSHSource.parse(s).id for s in ssh]
+    dirs = local_dirs(state, context, contexts)
+    named = tuple(
+        NamedContext(key.removeprefix(NAMED_LOCAL_PREFIX), "local", str(ctx.root))
+        for key, ctx in dirs.items()
+        if key.startswith(NAMED_LOCAL_PREFIX)
+    )
+    credentials = credentials or DockerConfigCredentials()
+    data = await definition_async(state, "pb", resolver=RegistryResolver(credentials=credentials))
+    async with Client(addr) as client:
+        return await client.build(
+            context,
+            events=events,
+            secrets=_secrets(secrets),
+            secret_ids=secret_ids,
+            ssh=_ssh(ssh),
+            ssh_ids=ssh_ids,
+            credentials=credentials,
+            definition=data,
+            frontend="graph.v1",
+            tags=tuple(tags),
+            outputs=tuple(outputs),
+            build_contexts=named,
+            no_cache=no_cache,
+            allow=tuple(allow),
+            metadata_file=Path(metadata_file) if metadata_file is not None else None,
+        )
 
 
 def _secrets(given: Sequence[str] | Secrets) -> Secrets:

@@ -174,19 +174,39 @@ def test_diff_takes_changes_and_merge_applies_deletions(
     assert (out / "new").read_text() == "n"
 
 
+def _layers(archive: Path) -> list[str]:
+    """The layer digests of the image in an OCI archive, as its manifest lists them."""
+    import json
+    import tarfile
+
+    with tarfile.open(archive) as tf:
+        index = json.load(tf.extractfile("index.json"))  # type: ignore[arg-type]
+        digest = index["manifests"][0]["digest"].split(":")[1]
+        manifest = json.load(tf.extractfile(f"blobs/sha256/{digest}"))  # type: ignore[arg-type]
+    return [str(layer["digest"]) for layer in manifest["layers"]]
+
+
 def test_merge_applies_later_states_over_earlier_ones(
     require_root: None, base_image: str, state_dir: Path, tmp_path: Path
 ) -> None:
+    """Later states win, their deletions included; and the merged image is made
+    of the inputs' own layer blobs, a's then b's (base included), as BuildKit's."""
     base = g.image(base_image)
     a = base.run("echo a > /f && echo a > /only-a")
     b = base.run("echo b > /f && rm /bin/true")
     out = tmp_path / "out"
-    g.build(g.merge([a, b]), root=state_dir, outputs=[f"type=local,dest={out}"], context=tmp_path)
+    merged = g.merge([a, b])
+    built = {}
+    for name, st in (("a", a), ("b", b), ("merged", merged)):
+        built[name] = tmp_path / f"{name}.tar"
+        g.build(st, root=state_dir, outputs=[f"type=oci,dest={built[name]}"], context=tmp_path)
+    g.build(merged, root=state_dir, outputs=[f"type=local,dest={out}"], context=tmp_path)
     assert (out / "f").read_text() == "b\n"  # the later state wins
     assert (out / "only-a").read_text() == "a\n"
     # b's deletion, applied (links to /bin/busybox: lexists, not the host's file)
     assert not os.path.lexists(out / "bin" / "true")
     assert os.path.lexists(out / "bin" / "false")
+    assert _layers(built["merged"]) == _layers(built["a"]) + _layers(built["b"])
 
 
 def test_secret_reaches_its_step_and_nothing_else(

@@ -502,14 +502,18 @@ class _Lowering:
         return low
 
     def _merge(self, node: MergeNode) -> _Lowered:
+        """The first input's state with, for every layer of each later input's
+        chain, that input's history entry: the merge step makes one snapshot
+        per applied layer (``ops.merge``), and the image lists each."""
         parts = [self._of(s) for s in node.inputs]
         low = parts[0].child()
         roots = tuple(p.vertex for p in parts)
-        if all(r is None for r in roots):
-            return low  # scratch merged with scratch
+        if all(r is None for r in roots[1:]):
+            return low  # nothing applied over the first input
         low.vertex = Vertex(MergeOp(), roots, name=f"merge {len(roots)} states")
-        low.source = None
-        _history(low, f"MERGE {len(roots)} states", True, GRAPH_COMMENT)
+        for p in parts[1:]:
+            if p.vertex is not None:
+                low.history += _layer_history(p)
         return low
 
     def _diff(self, node: DiffNode) -> _Lowered:
@@ -521,6 +525,25 @@ class _Lowering:
         low.vertex = Vertex(DiffOp(), (lower_low.vertex, upper_low.vertex), name="diff")
         _history(low, "DIFF", True, GRAPH_COMMENT)
         return low
+
+
+def _layer_history(low: _Lowered) -> list[dict[str, Any]]:
+    """``low``'s whole history as a merge lists it over another chain: its base
+    image's entries (one per layer; made up when the image has fewer) and its
+    own steps' entries, each layer's entry in chain order."""
+    base = [dict(h) for h in low.base_history]
+    have = sum(1 for h in base if not h.get("empty_layer"))
+    base += [
+        {"created_by": "(layer of a merged base image without history)", "comment": GRAPH_COMMENT}
+        for _ in range(low.base_layers - have)
+    ]
+    if have > low.base_layers:  # entries claiming layers the image lacks: not ours to list
+        base = [h for h in base if h.get("empty_layer")]
+        base += [
+            {"created_by": "(layer of a merged base image)", "comment": GRAPH_COMMENT}
+            for _ in range(low.base_layers)
+        ]
+    return base + [dict(h) for h in low.history]
 
 
 def _history(low: _Lowered, created_by: str, layer: bool, comment: str = HISTORY_COMMENT) -> None:

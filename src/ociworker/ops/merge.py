@@ -1,16 +1,22 @@
-"""The handler of ``MergeOp`` (BuildKit's MergeOp): a new snapshot on the first
-input (scratch: on nothing), with every layer of each later input's chain
-applied in order, whiteouts included. Unlike BuildKit, whose merge keeps each
-input's layers apart, the applied layers become the one layer of the new
-snapshot. Two inputs built on the same base apply that base's layers again: a
-no-op for the files, as in BuildKit's merge of independent layers."""
+"""The handler of ``MergeOp`` (BuildKit's MergeOp): every layer of each later
+input's chain applied in order, whiteouts included, over the first input's
+chain (scratch: over nothing). As in BuildKit the layers stay apart: each
+applied layer is a snapshot of its own, recorded with the very blob it came
+from, so the merged image reuses the inputs' blobs (a registry mounts them)
+instead of a new squashed one. Two inputs built on the same base apply that
+base's layers again, which restores what the first input deleted from it:
+BuildKit's semantics, and why ``merge(base, diff(base, a), diff(base, b))`` is
+the idiom for independent changes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from ociworker.core.graph import Vertex
 from ociworker.core.mounts import Mount
+from ociworker.core.oci import Layer
+from ociworker.exporter.chain import layer_cache_key
+from ociworker.exporter.layercache import SOURCE
 from ociworker.ops.layered import LAYER_OPTS, LayeredHandler, snapshot_of
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import SCRATCH, Job, Result
@@ -19,21 +25,25 @@ from ociworker.solver.scheduler import SCRATCH, Job, Result
 class MergeHandler(LayeredHandler):
     async def run(self, vertex: Vertex, inputs: Sequence[Result], job: Job) -> Result:
         names = [snapshot_of(r, "merge") for r in inputs]
-        # On the first input (its chain stays the image's lower layers), even when
-        # nothing is applied over it: one merge step is one layer, as the graph
-        # API's history says.
-        base = names[0] if names else None
-        rest = [n for n in names[1:] if n is not None]
-        if base is None and not rest:
-            return SCRATCH
+        top = names[0] if names else None
         layers = self.chain_layers()
         d = self.deps
+        for name in names[1:]:
+            if name is None:
+                continue  # scratch adds nothing
+            chain = await layers.chain(name)
+            for i, below in enumerate(chain):
+                layer = await layers.layer_of(chain, i, LAYER_OPTS)
+                top = await access.new_snapshot(d.snapshots, top, _applying(self, layer))
+                # the blob it came from is this snapshot's layer: a pulled one is
+                # exported as it came, a built one in the compression it was made
+                pulled = d.layers.get_layer(below, SOURCE) is not None
+                d.layers.put_layer(top, SOURCE if pulled else layer_cache_key(LAYER_OPTS), layer)
+        return Result("snapshot", top) if top is not None else SCRATCH
 
-        async def edit(mounts: Sequence[Mount]) -> None:
-            for top in rest:
-                chain = await layers.chain(top)
-                for i in range(len(chain)):
-                    layer = await layers.layer_of(chain, i, LAYER_OPTS)
-                    await d.applier.apply(layer.descriptor, mounts)
 
-        return Result("snapshot", await access.new_snapshot(d.snapshots, base, edit))
+def _applying(handler: MergeHandler, layer: Layer) -> Callable[[Sequence[Mount]], Awaitable[None]]:
+    async def edit(mounts: Sequence[Mount]) -> None:
+        await handler.deps.applier.apply(layer.descriptor, mounts)
+
+    return edit

@@ -349,3 +349,24 @@ def _example_module(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_layers_output_of_a_merged_graph_writes_the_steps_above_the_merge(
+    require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """``type=layers`` treats a merge as a base: the step on top of it is written
+    (index 001, the image's top layer), the merged inputs' blobs are not."""
+    import json
+
+    base = g.image(base_image)
+    st = g.merge([base.run("echo a > /a"), base.run("echo b > /b")]).run("echo top > /top")
+    g.build(
+        st,
+        root=state_dir,
+        context=tmp_path,
+        outputs=[f"type=layers,dest={tmp_path / 'lay'}", f"type=oci,dest={tmp_path / 'i.tar'}"],
+    )
+    written = sorted(p.name for p in (tmp_path / "lay").glob("*.json"))
+    assert len(written) == 1 and written[0].startswith("001-"), written
+    desc = json.loads((tmp_path / "lay" / written[0]).read_text())
+    assert desc["digest"] == _layers(tmp_path / "i.tar")[-1]

@@ -382,3 +382,28 @@ def test_daemon_with_the_plugin_serves_a_client_without_it(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_fleet_builds_a_graph_from_stdin(
+    tmp_path: Path, pinned_base: str, require_root: None, registry: str
+) -> None:
+    # the definition is read once (stdin) and handed to the worker the fleet picks
+    procs, addrs = [], []
+    for name in ("a", "b"):
+        sock = tmp_path / f"{name}.sock"
+        args = ("--addr", f"unix://{sock}", "--root", str(tmp_path / f"root-{name}"))
+        procs.append(spawn_daemon(args, tmp_path / f"{name}.log"))
+        addrs += ["--addr", f"unix://{sock}"]
+    try:
+        out = tmp_path / "out"
+        data = encode(_graph(pinned_base, "fleet\n"), CONFIG, "pb")
+        err = _ok(
+            ow("build", *addrs, "--frontend", "graph.v1", "-", "-o", f"type=local,dest={out}",
+               "--progress", "plain", stdin=data)
+        )  # fmt: skip
+        assert 'building with worker "unix://' in err
+        assert (out / "greet" / "hello").read_text() == "fleet\n"
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]

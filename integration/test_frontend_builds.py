@@ -25,7 +25,7 @@ import pytest
 import ociworker
 from conftest import oci_archive_image
 from ociworker.core.definition import encode
-from ociworker.core.graph import ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
+from ociworker.core.graph import Copy, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 from ociworker.testing.daemon import spawn_daemon
 
 SRC = Path(ociworker.__file__).resolve().parents[1]
@@ -382,3 +382,57 @@ def test_daemon_with_the_plugin_serves_a_client_without_it(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_fleet_builds_a_graph_from_stdin(
+    tmp_path: Path, pinned_base: str, require_root: None, registry: str
+) -> None:
+    # the definition is read once (stdin) and handed to the worker the fleet picks
+    procs, addrs = [], []
+    for name in ("a", "b"):
+        sock = tmp_path / f"{name}.sock"
+        args = ("--addr", f"unix://{sock}", "--root", str(tmp_path / f"root-{name}"))
+        procs.append(spawn_daemon(args, tmp_path / f"{name}.log"))
+        addrs += ["--addr", f"unix://{sock}"]
+    try:
+        out = tmp_path / "out"
+        data = encode(_graph(pinned_base, "fleet\n"), CONFIG, "pb")
+        err = _ok(
+            ow("build", *addrs, "--frontend", "graph.v1", "-", "-o", f"type=local,dest={out}",
+               "--progress", "plain", stdin=data)
+        )  # fmt: skip
+        assert 'building with worker "unix://' in err
+        assert (out / "greet" / "hello").read_text() == "fleet\n"
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+
+
+def test_graph_context_is_the_definition_files_directory(
+    tmp_path: Path, state_dir: Path, require_root: None
+) -> None:
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "app.txt").write_text("the app\n")
+    (project / "secret.env").write_text("TOKEN=1\n")
+    (project / ".dockerignore").write_text("secret.env\n")
+    ctx = Vertex(SourceOp("local://context"), name="context")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+
+    def build(src: str, name: str) -> subprocess.CompletedProcess[bytes]:
+        top = Vertex(FileOp((Copy(1, src, "/app/"),)), (None, ctx), name=f"COPY {src}")
+        (project / name).write_bytes(encode(top, None, "pb"))
+        return subprocess.run(
+            [sys.executable, "-m", "ociworker", "build", "--root", str(state_dir), "--frontend",
+             "graph.v1", str(project / name), "-o", f"type=local,dest={tmp_path / name}.out"],
+            cwd=elsewhere, capture_output=True, timeout=600,
+        )  # fmt: skip
+
+    _ok(build("/src/app.txt", "app.pb"))
+    assert (tmp_path / "app.pb.out" / "app" / "app.txt").read_text() == "the app\n"
+    # the context's .dockerignore holds for a graph's local source too
+    proc = build("/secret.env", "secret.pb")
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "excluded by .dockerignore" in err, err

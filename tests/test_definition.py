@@ -283,3 +283,36 @@ def test_a_million_vertices_fail_fast_in_bounded_memory(fmt: str) -> None:
         tracemalloc.stop()
     # what a million parsed vertices would need is hundreds of MB
     assert peak < 64 << 20, f"peak {peak} bytes"
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"args": ["x"], "network": "bridge0"}, "network 'bridge0'"),
+        ({"args": ["x"], "security": "root"}, "security 'root'"),
+        ({"args": ["x"], "mounts": [{"target": "/m", "type": "host"}]}, "mount type 'host'"),
+        ({"args": ["x"], "mounts": [{"target": "/m/../../x", "type": "tmpfs"}]}, "escapes"),
+        (
+            {"args": ["x"], "mounts": [{"target": "/m", "selector": "/../..", "input": 0}]},
+            "escapes",
+        ),
+        ({"args": ["x"], "shm_size": -1}, "negative shm_size"),
+    ],
+)
+def test_exec_values_the_handler_cannot_take_are_refused(body: dict[str, Any], words: str) -> None:
+    base = _raw({"source": {"identifier": f"docker-image://r/b@{PIN}", "attrs": {}}}, [])
+    v = _raw({"exec": body}, [base["digest"]])
+    _refused(_doc([base, v], v["digest"]), words)
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        {"mkdir": {"path": "/a", "mode": 0o10000}},
+        {"mkfile": {"path": "/a", "data": "", "mode": -1}},
+        {"copy": {"src_input": 0, "src": "/a", "dest": "/b", "chmod": 0o77777}},
+    ],
+)
+def test_file_modes_out_of_range_are_refused(action: dict[str, Any]) -> None:
+    v = _raw({"file": {"actions": [action]}}, [None])
+    _refused(_doc([v], v["digest"]), "not a permission mode")

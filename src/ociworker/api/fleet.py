@@ -135,12 +135,13 @@ class Fleet:
             for k in ("build_id", "secrets", "secret_ids", "ssh", "ssh_ids", "credentials")
             if k in options
         }
+        # the caller may have read it (--frontend graph.v1)
+        definition: BuildDefinition | None = options.pop("definition", None)
         req = as_request(request, options)
         # read once for every attempt (``-f -`` is stdin), and before any probe;
         # a fetched context's Dockerfile is the worker's to read
-        definition: BuildDefinition | None = options.pop("definition", None)
         if definition is not None:
-            pass  # the caller read it (--frontend graph.v1)
+            pass
         elif not req.context_url:
             definition = read_definition(req.context, req.dockerfile)
         elif req.dockerfile == STDIN:

@@ -664,17 +664,32 @@ def _check_path(path: str, where: str) -> None:
         raise DefinitionError(f"{where}: path {path!r} escapes its root (..)")
 
 
+#: what the exec handler knows (anything else would fail mid-build, or worse)
+_NETWORKS = ("default", "none", "host")
+_SECURITY = ("sandbox", "insecure")
+_MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
+
+
+def _check_mode(mode: int | None, where: str) -> None:
+    if mode is not None and not 0 <= mode <= 0o7777:
+        raise DefinitionError(f"{where}: file mode {mode} is not a permission mode (0 to 0o7777)")
+
+
 def _check_op(op: OpSpec, n_inputs: int, where: str) -> None:
+    """What the op's handler takes for granted, checked before anything runs."""
     if isinstance(op, FileOp):
         _check_path(op.cwd, where)
         for a in op.actions:
             if isinstance(a, Copy):
                 _check_path(a.src, where)
                 _check_path(a.dest, where)
+                _check_mode(a.chmod, where)
                 if not 0 <= a.src_input < n_inputs:
                     raise DefinitionError(f"{where}: copy from input {a.src_input} of {n_inputs}")
             else:
                 _check_path(a.path, where)
+                if isinstance(a, Mkdir | Mkfile):
+                    _check_mode(a.mode, where)
     elif isinstance(op, DiffOp):
         if n_inputs != 2:
             raise DefinitionError(f"{where}: diff takes 2 inputs (lower, upper), not {n_inputs}")
@@ -684,8 +699,20 @@ def _check_op(op: OpSpec, n_inputs: int, where: str) -> None:
     elif isinstance(op, ExecOp):
         if not op.args:
             raise DefinitionError(f"{where}: exec without a command")
+        if op.network not in _NETWORKS:
+            raise DefinitionError(f"{where}: network {op.network!r} is not one of {_NETWORKS}")
+        if op.security not in _SECURITY:
+            raise DefinitionError(f"{where}: security {op.security!r} is not one of {_SECURITY}")
+        if op.shm_size < 0:
+            raise DefinitionError(f"{where}: negative shm_size")
         for m in op.mounts:
+            if m.type not in _MOUNT_TYPES:
+                raise DefinitionError(
+                    f"{where}: mount type {m.type!r} is not one of {_MOUNT_TYPES}"
+                )
             if m.input >= n_inputs or m.input < -1:
                 raise DefinitionError(f"{where}: mount {m.target} of input {m.input} of {n_inputs}")
             if not posixpath.isabs(m.target):
                 raise DefinitionError(f"{where}: mount target {m.target!r} is not absolute")
+            _check_path(m.target, where)
+            _check_path(m.selector, where)

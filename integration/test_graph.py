@@ -167,6 +167,17 @@ def test_diff_takes_changes_and_merge_applies_deletions(
     assert sorted(p.name for p in alone.iterdir()) == ["changed", "new"]
     assert (alone / "changed").read_text() == "new"
 
+    # as an image (whatever the compression asked), its one layer deletes too
+    archive = tmp_path / "changes.tar"
+    g.build(
+        changes,
+        root=state_dir,
+        outputs=[f"type=oci,dest={archive},compression=zstd"],
+        context=tmp_path,
+    )
+    (layer,) = _layers(archive)
+    assert sorted(_layer_entries(archive, layer)) == [".wh.doomed", "changed", "new"]
+
     out = tmp_path / "merged"
     g.build(merged, root=state_dir, outputs=[f"type=local,dest={out}"], context=tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["changed", "elsewhere", "new"]
@@ -184,6 +195,23 @@ def _layers(archive: Path) -> list[str]:
         digest = index["manifests"][0]["digest"].split(":")[1]
         manifest = json.load(tf.extractfile(f"blobs/sha256/{digest}"))  # type: ignore[arg-type]
     return [str(layer["digest"]) for layer in manifest["layers"]]
+
+
+def _layer_entries(archive: Path, digest: str) -> list[str]:
+    """The file names in layer ``digest`` of an OCI archive (gzip or zstd)."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    with tarfile.open(archive) as tf:
+        f = tf.extractfile(f"blobs/sha256/{digest.split(':')[1]}")
+        assert f is not None
+        blob = f.read()
+    if blob[:4] == b"\x28\xb5\x2f\xfd":  # zstd's magic
+        blob = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
+    with tarfile.open(fileobj=io.BytesIO(blob)) as layer:
+        return [m.name.removeprefix("./") for m in layer.getmembers()]
 
 
 def test_merge_applies_later_states_over_earlier_ones(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from ociworker.core.graph import Vertex
 from ociworker.core.mounts import Mount
 from ociworker.errors import UserError
-from ociworker.exporter.chain import layer_cache_key
+from ociworker.exporter.layercache import SOURCE
 from ociworker.ops.layered import LAYER_OPTS, LayeredHandler, snapshot_of
 from ociworker.snapshot import access
 from ociworker.solver.scheduler import Job, Result
@@ -36,9 +36,10 @@ class DiffHandler(LayeredHandler):
             await d.applier.apply(layer.descriptor, mounts)
 
         name = await access.new_snapshot(d.snapshots, None, edit)
-        # The blob with its whiteouts is this snapshot's layer: what export and
-        # merge take (a diff of the snapshot from nothing would lose deletions).
-        d.layers.put_layer(name, layer_cache_key(LAYER_OPTS), layer)
+        # The blob with its whiteouts is this snapshot's layer, whatever the
+        # compression an export asks for (as a pulled layer's): a diff of the
+        # snapshot from nothing would lose the deletions.
+        d.layers.put_layer(name, SOURCE, layer)
         return Result("snapshot", name)
 
     async def _view(self, stack: contextlib.AsyncExitStack, name: str) -> Sequence[Mount]:

@@ -35,8 +35,9 @@ class MergeHandler(LayeredHandler):
             for i, below in enumerate(chain):
                 layer = await layers.layer_of(chain, i, LAYER_OPTS)
                 top = await access.new_snapshot(d.snapshots, top, _applying(self, layer))
-                # the blob it came from is this snapshot's layer: a pulled one is
-                # exported as it came, a built one in the compression it was made
+                # the blob it came from is this snapshot's layer: a pulled (or a
+                # diff's) one is exported as it came, a built one in the
+                # compression it was made in (another compression diffs again)
                 pulled = d.layers.get_layer(below, SOURCE) is not None
                 d.layers.put_layer(top, SOURCE if pulled else layer_cache_key(LAYER_OPTS), layer)
         return Result("snapshot", top) if top is not None else SCRATCH

@@ -36,7 +36,9 @@ class ImageResolver(Protocol):
 
 class RegistryResolver:
     """Resolves at the image's registry (anonymous, or with ``credentials``):
-    what ``definition`` uses when no worker is at hand."""
+    what ``definition`` uses when no worker is at hand. A tag only a worker's
+    image store holds (``-t`` of an earlier build) is not seen; ``build``
+    resolves on its worker, image store first, as ``ociworker build`` does."""
 
     def __init__(
         self,

@@ -80,13 +80,20 @@ from ociworker.graph.state import (
 GRAPH_COMMENT = "ociworker.graph.v1"
 
 
+#: history entries as a linked list, newest first (None: none)
+_Entries = tuple[dict[str, Any], "_Entries"] | None
+
+
 @dataclass
 class _Lowered:
     """One state lowered: what the converter's per-stage ``_State`` holds."""
 
     vertex: Vertex | None
     config: dict[str, Any]
-    history: list[dict[str, Any]]
+    #: the state's own history entries, newest first as a linked list: a child
+    #: shares its parent's instead of copying it (a copy per step made long
+    #: chains quadratic); ``entries`` gives them in order
+    history: _Entries
     base_history: list[dict[str, Any]]
     base_layers: int
     #: what ``run`` sees: the config's Env, in order
@@ -102,13 +109,22 @@ class _Lowered:
         return _Lowered(
             self.vertex,
             _copy_config(self.config),
-            list(self.history),
+            self.history,
             self.base_history,
             self.base_layers,
             dict(self.env),
             self.cmd_set,
             dict(self.build_args),
         )
+
+    def entries(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        node = self.history
+        while node is not None:
+            out.append(node[0])
+            node = node[1]
+        out.reverse()
+        return out
 
     @property
     def workdir(self) -> str:
@@ -198,7 +214,7 @@ class _Lowering:
         if self.platform.variant:
             cfg["variant"] = self.platform.variant
         cfg["config"] = {k: v for k, v in low.config.items() if v not in (None, [], {}, "")}
-        cfg["history"] = low.base_history + low.history
+        cfg["history"] = low.base_history + low.entries()
         return Plan(
             target=low.vertex,
             config=cfg,
@@ -216,7 +232,7 @@ class _Lowering:
     def _node(self, node: Node) -> _Lowered:
         if isinstance(node, ScratchNode):
             # BuildKit's config of a scratch image says WorkingDir "/"
-            return self._with_path(_Lowered(None, {"WorkingDir": "/"}, [], [], 0, {}))
+            return self._with_path(_Lowered(None, {"WorkingDir": "/"}, None, [], 0, {}))
         if isinstance(node, ImageNode):
             return self._image(node)
         if isinstance(node, LocalNode | GitNode | HttpNode):
@@ -267,7 +283,7 @@ class _Lowering:
         vertex = None
         if diff_ids:
             vertex = Vertex(SourceOp("docker-image://" + info.ref), (), name=f"FROM {info.ref}")
-        return self._with_path(_Lowered(vertex, config, [], hist, len(diff_ids), {}))
+        return self._with_path(_Lowered(vertex, config, None, hist, len(diff_ids), {}))
 
     def _source_vertex(self, node: LocalNode | GitNode | HttpNode) -> Vertex:
         if isinstance(node, LocalNode):
@@ -316,7 +332,7 @@ class _Lowering:
             if isinstance(node, LocalNode)
             else f"[context] {shown}",
         )
-        low = self._with_path(_Lowered(root, {}, [], [], 0, {}))
+        low = self._with_path(_Lowered(root, {}, None, [], 0, {}))
         low.source = src
         return low
 
@@ -513,7 +529,8 @@ class _Lowering:
         low.vertex = Vertex(MergeOp(), roots, name=f"merge {len(roots)} states")
         for p in parts[1:]:
             if p.vertex is not None:
-                low.history += _layer_history(p)
+                for entry in _layer_history(p):
+                    low.history = (entry, low.history)
         return low
 
     def _diff(self, node: DiffNode) -> _Lowered:
@@ -521,7 +538,7 @@ class _Lowering:
         if upper_low.vertex is None:
             raise UserError("diff: the upper state is scratch (it has no changes to take)")
         config = _copy_config(upper_low.config)
-        low = _Lowered(None, config, [], [], 0, dict(upper_low.env), upper_low.cmd_set)
+        low = _Lowered(None, config, None, [], 0, dict(upper_low.env), upper_low.cmd_set)
         low.vertex = Vertex(DiffOp(), (lower_low.vertex, upper_low.vertex), name="diff")
         _history(low, "DIFF", True, GRAPH_COMMENT)
         return low
@@ -543,14 +560,14 @@ def _layer_history(low: _Lowered) -> list[dict[str, Any]]:
             {"created_by": "(layer of a merged base image)", "comment": GRAPH_COMMENT}
             for _ in range(low.base_layers)
         ]
-    return base + [dict(h) for h in low.history]
+    return base + [dict(h) for h in low.entries()]
 
 
 def _history(low: _Lowered, created_by: str, layer: bool, comment: str = HISTORY_COMMENT) -> None:
     entry: dict[str, Any] = {"created_by": created_by, "comment": comment}
     if not layer:
         entry["empty_layer"] = True
-    low.history.append(entry)
+    low.history = (entry, low.history)
 
 
 def _mode(mode: int | str) -> str:

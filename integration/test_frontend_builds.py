@@ -436,3 +436,18 @@ def test_graph_context_is_the_definition_files_directory(
     proc = build("/secret.env", "secret.pb")
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "excluded by .dockerignore" in err, err
+
+
+def test_graph_context_is_synced_to_a_daemon(tmp_path: Path, daemon_addr: str) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "app.txt").write_text("synced\n")
+    ctx = Vertex(SourceOp("local://context"), name="context")
+    top = Vertex(FileOp((Copy(1, "/app.txt", "/app/"),)), (None, ctx), name="COPY app.txt")
+    (project / "build.json").write_bytes(encode(top, None, "json"))
+    out = tmp_path / "out"
+    _ok(
+        ow("build", "--addr", daemon_addr, "--frontend", "graph.v1",
+           str(project / "build.json"), "-o", f"type=local,dest={out}")
+    )  # fmt: skip
+    assert (out / "app" / "app.txt").read_text() == "synced\n"

@@ -230,3 +230,17 @@ def test_client_refuses_an_oversize_definition_before_sending(tmp_path: Path) ->
 
     with pytest.raises(DefinitionError, match="over the limit"):
         asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("returned", "words"),
+    [
+        (Vertex(FileOp((Mkfile("/f", "x", 0o644),)), (None,)), "returned Vertex"),
+        (FrontendResult("not a vertex"), "target is str"),  # type: ignore[arg-type]
+        (FrontendResult(None, None), "image_config is NoneType"),  # type: ignore[arg-type]
+        (FrontendResult(None, {"config": {1, 2}}), "image_config is not JSON"),
+    ],
+)
+def test_what_a_plugin_returns_is_checked(returned: Any, words: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=words):
+        _plan(_Returns(returned), tmp_path)

@@ -239,6 +239,8 @@ def test_client_refuses_an_oversize_definition_before_sending(tmp_path: Path) ->
         (FrontendResult("not a vertex"), "target is str"),  # type: ignore[arg-type]
         (FrontendResult(None, None), "image_config is NoneType"),  # type: ignore[arg-type]
         (FrontendResult(None, {"config": {1, 2}}), "image_config is not JSON"),
+        (FrontendResult(None, {"config": "Cmd"}), "config is not an object"),
+        (FrontendResult(None, {"history": ["x"]}), "history is not a list of objects"),
     ],
 )
 def test_what_a_plugin_returns_is_checked(returned: Any, words: str, tmp_path: Path) -> None:

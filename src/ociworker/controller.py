@@ -225,6 +225,11 @@ def check_frontend_result(name: str, result: object) -> None:
         json.dumps(config)
     except (TypeError, ValueError) as exc:
         raise UserError(f"frontend {name}: image_config is not JSON: {exc}") from None
+    if not isinstance(config.get("config") or {}, Mapping):
+        raise UserError(f"frontend {name}: image_config's config is not an object")
+    history = config.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
+        raise UserError(f"frontend {name}: image_config's history is not a list of objects")
 
 
 async def frontend_history(plan: Plan, layers: ChainLayers, top: str | None, name: str) -> Plan:

@@ -146,14 +146,20 @@ def test_graph_file_image_and_cached_rebuild(
     assert "#3 RUN answer\n#3 CACHED" in again and "#4 greeting\n#4 CACHED" in again
 
 
-def test_graph_frontend_refuses_a_directory_and_an_empty_file(
-    tmp_path: Path, state_dir: Path
+def test_graph_frontend_refuses_bad_definitions_before_any_step(
+    tmp_path: Path, state_dir: Path, require_root: None
 ) -> None:
     (tmp_path / "empty.pb").write_bytes(b"")
     for arg, words in ((str(tmp_path), "is a directory"), (str(tmp_path / "empty.pb"), "empty")):
         proc = ow("build", "--root", str(state_dir), "--frontend", "graph.v1", arg)
         err = proc.stderr.decode()
         assert proc.returncode != 0 and words in err and "Traceback" not in err, err
+    # embedded, as over a daemon: a hostile definition fails before any step
+    for what, (data, words) in _hostile().items():
+        proc = ow("build", "--root", str(state_dir), "--frontend", "graph.v1", "-", stdin=data)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and words in err and "Traceback" not in err, (what, err)
+        assert "#2 " not in err, (what, err)  # no step after loading the definition
 
 
 # --- over a daemon ------------------------------------------------------------------------

@@ -457,3 +457,16 @@ def test_graph_context_is_synced_to_a_daemon(tmp_path: Path, daemon_addr: str) -
            str(project / "build.json"), "-o", f"type=local,dest={out}")
     )  # fmt: skip
     assert (out / "app" / "app.txt").read_text() == "synced\n"
+
+
+def test_a_dockerfile_holding_a_json_graph_under_its_syntax_line(
+    tmp_path: Path, state_dir: Path, require_root: None
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    top = Vertex(FileOp((Mkfile("/made-by", "graph.v1\n", 0o644),)), (None,), name="mkfile")
+    (ctx / "Dockerfile").write_text("# syntax=graph.v1\n" + encode(top, None, "json").decode())
+    out = tmp_path / "out"
+    err = _ok(ow("build", "--root", str(state_dir), str(ctx), "-o", f"type=local,dest={out}"))
+    assert (out / "made-by").read_text() == "graph.v1\n"
+    assert "(graph.v1)" in err and "syntax directive" not in err

@@ -146,14 +146,20 @@ def test_graph_file_image_and_cached_rebuild(
     assert "#3 RUN answer\n#3 CACHED" in again and "#4 greeting\n#4 CACHED" in again
 
 
-def test_graph_frontend_refuses_a_directory_and_an_empty_file(
-    tmp_path: Path, state_dir: Path
+def test_graph_frontend_refuses_bad_definitions_before_any_step(
+    tmp_path: Path, state_dir: Path, require_root: None
 ) -> None:
     (tmp_path / "empty.pb").write_bytes(b"")
     for arg, words in ((str(tmp_path), "is a directory"), (str(tmp_path / "empty.pb"), "empty")):
         proc = ow("build", "--root", str(state_dir), "--frontend", "graph.v1", arg)
         err = proc.stderr.decode()
         assert proc.returncode != 0 and words in err and "Traceback" not in err, err
+    # embedded, as over a daemon: a hostile definition fails before any step
+    for what, (data, words) in _hostile().items():
+        proc = ow("build", "--root", str(state_dir), "--frontend", "graph.v1", "-", stdin=data)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and words in err and "Traceback" not in err, (what, err)
+        assert "#2 " not in err, (what, err)  # no step after loading the definition
 
 
 # --- over a daemon ------------------------------------------------------------------------
@@ -436,3 +442,31 @@ def test_graph_context_is_the_definition_files_directory(
     proc = build("/secret.env", "secret.pb")
     err = proc.stderr.decode()
     assert proc.returncode == 1 and "excluded by .dockerignore" in err, err
+
+
+def test_graph_context_is_synced_to_a_daemon(tmp_path: Path, daemon_addr: str) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "app.txt").write_text("synced\n")
+    ctx = Vertex(SourceOp("local://context"), name="context")
+    top = Vertex(FileOp((Copy(1, "/app.txt", "/app/"),)), (None, ctx), name="COPY app.txt")
+    (project / "build.json").write_bytes(encode(top, None, "json"))
+    out = tmp_path / "out"
+    _ok(
+        ow("build", "--addr", daemon_addr, "--frontend", "graph.v1",
+           str(project / "build.json"), "-o", f"type=local,dest={out}")
+    )  # fmt: skip
+    assert (out / "app" / "app.txt").read_text() == "synced\n"
+
+
+def test_a_dockerfile_holding_a_json_graph_under_its_syntax_line(
+    tmp_path: Path, state_dir: Path, require_root: None
+) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    top = Vertex(FileOp((Mkfile("/made-by", "graph.v1\n", 0o644),)), (None,), name="mkfile")
+    (ctx / "Dockerfile").write_text("# syntax=graph.v1\n" + encode(top, None, "json").decode())
+    out = tmp_path / "out"
+    err = _ok(ow("build", "--root", str(state_dir), str(ctx), "-o", f"type=local,dest={out}"))
+    assert (out / "made-by").read_text() == "graph.v1\n"
+    assert "(graph.v1)" in err and "syntax directive" not in err

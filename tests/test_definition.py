@@ -316,3 +316,14 @@ def test_exec_values_the_handler_cannot_take_are_refused(body: dict[str, Any], w
 def test_file_modes_out_of_range_are_refused(action: dict[str, Any]) -> None:
     v = _raw({"file": {"actions": [action]}}, [None])
     _refused(_doc([v], v["digest"]), "not a permission mode")
+
+
+def test_a_file_action_is_exactly_one_action() -> None:
+    for action in ({}, {"mkdir": {"path": "/a"}, "rm": {"path": "/b"}}):
+        v = _raw({"file": {"actions": [action]}}, [None])
+        _refused(_doc([v], v["digest"]), "exactly one of copy, mkdir, mkfile, rm")
+    # in protobuf: a FileAction with no member set
+    data = encode(Vertex(FileOp((Mkdir("/a", 0o755),)), (None,)), None, "pb")
+    msg = graph_pb2.Definition.FromString(data)
+    msg.vertices[0].op.file.actions.add()
+    _refused(msg.SerializeToString(), "exactly one of")

@@ -230,3 +230,40 @@ def test_client_refuses_an_oversize_definition_before_sending(tmp_path: Path) ->
 
     with pytest.raises(DefinitionError, match="over the limit"):
         asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("returned", "words"),
+    [
+        (Vertex(FileOp((Mkfile("/f", "x", 0o644),)), (None,)), "returned Vertex"),
+        (FrontendResult("not a vertex"), "target is str"),  # type: ignore[arg-type]
+        (FrontendResult(None, None), "image_config is NoneType"),  # type: ignore[arg-type]
+        (FrontendResult(None, {"config": {1, 2}}), "image_config is not JSON"),
+        (FrontendResult(None, {"config": "Cmd"}), "config is not an object"),
+        (FrontendResult(None, {"history": ["x"]}), "history is not a list of objects"),
+    ],
+)
+def test_what_a_plugin_returns_is_checked(returned: Any, words: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=words):
+        _plan(_Returns(returned), tmp_path)
+
+
+def test_a_json_definition_can_name_graph_v1_by_its_syntax_line(tmp_path: Path) -> None:
+    good = Vertex(FileOp((Mkfile("/f", "ok", 0o644),)), (None,))
+    text = "# syntax=graph.v1\n" + encode(good, None, "json").decode()
+    chosen = controller.choose_frontend(_req(), BuildDefinition(text, "Dockerfile"))
+    assert chosen.name == "graph.v1" and chosen.frontend is not None
+    got = chosen.frontend.solve(FrontendInputs(text.encode(), "Dockerfile", ContextFiles(tmp_path)))
+    assert got.target == good
+
+
+def test_client_wants_a_frontend_for_definition_bytes(tmp_path: Path) -> None:
+    from ociworker.api.client import Client
+
+    async def go() -> None:
+        async with Client(f"unix://{tmp_path}/none.sock") as client:
+            async for _ in client.solve(BuildRequest(context=tmp_path), definition=b"x"):
+                pass
+
+    with pytest.raises(ConfigError, match=r'frontend="graph\.v1"'):
+        asyncio.run(go())

@@ -193,6 +193,7 @@ async def plan_frontend(
             raise
         except Exception as exc:  # a plugin's bug is the build's error, not a traceback
             raise UserError(f"frontend {chosen.name} failed: {type(exc).__name__}: {exc}") from None
+        check_frontend_result(chosen.name, result)
         # Whatever the frontend built, the worker solves only a graph that
         # survives its own serialized form's checks.
         target = result.target
@@ -209,6 +210,27 @@ async def plan_frontend(
     return Plan(
         target=target, config=config, base_history=(), base_layers=0, missing=(), warnings=()
     )
+
+
+def check_frontend_result(name: str, result: object) -> None:
+    """What a plugin returned is what the Protocol says (a bug in it is named
+    as its fault, not met later as an internal error)."""
+    if not (hasattr(result, "target") and hasattr(result, "image_config")):
+        raise UserError(f"frontend {name} returned {type(result).__name__}, not a FrontendResult")
+    target, config = result.target, result.image_config
+    if target is not None and not isinstance(target, Vertex):
+        raise UserError(f"frontend {name}: target is {type(target).__name__}, not a Vertex")
+    if not isinstance(config, Mapping):
+        raise UserError(f"frontend {name}: image_config is {type(config).__name__}, not a mapping")
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"frontend {name}: image_config is not JSON: {exc}") from None
+    if not isinstance(config.get("config") or {}, Mapping):
+        raise UserError(f"frontend {name}: image_config's config is not an object")
+    history = config.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
+        raise UserError(f"frontend {name}: image_config's history is not a list of objects")
 
 
 async def frontend_history(plan: Plan, layers: ChainLayers, top: str | None, name: str) -> Plan:

@@ -271,6 +271,11 @@ class Client:
         ``core.definition.encode`` wrote).
         """
         if isinstance(definition, bytes):
+            if request.frontend in ("", "dockerfile", "dockerfile.v0"):
+                raise ConfigError(
+                    "definition bytes are for another frontend than the Dockerfile's: "
+                    'pass frontend="graph.v1" (or a plugin\'s name)'
+                )
             definition = BuildDefinition("", "definition", source=definition)
         if definition is not None and len(definition.source) > MAX_DEFINITION_BYTES:
             raise DefinitionError(

@@ -208,9 +208,10 @@ _ACTIONS: Mapping[str, Callable[[dict[str, Any]], FileAction]] = {
 def _file(b: dict[str, Any]) -> OpSpec:
     actions: list[FileAction] = []
     for a in b.get("actions") or ():
-        (name, body), *rest = [(k, v) for k, v in a.items() if v is not None]
-        if rest or name not in _ACTIONS:
-            raise DefinitionError(f"a file action must be one of {', '.join(_ACTIONS)}")
+        chosen = [(k, v) for k, v in a.items() if v is not None]
+        if len(chosen) != 1 or chosen[0][0] not in _ACTIONS:
+            raise DefinitionError(f"a file action is exactly one of {', '.join(_ACTIONS)}")
+        name, body = chosen[0]
         actions.append(_ACTIONS[name](body))
     return FileOp(tuple(actions), cwd=b.get("cwd", "/"))
 
@@ -268,8 +269,6 @@ def _op_json(v: Vertex) -> tuple[str, dict[str, Any]]:
 def _wire_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     if kind == "exec" and body.get("extra_hosts"):
         body = dict(body, extra_hosts=[{"name": n, "ip": ip} for n, ip in body["extra_hosts"]])
-    if kind == "file":
-        body = dict(body, actions=[dict(a) for a in body["actions"]])
     return body
 
 

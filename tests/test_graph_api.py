@@ -241,17 +241,13 @@ class _Pinned:
 
 
 @pytest.mark.parametrize("fmt", ["pb", "json"])
-def test_definition_round_trips_to_the_dockerfile_digests(fmt: str) -> None:
-    """The three ways: Dockerfile, Python, and Python's serialized definition
-    read back, give the same vertex digests (the fanout bench case)."""
-    base = g.image(BASE).run("mkdir /out")
-    parts = [base.run(f"sleep 2 && echo {n} > /out/{n}") for n in ("one", "two", "three")]
-    final = base
-    for n, part in zip(("one", "two", "three"), parts, strict=True):
-        final = final.copy(part, f"/out/{n}", "/r/")
-    data = g.definition(final, fmt, resolver=_Pinned())
-    back = decode(data)
-    df = _dockerfile(_bench("fanout"))
+@pytest.mark.parametrize("case", ["steps", "fanout", "cachemount", "layer-export", "context"])
+def test_bench_cases_three_ways_have_the_same_digests(case: str, fmt: str) -> None:
+    """The three ways: the Dockerfile, the Python graph, and the Python graph's
+    serialized definition read back give the same vertices and image config."""
+    state = _example("bench").CASES[case](BASE)
+    back = decode(g.definition(state, fmt, resolver=_Pinned()))
+    df = _dockerfile(_bench(case))
     assert _digests(back.target) == _digests(df.target)
     assert back.image_config == df.config
 

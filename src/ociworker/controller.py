@@ -631,8 +631,9 @@ async def _build(
         definition = definition or remote.definition
     if plan is not None:
         if recorder is not None:
-            # a graph's builds are compared with those of the same graph
-            recorder.dockerfile = f"graph:{plan.target.digest if plan.target else 'scratch'}"
+            # a graph's builds are compared with the earlier graph builds of
+            # the same context (as a Dockerfile's with that file's)
+            recorder.dockerfile = f"graph:{context_root}"
         for w in plan.warnings:
             events(Warning(w))
     elif definition is None:

@@ -356,3 +356,24 @@ def test_a_state_shows_in_one_line_without_credentials() -> None:
     shown = repr(g.scratch().copy(g.git("https://user:s3cret@example.com/r.git"), "/", "/"))
     assert "s3cret" not in repr(g.git("https://user:s3cret@example.com/r.git"))
     assert shown == "State(copy)"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: s.mkfile("../../etc/passwd", "x"),
+        lambda s: s.mkdir("/a/../../b"),
+        lambda s: s.rm(".."),
+        lambda s: s.copy(g.local(), "../secret", "/x"),
+        lambda s: s.copy(g.local(), "a", "/x/../../y"),
+    ],
+)
+def test_paths_that_climb_out_are_refused_where_written(make: Any) -> None:
+    with pytest.raises(UserError, match=r"escapes its root"):
+        make(g.scratch())
+
+
+def test_a_relative_workdir_may_go_up_as_a_dockerfiles() -> None:
+    text = f"FROM {BASE}\nWORKDIR /a/b\nWORKDIR ../c\nRUN pwd\n"
+    st = g.image(BASE).with_workdir("/a/b").with_workdir("../c").run("pwd")
+    _same(_dockerfile(text), _python(st))

@@ -353,6 +353,8 @@ class State:
         srcs = (src,) if isinstance(src, str) else tuple(src)
         if not srcs or not all(srcs):
             raise UserError("copy: at least one source path is required")
+        for path in (*srcs, dest):
+            _inside(path, "copy")
         if not isinstance(source, State):
             raise UserError(f"copy: the source must be a State, not {type(source).__name__}")
         return State(CopyNode(self, source, srcs, dest, chown, chmod, tuple(exclude), parents))
@@ -361,16 +363,16 @@ class State:
         self, path: str, mode: int = 0o755, *, parents: bool = True, chown: str = ""
     ) -> State:
         """Create directory ``path`` (its parents too, unless ``parents=False``)."""
-        return State(MkdirNode(self, _nonempty(path, "mkdir"), mode, parents, chown))
+        return State(MkdirNode(self, _path(path, "mkdir"), mode, parents, chown))
 
     def mkfile(self, path: str, data: str | bytes, mode: int = 0o644, *, chown: str = "") -> State:
         """Write a file of ``data`` (text, stored as UTF-8) at ``path``."""
         text = data.decode() if isinstance(data, bytes) else data
-        return State(MkfileNode(self, _nonempty(path, "mkfile"), text, mode, chown))
+        return State(MkfileNode(self, _path(path, "mkfile"), text, mode, chown))
 
     def rm(self, path: str, *, allow_not_found: bool = True, allow_wildcard: bool = False) -> State:
         """Remove ``path`` (a missing one is fine unless ``allow_not_found=False``)."""
-        return State(RmNode(self, _nonempty(path, "rm"), allow_not_found, allow_wildcard))
+        return State(RmNode(self, _path(path, "rm"), allow_not_found, allow_wildcard))
 
     # -- image config ------------------------------------------------------------------
 
@@ -425,8 +427,23 @@ class State:
 
 def _nonempty(text: str, what: str) -> str:
     if not text:
-        raise UserError(f"{what}: a path is required")
+        raise UserError(f"{what}: a value is required")
     return text
+
+
+def _path(text: str, what: str) -> str:
+    if not text:
+        raise UserError(f"{what}: a path is required")
+    return _inside(text, what)
+
+
+def _inside(path: str, what: str) -> str:
+    """A file op's path may not climb out of its root: the worker would clamp
+    it, but a graph.v1 definition holding it is refused, so it is refused here
+    where the mistake is made."""
+    if ".." in path.split("/") or "\x00" in path:
+        raise UserError(f"{what}: path {path!r} escapes its root (..)")
+    return path
 
 
 # --- where states start ---------------------------------------------------------

@@ -385,6 +385,11 @@ def test_daemon_with_the_plugin_serves_a_client_without_it(
                str(ctx / "spec.lines"), str(ctx), "-o", f"type=local,dest={tmp_path / 'o2'}")
         )  # fmt: skip
         assert (tmp_path / "o2" / "from-context" / "notes_n.txt").read_text() == "from the context"
+        # the daemon names the frontends it has, this client's Python has no say
+        bad = ow("build", "--addr", f"unix://{sock}", "--frontend", "nosuch.v1", str(ctx))
+        err = bad.stderr.decode()
+        assert bad.returncode == 1 and "unknown frontend 'nosuch.v1'" in err, err
+        assert "lines.v1" in err and "Traceback" not in err
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

@@ -1,4 +1,4 @@
-"""The committed generated modules match control.proto (scripts/gen-proto)."""
+"""The committed generated modules match control.proto and graph.proto (scripts/gen-proto)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN = ROOT / "src" / "ociworker" / "api" / "v1"
-FILES = ("control_pb2.py", "control_pb2.pyi", "control_pb2_grpc.py", "control_pb2_grpc.pyi")
+FILES = tuple(
+    f"{proto}{suffix}"
+    for proto in ("control", "graph")
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+)
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
@@ -22,7 +26,7 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
     )
     fresh = tmp_path / "ociworker" / "api" / "v1"
     stale = [f for f in FILES if (fresh / f).read_bytes() != (GEN / f).read_bytes()]
-    assert stale == [], f"run scripts/gen-proto: {stale} differ from control.proto"
+    assert stale == [], f"run scripts/gen-proto: {stale} differ from their .proto"
 
 
 def test_importing_ociworker_does_not_load_grpc() -> None:

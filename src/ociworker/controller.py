@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ociworker import plugins
 from ociworker.content.image import read_image
 from ociworker.core.build import (
     BuildDefinition,
@@ -19,6 +20,8 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
+from ociworker.core.definition import decode as decode_definition
+from ociworker.core.definition import encode as encode_definition
 from ociworker.core.digest import sha256_bytes
 from ociworker.core.gc import GCPolicy, PruneOptions
 from ociworker.core.gitref import KEEP_GIT_DIR_ARG, redact
@@ -46,7 +49,13 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
-from ociworker.errors import ConfigError, DockerfileError, OciworkerError, RegistryError
+from ociworker.errors import (
+    ConfigError,
+    DockerfileError,
+    OciworkerError,
+    RegistryError,
+    UserError,
+)
 from ociworker.exporter.assemble import (
     compression_opts,
     epoch_warnings,
@@ -55,17 +64,19 @@ from ociworker.exporter.assemble import (
     with_epoch,
 )
 from ociworker.exporter.base import ExportParts, ExportResult, SolveWatch, all_image_names
-from ociworker.exporter.chain import SnapshotLayers
+from ociworker.exporter.chain import ChainLayers, SnapshotLayers
 from ociworker.exporter.exporters import resolve_outputs
 from ociworker.exporter.image import ImageResult
 from ociworker.exporter.target import ExportTarget, LocalExportTarget, write_errors
+from ociworker.frontend.base import FrontendInputs
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.lint import BaseImage as BaseImage
 from ociworker.frontend.dockerfile.lint import BaseRef as BaseRef
 from ociworker.frontend.dockerfile.lint import base_images, lint, report
-from ociworker.frontend.dockerfile.parser import parse
+from ociworker.frontend.dockerfile.parser import parse, syntax_of
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher, read_dir_ignore
+from ociworker.fs.reader import ContextFiles
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.history import BuildRecorder
@@ -77,6 +88,7 @@ from ociworker.snapshot import access
 from ociworker.solver.scheduler import REMOTE, Job
 from ociworker.sources.git import GitFetcher
 from ociworker.sources.http import HttpFetcher
+from ociworker.sources.image import LAYER_SNAPSHOT_PREFIX
 from ociworker.sources.ocilayout import load_layout_image
 from ociworker.worker import Worker
 
@@ -135,6 +147,122 @@ async def plan_build(
     for w in plan.warnings:
         events(Warning(w))
     return plan
+
+
+def choose_frontend(req: BuildRequest, definition: BuildDefinition) -> plugins.Chosen:
+    """The frontend that reads ``definition``: ``--frontend`` (default
+    dockerfile.v0), and for the Dockerfile frontend the frontend its
+    ``# syntax=`` line names when that is a registered one (an image reference
+    that names none keeps the Dockerfile frontend, which warns about it)."""
+    chosen = plugins.get(req.frontend)
+    if chosen.frontend is None and definition.dockerfile:
+        syntax = syntax_of(definition.dockerfile)
+        if syntax and plugins.known(syntax):
+            return plugins.get(syntax)
+    return chosen
+
+
+async def plan_frontend(
+    worker: Worker,
+    chosen: plugins.Chosen,
+    req: BuildRequest,
+    definition: BuildDefinition,
+    context_root: Path,
+    events: EventSink = discard,
+) -> Plan:
+    """The plan of a frontend other than the Dockerfile's: it reads the
+    definition and the context through a confined reader and returns a graph,
+    which is checked whole (``core.definition``: op types, sizes, paths,
+    digests) before anything runs. Its layers' history is made after the
+    solve (``frontend_history``): the graph does not say how many layers its
+    base images bring."""
+    assert chosen.frontend is not None
+    opts = {f"build-arg:{k}": v for k, v in req.build_args.items()}
+    if req.target:
+        opts["target"] = req.target
+    opts.update(req.frontend_opts)
+    inputs = FrontendInputs(
+        definition=definition.source or definition.dockerfile.encode(),
+        filename=definition.filename,
+        context=ContextFiles(context_root, IgnoreMatcher(definition.ignore_patterns)),
+        opts=opts,
+    )
+    with ProgressStep(
+        events, f"[internal] load build definition from {definition.filename} ({chosen.name})"
+    ):
+        try:
+            result = await asyncio.to_thread(chosen.frontend.solve, inputs)
+        except OciworkerError:
+            raise
+        except Exception as exc:  # a plugin's bug is the build's error, not a traceback
+            raise UserError(f"frontend {chosen.name} failed: {type(exc).__name__}: {exc}") from None
+        check_frontend_result(chosen.name, result)
+        # Whatever the frontend built, the worker solves only a graph that
+        # survives its own serialized form's checks.
+        target = result.target
+        if target is not None:
+            target = await asyncio.to_thread(
+                lambda: decode_definition(encode_definition(target)).target
+            )
+    config: dict[str, Any] = dict(result.image_config)
+    for k, v in worker.config.platform.to_json().items():
+        config.setdefault(k, v)
+    config["config"] = dict(config.get("config") or {})
+    config.pop("rootfs", None)
+    config["history"] = [dict(h) for h in config.get("history") or ()]
+    return Plan(
+        target=target, config=config, base_history=(), base_layers=0, missing=(), warnings=()
+    )
+
+
+def check_frontend_result(name: str, result: object) -> None:
+    """What a plugin returned is what the Protocol says (a bug in it is named
+    as its fault, not met later as an internal error)."""
+    if not (hasattr(result, "target") and hasattr(result, "image_config")):
+        raise UserError(f"frontend {name} returned {type(result).__name__}, not a FrontendResult")
+    target, config = result.target, result.image_config
+    if target is not None and not isinstance(target, Vertex):
+        raise UserError(f"frontend {name}: target is {type(target).__name__}, not a Vertex")
+    if not isinstance(config, Mapping):
+        raise UserError(f"frontend {name}: image_config is {type(config).__name__}, not a mapping")
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"frontend {name}: image_config is not JSON: {exc}") from None
+    if not isinstance(config.get("config") or {}, Mapping):
+        raise UserError(f"frontend {name}: image_config's config is not an object")
+    history = config.get("history") or []
+    if not isinstance(history, list) or not all(isinstance(h, Mapping) for h in history):
+        raise UserError(f"frontend {name}: image_config's history is not a list of objects")
+
+
+async def frontend_history(plan: Plan, layers: ChainLayers, top: str | None, name: str) -> Plan:
+    """``plan`` with one history entry per layer of the solved chain (the
+    frontend's own when it gave exactly that many, else one naming it).
+
+    The chain's pulled layers (at its bottom) are the base image's: their
+    entries, and the dated ones after them, stay as given; the entries of the
+    graph's own steps are dated by their layers as a Dockerfile build's are, so
+    the same graph from either frontend makes the same image."""
+    chain = await layers.chain(top)
+    given = list(plan.config["history"])
+    if sum(1 for h in given if not h.get("empty_layer")) != len(chain):
+        given = [{"created_by": name, "comment": "ociworker frontend"} for _ in chain]
+        base_n, split = len(chain), len(given)
+    else:
+        base_n = 0
+        while base_n < len(chain) and chain[base_n].startswith(LAYER_SNAPSHOT_PREFIX):
+            base_n += 1
+        split, seen = 0, 0
+        while split < len(given) and seen < base_n:
+            seen += not given[split].get("empty_layer")
+            split += 1
+        while split < len(given) and given[split].get("empty_layer") and "created" in given[split]:
+            split += 1
+    config = dict(plan.config, history=given)
+    return dataclasses.replace(
+        plan, config=config, base_history=tuple(given[:split]), base_layers=base_n
+    )
 
 
 async def _layout_images(worker: Worker, req: BuildRequest) -> dict[str, ImageInfo]:
@@ -322,6 +450,8 @@ async def build(
     secrets: Secrets | None = None,
     ssh: SSHAgents | None = None,
     prelude: Sequence[Event] = (),
+    plan: Plan | None = None,
+    local_dirs: Mapping[str, LocalContext] | None = None,
 ) -> BuildResult:
     """``_recorded`` under a lease: what it uses is in use for prune and GC until it ends."""
     lease = worker.cache.lease()
@@ -336,6 +466,8 @@ async def build(
             secrets=secrets,
             ssh=ssh,
             prelude=prelude,
+            plan=plan,
+            local_dirs=local_dirs,
         )
     finally:
         worker.cache.release(lease)
@@ -352,6 +484,8 @@ async def _recorded(
     secrets: Secrets | None = None,
     ssh: SSHAgents | None = None,
     prelude: Sequence[Event] = (),
+    plan: Plan | None = None,
+    local_dirs: Mapping[str, LocalContext] | None = None,
 ) -> BuildResult:
     """Plan, solve and export ``req``; every output is handed to ``target``
     (default: written to the local filesystem, ``dest=-`` to stdout).
@@ -361,12 +495,24 @@ async def _recorded(
 
     Every build that starts (success or failure) leaves a history record;
     ``prelude``: what the caller showed of it already (a daemon syncing the
-    context), recorded with it."""
+    context), recorded with it. ``plan``: a graph made already (``ociworker.graph``)
+    instead of a Dockerfile's, with ``local_dirs`` its local sources beside the
+    context."""
     check_step_limits(worker, req)
     check_platforms(req.platforms, worker.config.platform)
     if worker.history is None:
         return await _build(
-            worker, req, definition, events, None, credentials, target, secrets, ssh
+            worker,
+            req,
+            definition,
+            events,
+            None,
+            credentials,
+            target,
+            secrets,
+            ssh,
+            plan,
+            local_dirs,
         )
     recorder = BuildRecorder(
         dockerfile="",
@@ -384,7 +530,17 @@ async def _recorded(
     result: BuildResult | None = None
     try:
         result = await _build(
-            worker, req, definition, events, recorder, credentials, target, secrets, ssh
+            worker,
+            req,
+            definition,
+            events,
+            recorder,
+            credentials,
+            target,
+            secrets,
+            ssh,
+            plan,
+            local_dirs,
         )
         return result
     except BaseException as exc:
@@ -439,6 +595,8 @@ async def _build(
     target: ExportTarget | None,
     secrets: Secrets | None,
     ssh: SSHAgents | None,
+    plan: Plan | None = None,
+    local_dirs: Mapping[str, LocalContext] | None = None,
 ) -> BuildResult:
     steps: dict[str, dict[str, Any]] = {}
     # --verify-cache's runs are shown, not recorded as the build's own steps
@@ -480,22 +638,36 @@ async def _build(
         )
         context_root = remote.root
         definition = definition or remote.definition
-    if definition is None:
+    if plan is not None:
+        if recorder is not None:
+            # a graph's builds are compared with the earlier graph builds of
+            # the same context (as a Dockerfile's with that file's)
+            recorder.dockerfile = f"graph:{context_root}"
+        for w in plan.warnings:
+            events(Warning(w))
+    elif definition is None:
         raise ConfigError("no Dockerfile for this build")
-    if recorder is not None:
+    elif recorder is not None:
         # the same Dockerfile is the same file of the same context (or URL)
         name = str(req.dockerfile or definition.filename)
         recorder.dockerfile = (
             f"{redact(req.context_url)}//{name}" if req.context_url else str(context_root / name)
         )
         recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
-    plan = await plan_build(worker, req, definition, events, credentials)
+    chosen: plugins.Chosen | None = None
+    if plan is None:
+        assert definition is not None
+        chosen = choose_frontend(req, definition)
+        if chosen.frontend is None:
+            plan = await plan_build(worker, req, definition, events, credentials)
+        else:
+            plan = await plan_frontend(worker, chosen, req, definition, context_root, events)
     check_entitlements(plan.target, worker.config.entitlements, req.allow)
     layer_options = [e.layer_options for e in exporters]
     compression = with_epoch(compression, layer_options, plan.epoch)
     for w in epoch_warnings(layer_options, plan.epoch):
         events(Warning(w))
-    matcher = IgnoreMatcher(definition.ignore_patterns)
+    matcher = IgnoreMatcher(definition.ignore_patterns if definition is not None else ())
     parts = _export_parts(worker, target, events, credentials)
     check_cache_specs(req)
     imported = await _import_caches(worker, req, credentials, events)
@@ -523,7 +695,11 @@ async def _build(
         id=uuid.uuid4().hex,
         events=_noting_steps(events, steps_shown) if req.verify_cache else events,
         no_cache=req.no_cache,
-        locals={"context": LocalContext(context_root, matcher), **named_locals(req)},
+        locals={
+            "context": LocalContext(context_root, matcher),
+            **named_locals(req),
+            **(local_dirs or {}),
+        },
         credentials=credentials,
         on_result=watch.on_result if watch.active else None,
         secrets=secrets if secrets is not None else NoSecrets(),
@@ -568,6 +744,8 @@ async def _build(
     need_image = need_image or req.iidfile is not None or req.metadata_file is not None
     need_image = need_image or req.want_image
     image: ImageResult | None = None
+    if need_image and chosen is not None and chosen.frontend is not None:
+        plan = await frontend_history(plan, parts.layers, top, chosen.name)
     if need_image:
         with ProgressStep(events, "exporting layers"):
             image = await make_image(

@@ -248,6 +248,7 @@ def _open_worker(
     checksums = ContextChecksums()
     # leases of builds whose process died (a crash, SIGKILL) are released now
     cache.held_since()
+    comparer = _LazyComparer(functools.partial(_comparer, content, tmp))
     parts = OpParts(
         content=content,
         snapshots=snapshots,
@@ -266,6 +267,7 @@ def _open_worker(
         entitlements=config.entitlements,
         http_state=root / "http",
         git=GitFetcher(root / "git", allow_file=config.git_file_urls),
+        comparer=comparer,
     )
     return Worker(
         config,
@@ -278,7 +280,7 @@ def _open_worker(
         mounter=mounter,
         cache_mounts=cache_mounts,
         solver=Solver(OpResolver.from_parts(parts), cache, config.max_parallelism),
-        comparer=_LazyComparer(functools.partial(_comparer, content, tmp)),
+        comparer=comparer,
         applier=applier,
         executor=executor,
         owner=owner,

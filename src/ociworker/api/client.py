@@ -40,6 +40,8 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
+from ociworker.core.definition import MAX_BYTES as MAX_DEFINITION_BYTES
+from ociworker.core.definition import DefinitionError
 from ociworker.core.digest import Digest
 from ociworker.core.history import BuildRecord
 from ociworker.core.oci import Descriptor, Platform
@@ -281,7 +283,7 @@ class Client:
         credentials: Credentials | None = None,
         failover: bool = False,
         accepted: Callable[[], None] | None = None,
-        definition: BuildDefinition | None = None,
+        definition: BuildDefinition | bytes | None = None,
     ) -> AsyncIterator[SolveItem]:
         """Run a build; yields its progress events, output and layer bytes, and
         last the ``BuildResult``. Leaving the loop early cancels the build.
@@ -291,8 +293,22 @@ class Client:
         hand the same build to another daemon without it ever running twice.
         ``accepted`` is called when the daemon first answers the Solve: from
         then on the build is that daemon's. ``definition`` is the Dockerfile
-        already read (once per build: ``-f -`` cannot be read twice).
+        already read (once per build: ``-f -`` cannot be read twice), or
+        the bytes of a definition for ``request.frontend`` (graph.v1: what
+        ``core.definition.encode`` wrote).
         """
+        if isinstance(definition, bytes):
+            if request.frontend in ("", "dockerfile", "dockerfile.v0"):
+                raise ConfigError(
+                    "definition bytes are for another frontend than the Dockerfile's: "
+                    'pass frontend="graph.v1" (or a plugin\'s name)'
+                )
+            definition = BuildDefinition("", "definition", source=definition)
+        if definition is not None and len(definition.source) > MAX_DEFINITION_BYTES:
+            raise DefinitionError(
+                f"definition of {len(definition.source)} bytes is over the limit of "
+                f"{MAX_DEFINITION_BYTES} bytes"
+            )
         remote = request.context_url
         if remote and definition is None:
             # The worker fetches the context and reads the Dockerfile in it,
@@ -370,6 +386,9 @@ class Client:
             verify_cache=request.verify_cache,
             pull=request.pull,
             no_cache_filter=request.no_cache_filter,
+            definition=definition.source,
+            frontend=request.frontend,
+            frontend_opts=dict(request.frontend_opts),
         )
         solve_sent = answered = False
         try:
@@ -437,7 +456,7 @@ class Client:
         credentials: Credentials | None = None,
         failover: bool = False,
         accepted: Callable[[], None] | None = None,
-        definition: BuildDefinition | None = None,
+        definition: BuildDefinition | bytes | None = None,
         extra_metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> BuildResult:

@@ -26,6 +26,7 @@ import grpc
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
 from ociworker.core.build import parse_duration, step_limits
+from ociworker.core.definition import MAX_BYTES as MAX_DEFINITION_BYTES
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.gc import GCConfig, gc_config
 from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
@@ -49,6 +50,10 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # how long any ping waits for its ack (default 1 min): this, not only the
     # keepalive timeout, is what ends a connection to a frozen peer
     ("grpc.http2.ping_timeout_ms", 5000),
+    # a graph.v1 definition travels in the SolveRequest: up to its own limit
+    # (core.definition.MAX_BYTES), which then says what is wrong (gRPC's 4 MiB
+    # default would refuse a 100,000-step graph with a transport error)
+    ("grpc.max_receive_message_length", MAX_DEFINITION_BYTES + (1 << 20)),
 )
 
 

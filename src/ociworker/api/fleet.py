@@ -135,11 +135,14 @@ class Fleet:
             for k in ("build_id", "secrets", "secret_ids", "ssh", "ssh_ids", "credentials")
             if k in options
         }
+        # the caller may have read it (--frontend graph.v1)
+        definition: BuildDefinition | None = options.pop("definition", None)
         req = as_request(request, options)
         # read once for every attempt (``-f -`` is stdin), and before any probe;
         # a fetched context's Dockerfile is the worker's to read
-        definition: BuildDefinition | None = None
-        if not req.context_url:
+        if definition is not None:
+            pass
+        elif not req.context_url:
             definition = read_definition(req.context, req.dockerfile)
         elif req.dockerfile == STDIN:
             definition = BuildDefinition(read_stdin_dockerfile(), "Dockerfile")

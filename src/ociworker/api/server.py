@@ -85,7 +85,9 @@ def build_definition(request: pb.SolveRequest) -> BuildDefinition:
         text = request.dockerfile.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DockerfileError(f"{name} is not UTF-8 text: {exc}") from None
-    return BuildDefinition(text, name, tuple(request.ignore_patterns))
+    return BuildDefinition(
+        text, name, tuple(request.ignore_patterns), source=bytes(request.definition)
+    )
 
 
 class _Build:
@@ -405,6 +407,8 @@ class ControlService:
                 verify_cache=request.verify_cache,
                 pull=request.pull,
                 no_cache_filter=tuple(request.no_cache_filter),
+                frontend=request.frontend,
+                frontend_opts=dict(request.frontend_opts),
             )
             try:
                 result = await controller.build(

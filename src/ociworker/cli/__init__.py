@@ -37,7 +37,7 @@ from ociworker.core.outputs import OutputSpec, parse_annotations, parse_labels, 
 from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.core.units import human_size, parse_size
-from ociworker.errors import ConfigError, OciworkerError
+from ociworker.errors import ConfigError, NotFoundError, OciworkerError
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
 from ociworker.version import __version__
@@ -269,6 +269,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--verify-cache",
         action="store_true",
         help="run every step again without the cache (in scratch) and fail on a false cache hit",
+        "--frontend",
+        default="dockerfile.v0",
+        metavar="NAME",
+        help="the frontend that reads the definition: dockerfile.v0 (alias dockerfile), "
+        "graph.v1 (PATH is a serialized graph FILE, - reads stdin), or an installed plugin",
     )
     b.add_argument("--ulimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
     b.add_argument("--shm-size", default=None, metavar="SIZE", help="size of /dev/shm (64m)")
@@ -491,9 +496,44 @@ async def _cmd_build(args: argparse.Namespace) -> int:
     # What the context argument is decides what the build reads (as buildx):
     # - is stdin, an existing directory is local, a git or http(s) URL is
     # fetched by the worker.
+    if args.frontend == "graph.v1":
+        return await _build(args, *_graph_arg(args))
     with contextlib.ExitStack() as stack:
         context, context_url, dockerfile = _context_arg(args, stack)
         return await _build(args, context, context_url, dockerfile)
+
+
+#: the largest graph definition read (``core.definition.MAX_BYTES``)
+_MAX_GRAPH_BYTES = 64 << 20
+
+
+def _graph_arg(args: argparse.Namespace) -> tuple[Path, str, Path | None, BuildDefinition]:
+    """``--frontend graph.v1 FILE``: PATH is the definition (``-``: stdin), read
+    here as bytes (protobuf is no text); the context its ``local://context``
+    sources read is the definition's directory (stdin: the current one)."""
+    from ociworker.session.context import read_ignore_file
+
+    if args.file is not None:
+        raise ConfigError("--frontend graph.v1 reads its definition from PATH (or -), not -f")
+    text: str = args.context
+    if text == "-":
+        data, context, name = sys.stdin.buffer.read(_MAX_GRAPH_BYTES + 1), Path("."), "stdin"
+    else:
+        path = Path(text)
+        try:
+            with path.open("rb") as f:
+                data = f.read(_MAX_GRAPH_BYTES + 1)
+        except IsADirectoryError:
+            raise ConfigError(
+                f"--frontend graph.v1: {text} is a directory, want a definition file"
+            ) from None
+        except FileNotFoundError:
+            raise NotFoundError(f"--frontend graph.v1: no definition file {text}") from None
+        context, name = path.absolute().parent, path.name
+    if not data.strip():
+        raise ConfigError(f"--frontend graph.v1: the definition ({name}) is empty")
+    ignore = read_ignore_file(context, None)
+    return context, "", None, BuildDefinition("", name, ignore, source=data)
 
 
 def _context_arg(
@@ -521,7 +561,11 @@ def _context_arg(
 
 
 async def _build(
-    args: argparse.Namespace, context: Path, context_url: str, dockerfile: Path | None
+    args: argparse.Namespace,
+    context: Path,
+    context_url: str,
+    dockerfile: Path | None,
+    graph: BuildDefinition | None = None,
 ) -> int:
     progress = _progress_mode(args)
     printer: EventSink
@@ -583,9 +627,16 @@ async def _build(
         ),
         explain_cache=args.explain_cache,
         verify_cache=args.verify_cache,
+        frontend=args.frontend,
     )
+    from ociworker import plugins
+
     if args.check:
+        if plugins.get(req.frontend).frontend is not None:
+            raise ConfigError(f"--check lints Dockerfiles; not with --frontend {req.frontend}")
         return await _check(args, req)
+    if not args.addr:
+        plugins.get(req.frontend)  # an unknown name is refused before the worker starts
     # Every path the build reads or writes, before anything runs or is created.
     from ociworker.session.preflight import check_build_paths
 
@@ -634,6 +685,7 @@ async def _build(
                     ssh=ssh,
                     ssh_ids=ssh_ids,
                     credentials=DockerConfigCredentials(),
+                    definition=graph,
                 )
     elif args.addr:
         # On a daemon, this process serves the same secrets, agents and docker
@@ -649,13 +701,16 @@ async def _build(
                     ssh=ssh,
                     ssh_ids=ssh_ids,
                     credentials=DockerConfigCredentials(),
+                    definition=graph,
                 )
     else:
         from ociworker import controller
         from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
 
-        definition: BuildDefinition | None = None
-        if not req.context_url:
+        definition: BuildDefinition | None = graph
+        if definition is not None:
+            pass  # --frontend graph.v1: read already
+        elif not req.context_url:
             definition = read_definition(req.context, req.dockerfile)
         elif req.dockerfile == STDIN:
             definition = BuildDefinition(read_stdin_dockerfile(), "Dockerfile")

@@ -255,6 +255,10 @@ class BuildRequest:
     #: ``--verify-cache``: before exporting, run every step again with the cache
     #: off in scratch and fail the build if a cached result differs (a false hit)
     verify_cache: bool = False
+    #: ``--frontend``: the frontend that reads the definition ("": dockerfile.v0,
+    #: or what the Dockerfile's ``# syntax=`` names) and the options it is given
+    frontend: str = ""
+    frontend_opts: Mapping[str, str] = field(default_factory=dict)
 
 
 def check_platforms(requested: Sequence[str], worker: Platform) -> None:
@@ -304,6 +308,9 @@ class BuildDefinition:
     dockerfile: str
     filename: str = "Dockerfile"
     ignore_patterns: tuple[str, ...] = ()
+    #: the definition file's bytes, for a frontend other than the Dockerfile's
+    #: (``--frontend graph.v1``: a protobuf definition is no text)
+    source: bytes = b""
 
 
 @dataclass(frozen=True)

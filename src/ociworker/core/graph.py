@@ -191,8 +191,29 @@ class FileOp:
         return {"file": {"actions": [a.to_json() for a in self.actions], "cwd": self.cwd}}
 
 
+@dataclass(frozen=True)
+class MergeOp:
+    """BuildKit's MergeOp: the inputs' layers applied in order, each input's
+    whole chain (its deletions too) over what the inputs before it made. A
+    ``None`` input (scratch) adds nothing."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"merge": {}}
+
+
+@dataclass(frozen=True)
+class DiffOp:
+    """BuildKit's DiffOp: the changes from input 0 (lower; ``None`` = scratch) to
+    input 1 (upper). Mounted on its own it holds the added and changed files;
+    its layer (what an image or a later merge takes) also deletes what upper
+    removed from lower."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"diff": {}}
+
+
 #: the op types every worker runs
-Op = SourceOp | HttpSourceOp | ExecOp | FileOp
+Op = SourceOp | HttpSourceOp | ExecOp | FileOp | MergeOp | DiffOp
 
 
 class OpSpec(Protocol):
@@ -222,6 +243,22 @@ class Vertex:
 
     @cached_property
     def digest(self) -> Digest:
+        # The inputs' digests first, deepest first, without recursion: a chain
+        # of a few hundred steps would otherwise pass Python's stack limit.
+        todo: list[Vertex] = [self]
+        while todo:
+            v = todo[-1]
+            missing = [i for i in v.inputs if i is not None and "digest" not in i.__dict__]
+            if missing:
+                todo.extend(missing)
+                continue
+            todo.pop()
+            if v is not self and "digest" not in v.__dict__:
+                v.__dict__["digest"] = v._own_digest()
+        return self._own_digest()
+
+    def _own_digest(self) -> Digest:
+        """The digest, given that every input's is known already."""
         return digest_of(
             {
                 "op": self.op.to_json(),

@@ -11,7 +11,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ociworker.core.graph import SourceOp, Vertex
+from ociworker.core.graph import DiffOp, MergeOp, SourceOp, Vertex
 from ociworker.core.oci import (
     ANNOTATION_STEP_INDEX,
     ANNOTATION_UNCOMPRESSED,
@@ -43,7 +43,8 @@ class LayerStreamer:
     The chain is the target vertex and its input 0 (the root a RUN or COPY edits)
     down to the base image or scratch; step index 1 is the lowest step built on
     the base. Base image layers are not written (they come from a registry
-    already); a step that changed nothing makes no layer (BuildKit drops it from
+    already), nor those a merge or diff step brings (the graph API's: they are
+    other steps' blobs); a step that changed nothing makes no layer (BuildKit drops it from
     the image too). A cache hit skips its inputs entirely, so the hit writes the
     layers of the steps below it as well.
     """
@@ -54,7 +55,9 @@ class LayerStreamer:
         self._outs: list[OutputSpec] = []
         steps: list[Vertex] = []
         v = solve.target
-        while v is not None and not isinstance(v.op, SourceOp):
+        # A merge or diff step ends the chain as a base image does: its layers
+        # are other steps' blobs, several snapshots for one step.
+        while v is not None and not isinstance(v.op, SourceOp | MergeOp | DiffOp):
             steps.append(v)
             v = v.inputs[0] if v.inputs else None
         steps.reverse()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar, Generic, Self, TypeVar, cast
 from ociworker.content.store import ContentStore
 from ociworker.core.graph import Copy, OpSpec, Vertex
 from ociworker.core.oci import Platform
-from ociworker.diff.base import Applier
+from ociworker.diff.base import Applier, Comparer
 from ociworker.executor.base import Executor, StepLimits
 from ociworker.exporter.layercache import LayerCache
 from ociworker.ops.context import ContextChecksums, context_keyed
@@ -54,6 +54,8 @@ class OpParts:
     http_state: Path | None = None
     #: git sources' fetcher and checkout cache (``<root>/git``)
     git: GitFetcher | None = None
+    #: what merge and diff steps diff snapshots with (None: they cannot run)
+    comparer: Comparer | None = None
 
     def pick(self, deps: type[D]) -> D:
         """The dataclass ``deps`` with each field taken from the part of the same

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from ociworker.core.graph import ExecOp, FileOp, HttpSourceOp, SourceOp, Vertex
+from ociworker.core.graph import DiffOp, ExecOp, FileOp, HttpSourceOp, MergeOp, SourceOp, Vertex
 from ociworker.errors import UnsupportedError
+from ociworker.ops.diff import DiffHandler
 from ociworker.ops.exec import ExecHandler
 from ociworker.ops.file import FileHandler
 from ociworker.ops.http import HttpHandler
+from ociworker.ops.merge import MergeHandler
 from ociworker.ops.parts import OpParts
 from ociworker.ops.source import SourceHandler
 from ociworker.solver.scheduler import OpHandler
@@ -27,6 +29,8 @@ HANDLERS: Mapping[type, Callable[[OpParts], OpHandler]] = {
     ExecOp: ExecHandler.from_parts,
     FileOp: FileHandler.from_parts,
     HttpSourceOp: HttpHandler.from_parts,
+    MergeOp: MergeHandler.from_parts,
+    DiffOp: DiffHandler.from_parts,
 }
 
 

@@ -48,7 +48,9 @@ def check_build_paths(
     check_outputs(req.outputs, req.tags)
     if not req.context_url:  # a fetched context (and its -f) is the worker's to check
         _check_context(req.context)
-        if req.dockerfile is None:
+        if req.frontend == "graph.v1":
+            pass  # the CLI read the definition file (PATH) already
+        elif req.dockerfile is None:
             _check_default_dockerfile(req.context / "Dockerfile")
         elif str(req.dockerfile) != "-":
             _check_dockerfile(req.context, req.dockerfile)

@@ -18,13 +18,14 @@ class DaemonStartError(RuntimeError):
 
 
 def spawn_daemon(
-    args: Sequence[str], log_path: Path, *, timeout: float = 60
+    args: Sequence[str], log_path: Path, *, timeout: float = 60, python: str = sys.executable
 ) -> subprocess.Popen[bytes]:
     """``python -m ociworker serve ARGS`` with stdout and stderr in ``log_path``,
-    returned once it serves; killed and raised on failure."""
+    returned once it serves; killed and raised on failure. ``python``: another
+    interpreter (a venv with a frontend plugin installed)."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ociworker", "serve", *args],
+            [python, "-m", "ociworker", "serve", *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

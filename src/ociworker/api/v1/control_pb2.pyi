@@ -188,6 +188,26 @@ class SolveRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class FrontendOptsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BUILD_ID_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     DOCKERFILE_NAME_FIELD_NUMBER: _builtins.int
@@ -215,6 +235,9 @@ class SolveRequest(_message.Message):
     PULL_FIELD_NUMBER: _builtins.int
     NO_CACHE_FILTER_FIELD_NUMBER: _builtins.int
     VERIFY_CACHE_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    FRONTEND_FIELD_NUMBER: _builtins.int
+    FRONTEND_OPTS_FIELD_NUMBER: _builtins.int
     build_id: _builtins.str
     session_id: _builtins.str
     dockerfile_name: _builtins.str
@@ -238,6 +261,14 @@ class SolveRequest(_message.Message):
     verify_cache: _builtins.bool
     """--verify-cache: before exporting, every step runs again with the cache off in
     scratch; a cached result that differs fails the build (a false hit)
+    """
+    definition: _builtins.bytes
+    """the definition file's bytes for a frontend other than the Dockerfile's
+    (graph.v1: a serialized graph, api/v1/graph.proto); dockerfile_name names it
+    """
+    frontend: _builtins.str
+    """--frontend: "" or dockerfile.v0 (a Dockerfile's # syntax= may name another),
+    graph.v1, or a frontend plugin installed on the daemon
     """
     @_builtins.property
     def ignore_patterns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -283,6 +314,10 @@ class SolveRequest(_message.Message):
     def no_cache_filter(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """--no-cache-filter STAGE: stages that ignore the cache (the daemon checks the names)"""
 
+    @_builtins.property
+    def frontend_opts(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """options handed to the frontend (besides build-arg:NAME and target)"""
+
     def __init__(
         self,
         *,
@@ -313,10 +348,13 @@ class SolveRequest(_message.Message):
         pull: _builtins.bool = ...,
         no_cache_filter: _abc.Iterable[_builtins.str] | None = ...,
         verify_cache: _builtins.bool = ...,
+        definition: _builtins.bytes = ...,
+        frontend: _builtins.str = ...,
+        frontend_opts: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "explain_cache", b"explain_cache", "extra_hosts", b"extra_hosts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "no_cache_filter", b"no_cache_filter", "outputs", b"outputs", "pull", b"pull", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "verify_cache", b"verify_cache", "want_metadata", b"want_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "annotations", b"annotations", "build_args", b"build_args", "build_contexts", b"build_contexts", "build_id", b"build_id", "cache_from", b"cache_from", "cache_to", b"cache_to", "context_key", b"context_key", "context_url", b"context_url", "definition", b"definition", "dockerfile", b"dockerfile", "dockerfile_name", b"dockerfile_name", "explain_cache", b"explain_cache", "extra_hosts", b"extra_hosts", "frontend", b"frontend", "frontend_opts", b"frontend_opts", "ignore_patterns", b"ignore_patterns", "labels", b"labels", "network", b"network", "no_cache", b"no_cache", "no_cache_filter", b"no_cache_filter", "outputs", b"outputs", "pull", b"pull", "session_id", b"session_id", "shm_size", b"shm_size", "tags", b"tags", "target", b"target", "ulimits", b"ulimits", "verify_cache", b"verify_cache", "want_metadata", b"want_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

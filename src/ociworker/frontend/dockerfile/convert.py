@@ -221,6 +221,8 @@ _SPECIAL_RE = re.compile(r"[$'\"]")
 _HEREDOC_ONLY_RE = re.compile(r"^[0-9]*<<-?(\S+)$")
 _OFFICIAL_FRONTEND_RE = re.compile(
     r"^(docker\.io/)?(docker/dockerfile|docker/dockerfile-upstream)(:[\w.-]+)?(@sha256:[0-9a-f]{64})?$"
+    # the registered names of this frontend itself (ociworker.plugins)
+    r"|^dockerfile(\.v0)?$"
 )
 _SIGNALS = frozenset(
     [

@@ -201,6 +201,13 @@ def go_quote(text: str) -> str:
 # --- entry point ---------------------------------------------------------------
 
 
+def syntax_of(text: str) -> str | None:
+    """The ``# syntax=`` directive of a Dockerfile (read before it is parsed:
+    it may name another frontend, whose file need not parse as a Dockerfile)."""
+    found = _directives(text).get("syntax")
+    return found.strip() if found is not None else None
+
+
 def parse(text: str, filename: str = "Dockerfile") -> ParseResult:
     """Parse Dockerfile ``text``; raise DockerfileError with the failing line."""
     try:

@@ -269,6 +269,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--verify-cache",
         action="store_true",
         help="run every step again without the cache (in scratch) and fail on a false cache hit",
+    )
+    b.add_argument(
         "--frontend",
         default="dockerfile.v0",
         metavar="NAME",

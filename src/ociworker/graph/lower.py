@@ -21,7 +21,7 @@ from typing import Any
 
 from ociworker.core.build import NAMED_LOCAL_PREFIX
 from ociworker.core.filemode import is_symbolic_mode
-from ociworker.core.gitref import parse_git_ref
+from ociworker.core.gitref import parse_git_ref, redact
 from ociworker.core.graph import (
     Copy,
     DiffOp,
@@ -35,7 +35,6 @@ from ociworker.core.graph import (
     Rm,
     SourceOp,
     Vertex,
-    redact_url,
 )
 from ociworker.core.oci import Platform
 from ociworker.errors import UnsupportedError, UserError
@@ -318,13 +317,13 @@ class _Lowering:
                 name=f"[internal] load git source {ref.shown}",
             )
         fname = node.filename or url_filename(node.url)
-        return Vertex(HttpSourceOp(node.url, node.checksum, fname), (), name=redact_url(node.url))
+        return Vertex(HttpSourceOp(node.url, node.checksum, fname), (), name=redact(node.url))
 
     def _fs_source(self, node: LocalNode | GitNode | HttpNode) -> _Lowered:
         """A source as a root filesystem: a copy of its files into scratch, as the
         converter makes ``FROM`` a named DIR, git or URL context."""
         src = self._source_vertex(node)
-        shown = node.name if isinstance(node, LocalNode) else redact_url(node.url)
+        shown = node.name if isinstance(node, LocalNode) else redact(node.url)
         root = Vertex(
             FileOp((Copy(src_input=1, src="/", dest="/"),), cwd="/"),
             (None, src),

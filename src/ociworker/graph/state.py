@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ociworker.core.graph import redact_url
+from ociworker.core.gitref import redact
 from ociworker.errors import UserError
 
 #: ``run(network=...)``: what ``RUN --network`` takes
@@ -289,7 +289,7 @@ class State:
         if isinstance(n, ImageNode):
             return f"State(image {n.ref!r})"
         if isinstance(n, LocalNode | GitNode | HttpNode):
-            what = n.name if isinstance(n, LocalNode) else redact_url(n.url)
+            what = n.name if isinstance(n, LocalNode) else redact(n.url)
             return f"State({type(n).__name__.removesuffix('Node').lower()} {what!r})"
         if isinstance(n, RunNode):
             return f"State(run {' '.join(n.args)!r})"

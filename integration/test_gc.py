@@ -1,10 +1,10 @@
 """GC policies, ``du`` and ``prune`` end to end: real runc, overlayfs, the local registry.
 
-The issue's acceptance caps a state dir at 2 GiB over 50 builds; here the cap is
-64 MiB and each build adds 1-3 MB, so the cap is crossed after about 25 builds and
-GC has to work for the second half, in a few minutes instead of the hour 2 GiB of
-builds would take. What counts is measured from the host (``du -sb`` of the
-root's ``snapshots`` and ``content``), never from our own accounting.
+The issue's acceptance caps a state dir at 2 GiB over 50 builds: each build here
+adds 40-120 MB (about 4 GB in all), so the cap is crossed after about 25 builds and
+GC has to work for the second half. What counts is measured from the host
+(``du -sb`` of the root's ``snapshots`` and ``content``), never from our own
+accounting.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from ociworker.testing.daemon import spawn_daemon
 from test_build import ow, write_context
 from test_daemon import Daemon, cli, start_daemon, stop_daemon
 
-CAP = 64 * 1024 * 1024
+CAP = 2 * 1024**3
+#: bytes of build n's own random file: 40, 80 or 120 MB
+BLOB = 40_000_000
 
 pytestmark = pytest.mark.usefixtures("require_root", "registry")
 
@@ -34,8 +36,8 @@ def _measured(root: Path) -> int:
 
 
 def _dockerfile(base: str, n: int) -> str:
-    # n's own bytes (1-3 MB of random data) then a step reading them: two records a build
-    size = 1_000_000 + (n % 3) * 1_000_000
+    # n's own random bytes, then a step reading them: two records a build
+    size = BLOB * (1 + n % 3)
     return (
         f"FROM {base}\nRUN head -c {size} /dev/urandom > /blob{n}\nRUN wc -c /blob{n} > /size{n}\n"
     )
@@ -87,8 +89,9 @@ def test_policy_keeps_the_root_under_its_cap_over_50_builds(
         sizes.append(_measured(root))
     print("measured root sizes after each pair (MiB):", [round(s / 2**20, 1) for s in sizes])
     assert max(sizes) <= CAP, sizes
-    # without GC 50 builds would hold ~100 MB: the cap was reached and enforced
-    assert sum(1_000_000 + (k % 3) * 1_000_000 for k in range(50)) > CAP
+    # without GC 50 builds would hold ~4 GB: the cap was reached and enforced
+    assert sum(BLOB * (1 + k % 3) for k in range(50)) > CAP
+    assert max(sizes) > CAP // 2, sizes
     # the most recently used records survive: the last builds rebuild all cached
     for k in (49, 48, 47):
         df = _dockerfile(base_image, k)

@@ -32,6 +32,7 @@ from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
+from ociworker.fs.userns import default_config, default_root, default_socket, rootless
 from ociworker.log import get_logger
 from ociworker.worker import DEFAULT_ROOT, DEFAULT_STEP_PIDS, WorkerConfig, open_worker
 
@@ -92,6 +93,8 @@ class DaemonConfig:
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
     """The TOML file's keys (the flag names with _), then the flags given on top."""
     values: dict[str, Any] = {}
+    if path is None:
+        path = default_config()  # a user's $XDG_CONFIG_HOME/ociworker/ociworkerd.toml
     if path is not None:
         try:
             values = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -100,6 +103,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if rootless():
+        # A user's daemon keeps its state and socket in the user's XDG dirs.
+        values.setdefault("root", default_root())
+        values.setdefault("addr", f"unix://{default_socket()}")
     # registry_ca is spelt as buildkitd's [registry."HOST"] tables
     known = {f.name for f in fields(DaemonConfig)} - {"registry_ca", "gc"} | {"registry", "worker"}
     unknown = sorted(set(values) - known)

@@ -15,6 +15,7 @@ from typing import Literal
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError
 from ociworker.fs.mount import mount_all, unmount
+from ociworker.fs.userns import in_user_namespace
 from ociworker.log import get_logger
 from ociworker.snapshot.dirstore import DirSnapshotter
 from ociworker.snapshot.native import NativeSnapshotter
@@ -34,7 +35,7 @@ _probed: dict[str, bool] = {}
 _probe_lock = threading.Lock()
 
 
-def _probe(root: Path) -> bool:
+def _probe(root: Path, userxattr: bool) -> bool:
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root, prefix="overlay-probe-"))
     try:
@@ -49,6 +50,7 @@ def _probe(root: Path) -> bool:
                 f"lowerdir={work / 'l2'}:{work / 'l1'}",
                 f"upperdir={work / 'upper'}",
                 f"workdir={work / 'work'}",
+                *(("userxattr",) if userxattr else ()),
             ),
         )
         try:
@@ -72,7 +74,7 @@ def overlay_supported(root: Path) -> bool:
     key = os.path.abspath(root)
     with _probe_lock:
         if key not in _probed:
-            _probed[key] = _probe(Path(key))
+            _probed[key] = _probe(Path(key), in_user_namespace())
         return _probed[key]
 
 
@@ -80,8 +82,9 @@ def open_snapshotter(
     root: Path, kind: Literal["auto", "overlayfs", "native"] = "auto"
 ) -> DirSnapshotter:
     """The snapshotter for ``root``; ``auto`` prefers overlayfs when it works."""
+    userxattr = in_user_namespace()
     if kind == "native":
-        return NativeSnapshotter(root)
+        return _picked(NativeSnapshotter(root), "native: asked for")
     if kind == "overlayfs":
         if not overlay_supported(root):
             raise HostError(
@@ -89,13 +92,25 @@ def open_snapshotter(
                 "(needs root or CAP_SYS_ADMIN, the overlay module, and a filesystem that "
                 "supports overlay upper dirs); use the native snapshotter instead"
             )
-        return OverlaySnapshotter(root)
+        return _picked(OverlaySnapshotter(root, userxattr=userxattr), "overlayfs: asked for")
     if kind != "auto":
         raise ConfigError(f"unknown snapshotter {kind!r}: use auto, overlayfs or native")
+    where = "in the user namespace (userxattr)" if userxattr else "here"
     if overlay_supported(root):
-        return OverlaySnapshotter(root)
+        return _picked(
+            OverlaySnapshotter(root, userxattr=userxattr),
+            f"overlayfs: auto, kernel overlayfs mounts {where}",
+        )
     _log.warning(
         "overlayfs unavailable, falling back to the native snapshotter (copies each layer)",
         root=os.fspath(root),
     )
-    return NativeSnapshotter(root)
+    return _picked(
+        NativeSnapshotter(root), f"native: auto, kernel overlayfs cannot be mounted {where}"
+    )
+
+
+def _picked(snap: DirSnapshotter, reason: str) -> DirSnapshotter:
+    snap.picked = reason
+    _log.debug("snapshotter", picked=type(snap).__name__, reason=reason)
+    return snap

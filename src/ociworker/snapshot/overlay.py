@@ -44,8 +44,12 @@ FLATTEN_EVERY = 128
 
 
 class OverlaySnapshotter(DirSnapshotter):
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, userxattr: bool = False) -> None:
+        """``userxattr``: overlayfs keeps its whiteout and opaque marks in
+        ``user.overlay.*`` xattrs, as it must in a user namespace (a rootless
+        worker), where the ``trusted.*`` ones are the host root's alone."""
         super().__init__(root)
+        self._extra: tuple[str, ...] = ("userxattr",) if userxattr else ()
         # These characters separate overlay options and lowerdirs; refusing
         # them is simpler and safer than escaping them for the kernel parser.
         if any(c in os.fspath(self.root) for c in ":,\\"):
@@ -65,7 +69,11 @@ class OverlaySnapshotter(DirSnapshotter):
         if row.kind == "active":
             if not chain:
                 return [Mount(type="bind", source=fs, options=("rbind", "rw"))]
-            upper = (f"upperdir={fs}", f"workdir={self.dir_of(row.id) / 'work'}")
+            upper = (
+                f"upperdir={fs}",
+                f"workdir={self.dir_of(row.id) / 'work'}",
+                *self._extra,
+            )
             lowers = self._lowers(chain, upper)
             return [
                 Mount(
@@ -82,8 +90,14 @@ class OverlaySnapshotter(DirSnapshotter):
                     type="bind", source=os.fspath(self.fs_of(chain[0].id)), options=("rbind", "ro")
                 )
             ]
-        lowers = self._lowers(chain, ())
-        return [Mount(type="overlay", source="overlay", options=("lowerdir=" + ":".join(lowers),))]
+        lowers = self._lowers(chain, self._extra)
+        return [
+            Mount(
+                type="overlay",
+                source="overlay",
+                options=("lowerdir=" + ":".join(lowers), *self._extra),
+            )
+        ]
 
     def _lowers(self, chain: list[Row], extra: tuple[str, ...]) -> list[str]:
         """Lower dirs (nearest first) for committed ``chain``, flattening if needed."""
@@ -108,7 +122,7 @@ class OverlaySnapshotter(DirSnapshotter):
         target = self.dir_of(chain[0].id) / "flat"
         if target.is_dir():
             return target
-        lowers = self._lowers(chain, ())
+        lowers = self._lowers(chain, self._extra)
         building = self.dir_of(chain[0].id) / f"flat.tmp-{uuid.uuid4().hex}"
         try:
             if len(lowers) == 1:
@@ -121,7 +135,7 @@ class OverlaySnapshotter(DirSnapshotter):
                             Mount(
                                 type="overlay",
                                 source="overlay",
-                                options=("lowerdir=" + ":".join(lowers),),
+                                options=("lowerdir=" + ":".join(lowers), *self._extra),
                             )
                         ],
                         mnt,

@@ -33,7 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -103,8 +103,19 @@ def network_helper() -> list[str] | None:
         # -T auto: the namespace's loopback ports reach the host's, so a
         # registry on the user's 127.0.0.1 works as it does for root;
         # --config-net: the namespace gets the host's addresses and routes.
-        return [pasta, "--config-net", "--quiet", "-T", "auto", "-U", "none", "-t", "none",
-                "-u", "none"]  # fmt: skip
+        return [
+            pasta,
+            "--config-net",
+            "--quiet",
+            "-T",
+            "auto",
+            "-U",
+            "none",
+            "-t",
+            "none",
+            "-u",
+            "none",
+        ]
     slirp = shutil.which("slirp4netns")
     if slirp:
         return [slirp, "--configure", "--mtu=65520", "--disable-host-loopback"]
@@ -135,7 +146,6 @@ def run(argv: Sequence[str]) -> int:
     os.close(ready_w)
     os.close(go_r)
     helper: subprocess.Popen[bytes] | None = None
-    pidfile = ""
     try:
         if os.read(ready_r, 1) != b"1":
             raise HostError(
@@ -145,12 +155,13 @@ def run(argv: Sequence[str]) -> int:
             )
         _map(newuidmap, pid, uid_map, "uid")
         _map(newgidmap, pid, gid_map, "gid")
-        helper, pidfile = _attach_network(net, pid)
+        helper = _attach_network(net, pid)
         os.write(go_w, b"1")
     except BaseException:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        _stop_network(helper)
         raise
     finally:
         os.close(ready_r)
@@ -158,7 +169,7 @@ def run(argv: Sequence[str]) -> int:
     try:
         return _wait_relaying(pid)
     finally:
-        _stop_network(helper, pidfile)
+        _stop_network(helper)
 
 
 def _map(tool: str, pid: int, m: IdMap, kind: str) -> None:
@@ -170,26 +181,34 @@ def _map(tool: str, pid: int, m: IdMap, kind: str) -> None:
         raise HostError(f"rootless: {os.path.basename(tool)} failed to map the {kind}s: {why}")
 
 
-def _attach_network(net: list[str], pid: int) -> tuple[subprocess.Popen[bytes] | None, str]:
-    """Start the network helper on the child's namespace; returns when it is up."""
+def _attach_network(net: list[str], pid: int) -> subprocess.Popen[bytes]:
+    """Start the network helper on the child's namespace; returns when it is up.
+
+    In the foreground and with the parent-death signal: neither helper notices
+    a namespace it joined by pid going away, so it must end with this process
+    however this one ends (SIGKILL too)."""
     if os.path.basename(net[0]) == "pasta":
-        fd, pidfile = tempfile.mkstemp(prefix="ociworker-pasta-", suffix=".pid")
-        os.close(fd)
-        # pasta configures the namespace, then goes to the background and
-        # returns: its exit code says whether the namespace is connected.
-        done = subprocess.run(
-            [*net, "--pid", pidfile, str(pid)], capture_output=True, text=True, check=False
+        proc = subprocess.Popen(
+            [*net, "--foreground", str(pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_us,
         )
-        if done.returncode != 0:
-            os.unlink(pidfile)
-            raise HostError(f"rootless: pasta failed: {done.stderr.strip()}")
-        return None, pidfile
+        # pasta says nothing when it is ready: the namespace's default route,
+        # which --config-net adds last, is the sign.
+        while not _has_default_route(pid):
+            if proc.poll() is not None:
+                why = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+                raise HostError(f"rootless: pasta failed: {why or proc.returncode}")
+            time.sleep(0.01)
+        return proc
     ready_r, ready_w = os.pipe()
     proc = subprocess.Popen(
         [*net, f"--ready-fd={ready_w}", str(pid), "tap0"],
         pass_fds=(ready_w,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_us,
     )
     os.close(ready_w)
     try:
@@ -199,20 +218,29 @@ def _attach_network(net: list[str], pid: int) -> tuple[subprocess.Popen[bytes] |
             raise HostError("rootless: slirp4netns failed to set up the network namespace")
     finally:
         os.close(ready_r)
-    return proc, ""
+    return proc
 
 
-def _stop_network(helper: subprocess.Popen[bytes] | None, pidfile: str) -> None:
-    # Both helpers quit on their own once the namespace is gone; stopping them
-    # here only saves that wait.
+def _die_with_us() -> None:
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0)
+
+
+def _has_default_route(pid: int) -> bool:
+    """Whether the network namespace of ``pid`` has an IPv4 default route."""
+    try:
+        with open(f"/proc/{pid}/net/route", encoding="ascii") as f:
+            next(f, None)
+            return any(line.split()[1:2] == ["00000000"] for line in f)
+    except OSError:
+        return False
+
+
+def _stop_network(helper: subprocess.Popen[bytes] | None) -> None:
     if helper is not None:
         helper.terminate()
         helper.wait()
-    if pidfile:
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(Path(pidfile).read_text().strip()), signal.SIGTERM)
-        with contextlib.suppress(OSError):
-            os.unlink(pidfile)
+        if helper.stderr is not None:
+            helper.stderr.close()
 
 
 def _wait_relaying(pid: int) -> int:

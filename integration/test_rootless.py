@@ -25,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -580,3 +581,62 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return b""
+
+
+NET_PROBE = """\
+FROM {base}
+RUN mkdir /out; ls /sys/class/net > /out/ifaces; \\
+ GW=$(ip route | awk '/default/ {{print $3}}'); \\
+ for t in reg:127.0.0.1 gw:$GW hostip:{host_ip}; do \\
+   timeout 5 wget -q -O /out/${{t%%:*}} http://${{t#*:}}:5000/v2/; echo $? > /out/${{t%%:*}}.rc; \\
+ done; true
+"""
+
+
+def _host_ip() -> str:
+    """The host's own address (its default route's source)."""
+    route = subprocess.run(
+        ["ip", "-4", "route", "get", "192.0.2.200"], capture_output=True, text=True
+    )
+    words = route.stdout.split()
+    return words[words.index("src") + 1] if "src" in words else "127.0.0.1"
+
+
+def test_network_modes_as_user(user: User, registry: str) -> None:
+    """``default`` is the sandbox (its own eth0, neither the user's loopback nor the
+    host's address reachable: the registry on 127.0.0.1:5000 stands for any service
+    of the host), ``none`` has only lo, and ``host`` (behind its entitlement) is the
+    worker's namespace, i.e. the user's connectivity through pasta."""
+    with urllib.request.urlopen(f"http://{registry}/v2/", timeout=10) as r:
+        registry_says = r.read()
+    ctx = user.base / "net"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(NET_PROBE.format(base=BASE_IMAGE, host_ip=_host_ip()))
+    user.give(ctx)
+
+    def probe(network: str, *extra: str) -> Path:
+        out = user.base / f"out-{network}"
+        proc = user.ociworker(
+            "build", "--progress=plain", "--network", network, *extra,
+            "--output", f"type=local,dest={out}", str(ctx),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return out / "out"
+
+    default = probe("default")
+    assert (default / "ifaces").read_text().split() == ["eth0", "lo"]
+    for blocked in ("reg", "gw", "hostip"):
+        assert (default / f"{blocked}.rc").read_text().strip() != "0", blocked
+
+    none = probe("none")
+    assert (none / "ifaces").read_text().split() == ["lo"]
+    assert (none / "reg.rc").read_text().strip() != "0"
+
+    refused = user.ociworker("build", "--progress=plain", "--network", "host", str(ctx))
+    assert refused.returncode == 1
+    assert "entitlement network.host is not allowed" in refused.stderr
+
+    host = probe("host", "--allow", "network.host")
+    assert "eth0" in (host / "ifaces").read_text().split()
+    assert (host / "reg.rc").read_text().strip() == "0"
+    assert (host / "reg").read_bytes() == registry_says

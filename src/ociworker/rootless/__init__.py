@@ -102,10 +102,13 @@ def network_helper() -> list[str] | None:
     if pasta:
         # -T auto: the namespace's loopback ports reach the host's, so a
         # registry on the user's 127.0.0.1 works as it does for root;
-        # --config-net: the namespace gets the host's addresses and routes.
+        # --config-net: the namespace gets the host's addresses and routes;
+        # --no-map-gw: the gateway's address is not the host's loopback, which
+        # a RUN step could otherwise reach through the sandbox's NAT.
         return [
             pasta,
             "--config-net",
+            "--no-map-gw",
             "--quiet",
             "-T",
             "auto",

@@ -9,6 +9,7 @@ root is against a build of the same Dockerfile by root, entry by entry.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import hashlib
@@ -33,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BASE_IMAGE, oci_archive_image
+from ociworker.api.client import Client, DaemonInfo
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
@@ -491,6 +493,13 @@ def test_serve_as_user_with_socket_in_runtime_dir(user: User) -> None:
             time.sleep(0.1)
         assert sock.exists(), f"no socket at {sock}: {serve.stderr.read() if serve.stderr else ''}"
         assert sock.stat().st_uid == user.uid
+        info = asyncio.run(_info(f"unix://{sock}"))
+        assert info.rootless
+        assert info.root == str(user.state)
+        # kernel overlayfs mounts in a user namespace from Linux 5.11 on
+        release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+        wanted = "overlayfs" if release >= (5, 11) else "native"
+        assert info.snapshotter_picked.split(":")[0] == wanted, info.snapshotter_picked
         out = user.base / "served.oci.tar"
         proc = user.ociworker(
             "build",
@@ -518,6 +527,11 @@ def test_serve_as_user_with_socket_in_runtime_dir(user: User) -> None:
     assert serve.returncode == 0, logs
     assert not sock.exists()
     assert _processes_of(user) == []
+
+
+async def _info(addr: str) -> DaemonInfo:
+    async with Client(addr) as c:
+        return await c.info()
 
 
 def test_killed_worker_leaves_nothing(user: User) -> None:

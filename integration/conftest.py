@@ -7,14 +7,19 @@ half-prepared machine can never pass by running nothing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
+import pwd
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -467,3 +472,204 @@ def assert_lists_steps(
         assert s.states == states.get(e.name, ("CACHED",)), (
             f"{s.name!r} shown {s.states}, expected {states.get(e.name, ('CACHED',))}:\n{stderr}"
         )
+
+
+# --- the rootless leg (issue 12, item 6) --------------------------------------------------
+#
+# A test that takes the ``leg_cli`` fixture runs twice: as root (this process's user) and as the
+# test user scripts/setup-host makes (rootless). ``@pytest.mark.rootless_skip("why")`` skips
+# such a test in the rootless leg only, saying why. OCIWORKER_TEST_ROOTLESS=0 skips every
+# rootless leg (a host without user namespaces), =1 runs them even on a checkout that has no
+# rootless worker yet (to watch them fail); unset, they run when the checkout has one.
+
+TEST_USER = os.environ.get("OCIWORKER_TEST_USER", "ociw-test")
+ROOTLESS_ENV = "OCIWORKER_TEST_ROOTLESS"
+LEGS = ("root", "rootless")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "rootless_skip(reason): the test cannot run rootless; skip its rootless leg"
+    )
+
+
+def _rootless_gate() -> str | None:
+    """Why no rootless leg runs in this session, or None when they run."""
+    wanted = os.environ.get(ROOTLESS_ENV, "")
+    if wanted == "0":
+        return f"{ROOTLESS_ENV}=0"
+    if wanted != "1" and importlib.util.find_spec("ociworker.rootless") is None:
+        return f"this checkout has no rootless worker (ociworker.rootless); {ROOTLESS_ENV}=1 forces"
+    return None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "leg" not in metafunc.fixturenames:
+        return
+    gate = _rootless_gate()
+    skip = metafunc.definition.get_closest_marker("rootless_skip")
+    params = []
+    for leg in LEGS:
+        marks: list[pytest.MarkDecorator] = []
+        if leg == "rootless" and skip is not None:
+            marks.append(pytest.mark.skip(reason=f"cannot run rootless: {_skip_reason(skip)}"))
+        elif leg == "rootless" and gate is not None:
+            marks.append(pytest.mark.skip(reason=f"rootless leg off: {gate}"))
+        params.append(pytest.param(leg, marks=marks, id=leg))
+    metafunc.parametrize("leg", params)
+
+
+def _skip_reason(mark: pytest.Mark) -> str:
+    reason = mark.args[0] if mark.args else mark.kwargs.get("reason")
+    if not reason:
+        raise pytest.UsageError("@pytest.mark.rootless_skip needs a reason")
+    return str(reason)
+
+
+@dataclass(frozen=True)
+class CLI:
+    """``ociworker`` as one leg's user runs it. ``home`` is a dir that user owns: contexts,
+    outputs and state of the test go there (root's tmp dirs are closed to the test user)."""
+
+    user: str | None  # None: this process (root)
+    home: Path
+    env: Mapping[str, str]
+    python: str
+
+    @property
+    def rootless(self) -> bool:
+        return self.user is not None
+
+    def argv(self, *args: str) -> list[str]:
+        """The command line that runs ``ociworker ARGS`` as the user (for wrapping)."""
+        cmd = [self.python, "-m", "ociworker", *args]
+        if self.user is None:
+            return cmd
+        env = [f"{k}={v}" for k, v in sorted(self.env.items())]
+        return ["runuser", "-u", self.user, "--", "env", "-i", *env, *cmd]
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 600, argv: Sequence[str] = ()
+    ) -> subprocess.CompletedProcess[str]:
+        """``ociworker ARGS`` (or ``argv``, e.g. a wrapped ``self.argv(...)``)."""
+        cmd = list(argv) or self.argv(*args)
+        env = dict(self.env) if self.user is None else {"PATH": os.environ.get("PATH", "")}
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.home,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            who = self.user or "root"
+            raise AssertionError(
+                f"ociworker {' '.join(args)} as {who} failed ({proc.returncode}):\n"
+                f"{proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def own(self, src: Path, name: str | None = None) -> Path:
+        """A copy of ``src`` (file or tree) in ``home``, owned by the user."""
+        dest = self.home / (name or src.name)
+        if src.is_dir():
+            shutil.copytree(src, dest, symlinks=True)
+        else:
+            shutil.copy2(src, dest)
+        self.give(dest)
+        return dest
+
+    def give(self, path: Path) -> None:
+        """Make ``path`` (and what it holds) the user's, and writable by them."""
+        if self.user is None:
+            return
+        paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+        for p in paths:
+            shutil.chown(p, self.user, self.user)
+            if not p.is_symlink():
+                p.chmod(p.stat().st_mode | 0o600 | (0o100 if p.is_dir() else 0))
+
+
+def import_path() -> str:
+    """This process's import path as PYTHONPATH, absolute (a relative entry would resolve
+    against the command's own cwd)."""
+    return os.pathsep.join(str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir())
+
+
+def root_cli(home: Path) -> CLI:
+    """``ociworker`` as root (this process), run from ``home``."""
+    return CLI(None, home, {**os.environ, "PYTHONPATH": import_path()}, sys.executable)
+
+
+@functools.cache
+def _user_python(user: str) -> str:
+    """An interpreter the user may execute: this one, unless it lives where the user cannot
+    go (a pyenv under /root), then the system's python3 of the same version."""
+    want = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    probe = f"import sys; sys.exit('%d.%d' % sys.version_info[:2] != {want!r})"
+    for cand in (sys.executable, f"/usr/bin/python{want}", f"/usr/local/bin/python{want}"):
+        argv = ["runuser", "-u", user, "--", cand, "-c", probe]
+        if subprocess.run(argv, capture_output=True, check=False, cwd="/").returncode == 0:
+            return cand
+    pytest.fail(f"{user} can run no python {want}")
+
+
+def _user_dir(user: str) -> Path:
+    """A fresh dir under the system temp dir, owned by ``user`` (mode 0755)."""
+    path = Path(tempfile.mkdtemp(prefix=f"ociw-{user}-"))
+    path.chmod(0o755)
+    shutil.chown(path, user, user)
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_user(require_root: None) -> str:
+    """The rootless test user, checked to exist with its subordinate ranges."""
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        pytest.fail(f"no user {TEST_USER}: {_SETUP_HINT}")
+    for kind in ("uid", "gid"):
+        text = Path(f"/etc/sub{kind}").read_text()
+        if not any(line.split(":")[0] in (TEST_USER, str(pw.pw_uid)) for line in text.splitlines()):
+            pytest.fail(f"{TEST_USER} has no range in /etc/sub{kind}: {_SETUP_HINT}")
+    return TEST_USER
+
+
+@pytest.fixture
+def as_user(test_user: str) -> Iterator[CLI]:
+    """``ociworker`` run as the test user, with HOME and the XDG dirs in a fresh dir it owns
+    (removed afterwards); the import path is this checkout's, as for root."""
+    python = _user_python(test_user)
+    home = _user_dir(test_user)
+    runtime = home / "run"
+    runtime.mkdir(mode=0o700)
+    shutil.chown(runtime, test_user, test_user)
+    env = {
+        "HOME": str(home),
+        "USER": test_user,
+        "LOGNAME": test_user,
+        "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "LANG": "C.UTF-8",
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_RUNTIME_DIR": str(runtime),
+        # this checkout first, then the venv's packages (a system python has none of them)
+        "PYTHONPATH": import_path(),
+    }
+    try:
+        yield CLI(test_user, home, env, python)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def leg_cli(leg: str, tmp_path: Path, request: pytest.FixtureRequest, require_root: None) -> CLI:
+    """``ociworker`` as the leg's user: root, or the rootless test user (``as_user``)."""
+    if leg == "root":
+        return root_cli(tmp_path)
+    user_cli: CLI = request.getfixturevalue("as_user")
+    return user_cli

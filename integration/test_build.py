@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_lists_steps, buildkit_steps, oci_archive_image
+from conftest import CLI, assert_lists_steps, buildkit_steps, oci_archive_image
 from dockerd import Dockerd
 
 SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
@@ -96,52 +96,66 @@ def write_context(
 def test_bench_case_builds_then_rebuilds_fully_cached(
     case: str,
     runtime: str,
-    tmp_path: Path,
+    leg_cli: CLI,
     base_image: str,
-    require_root: None,
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
-    root = tmp_path / "state"
-    ctx = make_context_case(tmp_path) if case == "context" else SHARED_BENCH / case
-    out = f"type=oci,dest={tmp_path / 'img.tar'}"
-    first = ow(root, "build", "--progress", "plain", "--runtime", runtime, "-o", out, str(ctx))
+    # Runs as root and as the rootless test user (the ``leg_cli`` fixture's legs): everything the
+    # build reads and writes is in ``leg_cli.home``, which that user owns.
+    root = leg_cli.home / "state"
+    if case == "context":
+        ctx = make_context_case(leg_cli.home)
+        leg_cli.give(ctx)
+    else:
+        ctx = leg_cli.own(SHARED_BENCH / case)
+    out = f"type=oci,dest={leg_cli.home / 'img.tar'}"
+    first = leg_cli.run(
+        "build", "--root", str(root), "--progress", "plain", "--runtime", runtime, "-o", out,
+        str(ctx),
+    )  # fmt: skip
     assert "DONE" in first.stderr
 
-    spy, log = write_runtime_spy(tmp_path, runtime)
-    again = ow(root, "build", "--progress", "plain", "--runtime", str(spy), "-o", out, str(ctx))
+    spy, log = write_runtime_spy(leg_cli.home, runtime)
+    leg_cli.give(spy)
+    again = leg_cli.run(
+        "build", "--root", str(root), "--progress", "plain", "--runtime", str(spy), "-o", out,
+        str(ctx),
+    )  # fmt: skip
     # Every step BuildKit lists for this Dockerfile is shown, once, CACHED, after its inputs.
     assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
     assert not log.exists(), f"a container was started on a cached rebuild: {log.read_text()}"
-    assert mounts_under(root) == []
-    assert runtime_containers(root, runtime) == ""
+    if not leg_cli.rootless:
+        # A rootless worker's mounts and runtime state live in its own namespaces, which end
+        # with it: there is nothing left to look at from here.
+        assert mounts_under(root) == []
+        assert runtime_containers(root, runtime) == ""
 
 
 def test_run_exit_code_fails_naming_step_command_and_code(
     runtime: str,
-    tmp_path: Path,
+    leg_cli: CLI,
     base_image: str,
-    require_root: None,
     mounts_under: Callable[[Path], list[Path]],
 ) -> None:
-    ctx = tmp_path / "ctx"
-    ctx.mkdir()
-    # The README's example, word for word (section "Errors").
-    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN exit 3\n")
-    root = tmp_path / "state"
-    proc = ow(root, "build", "--progress", "plain", "--runtime", runtime, str(ctx), check=False)
+    # The README's example, word for word (section "Errors"), as root and rootless alike.
+    ctx = write_context(leg_cli.home, f"FROM {base_image}\nRUN exit 3\n")
+    leg_cli.give(ctx)
+    root = leg_cli.home / "state"
+    proc = leg_cli.run(
+        "build", "--root", str(root), "--progress", "plain", "--runtime", runtime, str(ctx),
+        check=False,
+    )  # fmt: skip
     assert proc.returncode == 1
     readme_line = (
         "ERROR: failed to solve: step [2/2] RUN exit 3: "
         "process '/bin/sh -c exit 3' did not complete successfully: exit code: 3"
     )
     assert readme_line in proc.stderr.splitlines(), proc.stderr[-2000:]
-    assert mounts_under(root) == []
-    assert runtime_containers(root, runtime) == ""
-    assert (
-        not any((root / "executor" / "bundles").iterdir())
-        if (root / "executor" / "bundles").exists()
-        else True
-    )
+    bundles = root / "executor" / "bundles"
+    assert not bundles.exists() or not any(bundles.iterdir())
+    if not leg_cli.rootless:  # a rootless worker's mounts and containers end with its namespaces
+        assert mounts_under(root) == []
+        assert runtime_containers(root, runtime) == ""
 
 
 def _image_config_from_oci(archive: Path) -> dict[str, object]:

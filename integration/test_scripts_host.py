@@ -5,12 +5,16 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import pwd
 import subprocess
 import sys
 import tarfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 _OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -119,3 +123,62 @@ def test_base_image_is_reproducible(base_image: str, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "registry already has this digest" in proc.stderr
     assert (layout / "index.json").is_file()
+
+
+def _subid_lines(user: str, kind: str) -> list[str]:
+    return [
+        ln for ln in Path(f"/etc/sub{kind}").read_text().splitlines() if ln.split(":")[0] == user
+    ]
+
+
+def test_setup_host_made_the_rootless_test_user(require_root: None) -> None:
+    pw = pwd.getpwnam("ociw-test")
+    assert pw.pw_dir == "/home/ociw-test"
+    assert Path(pw.pw_dir).stat().st_uid == pw.pw_uid
+    for kind in ("uid", "gid"):
+        # the range the rootless tests expect comes first (the one newuidmap is given)
+        assert _subid_lines("ociw-test", kind)[0] == "ociw-test:200000:65536"
+    for pkg, tool in (("passt", "pasta"), ("slirp4netns", "slirp4netns")):
+        status = _run(["dpkg-query", "-W", "-f=${Status}", pkg]).stdout
+        assert status == "install ok installed", (pkg, status)
+        assert _run([tool, "--version"]).returncode == 0, tool
+
+
+def _ensure_test_user(user: str, subid: str) -> subprocess.CompletedProcess[str]:
+    script = f'set -euo pipefail; source "{REPO}/scripts/lib.sh"; ensure_test_user'
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "OCIWORKER_TEST_USER": user,
+           "OCIWORKER_TEST_SUBID": subid}  # fmt: skip
+    return subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+
+def test_test_user_set_up_is_idempotent(require_root: None) -> None:
+    # A user of this test's own (and a range far from anyone's), removed at the end.
+    user = f"ociw-st{os.getpid() % 100000}"
+    subid = f"{3_000_000_000 + os.getpid() % 1000 * 65536}:65536"
+    watched = [Path(p) for p in ("/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid")]
+    try:
+        first = _ensure_test_user(user, subid)
+        assert first.returncode == 0, first.stderr
+        assert f"creating {user}" in first.stderr
+        start, count = map(int, subid.split(":"))
+        for kind in ("uid", "gid"):
+            assert _subid_lines(user, kind) == [f"{user}:{start}:{count}"]
+        before = {p: p.read_bytes() for p in watched}
+        again = _ensure_test_user(user, subid)
+        assert again.returncode == 0, again.stderr
+        assert again.stderr.splitlines() == [
+            f"==> test user: {user} ready (sub-ids {start}-{start + count - 1})"
+        ]
+        assert {p: p.read_bytes() for p in watched} == before
+        # A range that overlaps another user's is refused, naming the owner.
+        clash = _ensure_test_user(f"{user}x", f"{start + 10}:65536")
+        assert clash.returncode == 1
+        assert f"overlaps {user}'s in /etc/subuid" in clash.stderr
+        with pytest.raises(KeyError):  # refused before anything changed
+            pwd.getpwnam(f"{user}x")
+    finally:
+        for name in (user, f"{user}x"):
+            subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+    assert _subid_lines(user, "uid") == []

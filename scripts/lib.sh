@@ -55,3 +55,39 @@ find_python() {
 venv_python() {
 	printf '%s\n' "${OCIWORKER_VENV}/bin/python"
 }
+
+# The user the rootless leg of the integration suite builds as (integration/conftest.py),
+# with one fixed subordinate range so what the tests expect does not depend on the host.
+OCIWORKER_TEST_USER="${OCIWORKER_TEST_USER:-ociw-test}"
+OCIWORKER_TEST_SUBID="${OCIWORKER_TEST_SUBID:-200000:65536}"
+
+# has_subid FILE USER START COUNT: the exact entry is there
+has_subid() {
+	grep -qxF "$2:$3:$4" "$1" 2>/dev/null
+}
+
+ensure_test_user() {
+	local user="$OCIWORKER_TEST_USER" start="${OCIWORKER_TEST_SUBID%%:*}" count="${OCIWORKER_TEST_SUBID##*:}"
+	local kind last=$((start + count - 1)) holder
+	# Checked before anything changes: another owner of an overlapping range would share ids
+	# with the test user's images.
+	for kind in uid gid; do
+		holder="$(awk -F: -v s="$start" -v e="$((start + count))" -v u="$user" \
+			'$1 != u && $2 < e && $2 + $3 > s { print $1; exit }' "/etc/sub$kind" 2>/dev/null || true)"
+		[[ -z "$holder" ]] || die "sub$kind range $start-$last of $user overlaps $holder's in /etc/sub$kind"
+	done
+	if ! getent passwd "$user" >/dev/null; then
+		log "test user: creating $user"
+		# SUB_*_COUNT=0: no automatic range from useradd; the fixed one below is what the
+		# tests expect (and a second range would only make the first-block mapping ambiguous).
+		useradd --create-home --home-dir "/home/$user" --shell /bin/sh \
+			-K SUB_UID_COUNT=0 -K SUB_GID_COUNT=0 "$user"
+	fi
+	for kind in uid gid; do
+		if ! has_subid "/etc/sub$kind" "$user" "$start" "$count"; then
+			log "test user: adding sub${kind}s $start-$last to $user"
+			usermod "--add-sub${kind}s" "$start-$last" "$user"
+		fi
+	done
+	log "test user: $user ready (sub-ids $start-$last)"
+}

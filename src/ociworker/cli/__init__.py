@@ -311,6 +311,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="run the worker daemon (gRPC)")
     _serve_flags(sv)
+
+    from ociworker.cli.doctor import doctor_flags
+
+    doctor_flags(sub.add_parser("doctor", help="check that this host and user can build"))
     return parser
 
 
@@ -930,6 +934,10 @@ async def _main(args: argparse.Namespace) -> int:
         from ociworker.cli.history import cmd_history
 
         return await cmd_history(args, _client, _worker)
+    if args.command == "doctor":
+        from ociworker.cli.doctor import cmd_doctor
+
+        return cmd_doctor(args)
     return await _cmd_prune(args)
 
 
@@ -953,7 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             raise UsageError(what, f"ociworker {args.command}")
         log.configure(args.log_format, args.debug, info=args.command == "serve")
-        if args.command != "serve":
+        if args.command not in ("serve", "doctor"):
             _resolve_addrs(args)
         _state.root = getattr(args, "root", None)
         if _embedded(args) and rootless.needed():

@@ -283,12 +283,14 @@ RUN --mount=type=cache,target=/cache,uid=1000,gid=1000 echo hi > /cache/x \\
  && cp /cache/x /from-cache && ls -n /cache | awk 'NR>1 {print $1, $3, $4, $9}' > /cache-ls
 
 FROM $BASE
-RUN mkdir -p /data/sub && echo a > /data/a && echo b > /data/sub/b \\
- && chown -R 1000:1000 /data && chmod 0750 /data/sub && ln -s a /data/link \\
+RUN mkdir -p /data/sub /opq/keep && echo a > /data/a && echo b > /data/sub/b \\
+ && echo k > /opq/keep/k && chown -R 1000:1000 /data && chmod 0750 /data/sub \\
+ && ln -s a /data/link \\
  && ln /data/sub/b /data/hard && touch /suid && chmod 4755 /suid \\
  && echo 'app:x:1234:1234::/home/app:/bin/sh' >> /etc/passwd \\
  && echo 'app:x:1234:' >> /etc/group && mkdir -p /home/app && chown 1234:1234 /home/app
-RUN rm /linuxrc /data/a && rm -rf /home/user && mkdir /home/user && echo n > /home/user/new
+RUN rm /linuxrc /data/a && rm -rf /home/user /opq && mkdir /home/user /opq \\
+ && echo n > /home/user/new && echo n > /opq/new
 COPY --chown=1000:1000 files/ /files/
 COPY --from=helper /from-cache /cache-ls /from-helper/
 RUN --mount=type=secret,id=tok wc -c < /run/secrets/tok > /secret-len
@@ -345,18 +347,24 @@ def _expected_from_dockerfile(entries: list[Entry]) -> None:
     assert by_name["data/link"].type == tarfile.SYMTYPE and by_name["data/link"].linkname == "a"
     assert stat.S_IMODE(by_name["suid"].mode) == 0o4755
     # the deletions of the third RUN: a whiteout for a base file, one for a file of the
-    # layer below, and an opaque directory replacing the base's /home/user
+    # layer below, and /opq's old content hidden: by an opaque marker (overlayfs sees the
+    # directory made anew) or by a whiteout of what it held (a snapshotter that compares
+    # trees); /home/user, empty in the base, made anew by root
     assert ".wh.linuxrc" in by_name
     assert "data/.wh.a" in by_name
-    assert "home/user/.wh..wh..opq" in by_name
-    assert by_name["home/user/new"].uid == 0
+    assert "opq/.wh..wh..opq" in by_name or "opq/.wh.keep" in by_name
+    assert by_name["opq/new"].uid == 0
+    assert (by_name["home/user"].uid, by_name["home/user/new"].uid) == (0, 0)
     made = by_name["home/app/made/f"]
     assert (made.uid, made.gid) == (1234, 1234)  # written by USER app
     hard = [e for e in entries if e.name in ("data/hard", "data/sub/b")]
     assert sorted(e.type for e in hard) == sorted([tarfile.REGTYPE, tarfile.LNKTYPE])
 
 
-def test_build_as_user_matches_root(user: User, runtime: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("snapshotter", ["auto", "native"])
+def test_build_as_user_matches_root(
+    user: User, runtime: str, snapshotter: str, tmp_path: Path
+) -> None:
     ctx = _multi_context(user)
     out = user.base / "image.oci.tar"
     roots = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path(pwd.getpwnam(USER).pw_dir)]
@@ -364,10 +372,13 @@ def test_build_as_user_matches_root(user: User, runtime: str, tmp_path: Path) ->
     before = _written_by(user, roots, allowed)
 
     proc = user.ociworker(
+        "--debug",
         "build",
         "--progress=plain",
         "--runtime",
         runtime,
+        "--snapshotter",
+        snapshotter,
         "--secret",
         f"id=tok,src={user.base / 'tok'}",
         "--output",
@@ -376,6 +387,9 @@ def test_build_as_user_matches_root(user: User, runtime: str, tmp_path: Path) ->
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
+    overlay = snapshotter == "auto" and _kernel_overlay_in_userns()
+    picked = "OverlaySnapshotter" if overlay else "NativeSnapshotter"
+    assert f"picked='{picked}'" in proc.stderr  # --debug says which
 
     # Nothing but the state dir, the context and the output changed anywhere
     # the user can write (its real HOME, /tmp, /var/tmp, /dev/shm).
@@ -402,7 +416,14 @@ def test_build_as_user_matches_root(user: User, runtime: str, tmp_path: Path) ->
 
     root_out = tmp_path / "root.oci.tar"
     _root_build(
-        ctx, runtime, tmp_path / "rootstate", root_out, "--secret", f"id=tok,src={user.base}/tok"
+        ctx,
+        runtime,
+        tmp_path / "rootstate",
+        root_out,
+        "--snapshotter",
+        snapshotter,
+        "--secret",
+        f"id=tok,src={user.base}/tok",
     )
     as_root = layer_entries(root_out)
     assert [e.name for e in rootless] == [e.name for e in as_root]
@@ -496,9 +517,7 @@ def test_serve_as_user_with_socket_in_runtime_dir(user: User) -> None:
         info = asyncio.run(_info(f"unix://{sock}"))
         assert info.rootless
         assert info.root == str(user.state)
-        # kernel overlayfs mounts in a user namespace from Linux 5.11 on
-        release = tuple(int(x) for x in os.uname().release.split(".")[:2])
-        wanted = "overlayfs" if release >= (5, 11) else "native"
+        wanted = "overlayfs" if _kernel_overlay_in_userns() else "native"
         assert info.snapshotter_picked.split(":")[0] == wanted, info.snapshotter_picked
         out = user.base / "served.oci.tar"
         proc = user.ociworker(
@@ -527,6 +546,12 @@ def test_serve_as_user_with_socket_in_runtime_dir(user: User) -> None:
     assert serve.returncode == 0, logs
     assert not sock.exists()
     assert _processes_of(user) == []
+
+
+def _kernel_overlay_in_userns() -> bool:
+    """Kernel overlayfs mounts in a user namespace from Linux 5.11 on."""
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    return release >= (5, 11)
 
 
 async def _info(addr: str) -> DaemonInfo:

@@ -690,9 +690,7 @@ def parse_list(value: str, allowed: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--cases", type=lambda v: parse_list(v, ALL_CASES), default=list(ALL_CASES))
-    p.add_argument(
-        "--tools", type=lambda v: parse_list(v, ALL_TOOLS), default=list(ALL_TOOLS[:4])
-    )
+    p.add_argument("--tools", type=lambda v: parse_list(v, ALL_TOOLS), default=list(ALL_TOOLS[:4]))
     p.add_argument("--repeat", "-n", type=int, default=1, help="runs per case (median shown)")
     p.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH_DIR)
     p.add_argument("--base", default=DEFAULT_BASE, help="base image (BASE build-arg)")

@@ -69,11 +69,13 @@ class User:
         """Whether ``uid`` is this user's: its own or one of its subordinate ids."""
         return uid == self.uid or self.sub[0] <= uid < self.sub[0] + self.sub[1]
 
-    def command(self, *args: str) -> list[str]:
+    def command(
+        self, *args: str, path: str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    ) -> list[str]:
         env = {
             "HOME": str(self.home),
             "XDG_RUNTIME_DIR": str(self.runtime_dir),
-            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "PATH": path,
             "PYTHONPATH": os.pathsep.join([str(SRC), *site.getsitepackages()]),
             "LANG": "C.UTF-8",
         }
@@ -81,10 +83,10 @@ class User:
         return ["runuser", "-u", self.name, "--", "env", "-i", *pairs, self.python, *args]
 
     def ociworker(
-        self, *args: str, cwd: Path | None = None, timeout: float = 600
+        self, *args: str, cwd: Path | None = None, timeout: float = 600, path: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self.command("-m", "ociworker", *args),
+            self.command("-m", "ociworker", *args, **({"path": path} if path else {})),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -679,3 +681,82 @@ def test_network_modes_as_user(user: User, registry: str) -> None:
     assert "eth0" in (host / "ifaces").read_text().split()
     assert (host / "reg.rc").read_text().strip() == "0"
     assert (host / "reg").read_bytes() == registry_says
+
+
+def _path_with(user: User, *tools: str) -> str:
+    """A PATH of only ``tools`` (links to the host's), as on a host without the others."""
+    d = user.base / "bin"
+    d.mkdir(exist_ok=True)
+    for t in tools:
+        found = shutil.which(t)
+        assert found, f"{t} is not installed: {_HINT}"
+        (d / t).symlink_to(found)
+    user.give(d)
+    return str(d)
+
+
+def _layout_context(user: User, dockerfile: str) -> Path:
+    """A context whose base image is an OCI layout the user owns (no registry: the
+    worker's own namespace may not reach the host's loopback)."""
+    layout = user.base / "layout"
+    subprocess.run(
+        [
+            "skopeo",
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{BASE_IMAGE}",
+            f"oci:{layout}:latest",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ctx = user.base / "layout-ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    user.give(layout)
+    user.give(ctx)
+    return ctx
+
+
+def test_slirp4netns_when_there_is_no_pasta(user: User) -> None:
+    """Without pasta the worker's namespace is connected by slirp4netns, whose
+    --configure makes tap0 10.0.2.100/24 with the gateway 10.0.2.2."""
+    ctx = _layout_context(user, "FROM base\nRUN ls /sys/class/net > /ifaces; ip route > /route\n")
+    path = _path_with(user, "newuidmap", "newgidmap", "slirp4netns", "runc")
+    out = user.base / "out"
+    proc = user.ociworker(
+        "build", "--progress=plain", "--network", "host", "--allow", "network.host",
+        "--build-context", f"base=oci-layout://{user.base / 'layout'}:latest",
+        "--output", f"type=local,dest={out}", str(ctx), path=path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "ifaces").read_text().split() == ["lo", "tap0"]
+    assert "default via 10.0.2.2 dev tap0" in (out / "route").read_text()
+
+
+@pytest.mark.parametrize(
+    ("tools", "message"),
+    [
+        (
+            ("runc",),
+            "ERROR: rootless: newuidmap/newgidmap not found, which map the build's user "
+            "namespace; fix (as root): apt-get install uidmap",
+        ),
+        (
+            ("newuidmap", "newgidmap", "runc"),
+            "ERROR: rootless: neither pasta nor slirp4netns found, which give the build's "
+            "network namespace its connection; fix (as root): apt-get install passt",
+        ),
+    ],
+)
+def test_missing_helper_is_named_with_its_fix(
+    user: User, tools: tuple[str, ...], message: str
+) -> None:
+    ctx = user.base / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\n")
+    user.give(ctx)
+    proc = user.ociworker("build", str(ctx), path=_path_with(user, *tools))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [message]
+    assert not user.state.exists()

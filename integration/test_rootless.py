@@ -561,7 +561,8 @@ async def _info(addr: str) -> DaemonInfo:
         return await c.info()
 
 
-def test_killed_worker_leaves_nothing(user: User) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_worker_leaves_nothing(user: User, sig: signal.Signals) -> None:
     token = str(600000 + os.getpid() % 1000)
     ctx = user.base / "slow"
     ctx.mkdir()
@@ -585,9 +586,15 @@ def test_killed_worker_leaves_nothing(user: User) -> None:
     # the step's sleep is running, as one of the user's ids
     sleeping = [p for p in _processes_of(user, token) if token.encode() in _cmdline(p)]
     assert sleeping, "no sleep of the RUN step found"
-    os.kill(_child_of(build.pid), signal.SIGKILL)  # the ociworker the user started
+    os.kill(_child_of(build.pid), sig)  # the ociworker the user started
+    rest = build.stderr.read()
     build.wait()
     build.stderr.close()
+    # the shell's code for the signal (runuser passes on its child's); SIGTERM
+    # cancels the build, which says so
+    assert build.returncode == 128 + sig
+    if sig == signal.SIGTERM:
+        assert rest.splitlines()[-1] == "ERROR: build cancelled"
     gone = False
     for _ in range(300):
         if not _processes_of(user, token):

@@ -114,3 +114,14 @@ def test_root_paths_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     assert userns.default_root() == Path("/var/lib/ociworker")
     assert userns.default_socket() == Path("/run/ociworker/ociworker.sock")
     assert userns.default_config() is None
+
+
+def test_user_daemon_refuses_tcp(as_user: Path) -> None:
+    from ociworker.api.daemon import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {"addr": "tcp://127.0.0.1:9999"})
+    assert str(e.value).startswith(
+        "refusing to listen on tcp://127.0.0.1:9999: a rootless daemon listens in its own "
+        "network namespace"
+    )

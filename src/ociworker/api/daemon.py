@@ -189,6 +189,14 @@ def _check_addr(cfg: DaemonConfig) -> None:
             raise ConfigError(f"invalid address {cfg.addr!r}: unix:// needs an absolute path")
         return
     if cfg.addr.startswith("tcp://"):
+        if rootless():
+            # It would listen inside the worker's own network namespace, where
+            # nobody outside could connect (pasta forwards no inbound port).
+            raise ConfigError(
+                f"refusing to listen on {cfg.addr}: a rootless daemon listens in its own "
+                "network namespace; serve on unix:///PATH (default "
+                "$XDG_RUNTIME_DIR/ociworker/ociworker.sock)"
+            )
         if not (cfg.tlscacert and cfg.tlscert and cfg.tlskey):
             # As buildkitd: a TCP listener without client certificates would let
             # anyone on the network run containers as root.

@@ -141,7 +141,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
             raise ConfigError(f"config file {path}: {key} must be a number >= 0 (0: no limit)")
     if "history_max_entries" in values and not isinstance(values["history_max_entries"], int):
         raise ConfigError(f"config file {path}: history_max_entries must be a whole number")
-    if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
+    if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "fuse-overlayfs", "native"):
         raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
     cfg = DaemonConfig(**values)
     _check_addr(cfg)

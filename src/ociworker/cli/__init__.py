@@ -69,6 +69,9 @@ class _State:
 _state = _State()
 
 
+SNAPSHOTTERS = ("auto", "overlayfs", "fuse-overlayfs", "native")
+
+
 def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--root",
@@ -78,7 +81,7 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
         "and $XDG_DATA_HOME/ociworker for a user)",
     )
     p.add_argument("--runtime", default="runc", help="OCI runtime: runc, crun or a PATH")
-    p.add_argument("--snapshotter", choices=("auto", "overlayfs", "native"), default="auto")
+    p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default="auto")
     p.add_argument(
         "--insecure-registry",
         action="append",
@@ -117,7 +120,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tlscert", default=None, help="server certificate")
     p.add_argument("--tlskey", default=None, help="server key")
     p.add_argument("--runtime", default=None, help="OCI runtime: runc, crun or a PATH")
-    p.add_argument("--snapshotter", choices=("auto", "overlayfs", "native"), default=None)
+    p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default=None)
     p.add_argument("--insecure-registry", action="append", default=None, metavar="HOST")
     p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
     p.add_argument("--log-cap", default=None, help="per-step log cap (bytes or e.g. 2MiB)")

@@ -34,7 +34,13 @@ from pathlib import Path
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError
-from ociworker.fs.mount import MAX_OVERLAY_LOWERS, mount_all, overlay_data_fits, unmount
+from ociworker.fs.mount import (
+    FUSE_OVERLAY,
+    MAX_OVERLAY_LOWERS,
+    mount_all,
+    overlay_data_fits,
+    unmount,
+)
 from ociworker.fs.tree import copy_tree, rmtree
 from ociworker.snapshot.dirstore import DirSnapshotter, Row
 
@@ -44,6 +50,9 @@ FLATTEN_EVERY = 128
 
 
 class OverlaySnapshotter(DirSnapshotter):
+    #: the mount type of overlay mounts (``FuseOverlaySnapshotter``: fuse-overlayfs)
+    mount_type = "overlay"
+
     def __init__(self, root: Path, *, userxattr: bool = False) -> None:
         """``userxattr``: overlayfs keeps its whiteout and opaque marks in
         ``user.overlay.*`` xattrs, as it must in a user namespace (a rootless
@@ -77,7 +86,7 @@ class OverlaySnapshotter(DirSnapshotter):
             lowers = self._lowers(chain, upper)
             return [
                 Mount(
-                    type="overlay",
+                    type=self.mount_type,
                     source="overlay",
                     options=("lowerdir=" + ":".join(lowers), *upper),
                 )
@@ -93,7 +102,7 @@ class OverlaySnapshotter(DirSnapshotter):
         lowers = self._lowers(chain, self._extra)
         return [
             Mount(
-                type="overlay",
+                type=self.mount_type,
                 source="overlay",
                 options=("lowerdir=" + ":".join(lowers), *self._extra),
             )
@@ -103,7 +112,9 @@ class OverlaySnapshotter(DirSnapshotter):
         """Lower dirs (nearest first) for committed ``chain``, flattening if needed."""
         plain = [os.fspath(self.fs_of(r.id)) for r in chain]
         candidate = Mount(
-            type="overlay", source="overlay", options=("lowerdir=" + ":".join(plain), *extra)
+            type=self.mount_type,
+            source="overlay",
+            options=("lowerdir=" + ":".join(plain), *extra),
         )
         if len(plain) <= MAX_OVERLAY_LOWERS and overlay_data_fits(candidate):
             return plain
@@ -133,7 +144,7 @@ class OverlaySnapshotter(DirSnapshotter):
                     mount_all(
                         [
                             Mount(
-                                type="overlay",
+                                type=self.mount_type,
                                 source="overlay",
                                 options=("lowerdir=" + ":".join(lowers), *self._extra),
                             )
@@ -156,3 +167,15 @@ class OverlaySnapshotter(DirSnapshotter):
             with contextlib.suppress(FileNotFoundError):
                 rmtree(building)
         return target
+
+
+class FuseOverlaySnapshotter(OverlaySnapshotter):
+    """The overlay layout mounted by ``fuse-overlayfs`` (in user space): the
+    rootless fallback where the kernel's overlayfs cannot mount in a user
+    namespace (Linux < 5.11). Its upper dirs mark deletions its own way, so the
+    differ compares the mounted trees rather than reading them."""
+
+    mount_type = FUSE_OVERLAY
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)  # no userxattr: fuse-overlayfs keeps its own marks

@@ -137,6 +137,9 @@ def run(argv: Sequence[str]) -> int:
             "network namespace its connection; fix (as root): apt-get install passt"
         )
     env = dict(os.environ, **{MARKER: "1"})
+    # Inside, ~ without $HOME would be root's home (uid 0's passwd entry): the
+    # user's state dir must not depend on that.
+    env.setdefault("HOME", user.pw_dir)
     cmd = [sys.executable, "-m", "ociworker", *argv]
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()

@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,9 @@ _PR_SET_PDEATHSIG = 1
 _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
+
+#: seconds pasta may take to configure the namespace (it takes milliseconds)
+_NET_READY_TIMEOUT = 30.0
 
 #: exit code of a namespace process that failed before the worker ran
 _SETUP_FAILED = 125
@@ -194,20 +198,33 @@ def _attach_network(net: list[str], pid: int) -> subprocess.Popen[bytes]:
     a namespace it joined by pid going away, so it must end with this process
     however this one ends (SIGKILL too)."""
     if os.path.basename(net[0]) == "pasta":
-        proc = subprocess.Popen(
-            [*net, "--foreground", str(pid)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_us,
-        )
-        # pasta says nothing when it is ready: the namespace's default route,
-        # which --config-net adds last, is the sign.
-        while not _has_default_route(pid):
-            if proc.poll() is not None:
-                why = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-                raise HostError(f"rootless: pasta failed: {why or proc.returncode}")
-            time.sleep(0.01)
-        return proc
+        # Its messages go to an unlinked file: a pipe nobody reads after start-up
+        # could fill and stall it.
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(
+                [*net, "--foreground", str(pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                preexec_fn=_die_with_us,
+            )
+            # pasta says nothing when it is ready: the routes it copies from the
+            # host, the default one last, are the sign.
+            want_default = _routes("self")[0]
+            deadline = time.monotonic() + _NET_READY_TIMEOUT
+            while True:
+                default, any_route = _routes(str(pid))
+                if default or (any_route and not want_default):
+                    return proc
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    log.seek(0)
+                    why = log.read().decode(errors="replace").strip()
+                    raise HostError(
+                        f"rootless: pasta failed to connect the build's network namespace: "
+                        f"{why or 'no route after ' + str(_NET_READY_TIMEOUT) + 's'}"
+                    )
+                time.sleep(0.01)
     ready_r, ready_w = os.pipe()
     proc = subprocess.Popen(
         [*net, f"--ready-fd={ready_w}", str(pid), "tap0"],
@@ -231,14 +248,14 @@ def _die_with_us() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0)
 
 
-def _has_default_route(pid: int) -> bool:
-    """Whether the network namespace of ``pid`` has an IPv4 default route."""
+def _routes(pid: str) -> tuple[bool, bool]:
+    """(an IPv4 default route, any IPv4 route) in the network namespace of ``pid``."""
     try:
         with open(f"/proc/{pid}/net/route", encoding="ascii") as f:
-            next(f, None)
-            return any(line.split()[1:2] == ["00000000"] for line in f)
+            rows = [line.split() for line in list(f)[1:]]
     except OSError:
-        return False
+        return False, False
+    return any(r[1:2] == ["00000000"] for r in rows), bool(rows)
 
 
 def _stop_network(helper: subprocess.Popen[bytes] | None) -> None:

@@ -208,3 +208,18 @@ def test_the_embedded_worker_needs_root(tmp_path: Path, ctx: Path) -> None:
     )
     assert "--addr" in msg
     assert not root.exists()
+
+
+def test_a_root_made_meanwhile_by_another_build_is_fine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two first builds at once: both find the state dir missing, one makes it first.
+    from ociworker.session import preflight
+
+    root = tmp_path / "share" / "ociworker"
+    missing = [root, root.parent]
+    root.mkdir(parents=True)  # the other build's
+    # what the losing build had listed as missing before the winner made it
+    monkeypatch.setattr(preflight, "_up_to_existing", lambda _p: iter(missing))
+    preflight._make_dirs(root)
+    assert root.is_dir()

@@ -103,7 +103,13 @@ def _make_dirs(root: Path) -> None:
     made: list[Path] = []
     try:
         for p in reversed(missing):
-            p.mkdir(mode=0o700 if p == root else 0o755)
+            try:
+                p.mkdir(mode=0o700 if p == root else 0o755)
+            except FileExistsError:
+                # Another build made it meanwhile (two first builds at once).
+                if p.is_dir():
+                    continue
+                raise
             made.append(p)
     except OSError as e:
         for p in reversed(made):

@@ -23,9 +23,11 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
+import site
 import statistics
 import subprocess
 import sys
@@ -43,8 +45,12 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BENCH_DIR = REPO.parent / "shared" / "bench"
 DEFAULT_BASE = "127.0.0.1:5000/busybox:latest"
 ALL_CASES = ("steps", "fanout", "layer-export", "cachemount", "context")
-ALL_TOOLS = ("ociworker", "ociworkerd", "buildkit", "buildah")
-OURS = ("ociworker", "ociworkerd")
+ALL_TOOLS = (
+    "ociworker", "ociworkerd", "buildkit", "buildah", "ociworker-rootless", "buildah-rootless",
+)  # fmt: skip
+OURS = ("ociworker", "ociworkerd", "ociworker-rootless")
+#: the user the rootless tools build as (scripts/setup-host makes it, with its subuid range)
+BENCH_USER = os.environ.get("OCIWORKER_BENCH_USER", "ociw-test")
 PHASES = ("cold", "warm", "incremental", "import")
 DOCKER = "/usr/bin/docker"
 RUNC = "/usr/bin/runc"
@@ -369,6 +375,74 @@ class BuildKit:
         remove_tree(self.dir)
 
 
+class _AsUser:
+    """Runs a tool's commands as ``BENCH_USER`` in a dir of its own (HOME,
+    XDG_RUNTIME_DIR), as that user would: ``runuser`` with a clean environment."""
+
+    def __init__(self, s: Settings, name: str, path: str = "") -> None:
+        pw = pwd.getpwnam(BENCH_USER)
+        self.uid, self.gid = pw.pw_uid, pw.pw_gid
+        self.home = s.work / name
+        self.path = path
+        # the work dir is made 0700; the user must reach its own dir and the contexts
+        s.work.chmod(0o711)
+        (self.home / "run").mkdir(parents=True, exist_ok=True)
+        (self.home / "run").chmod(0o700)
+        for d in [self.home, *self.home.rglob("*")]:
+            os.lchown(d, self.uid, self.gid)
+
+    def wrap(self, argv: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
+        pairs = {
+            "HOME": str(self.home),
+            "XDG_RUNTIME_DIR": str(self.home / "run"),
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            **({"PYTHONPATH": self.path} if self.path else {}),
+            **(env or {}),
+        }
+        return ["runuser", "-u", BENCH_USER, "--", "env", "-i"] + [
+            f"{k}={v}" for k, v in pairs.items()
+        ] + list(argv)  # fmt: skip
+
+
+def _user_python() -> tuple[str, str]:
+    """An interpreter ``BENCH_USER`` can run with this checkout's source and the
+    venv's packages (a venv made from a Python under /root is out of its reach)."""
+    path = os.pathsep.join([str(REPO / "src"), *site.getsitepackages()])
+    minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for exe in (sys.executable, f"/usr/bin/{minor}"):
+        probe = ["runuser", "-u", BENCH_USER, "--", "env", f"PYTHONPATH={path}", exe, "-c", "1"]
+        if subprocess.run(probe, capture_output=True, check=False, cwd="/").returncode == 0:
+            return exe, path
+    raise ToolError(f"no Python that {BENCH_USER} can run")
+
+
+class OciworkerRootless(Ociworker):
+    """The embedded worker run by ``BENCH_USER`` (rootless: its own user namespace)."""
+
+    name = "ociworker-rootless"
+
+    def __init__(self, s: Settings) -> None:
+        super().__init__(s)
+        self.user: _AsUser | None = None
+        self.python = ""
+        self.root = s.work / self.name / "state"
+        self.prime = s.work / self.name / "prime"
+
+    def _build(self, *args: str) -> list[str]:
+        assert self.user is not None
+        return self.user.wrap([self.python, "-m", "ociworker", *super()._build(*args)[1:]])
+
+    def start(self) -> None:
+        try:
+            self.python, path = _user_python()
+            self.user = _AsUser(self.s, self.name, path)
+        except KeyError:
+            raise ToolError(f"no user {BENCH_USER} (scripts/setup-host makes it)") from None
+        self.prime.mkdir(parents=True, exist_ok=True)
+        (self.prime / "Dockerfile").write_text("ARG BASE\nFROM $BASE\nRUN true\n")
+        run(self._build("--help"), self.s.logs / f"{self.name}-start.log", timeout=60)
+
+
 # --- buildah -------------------------------------------------------------------------------
 
 
@@ -423,11 +497,48 @@ class Buildah:
         remove_tree(self.dir)
 
 
+class BuildahRootless(Buildah):
+    """``buildah bud`` run by ``BENCH_USER`` (rootless buildah: its own user namespace)."""
+
+    name = "buildah-rootless"
+
+    def __init__(self, s: Settings) -> None:
+        super().__init__(s)
+        self.dir = s.work / self.name / "buildah"
+        self.env = {"TMPDIR": str(self.dir / "tmp")}
+        self.user: _AsUser | None = None
+
+    def buildah(self, *args: str) -> list[str]:
+        assert self.user is not None
+        return self.user.wrap(super().buildah(*args), self.env)
+
+    def start(self) -> None:
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        try:
+            self.user = _AsUser(self.s, self.name)
+        except KeyError:
+            raise ToolError(f"no user {BENCH_USER} (scripts/setup-host makes it)") from None
+        super().start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ToolError):
+            run(self.buildah("rm", "--all"), self.s.logs / f"{self.name}-stop.log", timeout=120)
+        # buildah's rootless layers belong to the user's subordinate ids: removed
+        # from inside its namespace (buildah unshare), then the rest as root
+        with contextlib.suppress(ToolError):
+            assert self.user is not None
+            argv = self.user.wrap(["buildah", "unshare", "rm", "-rf", str(self.dir)])
+            run(argv, self.s.logs / f"{self.name}-stop.log", timeout=600)
+        remove_tree(self.dir)
+
+
 TOOL_TYPES: dict[str, type[Ociworker] | type[BuildKit] | type[Buildah]] = {
     "ociworker": Ociworker,
     "ociworkerd": OciworkerDaemon,
     "buildkit": BuildKit,
     "buildah": Buildah,
+    "ociworker-rootless": OciworkerRootless,
+    "buildah-rootless": BuildahRootless,
 }
 
 
@@ -547,6 +658,10 @@ def format_table(results: Sequence[Result], tools: Sequence[str]) -> str:
 
     header = ["case", "phase", *tools]
     pairs = [(o, t) for o in OURS if o in tools for t in ("buildkit", "buildah") if t in tools]
+    # rootless against root, and against rootless buildah
+    for extra in (("ociworker-rootless", "ociworker"), ("ociworker-rootless", "buildah-rootless")):
+        if all(t in tools for t in extra):
+            pairs.append(extra)
     header += [f"{o}/{t}" for o, t in pairs]
     rows = [header]
     for case, phase in rows_keys:
@@ -575,7 +690,7 @@ def parse_list(value: str, allowed: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--cases", type=lambda v: parse_list(v, ALL_CASES), default=list(ALL_CASES))
-    p.add_argument("--tools", type=lambda v: parse_list(v, ALL_TOOLS), default=list(ALL_TOOLS))
+    p.add_argument("--tools", type=lambda v: parse_list(v, ALL_TOOLS), default=list(ALL_TOOLS[:4]))
     p.add_argument("--repeat", "-n", type=int, default=1, help="runs per case (median shown)")
     p.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH_DIR)
     p.add_argument("--base", default=DEFAULT_BASE, help="base image (BASE build-arg)")

@@ -181,6 +181,7 @@ def test_client_api_build_streams_events_and_result(
         async with ociworker.Client(daemon.addr) as c:
             info = await c.info()
             assert info.root == str(daemon.root.absolute())
+            assert not info.rootless  # root's daemon
             # the daemon's release, as `ociworker --version` prints it for the package
             assert info.version == importlib.metadata.version("ociworker")
             workers = await c.list_workers()

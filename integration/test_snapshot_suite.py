@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 
 from ociworker.fs.mount import HostMounter
-from ociworker.snapshot import NativeSnapshotter, OverlaySnapshotter
+from ociworker.snapshot import FuseOverlaySnapshotter, NativeSnapshotter, OverlaySnapshotter
 from ociworker.testing.mounter_suite import CHECKS as MOUNTER_CHECKS
 from ociworker.testing.mounter_suite import MounterSuiteContext
 from ociworker.testing.snapshot_suite import CHECKS, FullSnapshotter, SuiteContext
 
 FACTORIES: dict[str, Callable[[Path], FullSnapshotter]] = {
     "overlay": OverlaySnapshotter,
+    # the rootless fallback; as root it mounts the same way (a FUSE mount of root's)
+    "fuse-overlayfs": FuseOverlaySnapshotter,
     "native": NativeSnapshotter,
 }
 

@@ -219,20 +219,21 @@ def test_idmap_that_maps_too_few_ids_fails() -> None:
     assert "maps only 1000 uids and 65536 gids" in check.detail
 
 
-def test_no_kernel_overlay_means_native_until_the_worker_takes_fuse_overlayfs(
+def test_no_kernel_overlay_means_fuse_overlayfs_which_the_worker_takes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     facts = _healthy(overlay=Probe(False, "mount: permission denied"))
     report = diagnose(facts)
     assert _check(report, "overlay").status == WARN
     assert "permission denied" in _check(report, "overlay").detail
+    assert _check(report, "snapshotter").detail == "auto picks fuse-overlayfs"
+    assert report.exit_code == 0
+    # a worker without the fallback: doctor reports fuse-overlayfs, promises native
+    monkeypatch.setattr(doctor, "WORKER_USES_FUSE_OVERLAYFS", False)
+    report = diagnose(facts)
     assert "does not use it yet" in _check(report, "fuse-overlayfs").detail
     assert _check(report, "snapshotter").status == WARN
     assert "auto picks native" in _check(report, "snapshotter").detail
-    assert report.exit_code == 0
-    # once the worker falls back to fuse-overlayfs, doctor says so
-    monkeypatch.setattr(doctor, "WORKER_USES_FUSE_OVERLAYFS", True)
-    assert _check(diagnose(facts), "snapshotter").detail == "auto picks fuse-overlayfs"
 
 
 def test_no_overlay_and_no_usable_fuse_means_native() -> None:

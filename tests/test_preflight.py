@@ -242,3 +242,16 @@ def test_builds_starting_together_on_a_new_root_all_get_it(tmp_path: Path) -> No
         assert errors == [], errors
         assert root.is_dir()
         assert (root.stat().st_mode & 0o777) == 0o700
+def test_a_root_made_meanwhile_by_another_build_is_fine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two first builds at once: both find the state dir missing, one makes it first.
+    from ociworker.session import preflight
+
+    root = tmp_path / "share" / "ociworker"
+    missing = [root, root.parent]
+    root.mkdir(parents=True)  # the other build's
+    # what the losing build had listed as missing before the winner made it
+    monkeypatch.setattr(preflight, "_up_to_existing", lambda _p: iter(missing))
+    preflight._make_dirs(root)
+    assert root.is_dir()

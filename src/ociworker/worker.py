@@ -71,7 +71,7 @@ DEFAULT_STEP_PIDS = 16384
 class WorkerConfig:
     root: Path = Path(DEFAULT_ROOT)
     runtime: str = "runc"
-    snapshotter: Literal["auto", "overlayfs", "native"] = "auto"
+    snapshotter: Literal["auto", "overlayfs", "fuse-overlayfs", "native"] = "auto"
     insecure_registries: tuple[str, ...] = ()
     #: registry domain (``host:port`` or ``host``) -> CA files trusted for it
     #: (``--registry-ca``, buildkitd's ``[registry."host"] ca``)

@@ -102,6 +102,8 @@ class DaemonInfo:
     runtime: str
     snapshotter: str
     running_builds: int
+    rootless: bool = False
+    snapshotter_picked: str = ""
 
 
 SolveItem = Event | OutputData | LayerData | BuildResult
@@ -190,7 +192,15 @@ class Client:
         """The daemon's version and state; with ``timeout`` (seconds) a daemon
         that does not answer in time is ``DaemonUnavailable`` (the fleet's probe)."""
         r = await self._unary(self._stub.Info, pb.InfoRequest(), timeout=timeout)
-        return DaemonInfo(r.version, r.root, r.runtime, r.snapshotter, r.running_builds)
+        return DaemonInfo(
+            r.version,
+            r.root,
+            r.runtime,
+            r.snapshotter,
+            r.running_builds,
+            r.rootless,
+            r.snapshotter_picked,
+        )
 
     async def disk_usage(self) -> list[UsageRecord]:
         r = await self._unary(self._stub.DiskUsage, pb.DiskUsageRequest())

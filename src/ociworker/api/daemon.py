@@ -33,6 +33,7 @@ from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
+from ociworker.fs.userns import default_config, default_root, default_socket, rootless
 from ociworker.log import get_logger
 from ociworker.worker import DEFAULT_ROOT, DEFAULT_STEP_PIDS, WorkerConfig, open_worker
 
@@ -97,6 +98,8 @@ class DaemonConfig:
 def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig:
     """The TOML file's keys (the flag names with _), then the flags given on top."""
     values: dict[str, Any] = {}
+    if path is None:
+        path = default_config()  # a user's $XDG_CONFIG_HOME/ociworker/ociworkerd.toml
     if path is not None:
         try:
             values = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -105,6 +108,10 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if rootless():
+        # A user's daemon keeps its state and socket in the user's XDG dirs.
+        values.setdefault("root", default_root())
+        values.setdefault("addr", f"unix://{default_socket()}")
     # registry_ca is spelt as buildkitd's [registry."HOST"] tables
     known = {f.name for f in fields(DaemonConfig)} - {"registry_ca", "gc"} | {"registry", "worker"}
     unknown = sorted(set(values) - known)
@@ -139,7 +146,7 @@ def load_config(path: Path | None, overrides: Mapping[str, Any]) -> DaemonConfig
             raise ConfigError(f"config file {path}: {key} must be a number >= 0 (0: no limit)")
     if "history_max_entries" in values and not isinstance(values["history_max_entries"], int):
         raise ConfigError(f"config file {path}: history_max_entries must be a whole number")
-    if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "native"):
+    if values.get("snapshotter", "auto") not in ("auto", "overlayfs", "fuse-overlayfs", "native"):
         raise ConfigError(f"invalid snapshotter {values['snapshotter']!r}")
     cfg = DaemonConfig(**values)
     _check_addr(cfg)
@@ -187,6 +194,14 @@ def _check_addr(cfg: DaemonConfig) -> None:
             raise ConfigError(f"invalid address {cfg.addr!r}: unix:// needs an absolute path")
         return
     if cfg.addr.startswith("tcp://"):
+        if rootless():
+            # It would listen inside the worker's own network namespace, where
+            # nobody outside could connect (pasta forwards no inbound port).
+            raise ConfigError(
+                f"refusing to listen on {cfg.addr}: a rootless daemon listens in its own "
+                "network namespace; serve on unix:///PATH (default "
+                "$XDG_RUNTIME_DIR/ociworker/ociworker.sock)"
+            )
         if not (cfg.tlscacert and cfg.tlscert and cfg.tlskey):
             # As buildkitd: a TCP listener without client certificates would let
             # anyone on the network run containers as root.

@@ -60,6 +60,7 @@ from ociworker.errors import (
     WorkerRefused,
 )
 from ociworker.fs.paths import check_relative_name
+from ociworker.fs.userns import rootless
 from ociworker.log import get_logger
 from ociworker.session.filesync import ContextStore
 from ociworker.version import __version__
@@ -632,6 +633,8 @@ class ControlService:
             runtime=cfg.runtime,
             snapshotter=cfg.snapshotter,
             running_builds=sum(1 for b in self._builds.values() if not b.done),
+            rootless=rootless(),
+            snapshotter_picked=getattr(self.worker.snapshots, "picked", ""),
         )
 
     async def CheckBases(

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ociworker import log
+from ociworker import log, rootless
 from ociworker.cli.failures import Phase, UsageError, describe
 from ociworker.core.build import (
-    DEFAULT_ROOT,
     BuildDefinition,
     BuildRequest,
     NamedContext,
@@ -38,6 +37,7 @@ from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.core.units import human_size, parse_size
 from ociworker.errors import ConfigError, NotFoundError, OciworkerError
+from ociworker.fs.userns import default_root
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
 from ociworker.version import __version__
@@ -69,15 +69,19 @@ class _State:
 _state = _State()
 
 
+SNAPSHOTTERS = ("auto", "overlayfs", "fuse-overlayfs", "native")
+
+
 def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--root",
         type=Path,
-        default=Path(os.environ.get("OCIWORKER_ROOT", str(DEFAULT_ROOT))),
-        help="state directory (default /var/lib/ociworker, or $OCIWORKER_ROOT)",
+        default=default_root(),
+        help="state directory (default $OCIWORKER_ROOT, else /var/lib/ociworker for root "
+        "and $XDG_DATA_HOME/ociworker for a user)",
     )
     p.add_argument("--runtime", default="runc", help="OCI runtime: runc, crun or a PATH")
-    p.add_argument("--snapshotter", choices=("auto", "overlayfs", "native"), default="auto")
+    p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default="auto")
     p.add_argument(
         "--insecure-registry",
         action="append",
@@ -116,7 +120,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tlscert", default=None, help="server certificate")
     p.add_argument("--tlskey", default=None, help="server key")
     p.add_argument("--runtime", default=None, help="OCI runtime: runc, crun or a PATH")
-    p.add_argument("--snapshotter", choices=("auto", "overlayfs", "native"), default=None)
+    p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default=None)
     p.add_argument("--insecure-registry", action="append", default=None, metavar="HOST")
     p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
     p.add_argument("--log-cap", default=None, help="per-step log cap (bytes or e.g. 2MiB)")
@@ -1038,6 +1042,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("serve", "doctor"):
             _resolve_addrs(args)
         _state.root = getattr(args, "root", None)
+        if _embedded(args) and rootless.needed():
+            # An ordinary user's worker runs as root of a user namespace of its own.
+            return rootless.run(list(sys.argv[1:] if argv is None else argv))
         return asyncio.run(_main(args))
     except BaseException as exc:  # the one place that maps every way out to words
         if isinstance(exc, SystemExit):  # --help, --version
@@ -1047,6 +1054,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             _silence_stdout()
         print(failure.render(), file=sys.stderr)
         return failure.exit_code
+
+
+def _embedded(args: argparse.Namespace) -> bool:
+    """Whether the command runs a worker in this process (or is one: serve)."""
+    return args.command == "serve" or (
+        args.command in ("build", "du", "prune", "history") and not getattr(args, "addr", None)
+    )
 
 
 def _silence_stdout() -> None:

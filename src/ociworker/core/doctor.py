@@ -351,9 +351,9 @@ def check_overlay(facts: Facts) -> Check:
 
 
 #: Whether the rootless worker's ``--snapshotter auto`` falls back to fuse-overlayfs before
-#: native. Not yet (issue 12, item 2: it goes from kernel overlayfs to native); until it does,
-#: doctor reports fuse-overlayfs but does not promise it.
-WORKER_USES_FUSE_OVERLAYFS = False
+#: native: it does (snapshot.open_snapshotter); False makes doctor report fuse-overlayfs
+#: without promising it.
+WORKER_USES_FUSE_OVERLAYFS = True
 
 
 def fuse_usable(facts: Facts) -> bool:

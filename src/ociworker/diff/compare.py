@@ -81,7 +81,9 @@ class LayerComparer:
         # top: the upperdir of an active snapshot, or the top lowerdir of a
         # read-only view of a committed one (what export diffs).
         top: str | None = None
-        if uv.kind == "overlay" and uv.upper and uv.layers == lv.all_dirs():
+        if uv.fstype != "overlay":
+            pass  # fuse-overlayfs's own deletion marks: compare the mounted trees
+        elif uv.kind == "overlay" and uv.upper and uv.layers == lv.all_dirs():
             top = uv.upper
         elif uv.kind == "overlay" and not uv.upper and uv.layers[1:] == lv.all_dirs():
             top = uv.layers[0]

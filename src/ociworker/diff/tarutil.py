@@ -43,7 +43,7 @@ from ociworker.core.oci import (
 )
 from ociworker.diff.base import CompressionOpts
 from ociworker.errors import ConfigError, HostError, UnsupportedError, UserError
-from ociworker.fs.mount import temp_mounted
+from ociworker.fs.mount import FUSE_OVERLAY, temp_mounted
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -437,6 +437,9 @@ class View:
     upper: str | None = None
     work: str | None = None
     options: tuple[str, ...] = ()
+    #: how an overlay is mounted: the kernel's ``overlay`` or ``fuse-overlayfs``
+    #: (whose upper dirs mark deletions its own way: only its mounts read them)
+    fstype: str = "overlay"
 
     @property
     def userxattr(self) -> bool:
@@ -455,7 +458,7 @@ def parse_mounts(mounts: Sequence[Mount]) -> View:
     m = mounts[0]
     if is_bind(m):
         return View("dir", layers=(m.source,), options=m.options)
-    if m.type == "overlay":
+    if m.type in ("overlay", FUSE_OVERLAY):
         lower = m.option("lowerdir")
         layers = tuple(d for d in (lower or "").split(":") if d)
         if not layers:
@@ -466,6 +469,7 @@ def parse_mounts(mounts: Sequence[Mount]) -> View:
             upper=m.option("upperdir"),
             work=m.option("workdir"),
             options=m.options,
+            fstype=m.type,
         )
     raise UnsupportedError(f"differ cannot read a {m.type!r} mount")
 
@@ -512,7 +516,8 @@ def mounted(view: View, scratch: str, *, writable: bool = False) -> Iterator[str
                 dirs.append(bottom)
             opts = ["ro", "lowerdir=" + ":".join(dirs)]
         # fs.mount handles option strings longer than a page (deep chains)
-        with temp_mounted([Mount("overlay", "overlay", tuple(opts + keep))], Path(scratch)) as t:
+        merged = Mount(view.fstype, "overlay", tuple(opts + keep))
+        with temp_mounted([merged], Path(scratch)) as t:
             yield os.fspath(t)
     finally:
         for d in extra:

@@ -52,6 +52,7 @@ from ociworker.executor.spec import (
 from ociworker.fs.mount import mount_all, mountpoints_under, unmount
 from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import clean, secure_join
+from ociworker.fs.userns import in_user_namespace
 from ociworker.fs.users import resolve_user
 from ociworker.log import get_logger
 
@@ -348,6 +349,9 @@ class OCIRuntimeExecutor:
         #: the ``default`` network, made on the first step that uses it
         self._bridge = BridgeNetwork(subnet, ident=self.owner)
         self._hierarchies = host_hierarchies()
+        #: root of a user namespace (a rootless worker): cgroups only where delegated
+        self._rootless = in_user_namespace()
+        self._warned_cgroups = False
         self._cgroup_prefix = _cgroup_prefix(self._state_dir) + self.owner + "-"
         #: answers sandboxed steps' attaching ptrace calls; started by the first one
         self._guard = PtraceGuard(socket_path(self._state_dir, self.owner))
@@ -503,8 +507,9 @@ class OCIRuntimeExecutor:
                     netns_path=netns,
                     resolv_conf=str(resolv),
                     hosts=str(hosts),
-                    limits=_spec_limits(process.limits, cgroup, own_pids),
+                    limits=_spec_limits(process.limits, cgroup, own_pids, self._rootless),
                     seccomp_listener=listener,
+                    rootless=self._rootless,
                 )
             )
             stubs = await asyncio.to_thread(
@@ -537,7 +542,18 @@ class OCIRuntimeExecutor:
         try:
             await asyncio.to_thread(cgroup.create)
         except OSError as exc:
-            _log.warning("no cgroup for step accounting", error=os_error_text(exc))
+            if not self._rootless:
+                _log.warning("no cgroup for step accounting", error=os_error_text(exc))
+            elif not self._warned_cgroups:
+                # Not a failure (BuildKit's rootless worker runs so too): the
+                # steps run, only unlimited and unaccounted.
+                self._warned_cgroups = True
+                _log.warning(
+                    "rootless: no cgroup delegated to this user, so RUN steps run "
+                    "without memory/pids/cpu limits or accounting (with cgroup v2 and "
+                    "systemd: delegate the controllers to user@.service)",
+                    error=os_error_text(exc),
+                )
             return None
         return cgroup
 
@@ -644,13 +660,18 @@ class OCIRuntimeExecutor:
 _SAMPLE_EVERY = 0.2
 
 
-def _spec_limits(limits: StepLimits, cgroup: StepCgroup | None, own_pids: bool) -> SpecLimits:
-    """``own_pids``: the pids limit is on our cgroup already (``limit_pids``)."""
+def _spec_limits(
+    limits: StepLimits, cgroup: StepCgroup | None, own_pids: bool, rootless: bool = False
+) -> SpecLimits:
+    """``own_pids``: the pids limit is on our cgroup already (``limit_pids``).
+    ``rootless`` without a cgroup: no cgroup limits at all, which a rootless
+    runtime could only fail to set ("container could not join or create cgroup")."""
+    uncgrouped = rootless and cgroup is None
     return SpecLimits(
         cgroups_path=cgroup.runtime_path if cgroup is not None else "",
-        memory=limits.memory,
-        pids=None if own_pids else limits.pids,
-        cpus=limits.cpus,
+        memory=None if uncgrouped else limits.memory,
+        pids=None if own_pids or uncgrouped else limits.pids,
+        cpus=None if uncgrouped else limits.cpus,
         shm_size=limits.shm_size,
         rlimits=tuple((u.rlimit, u.soft, u.hard) for u in limits.ulimits),
     )
@@ -741,7 +762,10 @@ def _nofile_limit() -> int:
     runtime's setrlimit above our hard limit fails with EPERM and no step runs.
     """
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard >= NOFILE_LIMIT or _has_cap(_CAP_SYS_RESOURCE):
+    # CAP_SYS_RESOURCE of a user namespace's root raises no rlimit: the kernel
+    # asks for it in the host's namespace.
+    may_raise = _has_cap(_CAP_SYS_RESOURCE) and not in_user_namespace()
+    if hard == resource.RLIM_INFINITY or hard >= NOFILE_LIMIT or may_raise:
         return NOFILE_LIMIT
     return hard
 

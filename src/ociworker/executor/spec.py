@@ -231,6 +231,8 @@ class SpecOptions:
     #: attaching ptrace calls are sent there; "" = allowed as Docker's profile
     #: allows them (left to the host's Yama)
     seccomp_listener: str = ""
+    #: the runtime runs as root of a user namespace (a rootless worker)
+    rootless: bool = False
 
 
 def process_env(env: tuple[str, ...], home: str) -> list[str]:
@@ -348,6 +350,13 @@ def make_spec(opts: SpecOptions) -> dict[str, Any]:
     linux["resources"].update(limit_resources(opts.limits))
     if opts.limits.cgroups_path:
         linux["cgroupsPath"] = opts.limits.cgroups_path
+    if opts.rootless:
+        # Root of a user namespace may write no device cgroup (the runtime
+        # bind-mounts the default device nodes instead of making them, so none
+        # but those exists), and, without a delegated cgroup, no cgroup at all.
+        linux["resources"].pop("devices", None)
+        if not linux["resources"]:
+            del linux["resources"]
     spec: dict[str, Any] = {
         "ociVersion": OCI_VERSION,
         "process": {

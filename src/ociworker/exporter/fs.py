@@ -23,6 +23,7 @@ from typing import IO
 from ociworker.errors import HostError, UnsafePathError
 from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import secure_join
+from ociworker.fs.userns import rootless
 
 _COPY_BUF = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -100,7 +101,9 @@ class _LocalCopy:
     def __init__(self, dest: Path, root_fd: int) -> None:
         self.dest = dest
         self.root_fd = root_fd
-        self.as_root = os.geteuid() == 0
+        # A rootless worker is root only of its namespace: files it gave image
+        # owners (200999 on the host for 1000) would be the user's no more.
+        self.as_root = os.geteuid() == 0 and not rootless()
         # (st_dev, st_ino) of multiply-linked sources -> their path below dest
         self.links: dict[tuple[int, int], tuple[str, ...]] = {}
 

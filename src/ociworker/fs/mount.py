@@ -26,6 +26,7 @@ import ctypes.util
 import errno
 import os
 import re
+import subprocess
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -183,7 +184,27 @@ def _mount_in_dir(cwd: str, source: str, target: str, fstype: str, flags: int, d
         raise failure[0]
 
 
+#: a mount of this type is made by the fuse-overlayfs binary (the rootless
+#: snapshotter where the kernel's overlayfs cannot mount); umount2 ends it
+FUSE_OVERLAY = "fuse-overlayfs"
+
+
+def _mount_fuse_overlay(m: Mount, target: str) -> None:
+    # Its options travel on the command line: no page limit, no relative paths.
+    opts = ",".join(o for o in m.options if o not in ("rw", "ro"))
+    done = subprocess.run(
+        [FUSE_OVERLAY, "-o", opts, target], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        # it prints "unknown argument ignored" notes before the reason
+        why = [ln for ln in done.stderr.splitlines() if "unknown argument ignored" not in ln]
+        raise HostError(f"fuse-overlayfs on {target} failed: {' '.join(why) or done.returncode}")
+
+
 def _mount_one(m: Mount, target: str) -> None:
+    if m.type == FUSE_OVERLAY:
+        _mount_fuse_overlay(m, target)
+        return
     flags, readonly, data = _split_options(m)
     if flags & _MS_BIND:
         if data:

@@ -75,7 +75,9 @@ def check_worker_root(root: Path, *, euid: int | None = None) -> None:
 
 def _check_user(root: Path, euid: int) -> None:
     if euid != 0:
-        # Mounting overlayfs and running runc need root; rootless is not done yet.
+        # Mounting overlayfs and running runc need root: a user's CLI enters a user
+        # namespace of its own first (ociworker.rootless), so this is a worker made
+        # some other way (an API caller) without one.
         raise ConfigError(
             f"--root {root}: the embedded worker must run as root (this is uid {euid}); "
             "run the build as root (e.g. with sudo), or on an ociworker daemon with --addr"

@@ -77,6 +77,9 @@ def _row(t: Any) -> Row:
 class DirSnapshotter:
     """Snapshots as directories under ``root``; subclasses decide trees and mounts."""
 
+    #: which snapshotter ``open_snapshotter`` picked and why ("overlayfs: auto, ...")
+    picked: str = ""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
         self.snapshots_dir = self.root / "snapshots"

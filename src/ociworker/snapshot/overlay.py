@@ -34,7 +34,13 @@ from pathlib import Path
 
 from ociworker.core.mounts import Mount
 from ociworker.errors import ConfigError, HostError
-from ociworker.fs.mount import MAX_OVERLAY_LOWERS, mount_all, overlay_data_fits, unmount
+from ociworker.fs.mount import (
+    FUSE_OVERLAY,
+    MAX_OVERLAY_LOWERS,
+    mount_all,
+    overlay_data_fits,
+    unmount,
+)
 from ociworker.fs.tree import copy_tree, rmtree
 from ociworker.snapshot.dirstore import DirSnapshotter, Row
 
@@ -44,8 +50,15 @@ FLATTEN_EVERY = 128
 
 
 class OverlaySnapshotter(DirSnapshotter):
-    def __init__(self, root: Path) -> None:
+    #: the mount type of overlay mounts (``FuseOverlaySnapshotter``: fuse-overlayfs)
+    mount_type = "overlay"
+
+    def __init__(self, root: Path, *, userxattr: bool = False) -> None:
+        """``userxattr``: overlayfs keeps its whiteout and opaque marks in
+        ``user.overlay.*`` xattrs, as it must in a user namespace (a rootless
+        worker), where the ``trusted.*`` ones are the host root's alone."""
         super().__init__(root)
+        self._extra: tuple[str, ...] = ("userxattr",) if userxattr else ()
         # These characters separate overlay options and lowerdirs; refusing
         # them is simpler and safer than escaping them for the kernel parser.
         if any(c in os.fspath(self.root) for c in ":,\\"):
@@ -65,11 +78,15 @@ class OverlaySnapshotter(DirSnapshotter):
         if row.kind == "active":
             if not chain:
                 return [Mount(type="bind", source=fs, options=("rbind", "rw"))]
-            upper = (f"upperdir={fs}", f"workdir={self.dir_of(row.id) / 'work'}")
+            upper = (
+                f"upperdir={fs}",
+                f"workdir={self.dir_of(row.id) / 'work'}",
+                *self._extra,
+            )
             lowers = self._lowers(chain, upper)
             return [
                 Mount(
-                    type="overlay",
+                    type=self.mount_type,
                     source="overlay",
                     options=("lowerdir=" + ":".join(lowers), *upper),
                 )
@@ -82,14 +99,22 @@ class OverlaySnapshotter(DirSnapshotter):
                     type="bind", source=os.fspath(self.fs_of(chain[0].id)), options=("rbind", "ro")
                 )
             ]
-        lowers = self._lowers(chain, ())
-        return [Mount(type="overlay", source="overlay", options=("lowerdir=" + ":".join(lowers),))]
+        lowers = self._lowers(chain, self._extra)
+        return [
+            Mount(
+                type=self.mount_type,
+                source="overlay",
+                options=("lowerdir=" + ":".join(lowers), *self._extra),
+            )
+        ]
 
     def _lowers(self, chain: list[Row], extra: tuple[str, ...]) -> list[str]:
         """Lower dirs (nearest first) for committed ``chain``, flattening if needed."""
         plain = [os.fspath(self.fs_of(r.id)) for r in chain]
         candidate = Mount(
-            type="overlay", source="overlay", options=("lowerdir=" + ":".join(plain), *extra)
+            type=self.mount_type,
+            source="overlay",
+            options=("lowerdir=" + ":".join(plain), *extra),
         )
         if len(plain) <= MAX_OVERLAY_LOWERS and overlay_data_fits(candidate):
             return plain
@@ -108,7 +133,7 @@ class OverlaySnapshotter(DirSnapshotter):
         target = self.dir_of(chain[0].id) / "flat"
         if target.is_dir():
             return target
-        lowers = self._lowers(chain, ())
+        lowers = self._lowers(chain, self._extra)
         building = self.dir_of(chain[0].id) / f"flat.tmp-{uuid.uuid4().hex}"
         try:
             if len(lowers) == 1:
@@ -119,9 +144,9 @@ class OverlaySnapshotter(DirSnapshotter):
                     mount_all(
                         [
                             Mount(
-                                type="overlay",
+                                type=self.mount_type,
                                 source="overlay",
-                                options=("lowerdir=" + ":".join(lowers),),
+                                options=("lowerdir=" + ":".join(lowers), *self._extra),
                             )
                         ],
                         mnt,
@@ -142,3 +167,15 @@ class OverlaySnapshotter(DirSnapshotter):
             with contextlib.suppress(FileNotFoundError):
                 rmtree(building)
         return target
+
+
+class FuseOverlaySnapshotter(OverlaySnapshotter):
+    """The overlay layout mounted by ``fuse-overlayfs`` (in user space): the
+    rootless fallback where the kernel's overlayfs cannot mount in a user
+    namespace (Linux < 5.11). Its upper dirs mark deletions its own way, so the
+    differ compares the mounted trees rather than reading them."""
+
+    mount_type = FUSE_OVERLAY
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)  # no userxattr: fuse-overlayfs keeps its own marks

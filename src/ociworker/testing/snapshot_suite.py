@@ -100,7 +100,7 @@ def writable_dir(mounts: Sequence[Mount]) -> Path:
     """Where to write into an active snapshot without mounting it."""
     (m,) = mounts
     upper = m.option("upperdir")
-    if m.type == "overlay" and upper is not None:
+    if m.type in ("overlay", "fuse-overlayfs") and upper is not None:
         return Path(upper)
     _expect(is_bind(m) and not m.readonly, f"not a writable mount: {m}")
     return Path(m.source)
@@ -225,7 +225,8 @@ async def check_delete_hides_in_child_only(ctx: SuiteContext) -> None:
 
 def _read_only(m: Mount) -> bool:
     # An overlay without an upperdir is read-only by construction.
-    return m.readonly or (m.type == "overlay" and m.option("upperdir") is None)
+    overlay = m.type in ("overlay", "fuse-overlayfs")
+    return m.readonly or (overlay and m.option("upperdir") is None)
 
 
 def _info(key: str, kind: Kind, parent: str | None) -> SnapshotInfo:

@@ -1097,11 +1097,17 @@ class InfoResponse(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     SNAPSHOTTER_FIELD_NUMBER: _builtins.int
     RUNNING_BUILDS_FIELD_NUMBER: _builtins.int
+    ROOTLESS_FIELD_NUMBER: _builtins.int
+    SNAPSHOTTER_PICKED_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     root: _builtins.str
     runtime: _builtins.str
     snapshotter: _builtins.str
     running_builds: _builtins.int
+    rootless: _builtins.bool
+    """the worker runs as an ordinary user, root of a user namespace of its own"""
+    snapshotter_picked: _builtins.str
+    """the snapshotter in use and why it was picked ("overlayfs: auto, ...")"""
     def __init__(
         self,
         *,
@@ -1110,10 +1116,12 @@ class InfoResponse(_message.Message):
         runtime: _builtins.str = ...,
         snapshotter: _builtins.str = ...,
         running_builds: _builtins.int = ...,
+        rootless: _builtins.bool = ...,
+        snapshotter_picked: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["root", b"root", "running_builds", b"running_builds", "runtime", b"runtime", "snapshotter", b"snapshotter", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["root", b"root", "rootless", b"rootless", "running_builds", b"running_builds", "runtime", b"runtime", "snapshotter", b"snapshotter", "snapshotter_picked", b"snapshotter_picked", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -242,6 +242,8 @@ def test_builds_starting_together_on_a_new_root_all_get_it(tmp_path: Path) -> No
         assert errors == [], errors
         assert root.is_dir()
         assert (root.stat().st_mode & 0o777) == 0o700
+
+
 def test_a_root_made_meanwhile_by_another_build_is_fine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

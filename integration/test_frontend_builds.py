@@ -24,8 +24,8 @@ import pytest
 
 import ociworker
 from conftest import oci_archive_image
-from ociworker.core.definition import encode
 from ociworker.core.graph import Copy, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
+from ociworker.definition import encode
 from ociworker.testing.daemon import spawn_daemon
 
 SRC = Path(ociworker.__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_graph_from_stdin_builds_what_it_declares(
     script.write_text(
         textwrap.dedent(f"""
         import sys
-        from ociworker.core.definition import encode
+        from ociworker.definition import encode
         from ociworker.core.graph import ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 
         src = Vertex(SourceOp("docker-image://{pinned_base}"), name="FROM busybox")

@@ -13,8 +13,8 @@ import pytest
 
 from ociworker import graph as g
 from ociworker.api.v1 import graph_pb2
-from ociworker.core.definition import DefinitionError, decode, encode
 from ociworker.core.graph import DiffOp, ExecOp, FileOp, MergeOp, Vertex
+from ociworker.definition import DefinitionError, decode, encode
 from ociworker.errors import UnsupportedError, UserError
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.parser import parse

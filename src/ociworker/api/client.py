@@ -295,7 +295,7 @@ class Client:
         then on the build is that daemon's. ``definition`` is the Dockerfile
         already read (once per build: ``-f -`` cannot be read twice), or
         the bytes of a definition for ``request.frontend`` (graph.v1: what
-        ``core.definition.encode`` wrote).
+        ``ociworker.definition.encode`` wrote).
         """
         if isinstance(definition, bytes):
             if request.frontend in ("", "dockerfile", "dockerfile.v0"):

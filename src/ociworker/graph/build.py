@@ -12,19 +12,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ociworker.core.build import DEFAULT_ROOT, NAMED_LOCAL_PREFIX, BuildRequest, BuildResult
-from ociworker.core.definition import Format, encode
 from ociworker.core.oci import Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import EventSink, discard
 from ociworker.core.reference import parse_reference
 from ociworker.core.session import Credentials, Secrets, SSHAgents
+from ociworker.definition import Format, encode
 from ociworker.errors import RegistryError, UserError
 from ociworker.frontend.dockerfile.convert import CONTEXT, ImageInfo, Plan
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.graph.lower import _post_order, image_refs, lower
 from ociworker.graph.state import LocalNode, State
 
-#: what ``definition`` writes (the serialized graph: ``ociworker.core.definition``)
+#: what ``definition`` writes (the serialized graph: ``ociworker.definition``)
 FORMATS = ("pb", "json")
 
 

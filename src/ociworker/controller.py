@@ -653,7 +653,10 @@ async def _build(
         recorder.dockerfile = (
             f"{redact(req.context_url)}//{name}" if req.context_url else str(context_root / name)
         )
-        recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
+        # a graph.v1 (or plugin) definition is its bytes; a Dockerfile is its text
+        recorder.dockerfile_digest = sha256_bytes(
+            definition.source or definition.dockerfile.encode()
+        )
     chosen: plugins.Chosen | None = None
     if plan is None:
         assert definition is not None

@@ -326,7 +326,13 @@ async def _on_daemon(
         if key.startswith(NAMED_LOCAL_PREFIX)
     )
     credentials = credentials or DockerConfigCredentials()
-    data = await definition_async(state, "pb", resolver=RegistryResolver(credentials=credentials))
+    from ociworker.session.context import read_ignore_file
+
+    # the daemon selects the context's files by its .dockerignore (the client
+    # sends those rules): the context's source vertex says so, as a Dockerfile's
+    ignore = read_ignore_file(context, None) if context.is_dir() else ()
+    made = await plan(state, RegistryResolver(credentials=credentials), None, ignore)
+    data = encode(made.target, made.config, "pb")
     async with Client(addr) as client:
         return await client.build(
             context,

@@ -367,6 +367,15 @@ def test_a_million_protobuf_vertices_fail_fast_in_bounded_memory() -> None:
     assert int(out[1]) < 32 << 10, f"peak RSS grew by {out[1]} KiB"
 
 
+def test_a_group_cannot_hide_vertices_from_the_count() -> None:
+    # an empty group (field 3) that the top-level walk could not step over,
+    # then more vertices than the limit: refused before the parser sees them
+    data = b"\x0a\x08graph.v1\x1b\x1c" + b"\x12\x00" * 200_000
+    _refused(data, "malformed definition", "field 3 is a group")
+    # what the parser alone would do: take the group as an unknown field and read on
+    assert len(graph_pb2.Definition.FromString(data).vertices) == 200_000
+
+
 def test_a_million_json_vertices_fail_fast_in_bounded_memory() -> None:
     # A million of the smallest vertices the JSON form allows (under the byte limit).
     data = b'{"version":"graph.v1","vertices":[' + b",".join([b"{}"] * 1_000_000) + b"]}"

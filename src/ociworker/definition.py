@@ -144,8 +144,9 @@ def _count_vertices(data: bytes) -> None:
     every element: an empty Vertex is two bytes, so the byte cap alone lets 33
     million through, which parse into GBs (2.4 GiB measured for the whole
     message, 0.9 GiB with the vertices as bytes). So the top-level tags and
-    lengths are walked here, nothing kept; what they do not make sense of is
-    left to the parser to refuse."""
+    lengths are walked here, nothing kept. A group (no field of a Definition
+    is one) is refused here: the walk cannot skip it, and the parser would
+    read on past it; other nonsense ends the walk and the parser refuses it."""
     pos, count = 0, 0
     while pos < len(data):
         key, pos = _varint(data, pos)
@@ -161,6 +162,8 @@ def _count_vertices(data: bytes) -> None:
                     raise too_many()
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
+        elif wire in (3, 4):
+            raise DefinitionError(f"malformed definition: field {key >> 3} is a group")
         else:
             return
 

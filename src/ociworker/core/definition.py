@@ -291,7 +291,7 @@ def encode_json(target: Vertex | None, image_config: dict[str, Any] | None = Non
 # --- decoding ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One vertex as a definition states it, its inputs still digests."""
 

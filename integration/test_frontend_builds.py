@@ -7,6 +7,7 @@ Python has it while the client's does not). Real runc, overlayfs, registry."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -24,8 +25,8 @@ import pytest
 
 import ociworker
 from conftest import oci_archive_image
-from ociworker.core.definition import encode
 from ociworker.core.graph import Copy, ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
+from ociworker.definition import encode
 from ociworker.testing.daemon import spawn_daemon
 
 SRC = Path(ociworker.__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_graph_from_stdin_builds_what_it_declares(
     script.write_text(
         textwrap.dedent(f"""
         import sys
-        from ociworker.core.definition import encode
+        from ociworker.definition import encode
         from ociworker.core.graph import ExecOp, FileOp, Mkdir, Mkfile, SourceOp, Vertex
 
         src = Vertex(SourceOp("docker-image://{pinned_base}"), name="FROM busybox")
@@ -121,6 +122,16 @@ def test_graph_from_stdin_builds_what_it_declares(
     assert (out / "answer").read_text() == "42\n"  # the shell's arithmetic, run by runc
     assert (out / "greet" / "hello").read_text() == "hi\n"
     assert (out / "bin" / "busybox").is_file()  # the base image's files
+    # the history record names the definition by its bytes' digest (a protobuf
+    # document is no text: the digest of what came in on stdin)
+    assert _recorded_digest(state_dir) == "sha256:" + hashlib.sha256(made.stdout).hexdigest()
+
+
+def _recorded_digest(state_dir: Path) -> str:
+    """The definition digest the newest build's history record shows."""
+    proc = ow("history", "inspect", "--root", str(state_dir), "^0", "--format", "json")
+    _ok(proc)
+    return str(json.loads(proc.stdout)["dockerfile_digest"])
 
 
 def test_graph_file_image_and_cached_rebuild(
@@ -144,6 +155,10 @@ def test_graph_file_image_and_cached_rebuild(
     assert len(config["history"]) == len(config["rootfs"]["diff_ids"])
     again = _ok(ow(*args))
     assert "#3 RUN answer\n#3 CACHED" in again and "#4 greeting\n#4 CACHED" in again
+    want = "sha256:" + hashlib.sha256(definition.read_bytes()).hexdigest()
+    assert _recorded_digest(state_dir) == want
+    pretty = ow("history", "inspect", "--root", str(state_dir), "^0").stdout.decode()
+    assert f"Dockerfile digest: {want}" in pretty, pretty
 
 
 def test_graph_frontend_refuses_bad_definitions_before_any_step(

@@ -369,6 +369,65 @@ def test_build_on_a_daemon_shares_its_cache_with_the_dockerfile(
     assert oci_archive_image(tmp_path / "py.tar") == oci_archive_image(tmp_path / "df.tar")
 
 
+@pytest.mark.parametrize("where", ["embedded", "daemon"])
+def test_python_build_of_a_context_reads_its_dockerignore_as_the_dockerfile_does(
+    where: str, require_root: None, base_image: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """A context with a .dockerignore: its Dockerfile build, then the same
+    steps in Python on the same root (or daemon) run nothing (the same files
+    selected, the same source vertex), and neither copies what the file names."""
+    import io
+    import signal
+
+    from ociworker.progress_ui import PlainPrinter
+    from ociworker.testing.daemon import spawn_daemon
+
+    addr = f"unix://{tmp_path / 'd.sock'}"
+    daemon = None
+    if where == "daemon":
+        daemon = spawn_daemon(("--addr", addr, "--root", str(state_dir)), tmp_path / "daemon.log")
+    on = ["--addr", addr] if daemon else ["--root", str(state_dir)]
+
+    ctx = tmp_path / "ctx"
+    for rel in ("app/main.txt", "app/debug.log", "secret.env"):
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ctx / rel).write_text(f"{rel}\n")
+    (ctx / ".dockerignore").write_text("**/*.log\nsecret.env\n")
+    dockerfile = tmp_path / "Dockerfile"  # outside the context: COPY . sees only ctx
+    listing = "find /app -type f | sort > /listing"
+    dockerfile.write_text(f"FROM {base_image}\nCOPY . /app\nRUN {listing}\n")
+    df_out, py_out = tmp_path / "df", tmp_path / "py"
+    shown = io.StringIO()
+    try:
+        first = _run(
+            ["-m", "ociworker", "build", *on, "--progress=plain",
+             "-f", str(dockerfile), "-o", f"type=local,dest={df_out}", str(ctx)]
+        )  # fmt: skip
+        ran = _work_steps(first.stderr)
+        assert len(ran) == 2 and all(states == ("DONE",) for _, states in ran), first.stderr
+        g.build(
+            g.image(base_image).copy(g.local(), ".", "/app").run(listing),
+            root=None if daemon else state_dir,
+            addr=addr if daemon else None,
+            context=ctx,
+            outputs=[f"type=local,dest={py_out}"],
+            events=PlainPrinter(shown),
+        )
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=60) == 0
+    steps = _work_steps(shown.getvalue())
+    assert len(steps) == 2, shown.getvalue()
+    assert all(states == ("CACHED",) for _, states in steps), shown.getvalue()
+    # what docker build sends of this context: everything but what .dockerignore names
+    want = ["/app/.dockerignore", "/app/app/main.txt"]
+    for out in (df_out, py_out):
+        assert (out / "listing").read_text().split() == want
+        assert not (out / "app" / "secret.env").exists()
+        assert not (out / "app" / "app" / "debug.log").exists()
+
+
 def _example_module(name: str) -> Any:
     import importlib.util
 

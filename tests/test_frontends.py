@@ -16,9 +16,9 @@ import pytest
 
 from ociworker import controller, plugins
 from ociworker.core.build import BuildDefinition, BuildRequest
-from ociworker.core.definition import DefinitionError, encode
 from ociworker.core.graph import FileOp, Mkfile, Vertex
 from ociworker.core.oci import Platform
+from ociworker.definition import DefinitionError, encode
 from ociworker.errors import ConfigError, NotFoundError, UnsafePathError, UserError
 from ociworker.frontend.base import FrontendInputs, FrontendResult
 from ociworker.fs.ignore import IgnoreMatcher
@@ -219,7 +219,7 @@ def test_syntax_naming_no_plugin_keeps_the_dockerfile_warning(syntax: str, warns
 
 def test_client_refuses_an_oversize_definition_before_sending(tmp_path: Path) -> None:
     from ociworker.api.client import Client
-    from ociworker.core.definition import MAX_BYTES
+    from ociworker.definition import MAX_BYTES
 
     async def go() -> None:
         # no daemon listens there: the refusal comes before any connection is tried

@@ -13,8 +13,8 @@ import pytest
 
 from ociworker import graph as g
 from ociworker.api.v1 import graph_pb2
-from ociworker.core.definition import DefinitionError, decode, encode
 from ociworker.core.graph import DiffOp, ExecOp, FileOp, MergeOp, Vertex
+from ociworker.definition import DefinitionError, decode, encode
 from ociworker.errors import UnsupportedError, UserError
 from ociworker.frontend.dockerfile.convert import ImageInfo, Options, Plan, convert
 from ociworker.frontend.dockerfile.parser import parse
@@ -290,6 +290,42 @@ def test_local_include_and_exclude_select_what_the_worker_reads(tmp_path: Path) 
     assert seen == [".", "src", "src/a.py"]
     with pytest.raises(UserError, match="no such context"):
         local_dirs(g.local("other").run("ls"), tmp_path, {})
+
+
+def test_the_contexts_dockerignore_is_the_dockerfiles_unless_patterns_are_given(
+    tmp_path: Path,
+) -> None:
+    """A ``local()`` of the context with no include / exclude takes the
+    .dockerignore the Dockerfile build reads: the same source vertex as the
+    converter makes with those patterns, and the same files read. Patterns
+    given to ``local()`` are the whole selection."""
+    from ociworker.fs import walk
+    from ociworker.fs.ignore import parse_ignore
+    from ociworker.graph.build import local_dirs
+
+    ignore_text = "# build junk\n**/*.log\nsecret.env\n"
+    patterns = parse_ignore(ignore_text)
+    for rel in ("app/main.txt", "app/debug.log", "secret.env"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / ".dockerignore").write_text(ignore_text)
+    text = f"FROM {BASE}\nCOPY . /app\nRUN ls -R /app\n"
+    st = g.image(BASE).copy(g.local(), ".", "/app").run("ls -R /app")
+    _same(_dockerfile(text, ignore_patterns=patterns), g.lower(st, IMAGES, context_ignore=patterns))
+
+    def read(state: g.State) -> list[str]:
+        ctx = local_dirs(state, tmp_path, {}, patterns)["context"]
+        source = walk.Source(ctx.root, ctx.ignore, is_context=True)
+        return sorted(p.removeprefix("./") for p, _ in walk.walk_selected(source, ".", follow=True))
+
+    # the files a `docker build` of this context sends (its .dockerignore applied)
+    assert read(st) == [".", ".dockerignore", "app", "app/main.txt"]
+    explicit = g.image(BASE).copy(g.local(exclude=["app"]), ".", "/app")
+    assert read(explicit) == [".", ".dockerignore", "secret.env"]
+    lowered = g.lower(explicit, IMAGES, context_ignore=patterns).target
+    assert lowered is not None
+    ctx_source = next(v for v in lowered.walk() if v.name == "[internal] load build context")
+    assert ctx_source.op.to_json()["source"]["attrs"] == {"excludepatterns": '["app"]'}
 
 
 def test_a_chain_of_thousands_of_steps_lowers_and_digests() -> None:

@@ -97,6 +97,10 @@ def _targets(imp: Imported) -> list[str]:
         return [
             n if (PKG / n).is_dir() or (PKG / f"{n}.py").exists() else "__init__" for n in imp.names
         ]
+    if imp.module.startswith("ociworker.api.v1.") and imp.module.endswith("_pb2"):
+        return ["api.v1"]  # the generated message modules (protobuf only): see the table's notes
+    if imp.module == "ociworker.api.v1" and all(n.endswith("_pb2") for n in imp.names):
+        return ["api.v1"]
     if imp.module.startswith("ociworker."):
         return [imp.module.split(".")[1]]
     return []

@@ -20,8 +20,6 @@ from ociworker.core.build import (
     UsageRecord,
     check_platforms,
 )
-from ociworker.core.definition import decode as decode_definition
-from ociworker.core.definition import encode as encode_definition
 from ociworker.core.digest import sha256_bytes
 from ociworker.core.gc import GCPolicy, PruneOptions
 from ociworker.core.gitref import KEEP_GIT_DIR_ARG, redact
@@ -49,6 +47,8 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
+from ociworker.definition import decode as decode_definition
+from ociworker.definition import encode as encode_definition
 from ociworker.errors import (
     ConfigError,
     DockerfileError,
@@ -172,7 +172,7 @@ async def plan_frontend(
 ) -> Plan:
     """The plan of a frontend other than the Dockerfile's: it reads the
     definition and the context through a confined reader and returns a graph,
-    which is checked whole (``core.definition``: op types, sizes, paths,
+    which is checked whole (``ociworker.definition``: op types, sizes, paths,
     digests) before anything runs. Its layers' history is made after the
     solve (``frontend_history``): the graph does not say how many layers its
     base images bring."""
@@ -653,7 +653,10 @@ async def _build(
         recorder.dockerfile = (
             f"{redact(req.context_url)}//{name}" if req.context_url else str(context_root / name)
         )
-        recorder.dockerfile_digest = sha256_bytes(definition.dockerfile.encode())
+        # a graph.v1 (or plugin) definition is its bytes; a Dockerfile is its text
+        recorder.dockerfile_digest = sha256_bytes(
+            definition.source or definition.dockerfile.encode()
+        )
     chosen: plugins.Chosen | None = None
     if plan is None:
         assert definition is not None

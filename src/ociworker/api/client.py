@@ -58,7 +58,12 @@ from ociworker.errors import (
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher, read_dir_ignore
 from ociworker.fs.oserror import os_error_text
-from ociworker.session.context import STDIN, read_definition, read_stdin_dockerfile
+from ociworker.session.context import (
+    STDIN,
+    read_definition,
+    read_ignore_file,
+    read_stdin_dockerfile,
+)
 
 DEFAULT_ADDR = "unix:///run/ociworker/ociworker.sock"
 
@@ -305,7 +310,7 @@ class Client:
         then on the build is that daemon's. ``definition`` is the Dockerfile
         already read (once per build: ``-f -`` cannot be read twice), or
         the bytes of a definition for ``request.frontend`` (graph.v1: what
-        ``core.definition.encode`` wrote).
+        ``ociworker.definition.encode`` wrote).
         """
         if isinstance(definition, bytes):
             if request.frontend in ("", "dockerfile", "dockerfile.v0"):
@@ -313,7 +318,10 @@ class Client:
                     "definition bytes are for another frontend than the Dockerfile's: "
                     'pass frontend="graph.v1" (or a plugin\'s name)'
                 )
-            definition = BuildDefinition("", "definition", source=definition)
+            # the context's .dockerignore holds for a graph's context as for a
+            # Dockerfile's: what it names is never sent
+            ignore = () if request.context_url else read_ignore_file(request.context, None)
+            definition = BuildDefinition("", "definition", ignore, source=definition)
         if definition is not None and len(definition.source) > MAX_DEFINITION_BYTES:
             raise DefinitionError(
                 f"definition of {len(definition.source)} bytes is over the limit of "

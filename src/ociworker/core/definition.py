@@ -1,13 +1,15 @@
 """The serialized graph (``graph.v1``): a build graph as a versioned document (pure).
 
-Two forms of one document: protobuf (``api/v1/graph.proto``, written by
-``core.wire``) and canonical JSON for reading (sorted keys, stable order).
+Two forms of one document: protobuf (``api/v1/graph.proto``, read and written
+by ``ociworker.definition`` with the protobuf library, which core may not
+import) and canonical JSON for reading (sorted keys, stable order), which is
+here with the model both forms share and every check made on a decoded graph.
 Each vertex carries the digest the worker computes for it (``Vertex.digest``:
 its op's JSON and its inputs' digests), so a definition is content-addressed
 the way the worker is: ``decode(encode(v)).target.digest == v.digest``, and
 a vertex whose stated digest is not what its op and inputs make is refused.
 
-Nothing in a definition is trusted: ``decode`` checks the version, the size
+Nothing in a definition is trusted: decoding checks the version, the size
 (bytes and vertex count, before the vertices are parsed), every op type and
 field, dangling inputs, cycles, input indexes and ``..`` in file-op paths, and
 raises ``DefinitionError`` naming what is wrong before anything can run.
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ociworker.core.build import Ulimit
-from ociworker.core.digest import canonical_json, is_digest
+from ociworker.core.digest import is_digest
 from ociworker.core.graph import (
     Copy,
     DiffOp,
@@ -39,9 +41,6 @@ from ociworker.core.graph import (
     SourceOp,
     Vertex,
 )
-from ociworker.core.wire import Field, Message, WireError, fields
-from ociworker.core.wire import decode as wire_decode
-from ociworker.core.wire import encode as wire_encode
 from ociworker.errors import OciworkerError, UserError
 
 VERSION = "graph.v1"
@@ -67,96 +66,88 @@ class Definition:
     version: str = VERSION
 
 
-# --- the schema (api/v1/graph.proto, field for field) ------------------------------
+# --- the schema of the op bodies (api/v1/graph.proto's op messages) -----------------
+#
+# What a JSON body may hold, field for field as the protobuf messages (checked
+# against the generated descriptors by tests/test_definition.py): the JSON form
+# is read here, without the protobuf library.
 
-_S, _I, _B, _M = "string", "int", "bool", "map"
 
-SOURCE = Message("SourceOp", (Field(1, "identifier", _S), Field(2, "attrs", _M)))
-HTTP = Message("HttpOp", (Field(1, "url", _S), Field(2, "checksum", _S), Field(3, "filename", _S)))
-MOUNT = Message(
-    "ExecMount",
-    (
-        Field(1, "target", _S),
-        Field(2, "type", _S),
-        Field(3, "input", _I),
-        Field(4, "selector", _S),
-        Field(5, "readonly", _B),
-        Field(6, "options", _M),
-    ),
-)
-HOST = Message("HostIP", (Field(1, "name", _S), Field(2, "ip", _S)))
-EXEC = Message(
-    "ExecOp",
-    (
-        Field(1, "args", _S, "rep"),
-        Field(2, "env", _S, "rep"),
-        Field(3, "cwd", _S),
-        Field(4, "user", _S),
-        Field(5, "network", _S),
-        Field(6, "hostname", _S),
-        Field(7, "mounts", MOUNT, "rep"),
-        Field(8, "ulimits", _S, "rep"),
-        Field(9, "shm_size", _I),
-        Field(10, "security", _S),
-        Field(11, "extra_hosts", HOST, "rep"),
-    ),
-)
-COPY = Message(
-    "Copy",
-    (
-        Field(1, "src_input", _I),
-        Field(2, "src", _S),
-        Field(3, "dest", _S),
-        Field(4, "chown", _S),
-        Field(5, "chmod", _I, "opt"),
-        Field(6, "follow_symlinks", _B),
-        Field(7, "allow_wildcard", _B),
-        Field(8, "allow_empty_wildcard", _B),
-        Field(9, "create_dest_path", _B),
-        Field(10, "dir_contents_only", _B),
-        Field(11, "dest_is_dir", _B),
-        Field(12, "exclude", _S, "rep"),
-        Field(13, "unpack_archive", _B),
-        Field(14, "parents", _B),
-        Field(15, "chmod_symbolic", _S),
-        Field(16, "multi_source", _B),
-    ),
-)
-MKDIR = Message(
-    "Mkdir",
-    (
-        Field(1, "path", _S),
-        Field(2, "mode", _I),
-        Field(3, "make_parents", _B),
-        Field(4, "chown", _S),
-    ),
-)
-MKFILE = Message(
-    "Mkfile",
-    (Field(1, "path", _S), Field(2, "data", _S), Field(3, "mode", _I), Field(4, "chown", _S)),
-)
-RM = Message(
-    "Rm", (Field(1, "path", _S), Field(2, "allow_not_found", _B), Field(3, "allow_wildcard", _B))
-)
-ACTION = Message(
-    "FileAction",
-    (
-        Field(1, "copy", COPY),
-        Field(2, "mkdir", MKDIR),
-        Field(3, "mkfile", MKFILE),
-        Field(4, "rm", RM),
-    ),
-)
-FILE = Message("FileOp", (Field(1, "actions", ACTION, "rep"), Field(2, "cwd", _S)))
+@dataclass(frozen=True)
+class Field:
+    #: "string", "int", "bool", "map" (string -> string) or a nested message's fields
+    kind: str | Mapping[str, Field]
+    repeated: bool = False
+    #: proto3 ``optional``: null (unset) is a value of its own
+    optional: bool = False
+
+
+Schema = Mapping[str, "Field"]
+
+_S, _I, _B, _M = Field("string"), Field("int"), Field("bool"), Field("map")
+_RS = Field("string", repeated=True)
+
+SOURCE: Schema = {"identifier": _S, "attrs": _M}
+HTTP: Schema = {"url": _S, "checksum": _S, "filename": _S}
+MOUNT: Schema = {
+    "target": _S,
+    "type": _S,
+    "input": _I,
+    "selector": _S,
+    "readonly": _B,
+    "options": _M,
+}
+HOST: Schema = {"name": _S, "ip": _S}
+EXEC: Schema = {
+    "args": _RS,
+    "env": _RS,
+    "cwd": _S,
+    "user": _S,
+    "network": _S,
+    "hostname": _S,
+    "mounts": Field(MOUNT, repeated=True),
+    "ulimits": _RS,
+    "shm_size": _I,
+    "security": _S,
+    "extra_hosts": Field(HOST, repeated=True),
+}
+COPY: Schema = {
+    "src_input": _I,
+    "src": _S,
+    "dest": _S,
+    "chown": _S,
+    "chmod": Field("int", optional=True),
+    "follow_symlinks": _B,
+    "allow_wildcard": _B,
+    "allow_empty_wildcard": _B,
+    "create_dest_path": _B,
+    "dir_contents_only": _B,
+    "dest_is_dir": _B,
+    "exclude": _RS,
+    "unpack_archive": _B,
+    "parents": _B,
+    "chmod_symbolic": _S,
+    "multi_source": _B,
+}
+MKDIR: Schema = {"path": _S, "mode": _I, "make_parents": _B, "chown": _S}
+MKFILE: Schema = {"path": _S, "data": _S, "mode": _I, "chown": _S}
+RM: Schema = {"path": _S, "allow_not_found": _B, "allow_wildcard": _B}
+ACTION: Schema = {
+    "copy": Field(COPY),
+    "mkdir": Field(MKDIR),
+    "mkfile": Field(MKFILE),
+    "rm": Field(RM),
+}
+FILE: Schema = {"actions": Field(ACTION, repeated=True), "cwd": _S}
 
 
 @dataclass(frozen=True)
 class OpKind:
-    """One op type of the format: its oneof field in ``Op``, its message, and
-    how its JSON body (``op.to_json()[name]``) becomes the op again."""
+    """One op type of the format: its body's fields (the ``Op`` oneof member of
+    the same name in protobuf), and how its JSON body (``op.to_json()[name]``)
+    becomes the op again."""
 
-    number: int
-    message: Message
+    schema: Schema
     build: Callable[[dict[str, Any]], OpSpec]
 
 
@@ -191,7 +182,7 @@ def _exec(b: dict[str, Any]) -> OpSpec:
 
 
 def _copy(b: dict[str, Any]) -> Copy:
-    known = {f.name for f in COPY.fields}
+    known = set(COPY)
     args = {k: v for k, v in b.items() if k in known}
     args["exclude"] = tuple(args.get("exclude") or ())
     return Copy(**args)
@@ -220,42 +211,23 @@ def _file(b: dict[str, Any]) -> OpSpec:
 #: bodies with no fields: all they say is in their inputs)
 OP_KINDS: dict[str, OpKind] = {
     "source": OpKind(
-        1,
         SOURCE,
         lambda b: SourceOp(b["identifier"], tuple(sorted((b.get("attrs") or {}).items()))),
     ),
-    "http": OpKind(2, HTTP, lambda b: HttpSourceOp(**b)),
-    "exec": OpKind(3, EXEC, _exec),
-    "file": OpKind(4, FILE, _file),
-    "merge": OpKind(5, Message("MergeOp", ()), lambda b: MergeOp()),
-    "diff": OpKind(6, Message("DiffOp", ()), lambda b: DiffOp()),
+    "http": OpKind(HTTP, lambda b: HttpSourceOp(**b)),
+    "exec": OpKind(EXEC, _exec),
+    "file": OpKind(FILE, _file),
+    "merge": OpKind({}, lambda b: MergeOp()),
+    "diff": OpKind({}, lambda b: DiffOp()),
 }
-
-
-def _op_message() -> Message:
-    return Message("Op", tuple(Field(k.number, n, k.message) for n, k in OP_KINDS.items()))
-
-
-VERTEX_FIELDS = (
-    Field(1, "digest", _S),
-    Field(2, "name", _S),
-    Field(3, "inputs", _S, "rep"),
-    Field(4, "ignore_cache", _B),
-)
-
-
-#: a Vertex with its op left as bytes (read apart, see ``_pb_vertex``)
-_VERTEX_RAW_OP = Message("Vertex", (*VERTEX_FIELDS, Field(5, "op", "bytes")))
-
-
-def _vertex_message() -> Message:
-    return Message("Vertex", (*VERTEX_FIELDS, Field(5, "op", _op_message())))
 
 
 # --- encoding ----------------------------------------------------------------------
 
 
-def _op_json(v: Vertex) -> tuple[str, dict[str, Any]]:
+def op_json(v: Vertex) -> tuple[str, dict[str, Any]]:
+    """The op type's name and body of ``v`` (refused: an op type the format
+    cannot say, such as a plugin's own)."""
     body = v.op.to_json()
     if len(body) != 1 or next(iter(body)) not in OP_KINDS:
         raise DefinitionError(
@@ -264,12 +236,6 @@ def _op_json(v: Vertex) -> tuple[str, dict[str, Any]]:
         )
     kind, inner = next(iter(body.items()))
     return kind, inner
-
-
-def _wire_body(kind: str, body: dict[str, Any]) -> dict[str, Any]:
-    if kind == "exec" and body.get("extra_hosts"):
-        body = dict(body, extra_hosts=[{"name": n, "ip": ip} for n, ip in body["extra_hosts"]])
-    return body
 
 
 def _digest_bottom_up(target: Vertex) -> None:
@@ -290,157 +256,80 @@ def _digest_bottom_up(target: Vertex) -> None:
         stack.extend((i, False) for i in v.inputs if i is not None and id(i) not in done)
 
 
-def encode(
-    target: Vertex | None, image_config: dict[str, Any] | None = None, fmt: Format = "pb"
-) -> bytes:
-    """The definition of the graph under ``target``, every vertex once, inputs
-    before their users. Equal graphs give equal bytes."""
-    if target is not None:
-        _digest_bottom_up(target)
-    vertices = list(target.walk()) if target is not None else []
-    if fmt == "json":
-        doc: dict[str, Any] = {
-            "version": VERSION,
-            "target": target.digest if target is not None else "",
-            "vertices": [
-                {
-                    "digest": v.digest,
-                    "name": v.name,
-                    "inputs": [i.digest if i is not None else None for i in v.inputs],
-                    "op": dict([_op_json(v)]),
-                    **({"ignore_cache": True} if v.ignore_cache else {}),
-                }
-                for v in vertices
-            ],
-        }
-        if image_config is not None:
-            doc["image_config"] = image_config
-        text = json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False)
-        return text.encode() + b"\n"
-    if fmt != "pb":
-        raise DefinitionError(f"unknown definition format {fmt!r}: want pb or json")
-    vmsg = _vertex_message()
-    one = Message("Definition", (Field(2, "v", vmsg),))
-    out = bytearray(wire_encode(Message("V", (Field(1, "version", _S),)), {"version": VERSION}))
-    for v in vertices:
-        kind, body = _op_json(v)
-        record = {
-            "digest": v.digest,
-            "name": v.name,
-            "inputs": [i.digest if i is not None else "" for i in v.inputs],
-            "ignore_cache": v.ignore_cache,
-            "op": {kind: _wire_body(kind, body)},
-        }
-        out += wire_encode(one, {"v": record})
-    rest: dict[str, Any] = {"target": target.digest if target is not None else "", "config": None}
+def in_order(target: Vertex | None) -> list[Vertex]:
+    """Every vertex under ``target`` once, inputs before their users (the
+    order of both forms), digests computed."""
+    if target is None:
+        return []
+    _digest_bottom_up(target)
+    return list(target.walk())
+
+
+def encode_json(target: Vertex | None, image_config: dict[str, Any] | None = None) -> bytes:
+    """The JSON form of the definition of the graph under ``target``. Equal
+    graphs give equal bytes."""
+    doc: dict[str, Any] = {
+        "version": VERSION,
+        "target": target.digest if target is not None else "",
+        "vertices": [
+            {
+                "digest": v.digest,
+                "name": v.name,
+                "inputs": [i.digest if i is not None else None for i in v.inputs],
+                "op": dict([op_json(v)]),
+                **({"ignore_cache": True} if v.ignore_cache else {}),
+            }
+            for v in in_order(target)
+        ],
+    }
     if image_config is not None:
-        rest["config"] = canonical_json(image_config)
-    out += wire_encode(Message("D", (Field(3, "target", _S), Field(4, "config", "bytes"))), rest)
-    return bytes(out)
+        doc["image_config"] = image_config
+    text = json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False)
+    return text.encode() + b"\n"
 
 
 # --- decoding ----------------------------------------------------------------------
 
 
-@dataclass
-class _Raw:
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One vertex as a definition states it, its inputs still digests."""
+
     digest: str
     name: str
-    inputs: list[str | None]
+    inputs: tuple[str | None, ...]
     ignore_cache: bool
     op: OpSpec
 
 
-def decode(data: bytes) -> Definition:
-    """A definition (either form) as a graph, fully checked."""
+def check_size(data: bytes) -> None:
+    """The byte cap, checked before a byte is parsed."""
     if len(data) > MAX_BYTES:
         raise DefinitionError(
             f"definition of {len(data)} bytes is over the limit of {MAX_BYTES} bytes"
         )
-    head = data.lstrip()[:1]
-    if head in (b"{", b"["):  # no protobuf Definition starts so (field 15, 11: groups)
-        version, raws, target, config = _read_json(data)
-    else:
-        version, raws, target, config = _read_pb(data)
-    return Definition(_link(raws, target), config, version)
 
 
-def _check_version(version: str) -> None:
+def is_json(data: bytes) -> bool:
+    """Which form ``data`` is: no protobuf Definition starts with ``{`` or
+    ``[`` (field 15 and 11 with the group wire types, which it has not)."""
+    return data.lstrip()[:1] in (b"{", b"[")
+
+
+def check_version(version: str) -> None:
     if version != VERSION:
         raise DefinitionError(
             f"unsupported definition version {version!r}: this worker reads {VERSION}"
         )
 
 
-def _too_many() -> DefinitionError:
+def too_many() -> DefinitionError:
     return DefinitionError(f"definition has more than {MAX_VERTICES} vertices")
 
 
-def _read_pb(data: bytes) -> tuple[str, list[_Raw], str, dict[str, Any] | None]:
-    vmsg = _vertex_message()
-    version: str | None = None
-    target = ""
-    config: dict[str, Any] | None = None
-    raws: list[_Raw] = []
-    kinds = {k.number: n for n, k in OP_KINDS.items()}
-    try:
-        # counted before any vertex is parsed: a huge graph is refused in O(1) memory
-        count = 0
-        for number, _wire, _value in fields(data, "Definition"):
-            count += number == 2
-            if count > MAX_VERTICES:
-                raise _too_many()
-        for number, wire, value in fields(data, "Definition"):
-            if number == 1 and wire == 2:
-                version = bytes(value).decode("utf-8", "replace")
-                _check_version(version)
-            elif number == 2 and wire == 2:
-                if version is None:
-                    raise DefinitionError("definition does not start with its version")
-                if len(raws) >= MAX_VERTICES:
-                    raise _too_many()
-                raws.append(_pb_vertex(vmsg, value, len(raws), kinds))
-            elif number == 3 and wire == 2:
-                target = bytes(value).decode("utf-8", "replace")
-            elif number == 4 and wire == 2:
-                config = _config(bytes(value))
-            else:
-                raise DefinitionError(f"definition: unknown field {number}")
-    except WireError as exc:
-        raise DefinitionError(f"malformed definition: {exc}") from None
-    if version is None:
-        raise DefinitionError("definition has no version (is it a graph.v1 definition?)")
-    return version, raws, target, config
-
-
-def _pb_vertex(vmsg: Message, value: Any, index: int, kinds: dict[int, str]) -> _Raw:
-    where = f"vertex {index}"
-    # the op is read apart so that an unknown op type is refused by its number
-    rec = wire_decode(_VERTEX_RAW_OP, value, where)
-    name = ""
-    body: dict[str, Any] | None = None
-    for number, _wire, raw in fields(rec["op"] or b"", f"{where} op"):
-        if number not in kinds or body is not None:
-            raise DefinitionError(
-                f"{where}: unknown op type (Op field {number}; this worker knows "
-                f"{', '.join(f'{n}={k}' for k, n in kinds.items())})"
-            )
-        name = kinds[number]
-        body = wire_decode(OP_KINDS[name].message, raw, f"{where} {name}")
-    if body is None:
-        raise DefinitionError(f"{where}: no op")
-    if name == "file":
-        body["actions"] = [{k: v for k, v in a.items() if v is not None} for a in body["actions"]]
-    return _Raw(
-        rec["digest"],
-        rec["name"],
-        [i or None for i in rec["inputs"]],
-        rec["ignore_cache"],
-        _build(name, body, where),
-    )
-
-
-def _build(kind: str, body: dict[str, Any], where: str) -> OpSpec:
+def build_op(kind: str, body: dict[str, Any], where: str) -> OpSpec:
+    """The op of type ``kind`` from its body (every field of the schema, or
+    the JSON form's subset), its errors worded as the definition's."""
     try:
         return OP_KINDS[kind].build(body)
     except OciworkerError as exc:
@@ -449,7 +338,8 @@ def _build(kind: str, body: dict[str, Any], where: str) -> OpSpec:
         raise DefinitionError(f"{where} ({kind}): invalid op: {exc}") from None
 
 
-def _config(raw: bytes) -> dict[str, Any]:
+def read_config(raw: bytes) -> dict[str, Any]:
+    """The image config of a protobuf definition (canonical JSON bytes)."""
     try:
         config = json.loads(raw)
     except ValueError as exc:
@@ -486,7 +376,7 @@ def _count_json_vertices(text: str) -> None:
                 _, i = dec.raw_decode(text, i)
                 count += 1
                 if count > MAX_VERTICES:
-                    raise _too_many()
+                    raise too_many()
                 i = ws(i)
                 i = ws(i + 1) if text[i : i + 1] == "," else i
             i += 1
@@ -496,7 +386,9 @@ def _count_json_vertices(text: str) -> None:
         i = ws(i + 1) if text[i : i + 1] == "," else i
 
 
-def _read_json(data: bytes) -> tuple[str, list[_Raw], str, dict[str, Any] | None]:
+def decode_json(data: bytes) -> Definition:
+    """A JSON definition as a graph, fully checked."""
+    check_size(data)
     try:
         text = data.decode("utf-8")
         _count_json_vertices(text)
@@ -511,12 +403,12 @@ def _read_json(data: bytes) -> tuple[str, list[_Raw], str, dict[str, Any] | None
     version = doc.get("version")
     if not isinstance(version, str):
         raise DefinitionError("definition has no version (is it a graph.v1 definition?)")
-    _check_version(version)
+    check_version(version)
     vertices = doc.get("vertices") or []
     if not isinstance(vertices, list):
         raise DefinitionError("definition: vertices is not a list")
     if len(vertices) > MAX_VERTICES:
-        raise _too_many()
+        raise too_many()
     raws = [_json_vertex(v, i) for i, v in enumerate(vertices)]
     target = doc.get("target") or ""
     config = doc.get("image_config")
@@ -524,10 +416,10 @@ def _read_json(data: bytes) -> tuple[str, list[_Raw], str, dict[str, Any] | None
         raise DefinitionError("image config is not a JSON object")
     if not isinstance(target, str):
         raise DefinitionError("definition: target is not a digest")
-    return version, raws, target, config
+    return Definition(link(raws, target), config, version)
 
 
-def _json_vertex(v: Any, index: int) -> _Raw:
+def _json_vertex(v: Any, index: int) -> Record:
     where = f"vertex {index}"
     if not isinstance(v, dict):
         raise DefinitionError(f"{where}: not an object")
@@ -542,14 +434,15 @@ def _json_vertex(v: Any, index: int) -> _Raw:
         raise DefinitionError(
             f"{where}: unknown op type {kind!r} (this worker knows {', '.join(OP_KINDS)})"
         )
-    _check_json(OP_KINDS[kind].message, body, f"{where} {kind}")
+    _check_json(OP_KINDS[kind].schema, body, f"{where} {kind}")
     inputs = v.get("inputs") or []
     if not isinstance(inputs, list) or not all(i is None or isinstance(i, str) for i in inputs):
         raise DefinitionError(f"{where}: inputs must be a list of digests (null: scratch)")
     name, digest = v.get("name", ""), v.get("digest", "")
     if not isinstance(name, str) or not isinstance(digest, str):
         raise DefinitionError(f"{where}: digest and name are strings")
-    return _Raw(digest, name, list(inputs), bool(v.get("ignore_cache")), _build(kind, body, where))
+    op_ = build_op(kind, body, where)
+    return Record(digest, name, tuple(inputs), bool(v.get("ignore_cache")), op_)
 
 
 _JSON_TYPES: Mapping[str, tuple[type, ...]] = {
@@ -560,18 +453,17 @@ _JSON_TYPES: Mapping[str, tuple[type, ...]] = {
 }
 
 
-def _check_json(msg: Message, value: Any, where: str) -> None:
+def _check_json(schema: Schema, value: Any, where: str) -> None:
     """The JSON body has the schema's fields and types (so a bad one is named
     here, not met later by the op's handler)."""
     if not isinstance(value, dict):
         raise DefinitionError(f"{where}: not an object")
-    table = {f.name: f for f in msg.fields}
     for key, item in value.items():
-        f = table.get(key)
+        f = schema.get(key)
         if f is None:
             raise DefinitionError(f"{where}: unknown field {key!r}")
         at = f"{where}.{key}"
-        if item is None and f.card == "opt":
+        if item is None and f.optional:
             continue
         if f.kind == "map":
             if not isinstance(item, dict) or not all(
@@ -579,18 +471,19 @@ def _check_json(msg: Message, value: Any, where: str) -> None:
             ):
                 raise DefinitionError(f"{at}: want an object of strings")
             continue
-        items = item if f.card == "rep" else [item]
-        if f.card == "rep" and not isinstance(item, list):
+        items = item if f.repeated else [item]
+        if f.repeated and not isinstance(item, list):
             raise DefinitionError(f"{at}: want a list")
         for x in items:
-            if isinstance(f.kind, Message):
+            if not isinstance(f.kind, str):
+                # the JSON form writes a host as [name, ip] (ExecOp.to_json)
                 if f.kind is HOST and isinstance(x, list):
                     if len(x) != 2 or not all(isinstance(s, str) for s in x):
                         raise DefinitionError(f"{at}: want [name, ip]")
                     continue
                 _check_json(f.kind, x, at)
                 continue
-            want = _JSON_TYPES[str(f.kind)]
+            want = _JSON_TYPES[f.kind]
             if not isinstance(x, want) or (f.kind == "int" and isinstance(x, bool)):
                 raise DefinitionError(f"{at}: want a {f.kind}")
 
@@ -598,7 +491,7 @@ def _check_json(msg: Message, value: Any, where: str) -> None:
 # --- linking and checking ----------------------------------------------------------
 
 
-def _link(raws: list[_Raw], target: str) -> Vertex | None:
+def link(raws: Sequence[Record], target: str) -> Vertex | None:
     """The graph the records describe: every input defined, no cycle, each
     vertex's stated digest the one its op and inputs make."""
     index: dict[str, int] = {}

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ociworker.core.definition import decode
+from ociworker.definition import decode
 from ociworker.frontend.base import FrontendInputs, FrontendResult
 
 
 class GraphFrontend:
-    """Reads a ``graph.v1`` definition (protobuf or JSON, ``core.definition``),
+    """Reads a ``graph.v1`` definition (protobuf or JSON, ``ociworker.definition``),
     every check of ``decode`` made before the worker sees a vertex."""
 
     def solve(self, inputs: FrontendInputs) -> FrontendResult:

@@ -12,19 +12,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ociworker.core.build import DEFAULT_ROOT, NAMED_LOCAL_PREFIX, BuildRequest, BuildResult
-from ociworker.core.definition import Format, encode
 from ociworker.core.oci import Platform
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import EventSink, discard
 from ociworker.core.reference import parse_reference
 from ociworker.core.session import Credentials, Secrets, SSHAgents
+from ociworker.definition import Format, encode
 from ociworker.errors import RegistryError, UserError
 from ociworker.frontend.dockerfile.convert import CONTEXT, ImageInfo, Plan
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.graph.lower import _post_order, image_refs, lower
 from ociworker.graph.state import LocalNode, State
 
-#: what ``definition`` writes (the serialized graph: ``ociworker.core.definition``)
+#: what ``definition`` writes (the serialized graph: ``ociworker.definition``)
 FORMATS = ("pb", "json")
 
 
@@ -67,9 +67,15 @@ def _host_platform() -> Platform:
     return Platform.parse(os.uname().machine)
 
 
-async def plan(state: State, resolver: ImageResolver, platform: Platform | None = None) -> Plan:
+async def plan(
+    state: State,
+    resolver: ImageResolver,
+    platform: Platform | None = None,
+    context_ignore: Sequence[str] = (),
+) -> Plan:
     """``state`` lowered with its base images resolved by ``resolver``: the graph
-    and image config a build runs (what the Dockerfile frontend's ``Plan`` is)."""
+    and image config a build runs (what the Dockerfile frontend's ``Plan`` is).
+    ``context_ignore``: the context's .dockerignore patterns (``lower``)."""
     if not isinstance(state, State):
         raise UserError(f"expected an ociworker.graph State, not {type(state).__name__}")
     refs = image_refs(state)
@@ -84,7 +90,7 @@ async def plan(state: State, resolver: ImageResolver, platform: Platform | None 
         if isinstance(info, BaseException):
             raise info
         images[ref] = info
-    out = lower(state, images, platform or getattr(resolver, "platform", None))
+    out = lower(state, images, platform or getattr(resolver, "platform", None), context_ignore)
     if out.missing:  # a resolver that answered for another name
         raise UserError("images not resolved: " + ", ".join(out.missing))
     return out
@@ -129,10 +135,16 @@ def _no_loop(name: str) -> None:
     raise UserError(f"ociworker.graph.{name}() runs its own event loop: await {name}_async()")
 
 
-def local_dirs(state: State, context: Path, contexts: Mapping[str, str | Path]) -> dict[str, Any]:
+def local_dirs(
+    state: State,
+    context: Path,
+    contexts: Mapping[str, str | Path],
+    context_ignore: Sequence[str] = (),
+) -> dict[str, Any]:
     """The local sources ``state`` reads, as the worker's job names them: the
     context as ``context``, the others as a Dockerfile's named contexts, each
-    with the include / exclude patterns its ``local()`` gave."""
+    with the include / exclude patterns its ``local()`` gave (the context with
+    none: ``context_ignore``, its .dockerignore's)."""
     from ociworker.ops.context import LocalContext
 
     out: dict[str, Any] = {}
@@ -153,6 +165,8 @@ def local_dirs(state: State, context: Path, contexts: Mapping[str, str | Path]) 
             # everything out, then back in what an include names (.dockerignore's "!")
             patterns = ["*", *("!" + p for p in node.include)]
         patterns += node.exclude
+        if key == CONTEXT and not patterns:
+            patterns = list(context_ignore)
         prior = out.get(key)
         mine = IgnoreMatcher(patterns).patterns
         if prior is not None and (prior.ignore.patterns if prior.ignore else ()) != mine:
@@ -220,8 +234,14 @@ async def build_async(
     from ociworker.worker import WorkerConfig, open_worker
 
     where = Path(root or os.environ.get("OCIWORKER_ROOT") or DEFAULT_ROOT)
+    from ociworker.session.context import read_ignore_file
+
     ctx = Path(context)
-    dirs = local_dirs(state, ctx, contexts or {})
+    # The context's .dockerignore, as a Dockerfile build of it reads it: a
+    # local() of the context with no include / exclude of its own takes it
+    # (the same files, the same source vertex, so both builds share the cache).
+    ignore = read_ignore_file(ctx, None) if ctx.is_dir() else ()
+    dirs = local_dirs(state, ctx, contexts or {}, ignore)
     req = BuildRequest(
         context=ctx,
         tags=tuple(tags),
@@ -242,7 +262,7 @@ async def build_async(
             async def resolve(self, ref: str) -> ImageInfo:
                 return await controller.resolve_image(worker, ref, credentials)
 
-        made = await plan(state, _OnWorker(), worker.config.platform)
+        made = await plan(state, _OnWorker(), worker.config.platform, ignore)
         return await controller.build(
             worker,
             req,
@@ -306,7 +326,13 @@ async def _on_daemon(
         if key.startswith(NAMED_LOCAL_PREFIX)
     )
     credentials = credentials or DockerConfigCredentials()
-    data = await definition_async(state, "pb", resolver=RegistryResolver(credentials=credentials))
+    from ociworker.session.context import read_ignore_file
+
+    # the daemon selects the context's files by its .dockerignore (the client
+    # sends those rules): the context's source vertex says so, as a Dockerfile's
+    ignore = read_ignore_file(context, None) if context.is_dir() else ()
+    made = await plan(state, RegistryResolver(credentials=credentials), None, ignore)
+    data = encode(made.target, made.config, "pb")
     async with Client(addr) as client:
         return await client.build(
             context,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,17 +188,23 @@ def lower(
     target: State,
     images: Mapping[str, ImageInfo],
     platform: Platform | None = None,
+    context_ignore: Sequence[str] = (),
 ) -> Plan:
     """``target`` as the worker's graph plus its image config, given the
     resolved base images (by reference as written; missing ones are listed
-    in ``Plan.missing`` and stand as unresolved sources)."""
-    return _Lowering(images, platform or Platform()).plan(target)
+    in ``Plan.missing`` and stand as unresolved sources). ``context_ignore``:
+    the context's .dockerignore patterns, which a ``local()`` of the context
+    given no include / exclude of its own takes (as a Dockerfile's context)."""
+    return _Lowering(images, platform or Platform(), tuple(context_ignore)).plan(target)
 
 
 class _Lowering:
-    def __init__(self, images: Mapping[str, ImageInfo], platform: Platform) -> None:
+    def __init__(
+        self, images: Mapping[str, ImageInfo], platform: Platform, context_ignore: tuple[str, ...]
+    ) -> None:
         self.images = images
         self.platform = platform
+        self.context_ignore = context_ignore
         self.missing: list[str] = []
         self.done: dict[int, _Lowered] = {}
 
@@ -287,8 +293,11 @@ class _Lowering:
     def _source_vertex(self, node: LocalNode | GitNode | HttpNode) -> Vertex:
         if isinstance(node, LocalNode):
             attrs: list[tuple[str, str]] = []
-            if node.exclude:
-                attrs.append(("excludepatterns", json.dumps(list(node.exclude))))
+            exclude = node.exclude
+            if node.name == CONTEXT and not (node.include or node.exclude):
+                exclude = self.context_ignore
+            if exclude:
+                attrs.append(("excludepatterns", json.dumps(list(exclude))))
             if node.include:
                 attrs.append(("includepatterns", json.dumps(list(node.include))))
             if node.name == CONTEXT:

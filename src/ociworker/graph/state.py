@@ -468,9 +468,10 @@ def local(
     """A directory of the client: ``"context"`` is the build's context dir, any
     other name one of ``build(contexts={name: dir})`` (a Dockerfile's
     ``--build-context name=dir``). ``exclude``: .dockerignore patterns;
-    ``include``: only what these patterns name is taken. The context's own
-    .dockerignore is not read: a Dockerfile build applies it, so pass its
-    patterns as ``exclude`` to share that build's cache."""
+    ``include``: only what these patterns name is taken. With neither, the
+    build's context (``"context"``) leaves out what its ``.dockerignore``
+    names, as a Dockerfile build of it does (so both share their cache);
+    patterns given here are the whole selection, the file is not read then."""
     if not name or "/" in name:
         raise UserError(f"local: invalid name {name!r}")
     return State(LocalNode(name, tuple(include), tuple(exclude)))

@@ -3,9 +3,9 @@
 isort:skip_file
 The serialized build graph, graph.v1 (`ociworker build --frontend graph.v1`).
 
-ociworker.core.definition reads and writes these bytes with its own codec
-(core imports no third-party code); tests/test_definition.py checks them
-against the module protoc generates from this file. Field for field, each op
+ociworker.definition reads and writes these bytes with the module protoc
+generates from this file; ociworker.core.definition's JSON form holds the
+same fields (tests/test_definition.py compares them). Field for field, each op
 message is the op's JSON (`Vertex.op.to_json()`), which is what the worker
 digests: a vertex's digest is sha256 over the canonical JSON of
 {"op": <op JSON>, "inputs": [<input digests, null for scratch>]}.

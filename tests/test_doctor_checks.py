@@ -25,9 +25,9 @@ from ociworker.core.doctor import (
     Runtime,
     Tool,
     diagnose,
-    parse_subid,
     parse_version,
 )
+from ociworker.core.idmap import parse_subid
 
 _RUNC = Runtime("runc", "/usr/sbin/runc", "runc version 1.1.5+ds1\ncommit: x\nspec: 1.0.2-dev\n")
 _CRUN = Runtime("crun", "/usr/bin/crun", "crun version 1.8.1\ncommit: f8a0\nrundir: /run/crun\n")

@@ -77,16 +77,20 @@ def id_maps(
     user: pwd.struct_passwd, subuid: str = "/etc/subuid", subgid: str = "/etc/subgid"
 ) -> tuple[IdMap, IdMap]:
     """The uid and gid maps for ``user`` (ConfigError with the fix if a range is missing)."""
-    ranges = []
-    for path, kind in ((subuid, "uid"), (subgid, "gid")):
+    texts: list[str | None] = []
+    for path in (subuid, subgid):
         try:
-            text: str | None = Path(path).read_text(encoding="utf-8")
+            texts.append(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            text = None
+            texts.append(None)
         except OSError as exc:
             raise ConfigError(f"rootless: cannot read {path}: {exc.strerror}") from None
-        ranges.append(require_subid(text, path, user.pw_name, user.pw_uid, kind))
-    return IdMap(user.pw_uid, ranges[0]), IdMap(user.pw_gid, ranges[1])
+    # Both files are read first: the range a fix proposes must be free in both.
+    uids, gids = (
+        require_subid(kind, user.pw_name, user.pw_uid, texts[0], texts[1], path)
+        for kind, path in (("uid", subuid), ("gid", subgid))
+    )
+    return IdMap(user.pw_uid, uids), IdMap(user.pw_gid, gids)
 
 
 def _helpers() -> tuple[str, str]:

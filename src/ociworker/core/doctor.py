@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ociworker.core.cgroupdelegation import DELEGATE_FIX, WANTED
 from ociworker.core.idmap import SUBID_MIN, parse_subid, ranges_of, subid_fix
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -22,15 +23,6 @@ OK, WARN, FAIL = "ok", "warn", "FAIL"
 #: hosts without it). BuildKit names no minimum for crun, so neither do we: its version is
 #: reported, and the one crun problem we know of (hybrid cgroups) is its own check.
 RUNC_MIN = (1, 0, 0, 91)
-#: the controllers a rootless step's limits use (--step-memory, --step-pids, --step-cpus)
-DELEGATED_WANTED = ("cpu", "memory", "pids")
-
-_DELEGATE_FIX = (
-    "sudo mkdir -p /etc/systemd/system/user@.service.d && "
-    "printf '[Service]\\nDelegate=cpu cpuset io memory pids\\n' | "
-    "sudo tee /etc/systemd/system/user@.service.d/delegate.conf && "
-    "sudo systemctl daemon-reload"
-)
 
 
 class Mode(Enum):
@@ -379,14 +371,14 @@ def check_cgroups(facts: Facts) -> Check:
             "with systemd.unified_cgroup_hierarchy=1)",
         )
     have = set((facts.delegated or "").split())
-    missing = [c for c in DELEGATED_WANTED if c not in have]
+    missing = [c for c in WANTED if c not in have]
     if facts.delegated is None or not facts.delegated_writable:
         return Check(
             "cgroups",
             WARN,
             f"no cgroup is delegated to {facts.user} (user@{facts.uid}.service missing or not "
             "writable): rootless RUN steps run without limits",
-            (_DELEGATE_FIX,),
+            (DELEGATE_FIX,),
         )
     if missing:
         return Check(
@@ -394,7 +386,7 @@ def check_cgroups(facts: Facts) -> Check:
             WARN,
             f"user@{facts.uid}.service is delegated without {', '.join(missing)}: "
             "those step limits do not apply",
-            (_DELEGATE_FIX,),
+            (DELEGATE_FIX,),
         )
     return Check("cgroups", OK, f"cgroup v2, delegated to {facts.user}: {' '.join(sorted(have))}")
 

@@ -78,6 +78,13 @@ def host_hierarchies() -> tuple[Hierarchy, ...]:
     return parse_mountinfo(text)
 
 
+def delegated_hierarchies(base: str, hierarchies: tuple[Hierarchy, ...]) -> tuple[Hierarchy, ...]:
+    """The v2 hierarchy of ``hierarchies`` rooted at the delegated cgroup ``base`` (a
+    rootless worker's, ``core.cgroupdelegation``): step cgroups go below it, and a
+    rootless worker has nowhere else to make them."""
+    return tuple(Hierarchy(h.path / base.lstrip("/"), 2) for h in hierarchies if h.version == 2)[:1]
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -146,16 +153,19 @@ class Sample:
 class StepCgroup:
     """The cgroup ``/NAME`` of one step on every hierarchy of ``hierarchies``."""
 
-    def __init__(self, name: str, hierarchies: tuple[Hierarchy, ...]) -> None:
+    def __init__(self, name: str, hierarchies: tuple[Hierarchy, ...], base: str = "") -> None:
+        """``base``: the cgroup path ``hierarchies`` are rooted at (a delegated one),
+        which the runtime's ``cgroupsPath`` (from the hierarchy's root) starts with."""
         self.name = name
         self._hierarchies = hierarchies
+        self._base = base.rstrip("/")
         #: the highest memory.current seen, for kernels without memory.peak
         self._memory_seen = 0
 
     @property
     def runtime_path(self) -> str:
         """``linux.cgroupsPath`` for the runtime: its cgroup inside ours."""
-        return f"/{self.name}/{LEAF}"
+        return f"{self._base}/{self.name}/{LEAF}"
 
     def _dir(self, controller: str) -> Path | None:
         """Our cgroup's dir where ``controller`` is accounted: a v1 hierarchy that

@@ -37,7 +37,13 @@ from ociworker.executor.base import (
 )
 from ociworker.executor.binary import find_runtime
 from ociworker.executor.bridge import BridgeNetwork, teardown_instance
-from ociworker.executor.cgroups import StepCgroup, host_hierarchies, remove_leftovers
+from ociworker.executor.cgroups import (
+    Hierarchy,
+    StepCgroup,
+    delegated_hierarchies,
+    host_hierarchies,
+    remove_leftovers,
+)
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.owners import Owner, recover_dead
 from ociworker.executor.ptrace_guard import PtraceGuard, remove_socket, socket_path
@@ -52,7 +58,7 @@ from ociworker.executor.spec import (
 from ociworker.fs.mount import mount_all, mountpoints_under, unmount
 from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import clean, secure_join
-from ociworker.fs.userns import in_user_namespace
+from ociworker.fs.userns import CGROUP_BASE, CGROUP_WARNING, in_user_namespace
 from ociworker.fs.users import resolve_user
 from ociworker.log import get_logger
 
@@ -298,7 +304,11 @@ def recover_owner(state_dir: Path, owner: str) -> dict[str, int]:
     # The runtimes removed their containers' cgroups on delete; ours around them
     # (named after the state dir and the owner) remain, busy for a moment while
     # the last processes of the containers killed just now exit and are reaped.
-    remove_leftovers(_cgroup_prefix(state_dir) + owner + "-", wait=_CGROUP_EMPTY_WAIT)
+    remove_leftovers(
+        _cgroup_prefix(state_dir) + owner + "-",
+        _step_hierarchies(in_user_namespace())[1],
+        wait=_CGROUP_EMPTY_WAIT,
+    )
     return {"containers": containers, "mounts": mounts}
 
 
@@ -314,6 +324,17 @@ async def recover_state_dir(state_dir: Path) -> dict[str, int]:
 
     await asyncio.to_thread(recover_dead, state_dir / "owners", cleanup)
     return found
+
+
+def _step_hierarchies(rootless: bool) -> tuple[str, tuple[Hierarchy, ...]]:
+    """(cgroup path, hierarchies) step cgroups are made in: the hierarchies' roots for
+    root; a rootless worker's delegated cgroup, else the roots (whose cgroups it may not
+    make: the step then runs without, with a warning)."""
+    hierarchies = host_hierarchies()
+    base = os.environ.get(CGROUP_BASE, "") if rootless else ""
+    if base:
+        return base, delegated_hierarchies(base, hierarchies)
+    return "", hierarchies
 
 
 def _cgroup_prefix(state_dir: Path) -> str:
@@ -348,9 +369,11 @@ class OCIRuntimeExecutor:
         self.owner = owner
         #: the ``default`` network, made on the first step that uses it
         self._bridge = BridgeNetwork(subnet, ident=self.owner)
-        self._hierarchies = host_hierarchies()
         #: root of a user namespace (a rootless worker): cgroups only where delegated
         self._rootless = in_user_namespace()
+        #: where step cgroups go: the hierarchies' roots, or a rootless worker's
+        #: delegated cgroup (``rootless.cgroups``)
+        self._cgroup_base, self._hierarchies = _step_hierarchies(self._rootless)
         self._warned_cgroups = False
         self._cgroup_prefix = _cgroup_prefix(self._state_dir) + self.owner + "-"
         #: answers sandboxed steps' attaching ptrace calls; started by the first one
@@ -537,7 +560,7 @@ class OCIRuntimeExecutor:
         if not self._hierarchies:
             return None
         name = self._cgroup_prefix + cid.removeprefix(container_prefix(self.owner))
-        cgroup = StepCgroup(name, self._hierarchies)
+        cgroup = StepCgroup(name, self._hierarchies, self._cgroup_base)
         stack.push_sync(cgroup.remove)
         try:
             await asyncio.to_thread(cgroup.create)
@@ -549,12 +572,17 @@ class OCIRuntimeExecutor:
                 # steps run, only unlimited and unaccounted.
                 self._warned_cgroups = True
                 _log.warning(
-                    "rootless: no cgroup delegated to this user, so RUN steps run "
+                    os.environ.get(CGROUP_WARNING)
+                    or "rootless: no cgroup delegated to this user, so RUN steps run "
                     "without memory/pids/cpu limits or accounting (with cgroup v2 and "
                     "systemd: delegate the controllers to user@.service)",
                     error=os_error_text(exc),
                 )
             return None
+        if self._rootless and not self._warned_cgroups and os.environ.get(CGROUP_WARNING):
+            # Delegated, but without some controller: those limits do not apply.
+            self._warned_cgroups = True
+            _log.warning(os.environ[CGROUP_WARNING])
         return cgroup
 
     async def _run_container(

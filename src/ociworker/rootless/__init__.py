@@ -41,8 +41,9 @@ from types import FrameType
 
 from ociworker.core.idmap import IdMap, require_subid
 from ociworker.errors import ConfigError, HostError
-from ociworker.fs.userns import MARKER
+from ociworker.fs.userns import CGROUP_BASE, CGROUP_WARNING, MARKER
 from ociworker.log import get_logger
+from ociworker.rootless import cgroups
 
 _log = get_logger("ociworker.rootless")
 
@@ -144,7 +145,10 @@ def run(argv: Sequence[str]) -> int:
             "rootless: neither pasta nor slirp4netns found, which give the build's "
             "network namespace its connection; fix (as root): apt-get install passt"
         )
-    env = dict(os.environ, **{MARKER: "1"})
+    env = {k: v for k, v in os.environ.items() if k not in (CGROUP_BASE, CGROUP_WARNING)}
+    env[MARKER] = "1"
+    # Before the fork: the namespaces' processes start in the cgroup this one moves to.
+    env.update(cgroups.prepare(user.pw_uid, user.pw_name))
     # Inside, ~ without $HOME would be root's home (uid 0's passwd entry): the
     # user's state dir must not depend on that.
     env.setdefault("HOME", user.pw_dir)

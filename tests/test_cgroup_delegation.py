@@ -20,8 +20,10 @@ from ociworker.core.cgroupdelegation import (
     plan,
     warning,
 )
+from ociworker.executor import runtime
+from ociworker.executor.base import StepLimits
 from ociworker.executor.cgroups import Hierarchy, StepCgroup, delegated_hierarchies
-from ociworker.executor.runtime import _step_hierarchies
+from ociworker.executor.runtime import _spec_limits, _step_hierarchies
 from ociworker.fs.userns import CGROUP_BASE
 from ociworker.rootless.cgroups import apply, fs_type, gather
 
@@ -86,7 +88,7 @@ def test_the_step_cgroups_go_below_the_delegated_one(
     v2: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _cgroup(v2, SCOPE, "cpu io memory pids", [], owner=UID)
-    (base,) = delegated_hierarchies(SCOPE, (Hierarchy(v2, 2),))
+    (base,) = delegated_hierarchies(SCOPE, (Hierarchy(v2, 2),), mount=v2)
     assert base.path == v2 / SCOPE.lstrip("/")
     step = StepCgroup("ociw-1234-step", (base,), SCOPE)
     step.create()
@@ -95,13 +97,40 @@ def test_the_step_cgroups_go_below_the_delegated_one(
     assert step.runtime_path == f"{SCOPE}/ociw-1234-step/ctr"
     step.remove()
     assert not (v2 / SCOPE.lstrip("/") / "ociw-1234-step").exists()
-    # the worker finds the base in its environment (set by the user's process), only
-    # when rootless
+
+
+def test_the_worker_takes_the_base_from_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    v1_memory = Hierarchy(Path("/sys/fs/cgroup/memory"), 1, frozenset({"memory"}))
+    pure_v2 = (Hierarchy(Path("/sys/fs/cgroup"), 2),)
+    hybrid = (v1_memory, Hierarchy(Path("/sys/fs/cgroup/unified"), 2))
     monkeypatch.setenv(CGROUP_BASE, SCOPE)
-    base_path, found = _step_hierarchies(rootless=True)
-    assert base_path == SCOPE
-    assert all(h.version == 2 and str(h.path).endswith(SCOPE) for h in found)
-    assert _step_hierarchies(rootless=False)[0] == ""
+    monkeypatch.setattr(runtime, "host_hierarchies", lambda: pure_v2)
+    assert _step_hierarchies(rootless=True) == (
+        SCOPE,
+        (Hierarchy(Path("/sys/fs/cgroup" + SCOPE), 2),),
+    )
+    # root ignores it (the variable is the rootless worker's)
+    assert _step_hierarchies(rootless=False) == ("", pure_v2)
+    # the base is a path in the hierarchy on /sys/fs/cgroup: nowhere else
+    monkeypatch.setattr(runtime, "host_hierarchies", lambda: hybrid)
+    assert _step_hierarchies(rootless=True) == (SCOPE, ())
+    monkeypatch.delenv(CGROUP_BASE)
+    assert _step_hierarchies(rootless=True) == ("", hybrid)
+
+
+def test_limits_of_controllers_not_handed_down_are_left_out(v2: Path) -> None:
+    scope = _cgroup(v2, SCOPE, "cpu pids", [], owner=UID)
+    # what the kernel shows in a new cgroup below one that enables cpu and pids
+    _cgroup(scope, "/ociw-1-step", "cpu pids", [])
+    step = StepCgroup("ociw-1-step", (Hierarchy(scope, 2),), SCOPE)
+    step.create()
+    assert (scope / "ociw-1-step" / "cgroup.subtree_control").read_text() == "+cpu +pids"
+    limits = StepLimits(memory=64 << 20, pids=100, cpus=0.5)
+    spec = _spec_limits(limits, step, own_pids=False, rootless=True)
+    assert (spec.memory, spec.pids, spec.cpus) == (None, 100, 0.5)
+    assert spec.cgroups_path == f"{SCOPE}/ociw-1-step/ctr"
+    # root's limits are not filtered (its runtime reports a missing controller itself)
+    assert _spec_limits(limits, step, own_pids=False).memory == 64 << 20
 
 
 def test_a_shared_cgroup_is_not_reorganized(v2: Path) -> None:
@@ -153,11 +182,16 @@ def test_delegated_without_memory_applies_the_other_limits(v2: Path) -> None:
     assert DELEGATE_FIX in text
 
 
-def test_delegated_without_any_wanted_controller(v2: Path) -> None:
-    _cgroup(v2, SCOPE, "io", [PID], owner=UID)
+def test_delegated_without_any_wanted_controller_still_accounts(v2: Path) -> None:
+    scope = _cgroup(v2, SCOPE, "io", [PID], owner=UID)
     p = plan(gather(UID, PID, _proc(SCOPE), "cgroup2", v2), "alice")
-    assert isinstance(p, NotDelegated) and p.fix == DELEGATE_FIX
-    assert "without the cpu, memory, pids controllers" in p.reason
+    # cpu.stat is in every v2 cgroup: the steps' CPU time is still accounted
+    assert p == Delegated(SCOPE, f"{SCOPE}/ociworker", (), ("cpu", "memory", "pids"))
+    apply(p, PID, v2)
+    assert (scope / "ociworker" / "cgroup.procs").read_text() == str(PID)
+    assert (scope / "cgroup.subtree_control").read_text() == ""
+    text = warning(p)
+    assert text is not None and "lacks the cpu, memory, pids controllers" in text
 
 
 def test_hybrid_host_warns_and_touches_nothing(tmp_path: Path) -> None:

@@ -108,11 +108,8 @@ def plan(facts: CgroupFacts, user: str) -> Plan:
         )
     have = tuple(c for c in WANTED if c in facts.controllers)
     missing = tuple(c for c in WANTED if c not in facts.controllers)
-    if not have:
-        return NotDelegated(
-            f"its cgroup {facts.own} is delegated without the {', '.join(WANTED)} controllers",
-            DELEGATE_FIX,
-        )
+    # Without any of them it is still worth using: cpu.stat is in every v2 cgroup (the
+    # step's CPU time is accounted), and the warning names the limits that do not apply.
     others = sorted(p for p in facts.procs if p != facts.pid)
     if others:
         # Enabling controllers needs every process out of the cgroup; the others

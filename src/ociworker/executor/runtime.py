@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -558,6 +559,8 @@ class OCIRuntimeExecutor:
         """The step's own cgroup (``executor.cgroups``), None where we cannot make
         one (no cgroupfs, a read-only one): the step then runs unaccounted."""
         if not self._hierarchies:
+            if self._rootless:
+                self._warn_cgroups(OSError(errno.ENOENT, "no cgroup v2 hierarchy found"))
             return None
         name = self._cgroup_prefix + cid.removeprefix(container_prefix(self.owner))
         cgroup = StepCgroup(name, self._hierarchies, self._cgroup_base)
@@ -567,23 +570,28 @@ class OCIRuntimeExecutor:
         except OSError as exc:
             if not self._rootless:
                 _log.warning("no cgroup for step accounting", error=os_error_text(exc))
-            elif not self._warned_cgroups:
-                # Not a failure (BuildKit's rootless worker runs so too): the
-                # steps run, only unlimited and unaccounted.
-                self._warned_cgroups = True
-                _log.warning(
-                    os.environ.get(CGROUP_WARNING)
-                    or "rootless: no cgroup delegated to this user, so RUN steps run "
-                    "without memory/pids/cpu limits or accounting (with cgroup v2 and "
-                    "systemd: delegate the controllers to user@.service)",
-                    error=os_error_text(exc),
-                )
+            else:
+                self._warn_cgroups(exc)
             return None
         if self._rootless and not self._warned_cgroups and os.environ.get(CGROUP_WARNING):
             # Delegated, but without some controller: those limits do not apply.
             self._warned_cgroups = True
             _log.warning(os.environ[CGROUP_WARNING])
         return cgroup
+
+    def _warn_cgroups(self, exc: OSError) -> None:
+        # Not a failure (BuildKit's rootless worker runs so too): the steps run,
+        # only unlimited and unaccounted. Once per worker.
+        if self._warned_cgroups:
+            return
+        self._warned_cgroups = True
+        _log.warning(
+            os.environ.get(CGROUP_WARNING)
+            or "rootless: no cgroup delegated to this user, so RUN steps run "
+            "without memory/pids/cpu limits or accounting (with cgroup v2 and "
+            "systemd: delegate the controllers to user@.service)",
+            error=os_error_text(exc),
+        )
 
     async def _run_container(
         self,
@@ -695,11 +703,18 @@ def _spec_limits(
     ``rootless`` without a cgroup: no cgroup limits at all, which a rootless
     runtime could only fail to set ("container could not join or create cgroup")."""
     uncgrouped = rootless and cgroup is None
+    # A rootless worker's delegated cgroup may lack a controller (the warning said
+    # which): the runtime could only fail to set that limit.
+    handed = cgroup.handed_down if rootless and cgroup is not None else None
+
+    def has(controller: str) -> bool:
+        return not uncgrouped and (handed is None or controller in handed)
+
     return SpecLimits(
         cgroups_path=cgroup.runtime_path if cgroup is not None else "",
-        memory=None if uncgrouped else limits.memory,
-        pids=None if own_pids or uncgrouped else limits.pids,
-        cpus=None if uncgrouped else limits.cpus,
+        memory=limits.memory if has("memory") else None,
+        pids=None if own_pids or not has("pids") else limits.pids,
+        cpus=limits.cpus if has("cpu") else None,
         shm_size=limits.shm_size,
         rlimits=tuple((u.rlimit, u.soft, u.hard) for u in limits.ulimits),
     )

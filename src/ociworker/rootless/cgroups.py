@@ -78,7 +78,8 @@ def apply(p: Plan, pid: int, mount: Path = MOUNT) -> Plan:
     try:
         leaf.mkdir(exist_ok=True)
         (leaf / "cgroup.procs").write_text(str(pid))
-        (base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in p.controllers))
+        if p.controllers:
+            (base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in p.controllers))
     except OSError as exc:
         return NotDelegated(f"cannot set up the delegated cgroup {p.base}: {exc.strerror or exc}")
     return p

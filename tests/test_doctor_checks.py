@@ -261,6 +261,8 @@ def test_unusable_fuse_is_no_warning_when_kernel_overlay_works() -> None:
         ({"delegated_writable": False}, WARN, "no cgroup is delegated to carol"),
         ({"cgroup_fs": "tmpfs", "unified_controllers": ""}, WARN, "cgroup hybrid"),
         ({"cgroup_fs": "tmpfs"}, WARN, "cgroup v1"),
+        # delegated: a build started in a login session's (root's) scope cannot use it
+        ({}, OK, "in a cgroup of its own: systemd-run --user --scope -p Delegate=yes"),
     ],
 )
 def test_cgroup_delegation(changes: dict[str, object], status: str, says: str) -> None:

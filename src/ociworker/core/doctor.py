@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-from ociworker.core.cgroupdelegation import DELEGATE_FIX, WANTED
+from ociworker.core.cgroupdelegation import DELEGATE_FIX, SCOPE_FIX, WANTED
 from ociworker.core.idmap import SUBID_MIN, parse_subid, ranges_of, subid_fix
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -388,7 +388,14 @@ def check_cgroups(facts: Facts) -> Check:
             "those step limits do not apply",
             (DELEGATE_FIX,),
         )
-    return Check("cgroups", OK, f"cgroup v2, delegated to {facts.user}: {' '.join(sorted(have))}")
+    # The worker uses the cgroup it starts in (core.cgroupdelegation): a login session's
+    # scope is root's, so the check says how to start it in a delegated one.
+    return Check(
+        "cgroups",
+        OK,
+        f"cgroup v2, delegated to {facts.user}: {' '.join(sorted(have))} (a build uses it "
+        f"when started in a cgroup of its own: {SCOPE_FIX})",
+    )
 
 
 _VERSION = re.compile(r"version\s+v?(\d+)\.(\d+)(?:\.(\d+))?(?:-rc\.?(\d+))?")

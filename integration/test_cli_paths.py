@@ -243,10 +243,19 @@ def test_a_non_root_user_gets_a_clear_error(tmp_path: Path, ctx: Path, require_r
         cwd=ctx,
         check=False,
     )
+    # The fix names a range nobody holds in either file (useradd's first, 100000, when the
+    # files are empty), as ociworker doctor does: the range after the highest one.
+    ends = [
+        int(f[1]) + int(f[2])
+        for path in ("/etc/subuid", "/etc/subgid")
+        for f in (line.split(":") for line in _lines(path))
+        if len(f) == 3 and f[1].isdigit() and f[2].isdigit()
+    ]
+    first = max([100000, *ends])
     _assert_refused(
         proc,
         "rootless: user nobody has no subordinate uid range in /etc/subuid",
-        "fix (as root): usermod --add-subuids 100000-165535 nobody",
+        f"fix (as root): usermod --add-subuids {first}-{first + 65535} nobody",
     )
     assert default.exists() == existed
     assert _listing(tmp_path) == before

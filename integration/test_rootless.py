@@ -35,6 +35,7 @@ import pytest
 
 from conftest import BASE_IMAGE, oci_archive_image
 from ociworker.api.client import Client, DaemonInfo
+from ociworker.executor.cgroups import remove_tree
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
@@ -782,3 +783,137 @@ def test_missing_helper_is_named_with_its_fix(
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [message]
     assert not user.state.exists()
+
+
+# --- cgroups (issue 12 item 4) ------------------------------------------------------------
+
+_NO_LIMITS = "rootless: RUN steps run without --step-memory/--step-pids/--step-cpus limits"
+_CGROUP_RUN = "FROM base\nRUN grep ^0:: /proc/self/cgroup > /cgroup\n"
+
+
+def _fs_type(path: str) -> str:
+    return subprocess.run(
+        ["stat", "-f", "-c", "%T", path], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.fixture
+def v2_cgroup(user: User) -> Iterator[tuple[Path, bool]]:
+    """A fresh cgroup on the host's cgroup v2 hierarchy (``/sys/fs/cgroup`` on a pure v2
+    host, ``/sys/fs/cgroup/unified`` on a hybrid one) and whether the hierarchy must be
+    bound onto /sys/fs/cgroup (a private mount namespace's view of it, as on a pure v2
+    host: nothing of the host's layout changes)."""
+    if _fs_type("/sys/fs/cgroup") == "cgroup2fs":
+        hierarchy, bind = Path("/sys/fs/cgroup"), False
+    elif _fs_type("/sys/fs/cgroup/unified") == "cgroup2fs":
+        hierarchy, bind = Path("/sys/fs/cgroup/unified"), True
+    else:
+        pytest.skip("no cgroup v2 hierarchy on this host (pure cgroup v1)")
+    cg = hierarchy / f"ociw-deleg-{os.getpid()}-{time.monotonic_ns()}"
+    cg.mkdir()
+    try:
+        yield cg, bind
+    finally:
+        for proc in _processes_of(user):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc, signal.SIGKILL)
+        remove_tree(cg, wait=5.0)
+
+
+def _delegate(cg: Path, user: User) -> None:
+    """What systemd's Delegate= does: the cgroup and the files that move processes and
+    enable controllers become the user's."""
+    for name in ("", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"):
+        os.chown(cg / name if name else cg, user.uid, user.gid)
+
+
+def _build_in(user: User, cg: Path, bind: bool, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ociworker args`` as the user, started alone in ``cg`` (setpriv execs: no
+    process of runuser's stays in it)."""
+    name = "/" + cg.name
+    script = (
+        (f"mount --bind {cg.parent} /sys/fs/cgroup && " if bind else "")
+        + f"echo $$ > /sys/fs/cgroup{name}/cgroup.procs && "
+        + f'exec setpriv --reuid {user.uid} --regid {user.gid} --init-groups "$@"'
+    )
+    cmd = user.command("-m", "ociworker", *args)[4:]  # without ``runuser -u NAME --``
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=user.base,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("runtime", ["runc", "crun"])
+def test_steps_run_in_the_delegated_cgroup(
+    user: User, v2_cgroup: tuple[Path, bool], runtime: str
+) -> None:
+    cg, bind = v2_cgroup
+    _delegate(cg, user)
+    ctx = _layout_context(user, _CGROUP_RUN)
+    out = user.base / "out"
+    proc = _build_in(
+        user, cg, bind, "build", "--progress=plain", "--runtime", runtime,
+        "--step-memory", "256m", "--step-pids", "200",
+        "--build-context", f"base=oci-layout://{user.base / 'layout'}:latest",
+        "--output", f"type=local,dest={out}", str(ctx),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # the container ran in a step cgroup below the delegated one, the worker beside it
+    line = (out / "cgroup").read_text().strip()
+    assert line.startswith(f"0::/{cg.name}/ociw-") and line.endswith("/ctr"), line
+    assert (cg / "ociworker").is_dir()
+    assert [d.name for d in cg.iterdir() if d.is_dir()] == ["ociworker"]  # steps removed
+    # the limits of controllers the kernel did not hand down are named, not failed on
+    have = (cg / "cgroup.controllers").read_text().split()
+    missing = [c for c in ("cpu", "memory", "pids") if c not in have]
+    if missing:
+        assert f"lacks the {', '.join(missing)} controller" in proc.stderr
+    assert _NO_LIMITS not in proc.stderr
+
+
+@pytest.mark.parametrize("case", ["not delegated", "shared"])
+def test_no_usable_cgroup_is_a_warning(user: User, v2_cgroup: tuple[Path, bool], case: str) -> None:
+    cg, bind = v2_cgroup
+    other = None
+    if case == "shared":
+        _delegate(cg, user)
+        # another process of the user's in the same cgroup (a shell, say)
+        other = subprocess.Popen(["sleep", "600"])
+        (cg / "cgroup.procs").write_text(str(other.pid))
+    try:
+        ctx = _layout_context(user, _CGROUP_RUN)
+        proc = _build_in(
+            user, cg, bind, "build", "--progress=plain", "--step-memory", "256m",
+            "--build-context", f"base=oci-layout://{user.base / 'layout'}:latest",
+            "--output", f"type=local,dest={user.base / 'out'}", str(ctx),
+        )  # fmt: skip
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait()
+    assert proc.returncode == 0, proc.stderr
+    assert _NO_LIMITS in proc.stderr
+    if case == "shared":
+        assert f"its cgroup /{cg.name} holds 1 other process" in proc.stderr
+        assert "systemd-run --user --scope -p Delegate=yes" in proc.stderr
+    else:
+        assert f"its cgroup /{cg.name} is not delegated to {user.name}" in proc.stderr
+    # nothing made in a cgroup that was not the worker's to use
+    assert not [d for d in cg.iterdir() if d.is_dir()]
+
+
+def test_host_without_delegation_warns_and_builds(user: User) -> None:
+    ctx = _layout_context(user, _CGROUP_RUN)
+    proc = user.ociworker(
+        "build", "--progress=plain", "--step-memory", "256m", "--step-pids", "100",
+        "--build-context", f"base=oci-layout://{user.base / 'layout'}:latest", str(ctx),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (warning,) = [ln for ln in proc.stderr.splitlines() if _NO_LIMITS in ln]
+    if _fs_type("/sys/fs/cgroup") != "cgroup2fs":
+        assert "cgroup v1 (or hybrid) host" in warning
+        assert "systemd.unified_cgroup_hierarchy=1" in warning

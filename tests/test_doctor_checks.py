@@ -25,9 +25,9 @@ from ociworker.core.doctor import (
     Runtime,
     Tool,
     diagnose,
-    parse_subid,
     parse_version,
 )
+from ociworker.core.idmap import parse_subid
 
 _RUNC = Runtime("runc", "/usr/sbin/runc", "runc version 1.1.5+ds1\ncommit: x\nspec: 1.0.2-dev\n")
 _CRUN = Runtime("crun", "/usr/bin/crun", "crun version 1.8.1\ncommit: f8a0\nrundir: /run/crun\n")
@@ -261,6 +261,8 @@ def test_unusable_fuse_is_no_warning_when_kernel_overlay_works() -> None:
         ({"delegated_writable": False}, WARN, "no cgroup is delegated to carol"),
         ({"cgroup_fs": "tmpfs", "unified_controllers": ""}, WARN, "cgroup hybrid"),
         ({"cgroup_fs": "tmpfs"}, WARN, "cgroup v1"),
+        # delegated: a build started in a login session's (root's) scope cannot use it
+        ({}, OK, "in a cgroup of its own: systemd-run --user --scope -p Delegate=yes"),
     ],
 )
 def test_cgroup_delegation(changes: dict[str, object], status: str, says: str) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ociworker import rootless
-from ociworker.core.idmap import IdMap, IdRange, parse_subid, require_subid
+from ociworker.core.doctor import Facts, diagnose
+from ociworker.core.idmap import IdMap, IdRange, first_range, require_subid
 from ociworker.errors import ConfigError
 from ociworker.fs import userns
 
@@ -23,31 +24,51 @@ bob:400000:65536
 """
 
 
-def test_parse_subid_by_name_or_uid_first_range() -> None:
-    assert parse_subid(SUBUID, "alice", 1000) == IdRange(100000, 65536)
-    assert parse_subid(SUBUID, "carol", 1001) == IdRange(300000, 65536)
+def test_first_range_by_name_or_uid() -> None:
+    assert first_range(SUBUID, "alice", 1000) == IdRange(100000, 65536)
+    assert first_range(SUBUID, "carol", 1001) == IdRange(300000, 65536)
     # newuidmap takes the first matching line too
-    assert parse_subid(SUBUID, "bob", 1002) == IdRange(165536, 65536)
-    assert parse_subid(SUBUID, "dave", 1003) is None
-    assert parse_subid("eve:x:1\neve:5:0\n", "eve", 1) is None
+    assert first_range(SUBUID, "bob", 1002) == IdRange(165536, 65536)
+    assert first_range(SUBUID, "dave", 1003) is None
+    assert first_range("eve:x:1\neve:5:0\n", "eve", 1) is None
 
 
-def test_missing_range_names_the_fix() -> None:
+SUBGID = "alice:100000:65536\nzed:600000:65536\n"
+
+
+def test_missing_range_names_a_fix_free_in_both_files() -> None:
     with pytest.raises(ConfigError) as e:
-        require_subid(SUBUID, "/etc/subuid", "dave", 1003, "uid")
+        require_subid("uid", "dave", 1003, SUBUID, SUBGID, "/etc/subuid")
+    # The highest range of either file (zed's gids) ends at 665535: nobody holds 665536 on,
+    # where the fixed 100000-165535 would have been alice's.
     assert str(e.value) == (
         "rootless: user dave has no subordinate uid range in /etc/subuid, which the "
-        "build's user namespace needs; fix (as root): usermod --add-subuids 100000-165535 dave"
+        "build's user namespace needs; fix (as root): usermod --add-subuids 665536-731071 dave"
     )
-    with pytest.raises(ConfigError, match="usermod --add-subgids 100000-165535 dave"):
-        require_subid(None, "/etc/subgid", "dave", 1003, "gid")
+    with pytest.raises(ConfigError, match=r"usermod --add-subgids 665536-731071 dave$"):
+        require_subid("gid", "dave", 1003, SUBUID, SUBGID, "/etc/subgid")
+    with pytest.raises(ConfigError, match=r"usermod --add-subgids 100000-165535 dave$"):
+        require_subid("gid", "dave", 1003, None, None, "/etc/subgid")
 
 
-def test_short_range_is_refused_with_a_range_that_fits() -> None:
+def test_short_range_is_replaced_by_a_free_one() -> None:
+    subuid = "frank:500000:1000\nalice:100000:65536\n"
     with pytest.raises(ConfigError) as e:
-        require_subid("frank:500000:1000\n", "/etc/subuid", "frank", 1, "uid")
-    assert "only 1000 subordinate uids" in str(e.value)
-    assert "usermod --add-subuids 500000-565535 frank" in str(e.value)
+        require_subid("uid", "frank", 1, subuid, None, "/etc/subuid")
+    assert "holds 1000 ids (images need 65536)" in str(e.value)
+    # extending frank's 500000 range in place would be a guess about its neighbours; the
+    # fix drops it and adds one past every range (501000 on)
+    assert str(e.value).endswith(
+        "usermod --del-subuids 500000-500999 --add-subuids 501000-566535 frank"
+    )
+
+
+def test_worker_and_doctor_give_the_same_fix() -> None:
+    facts = Facts(uid=1003, user="dave", subuid=SUBUID, subgid=SUBGID)
+    (check,) = [c for c in diagnose(facts).checks if c.name == "subuid"]
+    with pytest.raises(ConfigError) as e:
+        require_subid("uid", "dave", 1003, SUBUID, SUBGID, "/etc/subuid")
+    assert check.fixes == ("sudo " + str(e.value).split("fix (as root): ")[1],)
 
 
 def test_id_map_layout() -> None:

@@ -14,26 +14,15 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ociworker.core.cgroupdelegation import DELEGATE_FIX, SCOPE_FIX, WANTED
+from ociworker.core.idmap import SUBID_MIN, parse_subid, ranges_of, subid_fix
+
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 #: The floor BuildKit's rootless docs give: runc >= v1.0.0-rc91 (with crun as the way out for
 #: hosts without it). BuildKit names no minimum for crun, so neither do we: its version is
 #: reported, and the one crun problem we know of (hybrid cgroups) is its own check.
 RUNC_MIN = (1, 0, 0, 91)
-#: what a container image needs: uids 0..65535 (nobody is 65534), as BuildKit's rootless
-#: docs ask ("should contain >= 65536 sub-IDs")
-SUBID_MIN = 65536
-#: where a new range starts when nobody holds one (useradd's SUB_UID_MIN default)
-SUBID_FIRST = 100000
-#: the controllers a rootless step's limits use (--step-memory, --step-pids, --step-cpus)
-DELEGATED_WANTED = ("cpu", "memory", "pids")
-
-_DELEGATE_FIX = (
-    "sudo mkdir -p /etc/systemd/system/user@.service.d && "
-    "printf '[Service]\\nDelegate=cpu cpuset io memory pids\\n' | "
-    "sudo tee /etc/systemd/system/user@.service.d/delegate.conf && "
-    "sudo systemctl daemon-reload"
-)
 
 
 class Mode(Enum):
@@ -167,53 +156,11 @@ class Report:
 # --- subordinate ids --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SubIDRange:
-    owner: str  # a name or a numeric uid, as written
-    start: int
-    count: int
-
-    @property
-    def end(self) -> int:  # exclusive
-        return self.start + self.count
-
-
-def parse_subid(text: str) -> list[SubIDRange]:
-    """The entries of /etc/subuid or /etc/subgid (``owner:start:count``). Lines that are
-    not entries (comments, junk) are skipped, as shadow's own parser does."""
-    out: list[SubIDRange] = []
-    for line in text.splitlines():
-        parts = line.strip().split(":")
-        if len(parts) != 3 or not parts[0] or line.lstrip().startswith("#"):
-            continue
-        try:
-            start, count = int(parts[1]), int(parts[2])
-        except ValueError:
-            continue
-        if start >= 0 and count > 0:
-            out.append(SubIDRange(parts[0], start, count))
-    return out
-
-
-def ranges_of(entries: list[SubIDRange], user: str, uid: int) -> list[SubIDRange]:
-    # newuidmap accepts an entry naming the user or its numeric uid.
-    return [e for e in entries if e.owner in (user, str(uid))]
-
-
-def free_range(*texts: str | None, count: int = SUBID_MIN) -> tuple[int, int]:
-    """A range of ``count`` ids (first, last) that no entry of any given file overlaps: after
-    the highest one, so both files can take the same range."""
-    ends = [e.end for t in texts if t for e in parse_subid(t)]
-    first = max([SUBID_FIRST, *ends])
-    return first, first + count - 1
-
-
 def check_subid(kind: str, facts: Facts) -> Check:
     """``kind`` is "uid" or "gid"."""
     path = f"/etc/sub{kind}"
     text = facts.subuid if kind == "uid" else facts.subgid
-    first, last = free_range(facts.subuid, facts.subgid)
-    fix = f"sudo usermod --add-sub{kind}s {first}-{last} {facts.user}"
+    fix = "sudo " + subid_fix(kind, facts.user, facts.uid, facts.subuid, facts.subgid)
     if text is None:
         return Check(f"sub{kind}", FAIL, f"{path} does not exist: no ids to map", (fix,))
     mine = ranges_of(parse_subid(text), facts.user, facts.uid)
@@ -235,7 +182,7 @@ def check_subid(kind: str, facts: Facts) -> Check:
             FAIL,
             f"the first range of {facts.user} in {path} ({where}) holds {head.count} ids; "
             f"the worker maps the first range, which must hold {SUBID_MIN}",
-            (f"sudo usermod --del-sub{kind}s {where} {fix.removeprefix('sudo usermod ')}",),
+            (fix,),
         )
     also = f"; {more} more range{'s' * (more != 1)} unused" if more else ""
     return Check(
@@ -424,14 +371,14 @@ def check_cgroups(facts: Facts) -> Check:
             "with systemd.unified_cgroup_hierarchy=1)",
         )
     have = set((facts.delegated or "").split())
-    missing = [c for c in DELEGATED_WANTED if c not in have]
+    missing = [c for c in WANTED if c not in have]
     if facts.delegated is None or not facts.delegated_writable:
         return Check(
             "cgroups",
             WARN,
             f"no cgroup is delegated to {facts.user} (user@{facts.uid}.service missing or not "
             "writable): rootless RUN steps run without limits",
-            (_DELEGATE_FIX,),
+            (DELEGATE_FIX,),
         )
     if missing:
         return Check(
@@ -439,9 +386,16 @@ def check_cgroups(facts: Facts) -> Check:
             WARN,
             f"user@{facts.uid}.service is delegated without {', '.join(missing)}: "
             "those step limits do not apply",
-            (_DELEGATE_FIX,),
+            (DELEGATE_FIX,),
         )
-    return Check("cgroups", OK, f"cgroup v2, delegated to {facts.user}: {' '.join(sorted(have))}")
+    # The worker uses the cgroup it starts in (core.cgroupdelegation): a login session's
+    # scope is root's, so the check says how to start it in a delegated one.
+    return Check(
+        "cgroups",
+        OK,
+        f"cgroup v2, delegated to {facts.user}: {' '.join(sorted(have))} (a build uses it "
+        f"when started in a cgroup of its own: {SCOPE_FIX})",
+    )
 
 
 _VERSION = re.compile(r"version\s+v?(\d+)\.(\d+)(?:\.(\d+))?(?:-rc\.?(\d+))?")

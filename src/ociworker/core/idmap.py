@@ -42,40 +42,97 @@ class IdMap:
         return None
 
 
-def parse_subid(text: str, name: str, ident: int) -> IdRange | None:
-    """The first range of ``name`` (or of the numeric ``ident``) in a subuid or
-    subgid file's ``text``, as shadow's ``newuidmap`` reads it; None if it has none."""
+#: what a container image needs: uids 0..65535 (nobody is 65534), as BuildKit's rootless
+#: docs ask ("should contain >= 65536 sub-IDs")
+SUBID_MIN = 65536
+#: where a new range starts when nobody holds one (useradd's SUB_UID_MIN default)
+SUBID_FIRST = 100000
+
+
+@dataclass(frozen=True)
+class SubIdEntry:
+    """One line of /etc/subuid or /etc/subgid: ``owner`` is a name or a numeric uid, as
+    written."""
+
+    owner: str
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:  # exclusive
+        return self.start + self.count
+
+
+def parse_subid(text: str) -> list[SubIdEntry]:
+    """The entries of /etc/subuid or /etc/subgid (``owner:start:count``). Lines that are
+    not entries (comments, junk) are skipped, as shadow's own parser does."""
+    out: list[SubIdEntry] = []
     for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(":")
-        if len(parts) != 3 or parts[0] not in (name, str(ident)):
+        parts = line.strip().split(":")
+        if len(parts) != 3 or not parts[0] or line.lstrip().startswith("#"):
             continue
         try:
             start, count = int(parts[1]), int(parts[2])
         except ValueError:
             continue
-        if count > 0 and start >= 0:
-            return IdRange(start, count)
-    return None
+        if start >= 0 and count > 0:
+            out.append(SubIdEntry(parts[0], start, count))
+    return out
 
 
-def require_subid(text: str | None, path: str, name: str, ident: int, kind: str) -> IdRange:
-    """``parse_subid`` or a ConfigError saying what is missing and the fix."""
-    found = parse_subid(text or "", name, ident)
+def ranges_of(entries: list[SubIdEntry], user: str, uid: int) -> list[SubIdEntry]:
+    """``user``'s entries, in file order: newuidmap accepts one naming the user or its
+    numeric uid."""
+    return [e for e in entries if e.owner in (user, str(uid))]
+
+
+def first_range(text: str, name: str, ident: int) -> IdRange | None:
+    """The range the worker maps: the first of ``name`` (or of the numeric ``ident``) in a
+    subuid or subgid file's ``text``; None if it has none."""
+    mine = ranges_of(parse_subid(text), name, ident)
+    return IdRange(mine[0].start, mine[0].count) if mine else None
+
+
+def free_range(*texts: str | None, count: int = SUBID_MIN) -> tuple[int, int]:
+    """A range of ``count`` ids (first, last) that no entry of any given file overlaps: after
+    the highest one, so both files can take the same range."""
+    ends = [e.end for t in texts if t for e in parse_subid(t)]
+    first = max([SUBID_FIRST, *ends])
+    return first, first + count - 1
+
+
+def subid_fix(kind: str, name: str, ident: int, subuid: str | None, subgid: str | None) -> str:
+    """The ``usermod`` command (run as root) that gives ``name`` a usable ``kind`` ("uid" or
+    "gid") range: a free one (overlapping nobody's uids nor gids) added, and a first range
+    too small to map an image removed, since the worker maps the first range only."""
+    first, last = free_range(subuid, subgid)
+    add = f"{flag_of(kind)} {first}-{last} {name}"
+    text = subuid if kind == "uid" else subgid
+    mine = ranges_of(parse_subid(text or ""), name, ident)
+    if mine and mine[0].count < SUBID_MIN:
+        head = mine[0]
+        return f"usermod --del-sub{kind}s {head.start}-{head.end - 1} {add}"
+    return f"usermod {add}"
+
+
+def require_subid(
+    kind: str, name: str, ident: int, subuid: str | None, subgid: str | None, path: str
+) -> IdRange:
+    """The first ``kind`` range of ``name`` (from the file texts, None: no such file), or a
+    ConfigError saying what is missing and the fix (the one ``ociworker doctor`` gives)."""
+    text = subuid if kind == "uid" else subgid
+    found = first_range(text or "", name, ident)
+    fix = subid_fix(kind, name, ident, subuid, subgid)
     if found is None:
         raise ConfigError(
             f"rootless: user {name} has no subordinate {kind} range in {path}, which the "
-            f"build's user namespace needs; fix (as root): usermod {flag_of(kind)} "
-            f"100000-165535 {name}"
+            f"build's user namespace needs; fix (as root): {fix}"
         )
-    if found.count < 65536:
+    if found.count < SUBID_MIN:
         # Images use uids up to 65534 (nobody): fewer cannot hold their files.
         raise ConfigError(
-            f"rootless: user {name} has only {found.count} subordinate {kind}s in {path} "
-            f"(images need 65536); fix (as root): usermod {flag_of(kind)} "
-            f"{found.start}-{found.start + 65535} {name}"
+            f"rootless: the first subordinate {kind} range of user {name} in {path} holds "
+            f"{found.count} ids (images need {SUBID_MIN}); fix (as root): {fix}"
         )
     return found
 

@@ -78,6 +78,23 @@ def host_hierarchies() -> tuple[Hierarchy, ...]:
     return parse_mountinfo(text)
 
 
+#: where a pure v2 host mounts its hierarchy (and where runc and crun look for it)
+V2_MOUNT = Path("/sys/fs/cgroup")
+
+
+def delegated_hierarchies(
+    base: str, hierarchies: tuple[Hierarchy, ...], mount: Path = V2_MOUNT
+) -> tuple[Hierarchy, ...]:
+    """The v2 hierarchy mounted at ``mount`` rooted at the delegated cgroup ``base`` (a
+    rootless worker's, ``core.cgroupdelegation``, a path in that hierarchy): step
+    cgroups go below it, and a rootless worker has nowhere else to make them."""
+    return tuple(
+        Hierarchy(h.path / base.lstrip("/"), 2)
+        for h in hierarchies
+        if h.version == 2 and h.path == mount
+    )[-1:]
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -146,16 +163,22 @@ class Sample:
 class StepCgroup:
     """The cgroup ``/NAME`` of one step on every hierarchy of ``hierarchies``."""
 
-    def __init__(self, name: str, hierarchies: tuple[Hierarchy, ...]) -> None:
+    def __init__(self, name: str, hierarchies: tuple[Hierarchy, ...], base: str = "") -> None:
+        """``base``: the cgroup path ``hierarchies`` are rooted at (a delegated one),
+        which the runtime's ``cgroupsPath`` (from the hierarchy's root) starts with."""
         self.name = name
         self._hierarchies = hierarchies
+        self._base = base.rstrip("/")
         #: the highest memory.current seen, for kernels without memory.peak
         self._memory_seen = 0
+        #: the v2 controllers ours hands down to the runtime's (None: not v2 only, or
+        #: not created yet): a limit of another one cannot be set below ours
+        self.handed_down: frozenset[str] | None = None
 
     @property
     def runtime_path(self) -> str:
         """``linux.cgroupsPath`` for the runtime: its cgroup inside ours."""
-        return f"/{self.name}/{LEAF}"
+        return f"{self._base}/{self.name}/{LEAF}"
 
     def _dir(self, controller: str) -> Path | None:
         """Our cgroup's dir where ``controller`` is accounted: a v1 hierarchy that
@@ -179,9 +202,11 @@ class StepCgroup:
                 # The runtime's cgroup below ours can only use the controllers
                 # ours hands down (on a hybrid host there are none to hand).
                 have = (_read(d / "cgroup.controllers") or "").split()
-                wanted = " ".join(f"+{c}" for c in _V2_CONTROLLERS if c in have)
-                if wanted:
-                    (d / "cgroup.subtree_control").write_text(wanted)
+                handed = [c for c in _V2_CONTROLLERS if c in have]
+                if handed:
+                    (d / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in handed))
+                if all(x.version == 2 for x in self._hierarchies):
+                    self.handed_down = frozenset(handed)
 
     def limit_pids(self, limit: int) -> bool:
         """Put the pids limit on our own cgroup (False: no pids controller there).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,13 @@ from ociworker.executor.base import (
 )
 from ociworker.executor.binary import find_runtime
 from ociworker.executor.bridge import BridgeNetwork, teardown_instance
-from ociworker.executor.cgroups import StepCgroup, host_hierarchies, remove_leftovers
+from ociworker.executor.cgroups import (
+    Hierarchy,
+    StepCgroup,
+    delegated_hierarchies,
+    host_hierarchies,
+    remove_leftovers,
+)
 from ociworker.executor.network import create_loopback_netns, remove_netns
 from ociworker.executor.owners import Owner, recover_dead
 from ociworker.executor.ptrace_guard import PtraceGuard, remove_socket, socket_path
@@ -52,7 +59,7 @@ from ociworker.executor.spec import (
 from ociworker.fs.mount import mount_all, mountpoints_under, unmount
 from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import clean, secure_join
-from ociworker.fs.userns import in_user_namespace
+from ociworker.fs.userns import CGROUP_BASE, CGROUP_WARNING, in_user_namespace
 from ociworker.fs.users import resolve_user
 from ociworker.log import get_logger
 
@@ -298,7 +305,11 @@ def recover_owner(state_dir: Path, owner: str) -> dict[str, int]:
     # The runtimes removed their containers' cgroups on delete; ours around them
     # (named after the state dir and the owner) remain, busy for a moment while
     # the last processes of the containers killed just now exit and are reaped.
-    remove_leftovers(_cgroup_prefix(state_dir) + owner + "-", wait=_CGROUP_EMPTY_WAIT)
+    remove_leftovers(
+        _cgroup_prefix(state_dir) + owner + "-",
+        _step_hierarchies(in_user_namespace())[1],
+        wait=_CGROUP_EMPTY_WAIT,
+    )
     return {"containers": containers, "mounts": mounts}
 
 
@@ -314,6 +325,17 @@ async def recover_state_dir(state_dir: Path) -> dict[str, int]:
 
     await asyncio.to_thread(recover_dead, state_dir / "owners", cleanup)
     return found
+
+
+def _step_hierarchies(rootless: bool) -> tuple[str, tuple[Hierarchy, ...]]:
+    """(cgroup path, hierarchies) step cgroups are made in: the hierarchies' roots for
+    root; a rootless worker's delegated cgroup, else the roots (whose cgroups it may not
+    make: the step then runs without, with a warning)."""
+    hierarchies = host_hierarchies()
+    base = os.environ.get(CGROUP_BASE, "") if rootless else ""
+    if base:
+        return base, delegated_hierarchies(base, hierarchies)
+    return "", hierarchies
 
 
 def _cgroup_prefix(state_dir: Path) -> str:
@@ -348,9 +370,11 @@ class OCIRuntimeExecutor:
         self.owner = owner
         #: the ``default`` network, made on the first step that uses it
         self._bridge = BridgeNetwork(subnet, ident=self.owner)
-        self._hierarchies = host_hierarchies()
         #: root of a user namespace (a rootless worker): cgroups only where delegated
         self._rootless = in_user_namespace()
+        #: where step cgroups go: the hierarchies' roots, or a rootless worker's
+        #: delegated cgroup (``rootless.cgroups``)
+        self._cgroup_base, self._hierarchies = _step_hierarchies(self._rootless)
         self._warned_cgroups = False
         self._cgroup_prefix = _cgroup_prefix(self._state_dir) + self.owner + "-"
         #: answers sandboxed steps' attaching ptrace calls; started by the first one
@@ -535,27 +559,39 @@ class OCIRuntimeExecutor:
         """The step's own cgroup (``executor.cgroups``), None where we cannot make
         one (no cgroupfs, a read-only one): the step then runs unaccounted."""
         if not self._hierarchies:
+            if self._rootless:
+                self._warn_cgroups(OSError(errno.ENOENT, "no cgroup v2 hierarchy found"))
             return None
         name = self._cgroup_prefix + cid.removeprefix(container_prefix(self.owner))
-        cgroup = StepCgroup(name, self._hierarchies)
+        cgroup = StepCgroup(name, self._hierarchies, self._cgroup_base)
         stack.push_sync(cgroup.remove)
         try:
             await asyncio.to_thread(cgroup.create)
         except OSError as exc:
             if not self._rootless:
                 _log.warning("no cgroup for step accounting", error=os_error_text(exc))
-            elif not self._warned_cgroups:
-                # Not a failure (BuildKit's rootless worker runs so too): the
-                # steps run, only unlimited and unaccounted.
-                self._warned_cgroups = True
-                _log.warning(
-                    "rootless: no cgroup delegated to this user, so RUN steps run "
-                    "without memory/pids/cpu limits or accounting (with cgroup v2 and "
-                    "systemd: delegate the controllers to user@.service)",
-                    error=os_error_text(exc),
-                )
+            else:
+                self._warn_cgroups(exc)
             return None
+        if self._rootless and not self._warned_cgroups and os.environ.get(CGROUP_WARNING):
+            # Delegated, but without some controller: those limits do not apply.
+            self._warned_cgroups = True
+            _log.warning(os.environ[CGROUP_WARNING])
         return cgroup
+
+    def _warn_cgroups(self, exc: OSError) -> None:
+        # Not a failure (BuildKit's rootless worker runs so too): the steps run,
+        # only unlimited and unaccounted. Once per worker.
+        if self._warned_cgroups:
+            return
+        self._warned_cgroups = True
+        _log.warning(
+            os.environ.get(CGROUP_WARNING)
+            or "rootless: no cgroup delegated to this user, so RUN steps run "
+            "without memory/pids/cpu limits or accounting (with cgroup v2 and "
+            "systemd: delegate the controllers to user@.service)",
+            error=os_error_text(exc),
+        )
 
     async def _run_container(
         self,
@@ -667,11 +703,18 @@ def _spec_limits(
     ``rootless`` without a cgroup: no cgroup limits at all, which a rootless
     runtime could only fail to set ("container could not join or create cgroup")."""
     uncgrouped = rootless and cgroup is None
+    # A rootless worker's delegated cgroup may lack a controller (the warning said
+    # which): the runtime could only fail to set that limit.
+    handed = cgroup.handed_down if rootless and cgroup is not None else None
+
+    def has(controller: str) -> bool:
+        return not uncgrouped and (handed is None or controller in handed)
+
     return SpecLimits(
         cgroups_path=cgroup.runtime_path if cgroup is not None else "",
-        memory=None if uncgrouped else limits.memory,
-        pids=None if own_pids or uncgrouped else limits.pids,
-        cpus=None if uncgrouped else limits.cpus,
+        memory=limits.memory if has("memory") else None,
+        pids=None if own_pids or not has("pids") else limits.pids,
+        cpus=limits.cpus if has("cpu") else None,
         shm_size=limits.shm_size,
         rlimits=tuple((u.rlimit, u.soft, u.hard) for u in limits.ulimits),
     )

@@ -16,6 +16,11 @@ from pathlib import Path
 #: set by ``ociworker.rootless`` in the environment of the worker it starts
 #: inside the namespace, where euid is 0 but the paths are still the user's
 MARKER = "_OCIWORKER_ROOTLESS"
+#: set with MARKER where a cgroup is delegated: the cgroup v2 path (in the hierarchy
+#: mounted at /sys/fs/cgroup) the worker makes its step cgroups under
+CGROUP_BASE = "_OCIWORKER_CGROUP_BASE"
+#: set with MARKER when some step limits cannot apply: the warning saying why
+CGROUP_WARNING = "_OCIWORKER_CGROUP_WARNING"
 
 
 @functools.cache

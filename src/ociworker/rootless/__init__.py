@@ -41,8 +41,9 @@ from types import FrameType
 
 from ociworker.core.idmap import IdMap, require_subid
 from ociworker.errors import ConfigError, HostError
-from ociworker.fs.userns import MARKER
+from ociworker.fs.userns import CGROUP_BASE, CGROUP_WARNING, MARKER
 from ociworker.log import get_logger
+from ociworker.rootless import cgroups
 
 _log = get_logger("ociworker.rootless")
 
@@ -77,16 +78,20 @@ def id_maps(
     user: pwd.struct_passwd, subuid: str = "/etc/subuid", subgid: str = "/etc/subgid"
 ) -> tuple[IdMap, IdMap]:
     """The uid and gid maps for ``user`` (ConfigError with the fix if a range is missing)."""
-    ranges = []
-    for path, kind in ((subuid, "uid"), (subgid, "gid")):
+    texts: list[str | None] = []
+    for path in (subuid, subgid):
         try:
-            text: str | None = Path(path).read_text(encoding="utf-8")
+            texts.append(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            text = None
+            texts.append(None)
         except OSError as exc:
             raise ConfigError(f"rootless: cannot read {path}: {exc.strerror}") from None
-        ranges.append(require_subid(text, path, user.pw_name, user.pw_uid, kind))
-    return IdMap(user.pw_uid, ranges[0]), IdMap(user.pw_gid, ranges[1])
+    # Both files are read first: the range a fix proposes must be free in both.
+    uids, gids = (
+        require_subid(kind, user.pw_name, user.pw_uid, texts[0], texts[1], path)
+        for kind, path in (("uid", subuid), ("gid", subgid))
+    )
+    return IdMap(user.pw_uid, uids), IdMap(user.pw_gid, gids)
 
 
 def _helpers() -> tuple[str, str]:
@@ -140,7 +145,10 @@ def run(argv: Sequence[str]) -> int:
             "rootless: neither pasta nor slirp4netns found, which give the build's "
             "network namespace its connection; fix (as root): apt-get install passt"
         )
-    env = dict(os.environ, **{MARKER: "1"})
+    env = {k: v for k, v in os.environ.items() if k not in (CGROUP_BASE, CGROUP_WARNING)}
+    env[MARKER] = "1"
+    # Before the fork: the namespaces' processes start in the cgroup this one moves to.
+    env.update(cgroups.prepare(user.pw_uid, user.pw_name))
     # Inside, ~ without $HOME would be root's home (uid 0's passwd entry): the
     # user's state dir must not depend on that.
     env.setdefault("HOME", user.pw_dir)

@@ -24,6 +24,7 @@ from test_daemon import Daemon, cli, start_daemon, stop_daemon
 CAP = 2 * 1024**3
 #: bytes of build n's own random file: 40, 80 or 120 MB
 BLOB = 40_000_000
+MB = 1_000_000
 
 pytestmark = pytest.mark.usefixtures("require_root", "registry")
 
@@ -35,9 +36,9 @@ def _measured(root: Path) -> int:
     return int(out.stdout.splitlines()[-1].split()[0])
 
 
-def _dockerfile(base: str, n: int) -> str:
+def _dockerfile(base: str, n: int, blob: int = BLOB) -> str:
     # n's own random bytes, then a step reading them: two records a build
-    size = BLOB * (1 + n % 3)
+    size = blob * (1 + n % 3)
     return (
         f"FROM {base}\nRUN head -c {size} /dev/urandom > /blob{n}\nRUN wc -c /blob{n} > /size{n}\n"
     )
@@ -286,7 +287,7 @@ def test_daemon_collects_after_builds_by_its_config_policy(tmp_path: Path, base_
     d = Daemon(root, sock, spawn_daemon(args, log), "runc")
     try:
         for k in range(8):
-            ctx = write_context(tmp_path, _dockerfile(base_image, k), name=f"ctx{k}")
+            ctx = write_context(tmp_path, _dockerfile(base_image, k, MB), name=f"ctx{k}")
             cli(d, "build", str(ctx))
         deadline = time.monotonic() + 60
         while _measured(root) > cap:  # the last build's pass is in the background
@@ -294,7 +295,7 @@ def test_daemon_collects_after_builds_by_its_config_policy(tmp_path: Path, base_
             time.sleep(0.2)
         # the newest build survived the passes: its rebuild is all cached
         out = cli(d, "build", "--progress=plain", str(tmp_path / "ctx7")).stderr
-        assert_lists_steps(out, buildkit_steps(_dockerfile(base_image, 7)), {})
+        assert_lists_steps(out, buildkit_steps(_dockerfile(base_image, 7, MB)), {})
         # 8 builds of 1-3 MB do not fit: the oldest went
         first = cli(d, "build", "--progress=plain", str(tmp_path / "ctx0")).stderr
         assert _state_of(first, "> /blob0") == ("DONE",), first

@@ -16,6 +16,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -25,6 +26,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -545,10 +547,13 @@ class CLI:
     def rootless(self) -> bool:
         return self.user is not None
 
-    def argv(self, *args: str, env: Mapping[str, str] | None = None) -> list[str]:
+    def argv(
+        self, *args: str, env: Mapping[str, str] | None = None, pyflags: Sequence[str] = ()
+    ) -> list[str]:
         """The command line that runs ``ociworker ARGS`` as the user (for wrapping or Popen);
-        ``env`` adds variables (for root they go in the process env, see ``popen_env``)."""
-        cmd = [self.python, "-m", "ociworker", *args]
+        ``env`` adds variables (for root they go in the process env, see ``popen_env``),
+        ``pyflags`` are the interpreter's own (``-X importtime``)."""
+        cmd = [self.python, *pyflags, "-m", "ociworker", *args]
         if self.user is None:
             return cmd
         pairs = [f"{k}={v}" for k, v in sorted({**self.env, **(env or {})}.items())]
@@ -576,6 +581,17 @@ class CLI:
                     os.lchown(p, *_ids(self.user))
                     if not p.is_symlink():
                         p.chmod(st.st_mode | 0o600 | (0o100 if p.is_dir() else 0))
+
+    def interrupt(self, proc: subprocess.Popen[Any]) -> None:
+        """Ctrl-C for ``proc`` (started from ``argv``): SIGINT to the ociworker process, as a
+        terminal sends it. runuser passes on no SIGINT, so as the user it goes to runuser's
+        child, ociworker itself."""
+        pid = proc.pid
+        if self.user is not None:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            assert len(kids) == 1, f"runuser {pid} has children {kids}"
+            pid = int(kids[0])
+        os.kill(pid, signal.SIGINT)
 
     def run(
         self,
@@ -756,3 +772,13 @@ def current_cli() -> CLI:
 
 def in_rootless_leg() -> bool:
     return bool(_CURRENT) and _CURRENT[-1].rootless
+
+
+def exported_ids(uid: int, gid: int) -> tuple[int, int]:
+    """The host owner of a file the image gives ``uid:gid``, in a type=local output: those ids
+    as root; in the rootless leg the test user's own, since an unprivileged user's files are
+    all its own (what buildctl run by a user writes too). The image's owners are checked in
+    its layers by test_rootless.py."""
+    if in_rootless_leg():
+        return _ids(_CURRENT[-1].user or "")
+    return uid, gid

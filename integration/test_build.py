@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import tarfile
 import time
@@ -446,7 +445,7 @@ def wait_for_line(proc: subprocess.Popen[str], marker: str, timeout: float = 120
 def _interrupt_after(proc: subprocess.Popen[str], marker: str) -> None:
     """Send Ctrl-C once ``marker`` shows in the build log; wait for the CLI to exit."""
     wait_for_line(proc, marker)
-    proc.send_signal(signal.SIGINT)
+    current_cli().interrupt(proc)
     assert proc.wait(timeout=10) == 130
 
 

@@ -7,6 +7,7 @@ half-prepared machine can never pass by running nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -17,6 +18,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -576,22 +578,25 @@ class CLI:
             here = Path(top)
             for name in [*dirs, *files]:
                 p = here / name
-                st = p.lstat()
-                if st.st_uid == 0:
-                    os.lchown(p, *_ids(self.user))
-                    if not p.is_symlink():
-                        p.chmod(st.st_mode | 0o600 | (0o100 if p.is_dir() else 0))
+                # a build of the test's other thread may remove what is listed meanwhile
+                with contextlib.suppress(FileNotFoundError):
+                    st = p.lstat()
+                    if st.st_uid == 0:
+                        os.lchown(p, *_ids(self.user))
+                        if not stat.S_ISLNK(st.st_mode):
+                            p.chmod(st.st_mode | 0o600 | (0o100 if stat.S_ISDIR(st.st_mode) else 0))
 
-    def interrupt(self, proc: subprocess.Popen[Any]) -> None:
-        """Ctrl-C for ``proc`` (started from ``argv``): SIGINT to the ociworker process, as a
-        terminal sends it. runuser passes on no SIGINT, so as the user it goes to runuser's
-        child, ociworker itself."""
+    def interrupt(self, proc: subprocess.Popen[Any], sig: int = signal.SIGINT) -> None:
+        """Ctrl-C (or ``sig``) for ``proc`` (started from ``argv``): the signal goes to the
+        ociworker process, as a terminal sends it. runuser passes on no SIGINT (and answers
+        SIGTERM with its own "Session terminated" and a SIGKILL), so as the user it goes to
+        runuser's child, ociworker itself; runuser exits with its status."""
         pid = proc.pid
         if self.user is not None:
             kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
             assert len(kids) == 1, f"runuser {pid} has children {kids}"
             pid = int(kids[0])
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, sig)
 
     def run(
         self,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from conftest import LEGS_MARK, current_cli
+from conftest import LEGS_MARK, current_cli, exported_ids
 
 
 def _config(archive: Path) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def test_user_applies_to_run_and_workdir(tmp_path: Path, runtime: str, base_imag
         "RUN id -u > /tmp/uid; id -g >> /tmp/uid\n",
     )
     assert b.text("tmp/uid") == "1234\n5678\n"
-    assert (b.out / "owned").stat().st_uid == 1234
+    assert (b.out / "owned").stat().st_uid == exported_ids(1234, 5678)[0]
     assert b.inner["User"] == "1234:5678"
 
 

@@ -787,3 +787,18 @@ def exported_ids(uid: int, gid: int) -> tuple[int, int]:
     if in_rootless_leg():
         return _ids(_CURRENT[-1].user or "")
     return uid, gid
+
+
+#: the one log line a rootless worker without a delegated cgroup writes per build
+ROOTLESS_CGROUP_WARNING = "rootless: no cgroup delegated to this user"
+
+
+def without_cgroup_warning(stderr: str) -> str:
+    """``stderr`` without the rootless worker's no-delegated-cgroup warning, in the rootless
+    leg (where the test user, run by runuser, has no delegated cgroup); as is for root. The
+    warning is a plain log line even in -q and rawjson output: a known gap (issue 12, item 5)
+    that tests of the exact stderr step over here rather than skip the whole rootless leg."""
+    if not in_rootless_leg():
+        return stderr
+    kept = [ln for ln in stderr.splitlines(keepends=True) if ROOTLESS_CGROUP_WARNING not in ln]
+    return "".join(kept)

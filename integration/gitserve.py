@@ -25,9 +25,16 @@ def free_port() -> int:
         return port
 
 
+#: git's own check refuses a repository another user owns: a test's repos are handed to the
+#: test user in a rootless leg (conftest's CLI.hand_over) while root goes on serving and
+#: committing to them, as a forge serves its users' repositories
+ANY_OWNER = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*"}
+
+
 def git(*args: str, cwd: Path | None = None) -> str:
     env = {
         **os.environ,
+        **ANY_OWNER,
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@example.com",
         "GIT_COMMITTER_NAME": "t",
@@ -134,6 +141,7 @@ class GitHTTPServer:
             "GIT_PROTOCOL": h.headers.get("Git-Protocol") or "",
             "HTTP_CONTENT_ENCODING": h.headers.get("Content-Encoding") or "",
             "GIT_CONFIG_NOSYSTEM": "1",
+            **ANY_OWNER,
         }
         proc = subprocess.run(
             ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
@@ -174,6 +182,7 @@ def git_daemon(base: Path) -> Iterator[int]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **ANY_OWNER},
     )
     try:
         deadline = time.monotonic() + 30

@@ -28,7 +28,11 @@ def free_port() -> int:
 #: git's own check refuses a repository another user owns: a test's repos are handed to the
 #: test user in a rootless leg (conftest's CLI.hand_over) while root goes on serving and
 #: committing to them, as a forge serves its users' repositories
-ANY_OWNER = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory", "GIT_CONFIG_VALUE_0": "*"}
+ANY_OWNER = {
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "safe.directory",
+    "GIT_CONFIG_VALUE_0": "*",
+}
 
 
 def git(*args: str, cwd: Path | None = None) -> str:

@@ -562,9 +562,10 @@ class CLI:
         return ["runuser", "-u", self.user, "--", "env", "-i", *pairs, *cmd]
 
     def popen_env(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The environment to start ``argv(...)`` with."""
+        """The environment to start ``argv(...)`` with: root's is this process's as it is
+        now (a test's monkeypatch.setenv included), with the checkout's import path."""
         if self.user is None:
-            return {**self.env, **(env or {})}
+            return {**os.environ, "PYTHONPATH": self.env["PYTHONPATH"], **(env or {})}
         return {"PATH": os.environ.get("PATH", "")}
 
     def hand_over(self) -> None:

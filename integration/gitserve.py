@@ -10,6 +10,7 @@ import gzip
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,14 +26,20 @@ def free_port() -> int:
         return port
 
 
-#: git's own check refuses a repository another user owns: a test's repos are handed to the
-#: test user in a rootless leg (conftest's CLI.hand_over) while root goes on serving and
-#: committing to them, as a forge serves its users' repositories
-ANY_OWNER = {
-    "GIT_CONFIG_COUNT": "1",
-    "GIT_CONFIG_KEY_0": "safe.directory",
-    "GIT_CONFIG_VALUE_0": "*",
-}
+def _any_owner_config() -> dict[str, str]:
+    # git's own check refuses a repository another user owns: a test's repos are handed to
+    # the test user in a rootless leg (conftest's CLI.hand_over) while root goes on serving
+    # and pushing to them, as a forge serves its users' repositories. A global config file,
+    # not GIT_CONFIG_COUNT, which git's local transport drops before receive-pack runs.
+    path = Path(tempfile.gettempdir()) / f"ociw-gitserve-{os.getuid()}.gitconfig"
+    if not path.exists():  # written whole or not at all: other sessions read it meanwhile
+        part = path.with_name(f"{path.name}.{os.getpid()}")
+        part.write_text("[safe]\n\tdirectory = *\n")
+        os.replace(part, path)
+    return {"GIT_CONFIG_GLOBAL": str(path)}
+
+
+ANY_OWNER = _any_owner_config()
 
 
 def git(*args: str, cwd: Path | None = None) -> str:

@@ -10,6 +10,7 @@ import gzip
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +26,26 @@ def free_port() -> int:
         return port
 
 
+def _any_owner_config() -> dict[str, str]:
+    # git's own check refuses a repository another user owns: a test's repos are handed to
+    # the test user in a rootless leg (conftest's CLI.hand_over) while root goes on serving
+    # and pushing to them, as a forge serves its users' repositories. A global config file,
+    # not GIT_CONFIG_COUNT, which git's local transport drops before receive-pack runs.
+    path = Path(tempfile.gettempdir()) / f"ociw-gitserve-{os.getuid()}.gitconfig"
+    if not path.exists():  # written whole or not at all: other sessions read it meanwhile
+        part = path.with_name(f"{path.name}.{os.getpid()}")
+        part.write_text("[safe]\n\tdirectory = *\n")
+        os.replace(part, path)
+    return {"GIT_CONFIG_GLOBAL": str(path)}
+
+
+ANY_OWNER = _any_owner_config()
+
+
 def git(*args: str, cwd: Path | None = None) -> str:
     env = {
         **os.environ,
+        **ANY_OWNER,
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@example.com",
         "GIT_COMMITTER_NAME": "t",
@@ -134,6 +152,7 @@ class GitHTTPServer:
             "GIT_PROTOCOL": h.headers.get("Git-Protocol") or "",
             "HTTP_CONTENT_ENCODING": h.headers.get("Content-Encoding") or "",
             "GIT_CONFIG_NOSYSTEM": "1",
+            **ANY_OWNER,
         }
         proc = subprocess.run(
             ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
@@ -174,6 +193,7 @@ def git_daemon(base: Path) -> Iterator[int]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **ANY_OWNER},
     )
     try:
         deadline = time.monotonic() + 30

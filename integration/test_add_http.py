@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import io
 import subprocess
-import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import plain_steps
+from conftest import LEGS_MARK, current_cli, plain_steps
 
-pytestmark = pytest.mark.usefixtures("require_root")
+pytestmark = [pytest.mark.usefixtures("require_root"), LEGS_MARK]
 
 #: a fixed Last-Modified, so the file's expected mtime is known before the build
 LAST_MODIFIED = 1_600_000_000
@@ -102,20 +101,11 @@ def _build(
     ctx.mkdir(exist_ok=True)
     (ctx / "Dockerfile").write_text(dockerfile)
     out = tmp / f"out-{name}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ociworker",
-        "build",
-        "--root",
-        str(state),
-        "--progress",
-        "plain",
-        "--output",
-        f"type=local,dest={out}",
-        str(ctx),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # as root, or as the test user in the rootless leg
+    proc = current_cli().run(
+        "build", "--root", str(state), "--progress", "plain", "--output",
+        f"type=local,dest={out}", str(ctx), check=False,
+    )  # fmt: skip
     if ok and proc.returncode != 0:
         raise AssertionError(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc

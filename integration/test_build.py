@@ -7,9 +7,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Mapping
@@ -17,24 +15,37 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI, assert_lists_steps, buildkit_steps, oci_archive_image
+from conftest import (
+    CLI,
+    LEGS_MARK,
+    assert_lists_steps,
+    buildkit_steps,
+    current_cli,
+    oci_archive_image,
+)
 from dockerd import Dockerd
 
 SHARED_BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
 BENCH_CASES = ("steps", "fanout", "layer-export", "cachemount", "context")
 
+# every test runs as root and as the rootless test user (conftest, "the rootless leg")
+pytestmark = LEGS_MARK
+
 
 def ow(
-    root: Path, *args: str, check: bool = True, timeout: float = 600
+    root: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 600,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``ociworker`` as a user would, with its own state dir."""
-    cmd = [sys.executable, "-m", "ociworker", *args[:1], "--root", str(root), *args[1:]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"ociworker {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return proc
+    """Run ``ociworker`` as a user would, with its own state dir: as root, or as the test
+    user in a rootless leg (``conftest.current_cli``)."""
+    return current_cli().run(
+        *args[:1], "--root", str(root), *args[1:], check=check, timeout=timeout, env=env,
+        input=input,
+    )  # fmt: skip
 
 
 def write_runtime_spy(tmp: Path, real: str) -> tuple[Path, Path]:
@@ -434,7 +445,7 @@ def wait_for_line(proc: subprocess.Popen[str], marker: str, timeout: float = 120
 def _interrupt_after(proc: subprocess.Popen[str], marker: str) -> None:
     """Send Ctrl-C once ``marker`` shows in the build log; wait for the CLI to exit."""
     wait_for_line(proc, marker)
-    proc.send_signal(signal.SIGINT)
+    current_cli().interrupt(proc)
     assert proc.wait(timeout=10) == 130
 
 
@@ -451,22 +462,11 @@ def test_ctrl_c_kills_container_and_leaves_no_state(
     marker = f"sleep {secrets.randbelow(8000) + 1000}"
     (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo started && {marker}\n")
     root = tmp_path / "state"
+    cli = current_cli()
+    cli.hand_over()
+    argv = cli.argv("build", "--root", str(root), "--progress", "plain", "--runtime", runtime)
     with subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ociworker",
-            "build",
-            "--root",
-            str(root),
-            "--progress",
-            "plain",
-            "--runtime",
-            runtime,
-            str(ctx),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+        [*argv, str(ctx)], stderr=subprocess.PIPE, text=True, env=cli.popen_env(), cwd=cli.home
     ) as proc:
         assert proc.stderr is not None
         _interrupt_after(proc, "started")

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ExpectedStep, assert_lists_steps, buildkit_steps
+from conftest import LEGS_MARK, ExpectedStep, assert_lists_steps, buildkit_steps
 from test_build import ow, write_context, write_runtime_spy
 from test_daemon import cli, start_daemon, stop_daemon
+
+pytestmark = LEGS_MARK
 
 _ACCEPT = "application/vnd.oci.image.manifest.v1+json"
 
@@ -343,6 +345,7 @@ def test_cache_holds_no_secret_and_no_context_content(
     assert content.encode() in everything
 
 
+@pytest.mark.rootless_skip("root's daemon (test_daemon.start_daemon)")
 def test_registry_cache_over_the_daemon(
     tmp_path: Path, registry: str, base_image: str, require_root: None
 ) -> None:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
+
+from conftest import LEGS_MARK, current_cli, exported_ids
+
+pytestmark = LEGS_MARK
 
 DOCKERFILE = r"""# syntax=docker/dockerfile:1
 # escape=\
@@ -103,28 +105,12 @@ def test_every_instruction_in_one_build(
     (ctx / "files" / "drop.log").write_text("drop\n")
     (ctx / "bundle.tar.gz").write_bytes(_bundle())
     out, img = tmp_path / "out", tmp_path / "img.tar"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ociworker",
-            "build",
-            "--root",
-            str(tmp_path / "state"),
-            "--progress",
-            "plain",
-            "--build-arg",
-            f"BASE={base_image}",
-            "--output",
-            f"type=local,dest={out}",
-            "--output",
-            f"type=oci,dest={img}",
-            str(ctx),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # as root, or as the test user in the rootless leg
+    proc = current_cli().run(
+        "build", "--root", str(tmp_path / "state"), "--progress", "plain",
+        "--build-arg", f"BASE={base_image}", "--output", f"type=local,dest={out}",
+        "--output", f"type=oci,dest={img}", str(ctx), check=False,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     def text(p: str) -> str:
@@ -132,7 +118,7 @@ def test_every_instruction_in_one_build(
 
     tool = out / "usr/local/bin/tool"
     assert oct(tool.stat().st_mode & 0o7777) == "0o750"
-    assert (tool.stat().st_uid, tool.stat().st_gid) == (1000, 1000)
+    assert (tool.stat().st_uid, tool.stat().st_gid) == exported_ids(1000, 1000)
     assert text("/files/keep.txt") == "keep\n" and text("/files/drop.log") == "drop\n"
     assert (out / "no-logs/keep.txt").exists() and not (out / "no-logs/drop.log").exists()
     assert text("/parents/out/src/a/x.txt") == "one\n"

@@ -4,13 +4,13 @@ checked in the output tree and in the image config of the OCI archive."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import LEGS_MARK, current_cli, exported_ids
 
 
 def _config(archive: Path) -> dict[str, Any]:
@@ -56,31 +56,18 @@ def build(
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         (ctx / rel).write_text(data)
     out, img = tmp / f"out-{name}", tmp / f"img-{name}.tar"
-    cmd = [
-        sys.executable,
-        "-m",
-        "ociworker",
-        "build",
-        "--root",
-        str(tmp / "state"),
-        "--runtime",
-        runtime,
-        "--progress",
-        "plain",
-        "--output",
-        f"type=local,dest={out}",
-        "--output",
-        f"type=oci,dest={img}",
-        *args,
-        str(ctx),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # as root, or as the test user in the rootless leg
+    proc = current_cli().run(
+        "build", "--root", str(tmp / "state"), "--runtime", runtime, "--progress", "plain",
+        "--output", f"type=local,dest={out}", "--output", f"type=oci,dest={img}", *args, str(ctx),
+        check=False,
+    )  # fmt: skip
     if proc.returncode != 0:
         raise AssertionError(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return Built(out, _config(img), proc.stderr)
 
 
-pytestmark = pytest.mark.usefixtures("require_root")
+pytestmark = [pytest.mark.usefixtures("require_root"), LEGS_MARK]
 
 
 def test_env_is_seen_by_run_and_kept_in_config(
@@ -114,7 +101,7 @@ def test_user_applies_to_run_and_workdir(tmp_path: Path, runtime: str, base_imag
         "RUN id -u > /tmp/uid; id -g >> /tmp/uid\n",
     )
     assert b.text("tmp/uid") == "1234\n5678\n"
-    assert (b.out / "owned").stat().st_uid == 1234
+    assert (b.out / "owned").stat().st_uid == exported_ids(1234, 5678)[0]
     assert b.inner["User"] == "1234:5678"
 
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_lists_steps, buildkit_steps
-from gitserve import GitHTTPServer, free_port, git, git_daemon
+from conftest import LEGS_MARK, assert_lists_steps, buildkit_steps
+from gitserve import ANY_OWNER, GitHTTPServer, free_port, git, git_daemon
 from ociworker.testing.daemon import spawn_daemon
 from test_build import ow, write_runtime_spy
+
+pytestmark = LEGS_MARK
 
 DOCKERFILE = """\
 FROM {base} AS tree
@@ -63,8 +65,9 @@ class Repo:
         out = {}
         for name in filter(None, names):
             out[name] = subprocess.run(
-                ["git", "show", f"{commit}:{name}"], cwd=self.work, capture_output=True, check=True
-            ).stdout
+                ["git", "show", f"{commit}:{name}"], cwd=self.work, capture_output=True,
+                check=True, env={**os.environ, **ANY_OWNER},
+            ).stdout  # fmt: skip
         return out
 
 
@@ -303,28 +306,12 @@ def test_token_secret_authenticates_and_is_kept_nowhere(
         assert refused.returncode != 0 and server.url("repo.git") in refused.stderr
 
         meta = tmp_path / "meta.json"
-        env_before = os.environ.get("TOK")
-        os.environ["TOK"] = token
-        try:
-            proc = ow(
-                root,
-                "build",
-                "--progress=plain",
-                "--secret",
-                "id=GIT_AUTH_TOKEN.127.0.0.1,env=TOK",
-                "--metadata-file",
-                str(meta),
-                "-o",
-                f"type=oci,dest={tmp_path / 'img.tar'}",
-                "-o",
-                f"type=local,dest={tmp_path / 'out'}",
-                url,
-            )
-        finally:
-            if env_before is None:
-                del os.environ["TOK"]
-            else:
-                os.environ["TOK"] = env_before
+        # the token in the environment of the CLI alone (as root or as the test user)
+        proc = ow(
+            root, "build", "--progress=plain", "--secret", "id=GIT_AUTH_TOKEN.127.0.0.1,env=TOK",
+            "--metadata-file", str(meta), "-o", f"type=oci,dest={tmp_path / 'img.tar'}",
+            "-o", f"type=local,dest={tmp_path / 'out'}", url, env={"TOK": token},
+        )  # fmt: skip
         _assert_built(tmp_path / "out", r, c.main)
         assert any(a for _, a in server.seen), "the token was never sent"
         assert token not in proc.stdout + proc.stderr
@@ -425,6 +412,7 @@ def test_add_git_checksum_pins_the_commit(
     assert "invalid checksum foobar: expected hex commit hash" in bad.stderr, bad.stderr
 
 
+@pytest.mark.rootless_skip("root's daemon (ociworker.testing.spawn_daemon)")
 def test_daemon_fetches_the_git_context_itself(
     repo: tuple[Repo, Commits], http: GitHTTPServer, tmp_path: Path, require_root: None
 ) -> None:
@@ -602,6 +590,7 @@ def sshd(tmp_path: Path, require_root: None) -> Iterator[SSHServer]:
             p.wait(timeout=30)
 
 
+@pytest.mark.rootless_skip("sshd and its ssh-agent run as root; an agent answers no other user")
 def test_ssh_urls_authenticate_with_the_session_agent(
     repo: tuple[Repo, Commits],
     sshd: SSHServer,
@@ -633,6 +622,7 @@ def test_ssh_urls_authenticate_with_the_session_agent(
     assert "Accepted publickey for root" in sshd.log.read_text()
 
 
+@pytest.mark.rootless_skip("sshd and its ssh-agent run as root; an agent answers no other user")
 def test_scp_like_ssh_url(
     repo: tuple[Repo, Commits],
     sshd: SSHServer,
@@ -650,6 +640,7 @@ def test_scp_like_ssh_url(
     assert "on 127.0.0.1 port 22 " in sshd.log.read_text()
 
 
+@pytest.mark.rootless_skip("root's daemon (ociworker.testing.spawn_daemon)")
 def test_ssh_url_over_the_daemon_uses_the_clients_agent(
     repo: tuple[Repo, Commits],
     sshd: SSHServer,

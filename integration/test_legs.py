@@ -80,3 +80,35 @@ def test_as_user_runs_ociworker_as_the_test_user(as_user: CLI) -> None:
     assert Path(runtime).stat().st_uid == int(uid) and Path(runtime).stat().st_mode & 0o777 == 0o700
     version = as_user.run("--version").stdout.strip()
     assert version.startswith("ociworker ")
+
+
+_MODULE = r"""
+from pathlib import Path
+from conftest import LEGS_MARK, current_cli
+
+pytestmark = LEGS_MARK
+
+def test_body(tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "f").write_text("root wrote this")
+    cli = current_cli()
+    # the interpreter ociworker would run, appending to the file root wrote
+    probe = "import os, sys; open(sys.argv[1] + '/f', 'a').write('+'); print(os.getuid())"
+    argv = [*cli.argv("--version")[:-3], "-c", probe, str(ctx)]
+    uid = cli.run(argv=argv).stdout.strip()
+    with open(Path(__file__).parent / "results", "a") as f:
+        f.write(f"{uid} {(ctx / 'f').read_text()!r} {tmp_path == cli.home}\n")
+"""
+
+
+def test_a_file_with_legs_runs_the_same_body_as_each_user(tmp_path: Path, test_user: str) -> None:
+    # pytestmark = LEGS_MARK: the body runs as root, then as the test user with tmp_path its
+    # home; what root wrote there before a command is the user's by the time it runs.
+    out = _pytest(tmp_path, "1", _MODULE, rc=0)
+    results = set((tmp_path / "results").read_text().splitlines())
+    want_uid = pwd.getpwnam(test_user).pw_uid
+    assert results == {
+        "0 'root wrote this+' True",
+        f"{want_uid} 'root wrote this+' True",
+    }, out

@@ -7,37 +7,27 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_lists_steps, buildkit_steps
+from conftest import LEGS_MARK, assert_lists_steps, buildkit_steps, current_cli
 from gitserve import GitHTTPServer, git, git_daemon
 from test_daemon import Daemon, start_daemon, stop_daemon
 
-pytestmark = pytest.mark.usefixtures("require_root")
+pytestmark = [pytest.mark.usefixtures("require_root"), LEGS_MARK]
 
 
 def _build(
     state: Path, ctx: Path, out: Path, *args: str, addr: str = "", ok: bool = True
 ) -> subprocess.CompletedProcess[str]:
     where = ["--addr", addr] if addr else ["--root", str(state)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "ociworker",
-        "build",
-        *where,
-        "--progress",
-        "plain",
-        "--output",
-        f"type=local,dest={out}",
-        *args,
-        str(ctx),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # as root, or as the test user in the rootless leg
+    proc = current_cli().run(
+        "build", *where, "--progress", "plain", "--output", f"type=local,dest={out}", *args,
+        str(ctx), check=False,
+    )  # fmt: skip
     if ok and proc.returncode != 0:
         raise AssertionError(f"build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -202,6 +192,7 @@ def daemon(tmp_path: Path, registry: str) -> Iterator[Daemon]:
     assert stop_daemon(d) == 0
 
 
+@pytest.mark.rootless_skip("root's daemon (test_daemon.start_daemon)")
 def test_dir_context_over_the_daemon(tmp_path: Path, daemon: Daemon, base_image: str) -> None:
     extra = _named_dir(tmp_path)
     ctx = _context(tmp_path, "ctx", _dir_dockerfile(base_image))
@@ -280,6 +271,7 @@ def test_dir_context_applies_its_own_dockerignore(
     assert_lists_steps(again.stderr, buildkit_steps((ctx / "Dockerfile").read_text()), {})
 
 
+@pytest.mark.rootless_skip("root's daemon (test_daemon.start_daemon)")
 def test_dir_context_over_the_daemon_sends_no_ignored_file(
     tmp_path: Path, daemon: Daemon, base_image: str
 ) -> None:
@@ -431,6 +423,7 @@ def test_url_context_in_from_copy_and_mount(
     assert "404" in missing.stderr and "absent.bin" in missing.stderr, missing.stderr
 
 
+@pytest.mark.rootless_skip("root's daemon (test_daemon.start_daemon)")
 def test_git_and_url_contexts_over_the_daemon(
     tmp_path: Path,
     daemon: Daemon,

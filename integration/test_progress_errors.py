@@ -16,21 +16,22 @@ import base64
 import binascii
 import datetime
 import json
-import os
 import re
 import secrets
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from conftest import LEGS_MARK, current_cli, without_cgroup_warning
 from test_build import ow, wait_for_line
 from test_progress_views import terminal_build
+
+pytestmark = LEGS_MARK
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # Go's time.Time JSON: RFC 3339, up to 9 fraction digits, UTC off the wire
@@ -158,7 +159,7 @@ _SCHEMA: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
 def _solve_statuses(stderr: str) -> list[dict[str, list[dict[str, Any]]]]:
     """Every line of ``stderr`` parsed and checked as a ``client.SolveStatus``."""
     out = []
-    for line in stderr.splitlines():
+    for line in without_cgroup_warning(stderr).splitlines():
         try:
             obj = json.loads(line)
         except ValueError as exc:
@@ -348,13 +349,16 @@ def test_cancelled_run_ends_with_one_error_line(
     ctx.mkdir()
     step = f"RUN echo started && sleep {secrets.randbelow(8000) + 1000}"
     (ctx / "Dockerfile").write_text(f"FROM {base_image}\n{step}\n")
-    cmd = [sys.executable, "-m", "ociworker", "build", "--root", str(tmp_path / "state")]
+    # as root, or as the test user in the rootless leg
+    cli = current_cli()
+    cli.hand_over()
+    cmd = cli.argv("build", "--root", str(tmp_path / "state"), "--progress=plain", str(ctx))
     with subprocess.Popen(
-        [*cmd, "--progress=plain", str(ctx)], stderr=subprocess.PIPE, text=True
+        cmd, stderr=subprocess.PIPE, text=True, env=cli.popen_env(), cwd=cli.home
     ) as proc:
         assert proc.stderr is not None
         seen = wait_for_line(proc, "started")
-        proc.send_signal(signal.SIGTERM)
+        cli.interrupt(proc, signal.SIGTERM)
         rest = proc.stderr.read()
         assert proc.wait(timeout=30) == 143  # 128 + SIGTERM, as a shell reports it
     stderr = "".join(seen) + rest
@@ -369,13 +373,10 @@ def test_tty_progress_without_a_terminal_is_refused(how: str, tmp_path: Path) ->
     ctx.mkdir()
     (ctx / "Dockerfile").write_text("FROM scratch\n")
     root = tmp_path / "state"
-    cmd = [sys.executable, "-m", "ociworker", "build", "--root", str(root), str(ctx)]
-    env = dict(os.environ)
-    if how == "flag":
-        cmd.insert(-1, "--progress=tty")
-    else:
-        env["BUILDKIT_PROGRESS"] = "tty"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    flags, env = (["--progress=tty"], {}) if how == "flag" else ([], {"BUILDKIT_PROGRESS": "tty"})
+    proc = current_cli().run(
+        "build", "--root", str(root), *flags, str(ctx), env=env, timeout=120, check=False
+    )
     assert proc.returncode == 1
     # buildx (progressui.NewDisplay): the one error, nothing drawn, nothing built
     assert proc.stderr.splitlines() == [

@@ -7,16 +7,22 @@ import fcntl
 import os
 import pty
 import re
-import signal
 import struct
 import subprocess
-import sys
 import termios
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import assert_lists_steps, buildkit_steps, normalize_step_name
+from conftest import (
+    LEGS_MARK,
+    assert_lists_steps,
+    buildkit_steps,
+    current_cli,
+    normalize_step_name,
+)
 from test_build import ow
+
+pytestmark = LEGS_MARK
 
 _ANSI_RE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07|[@-Z\\-_])")
 
@@ -46,12 +52,21 @@ def terminal_build(
     master, slave = pty.openpty()
     # 120x40, so rich lays out as in a real terminal rather than at 80 columns
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    cmd = [sys.executable, "-m", "ociworker", "build", "--root", str(root), *flags, str(ctx)]
-    run_env = {**os.environ, "TERM": "xterm-256color", **(env or {})}
+    # as root, or as the test user in the rootless leg
+    cli = current_cli()
+    cli.hand_over()
+    extra = {"TERM": "xterm-256color", **(env or {})}
+    cmd = cli.argv("build", "--root", str(root), *flags, str(ctx), env=extra)
+    run_env = cli.popen_env(extra)
     if env is None:
         run_env.pop("BUILDKIT_PROGRESS", None)
     with subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=run_env
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=run_env,
+        cwd=cli.home,
     ) as proc:
         os.close(slave)
         chunks: list[bytes] = []
@@ -158,7 +173,7 @@ def test_ctrl_c_prints_the_final_state_and_restores_the_cursor(
     def interrupt_once_running(raw: str, proc: subprocess.Popen[bytes]) -> None:
         raw_seen[:] = [raw]
         if not sent and "# started" in _ANSI_RE.sub("", raw):
-            proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+            current_cli().interrupt(proc)  # what Ctrl-C in the terminal sends
             sent.append(True)
 
     code, term, _ = _build_on_a_terminal(
@@ -183,9 +198,11 @@ def test_plain_when_stderr_is_not_a_terminal_and_rich_never_loads(
     (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN true\n")
     root = tmp_path / "state"
     ow(root, "build", str(ctx))
-    cmd = [sys.executable, "-X", "importtime", "-m", "ociworker", "build", "--root", str(root)]
-    env = {k: v for k, v in os.environ.items() if k != "BUILDKIT_PROGRESS"}
-    proc = subprocess.run([*cmd, str(ctx)], capture_output=True, text=True, env=env, check=True)
+    cli = current_cli()
+    cmd = cli.argv("build", "--root", str(root), str(ctx), pyflags=["-X", "importtime"])
+    env = {k: v for k, v in cli.popen_env().items() if k != "BUILDKIT_PROGRESS"}
+    cli.hand_over()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, cwd=cli.home)
     progress = "\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("import time:"))
     assert "\n#1 [internal] load build definition" in progress
     assert_lists_steps(progress, buildkit_steps((ctx / "Dockerfile").read_text()), {})

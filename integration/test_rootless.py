@@ -2,7 +2,8 @@
 
 Every build here runs as the test user ``scripts/setup-host`` makes (``ociw-test``,
 subordinate ids 200000:65536), through ``runuser`` with a fresh HOME and
-XDG_RUNTIME_DIR, exactly as the user would type it. Expectations come from the
+XDG_RUNTIME_DIR (conftest's ``as_user``, as in every rootless leg of the suite), exactly
+as the user would type it. Expectations come from the
 Dockerfile and from reading the archives' tars ourselves; the comparison with
 root is against a build of the same Dockerfile by root, entry by entry.
 """
@@ -19,12 +20,10 @@ import os
 import pwd
 import shutil
 import signal
-import site
 import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -33,61 +32,57 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BASE_IMAGE, oci_archive_image
+from conftest import BASE_IMAGE, CLI, TEST_USER, oci_archive_image
 from ociworker.api.client import Client, DaemonInfo
 from ociworker.executor.cgroups import remove_tree
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench"
-USER = "ociw-test"
 _HINT = "scripts/setup-host creates it (as root)"
 
 
 @dataclass(frozen=True)
 class User:
-    """The test user, with a HOME and runtime dir of this test's own."""
+    """The test user, as conftest's ``as_user`` runs it (the one way the suite runs
+    ``ociworker`` as that user), with its ids and subordinate range."""
 
     name: str
     uid: int
     gid: int
     sub: tuple[int, int]
-    base: Path
-    python: str
+    cli: CLI
+
+    @property
+    def base(self) -> Path:
+        """This test's dir, the user's: its HOME."""
+        return self.cli.home
 
     @property
     def home(self) -> Path:
-        return self.base / "home"
+        return self.cli.home
 
     @property
     def runtime_dir(self) -> Path:
-        return self.base / "run"
+        return Path(self.cli.env["XDG_RUNTIME_DIR"])
 
     @property
     def state(self) -> Path:
-        return self.home / ".local" / "share" / "ociworker"
+        return Path(self.cli.env["XDG_DATA_HOME"]) / "ociworker"
 
     def owns(self, uid: int) -> bool:
         """Whether ``uid`` is this user's: its own or one of its subordinate ids."""
         return uid == self.uid or self.sub[0] <= uid < self.sub[0] + self.sub[1]
 
-    def command(
-        self, *args: str, path: str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
-    ) -> list[str]:
-        env = {
-            "HOME": str(self.home),
-            "XDG_RUNTIME_DIR": str(self.runtime_dir),
-            "PATH": path,
-            "PYTHONPATH": os.pathsep.join([str(SRC), *site.getsitepackages()]),
-            "LANG": "C.UTF-8",
-        }
-        pairs = [f"{k}={v}" for k, v in env.items()]
-        return ["runuser", "-u", self.name, "--", "env", "-i", *pairs, self.python, *args]
+    def command(self, *args: str, path: str | None = None) -> list[str]:
+        """The user's python with ``args``, in the user's environment (``path``: its PATH)."""
+        env = {**self.cli.env, **({"PATH": path} if path else {})}
+        pairs = [f"{k}={v}" for k, v in sorted(env.items())]
+        return ["runuser", "-u", self.name, "--", "env", "-i", *pairs, self.cli.python, *args]
 
     def ociworker(
         self, *args: str, cwd: Path | None = None, timeout: float = 600, path: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self.command("-m", "ociworker", *args, **({"path": path} if path else {})),
+            self.command("-m", "ociworker", *args, path=path),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -97,8 +92,7 @@ class User:
 
     def give(self, path: Path) -> None:
         """Make ``path`` (a tree this test wrote) the user's."""
-        for p in [path, *path.rglob("*")]:
-            os.lchown(p, self.uid, self.gid)
+        self.cli.give(path)
 
 
 def _subid(path: str, name: str) -> tuple[int, int] | None:
@@ -110,49 +104,20 @@ def _subid(path: str, name: str) -> tuple[int, int] | None:
     return None
 
 
-def _user_python(name: str) -> str:
-    """An interpreter the user can run with our source and dependencies (the
-    venv's may live under /root, which the user cannot reach)."""
-    paths = os.pathsep.join([str(SRC), *site.getsitepackages()])
-    minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
-    last = ""
-    for exe in (sys.executable, f"/usr/bin/{minor}"):
-        proc = subprocess.run(
-            ["runuser", "-u", name, "--", "env", f"PYTHONPATH={paths}", exe, "-c", "import grpc"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd="/",
-        )
-        if proc.returncode == 0:
-            return exe
-        last = proc.stderr.strip()
-    pytest.fail(f"no Python user {name} can run with {paths}: {last}")
-
-
 @pytest.fixture
-def user(require_root: None, registry: str) -> Iterator[User]:
-    try:
-        pw = pwd.getpwnam(USER)
-    except KeyError:
-        pytest.fail(f"no user {USER}: {_HINT}")
-    sub = _subid("/etc/subuid", USER)
-    if sub is None or _subid("/etc/subgid", USER) is None:
-        pytest.fail(f"user {USER} has no subuid/subgid range: {_HINT}")
-    # Outside pytest's tmp dir, whose parents the user may not traverse.
-    base = Path(tempfile.mkdtemp(prefix="ociw-rootless-", dir="/tmp"))
-    base.chmod(0o755)
-    u = User(USER, pw.pw_uid, pw.pw_gid, sub, base, _user_python(USER))
-    u.home.mkdir()
-    u.runtime_dir.mkdir(mode=0o700)
-    u.give(base)
+def user(as_user: CLI, registry: str) -> Iterator[User]:
+    assert as_user.user is not None
+    pw = pwd.getpwnam(as_user.user)
+    sub = _subid("/etc/subuid", as_user.user)
+    assert sub is not None, "conftest's test_user checked /etc/subuid"
+    u = User(as_user.user, pw.pw_uid, pw.pw_gid, sub, as_user)
     try:
         yield u
     finally:
+        # before as_user removes the dir: what the test left running of the user's
         for proc in _processes_of(u):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc, signal.SIGKILL)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _processes_of(u: User, *marks: str) -> list[int]:
@@ -376,7 +341,7 @@ def test_build_as_user_matches_root(
 ) -> None:
     ctx = _multi_context(user)
     out = user.base / "image.oci.tar"
-    roots = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path(pwd.getpwnam(USER).pw_dir)]
+    roots = [Path("/tmp"), Path("/var/tmp"), Path("/dev/shm"), Path(pwd.getpwnam(TEST_USER).pw_dir)]
     allowed = [user.state, ctx, out, user.base / "tok"]
     before = _written_by(user, roots, allowed)
 

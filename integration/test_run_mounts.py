@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LEGS_MARK, current_cli
 from test_build import ow, runtime_containers, write_context
+
+pytestmark = LEGS_MARK
 
 
 def _build(
@@ -222,15 +225,15 @@ RUN --mount=type=secret,id=absent test ! -e /run/secrets/absent && echo absent >
     archive = tmp_path / "img.tar"
     meta = tmp_path / "meta.json"
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "ociworker", "--debug", "--log-format", "json", "build",
+    # as root, or as the test user in the rootless leg
+    proc = current_cli().run(
+        "--debug", "--log-format", "json", "build",
         "--root", str(root), "--runtime", runtime, "--progress", "plain",
         "--secret", f"id=fs,src={tmp_path / 'secret.txt'}", "--secret", "id=es,env=MY_TOKEN",
         "-t", "leaktest:latest", "-o", f"type=oci,dest={archive}",
         "-o", f"type=local,dest={out}", "--metadata-file", str(meta), str(ctx),
-    ]  # fmt: skip
-    env = dict(os.environ, MY_TOKEN=env_secret)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        env={"MY_TOKEN": env_secret}, check=False,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     def sha(s: str) -> str:
@@ -305,6 +308,7 @@ def ssh_agent(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
         agent.wait()
 
 
+@pytest.mark.rootless_skip("the ssh-agent runs as root, and an agent answers no other user")
 def test_ssh_mounts_forward_an_agent_and_serve_key_files(
     runtime: str,
     tmp_path: Path,
@@ -354,6 +358,7 @@ RUN --mount=type=ssh,id=missing test -z "$SSH_AUTH_SOCK" && echo skipped > /opti
     assert failed.returncode == 1 and "'nope'" in failed.stderr
 
 
+@pytest.mark.rootless_skip("root's daemon and ssh-agent (ociworker.testing.spawn_daemon)")
 def test_ssh_mounts_over_the_daemon_reach_the_clients_agent_every_time(
     runtime: str,
     tmp_path: Path,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LEGS_MARK, current_cli
 from ociworker.testing.daemon import spawn_daemon
 
 pytestmark = pytest.mark.usefixtures("require_root")
@@ -140,12 +141,8 @@ def seize_child_probe() -> bytes:
 
 def build(ctx: Path, root: Path, runtime: str, *flags: str) -> subprocess.CompletedProcess[str]:
     args = ["build", "--progress=plain", "--no-cache", "--root", str(root), "--runtime", runtime]
-    return subprocess.run(
-        [*OCIWORKER, *args, *flags, str(ctx)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # as root, or as the test user in a test's rootless leg
+    return current_cli().run(*args, *flags, str(ctx), timeout=300, check=False)
 
 
 def test_probe_works_on_the_host(tmp_path: Path) -> None:
@@ -156,6 +153,7 @@ def test_probe_works_on_the_host(tmp_path: Path) -> None:
     assert subprocess.run([str(probe)], check=False).returncode == 0
 
 
+@LEGS_MARK  # the host probes and the daemon tests run as root only
 def test_default_profile_refuses(
     tmp_path: Path, base_image: str, runtime: str, state_dir: Path
 ) -> None:
@@ -234,6 +232,7 @@ def _wait_until(cond: Callable[[], bool], tries: int = 100) -> bool:
     return cond()
 
 
+@LEGS_MARK
 def test_ptrace_of_a_non_child_is_refused(
     tmp_path: Path, base_image: str, runtime: str, state_dir: Path
 ) -> None:
@@ -269,6 +268,7 @@ def test_ptrace_of_a_non_child_is_refused(
     assert _sockets_under(state_dir) == []
 
 
+@LEGS_MARK
 def test_insecure_step_may_attach_anywhere(
     tmp_path: Path, base_image: str, runtime: str, state_dir: Path
 ) -> None:
@@ -288,6 +288,7 @@ def test_insecure_step_may_attach_anywhere(
     assert "seize-parent=0" in r.stderr, r.stderr
 
 
+@LEGS_MARK
 def test_insecure_needs_the_entitlement(
     tmp_path: Path, base_image: str, runtime: str, state_dir: Path
 ) -> None:
@@ -310,6 +311,7 @@ def test_insecure_needs_the_entitlement(
     assert LOGGED_OK.search(allowed.stderr), allowed.stderr
 
 
+@LEGS_MARK
 def test_unknown_entitlement_is_refused(tmp_path: Path, state_dir: Path) -> None:
     ctx = tmp_path / "ctx"
     ctx.mkdir()

@@ -100,14 +100,16 @@ def test_fork_bomb_fails_naming_the_pids_limit_and_the_next_build_works(
 ) -> None:
     root = tmp_path / "root"
     ctx = write_context(tmp_path, f"FROM {base_image}\nRUN f(){{ f | f & }}; f; sleep 60\n")
-    # the base image pulled first: the 10 s are the fork bomb's
+    # the base image pulled first: the time below is the fork bomb's step alone
     warm = write_context(tmp_path, f"FROM {base_image}\nRUN true\n", name="warm")
     _build(root, runtime, warm, check=True)
     start = time.monotonic()
     proc = _build(root, runtime, ctx, "--step-pids", "128", "--no-cache")
     took = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert took < 10, f"the fork bomb ran {took:.1f}s"
+    # behaviour, not speed: the step was stopped, not waited out (its own
+    # `sleep 60` would have ended it at 60 s)
+    assert took < 60, f"the fork bomb ran {took:.1f}s"
     # Killed by us once a fork is refused (137), or, when the bomb's shell gave up
     # by itself between two samples, its own exit code: the limit is named either way.
     assert re.search(

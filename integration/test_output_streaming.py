@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import LEGS_MARK, current_cli, oci_archive_image, without_cgroup_warning
+from conftest import LEGS_MARK, current_cli, oci_archive_image
 from test_build import ow, write_context
 
 pytestmark = LEGS_MARK
@@ -244,7 +244,7 @@ def test_archives_stream_to_stdout(
     assert from_stdout.read_bytes() == as_file.read_bytes()
     # -q's image ID is the config digest of the image in the archive, as docker computes it
     image = oci_archive_image(from_stdout)
-    assert without_cgroup_warning(proc.stderr).split() == [image.config_digest]
+    assert proc.stderr.split() == [image.config_digest]
     assert json.loads(meta.read_text())["containerimage.config.digest"] == image.config_digest
     inspected = subprocess.run(
         [skopeo, "inspect", f"oci-archive:{from_stdout}:v1"],

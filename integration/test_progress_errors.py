@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from conftest import LEGS_MARK, current_cli, without_cgroup_warning
+from conftest import LEGS_MARK, current_cli
 from test_build import ow, wait_for_line
 from test_progress_views import terminal_build
 
@@ -159,7 +159,7 @@ _SCHEMA: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
 def _solve_statuses(stderr: str) -> list[dict[str, list[dict[str, Any]]]]:
     """Every line of ``stderr`` parsed and checked as a ``client.SolveStatus``."""
     out = []
-    for line in without_cgroup_warning(stderr).splitlines():
+    for line in stderr.splitlines():
         try:
             obj = json.loads(line)
         except ValueError as exc:

@@ -551,22 +551,29 @@ def test_killed_worker_leaves_nothing(user: User, sig: signal.Signals) -> None:
         cwd=user.base,
     )
     assert build.stderr is not None
-    seen = []
-    for line in build.stderr:
-        seen.append(line)
-        if "started" in line and "RUN" not in line:
-            break
-    else:
-        pytest.fail("the RUN step never started:\n" + "".join(seen))
-    # the step's sleep is running, as one of the user's ids
-    # ("started" is printed just before the shell runs sleep: wait for it to be there)
-    sleeping: list[int] = []
-    for _ in range(300):
-        sleeping = [p for p in _processes_of(user, token) if token.encode() in _cmdline(p)]
-        if sleeping:
-            break
-        time.sleep(0.1)
-    assert sleeping, "no sleep of the RUN step found"
+    try:
+        seen = []
+        for line in build.stderr:
+            seen.append(line)
+            if "started" in line and "RUN" not in line:
+                break
+        else:
+            pytest.fail("the RUN step never started:\n" + "".join(seen))
+        # the step's sleep is running, as one of the user's ids
+        # ("started" is printed just before the shell runs sleep: wait for it to be there)
+        sleeping: list[int] = []
+        for _ in range(300):
+            sleeping = [p for p in _processes_of(user, token) if token.encode() in _cmdline(p)]
+            if sleeping:
+                break
+            time.sleep(0.1)
+        assert sleeping, "no sleep of the RUN step found"
+    except BaseException:
+        # a build that failed early must not outlive the test (nor warn at its GC)
+        build.kill()
+        build.wait()
+        build.stderr.close()
+        raise
     os.kill(_child_of(build.pid), sig)  # the ociworker the user started
     rest = build.stderr.read()
     build.wait()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -77,6 +78,7 @@ from ociworker.frontend.dockerfile.parser import parse, syntax_of
 from ociworker.fs.atomic import write_atomic
 from ociworker.fs.ignore import IgnoreMatcher, read_dir_ignore
 from ociworker.fs.reader import ContextFiles
+from ociworker.fs.userns import CGROUP_WARNING
 from ociworker.ops.context import LocalContext
 from ociworker.ops.exec import check_entitlements as exec_entitlements
 from ociworker.ops.history import BuildRecorder
@@ -617,6 +619,10 @@ async def _build(
     annotations = parse_annotations(req.annotations)
     if not outputs and not req.tags:
         events(Warning(NO_OUTPUT_WARNING))
+    if cgroup_warning := os.environ.get(CGROUP_WARNING):
+        # a rootless worker without (all of) a delegated cgroup: said once per
+        # build, in the progress stream where -q and rawjson readers expect it
+        events(Warning(cgroup_warning))
     credentials = credentials or NoCredentials()
     context_root = req.context.absolute()
     if req.context_url:

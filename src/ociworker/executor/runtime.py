@@ -573,10 +573,6 @@ class OCIRuntimeExecutor:
             else:
                 self._warn_cgroups(exc)
             return None
-        if self._rootless and not self._warned_cgroups and os.environ.get(CGROUP_WARNING):
-            # Delegated, but without some controller: those limits do not apply.
-            self._warned_cgroups = True
-            _log.warning(os.environ[CGROUP_WARNING])
         return cgroup
 
     def _warn_cgroups(self, exc: OSError) -> None:
@@ -585,11 +581,14 @@ class OCIRuntimeExecutor:
         if self._warned_cgroups:
             return
         self._warned_cgroups = True
+        if os.environ.get(CGROUP_WARNING):
+            # The build already said why, as a progress warning (controller): a
+            # log line here would land in -q and rawjson output.
+            _log.debug("no step cgroup", error=os_error_text(exc))
+            return
         _log.warning(
-            os.environ.get(CGROUP_WARNING)
-            or "rootless: no cgroup delegated to this user, so RUN steps run "
-            "without memory/pids/cpu limits or accounting (with cgroup v2 and "
-            "systemd: delegate the controllers to user@.service)",
+            "rootless: the step cgroup cannot be made, so RUN steps run without "
+            "memory/pids/cpu limits or accounting",
             error=os_error_text(exc),
         )
 

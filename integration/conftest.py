@@ -791,3 +791,39 @@ def exported_ids(uid: int, gid: int) -> tuple[int, int]:
     if in_rootless_leg():
         return _ids(_CURRENT[-1].user or "")
     return uid, gid
+
+
+#: host files the suite's tools run as or hand to the test user; a test that
+#: chowned or chmodded one (a chown following a symlink did once) damages the host
+_HOST_TOOLS = (
+    "runc", "crun", "newuidmap", "newgidmap", "pasta", "slirp4netns", "fuse-overlayfs",
+    "unshare", "nsenter", "git", "ssh", "docker", "dockerd", "buildah", "skopeo",
+)  # fmt: skip
+_HOST_FILES = (
+    "/etc/subuid",
+    "/etc/subgid",
+    "/etc/passwd",
+    "/etc/group",
+    "/dev/fuse",
+    "/dev/net/tun",
+)
+
+
+def _host_file_modes() -> dict[str, tuple[int, int, int]]:
+    paths = [p for t in _HOST_TOOLS if (p := shutil.which(t))] + list(_HOST_FILES)
+    seen: dict[str, tuple[int, int, int]] = {}
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(p)
+            seen[os.path.realpath(p)] = (st.st_uid, st.st_gid, st.st_mode)
+    return seen
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_files_untouched() -> Iterator[None]:
+    """Fails the run if any test changed the owner or mode of a host tool or id file."""
+    before = _host_file_modes()
+    yield
+    after = _host_file_modes()
+    changed = {p: (before[p], after.get(p)) for p in before if after.get(p) != before[p]}
+    assert not changed, f"host files changed by the suite (uid, gid, mode): {changed}"

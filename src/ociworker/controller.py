@@ -502,13 +502,14 @@ async def _recorded(
     context."""
     check_step_limits(worker, req)
     check_platforms(req.platforms, worker.config.platform)
-    if worker.history is None:
+
+    async def solve(recorder: BuildRecorder | None) -> BuildResult:
         return await _build(
             worker,
             req,
             definition,
             events,
-            None,
+            recorder,
             credentials,
             target,
             secrets,
@@ -516,6 +517,9 @@ async def _recorded(
             plan,
             local_dirs,
         )
+
+    if worker.history is None:
+        return await solve(None)
     recorder = BuildRecorder(
         dockerfile="",
         # a URL's credentials never reach the record
@@ -531,19 +535,7 @@ async def _recorded(
     error = ""
     result: BuildResult | None = None
     try:
-        result = await _build(
-            worker,
-            req,
-            definition,
-            events,
-            recorder,
-            credentials,
-            target,
-            secrets,
-            ssh,
-            plan,
-            local_dirs,
-        )
+        result = await solve(recorder)
         return result
     except BaseException as exc:
         error = error_line(exc)

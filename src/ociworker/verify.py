@@ -119,24 +119,6 @@ class _MemoryLayers:
         return None
 
 
-def _graph(target: Vertex) -> list[Vertex]:
-    """The build's vertices, inputs before their users (each once)."""
-    out: list[Vertex] = []
-    seen: set[str] = set()
-    stack: list[tuple[Vertex, bool]] = [(target, False)]
-    while stack:
-        v, expanded = stack.pop()
-        if v.digest in seen:
-            continue
-        if expanded:
-            seen.add(v.digest)
-            out.append(v)
-            continue
-        stack.append((v, True))
-        stack.extend((i, False) for i in reversed(v.inputs) if i is not None)
-    return out
-
-
 def _renamed(events: EventSink, run: int) -> EventSink:
     """A scratch run's progress, shown as steps of their own (``[verify-cache
     run N] [2/3] RUN ...``): the same vertex digest would merge with the
@@ -349,7 +331,7 @@ async def verify_cache(
     whether each was taken from the cache; the report follows that order."""
     if target is None:
         return VerifyReport(())
-    vertices = _graph(target)
+    vertices = list(target.walk())
     # read only: lookup() would count a use of each record
     records = {r.key: r.result for r in worker.cache.records()}
     before = {i.key for i in await worker.snapshots.walk()}

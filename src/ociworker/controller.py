@@ -455,40 +455,6 @@ async def build(
     plan: Plan | None = None,
     local_dirs: Mapping[str, LocalContext] | None = None,
 ) -> BuildResult:
-    """``_recorded`` under a lease: what it uses is in use for prune and GC until it ends."""
-    lease = worker.cache.lease()
-    try:
-        return await _recorded(
-            worker,
-            req,
-            definition,
-            events,
-            credentials=credentials,
-            target=target,
-            secrets=secrets,
-            ssh=ssh,
-            prelude=prelude,
-            plan=plan,
-            local_dirs=local_dirs,
-        )
-    finally:
-        worker.cache.release(lease)
-
-
-async def _recorded(
-    worker: Worker,
-    req: BuildRequest,
-    definition: BuildDefinition | None,
-    events: EventSink = discard,
-    *,
-    credentials: Credentials | None = None,
-    target: ExportTarget | None = None,
-    secrets: Secrets | None = None,
-    ssh: SSHAgents | None = None,
-    prelude: Sequence[Event] = (),
-    plan: Plan | None = None,
-    local_dirs: Mapping[str, LocalContext] | None = None,
-) -> BuildResult:
     """Plan, solve and export ``req``; every output is handed to ``target``
     (default: written to the local filesystem, ``dest=-`` to stdout).
     ``credentials``: the registry credentials the caller lends this build
@@ -504,19 +470,24 @@ async def _recorded(
     check_platforms(req.platforms, worker.config.platform)
 
     async def solve(recorder: BuildRecorder | None) -> BuildResult:
-        return await _build(
-            worker,
-            req,
-            definition,
-            events,
-            recorder,
-            credentials,
-            target,
-            secrets,
-            ssh,
-            plan,
-            local_dirs,
-        )
+        # under a lease: what the build uses is in use for prune and GC until it ends
+        lease = worker.cache.lease()
+        try:
+            return await _build(
+                worker,
+                req,
+                definition,
+                events,
+                recorder,
+                credentials,
+                target,
+                secrets,
+                ssh,
+                plan,
+                local_dirs,
+            )
+        finally:
+            worker.cache.release(lease)
 
     if worker.history is None:
         return await solve(None)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -176,7 +177,8 @@ def _cli_version() -> str:
     return out[1]
 
 
-def _script(name: str) -> None:
+def _script(name: str) -> str:
+    """Run scripts/NAME; its stderr (where it logs)."""
     proc = subprocess.run(
         [str(REPO / "scripts" / name)],
         capture_output=True,
@@ -186,6 +188,7 @@ def _script(name: str) -> None:
         check=False,
     )
     assert proc.returncode == 0, f"scripts/{name} failed:\n{proc.stderr[-4000:]}"
+    return proc.stderr
 
 
 @pytest.fixture(scope="session")
@@ -284,6 +287,29 @@ def theirs(
     assert "# buildkit" in history.stdout, "dockerd did not build with BuildKit"
     dockerd.docker("save", "-o", str(archive), "ociworker:theirs")
     return Built(read_docker_archive(archive), archive, cold, warm)
+
+
+def _registry_digest(ref: str) -> str:
+    host, _, rest = ref.partition("/")
+    repo, _, tag = rest.rpartition(":")
+    req = urllib.request.Request(
+        f"http://{host}/v2/{repo}/manifests/{tag}",
+        method="HEAD",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return str(resp.headers["Docker-Content-Digest"])
+
+
+def test_debian_base_is_made_once(debian_base: str) -> None:
+    before = _registry_digest(debian_base)
+    said = _script("make-debian-base")
+    assert f"debian base: {debian_base} is in the registry" in said, said
+    assert _registry_digest(debian_base) == before
+    # the cached layout is what the registry serves (a wiped registry gets it back as is)
+    layout = Path(os.environ.get("OCIWORKER_DEV_STATE", "/var/lib/ociworker-dev"))
+    index = json.loads((layout / "debian-bookworm-oci" / "index.json").read_text())
+    assert [m["digest"] for m in index["manifests"]] == [before]
 
 
 def test_build_times(ours: Built, theirs: Built) -> None:

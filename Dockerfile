@@ -42,11 +42,12 @@ ARG REVISION=unknown
 # The project has no public home yet: override both at release.
 ARG SOURCE=https://github.com/ociworker/ociworker
 # runc, crun: OCI runtimes; fuse-overlayfs, uidmap, passt, slirp4netns: rootless mode;
-# iproute2, nftables: the sandbox network of RUN steps; git, openssh-client: git contexts.
+# iproute2, nftables: the sandbox network of RUN steps; git, openssh-client: git contexts;
+# tini: PID 1, so the orphans a killed step leaves (runtime shims, helpers) are reaped.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
     python3 runc crun uidmap fuse-overlayfs passt slirp4netns iproute2 nftables \
-    git openssh-client ca-certificates \
+    git openssh-client ca-certificates tini \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log \
     /var/log/alternatives.log /var/cache/ldconfig/aux-cache \
@@ -65,6 +66,7 @@ VOLUME /var/lib/ociworker
 # `ociworker serve` listens on unix:///run/ociworker/ociworker.sock, the client's default, so
 # `docker exec CONTAINER ociworker ...` reaches it; share /run/ociworker to reach it from outside.
 # TCP needs mutual TLS: add --addr tcp://0.0.0.0:1234 --tlscacert ... --tlscert ... --tlskey ...
-ENTRYPOINT ["ociworker", "serve"]
+# tini forwards SIGTERM: `docker stop` cancels the builds and the daemon exits 0.
+ENTRYPOINT ["tini", "--", "ociworker", "serve"]
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
   CMD ["ociworker", "info"]

@@ -43,7 +43,18 @@ DOCKERFILE = REPO / "Dockerfile"
 # usual suspects, are written sorted. Add a path here only with the reason it must differ.
 TIMESTAMPED: dict[str, str] = {}
 # What the worker runs (runtimes, rootless helpers, the sandbox network's tools, git contexts).
-TOOLS = ("runc", "crun", "newuidmap", "fuse-overlayfs", "pasta", "slirp4netns", "git", "nft", "ip")
+TOOLS = (
+    "runc",
+    "crun",
+    "newuidmap",
+    "fuse-overlayfs",
+    "pasta",
+    "slirp4netns",
+    "git",
+    "nft",
+    "ip",
+    "tini",
+)
 
 
 @dataclass(frozen=True)
@@ -468,5 +479,10 @@ def test_the_image_runs_as_a_worker_under_docker(
         )
         built = dockerd.docker("exec", name, "sh", "-c", script, timeout=600)
         assert built.stdout.splitlines()[-1] == "built in Linux", built.stderr[-3000:]
+        # `docker stop` is SIGTERM through tini: the daemon stops its builds and exits 0
+        dockerd.docker("stop", "-t", "60", name, timeout=120)
+        code = dockerd.docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip()
+        logs = dockerd.docker("logs", name, check=False)
+        assert code == "0", f"exit {code}:\n{logs.stdout[-2000:]}\n{logs.stderr[-2000:]}"
     finally:
         dockerd.docker("rm", "-f", "-v", name, check=False)

@@ -66,6 +66,8 @@ VOLUME /var/lib/ociworker
 # `ociworker serve` listens on unix:///run/ociworker/ociworker.sock, the client's default, so
 # `docker exec CONTAINER ociworker ...` reaches it; share /run/ociworker to reach it from outside.
 # TCP needs mutual TLS: add --addr tcp://0.0.0.0:1234 --tlscacert ... --tlscert ... --tlskey ...
+# (the HEALTHCHECK asks the default socket: with another --addr, give `docker run` a
+# --health-cmd 'ociworker info --addr ... --tlscacert ...' of its own).
 # tini forwards SIGTERM: `docker stop` cancels the builds and the daemon exits 0.
 ENTRYPOINT ["tini", "--", "ociworker", "serve"]
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \

@@ -63,8 +63,10 @@ LABEL org.opencontainers.image.title="ociworker" \
       org.opencontainers.image.url="${SOURCE}" \
       org.opencontainers.image.licenses="Apache-2.0"
 VOLUME /var/lib/ociworker
-# `ociworker serve` listens on unix:///run/ociworker/ociworker.sock, the client's default, so
-# `docker exec CONTAINER ociworker ...` reaches it; share /run/ociworker to reach it from outside.
+# `ociworker serve` listens on unix:///run/ociworker/ociworker.sock, the client's default
+# address: `docker exec CONTAINER ociworker info` reaches it, and so does a build given
+# --addr unix:///run/ociworker/ociworker.sock (without --addr, or $OCIWORKER_HOST, the CLI runs
+# an embedded worker of its own, as on any host). Share /run/ociworker to reach it from outside.
 # TCP needs mutual TLS: add --addr tcp://0.0.0.0:1234 --tlscacert ... --tlscert ... --tlskey ...
 # (the HEALTHCHECK asks the default socket: with another --addr, give `docker run` a
 # --health-cmd 'ociworker info --addr ... --tlscacert ...' of its own).

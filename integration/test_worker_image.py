@@ -318,9 +318,36 @@ def test_debian_base_is_made_once(debian_base: str) -> None:
     assert f"debian base: {debian_base} is in the registry" in said, said
     assert _registry_digest(debian_base) == before
     # the cached layout is what the registry serves (a wiped registry gets it back as is)
-    layout = Path(os.environ.get("OCIWORKER_DEV_STATE", "/var/lib/ociworker-dev"))
-    index = json.loads((layout / "debian-bookworm-oci" / "index.json").read_text())
-    assert [m["digest"] for m in index["manifests"]] == [before]
+    dev_state = Path(os.environ.get("OCIWORKER_DEV_STATE", "/var/lib/ociworker-dev"))
+    assert _layout_digest(dev_state) == before
+
+
+def _layout_digest(dev_state: Path) -> str:
+    index = json.loads((dev_state / "debian-bookworm-oci" / "index.json").read_text())
+    digests = [m["digest"] for m in index["manifests"]]
+    assert len(digests) == 1, digests
+    return str(digests[0])
+
+
+def test_debian_base_is_reproducible(require_root: None, tmp_path: Path) -> None:
+    # Two bootstraps from the mirror, minutes apart, in dev-state dirs of their own (nothing
+    # pushed): the same manifest digest, so the base is the mirror's packages and nothing of
+    # the moment it was made.
+    digests = []
+    for name in ("a", "b"):
+        env = {**os.environ, "OCIWORKER_DEV_STATE": str(tmp_path / name)}
+        proc = subprocess.run(
+            [str(REPO / "scripts" / "make-debian-base"), "--force", "--no-push"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        digests.append(_layout_digest(tmp_path / name))
+    assert digests[0] == digests[1]
 
 
 def test_build_times(ours: Built, theirs: Built) -> None:

@@ -206,8 +206,14 @@ def _script(name: str) -> str:
 def debian_base(require_root: None, registry: str) -> str:
     """The Dockerfile's default BASE, made by the script the README tells users to run."""
     _script("make-debian-base")
-    _script("make-wheelhouse")
     return f"{registry}/debian:bookworm"
+
+
+@pytest.fixture(scope="session")
+def inputs(debian_base: str) -> str:
+    """What the Dockerfile takes besides its context: the base, and wheelhouse/ in it."""
+    _script("make-wheelhouse")
+    return debian_base
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,7 @@ def revision() -> str:
 
 
 @pytest.fixture(scope="module")
-def ours(debian_base: str, revision: str, tmp_path_factory: pytest.TempPathFactory) -> Built:
+def ours(inputs: str, revision: str, tmp_path_factory: pytest.TempPathFactory) -> Built:
     tmp = tmp_path_factory.mktemp("ours")
     archive = tmp / "ours.tar"
 
@@ -269,7 +275,7 @@ def ours(debian_base: str, revision: str, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def theirs(
-    debian_base: str, revision: str, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory
+    inputs: str, revision: str, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory
 ) -> Built:
     tmp = tmp_path_factory.mktemp("theirs")
     archive = tmp / "theirs.tar"

@@ -36,7 +36,7 @@ from ociworker.core.build import (
 from ociworker.core.cacheimport import parse_cache_specs
 from ociworker.core.entitlements import parse_entitlements
 from ociworker.core.outputs import OutputSpec, parse_labels
-from ociworker.errors import ConfigError, OciworkerError, UserError
+from ociworker.errors import BuildFailed, ConfigError, OciworkerError, UserError
 from ociworker.testing.image import BuiltImage, RunResult, load_layout, unpack_oci_archive
 
 if TYPE_CHECKING:
@@ -69,17 +69,6 @@ BUILD_OPTIONS: Mapping[str, str] = {
     "outputs": "['type=...'] more outputs (--output)",
     "push": "bool: push to the ociworker_registry fixture (--push)",
 }
-
-
-class BuildError(OciworkerError):
-    """A build run for a test failed; the message holds the build's log."""
-
-    def __init__(self, message: str, log: str, cause: OciworkerError) -> None:
-        super().__init__(f"{message}\n--- build log ---\n{log.rstrip()}\n--- end of build log ---")
-        self.log = log
-        self.cause = cause
-        # the gRPC boundary and callers that switch on codes see the cause's
-        self.code = cause.code
 
 
 def _items(name: str, value: Any) -> list[str]:
@@ -288,7 +277,7 @@ class TestWorker:
         try:
             self._call(self._build(plan, printer))
         except OciworkerError as exc:
-            raise BuildError(f"build failed: {exc}", log.getvalue(), exc) from exc
+            raise BuildFailed(f"build failed: {exc}", log.getvalue(), exc) from exc
         unpack_oci_archive(archive, layout)
         return load_layout(layout, runner=self, pushed=plan.pushed)
 

@@ -193,7 +193,7 @@ def ociworker_build(
     {relative path: text or bytes} written into it). ``options`` are buildx's
     flags in snake_case (``harness.BUILD_OPTIONS``); ``push=True`` pushes to
     ``ociworker_registry`` (under each tag's name there, else a fresh name). A
-    failed build raises ``BuildError`` (an ``OciworkerError``) with its log."""
+    failed build raises ``ociworker.errors.BuildFailed`` with its log."""
     from ociworker.testing.harness import build_plan
 
     def build(

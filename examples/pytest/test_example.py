@@ -24,15 +24,13 @@ USER user
 CMD ["greet"]
 """
 
-SCRIPT = "#!/bin/sh\necho \"hello, @WHO@, from $(id -un)\"\n"
+SCRIPT = '#!/bin/sh\necho "hello, @WHO@, from $(id -un)"\n'
 
 
 def test_two_stage_image_runs_its_command(
     ociworker_build: Callable[..., Any], ociworker_base_image: str
 ) -> None:
-    image = ociworker_build(
-        GREETER.format(base=ociworker_base_image), files={"greet.sh": SCRIPT}
-    )
+    image = ociworker_build(GREETER.format(base=ociworker_base_image), files={"greet.sh": SCRIPT})
 
     result = image.run(["greet"])
 
@@ -47,15 +45,9 @@ def test_two_stage_image_runs_its_command(
 def test_build_args_and_labels_reach_the_image(
     ociworker_build: Callable[..., Any], ociworker_base_image: str
 ) -> None:
-    dockerfile = (
-        f"FROM {ociworker_base_image}\n"
-        "ARG FLAVOUR=plain\n"
-        "RUN echo $FLAVOUR > /flavour\n"
-    )
+    dockerfile = f"FROM {ociworker_base_image}\nARG FLAVOUR=plain\nRUN echo $FLAVOUR > /flavour\n"
 
-    image = ociworker_build(
-        dockerfile, build_args={"FLAVOUR": "spicy"}, labels={"team": "images"}
-    )
+    image = ociworker_build(dockerfile, build_args={"FLAVOUR": "spicy"}, labels={"team": "images"})
 
     assert image.read("/flavour") == b"spicy\n"
     assert image.config["config"]["Labels"]["team"] == "images"

@@ -175,7 +175,11 @@ def _history_count(addr: str) -> int:
 
 @pytest.mark.parametrize("mode", ["serial", "xdist"])
 def test_example_passes_as_another_projects_suite(
-    mode: str, tmp_path: Path, plugin_path: str, require_root: None
+    mode: str,
+    tmp_path: Path,
+    plugin_path: str,
+    require_root: None,
+    mounts_under: Callable[[Path], list[Path]],
 ) -> None:
     project = _copy_example(tmp_path)
     expected = _test_functions(project / "test_example.py")
@@ -187,6 +191,8 @@ def test_example_passes_as_another_projects_suite(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     passed = _passed(report)
     assert sorted(passed) == sorted(expected), proc.stdout
+    # the session's workers closed: nothing of theirs is still mounted
+    assert not mounts_under(tmp_path), mounts_under(tmp_path)
     if mode == "xdist":
         # each xdist worker had a registry and a worker state dir of its own
         base = tmp_path / "bt-project"

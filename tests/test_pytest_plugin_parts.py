@@ -327,3 +327,19 @@ def test_the_entry_point_is_declared() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["pytest11"] == {"ociworker": "ociworker.testing.pytest_plugin"}
     assert any(d.startswith("pytest-xdist") for d in project["optional-dependencies"]["dev"])
+
+
+class _Registry:
+    def ref(self, name: str, tag: str = "latest") -> str:
+        return f"127.0.0.1:1/{name}:{tag}"
+
+
+def test_push_sends_each_tag_to_the_registry_fixture_under_its_name() -> None:
+    from ociworker.testing.pytest_plugin import _push_refs
+
+    tags = ["app:dev", "example.com:5000/team/app:1.2", "busybox"]
+    got = _push_refs(_Registry(), tags)  # type: ignore[arg-type]
+    assert got == ["127.0.0.1:1/app:dev", "127.0.0.1:1/team/app:1.2", "127.0.0.1:1/busybox:latest"]
+    fresh = _push_refs(_Registry(), None)  # type: ignore[arg-type]
+    assert len(fresh) == 1 and fresh[0].startswith("127.0.0.1:1/ociworker-pytest:")
+    assert fresh != _push_refs(_Registry(), None)  # type: ignore[arg-type]

@@ -173,7 +173,7 @@ def _history_count(addr: str) -> int:
     return asyncio.run(count())
 
 
-@pytest.mark.parametrize("mode", ["serial", "xdist"])
+@pytest.mark.parametrize("mode", ["serial", "serial-crun", "xdist"])
 def test_example_passes_as_another_projects_suite(
     mode: str,
     tmp_path: Path,
@@ -185,7 +185,11 @@ def test_example_passes_as_another_projects_suite(
     expected = _test_functions(project / "test_example.py")
     assert len(expected) >= 2
 
-    args = ["-n", "2"] if mode == "xdist" else ["-p", "no:xdist"]
+    args = {
+        "serial": ["-p", "no:xdist"],
+        "serial-crun": ["-p", "no:xdist", "--ociworker-runtime", "crun"],
+        "xdist": ["-n", "2"],
+    }[mode]
     proc, report = _run_project(project, args, plugin_path)
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -193,6 +197,9 @@ def test_example_passes_as_another_projects_suite(
     assert sorted(passed) == sorted(expected), proc.stdout
     # the session's workers closed: nothing of theirs is still mounted
     assert not mounts_under(tmp_path), mounts_under(tmp_path)
+    # the runtime asked for is the one that ran the steps (its state dir is the only one)
+    runtimes = {p.name for p in (tmp_path / "bt-project").glob("**/root/executor/runtime/*")}
+    assert runtimes == {"crun" if mode == "serial-crun" else "runc"}
     if mode == "xdist":
         # each xdist worker had a registry and a worker state dir of its own
         base = tmp_path / "bt-project"

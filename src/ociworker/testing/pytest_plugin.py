@@ -100,7 +100,16 @@ def ociworker_worker(
             _missing(pytestconfig, f"the OCI runtime {runtime} is not installed")
     worker = TestWorker(WorkerSettings(runtime, host), tmp_path_factory.mktemp("ociworker"))
     if host is not None:
-        worker.check_daemon()
+        from ociworker.errors import OciworkerError
+
+        unreachable = ""
+        try:
+            worker.check_daemon()
+        except OciworkerError as exc:
+            unreachable = str(exc)
+        if unreachable:
+            worker.close()
+            pytest.fail(f"ociworker_worker: {unreachable}", pytrace=False)
     try:
         yield worker
     finally:

@@ -290,6 +290,40 @@ def test_run_is_sandboxed_with_no_network(ociworker_build, ociworker_base_image)
     assert image.run("id -u", user="1000").stdout == "1000\\n"
 
 
+def test_an_image_as_a_named_context_and_a_secret_by_value(ociworker_build, ociworker_base_image):
+    first = ociworker_build(f"FROM {ociworker_base_image}\\nRUN echo from-first > /first\\n")
+    second = ociworker_build(
+        "FROM base\\n"
+        "RUN --mount=type=secret,id=tok test \\"$(cat /run/secrets/tok)\\" = s3cret-value"
+        " && echo ok > /checked\\n",
+        build_contexts={"base": first},
+        secrets={"tok": "s3cret-value"},
+    )
+    assert second.read("/first") == b"from-first\\n"
+    assert second.read("/checked") == b"ok\\n"
+    # the first image's layers are the second's lower ones, untouched
+    assert [l.digest for l in second.layers[: len(first.layers)]] == [
+        l.digest for l in first.layers
+    ]
+    for layer in second.layers:
+        assert b"s3cret-value" not in layer.tar_path.read_bytes()
+
+
+def test_a_context_directory_and_its_dockerfile(ociworker_build, ociworker_base_image, tmp_path):
+    (tmp_path / "app.txt").write_text("app\\n")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "Dockerfile.prod").write_text(
+        f"FROM {ociworker_base_image} AS one\\nCOPY app.txt /one.txt\\n"
+        f"FROM {ociworker_base_image} AS two\\nCOPY app.txt /two.txt\\n"
+    )
+    image = ociworker_build(tmp_path, file="build/Dockerfile.prod", target="one")
+    assert image.read("/one.txt") == b"app\\n"
+    assert "/two.txt" not in image.files()
+    # a string naming a directory is a context too
+    same = ociworker_build(str(tmp_path), file="build/Dockerfile.prod", target="two")
+    assert same.read("/two.txt") == b"app\\n" and "/one.txt" not in same.files()
+
+
 def test_a_failed_build_raises_with_its_log(ociworker_build, ociworker_base_image):
     with pytest.raises(BuildFailed) as info:
         ociworker_build(f"FROM {ociworker_base_image}\\nRUN echo about-to-fail && exit 3\\n")

@@ -9,6 +9,7 @@ tried again on a new port instead of failing the session.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import socket
@@ -205,12 +206,11 @@ class RegistryServer:
 
     def pull(self, ref: str, layout: Path) -> BuiltImage:
         """Download the image ``ref`` into OCI layout ``layout`` and read it."""
-        body, digest = self._manifest_bytes(ref)
+        body, _ = self._manifest_bytes(ref)
         manifest = json.loads(body)
         if "manifests" in manifest:
             raise NotFoundError(f"{ref} is an index; pull one of its manifests by digest")
-        import hashlib
-
+        # the digest of the bytes served, not the registry's header: what is pulled is checked
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         base, _ = self._url(ref, "blobs")
         blobs = {digest: body}

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ociworker.errors import HostError, NotFoundError
+from ociworker.errors import DigestMismatchError, HostError, NotFoundError
 from ociworker.testing.image import BuiltImage, load_layout, read_blob, write_image_layout
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
@@ -216,6 +216,8 @@ class RegistryServer:
         blobs = {digest: body}
         for desc in [manifest["config"], *manifest["layers"]]:
             _, data, _ = self._request("GET", base + desc["digest"])
+            if "sha256:" + hashlib.sha256(data).hexdigest() != desc["digest"]:
+                raise DigestMismatchError(f"{ref}: blob {desc['digest']} does not match its digest")
             blobs[desc["digest"]] = data
         write_image_layout(layout, blobs, digest)
         return load_layout(layout)

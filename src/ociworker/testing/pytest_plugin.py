@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from ociworker.testing.registry_server import RegistryServer
 
 RUNTIMES = ("runc", "crun")
+#: the session's worker, once ``ociworker_worker`` has made it (it runs pulled images)
+_WORKER = pytest.StashKey["TestWorker"]()
 _HINT = "(pass --ociworker-skip-missing to skip such tests instead)"
 
 
@@ -110,19 +112,20 @@ def ociworker_worker(
         if unreachable:
             worker.close()
             pytest.fail(f"ociworker_worker: {unreachable}", pytrace=False)
+    pytestconfig.stash[_WORKER] = worker
     try:
         yield worker
     finally:
+        del pytestconfig.stash[_WORKER]
         worker.close()
 
 
 @pytest.fixture(scope="session")
 def ociworker_registry(
-    pytestconfig: pytest.Config,
-    tmp_path_factory: pytest.TempPathFactory,
-    ociworker_worker: TestWorker,
+    pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Registry]:
-    """A real ``docker-registry`` on 127.0.0.1 and a free port, for this session."""
+    """A real ``docker-registry`` on 127.0.0.1 and a free port, for this session
+    (needs no root nor worker: a pulled image runs once ``ociworker_worker`` is up)."""
     from ociworker.testing.registry_server import REGISTRY_BIN, RegistryServer
 
     binary = shutil.which("docker-registry") or REGISTRY_BIN
@@ -132,7 +135,7 @@ def ociworker_registry(
         )
     server = RegistryServer.start(tmp_path_factory.mktemp("registry"), binary=binary)
     try:
-        yield Registry(server, ociworker_worker, tmp_path_factory)
+        yield Registry(server, pytestconfig, tmp_path_factory)
     finally:
         server.stop()
 
@@ -141,10 +144,10 @@ class Registry:
     """``ociworker_registry``: the server, with push and pull of whole images."""
 
     def __init__(
-        self, server: RegistryServer, worker: TestWorker, tmp: pytest.TempPathFactory
+        self, server: RegistryServer, config: pytest.Config, tmp: pytest.TempPathFactory
     ) -> None:
         self.server = server
-        self._worker = worker
+        self._config = config
         self._tmp = tmp
 
     @property
@@ -161,11 +164,12 @@ class Registry:
         return self.server.push(image, ref)
 
     def pull(self, ref: str) -> BuiltImage:
-        """The image ``ref`` as the registry serves it (it can ``run`` too)."""
+        """The image ``ref`` as the registry serves it (it can ``run`` when the
+        test also has ``ociworker_worker`` or ``ociworker_build``)."""
         import dataclasses
 
         image = self.server.pull(ref, self._tmp.mktemp("pulled") / "layout")
-        return dataclasses.replace(image, runner=self._worker)
+        return dataclasses.replace(image, runner=self._config.stash.get(_WORKER, None))
 
     def tags(self, name: str) -> list[str]:
         """The tags of repository ``name``, sorted ([] when there is none)."""

@@ -1,6 +1,7 @@
 """Build the project's busybox base image as an OCI layout and push it to the local registry.
 
-Used by scripts/make-base-image. Standard library only, so it runs before the project is
+Used by scripts/make-base-image. Standard library only (the image itself comes from
+``ociworker.testing.busybox``, read from the source tree), so it runs before the project is
 installed. Everything that goes into the image is fixed (mtimes, owners, order, gzip header),
 so the same busybox binary always yields the same manifest digest; that is what lets a re-run
 compare digests with the registry and skip the push.
@@ -9,210 +10,31 @@ compare digests with the registry and skip the push.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
-import io
-import json
-import platform
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from collections.abc import Sequence
+from pathlib import Path
 
-MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
-MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
-MEDIA_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+# The image itself is made by the package (the pytest plugin's base image is the same one);
+# its module is standard library only, so it is imported from the source tree, uninstalled.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from ociworker.testing.busybox import (
+    MEDIA_INDEX,
+    MEDIA_MANIFEST,
+    Image,
+    build_image,
+    build_layer_tar,
+    busybox_image,
+    write_layout,
+)
+from ociworker.testing.busybox import host_arch as _host_arch
+
+__all__ = ["Image", "build_image", "build_layer_tar", "busybox_image", "write_layout"]
 
 DEFAULT_REF = "127.0.0.1:5000/busybox:latest"
 DEFAULT_LAYOUT = "/var/lib/ociworker-dev/busybox-oci"
-PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# 2000-01-01T00:00:00Z: any fixed instant works; the epoch itself trips some tools that treat
-# a zero mtime as "unset".
-FIXED_MTIME = 946684800
-FIXED_CREATED = "2000-01-01T00:00:00Z"
-USER_UID = 1000
-
-PASSWD = (
-    "root:x:0:0:root:/root:/bin/sh\n"
-    "user:x:1000:1000:user:/home/user:/bin/sh\n"
-    "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
-)
-GROUP = "root:x:0:\nuser:x:1000:\nnogroup:x:65534:\n"
-
-# (path, mode, uid): /home/user belongs to its user so `USER user` can write its home; every
-# other entry is root's.
-DIRECTORIES: tuple[tuple[str, int, int], ...] = (
-    ("bin", 0o755, 0),
-    ("dev", 0o755, 0),
-    ("etc", 0o755, 0),
-    ("home", 0o755, 0),
-    ("home/user", 0o755, USER_UID),
-    ("proc", 0o555, 0),
-    ("root", 0o700, 0),
-    ("sbin", 0o755, 0),
-    ("sys", 0o555, 0),
-    ("tmp", 0o1777, 0),
-    ("usr", 0o755, 0),
-    ("usr/bin", 0o755, 0),
-    ("usr/sbin", 0o755, 0),
-    ("var", 0o755, 0),
-)
-
-GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
-
-
-@dataclass(frozen=True)
-class Blob:
-    media_type: str
-    data: bytes
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.data).hexdigest()
-
-    def descriptor(self) -> dict[str, object]:
-        return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data)}
-
-
-@dataclass(frozen=True)
-class Image:
-    layer: Blob
-    config: Blob
-    manifest: Blob
-    diff_id: str
-
-
-def applet_paths(busybox: Path) -> list[str]:
-    """The install paths busybox itself reports, e.g. ``usr/bin/awk``."""
-    out = subprocess.run(
-        [str(busybox), "--list-full"], check=True, capture_output=True, text=True
-    ).stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def _safe_relative(path: str) -> str:
-    p = PurePosixPath(path)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise ValueError(f"unsafe path in image: {path!r}")
-    return str(p)
-
-
-def _info(name: str, kind: bytes, mode: int, uid: int = 0) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type = kind
-    ti.mode = mode
-    ti.uid = ti.gid = uid
-    ti.uname = ti.gname = ""
-    ti.mtime = FIXED_MTIME
-    return ti
-
-
-def build_layer_tar(busybox_binary: bytes, applets: Iterable[str]) -> bytes:
-    """An uncompressed, byte-for-byte reproducible root filesystem tar."""
-    dirs = {name: (mode, uid) for name, mode, uid in DIRECTORIES}
-    links: dict[str, str] = {}
-    for raw in applets:
-        path = _safe_relative(raw)
-        if path == "bin/busybox":
-            continue
-        links[path] = "/bin/busybox"
-        for parent in PurePosixPath(path).parents:
-            if str(parent) != ".":
-                dirs.setdefault(str(parent), (0o755, 0))
-    files = {
-        "bin/busybox": (busybox_binary, 0o755),
-        "etc/group": (GROUP.encode(), 0o644),
-        "etc/passwd": (PASSWD.encode(), 0o644),
-    }
-    names = sorted({*dirs, *links, *files})
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name in names:
-            if name in dirs:
-                mode, uid = dirs[name]
-                tar.addfile(_info(name, tarfile.DIRTYPE, mode, uid))
-            elif name in files:
-                data, mode = files[name]
-                ti = _info(name, tarfile.REGTYPE, mode)
-                ti.size = len(data)
-                tar.addfile(ti, io.BytesIO(data))
-            else:
-                ti = _info(name, tarfile.SYMTYPE, 0o777)
-                ti.linkname = links[name]
-                tar.addfile(ti)
-    return buf.getvalue()
-
-
-def _json(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def build_image(layer_tar: bytes, arch: str) -> Image:
-    # mtime=0 in the gzip header keeps the compressed bytes stable across runs.
-    layer = Blob(MEDIA_LAYER_GZIP, gzip.compress(layer_tar, compresslevel=9, mtime=0))
-    diff_id = "sha256:" + hashlib.sha256(layer_tar).hexdigest()
-    config = Blob(
-        MEDIA_CONFIG,
-        _json(
-            {
-                "created": FIXED_CREATED,
-                "architecture": arch,
-                "os": "linux",
-                "config": {"Env": [PATH_ENV], "Cmd": ["sh"]},
-                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-                "history": [
-                    {
-                        "created": FIXED_CREATED,
-                        "created_by": "ociworker scripts/make-base-image (busybox-static)",
-                    }
-                ],
-            }
-        ),
-    )
-    manifest = Blob(
-        MEDIA_MANIFEST,
-        _json(
-            {
-                "schemaVersion": 2,
-                "mediaType": MEDIA_MANIFEST,
-                "config": config.descriptor(),
-                "layers": [layer.descriptor()],
-            }
-        ),
-    )
-    return Image(layer=layer, config=config, manifest=manifest, diff_id=diff_id)
-
-
-def write_layout(image: Image, layout: Path, tag: str, arch: str) -> None:
-    """Write an OCI image layout, replacing ``layout`` as a whole so readers never see a mix."""
-    layout.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=layout.name + ".", dir=layout.parent))
-    try:
-        blobs = tmp / "blobs" / "sha256"
-        blobs.mkdir(parents=True)
-        for blob in (image.layer, image.config, image.manifest):
-            (blobs / blob.digest.removeprefix("sha256:")).write_bytes(blob.data)
-        (tmp / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
-        desc = image.manifest.descriptor()
-        desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
-        desc["platform"] = {"architecture": arch, "os": "linux"}
-        (tmp / "index.json").write_bytes(
-            _json({"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [desc]})
-        )
-        tmp.chmod(0o755)
-        if layout.exists():
-            shutil.rmtree(layout)
-        tmp.rename(layout)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def split_ref(ref: str) -> tuple[str, str, str]:
@@ -263,11 +85,10 @@ def push(layout: Path, tag: str, ref: str) -> None:
 
 
 def host_arch() -> str:
-    machine = platform.machine()
     try:
-        return GOARCH[machine]
-    except KeyError:
-        raise SystemExit(f"unsupported host architecture {machine!r}") from None
+        return _host_arch()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,9 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     arch = host_arch()
     tag = split_ref(args.ref)[2]
-    image = build_image(
-        build_layer_tar(args.busybox.read_bytes(), applet_paths(args.busybox)), arch
-    )
+    image = busybox_image(args.busybox, arch)
     digest = image.manifest.digest
     print(f"==> base image: {args.ref} manifest {digest}", file=sys.stderr)
 

@@ -176,3 +176,16 @@ class BuildCancelled(OciworkerError):
     """The build was cancelled by its caller."""
 
     code = "cancelled"
+
+
+class BuildFailed(OciworkerError):
+    """A build run for a caller that wants the whole story in one exception (the
+    pytest plugin's ``ociworker_build``) failed. The message ends with the
+    build's log (its progress as ``--progress=plain`` prints it); ``cause`` is
+    the error that ended the build, whose ``code`` (whose fault) it keeps."""
+
+    def __init__(self, message: str, log: str, cause: OciworkerError) -> None:
+        super().__init__(f"{message}\n--- build log ---\n{log.rstrip()}\n--- end of build log ---")
+        self.log = log
+        self.cause = cause
+        self.code = cause.code

@@ -112,7 +112,11 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     # Defaults are None so the config file's values count unless a flag is given.
-    p.add_argument("--addr", default=None, help="unix:///PATH (default) or tcp://HOST:PORT")
+    p.add_argument(
+        "--addr",
+        default=None,
+        help="unix:///PATH (default), tcp://HOST:PORT or fd://[N|NAME] (systemd socket activation)",
+    )
     p.add_argument("--root", type=Path, default=None, help="state directory")
     p.add_argument("--config", type=Path, default=None, help="TOML config file")
     p.add_argument("--group", default=None, help="group owning the unix socket (mode 0660)")

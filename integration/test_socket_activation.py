@@ -1,0 +1,166 @@
+"""``ociworker serve --addr fd://`` under systemd's own socket activator
+(``systemd-socket-activate``, the systemd package's tool that does what a
+.socket unit does): the first client's connection starts the daemon, and
+builds run over the socket it inherited. Real runc, overlayfs, the registry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_build import write_context
+
+ACTIVATE = shutil.which("systemd-socket-activate")
+
+pytestmark = pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate not installed")
+
+
+def _activator(sock: str, *serve_args: str, fdname: str = "") -> list[str]:
+    assert ACTIVATE is not None
+    env = [f"--setenv={k}" for k in ("PYTHONPATH",) if k in os.environ]
+    names = [f"--fdname={fdname}"] if fdname else []
+    return [ACTIVATE, "--listen", sock, *names, *env, sys.executable, "-m", "ociworker", "serve",
+            *serve_args]  # fmt: skip
+
+
+class Activated:
+    """systemd-socket-activate listening on ``sock``: it execs the daemon in its
+    own process (same pid) when the first client connects."""
+
+    def __init__(self, tmp: Path, sock: Path, *serve_args: str, fdname: str = "") -> None:
+        self.sock = sock
+        self.log = tmp / "activate.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                _activator(str(sock), *serve_args, fdname=fdname),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 30
+        while b"Listening on" not in self.log.read_bytes():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def ow(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ociworker", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def activated(tmp_path: Path, require_root: None, registry: str) -> Iterator[Activated]:
+    a = Activated(
+        tmp_path,
+        tmp_path / "a.sock",
+        "--addr",
+        "fd://ociworker",
+        "--root",
+        str(tmp_path / "root"),
+        fdname="ociworker",
+    )
+    yield a
+    assert a.stop() == 0, a.log.read_text()[-3000:]
+
+
+def test_build_over_an_activated_socket(
+    activated: Activated, tmp_path: Path, base_image: str
+) -> None:
+    # The context's bytes and the step's output both pass the forwarder: a
+    # large file checks they arrive whole (its digest is computed here).
+    big = os.urandom(24 << 20)
+    ctx = write_context(
+        tmp_path,
+        f"FROM {base_image}\nCOPY big.bin /big.bin\nRUN echo activated > /ran.txt\n",
+        {"big.bin": big},
+    )
+    assert b"Communication attempt" not in activated.log.read_bytes()  # not started yet
+    out = tmp_path / "out"
+    proc = ow("build", "--addr", f"unix://{activated.sock}", "-o", f"type=local,dest={out}",
+              str(ctx))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:] + activated.log.read_text()[-3000:]
+    assert (out / "ran.txt").read_text() == "activated\n"
+    got = hashlib.sha256((out / "big.bin").read_bytes()).hexdigest()
+    assert got == hashlib.sha256(big).hexdigest()
+    log = activated.log.read_text()
+    # the daemon was started by that connection, in the activator's own process
+    assert "Communication attempt" in log and "serving on fd://ociworker" in log, log
+    # a second client reaches the same daemon (no restart: one exec, one "serving")
+    du = ow("du", "--addr", f"unix://{activated.sock}")
+    assert du.returncode == 0, du.stderr
+    assert activated.log.read_text().count("serving on") == 1
+
+
+def test_daemon_drops_listen_env_and_fds_not_asked_for(
+    activated: Activated, tmp_path: Path
+) -> None:
+    info = ow("du", "--addr", f"unix://{activated.sock}")  # starts the daemon
+    assert info.returncode == 0, info.stderr
+    pid = activated.proc.pid
+    fds = {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+    # fd 3 is the activated socket, kept open and close-on-exec (sd_listen_fds)
+    assert fds[3].startswith("socket:")
+    flags = [ln for ln in Path(f"/proc/{pid}/fdinfo/3").read_text().splitlines()
+             if ln.startswith("flags:")]  # fmt: skip
+    assert int(flags[0].split()[1], 8) & os.O_CLOEXEC
+    # the private gRPC socket sits in a 0700 dir of the state dir
+    proxies = list((tmp_path / "root").glob("fdproxy-*"))
+    assert len(proxies) == 1 and (proxies[0].stat().st_mode & 0o777) == 0o700
+    assert (proxies[0] / "grpc.sock").is_socket()
+    assert activated.stop() == 0
+    assert not list((tmp_path / "root").glob("fdproxy-*")), "the private dir outlived the daemon"
+
+
+def test_fd_addr_without_activation_is_a_clear_error(tmp_path: Path, require_root: None) -> None:
+    proc = ow("serve", "--addr", "fd://", "--root", str(tmp_path / "root"), timeout=60)
+    assert proc.returncode != 0
+    assert "no sockets passed by socket activation" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_fd_name_not_passed_is_a_clear_error(tmp_path: Path, require_root: None) -> None:
+    a = Activated(tmp_path, tmp_path / "n.sock", "--addr", "fd://other", "--root",
+                  str(tmp_path / "root"), fdname="ociworker")  # fmt: skip
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(a.sock))  # starts it
+        assert a.proc.wait(timeout=60) != 0
+    finally:
+        a.stop()
+    log = a.log.read_text()
+    assert "no socket named 'other' was passed by socket activation (names: ociworker)" in log
+    assert "Traceback" not in log
+
+
+def test_activated_tcp_socket_needs_mutual_tls(tmp_path: Path, require_root: None) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    a = Activated(tmp_path, Path(f"127.0.0.1:{port}"), "--addr", "fd://", "--root",
+                  str(tmp_path / "root"))  # fmt: skip
+    try:
+        with socket.create_connection(("127.0.0.1", port)):
+            pass
+        assert a.proc.wait(timeout=60) != 0
+    finally:
+        a.stop()
+    log = a.log.read_text()
+    assert "refusing to serve the TCP socket(s) passed as fd 3 without mutual TLS" in log, log
+    assert "Traceback" not in log

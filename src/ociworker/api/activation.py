@@ -1,0 +1,193 @@
+"""Serving on sockets systemd passes (``serve --addr fd://``), and telling systemd we are ready.
+
+grpcio's Python API cannot serve on a listening socket it did not create: a
+server only binds addresses (``add_insecure_port``/``add_secure_port``), and
+gRPC core's own socket-activation support (grpc/grpc#30485) is compiled only
+with ``--define=use_systemd=true``, which the PyPI wheels are not (their
+cygrpc links no libsystemd and has no sd_listen_fds). So gRPC listens on a
+private unix socket in a 0700 directory of the state dir, and this module
+accepts each connection on the inherited socket and forwards its bytes both
+ways, half-closes included. gRPC sees no TLS difference: a TCP socket's
+clients speak TLS end to end with a secure private port (the bytes pass
+through untouched), a unix socket's clients speak plain HTTP/2 to an
+insecure one. The cost is one extra copy of every byte in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ociworker.core.activation import (
+    ListenFd,
+    activation_env,
+    listen_fds,
+    select_fds,
+)
+from ociworker.errors import ConfigError
+from ociworker.log import get_logger
+
+_log = get_logger(__name__)
+
+#: bytes read at a time per direction (a build context streams through here)
+_CHUNK = 256 * 1024
+#: sun_path's size on Linux, NUL included
+_SUN_PATH_MAX = 108
+
+
+@dataclass(frozen=True)
+class Inherited:
+    """A listening stream socket systemd passed, and whether it is TCP (then TLS)."""
+
+    fd: ListenFd
+    sock: socket.socket
+    tcp: bool
+
+
+def take_sockets(addr: str) -> tuple[Inherited, ...]:
+    """The listening sockets ``addr`` asks for, taken from this process's
+    environment (which loses LISTEN_* as sd_listen_fds(unset_environment=1)
+    does); the ones not asked for are closed, as dockerd does."""
+    env = dict(os.environ)
+    for key in activation_env():
+        os.environ.pop(key, None)
+    every = listen_fds(env, os.getpid())
+    picked = select_fds(addr, every)
+    for f in every:
+        # sd_listen_fds sets FD_CLOEXEC: runc and the steps must not inherit them
+        with contextlib.suppress(OSError):
+            os.set_inheritable(f.fd, False)
+    for f in every:
+        if f not in picked:
+            with contextlib.suppress(OSError):
+                os.close(f.fd)
+    return tuple(_inherited(f) for f in picked)
+
+
+def _inherited(f: ListenFd) -> Inherited:
+    try:
+        sock = socket.socket(fileno=f.fd)
+    except OSError as exc:
+        raise ConfigError(f"fd {f.fd} ({f.name}) is not a socket: {exc.strerror}") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.detach()
+        raise ConfigError(
+            f"fd {f.fd} ({f.name}) is not a listening stream socket "
+            "(ociworker.socket needs ListenStream=, not ListenDatagram= or Accept=yes)"
+        )
+    sock.setblocking(False)
+    return Inherited(f, sock, tcp=sock.family in (socket.AF_INET, socket.AF_INET6))
+
+
+def private_dir(root: Path) -> Path:
+    """A fresh 0700 directory for the private gRPC sockets: in the state dir
+    when its path fits a unix socket address, else in the temp dir."""
+    base: Path | None = root
+    if len(str(root / "fdproxy-XXXXXXXX" / "tls.sock").encode()) >= _SUN_PATH_MAX:
+        base = None
+    return Path(tempfile.mkdtemp(prefix="fdproxy-", dir=base))
+
+
+@dataclass
+class Forwarder:
+    """Accepts on the inherited sockets and pipes each connection to ``target(tcp)``."""
+
+    sockets: tuple[Inherited, ...]
+    plain: Path | None
+    tls: Path | None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def start(self) -> None:
+        for s in self.sockets:
+            self._spawn(self._accept(s))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(self, s: Inherited) -> None:
+        loop = asyncio.get_running_loop()
+        target = self.tls if s.tcp else self.plain
+        assert target is not None
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(s.sock)
+            except OSError as exc:
+                # e.g. EMFILE: the listener stays; the client sees its connection closed
+                _log.warning("accept on an activated socket failed", fd=s.fd.fd, error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            self._spawn(self._pipe(conn, target))
+
+    async def _pipe(self, conn: socket.socket, target: Path) -> None:
+        try:
+            c_reader, c_writer = await asyncio.open_connection(sock=conn, limit=_CHUNK)
+        except OSError:
+            conn.close()
+            return
+        try:
+            s_reader, s_writer = await asyncio.open_unix_connection(str(target), limit=_CHUNK)
+        except OSError as exc:
+            _log.warning("cannot reach the gRPC server", error=str(exc))
+            c_writer.close()
+            return
+        try:
+            await asyncio.gather(_copy(c_reader, s_writer), _copy(s_reader, c_writer))
+        finally:
+            for w in (c_writer, s_writer):
+                w.close()
+                with contextlib.suppress(OSError, asyncio.CancelledError):
+                    await w.wait_closed()
+
+    async def aclose(self) -> None:
+        """Stop accepting and cut the connections still open (after gRPC stopped)."""
+        for s in self.sockets:
+            # our copy only: systemd keeps the socket and queues the next clients
+            s.sock.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await reader.read(_CHUNK):
+            writer.write(chunk)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()  # pass the half-close on: the peer may still answer
+    except (ConnectionError, OSError):
+        # one side went away: closing both (the caller) tells the other
+        writer.close()
+
+
+def remove_private_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def notify_ready(status: str) -> None:
+    """sd_notify(READY=1) when systemd asked for it (Type=notify sets
+    $NOTIFY_SOCKET): ``systemctl start`` returns once builds can be served."""
+    where = os.environ.pop("NOTIFY_SOCKET", "")
+    if not where:
+        return
+    if where.startswith("@"):
+        where = "\0" + where[1:]  # an abstract socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.connect(where)
+            s.sendall(f"READY=1\nSTATUS={status}".encode())
+        except OSError as exc:
+            _log.warning("cannot notify systemd", socket=where, error=str(exc))

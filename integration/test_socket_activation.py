@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activat
 
 def _activator(sock: str, *serve_args: str, fdname: str = "") -> list[str]:
     assert ACTIVATE is not None
-    env = [f"--setenv={k}" for k in ("PYTHONPATH",) if k in os.environ]
+    env = [f"--setenv={k}" for k in ("PYTHONPATH", "NOTIFY_SOCKET") if k in os.environ]
     names = [f"--fdname={fdname}"] if fdname else []
     return [ACTIVATE, "--listen", sock, *names, *env, sys.executable, "-m", "ociworker", "serve",
             *serve_args]  # fmt: skip
@@ -164,3 +165,28 @@ def test_activated_tcp_socket_needs_mutual_tls(tmp_path: Path, require_root: Non
     log = a.log.read_text()
     assert "refusing to serve the TCP socket(s) passed as fd 3 without mutual TLS" in log, log
     assert "Traceback" not in log
+
+
+def test_the_system_units_exec_start_serves_and_notifies_systemd(
+    tmp_path: Path, require_root: None, registry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # deploy/systemd/ociworker.service's own command line (its --root moved to
+    # tmp: a later flag wins), activated as the socket unit would, with a
+    # NOTIFY_SOCKET of ours standing in for systemd's (Type=notify).
+    unit = Path(__file__).resolve().parents[1] / "deploy/systemd/ociworker.service"
+    line = next(ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart="))
+    serve_args = shlex.split(line.removeprefix("ExecStart="))[2:]  # after "ociworker serve"
+    notify = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(notify))
+        listener.settimeout(120)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(notify))  # passed on by _activator
+        a = Activated(tmp_path, tmp_path / "u.sock", *serve_args, "--root",
+                      str(tmp_path / "root"))  # fmt: skip
+        try:
+            du = ow("du", "--addr", f"unix://{a.sock}")
+            assert du.returncode == 0, du.stderr + a.log.read_text()
+            message = listener.recv(4096).decode()
+        finally:
+            assert a.stop() == 0, a.log.read_text()[-3000:]
+    assert "READY=1" in message.splitlines(), message

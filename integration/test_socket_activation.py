@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CLI
 from test_build import write_context
 
 ACTIVATE = shutil.which("systemd-socket-activate")
@@ -190,3 +191,40 @@ def test_the_system_units_exec_start_serves_and_notifies_systemd(
         finally:
             assert a.stop() == 0, a.log.read_text()[-3000:]
     assert "READY=1" in message.splitlines(), message
+
+
+def test_rootless_daemon_serves_an_activated_socket(as_user: CLI, registry: str) -> None:
+    # deploy/systemd/user/: a user manager starts `ociworker serve --addr fd://`
+    # as the user; the worker runs in its own user, pid and network namespaces
+    # and still serves the socket systemd made outside them.
+    assert ACTIVATE is not None
+    sock = as_user.home / "run" / "ociworker" / "ociworker.sock"
+    sock.parent.mkdir(mode=0o700)
+    as_user.give(sock.parent)
+    pairs = [f"{k}={v}" for k, v in sorted(as_user.env.items())]
+    keep = [f"--setenv={k}" for k in sorted(as_user.env)]
+    log = as_user.home / "activate.log"
+    serve = [as_user.python, "-m", "ociworker", "serve", "--addr", "fd://"]
+    runuser = ["runuser", "-u", str(as_user.user), "--", "env", "-i", *pairs]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*runuser, ACTIVATE, "--listen", str(sock), *keep, *serve],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.is_socket():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        ctx = write_context(as_user.home, "FROM scratch\nCOPY a.txt /a.txt\n", {"a.txt": "hi\n"})
+        out_dir = as_user.home / "out"
+        built = as_user.run("build", "--addr", f"unix://{sock}", "-o",
+                            f"type=local,dest={out_dir}", str(ctx), check=False)  # fmt: skip
+        assert built.returncode == 0, built.stderr + log.read_text()
+        assert (out_dir / "a.txt").read_text() == "hi\n"
+        assert "serving on fd://" in log.read_text()
+    finally:
+        as_user.interrupt(proc, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]

@@ -228,3 +228,57 @@ def test_rootless_daemon_serves_an_activated_socket(as_user: CLI, registry: str)
     finally:
         as_user.interrupt(proc, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+
+def test_rootless_daemon_serves_tcp_through_the_container_activator(
+    as_user: CLI, registry: str
+) -> None:
+    # deploy/kubernetes' rootless variant: no systemd in the pod, so
+    # `python -m ociworker.api.activation` listens on the pod's TCP port and execs
+    # the rootless daemon, whose own network namespace could not bind it. Mutual
+    # TLS end to end: the bytes pass the forwarder untouched.
+    from test_daemon import _cert
+
+    certs = as_user.home / "certs"
+    certs.mkdir()
+    ca = _cert(certs, "ca", None, ca=True)
+    _cert(certs, "server", ca)
+    _cert(certs, "client", ca)
+    _cert(certs, "rogue", _cert(certs, "otherca", None, ca=True))
+    as_user.give(certs)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    tls = [f"--tls{k}={certs / f}" for k, f in
+           (("cacert", "ca.crt"), ("cert", "server.crt"), ("key", "server.key"))]  # fmt: skip
+    launcher = [as_user.python, "-m", "ociworker.api.activation", "--listen", f"127.0.0.1:{port}"]
+    serve = [as_user.python, "-m", "ociworker", "serve", "--addr", "fd://", *tls]
+    pairs = [f"{k}={v}" for k, v in sorted(as_user.env.items())]
+    runuser = ["runuser", "-u", str(as_user.user), "--", "env", "-i", *pairs]
+    log = as_user.home / "activate.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [*runuser, *launcher, "--", *serve],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def du(who: str) -> subprocess.CompletedProcess[str]:
+        flags = [f"--tls{k}={certs / f}" for k, f in
+                 (("cacert", "ca.crt"), ("cert", f"{who}.crt"), ("key", f"{who}.key"))]  # fmt: skip
+        return ow("du", "--addr", f"tcp://127.0.0.1:{port}", *flags, timeout=120)
+
+    try:
+        deadline = time.monotonic() + 60
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        ok = du("client")
+        assert ok.returncode == 0, ok.stderr + log.read_text()
+        assert "Total:" in ok.stdout
+        refused = du("rogue")  # a certificate the daemon's CA did not sign
+        assert refused.returncode != 0 and "Total:" not in refused.stdout
+    finally:
+        as_user.interrupt(proc, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]

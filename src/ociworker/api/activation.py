@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ociworker.core.activation import (
+    LISTEN_FDS_START,
     ListenFd,
     activation_env,
     listen_fds,
@@ -191,3 +194,76 @@ def notify_ready(status: str) -> None:
             s.sendall(f"READY=1\nSTATUS={status}".encode())
         except OSError as exc:
             _log.warning("cannot notify systemd", socket=where, error=str(exc))
+
+
+# -- a socket activator for where there is no systemd (a container) ----------------------
+
+
+def _listen(spec: str) -> socket.socket:
+    """A listening socket for ``HOST:PORT`` (``[V6]:PORT``) or an absolute unix path."""
+    if spec.startswith("/"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            if Path(spec).is_socket():
+                os.unlink(spec)
+        s.bind(spec)
+    else:
+        host, _, port = spec.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--listen {spec!r}: use HOST:PORT, [V6]:PORT or /PATH")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, int(port)))
+    s.listen(socket.SOMAXCONN)
+    return s
+
+
+def exec_activated(listen: list[str], fdname: str, cmd: list[str]) -> None:
+    """Listen on each of ``listen``, then exec ``cmd`` with them as fds 3, 4, ...
+    and LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES, as systemd-socket-activate does:
+    for ``serve --addr fd://`` where no systemd runs (a rootless worker's pod,
+    whose daemon cannot bind a TCP port itself: it serves from its own network
+    namespace, while a socket made here stays in the pod's). Never returns."""
+    socks = [_listen(spec) for spec in listen]
+    # park them above the target range first: moving one onto 3 must not close another
+    parked = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 64) for s in socks]
+    for s in socks:
+        s.close()
+    for i, fd in enumerate(parked):
+        os.dup2(fd, LISTEN_FDS_START + i, inheritable=True)
+        os.close(fd)
+    env = dict(os.environ)
+    env["LISTEN_FDS"] = str(len(parked))
+    env["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
+    env["LISTEN_FDNAMES"] = ":".join([fdname] * len(parked))
+    os.execvpe(cmd[0], cmd, env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m ociworker.api.activation",
+        description="Listen, then run COMMAND with the sockets passed as systemd does "
+        "(for `ociworker serve --addr fd://` without systemd).",
+    )
+    p.add_argument("--listen", "-l", action="append", required=True, metavar="ADDR",
+                   help="HOST:PORT, [V6]:PORT or /PATH (repeatable)")  # fmt: skip
+    p.add_argument("--fdname", default="unknown", help="LISTEN_FDNAMES of every socket")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    args = p.parse_args(argv)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        p.error("no COMMAND given")
+    try:
+        exec_activated(args.listen, args.fdname, cmd)
+    except (OSError, ConfigError) as exc:
+        print(f"ociworker activation: {exc}", file=sys.stderr)
+        return 1
+    return 0  # not reached: exec
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ insecure one. The cost is one extra copy of every byte in this process.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import fcntl
@@ -241,9 +242,7 @@ def exec_activated(listen: list[str], fdname: str, cmd: list[str]) -> None:
     os.execvpe(cmd[0], cmd, env)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ociworker.api.activation",
         description="Listen, then run COMMAND with the sockets passed as systemd does "
@@ -253,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="HOST:PORT, [V6]:PORT or /PATH (repeatable)")  # fmt: skip
     p.add_argument("--fdname", default="unknown", help="LISTEN_FDNAMES of every socket")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd:

@@ -282,3 +282,65 @@ def test_rootless_daemon_serves_tcp_through_the_container_activator(
     finally:
         as_user.interrupt(proc, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+
+def test_the_kubernetes_workers_command_serves_tcp_and_the_probes_socket(
+    tmp_path: Path, require_root: None, registry: str
+) -> None:
+    # deploy/kubernetes/privileged.yaml's container command and config, run
+    # here with the pod's paths moved to tmp: the activator's two sockets, one
+    # daemon; a client over TCP with mutual TLS, the probe over the unix socket.
+    import yaml
+
+    from test_daemon import _cert
+
+    manifest = Path(__file__).resolve().parents[1] / "deploy/kubernetes/privileged.yaml"
+    objects = list(yaml.safe_load_all(manifest.read_text()))
+    sts = next(o for o in objects if o["kind"] == "StatefulSet")
+    toml = next(o for o in objects if o["kind"] == "ConfigMap")["data"]["ociworkerd.toml"]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = _cert(certs, "ca", None, ca=True)
+    _cert(certs, "server", ca)
+    _cert(certs, "client", ca)
+    for src, dst in (("ca.crt", "ca.pem"), ("server.crt", "cert.pem"), ("server.key", "key.pem")):
+        (certs / dst).write_bytes((certs / src).read_bytes())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    moved = {
+        "/opt/ociworker/bin/python3": sys.executable,
+        "0.0.0.0:1234": f"127.0.0.1:{port}",
+        "/run/ociworker/ociworker.sock": str(tmp_path / "probe.sock"),
+        "/etc/ociworker/ociworkerd.toml": str(tmp_path / "ociworkerd.toml"),
+    }
+    config = toml.replace("/etc/ociworker/certs", str(certs)).replace(
+        '"/var/lib/ociworker"', f'"{tmp_path / "root"}"'
+    )
+    (tmp_path / "ociworkerd.toml").write_text(config)
+    cmd = [moved.get(a, a) for a in container["command"]]
+    # the console script "ociworker" of the image: this interpreter's module
+    i = cmd.index("ociworker")
+    cmd[i : i + 1] = [sys.executable, "-m", "ociworker"]
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "serving on" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        tls = [f"--tlscacert={certs / 'ca.crt'}", f"--tlscert={certs / 'client.crt'}",
+               f"--tlskey={certs / 'client.key'}"]  # fmt: skip
+        over_tcp = ow("du", "--addr", f"tcp://127.0.0.1:{port}", *tls)
+        assert over_tcp.returncode == 0, over_tcp.stderr + log.read_text()
+        # the probe's address, with a command this checkout has (info: i16-image)
+        probe_addr = container["readinessProbe"]["exec"]["command"][3]
+        assert probe_addr == "unix:///run/ociworker/ociworker.sock"
+        over_unix = ow("du", "--addr", f"unix://{tmp_path / 'probe.sock'}")
+        assert over_unix.returncode == 0, over_unix.stderr
+        assert over_unix.stdout == over_tcp.stdout  # one daemon behind both
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]

@@ -5,6 +5,7 @@ builds run over the socket it inherited. Real runc, overlayfs, the registry."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shlex
@@ -20,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import CLI
+from ociworker.api.client import Client, DaemonInfo
+from ociworker.version import __version__
 from test_build import write_context
 
 ACTIVATE = shutil.which("systemd-socket-activate")
@@ -108,6 +111,13 @@ def test_build_over_an_activated_socket(
     du = ow("du", "--addr", f"unix://{activated.sock}")
     assert du.returncode == 0, du.stderr
     assert activated.log.read_text().count("serving on") == 1
+    # and the daemon's Info names this version (the one source, ociworker.version)
+    assert asyncio.run(_info(f"unix://{activated.sock}")).version == __version__
+
+
+async def _info(addr: str) -> DaemonInfo:
+    async with Client(addr) as client:
+        return await client.info()
 
 
 def test_daemon_drops_listen_env_and_fds_not_asked_for(

@@ -7,7 +7,7 @@ with ``--define=use_systemd=true``, which the PyPI wheels are not (their
 cygrpc links no libsystemd and has no sd_listen_fds). So gRPC listens on a
 private unix socket in a 0700 directory of the state dir, and this module
 accepts each connection on the inherited socket and forwards its bytes both
-ways, half-closes included. gRPC sees no TLS difference: a TCP socket's
+ways until either side closes. gRPC sees no TLS difference: a TCP socket's
 clients speak TLS end to end with a secure private port (the bytes pass
 through untouched), a unix socket's clients speak plain HTTP/2 to an
 insecure one. The cost is one extra copy of every byte in this process.
@@ -146,9 +146,19 @@ class Forwarder:
             _log.warning("cannot reach the gRPC server", error=str(exc))
             c_writer.close()
             return
+        # One side done is the connection done, as gRPC itself takes a read EOF:
+        # waiting for the other side could keep a stopped client's pipe forever.
+        ways = [
+            asyncio.create_task(_copy(c_reader, s_writer)),
+            asyncio.create_task(_copy(s_reader, c_writer)),
+        ]
         try:
-            await asyncio.gather(_copy(c_reader, s_writer), _copy(s_reader, c_writer))
+            await asyncio.wait(ways, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            for t in ways:
+                t.cancel()
+            await asyncio.gather(*ways, return_exceptions=True)
+            # close() flushes what is buffered first
             for w in (c_writer, s_writer):
                 w.close()
                 with contextlib.suppress(OSError, asyncio.CancelledError):
@@ -166,15 +176,11 @@ class Forwarder:
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
+    with contextlib.suppress(ConnectionError, OSError):
+        # a side that went away ends the copy; the caller closes both
         while chunk := await reader.read(_CHUNK):
             writer.write(chunk)
             await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()  # pass the half-close on: the peer may still answer
-    except (ConnectionError, OSError):
-        # one side went away: closing both (the caller) tells the other
-        writer.close()
 
 
 def remove_private_dir(path: Path) -> None:

@@ -177,6 +177,25 @@ def test_daemon_drops_listen_env_and_fds_not_asked_for(
     assert not list((tmp_path / "root").glob("fdproxy-*")), "the private dir outlived the daemon"
 
 
+def test_a_killed_daemons_private_dir_is_removed_by_the_next(
+    tmp_path: Path, require_root: None, registry: str
+) -> None:
+    serve = ("--addr", "fd://", "--root", str(tmp_path / "root"))
+    first = Activated(tmp_path, tmp_path / "k.sock", *serve)
+    assert ow("du", "--addr", f"unix://{first.sock}").returncode == 0
+    left = list((tmp_path / "root").glob("fdproxy-*"))
+    first.proc.kill()
+    first.proc.wait()
+    assert len(left) == 1 and left[0].exists()  # SIGKILL: nothing cleaned up
+    second = Activated(tmp_path, tmp_path / "k2.sock", *serve)
+    try:
+        assert ow("du", "--addr", f"unix://{second.sock}").returncode == 0
+        now = list((tmp_path / "root").glob("fdproxy-*"))
+        assert len(now) == 1 and now != left
+    finally:
+        assert second.stop() == 0
+
+
 def test_fd_addr_without_activation_is_a_clear_error(tmp_path: Path, require_root: None) -> None:
     proc = ow("serve", "--addr", "fd://", "--root", str(tmp_path / "root"), timeout=60)
     assert proc.returncode != 0

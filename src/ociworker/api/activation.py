@@ -96,6 +96,9 @@ def _inherited(f: ListenFd) -> Inherited:
 def private_dir(root: Path) -> Path:
     """A fresh 0700 directory for the private gRPC sockets: in the state dir
     when its path fits a unix socket address, else in the temp dir."""
+    for stale in root.glob("fdproxy-*"):
+        # a killed daemon's (the caller holds the root's lock: none is in use)
+        shutil.rmtree(stale, ignore_errors=True)
     base: Path | None = root
     if len(str(root / "fdproxy-XXXXXXXX" / "tls.sock").encode()) >= _SUN_PATH_MAX:
         base = None

@@ -410,3 +410,61 @@ def test_the_kubernetes_workers_command_serves_tcp_and_the_probes_socket(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+
+
+def _protected_paths(unit: str) -> list[str]:
+    """The paths the unit's ProtectSystem=/ProtectHome= make read-only (systemd.exec(5))."""
+    wanted = ("ProtectSystem=", "ProtectHome=")
+    keys = dict(ln.split("=", 1) for ln in unit.splitlines() if ln.startswith(wanted))
+    paths = {
+        "full": ["/usr", "/boot", "/efi", "/etc"],
+        "yes": ["/usr", "/boot", "/efi"],
+    }[keys["ProtectSystem"]]
+    assert keys["ProtectHome"] == "read-only"
+    return [*paths, "/home", "/root", "/run/user"]
+
+
+def test_a_build_runs_under_the_units_read_only_paths(
+    tmp_path: Path, require_root: None, base_image: str
+) -> None:
+    # No systemd runs here to apply the unit's hardening, so its read-only
+    # paths are made the way systemd makes them (a private mount namespace,
+    # read-only bind mounts) around the unit's daemon; the build must not notice.
+    assert ACTIVATE is not None
+    unit = (Path(__file__).resolve().parents[1] / "deploy/systemd/ociworker.service").read_text()
+    ro = " ".join(p for p in _protected_paths(unit) if Path(p).is_dir())
+    sock = tmp_path / "h.sock"
+    script = tmp_path / "hardened.sh"
+    env = " ".join(f"--setenv={k}" for k in ("PYTHONPATH",) if k in os.environ)
+    script.write_text(
+        "set -e\n"
+        "mount --make-rslave /\n"
+        f"for p in {ro}; do mount --bind $p $p; mount -o remount,bind,ro $p; done\n"
+        # the emulation holds: the daemon could not write /etc
+        "if touch /etc/.ociworker-hardening-probe 2>/dev/null; then exit 99; fi\n"
+        f"exec {ACTIVATE} --listen {sock} {env} {sys.executable} -m ociworker serve "
+        f"--addr fd:// --root {tmp_path / 'root'}\n"
+    )
+    log = tmp_path / "hardened.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["unshare", "--mount", "bash", str(script)], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while b"Listening on" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        ctx = write_context(
+            tmp_path,
+            f"FROM {base_image}\nCOPY a.txt /a.txt\nRUN cat /a.txt > /b.txt && id -u >> /b.txt\n",
+            {"a.txt": "hardened\n"},
+        )
+        out_dir = tmp_path / "out"
+        built = ow("build", "--addr", f"unix://{sock}", "-o", f"type=local,dest={out_dir}",
+                   str(ctx))  # fmt: skip
+        assert built.returncode == 0, built.stderr[-3000:] + log.read_text()[-3000:]
+        assert (out_dir / "b.txt").read_text() == "hardened\n0\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert not Path("/etc/.ociworker-hardening-probe").exists()

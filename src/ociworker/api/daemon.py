@@ -23,8 +23,17 @@ from typing import Any
 
 import grpc
 
+from ociworker.api.activation import (
+    Forwarder,
+    Inherited,
+    notify_ready,
+    private_dir,
+    remove_private_dir,
+    take_sockets,
+)
 from ociworker.api.client import DEFAULT_ADDR
 from ociworker.api.server import ControlService, add_to_server
+from ociworker.core.activation import check_fd_addr, is_fd_addr
 from ociworker.core.build import parse_duration, step_limits
 from ociworker.core.definition import MAX_BYTES as MAX_DEFINITION_BYTES
 from ociworker.core.entitlements import parse_entitlements
@@ -189,6 +198,14 @@ def _registry_tables(
 
 
 def _check_addr(cfg: DaemonConfig) -> None:
+    if is_fd_addr(cfg.addr):
+        check_fd_addr(cfg.addr)
+        if cfg.group:
+            raise ConfigError(
+                f"--group does not apply to {cfg.addr}: the socket is systemd's "
+                "(set SocketGroup= and SocketMode= in the .socket unit)"
+            )
+        return
     if cfg.addr.startswith("unix://"):
         if not cfg.addr.removeprefix("unix://").startswith("/"):
             raise ConfigError(f"invalid address {cfg.addr!r}: unix:// needs an absolute path")
@@ -210,7 +227,10 @@ def _check_addr(cfg: DaemonConfig) -> None:
                 "give --tlscacert, --tlscert and --tlskey"
             )
         return
-    raise ConfigError(f"invalid address {cfg.addr!r}: use unix:///PATH or tcp://HOST:PORT")
+    raise ConfigError(
+        f"invalid address {cfg.addr!r}: use unix:///PATH, tcp://HOST:PORT or fd:// "
+        "(systemd socket activation)"
+    )
 
 
 @contextlib.contextmanager
@@ -227,15 +247,18 @@ def _root_lock(root: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _mutual_tls(cfg: DaemonConfig) -> grpc.ServerCredentials:
+    with open(cfg.tlskey, "rb") as k, open(cfg.tlscert, "rb") as c:
+        pair = (k.read(), c.read())
+    with open(cfg.tlscacert, "rb") as ca:
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=ca.read(), require_client_auth=True
+        )
+
+
 def _bind(server: grpc.aio.Server, cfg: DaemonConfig) -> Path | None:
     if cfg.addr.startswith("tcp://"):
-        with open(cfg.tlskey, "rb") as k, open(cfg.tlscert, "rb") as c:
-            pair = (k.read(), c.read())
-        with open(cfg.tlscacert, "rb") as ca:
-            creds = grpc.ssl_server_credentials(
-                [pair], root_certificates=ca.read(), require_client_auth=True
-            )
-        server.add_secure_port(cfg.addr.removeprefix("tcp://"), creds)
+        server.add_secure_port(cfg.addr.removeprefix("tcp://"), _mutual_tls(cfg))
         return None
     path = Path(cfg.addr.removeprefix("unix://"))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +281,35 @@ def _bind(server: grpc.aio.Server, cfg: DaemonConfig) -> Path | None:
     return path
 
 
+def _take_activated(cfg: DaemonConfig) -> tuple[Inherited, ...]:
+    inherited = take_sockets(cfg.addr)
+    tcp = [str(s.fd.fd) for s in inherited if s.tcp]
+    if tcp and not (cfg.tlscacert and cfg.tlscert and cfg.tlskey):
+        for s in inherited:
+            s.sock.close()
+        # the same rule as tcp://: a TCP listener without client certificates
+        # would let anyone on the network run containers as root
+        raise ConfigError(
+            f"refusing to serve the TCP socket(s) passed as fd {', '.join(tcp)} without "
+            "mutual TLS: give --tlscacert, --tlscert and --tlskey"
+        )
+    return inherited
+
+
+def _bind_activated(
+    server: grpc.aio.Server, cfg: DaemonConfig, inherited: tuple[Inherited, ...], where: Path
+) -> Forwarder:
+    """gRPC on private sockets in ``where`` (see api.activation for why), one
+    plain for unix clients, one TLS for TCP clients."""
+    plain = where / "grpc.sock" if any(not s.tcp for s in inherited) else None
+    tls = where / "tls.sock" if any(s.tcp for s in inherited) else None
+    if plain is not None:
+        server.add_insecure_port(f"unix://{plain}")
+    if tls is not None:
+        server.add_secure_port(f"unix://{tls}", _mutual_tls(cfg))
+    return Forwarder(inherited, plain, tls)
+
+
 async def _drain() -> None:
     """Let cleanups that outlived their task (shielded unmounts, container
     deletes) finish before the worker closes and the loop cancels them."""
@@ -270,6 +322,8 @@ async def _drain() -> None:
 
 
 async def serve(cfg: DaemonConfig) -> int:
+    # taken first: LISTEN_* leave the environment before anything is spawned
+    inherited = _take_activated(cfg) if is_fd_addr(cfg.addr) else ()
     with _root_lock(cfg.root):
         worker = open_worker(
             WorkerConfig(
@@ -291,6 +345,8 @@ async def serve(cfg: DaemonConfig) -> int:
             )
         )
         sock: Path | None = None
+        forwarder: Forwarder | None = None
+        proxy_dir: Path | None = None
         # installed first: a SIGTERM during recovery or start-up still stops cleanly
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -301,11 +357,18 @@ async def serve(cfg: DaemonConfig) -> int:
             service = ControlService(worker, log_cap=cfg.log_cap, gc=cfg.gc)
             server = grpc.aio.server(options=list(SERVER_OPTIONS))
             add_to_server(service, server)
-            sock = _bind(server, cfg)
+            if inherited:
+                proxy_dir = private_dir(cfg.root)
+                forwarder = _bind_activated(server, cfg, inherited, proxy_dir)
+            else:
+                sock = _bind(server, cfg)
             await server.start()
+            if forwarder is not None:
+                forwarder.start()
             timer = asyncio.create_task(service.gc_every(cfg.gc_interval))
             _log.info("serving", addr=cfg.addr, root=str(worker.root))
             print(f"ociworker: serving on {cfg.addr}", flush=True)
+            notify_ready(f"serving on {cfg.addr}")
             await stop.wait()
             _log.info("stopping: cancelling builds")
             timer.cancel()
@@ -313,9 +376,17 @@ async def serve(cfg: DaemonConfig) -> int:
                 await timer
             await service.cancel_all()
             await server.stop(grace=2)
+            if forwarder is not None:
+                await forwarder.aclose()
             await _drain()
         finally:
+            if forwarder is not None:
+                await forwarder.aclose()  # again: start-up may have failed before the stop
+            for s in inherited:
+                s.sock.close()
             await worker.aclose()
             if sock is not None:
                 sock.unlink(missing_ok=True)
+            if proxy_dir is not None:
+                remove_private_dir(proxy_dir)
     return 0

@@ -44,6 +44,7 @@ from ociworker.version import __version__
 
 if TYPE_CHECKING:  # grpc loads only when a command talks to a daemon
     from ociworker.api.client import Client
+    from ociworker.api.daemon import DaemonConfig
     from ociworker.worker import Worker
 
 _log = log.get_logger("ociworker.cli")
@@ -112,7 +113,11 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     # Defaults are None so the config file's values count unless a flag is given.
-    p.add_argument("--addr", default=None, help="unix:///PATH (default) or tcp://HOST:PORT")
+    p.add_argument(
+        "--addr",
+        default=None,
+        help="unix:///PATH (default), tcp://HOST:PORT or fd://[N|NAME] (systemd socket activation)",
+    )
     p.add_argument("--root", type=Path, default=None, help="state directory")
     p.add_argument("--config", type=Path, default=None, help="TOML config file")
     p.add_argument("--group", default=None, help="group owning the unix socket (mode 0660)")
@@ -978,7 +983,9 @@ def _ago(t: float, now: float) -> str:
     return f"{int(h / 24 / 365)} years ago"
 
 
-async def _cmd_serve(args: argparse.Namespace) -> int:
+def serve_config(args: argparse.Namespace) -> DaemonConfig:
+    """The daemon's config from ``serve``'s flags over its --config file (also
+    what deploy/'s tests check the units' and manifests' command lines with)."""
     from ociworker.api import daemon
 
     overrides = {
@@ -997,7 +1004,13 @@ async def _cmd_serve(args: argparse.Namespace) -> int:
         "step_pids": args.step_pids,
         "step_cpus": args.step_cpus,
     }
-    return await daemon.serve(daemon.load_config(args.config, overrides))
+    return daemon.load_config(args.config, overrides)
+
+
+async def _cmd_serve(args: argparse.Namespace) -> int:
+    from ociworker.api import daemon
+
+    return await daemon.serve(serve_config(args))
 
 
 async def _main(args: argparse.Namespace) -> int:

@@ -68,6 +68,11 @@ _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 
 
+#: LISTEN_PID while it passes through the namespaces' processes (not a pid:
+#: none of them may take the sockets) until the worker's own pid replaces it
+_ACTIVATED = "ociworker-worker"
+
+
 def needed() -> bool:
     """Whether this process must enter a namespace first: an ordinary user,
     not already inside the one made for it."""
@@ -147,6 +152,11 @@ def run(argv: Sequence[str]) -> int:
         )
     env = {k: v for k, v in os.environ.items() if k not in (CGROUP_BASE, CGROUP_WARNING)}
     env[MARKER] = "1"
+    if env.get("LISTEN_PID") == str(os.getpid()):
+        # Socket activation (a user unit's serve --addr fd://): fds 3... pass
+        # through the forks below (not close-on-exec), but LISTEN_PID names
+        # this process; the worker in the namespace gets its own pid there.
+        env["LISTEN_PID"] = _ACTIVATED
     # Before the fork: the namespaces' processes start in the cgroup this one moves to.
     env.update(cgroups.prepare(user.pw_uid, user.pw_name))
     # Inside, ~ without $HOME would be root's home (uid 0's passwd entry): the
@@ -342,6 +352,10 @@ def _init(parent: int, cmd: list[str], env: dict[str, str]) -> None:
         worker = os.fork()
         if worker == 0:
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0)
+            if env.get("LISTEN_PID") == _ACTIVATED:
+                # the sockets systemd passed (serve --addr fd://) are the worker's:
+                # say so with its own pid, as systemd does after its fork
+                env = {**env, "LISTEN_PID": str(os.getpid())}
             os.execve(cmd[0], cmd, env)
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, lambda signum, _f: _kill_quiet(worker, signum))

@@ -24,7 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_base_image import (
+from make_base_image import host_arch, push, registry_digest, split_ref
+
+# The OCI writing is the busybox image's (ociworker.testing.busybox, standard library only);
+# make_base_image put the source tree on sys.path for it.
+from ociworker.testing.busybox import (
     MEDIA_CONFIG,
     MEDIA_LAYER_GZIP,
     MEDIA_MANIFEST,
@@ -32,10 +36,6 @@ from make_base_image import (
     Blob,
     Image,
     _json,
-    host_arch,
-    push,
-    registry_digest,
-    split_ref,
     write_layout,
 )
 

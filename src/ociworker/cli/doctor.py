@@ -72,6 +72,14 @@ def gather() -> Facts:
         slirp4netns=_which("slirp4netns"),
         dev_tun=_device("/dev/net/tun"),
         nft=_which("nft"),
+        dockerenv=os.path.exists("/.dockerenv"),
+        containerenv=os.path.exists("/run/.containerenv"),
+        init_cgroup=_read("/proc/1/cgroup"),
+        mountinfo=_read("/proc/self/mountinfo") or "",
+        proc_status=_read("/proc/self/status"),
+        cgroup_writable=os.access("/sys/fs/cgroup", os.W_OK),
+        state_dir=_state_dir(rootless),
+        state_path=_existing(_state_dir(rootless)),
     )
 
 
@@ -195,15 +203,27 @@ def _remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _state_dir(rootless: bool) -> str:
+    if rootless:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+        return os.path.join(data, "ociworker")
+    return os.environ.get("OCIWORKER_ROOT") or "/var/lib/ociworker"
+
+
+def _existing(path: str) -> str:
+    """``path``'s nearest existing ancestor, symlinks resolved: the mount the state dir
+    will be made on."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and p != "/":
+        p = os.path.dirname(p)
+    return os.path.realpath(p)
+
+
 def _probe_parent(rootless: bool) -> str | None:
     """The state dir's parent when it exists, so the probe tries the filesystem builds
     will use; else the temp dir."""
-    if rootless:
-        data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-        candidates = [os.path.join(data, "ociworker"), data]
-    else:
-        root = os.environ.get("OCIWORKER_ROOT") or "/var/lib/ociworker"
-        candidates = [root, os.path.dirname(root)]
+    root = _state_dir(rootless)
+    candidates = [root, os.path.dirname(root)]
     for c in candidates:
         if os.path.isdir(c) and os.access(c, os.W_OK | os.X_OK):
             return c

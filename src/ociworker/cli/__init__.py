@@ -330,6 +330,12 @@ def make_parser() -> argparse.ArgumentParser:
     from ociworker.cli.doctor import doctor_flags
 
     doctor_flags(sub.add_parser("doctor", help="check that this host and user can build"))
+
+    from ociworker.cli.info import info_flags
+
+    inf = sub.add_parser("info", help="show what a running daemon says about itself")
+    info_flags(inf)
+    _client_flags(inf)
     return parser
 
 
@@ -1016,6 +1022,10 @@ async def _main(args: argparse.Namespace) -> int:
         from ociworker.cli.doctor import cmd_doctor
 
         return cmd_doctor(args)
+    if args.command == "info":
+        from ociworker.cli.info import cmd_info
+
+        return await cmd_info(args)
     return await _cmd_prune(args)
 
 

@@ -122,6 +122,19 @@ def _container_checks(checks: dict[str, dict[str, Any]]) -> None:
     admin = int(status["CapBnd"], 16) >> 21 & 1
     want = "FAIL" if not admin else ("warn" if status["Seccomp"] == "2" else "ok")
     assert checks["privileged"]["status"] == want
+    # cgroup mounts by findmnt: a namespace-less v1 container sees binds of its own cgroup
+    found = subprocess.run(
+        ["findmnt", "-n", "-r", "-o", "FSROOT,TARGET,OPTIONS", "-t", "cgroup,cgroup2"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split("\n")  # fmt: skip
+    mounts = [ln.split() for ln in found if ln.startswith("/") and " /sys/fs/cgroup" in ln]
+    if not mounts or any("ro" in m[2].split(",") for m in mounts):
+        want_cg = "FAIL"
+    elif all(m[0] != "/" for m in mounts):
+        want_cg = "warn"
+    else:
+        want_cg = "ok"
+    assert checks["cgroup-mounts"]["status"] == want_cg, (mounts, checks["cgroup-mounts"])
     fuse = os.path.exists("/dev/fuse")
     assert ("/dev/fuse usable" in checks["dev-fuse"]["detail"]) == (
         fuse and os.access("/dev/fuse", os.R_OK | os.W_OK)

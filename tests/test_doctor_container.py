@@ -207,3 +207,23 @@ def test_mountinfo_escapes_and_the_mount_that_shows() -> None:
     assert other is not None and other.fstype == "xfs"  # a prefix of the name is not a parent
     under = mount_of("/mnt/myother", mounts)
     assert under is not None and under.fstype == "ext4"
+
+
+def test_cgroup_v1_binds_of_the_containers_own_cgroup_need_a_cgroup_namespace() -> None:
+    # docker run --privileged on a cgroup v1 host without --cgroupns=private
+    sub = "/ociworker-tic-1/83e458faacd6"
+    v1 = "".join(
+        f"{500 + i} 253 0:{29 + i} {sub} /sys/fs/cgroup/{c} rw,nosuid,nodev,noexec,relatime "
+        f"- cgroup cgroup rw,{c}\n"
+        for i, c in enumerate(("cpu", "memory", "pids"))
+    )
+    base = "".join(ln + "\n" for ln in _ROOT_OVERLAY.splitlines() if "cgroup" not in ln)
+    check = _check(diagnose(_in_docker(mountinfo=base + v1 + _VOLUME)), "cgroup-mounts")
+    assert check.status == WARN
+    assert f"binds of this container's own cgroup ({sub} on /sys/fs/cgroup/cpu" in check.detail
+    assert check.fixes == ("docker run --cgroupns=private ... (podman run --cgroupns=private)",)
+    # with a cgroup namespace the same hierarchies are rooted at /: steps get cgroups
+    ns = _check(
+        diagnose(_in_docker(mountinfo=base + v1.replace(sub, "/") + _VOLUME)), "cgroup-mounts"
+    )
+    assert (ns.status, ns.detail) == (OK, "3 cgroup mounts under /sys/fs/cgroup, writable")

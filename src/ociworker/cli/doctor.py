@@ -77,7 +77,7 @@ def gather() -> Facts:
         init_cgroup=_read("/proc/1/cgroup"),
         mountinfo=_read("/proc/self/mountinfo") or "",
         proc_status=_read("/proc/self/status"),
-        cgroup_writable=os.access("/sys/fs/cgroup", os.W_OK),
+        cgroup_writable=_writable_mount("/sys/fs/cgroup"),
         state_dir=_state_dir(rootless),
         state_path=_existing(_state_dir(rootless)),
     )
@@ -201,6 +201,15 @@ def _remove(path: str) -> None:
             with contextlib.suppress(OSError):
                 os.chmod(os.path.join(root, d), 0o700)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _writable_mount(path: str) -> bool:
+    """The filesystem at ``path`` is mounted read-write (whether this user may write
+    there is another matter: a user never may, and still runs builds)."""
+    try:
+        return not os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
 
 
 def _state_dir(rootless: bool) -> str:

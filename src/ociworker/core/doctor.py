@@ -108,7 +108,7 @@ class Facts:
     mountinfo: str = ""
     #: /proc/self/status: capability sets and the seccomp mode; None if unreadable
     proc_status: str | None = None
-    #: /sys/fs/cgroup accepts writes (access(2) W_OK: false on a read-only mount)
+    #: /sys/fs/cgroup is mounted read-write (statvfs: no ST_RDONLY)
     cgroup_writable: bool = True
     #: the state dir as configured, and the path whose mount holds it (its nearest existing
     #: ancestor, symlinks resolved): the filesystem snapshots' upper dirs are made on
@@ -556,6 +556,8 @@ class Mount:
     fstype: str
     #: the mount's own options (ro/rw are here), then the superblock's
     options: tuple[str, ...]
+    #: the dir of the filesystem mounted there ("/": its root; a bind shows its subdir)
+    root: str = "/"
 
     @property
     def read_only(self) -> bool:
@@ -576,7 +578,14 @@ def parse_mountinfo(text: str) -> list[Mount]:
         if not sep or len(fields) < 6 or len(tail) < 1:
             continue
         supers = tuple(tail[2].split(",")) if len(tail) >= 3 else ()
-        out.append(Mount(_unescape(fields[4]), tail[0], (*fields[5].split(","), *supers)))
+        out.append(
+            Mount(
+                _unescape(fields[4]),
+                tail[0],
+                (*fields[5].split(","), *supers),
+                _unescape(fields[3]),
+            )
+        )
     return out
 
 
@@ -687,6 +696,17 @@ def check_cgroup_mounts(facts: Facts) -> Check:
             severity,
             f"cgroups mounted read-only ({where}): the runtimes cannot make a step's cgroup",
             (_PRIVILEGED_FIX + " (it mounts /sys/fs/cgroup read-write)",),
+        )
+    if all(m.root != "/" for m in mounts):
+        # cgroup v1 without a cgroup namespace: each hierarchy is a bind of the container's
+        # own cgroup, which the worker does not take as a place for its step cgroups.
+        return Check(
+            "cgroup-mounts",
+            WARN,
+            f"the cgroup mounts are binds of this container's own cgroup ({mounts[0].root} on "
+            f"{mounts[0].point}; no cgroup namespace): no step cgroup can be made, so RUN "
+            "steps run without --step-* limits or accounting",
+            ("docker run --cgroupns=private ... (podman run --cgroupns=private)",),
         )
     kinds = sorted({m.fstype for m in mounts})
     n = len({m.point for m in mounts})

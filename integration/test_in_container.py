@@ -71,10 +71,10 @@ def engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tic-cache")
 
 
-def _run(engine: str, out: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+def _run(engine: str, out: Path, cache: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(SCRIPT), "--engine", engine, "--out", str(out), "--cache", str(cache), "--",
-         *SUBSET],
+         *args],
         cwd=REPO, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
         env={**os.environ, "OCIWORKER_VENV": str(Path(sys.executable).parent.parent)},
     )  # fmt: skip
@@ -84,7 +84,7 @@ def test_the_subset_passes_inside_docker_run_privileged(
     require_root: None, tmp_path: Path, engine_cache: Path
 ) -> None:
     want = _collected(SUBSET)
-    proc = _run("docker", tmp_path / "out", engine_cache)
+    proc = _run("docker", tmp_path / "out", engine_cache, SUBSET)
     junit = tmp_path / "out" / "junit.xml"
     assert junit.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     got = _junit_outcomes(junit)
@@ -96,3 +96,37 @@ def test_the_subset_passes_inside_docker_run_privileged(
     doctor = (tmp_path / "out" / "doctor.txt").read_text()
     assert doctor.splitlines()[-1].startswith("builds can run (as root")
     assert any(ln.split()[:2] == ["ok", "state-fs"] for ln in doctor.splitlines()), doctor
+
+
+# Nested under ociworker: the root leg of a part of the subset (RUN --security=insecure is
+# root's; /home is the step's own overlay root there, so rootless legs stay with Docker).
+NESTED = [
+    "integration/test_snapshot_overlay.py",
+    "integration/test_doctor.py::test_doctor_as_root",
+]
+
+
+def test_the_subset_passes_nested_under_ociworker(
+    require_root: None, tmp_path: Path, engine_cache: Path
+) -> None:
+    want = _collected(NESTED)
+    out = tmp_path / "out"
+    proc = _run("ociworker", out, engine_cache, NESTED)
+    assert (out / "junit.xml").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = _junit_outcomes(out / "junit.xml")
+    assert set(got) == want, (sorted(set(got) - want), sorted(want - set(got)))
+    bad = {t: o for t, o in got.items() if o != "passed"}
+    assert not bad, (bad, (out / "pytest.log").read_text()[-5000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the build that ran it was an ociworker build with the entitlement, its step insecure
+    build_log = (out / "nested-build.log").read_text()
+    assert "RUN --security=insecure" in build_log, build_log[-2000:]
+    # doctor inside the step: a container (its overlay root), privileged, state on tmpfs
+    doctor = {
+        ln.split()[1]: ln.split(None, 2)
+        for ln in (out / "doctor.txt").read_text().splitlines()
+        if ln[:4].strip() in ("ok", "warn", "FAIL")
+    }
+    assert doctor["container"][2] == "in a container (/ is overlay)"
+    assert doctor["privileged"][0] == "ok"
+    assert doctor["state-fs"][2].startswith("/var/lib/ociworker is on tmpfs")

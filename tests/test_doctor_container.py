@@ -227,3 +227,20 @@ def test_cgroup_v1_binds_of_the_containers_own_cgroup_need_a_cgroup_namespace() 
         diagnose(_in_docker(mountinfo=base + v1.replace(sub, "/") + _VOLUME)), "cgroup-mounts"
     )
     assert (ns.status, ns.detail) == (OK, "3 cgroup mounts under /sys/fs/cgroup, writable")
+
+
+def test_rootless_pasta_needs_a_default_route_to_copy() -> None:
+    # docker run --network=none: only lo, no default route
+    facts = _in_docker(uid=1000, user="ci", pasta="/usr/bin/pasta", default_route=False)
+    net = _check(diagnose(facts), "network")
+    assert net.status == FAIL
+    assert "pasta (/usr/bin/pasta) needs an interface with a default route" in net.detail
+    assert "ip route add default via 192.0.2.1" in net.fixes[0]
+    # slirp4netns alone makes its own tap and needs none; root's bridge needs none either
+    slirp = dataclasses.replace(facts, pasta=None, slirp4netns="/usr/bin/slirp4netns")
+    assert _check(diagnose(slirp), "network").status == OK
+    assert _check(diagnose(_in_docker(default_route=False)), "network").status == OK
+    # with a default route (or where it is unknown) pasta is fine
+    for route in (True, None):
+        ok = dataclasses.replace(facts, default_route=route)
+        assert _check(diagnose(ok), "network").status == OK

@@ -80,6 +80,21 @@ def gather() -> Facts:
         cgroup_writable=_writable_mount("/sys/fs/cgroup"),
         state_dir=_state_dir(rootless),
         state_path=_existing(_state_dir(rootless)),
+        default_route=_default_route(),
+    )
+
+
+def _default_route() -> bool | None:
+    """A default route in this network namespace (IPv4 or IPv6); None if unknown."""
+    v4, v6 = _read("/proc/net/route"), _read("/proc/net/ipv6_route")
+    if v4 is None and v6 is None:
+        return None
+    # /proc/net/route: Iface Destination Gateway ...; ipv6_route: dest prefix-len ... dev.
+    if any(ln.split()[1:2] == ["00000000"] for ln in (v4 or "").splitlines()[1:]):
+        return True
+    return any(
+        ln.split()[:2] == ["0" * 32, "00"] and ln.split()[-1] != "lo"
+        for ln in (v6 or "").splitlines()
     )
 
 

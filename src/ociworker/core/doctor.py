@@ -114,6 +114,8 @@ class Facts:
     #: ancestor, symlinks resolved): the filesystem snapshots' upper dirs are made on
     state_dir: str = "/var/lib/ociworker"
     state_path: str = "/var/lib/ociworker"
+    #: /proc/net/route and /proc/net/ipv6_route hold a default route; None: unknown
+    default_route: bool | None = None
 
     @property
     def mode(self) -> Mode:
@@ -523,6 +525,22 @@ def check_network(facts: Facts) -> Check:
             FAIL,
             "neither pasta nor slirp4netns is installed: rootless --network default has no way out",
             ("sudo apt-get install passt",),
+        )
+    if facts.pasta and facts.default_route is False:
+        # pasta copies the addresses and routes of the interface with the default route; a
+        # namespace without one (docker run --network=none) leaves it nothing to copy.
+        return Check(
+            "network",
+            FAIL,
+            f"pasta ({facts.pasta}) needs an interface with a default route to copy and this "
+            "network namespace has none (a --network=none container?): rootless --network "
+            'default fails ("No external routable interface")',
+            (
+                "give the container a network (no --network=none), or a default route: "
+                "ip link add uplink type veth peer name uplink-peer && ip link set uplink-peer up"
+                " && ip link set uplink up && ip addr add 192.0.2.2/24 dev uplink"
+                " && ip route add default via 192.0.2.1",
+            ),
         )
     if not facts.dev_tun.ok:
         # Both open /dev/net/tun inside the user's namespace, where only the file's mode

@@ -27,6 +27,11 @@ import pytest
 DOCKERD = "/usr/sbin/dockerd"
 # Debian's client, which matches the 20.10 engine (/usr/local/bin may hold another).
 DOCKER = "/usr/bin/docker"
+# `docker run --runtime bounded`: runc with a container's capabilities cut to this machine's
+# bounding set, so `--privileged` starts where the machine is itself a container lacking some
+# (see that script); plain runc elsewhere.
+BOUNDED_RUNTIME = "bounded"
+_RUNC_BOUNDED = Path(__file__).resolve().parent / "container" / "runc-bounded"
 _START_TIMEOUT_S = 30.0
 _STOP_TIMEOUT_S = 20.0
 
@@ -106,6 +111,8 @@ def _start(root: Path, driver: str, cgroup_parent: str) -> tuple[subprocess.Pope
                 "--bridge=none",
                 "--cgroup-parent",
                 cgroup_parent,
+                "--add-runtime",
+                f"{BOUNDED_RUNTIME}={_RUNC_BOUNDED}",
             ],
             stdin=subprocess.DEVNULL,
             stdout=log_f,

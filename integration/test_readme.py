@@ -78,6 +78,8 @@ _SKIP_NAMES = {
     ".mypy_cache",
     ".ruff_cache",
     ".pytest_cache",
+    # scripts/make-wheelhouse's download for the worker image (tens of MB; no block uses it)
+    "wheelhouse",
 }
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_base_image import (  # noqa: E402  (the sibling script is not a package)
+from make_base_image import (
     MEDIA_CONFIG,
     MEDIA_LAYER_GZIP,
     MEDIA_MANIFEST,

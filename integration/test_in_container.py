@@ -8,9 +8,11 @@ that silently did not run inside would pass that).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,9 +68,12 @@ def _junit_outcomes(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One engine data root for this module's runs: the images are built once."""
-    return tmp_path_factory.mktemp("tic-cache")
+def engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One engine data root for this module's runs: the images are built once; its
+    gigabytes go at the end rather than wait for pytest's tmp rotation."""
+    cache = tmp_path_factory.mktemp("tic-cache")
+    yield cache
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def _run(engine: str, out: Path, cache: Path, args: list[str]) -> subprocess.CompletedProcess[str]:

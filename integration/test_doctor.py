@@ -82,15 +82,80 @@ def _common_checks(checks: dict[str, dict[str, Any]]) -> None:
         assert crun["status"] == "ok"
 
 
+def _in_container() -> list[str]:
+    """This test's own look at whether it runs in a container (the markers engines leave,
+    the root filesystem's type from stat -f)."""
+    found = [p for p in ("/.dockerenv", "/run/.containerenv") if os.path.exists(p)]
+    root_fs = subprocess.run(
+        ["stat", "-f", "-c", "%T", "/"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if root_fs == "overlayfs":
+        found.append("/ is overlay")
+    return found
+
+
+def _fs_of(path: str) -> tuple[str, str]:
+    """(filesystem type, mount point) of ``path`` by findmnt, not by mountinfo parsing."""
+    out = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE,TARGET", "-T", path],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    return out[0], out[1]
+
+
+_CONTAINER_CHECKS = {"container", "privileged", "cgroup-mounts", "dev-fuse"}
+
+
+def _container_checks(checks: dict[str, dict[str, Any]]) -> None:
+    hints = _in_container()
+    assert bool(_CONTAINER_CHECKS & set(checks)) == bool(hints), (hints, list(checks))
+    if not hints:
+        return
+    assert all(h in checks["container"]["detail"] for h in hints), hints
+    # privileged: this process's own bounding set and seccomp mode
+    status = {
+        k: v.strip()
+        for k, _, v in (
+            ln.partition(":") for ln in Path("/proc/self/status").read_text().splitlines()
+        )
+    }
+    admin = int(status["CapBnd"], 16) >> 21 & 1
+    want = "FAIL" if not admin else ("warn" if status["Seccomp"] == "2" else "ok")
+    assert checks["privileged"]["status"] == want
+    # cgroup mounts by findmnt: a namespace-less v1 container sees binds of its own cgroup
+    found = subprocess.run(
+        ["findmnt", "-n", "-r", "-o", "FSROOT,TARGET,OPTIONS", "-t", "cgroup,cgroup2"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split("\n")  # fmt: skip
+    mounts = [ln.split() for ln in found if ln.startswith("/") and " /sys/fs/cgroup" in ln]
+    if not mounts or any("ro" in m[2].split(",") for m in mounts):
+        want_cg = "FAIL"
+    elif all(m[0] != "/" for m in mounts):
+        want_cg = "warn"
+    else:
+        want_cg = "ok"
+    assert checks["cgroup-mounts"]["status"] == want_cg, (mounts, checks["cgroup-mounts"])
+    fuse = os.path.exists("/dev/fuse")
+    assert ("/dev/fuse usable" in checks["dev-fuse"]["detail"]) == (
+        fuse and os.access("/dev/fuse", os.R_OK | os.W_OK)
+    )
+
+
 def test_doctor_as_root(require_root: None, tmp_path: Path) -> None:
     root = root_cli(tmp_path)
     code, report = _json_report(root)
     assert (report["mode"], report["user"], report["uid"]) == ("root", "root", 0)
     checks = _checks(report)
     # root builds need no subordinate ids, user namespaces or user-mode networking
-    assert set(checks) == {
-        "overlay", "snapshotter", "cgroups", "runc", "crun", "crun-cgroups", "network"
+    assert set(checks) - _CONTAINER_CHECKS == {
+        "state-fs", "overlay", "snapshotter", "cgroups", "runc", "crun", "crun-cgroups",
+        "network",
     }  # fmt: skip
+    _container_checks(checks)
+    state = os.environ.get("OCIWORKER_ROOT") or "/var/lib/ociworker"
+    fstype, point = _fs_of(state if os.path.exists(state) else os.path.dirname(state))
+    assert checks["state-fs"]["detail"].startswith(f"{state} is on {fstype} ({point})")
+    assert checks["state-fs"]["status"] == ("FAIL" if fstype == "overlay" else "ok")
     nft = shutil.which("nft")
     assert checks["network"]["status"] == ("ok" if nft else "FAIL")
     assert f"({nft})" in checks["network"]["detail"]
@@ -182,11 +247,19 @@ def test_doctor_as_the_test_user(as_user: CLI) -> None:
         assert (f"{tool} ({found})" in net["detail"]) == bool(found)
     tun = os.stat("/dev/net/tun")
     tun_open = (tun.st_mode & 0o006) == 0o006
-    assert net["status"] == ("ok" if tun_open and shutil.which("nft") else "FAIL")
+    # pasta copies the interface with the default route: a --network=none container has none
+    routes = "".join(
+        subprocess.run(["ip", *v, "route", "show", "default"], capture_output=True, text=True,
+                       check=False).stdout
+        for v in ([], ["-6"])
+    )  # fmt: skip
+    routed = bool(routes.strip()) or not shutil.which("pasta")
+    assert net["status"] == ("ok" if tun_open and shutil.which("nft") and routed else "FAIL")
     if not tun_open:
         assert f"/dev/net/tun is {stat.filemode(tun.st_mode)}" in net["detail"]
 
     _common_checks(checks)
+    _container_checks(checks)
     mode, _ = _cgroup_mode()
     service = Path(f"/sys/fs/cgroup/user.slice/user-{pw.pw_uid}.slice/user@{pw.pw_uid}.service")
     if mode != "v2" or not service.is_dir():

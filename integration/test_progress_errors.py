@@ -271,10 +271,25 @@ def _unresolvable(case: str, registry: str) -> tuple[str, list[str]]:
     return f"{registry}/nosuch/never:latest", ["not found", f"{registry}/nosuch/never:latest"]
 
 
+def _no_resolver() -> str | None:
+    """Why no DNS server answers here (None: one does, an unknown name is NXDOMAIN)."""
+    try:
+        socket.getaddrinfo("nosuch.invalid", 443)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_NONAME:
+            return None
+        return exc.strerror
+    return "nosuch.invalid resolved"
+
+
 @pytest.mark.parametrize("case", ["refused", "dns", "missing"])
 def test_unresolvable_base_image_fails_its_load_metadata_step(
     case: str, tmp_path: Path, registry: str, require_root: None
 ) -> None:
+    if case == "dns" and (why := _no_resolver()) is not None:
+        # "no such host" is a DNS server's answer; without one (a --network=none container,
+        # scripts/test-in-container) the lookup can only time out
+        pytest.skip(f"no DNS server answers here ({why}): NXDOMAIN cannot be had")
     ref, words = _unresolvable(case, registry)
     ctx = tmp_path / "ctx"
     ctx.mkdir()

@@ -8,6 +8,8 @@ The fenced blocks of README.md follow one rule, by their info string (checked by
   (``ociworker serve``, address in ``$OCIWORKER_HOST``); the daemon must then stop with 0.
 - ``text``: never run. A synopsis, a file layout, a sample -- or, when it follows an ``sh``
   or ``python`` block with nothing but blank lines between, the output that block prints.
+- ``console``: never run. Commands too long or too heavy for this test (a whole suite in a
+  container), shown as a terminal session.
 
 Expected output (a ``text`` block right after a command block) is checked against the
 block's stdout and stderr together. Blank lines are ignored; every other line must match
@@ -57,7 +59,7 @@ from ociworker.testing.daemon import spawn_daemon
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 VENV = Path(sys.prefix)
-LANGUAGES = ("sh", "python", "text")
+LANGUAGES = ("sh", "python", "text", "console")
 BLOCK_TIMEOUT = 300.0
 
 # Command blocks the suite cannot run, by their first line's command, with the reason. Keep

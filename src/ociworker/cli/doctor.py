@@ -72,6 +72,29 @@ def gather() -> Facts:
         slirp4netns=_which("slirp4netns"),
         dev_tun=_device("/dev/net/tun"),
         nft=_which("nft"),
+        dockerenv=os.path.exists("/.dockerenv"),
+        containerenv=os.path.exists("/run/.containerenv"),
+        init_cgroup=_read("/proc/1/cgroup"),
+        mountinfo=_read("/proc/self/mountinfo") or "",
+        proc_status=_read("/proc/self/status"),
+        cgroup_writable=_writable_mount("/sys/fs/cgroup"),
+        state_dir=_state_dir(rootless),
+        state_path=_existing(_state_dir(rootless)),
+        default_route=_default_route(),
+    )
+
+
+def _default_route() -> bool | None:
+    """A default route in this network namespace (IPv4 or IPv6); None if unknown."""
+    v4, v6 = _read("/proc/net/route"), _read("/proc/net/ipv6_route")
+    if v4 is None and v6 is None:
+        return None
+    # /proc/net/route: Iface Destination Gateway ...; ipv6_route: dest prefix-len ... dev.
+    if any(ln.split()[1:2] == ["00000000"] for ln in (v4 or "").splitlines()[1:]):
+        return True
+    return any(
+        ln.split()[:2] == ["0" * 32, "00"] and ln.split()[-1] != "lo"
+        for ln in (v6 or "").splitlines()
     )
 
 
@@ -195,15 +218,36 @@ def _remove(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _writable_mount(path: str) -> bool:
+    """The filesystem at ``path`` is mounted read-write (whether this user may write
+    there is another matter: a user never may, and still runs builds)."""
+    try:
+        return not os.statvfs(path).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
+
+
+def _state_dir(rootless: bool) -> str:
+    if rootless:
+        data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+        return os.path.join(data, "ociworker")
+    return os.environ.get("OCIWORKER_ROOT") or "/var/lib/ociworker"
+
+
+def _existing(path: str) -> str:
+    """``path``'s nearest existing ancestor, symlinks resolved: the mount the state dir
+    will be made on."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and p != "/":
+        p = os.path.dirname(p)
+    return os.path.realpath(p)
+
+
 def _probe_parent(rootless: bool) -> str | None:
     """The state dir's parent when it exists, so the probe tries the filesystem builds
     will use; else the temp dir."""
-    if rootless:
-        data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-        candidates = [os.path.join(data, "ociworker"), data]
-    else:
-        root = os.environ.get("OCIWORKER_ROOT") or "/var/lib/ociworker"
-        candidates = [root, os.path.dirname(root)]
+    root = _state_dir(rootless)
+    candidates = [root, os.path.dirname(root)]
     for c in candidates:
         if os.path.isdir(c) and os.access(c, os.W_OK | os.X_OK):
             return c

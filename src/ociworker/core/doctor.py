@@ -97,6 +97,25 @@ class Facts:
     #: /dev/net/tun exists and this user can open it read-write (pasta and slirp4netns need it)
     dev_tun: Probe = Probe(True)
     nft: str | None = "/usr/sbin/nft"
+    # --- the container case: what a privileged CI container has or lacks --------------
+    #: /.dockerenv exists (Docker Engine puts it in every container)
+    dockerenv: bool = False
+    #: /run/.containerenv exists (podman, buildah)
+    containerenv: bool = False
+    #: /proc/1/cgroup: the cgroup paths of this namespace's init, None if unreadable
+    init_cgroup: str | None = None
+    #: /proc/self/mountinfo; "" when unknown (then the checks that need it are left out)
+    mountinfo: str = ""
+    #: /proc/self/status: capability sets and the seccomp mode; None if unreadable
+    proc_status: str | None = None
+    #: /sys/fs/cgroup is mounted read-write (statvfs: no ST_RDONLY)
+    cgroup_writable: bool = True
+    #: the state dir as configured, and the path whose mount holds it (its nearest existing
+    #: ancestor, symlinks resolved): the filesystem snapshots' upper dirs are made on
+    state_dir: str = "/var/lib/ociworker"
+    state_path: str = "/var/lib/ociworker"
+    #: /proc/net/route and /proc/net/ipv6_route hold a default route; None: unknown
+    default_route: bool | None = None
 
     @property
     def mode(self) -> Mode:
@@ -507,6 +526,22 @@ def check_network(facts: Facts) -> Check:
             "neither pasta nor slirp4netns is installed: rootless --network default has no way out",
             ("sudo apt-get install passt",),
         )
+    if facts.pasta and facts.default_route is False:
+        # pasta copies the addresses and routes of the interface with the default route; a
+        # namespace without one (docker run --network=none) leaves it nothing to copy.
+        return Check(
+            "network",
+            FAIL,
+            f"pasta ({facts.pasta}) needs an interface with a default route to copy and this "
+            "network namespace has none (a --network=none container?): rootless --network "
+            'default fails ("No external routable interface")',
+            (
+                "give the container a network (no --network=none), or a default route: "
+                "ip link add uplink type veth peer name uplink-peer && ip link set uplink-peer up"
+                " && ip link set uplink up && ip addr add 192.0.2.2/24 dev uplink"
+                " && ip route add default via 192.0.2.1",
+            ),
+        )
     if not facts.dev_tun.ok:
         # Both open /dev/net/tun inside the user's namespace, where only the file's mode
         # counts: root's alone (no udev: containers, minimal VMs), it is closed to them.
@@ -524,6 +559,234 @@ def check_network(facts: Facts) -> Check:
     return Check("network", OK, "--network default via " + ", ".join(found))
 
 
+# --- in a container ------------------------------------------------------------------
+
+#: capability(7) number of CAP_SYS_ADMIN: mount(2), which every build step needs
+CAP_SYS_ADMIN = 21
+#: the filesystems an overlay upper dir cannot be on (the kernel refuses it as upperdir)
+_STACKED = ("overlay", "fuse.fuse-overlayfs", "aufs")
+_CONTAINER_CGROUPS = ("docker", "kubepods", "libpod", "containerd", "lxc", "buildkit")
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    fstype: str
+    #: the mount's own options (ro/rw are here), then the superblock's
+    options: tuple[str, ...]
+    #: the dir of the filesystem mounted there ("/": its root; a bind shows its subdir)
+    root: str = "/"
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """/proc/PID/mountinfo -> its mounts, in order (a later mount on a point hides earlier)."""
+    out: list[Mount] = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 6 or len(tail) < 1:
+            continue
+        supers = tuple(tail[2].split(",")) if len(tail) >= 3 else ()
+        out.append(
+            Mount(
+                _unescape(fields[4]),
+                tail[0],
+                (*fields[5].split(","), *supers),
+                _unescape(fields[3]),
+            )
+        )
+    return out
+
+
+def mount_of(path: str, mounts: list[Mount]) -> Mount | None:
+    """The mount ``path`` is on: the deepest mount point above it, the last one mounted
+    there (the one that shows)."""
+    best: Mount | None = None
+    for m in mounts:
+        point = m.point.rstrip("/") or "/"
+        inside = path == point or path.startswith(point if point == "/" else point + "/")
+        if inside and (best is None or len(point) >= len(best.point.rstrip("/") or "/")):
+            best = m
+    return best
+
+
+def container_hints(facts: Facts) -> tuple[str, ...]:
+    """What says this process runs in a container (empty: nothing does)."""
+    hints: list[str] = []
+    if facts.dockerenv:
+        hints.append("/.dockerenv")
+    if facts.containerenv:
+        hints.append("/run/.containerenv")
+    for line in (facts.init_cgroup or "").splitlines():
+        path = line.split(":", 2)[-1]
+        found = next((n for n in _CONTAINER_CGROUPS if n in path), None)
+        if found:
+            hints.append(f"{found} in /proc/1/cgroup")
+            break
+    root = mount_of("/", parse_mountinfo(facts.mountinfo))
+    if root is not None and root.fstype in _STACKED:
+        hints.append(f"/ is {root.fstype}")
+    return tuple(hints)
+
+
+def _status_field(status: str | None, name: str) -> str | None:
+    for line in (status or "").splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            return value.strip()
+    return None
+
+
+def has_capability(status: str | None, cap: int, which: str = "CapBnd") -> bool | None:
+    """Whether the capability set ``which`` of /proc/self/status holds ``cap``; None if
+    the file says nothing. The bounding set is what the container was given, whatever the
+    uid of this process (root's effective set is the same; a user's is empty)."""
+    value = _status_field(status, which)
+    if value is None:
+        return None
+    return bool(int(value, 16) >> cap & 1)
+
+
+def seccomp_mode(status: str | None) -> int | None:
+    """0: no seccomp, 1: strict, 2: a filter (Docker's default profile is one)."""
+    value = _status_field(status, "Seccomp")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+_PRIVILEGED_FIX = "docker run --privileged ... (podman run --privileged, or a Kubernetes "
+_PRIVILEGED_FIX += "securityContext: {privileged: true})"
+
+
+def check_privileged(facts: Facts) -> Check:
+    admin = has_capability(facts.proc_status, CAP_SYS_ADMIN)
+    seccomp = seccomp_mode(facts.proc_status)
+    if admin is False:
+        return Check(
+            "privileged",
+            FAIL,
+            "the container has no CAP_SYS_ADMIN (not in the bounding set): no step can mount "
+            "its filesystems",
+            (_PRIVILEGED_FIX,),
+        )
+    if seccomp == 2:
+        return Check(
+            "privileged",
+            WARN,
+            "a seccomp filter is on (Seccomp: 2): the runtimes' own syscalls (mount, "
+            "unshare, pivot_root, keyctl) may be refused",
+            (_PRIVILEGED_FIX + " or --security-opt seccomp=unconfined",),
+        )
+    caps = "CAP_SYS_ADMIN" if admin else "capabilities unknown"
+    filt = {0: "no seccomp filter", 1: "strict seccomp"}.get(seccomp or 0, "")
+    return Check("privileged", OK, f"{caps}, {filt}".rstrip(", "))
+
+
+def check_cgroup_mounts(facts: Facts) -> Check:
+    mounts = [
+        m
+        for m in parse_mountinfo(facts.mountinfo)
+        if m.fstype in ("cgroup", "cgroup2")
+        and (m.point == "/sys/fs/cgroup" or m.point.startswith("/sys/fs/cgroup/"))
+    ]
+    # Root's steps get a cgroup each (the runtime makes it); rootless ones run without.
+    severity = FAIL if facts.mode is Mode.ROOT else WARN
+    if not mounts:
+        return Check(
+            "cgroup-mounts",
+            severity,
+            "no cgroup filesystem under /sys/fs/cgroup: the runtimes cannot make a step's cgroup",
+            (_PRIVILEGED_FIX,),
+        )
+    ro = sorted({m.point for m in mounts if m.read_only})
+    if ro or not facts.cgroup_writable:
+        where = ", ".join(ro) or "/sys/fs/cgroup"
+        return Check(
+            "cgroup-mounts",
+            severity,
+            f"cgroups mounted read-only ({where}): the runtimes cannot make a step's cgroup",
+            (_PRIVILEGED_FIX + " (it mounts /sys/fs/cgroup read-write)",),
+        )
+    if all(m.root != "/" for m in mounts):
+        # cgroup v1 without a cgroup namespace: each hierarchy is a bind of the container's
+        # own cgroup, which the worker does not take as a place for its step cgroups.
+        return Check(
+            "cgroup-mounts",
+            WARN,
+            f"the cgroup mounts are binds of this container's own cgroup ({mounts[0].root} on "
+            f"{mounts[0].point}; no cgroup namespace): no step cgroup can be made, so RUN "
+            "steps run without --step-* limits or accounting",
+            ("docker run --cgroupns=private ... (podman run --cgroupns=private)",),
+        )
+    kinds = sorted({m.fstype for m in mounts})
+    n = len({m.point for m in mounts})
+    return Check(
+        "cgroup-mounts",
+        OK,
+        f"{n} {'/'.join(kinds)} mount{'s' * (n != 1)} under /sys/fs/cgroup, writable",
+    )
+
+
+def check_dev_fuse(facts: Facts) -> Check:
+    if facts.dev_fuse.ok:
+        return Check("dev-fuse", OK, "/dev/fuse usable")
+    # Only fuse-overlayfs needs it, and only a rootless worker where kernel overlayfs fails.
+    needed = facts.mode is Mode.ROOTLESS and not facts.overlay.ok
+    return Check(
+        "dev-fuse",
+        WARN if needed else OK,
+        f"{facts.dev_fuse.detail}"
+        + ("" if needed else " (not needed: kernel overlayfs snapshots need no fuse)"),
+        ("docker run --device /dev/fuse ... (or --privileged)",) if needed else (),
+    )
+
+
+def check_state_fs(facts: Facts) -> Check | None:
+    """An overlay's upper dir cannot be on overlayfs: a state dir on the container's own
+    root (overlay on overlay) gets no kernel overlay snapshots."""
+    if not facts.mountinfo:
+        return None
+    m = mount_of(facts.state_path, parse_mountinfo(facts.mountinfo))
+    if m is None:
+        return None
+    where = f"{facts.state_dir} is on {m.fstype} ({m.point})"
+    if m.fstype in _STACKED:
+        name = "ociworker-state"
+        return Check(
+            "state-fs",
+            FAIL,
+            f"{where}: an overlay upper dir cannot be on {m.fstype} (overlay on overlay), "
+            "so no snapshot can be an overlay",
+            (
+                f"mount a volume or tmpfs at {facts.state_dir}: "
+                f"docker run -v {name}:{facts.state_dir} ... "
+                f"(or --tmpfs {facts.state_dir}, "
+                f"or RUN --mount=type=tmpfs,target={facts.state_dir})",
+            ),
+        )
+    return Check("state-fs", OK, where)
+
+
+def container_checks(facts: Facts) -> list[Check]:
+    hints = container_hints(facts)
+    if not hints:
+        return []
+    return [
+        Check("container", OK, f"in a container ({', '.join(hints)})"),
+        check_privileged(facts),
+        check_cgroup_mounts(facts),
+        check_dev_fuse(facts),
+    ]
+
+
 def diagnose(facts: Facts) -> Report:
     checks: list[Check] = []
     if facts.mode is Mode.ROOTLESS:
@@ -538,6 +801,9 @@ def diagnose(facts: Facts) -> Report:
         idmap = check_idmap(facts)
         if idmap is not None and all(c.status == OK for c in checks):
             checks.append(idmap)
+    state = check_state_fs(facts)
+    if state is not None:
+        checks.append(state)
     checks.append(check_overlay(facts))
     if facts.mode is Mode.ROOTLESS:
         checks.append(check_fuse(facts))
@@ -545,4 +811,5 @@ def diagnose(facts: Facts) -> Report:
     checks.append(check_cgroups(facts))
     checks += check_runtimes(facts)
     checks.append(check_network(facts))
-    return Report(facts.mode, facts.user, facts.uid, tuple(checks))
+    # The container's lines first: what it was not given explains the failures below.
+    return Report(facts.mode, facts.user, facts.uid, (*container_checks(facts), *checks))

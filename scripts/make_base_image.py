@@ -91,6 +91,20 @@ def host_arch() -> str:
         raise SystemExit(str(exc)) from None
 
 
+def push_verified(layout: Path, tag: str, ref: str, digest: str, label: str) -> int:
+    """Push unless the registry already serves DIGEST, then check it serves exactly that."""
+    if registry_digest(ref) == digest:
+        print(f"==> {label}: registry already has this digest", file=sys.stderr)
+        return 0
+    push(layout, tag, ref)
+    got = registry_digest(ref)
+    if got != digest:
+        print(f"ERROR: pushed {digest} but the registry serves {got}", file=sys.stderr)
+        return 1
+    print(f"==> {label}: pushed to {ref}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--busybox", type=Path, default=Path("/bin/busybox"))
@@ -111,16 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"==> base image: wrote OCI layout {args.layout}", file=sys.stderr)
     if args.no_push:
         return 0
-    if registry_digest(args.ref) == digest:
-        print("==> base image: registry already has this digest", file=sys.stderr)
-        return 0
-    push(args.layout, tag, args.ref)
-    got = registry_digest(args.ref)
-    if got != digest:
-        print(f"ERROR: pushed {digest} but the registry serves {got}", file=sys.stderr)
-        return 1
-    print(f"==> base image: pushed to {args.ref}", file=sys.stderr)
-    return 0
+    return push_verified(args.layout, tag, args.ref, digest, "base image")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ compare digests with the registry and skip the push.
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import io
 import os
 import stat
@@ -24,20 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_base_image import host_arch, push, registry_digest, split_ref
+from make_base_image import host_arch, push_verified, split_ref
 
 # The OCI writing is the busybox image's (ociworker.testing.busybox, standard library only);
 # make_base_image put the source tree on sys.path for it.
-from ociworker.testing.busybox import (
-    MEDIA_CONFIG,
-    MEDIA_LAYER_GZIP,
-    MEDIA_MANIFEST,
-    PATH_ENV,
-    Blob,
-    Image,
-    _json,
-    write_layout,
-)
+from ociworker.testing import busybox
+from ociworker.testing.busybox import Image, write_layout
 
 DEFAULT_REF = "127.0.0.1:5000/debian:bookworm"
 # Capabilities are the only extended attributes a package sets that matter to what runs
@@ -93,35 +83,15 @@ def _created(epoch: int) -> str:
 
 
 def build_image(layer_tar: bytes, arch: str, epoch: int, created_by: str) -> Image:
-    # mtime=0 in the gzip header keeps the compressed bytes stable across runs.
-    layer = Blob(MEDIA_LAYER_GZIP, gzip.compress(layer_tar, compresslevel=6, mtime=0))
-    diff_id = "sha256:" + hashlib.sha256(layer_tar).hexdigest()
-    created = _created(epoch)
-    config = Blob(
-        MEDIA_CONFIG,
-        _json(
-            {
-                "created": created,
-                "architecture": arch,
-                "os": "linux",
-                "config": {"Env": [PATH_ENV], "Cmd": ["bash"]},
-                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-                "history": [{"created": created, "created_by": created_by}],
-            }
-        ),
+    # gzip level 6: the Debian layer is ~30x busybox's, and 9 buys little on it
+    return busybox.build_image(
+        layer_tar,
+        arch,
+        cmd="bash",
+        created=_created(epoch),
+        created_by=created_by,
+        compresslevel=6,
     )
-    manifest = Blob(
-        MEDIA_MANIFEST,
-        _json(
-            {
-                "schemaVersion": 2,
-                "mediaType": MEDIA_MANIFEST,
-                "config": config.descriptor(),
-                "layers": [layer.descriptor()],
-            }
-        ),
-    )
-    return Image(layer=layer, config=config, manifest=manifest, diff_id=diff_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,16 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"==> debian base: wrote OCI layout {args.layout}", file=sys.stderr)
     if args.no_push:
         return 0
-    if registry_digest(args.ref) == digest:
-        print("==> debian base: registry already has this digest", file=sys.stderr)
-        return 0
-    push(args.layout, tag, args.ref)
-    got = registry_digest(args.ref)
-    if got != digest:
-        print(f"ERROR: pushed {digest} but the registry serves {got}", file=sys.stderr)
-        return 1
-    print(f"==> debian base: pushed to {args.ref}", file=sys.stderr)
-    return 0
+    return push_verified(args.layout, tag, args.ref, digest, "debian base")
 
 
 if __name__ == "__main__":

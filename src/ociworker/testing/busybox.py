@@ -148,25 +148,29 @@ def _json(obj: object) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def build_image(layer_tar: bytes, arch: str) -> Image:
+def build_image(
+    layer_tar: bytes,
+    arch: str,
+    *,
+    cmd: str = "sh",
+    created: str = FIXED_CREATED,
+    created_by: str = "ociworker scripts/make-base-image (busybox-static)",
+    compresslevel: int = 9,
+) -> Image:
+    """A one-layer image; scripts/make_debian_base.py makes its Debian base with it too."""
     # mtime=0 in the gzip header keeps the compressed bytes stable across runs.
-    layer = Blob(MEDIA_LAYER_GZIP, gzip.compress(layer_tar, compresslevel=9, mtime=0))
+    layer = Blob(MEDIA_LAYER_GZIP, gzip.compress(layer_tar, compresslevel=compresslevel, mtime=0))
     diff_id = "sha256:" + hashlib.sha256(layer_tar).hexdigest()
     config = Blob(
         MEDIA_CONFIG,
         _json(
             {
-                "created": FIXED_CREATED,
+                "created": created,
                 "architecture": arch,
                 "os": "linux",
-                "config": {"Env": [PATH_ENV], "Cmd": ["sh"]},
+                "config": {"Env": [PATH_ENV], "Cmd": [cmd]},
                 "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-                "history": [
-                    {
-                        "created": FIXED_CREATED,
-                        "created_by": "ociworker scripts/make-base-image (busybox-static)",
-                    }
-                ],
+                "history": [{"created": created, "created_by": created_by}],
             }
         ),
     )

@@ -175,3 +175,10 @@ def test_changelog_latest_release_is_this_version() -> None:
     assert dates == sorted(dates, reverse=True)
     for name in headings:
         assert re.search(rf"^\[{re.escape(name)}\]: \S+$", text, re.M), f"no link for [{name}]"
+
+
+def test_worker_image_version_label_defaults_to_this_version() -> None:
+    # The Dockerfile cannot import the package, so its VERSION default is a second spelling of
+    # the version: a release that bumps only version.py must fail here, not in a built image.
+    defaults = re.findall(r"^ARG VERSION=(\S+)$", (REPO / "Dockerfile").read_text(), re.M)
+    assert defaults == [__version__]

@@ -15,6 +15,7 @@ from typing import Any
 
 from ociworker.core.mounts import Mount, is_bind
 from ociworker.executor.seccomp import default_profile, guard_ptrace, has_notify, resolve
+from ociworker.fs.mount import locked_options
 
 OCI_VERSION = "1.0.2"
 
@@ -256,6 +257,10 @@ def user_mount(m: Mount) -> dict[str, Any]:
         # submounts of the source visible, which is what a bind of a tree means.
         if "bind" not in options and "rbind" not in options:
             options.insert(0, "rbind" if m.type == "rbind" else "bind")
+        if "ro" in options:
+            # The runtime's read-only remount must repeat the source mount's locked flags
+            # (runc 1.1 does not): see fs.mount.locked_options.
+            options += [o for o in locked_options(m.source) if o not in options]
         return {"destination": m.target, "type": "bind", "source": m.source, "options": options}
     return {"destination": m.target, "type": m.type, "source": m.source, "options": options}
 

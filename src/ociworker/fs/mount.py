@@ -46,8 +46,10 @@ _MS_NODEV = 0x4
 _MS_NOEXEC = 0x8
 _MS_REMOUNT = 0x20
 _MS_NOATIME = 0x400
+_MS_NODIRATIME = 0x800
 _MS_BIND = 0x1000
 _MS_REC = 0x4000
+_MS_RELATIME = 0x200000
 _MNT_DETACH = 0x2
 _CLONE_FS = 0x200
 
@@ -62,6 +64,8 @@ _FLAGS: dict[str, tuple[int, bool]] = {
     "noexec": (_MS_NOEXEC, True),
     "exec": (_MS_NOEXEC, False),
     "noatime": (_MS_NOATIME, True),
+    "nodiratime": (_MS_NODIRATIME, True),
+    "relatime": (_MS_RELATIME, True),
     "bind": (_MS_BIND, True),
     "rbind": (_MS_BIND | _MS_REC, True),
 }
@@ -85,6 +89,32 @@ def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+# statvfs flag -> the mount option that keeps it (ST_RELATIME is not MS_RELATIME's bit).
+_LOCKABLE = (
+    (os.ST_NOSUID, "nosuid"),
+    (os.ST_NODEV, "nodev"),
+    (os.ST_NOEXEC, "noexec"),
+    (os.ST_NOATIME, "noatime"),
+    (os.ST_NODIRATIME, "nodiratime"),
+    (os.ST_RELATIME, "relatime"),
+)
+
+
+def locked_options(path: str) -> list[str]:
+    """The nosuid/nodev/noexec/atime options of the mount ``path`` is on.
+
+    In a user namespace these flags of a mount made by a more privileged namespace are
+    locked: a read-only remount of a bind of it that leaves one out fails with EPERM (a
+    rootless worker inside a RUN --security=insecure step whose tmpfs has nosuid,nodev).
+    Repeating them changes nothing, as a bind already carries its source mount's flags.
+    """
+    try:
+        flag = os.statvfs(path).f_flag
+    except OSError:
+        return []
+    return [name for bit, name in _LOCKABLE if flag & bit]
 
 
 def _sys_mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
@@ -212,6 +242,8 @@ def _mount_one(m: Mount, target: str) -> None:
         _sys_mount(m.source, target, None, flags, None)
         if readonly:
             # A bind ignores MS_RDONLY on creation; it takes a remount to apply it.
+            for opt in locked_options(target):
+                flags |= _FLAGS[opt][0]
             _sys_mount("", target, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags, None)
         return
     if readonly:

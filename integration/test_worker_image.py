@@ -205,7 +205,8 @@ def _script(name: str) -> str:
 _MIRROR_RELEASE = "http://deb.debian.org/debian/dists/bookworm/Release"
 
 
-@pytest.fixture(autouse=True, scope="module")
+# session scope: autouse fixtures of a scope come first, and debian_base is session-scoped
+@pytest.fixture(autouse=True, scope="session")
 def _mirror_in_container() -> None:
     """Inside scripts/test-in-container (a --network=none container) Debian's mirror cannot be
     reached, and debootstrap and the Dockerfile's apt-get need it: skip there, saying so. On a

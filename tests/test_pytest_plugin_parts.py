@@ -343,3 +343,28 @@ def test_push_sends_each_tag_to_the_registry_fixture_under_its_name() -> None:
     fresh = _push_refs(_Registry(), None)  # type: ignore[arg-type]
     assert len(fresh) == 1 and fresh[0].startswith("127.0.0.1:1/ociworker-pytest:")
     assert fresh != _push_refs(_Registry(), None)  # type: ignore[arg-type]
+
+
+def test_unpack_oci_archive_extracts_a_layout_and_refuses_escapes(tmp_path: Path) -> None:
+    import io
+    import tarfile as tf_mod
+
+    from ociworker.testing.image import unpack_oci_archive
+
+    def archive(name: str, members: dict[str, bytes]) -> Path:
+        path = tmp_path / name
+        with tf_mod.open(path, "w") as tar:
+            for member, data in members.items():
+                info = tf_mod.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    good = archive("good.tar", {"oci-layout": b"{}", "blobs/sha256/ab": b"x"})
+    out = unpack_oci_archive(good, tmp_path / "good")
+    assert (out / "oci-layout").read_bytes() == b"{}"
+    assert (out / "blobs/sha256/ab").read_bytes() == b"x"
+    for i, name in enumerate(["../escape", "/abs", "blobs/../../escape"]):
+        with pytest.raises(ValueError, match="unsafe path"):
+            unpack_oci_archive(archive(f"bad{i}.tar", {name: b"x"}), tmp_path / f"bad{i}")
+    assert not (tmp_path / "escape").exists()

@@ -327,7 +327,26 @@ def unpack_oci_archive(archive: Path, layout: Path) -> Path:
     """Extract an OCI layout tar (``type=oci`` output) into directory ``layout``."""
     layout.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tf:
-        tf.extractall(layout, filter="data")
+        # Not extractall(filter="data"): that came in Python 3.11.4, and Debian bookworm's
+        # python3 (the worker image's) is 3.11.2. An OCI layout holds only directories and
+        # regular files with plain relative names; anything else is refused.
+        for member in tf.getmembers():
+            parts = PurePosixPath(member.name).parts
+            if not parts and member.isdir():
+                continue  # "./", the layout itself
+            if not parts or parts[0] == "/" or ".." in parts:
+                raise ValueError(f"{archive}: unsafe path {member.name!r} in an OCI layout")
+            dest = layout.joinpath(*parts)
+            if member.isdir():
+                dest.mkdir(parents=True, exist_ok=True)
+            elif member.isfile():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(member)
+                assert src is not None  # a regular file always has its data
+                with src, open(dest, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            else:
+                raise ValueError(f"{archive}: {member.name!r} is not a file or directory")
     return layout
 
 

@@ -480,15 +480,16 @@ def test_socket_is_0660(daemon: Daemon) -> None:
     assert daemon.sock.stat().st_mode & 0o777 == 0o660
 
 
-def test_dead_client_is_noticed_and_its_build_cancelled(
-    daemon: Daemon, tmp_path: Path, base_image: str, mounts_under: Callable[[Path], list[Path]]
+def stopped_client_build_is_cancelled(
+    addr: str, root: Path, tmp_path: Path, base_image: str
 ) -> None:
-    # A stopped client keeps its socket open but answers no keepalive ping: the
-    # daemon must drop it and cancel its build on its own.
+    """Stop (SIGSTOP) a client mid-RUN and wait for the daemon at ``addr`` to notice: its
+    build's processes and runtime containers must be gone. Shared with the socket-activated
+    daemon's test (test_socket_activation), where a forwarder sits between the two."""
     marker = f"dead-{uuid.uuid4().hex}"
     ctx = write_context(tmp_path, f"FROM {base_image}\nRUN sleep 600; echo {marker}\n")
     client = subprocess.Popen(
-        [sys.executable, "-m", "ociworker", "build", "--addr", daemon.addr, str(ctx)],
+        [sys.executable, "-m", "ociworker", "build", "--addr", addr, str(ctx)],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -499,7 +500,7 @@ def test_dead_client_is_noticed_and_its_build_cancelled(
         client.send_signal(signal.SIGSTOP)
 
         async def wait_until_idle() -> None:
-            async with ociworker.Client(daemon.addr) as c:
+            async with ociworker.Client(addr) as c:
                 # a guard, not a measurement: keepalive gives up after ~10 s
                 async with asyncio.timeout(60):
                     while (await c.info()).running_builds:
@@ -507,11 +508,19 @@ def test_dead_client_is_noticed_and_its_build_cancelled(
 
         asyncio.run(wait_until_idle())
         assert _procs_with(marker) == []
-        assert runtime_containers(daemon.root, "runc") == ""
-        assert mounts_under(daemon.root) == []
+        assert runtime_containers(root, "runc") == ""
     finally:
         client.kill()
         client.wait()
+
+
+def test_dead_client_is_noticed_and_its_build_cancelled(
+    daemon: Daemon, tmp_path: Path, base_image: str, mounts_under: Callable[[Path], list[Path]]
+) -> None:
+    # A stopped client keeps its socket open but answers no keepalive ping: the
+    # daemon must drop it and cancel its build on its own.
+    stopped_client_build_is_cancelled(daemon.addr, daemon.root, tmp_path, base_image)
+    assert mounts_under(daemon.root) == []
 
 
 def test_client_death_and_sigterm_together_leave_nothing(

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pytest
 from conftest import CLI
 from ociworker.api.client import Client, DaemonInfo
 from ociworker.version import __version__
-from test_build import runtime_containers, write_context
+from test_build import write_context
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 
@@ -127,35 +126,11 @@ def test_dead_client_behind_the_forwarder_has_its_build_cancelled(
 ) -> None:
     # As over a plain unix socket (test_daemon): a stopped client answers no
     # keepalive ping; the forwarder between must not keep its build alive.
-    from test_daemon import _procs_with
+    from test_daemon import stopped_client_build_is_cancelled
 
-    marker = f"dead-{uuid.uuid4().hex}"
-    ctx = write_context(tmp_path, f"FROM {base_image}\nRUN sleep 600; echo {marker}\n")
-    addr = f"unix://{activated.sock}"
-    client = subprocess.Popen(
-        [sys.executable, "-m", "ociworker", "build", "--addr", addr, str(ctx)],
-        stderr=subprocess.DEVNULL,
+    stopped_client_build_is_cancelled(
+        f"unix://{activated.sock}", tmp_path / "root", tmp_path, base_image
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not _procs_with(marker):
-            assert time.monotonic() < deadline and client.poll() is None
-            time.sleep(0.05)
-        client.send_signal(signal.SIGSTOP)
-
-        async def wait_until_idle() -> None:
-            async with Client(addr) as c:
-                # a guard, not a measurement: keepalive gives up after ~10 s
-                async with asyncio.timeout(60):
-                    while (await c.info()).running_builds:
-                        await asyncio.sleep(0.2)
-
-        asyncio.run(wait_until_idle())
-        assert _procs_with(marker) == []
-        assert runtime_containers(tmp_path / "root", "runc") == ""
-    finally:
-        client.kill()
-        client.wait()
 
 
 def test_daemon_drops_listen_env_and_fds_not_asked_for(

@@ -35,7 +35,7 @@ from ociworker.core.digest import hex_part
 from ociworker.core.outputs import OutputSpec
 from ociworker.core.progress import LayerCommitted
 from ociworker.errors import DigestMismatchError, HostError, UserError
-from ociworker.fs.atomic import create_beside
+from ociworker.fs.atomic import create_beside, fsync_dir
 from ociworker.fs.oserror import os_error_text
 
 _CHUNK = 1 << 20
@@ -130,7 +130,11 @@ def open_archive_dest(dest: str, *, stdout: BinaryIO | None = None) -> Iterator[
     try:
         with create_beside(tmp) as f:
             yield f
+            # on disk before the rename, or a crash could leave a renamed but empty file
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -173,20 +177,28 @@ def write_layer(dest: Path, layer: LayerCommitted, blob: BinaryIO) -> Path:
                 h.update(chunk)
                 size += len(chunk)
                 f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
         got = f"sha256:{h.hexdigest()}"
         if got != desc.digest or size != desc.size:
             raise DigestMismatchError(
                 f"layer blob {desc.digest} ({desc.size} bytes) arrived as {got} ({size} bytes)"
             )
         os.replace(tmp, blobs / hexd)
+        # the blob's name is durable before a descriptor can point at it
+        fsync_dir(blobs)
     finally:
         tmp.unlink(missing_ok=True)
     path = dest / layer_file_name(layer)
     data = json.dumps(desc.to_json(), indent=2, sort_keys=True).encode() + b"\n"
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(dest)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -12,7 +12,8 @@ runs, and the root is checked without the worker's code:
 - the worker starts (the daemon serves; the next build runs) and ``du`` works;
 - nothing of ours is left: no mount under the root (``/proc/self/mountinfo``), no
   container (``runc``/``crun --root ... list``), no bundle, and nothing named
-  after a dead worker process (its links, nft tables, netns, scratch dir, lock);
+  after a dead worker process (its links, nft tables, netns, scratch dir, lock),
+  no snapshot in use (active, view) and no unfinished blob in the ingest dir;
 - every blob in the content store hashes (``hashlib``) to its file name;
 - every cache record of a snapshot names a committed snapshot whose directory
   exists, every committed snapshot's parent too (``sqlite3``);
@@ -323,6 +324,12 @@ def _check_root(root: Path, dead: set[str], du: list[str], where: str) -> None:
         named += [str(p) for p in (root / "executor").glob(f"netns/*{ident}*")]
         named += [str(p) for p in (root / "tmp").glob(f"{ident}*")]
         assert named == [], f"{where}: left by dead owner {ident}: {named}"
+    # nothing in use on an idle root: no snapshot but committed ones, no unfinished blob
+    with sqlite3.connect(root / "snapshots" / "metadata.db") as snaps:
+        used = snaps.execute("SELECT key FROM snapshots WHERE kind != 'committed'").fetchall()
+    assert used == [], f"{where}: snapshots left in use: {used}"
+    ingests = os.listdir(root / "content" / "ingest")
+    assert ingests == [], f"{where}: unfinished blobs left: {ingests}"
     assert _blob_mismatches(root) == [], f"{where}: blobs that do not match their name"
     assert _dangling_records(root) == [], f"{where}: {_dangling_records(root)}"
     assert _integrity(root) == {}, f"{where}: {_integrity(root)}"

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -382,6 +383,15 @@ def test_embedded_build_killed_mid_step_is_recovered_by_the_next(
     assert _containers(root, runtime) == set()
     # the dead process's scratch dir went with it; the next one's with that one
     assert list((root / "tmp").iterdir()) == []
+    # and its step's snapshot (active while it ran): only committed ones stay
+    assert _uncommitted(root) == []
+
+
+def _uncommitted(root: Path) -> list[tuple[str, str]]:
+    """Active and view snapshots, read from the snapshotter's database."""
+    with sqlite3.connect(root / "snapshots" / "metadata.db") as db:
+        rows = db.execute("SELECT key, kind FROM snapshots WHERE kind != 'committed'")
+        return [(str(k), str(v)) for k, v in rows]
 
 
 def test_recovery_leaves_a_live_concurrent_build_alone(
@@ -395,12 +405,17 @@ def test_recovery_leaves_a_live_concurrent_build_alone(
         live = _footprint(
             live_shell, root, runtime, mounts_under, containers_before=set(), mounts_before=set()
         )
+        live_snapshots = _uncommitted(root)
+        assert [kind for _, kind in live_snapshots] == ["active"]
         dead = _kill_mid_step(root, runtime, tmp_path, base_image, mounts_under)
         assert not dead.containers & live.containers and not dead.mounts & live.mounts
+        assert len(_uncommitted(root)) == 2
 
         _succeeds(root, runtime, write_context(tmp_path, f"FROM {base_image}\nRUN echo next\n"))
         left = dead.left(root, runtime, mounts_under)
         assert left == {}, left
+        # the dead step's snapshot went, the live one's stays
+        assert _uncommitted(root) == live_snapshots
         # the live build's step: every part of it still there, and it still runs
         assert live.left(root, runtime, mounts_under) == {
             "processes": set(live.pids),

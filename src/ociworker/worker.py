@@ -49,6 +49,7 @@ from ociworker.ops.runmount.cache import CacheMounts
 from ociworker.registry.client import RegistryClient
 from ociworker.snapshot import open_snapshotter
 from ociworker.snapshot.base import Mounter, SnapshotStore
+from ociworker.snapshot.dirstore import DirSnapshotter
 from ociworker.solver.scheduler import Result, Solver
 from ociworker.sources.git import GitFetcher
 from ociworker.sources.image import ImagePuller
@@ -227,8 +228,9 @@ def open_worker(config: WorkerConfig, *, registry: RegistryClient | None = None)
 def _open_worker(
     config: WorkerConfig, root: Path, tmp: Path, owner: Owner, registry: RegistryClient | None
 ) -> Worker:
-    content = ContentStore(root / "content")
+    content = ContentStore(root / "content", owner=owner.ident)
     snapshots = open_snapshotter(root / "snapshots", config.snapshotter)
+    snapshots.owner = owner.ident
     if registry is None:
         registry = RegistryClient(insecure=config.insecure_registries, ca=dict(config.registry_ca))
     mounter = HostMounter(tmp)
@@ -312,6 +314,12 @@ def _recover_owner(root: Path, ident: str) -> None:
     found["mounts"] += len(mountpoints_under(scratch))
     unmount(scratch)
     _remove_scratch(scratch)
+    # Once nothing of it is mounted: its snapshots in use and its unfinished
+    # blobs (the tree layout and the store's are the same for every snapshotter).
+    if (root / "snapshots" / "metadata.db").exists():
+        found["snapshots"] = DirSnapshotter(root / "snapshots").drop_owned(ident)
+    if (root / "content").is_dir():
+        found["ingests"] = ContentStore(root / "content").drop_ingests(ident)
     if any(found.values()):
         _log.warning("recovered what a killed worker process left", owner=ident, **found)
 

@@ -29,7 +29,10 @@ class Ingest:
         self._store = store
         self._expected = expected
         self._expected_size = expected_size
-        fd, name = tempfile.mkstemp(dir=store.ingest_dir, prefix="ingest-")
+        # named after the worker process writing it: one killed mid-write is
+        # found by its owner id (``executor.owners``) and its ingests removed
+        prefix = f"ingest-{store.owner}-" if store.owner else "ingest-"
+        fd, name = tempfile.mkstemp(dir=store.ingest_dir, prefix=prefix)
         self._path = Path(name)
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self._hash = hashlib.sha256()
@@ -85,8 +88,9 @@ class Ingest:
 
 
 class ContentStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: str | None = None) -> None:
         self.root = root
+        self.owner = owner
         self.blob_dir = root / "blobs" / "sha256"
         self.ingest_dir = root / "ingest"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +128,13 @@ class ContentStore:
 
     def delete(self, digest: str) -> None:
         self.blob_path(digest).unlink(missing_ok=True)
+
+    def drop_ingests(self, owner: str) -> int:
+        """Remove the unfinished writes of the dead worker process ``owner``; how many."""
+        found = list(self.ingest_dir.glob(f"ingest-{owner}-*"))
+        for p in found:
+            p.unlink(missing_ok=True)
+        return len(found)
 
     def walk(self) -> Iterator[tuple[Digest, int]]:
         for p in self.blob_dir.iterdir():

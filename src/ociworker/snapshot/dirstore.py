@@ -48,6 +48,13 @@ CREATE TABLE IF NOT EXISTS snapshots (
     parent INTEGER REFERENCES snapshots(id)
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
+-- the worker process (owner id, ``executor.owners``) using an active or view
+-- snapshot: what a process killed with SIGKILL left is found by its id
+CREATE TABLE IF NOT EXISTS owners (
+    id INTEGER PRIMARY KEY REFERENCES snapshots(id) ON DELETE CASCADE,
+    owner TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS owners_owner ON owners(owner);
 """
 
 # Committed ancestors of a row, nearest first (the row itself included).
@@ -79,6 +86,9 @@ class DirSnapshotter:
 
     #: which snapshotter ``open_snapshotter`` picked and why ("overlayfs: auto, ...")
     picked: str = ""
+    #: the worker process's owner id, recorded with each active and view
+    #: snapshot it makes (``drop_owned``); None: not recorded
+    owner: str | None = None
 
     def __init__(self, root: Path) -> None:
         self.root = Path(os.path.abspath(root))
@@ -183,6 +193,8 @@ class DirSnapshotter:
             except sqlite3.IntegrityError:
                 raise FileExistsError(f"snapshot {key!r} already exists") from None
             row = Row(cast(int, cur.lastrowid), key, kind, parent_id)
+            if self.owner is not None:
+                conn.execute("INSERT INTO owners (id, owner) VALUES (?, ?)", (row.id, self.owner))
             chain = self._chain(conn, parent_id)
         try:
             self.dir_of(row.id).mkdir()
@@ -205,6 +217,29 @@ class DirSnapshotter:
                 )
             except sqlite3.IntegrityError:
                 raise FileExistsError(f"snapshot {name!r} already exists") from None
+            # committed: the cache's now, no longer its maker's to drop
+            conn.execute("DELETE FROM owners WHERE id = ?", (row.id,))
+
+    def drop_owned(self, owner: str) -> int:
+        """Remove the active and view snapshots of the dead worker process
+        ``owner`` (blocking); how many. Its mounts must be gone first (a mounted
+        one raises, and the caller's recovery is tried again at the next start)."""
+        conn = self._connect()
+        try:
+            keys = [
+                str(t[0])
+                for t in conn.execute(
+                    "SELECT s.key FROM snapshots s JOIN owners o ON o.id = s.id "
+                    "WHERE o.owner = ? AND s.kind != 'committed' ORDER BY s.id DESC",
+                    (owner,),
+                )
+            ]
+        finally:
+            conn.close()
+        for key in keys:
+            with contextlib.suppress(NotFoundError):  # removed meanwhile
+                self._remove(key)
+        return len(keys)
 
     def _remove(self, key: str) -> None:
         with self._tx() as conn:

@@ -69,8 +69,7 @@ OUTPUT_KINDS = ("oci", "docker", "local", "image")
 def _vertex_line(text: str) -> Callable[[list[str]], bool]:
     """A progress line that opens the vertex named ``text`` (``#N text``)."""
     return lambda lines: any(
-        line.startswith("#") and line.split(" ", 1)[1:2] != [] and text in line.split(" ", 1)[1]
-        for line in lines
+        line.startswith("#") and text in line.partition(" ")[2] for line in lines
     )
 
 

@@ -61,6 +61,7 @@ from typing import Any
 from ociworker.errors import HostError, UnsafePathError, UserError
 from ociworker.fs.atomic import fsync_dir
 from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import secure_join
 from ociworker.fs.walk import Source, walk_selected
 
@@ -296,7 +297,7 @@ def read_chunks(
 def _host_error(what: str, e: OSError) -> HostError:
     # Every client-made cause (names, types, sizes) is refused before the disk
     # is touched, so what fails afterwards is the host's: disk full, I/O, EACCES.
-    return HostError(f"context sync: {what}: {e}")
+    return HostError(f"context sync: {what}: {os_error_text(e)}")
 
 
 @dataclass(frozen=True)

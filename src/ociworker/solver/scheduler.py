@@ -36,8 +36,6 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from ociworker.core.digest import Digest, digest_of
 from ociworker.core.graph import Vertex
 from ociworker.core.progress import EventSink, VertexStatus, discard
-from ociworker.errors import HostError
-from ociworker.fs.oserror import os_error_text
 from ociworker.core.session import (
     Credentials,
     NoCredentials,
@@ -46,6 +44,8 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
+from ociworker.errors import HostError
+from ociworker.fs.oserror import os_error_text
 
 T = TypeVar("T")
 

@@ -52,6 +52,7 @@ import os
 import posixpath
 import shutil
 import stat
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -353,7 +354,26 @@ class ContextStore:
         eventually; it is then released at once instead of leaking.
         """
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, self._begin_any, key, stats, spare_copies)
+        fut: asyncio.Future[Transfer] = loop.create_future()
+
+        def wait() -> None:
+            try:
+                t = self._begin_any(key, stats, spare_copies)
+            except BaseException as exc:
+                with contextlib.suppress(RuntimeError):  # the loop is gone
+                    loop.call_soon_threadsafe(_settle, fut, None, exc)
+                return
+            try:
+                loop.call_soon_threadsafe(_settle, fut, t, None)
+            except RuntimeError:  # the loop is gone: nobody will take the key
+                t.close()
+
+        # A thread of its own, not the loop's executor: the wait may last as long
+        # as another build holds the key, and builds queued on one context (more
+        # than its spare copies) took every executor thread, so the holders could
+        # never finish the to_thread calls that release it (issue 18, found with
+        # 32 concurrent builds of 16 sharing one context).
+        threading.Thread(target=wait, name="ociworker-context-lock", daemon=True).start()
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -392,6 +412,14 @@ class ContextStore:
             os.close(lock_fd)
             raise
         return Transfer(paths, entries, lock_fd)  # owns lock_fd from here, even on error
+
+
+def _settle(fut: asyncio.Future[Transfer], t: Transfer | None, exc: BaseException | None) -> None:
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        assert t is not None
+        fut.set_result(t)
 
 
 def _close_abandoned(fut: asyncio.Future[Transfer]) -> None:

@@ -250,3 +250,27 @@ def test_archive_output_that_does_not_fit_leaves_no_file(
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert dest.stat().st_size > 40 * MB
+
+
+def test_layer_that_does_not_fit_in_the_content_store_fails_and_leaves_no_blob(
+    small_fs: Path, worker_on: Callable[[Path], Worker], tmp_path: Path, base_image: str
+) -> None:
+    # 90 MB of random bytes fit in the step's snapshot; their layer (incompressible,
+    # as big again) does not fit beside it in the content store on the same disk
+    w = worker_on(small_fs / "root")
+    df = f"FROM {base_image}\nRUN head -c {90 * MB} /dev/urandom > /r\n"
+    ctx = write_context(tmp_path, df)
+    built = w.run("build", str(ctx))
+    assert built.returncode == 0, built.stderr[-3000:]
+    before = free_bytes(small_fs)
+    assert before < 90 * MB, before
+    dest = tmp_path / "image.tar"  # on the big disk: only the layer's blob is short of room
+    failed = w.run("build", "--progress", "plain", "-o", f"type=oci,dest={dest}", str(ctx))
+    assert failed.returncode == 1
+    assert "Traceback" not in failed.stderr and "[Errno" not in failed.stderr
+    last = error_line(failed.stderr)
+    assert "layer" in last and "no space left on device" in last, last
+    assert not dest.exists()
+    assert free_bytes(small_fs) >= before - MB, (before, free_bytes(small_fs))
+    w.assert_alive()
+    assert_store_consistent(w.root)

@@ -638,6 +638,30 @@ async def test_abegin_takes_a_spare_copy_of_a_busy_key(env: Env) -> None:
     second.close()
 
 
+async def test_waiting_for_a_busy_key_takes_no_executor_thread(env: Env) -> None:
+    # Builds queued on one busy context must not take the loop's executor: the
+    # build holding the key needs it (to_thread) to get to the point where it
+    # lets go. One executor thread makes the starvation certain.
+    from concurrent.futures import ThreadPoolExecutor
+
+    put(env.src, "a", b"a")
+    stats = scan(env.src, None)
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(pool)
+    held = await env.store.abegin("k", stats)
+    waiters = [asyncio.create_task(env.store.abegin("k", stats)) for _ in range(3)]
+    lock = env.store.paths("k").lock
+    while not _waiting_on(lock):
+        await asyncio.sleep(0.01)
+    # the holder's own work in the executor goes on (a guard against a hang, not a timing)
+    assert await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 60) == "ran"
+    held.close()
+    for w in waiters:  # each in turn, as the one before lets go
+        (await w).close()
+    pool.shutdown()
+
+
 def test_unclosed_transfer_warns(env: Env) -> None:
     put(env.src, "a", b"a")
     t: Transfer | None = env.store.begin("k", scan(env.src, None))

@@ -44,6 +44,7 @@ from ociworker.core.oci import (
 from ociworker.diff.base import CompressionOpts
 from ociworker.errors import ConfigError, HostError, UnsupportedError, UserError
 from ociworker.fs.mount import FUSE_OVERLAY, temp_mounted
+from ociworker.fs.oserror import os_error_text
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -194,16 +195,18 @@ class LayerBlobWriter:
         self._diff.update(data)
         out = self._comp.compress(data)
         if out:
-            self._ingest.write(out)
+            with _store_errors():
+                self._ingest.write(out)
         return len(data)
 
     def finish(self) -> Layer:
         tail = self._comp.flush()
-        if tail:
-            self._ingest.write(tail)
-        self._pool.shutdown()
-        size = self._ingest.size
-        digest = self._ingest.commit()
+        with _store_errors():
+            if tail:
+                self._ingest.write(tail)
+            self._pool.shutdown()
+            size = self._ingest.size
+            digest = self._ingest.commit()
         diff_id = Digest("sha256:" + self._diff.hexdigest())
         return Layer(Descriptor(self.media_type, digest, size), diff_id)
 
@@ -537,7 +540,18 @@ def remove_scratch(scratch: str) -> None:
 
 
 def map_os_error(what: str, e: OSError) -> Exception:
-    """The host's fault (disk full, I/O) vs the layer's (a path that cannot exist)."""
+    """The host's fault (disk full, I/O) vs the layer's (a path that cannot exist),
+    in the words users read (``no space left on device: /x``, not ``[Errno 28]``)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM):
-        return HostError(f"{what}: {e}")
-    return UserError(f"{what}: {e}")
+        return HostError(f"{what}: {os_error_text(e)}")
+    return UserError(f"{what}: {os_error_text(e)}")
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    # A layer is written while its snapshot is read: without this, a full disk
+    # under the content store surfaced as "cannot read snapshot" (issue 18).
+    try:
+        yield
+    except OSError as e:
+        raise map_os_error("cannot write the layer into the content store", e) from e

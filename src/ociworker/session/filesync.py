@@ -52,6 +52,7 @@ import os
 import posixpath
 import shutil
 import stat
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from typing import Any
 from ociworker.errors import HostError, UnsafePathError, UserError
 from ociworker.fs.atomic import fsync_dir
 from ociworker.fs.ignore import IgnoreMatcher
+from ociworker.fs.oserror import os_error_text
 from ociworker.fs.paths import secure_join
 from ociworker.fs.walk import Source, walk_selected
 
@@ -296,7 +298,7 @@ def read_chunks(
 def _host_error(what: str, e: OSError) -> HostError:
     # Every client-made cause (names, types, sizes) is refused before the disk
     # is touched, so what fails afterwards is the host's: disk full, I/O, EACCES.
-    return HostError(f"context sync: {what}: {e}")
+    return HostError(f"context sync: {what}: {os_error_text(e)}")
 
 
 @dataclass(frozen=True)
@@ -352,7 +354,26 @@ class ContextStore:
         eventually; it is then released at once instead of leaking.
         """
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, self._begin_any, key, stats, spare_copies)
+        fut: asyncio.Future[Transfer] = loop.create_future()
+
+        def wait() -> None:
+            try:
+                t = self._begin_any(key, stats, spare_copies)
+            except BaseException as exc:
+                with contextlib.suppress(RuntimeError):  # the loop is gone
+                    loop.call_soon_threadsafe(_settle, fut, None, exc)
+                return
+            try:
+                loop.call_soon_threadsafe(_settle, fut, t, None)
+            except RuntimeError:  # the loop is gone: nobody will take the key
+                t.close()
+
+        # A thread of its own, not the loop's executor: the wait may last as long
+        # as another build holds the key, and builds queued on one context (more
+        # than its spare copies) took every executor thread, so the holders could
+        # never finish the to_thread calls that release it (issue 18, found with
+        # 32 concurrent builds of 16 sharing one context).
+        threading.Thread(target=wait, name="ociworker-context-lock", daemon=True).start()
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -391,6 +412,14 @@ class ContextStore:
             os.close(lock_fd)
             raise
         return Transfer(paths, entries, lock_fd)  # owns lock_fd from here, even on error
+
+
+def _settle(fut: asyncio.Future[Transfer], t: Transfer | None, exc: BaseException | None) -> None:
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        assert t is not None
+        fut.set_result(t)
 
 
 def _close_abandoned(fut: asyncio.Future[Transfer]) -> None:

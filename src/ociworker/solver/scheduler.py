@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +44,8 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
+from ociworker.errors import HostError
+from ociworker.fs.oserror import os_error_text
 
 T = TypeVar("T")
 
@@ -312,9 +315,14 @@ class _JobRun:
             )
             raise
         except Exception as exc:
+            host = _host_error(v, exc)
             job.events(
-                VertexStatus(v.digest, v.name, started, completed=time.time(), error=str(exc))
+                VertexStatus(
+                    v.digest, v.name, started, completed=time.time(), error=str(host or exc)
+                )
             )
+            if host is not None:
+                raise host from exc
             raise
         job.events(VertexStatus(v.digest, v.name, started=started, completed=time.time()))
         return self._found(v, result)
@@ -417,6 +425,19 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 async def _as_coro(aw: Awaitable[T]) -> T:
     return await aw
+
+
+#: what the host ran out of or broke under a step (its disk, its memory), as
+#: opposed to a bug: the user reads which step it hit, in words
+_HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM})
+
+
+def _host_error(v: Vertex, exc: Exception) -> HostError | None:
+    """A full disk (or the like) met by a step's own IO, named by its step as
+    ExecError names it: ``step [2/2] COPY big /big: no space left on device``."""
+    if isinstance(exc, OSError) and exc.errno in _HOST_ERRNOS:
+        return HostError(f"step {v.name}: {os_error_text(exc)}")
+    return None
 
 
 async def _scratch() -> Result:

@@ -32,6 +32,7 @@ from typing import BinaryIO, cast
 
 import zstandard
 
+from ociworker.diff.tarutil import BoundedTarInfo, iter_members
 from ociworker.errors import UnsafePathError, UnsupportedError, UserError
 from ociworker.fs.paths import clean, secure_join
 
@@ -95,7 +96,10 @@ def is_tar_archive(path: Path) -> bool:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
-        with open_decompressed(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+        with (
+            open_decompressed(path) as stream,
+            tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tf,
+        ):
             return tf.next() is not None
     except _CORRUPT:
         return False
@@ -165,7 +169,7 @@ class _Extractor:
         return "/" + str(p.relative_to(self.root)) if p != self.root else "/"
 
     def extract(self, tf: tarfile.TarFile) -> None:
-        for m in tf:
+        for m in iter_members(tf):
             rel = _member_name(m.name, "path")
             if not rel:
                 continue
@@ -277,7 +281,10 @@ def extract_archive(
     owners (when we may chown) unless ``owner`` is given."""
     ex = _Extractor(root, dest, owner)
     try:
-        with open_decompressed(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+        with (
+            open_decompressed(archive) as stream,
+            tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tf,
+        ):
             ex.extract(tf)
     except (UserError, UnsupportedError):
         raise

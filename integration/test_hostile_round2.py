@@ -1,0 +1,375 @@
+"""Hostile input, second round (issue 18 item 4): base layers served by the real registry
+that are decompression bombs, carry a 1 GiB tar header or whiteout the root, and RUN steps
+that race the worker's mounts. Each case checks the error the user sees (no traceback), that
+a canary dir outside the state dir is untouched, and that the worker builds afterwards.
+
+The bounds a layer meets (``ociworker.diff.tarutil``): past its first GiB a layer may not
+decompress to more than 1100x its compressed size, extraction stops with "no space left on
+device" while its filesystem still has min(5%, 1 GiB) free, and a PAX or GNU long-name record
+may not exceed 1 MiB (Go's archive/tar's limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from ociworker.content.store import ContentStore
+from ociworker.core.oci import (
+    OCI_CONFIG,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    Descriptor,
+    Platform,
+)
+from ociworker.registry.client import RegistryClient
+
+#: every hostile input this file feeds the worker, for the closing note's count
+HOSTILE_INPUTS: list[str] = []
+
+_ZERO_MIB = bytes(1 << 20)
+
+
+# --- building hostile images ---------------------------------------------------------------
+
+
+def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = size
+    info.mode = 0o644
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _end() -> bytes:
+    return bytes(1024)
+
+
+class _Layer:
+    """A layer tar streamed through sha256 (its diffID) and a compressor, so a 4 GiB
+    bomb is made in a few seconds without holding it."""
+
+    def __init__(self, compression: str) -> None:
+        self.sha = hashlib.sha256()
+        self.compression = compression
+        if compression == "gzip":
+            # level 1 and raw deflate in a gzip wrapper: zeros compress at ~1000:1 anyway
+            self._z = zlib.compressobj(1, zlib.DEFLATED, 31)
+            self._out = io.BytesIO()
+        else:
+            self._out = io.BytesIO()
+            self._zw = zstandard.ZstdCompressor(level=3).stream_writer(
+                self._out, closefd=False
+            )
+
+    def write(self, data: bytes) -> None:
+        self.sha.update(data)
+        if self.compression == "gzip":
+            self._out.write(self._z.compress(data))
+        else:
+            self._zw.write(data)
+
+    def zeros(self, n: int) -> None:
+        while n > 0:
+            chunk = _ZERO_MIB[: min(n, len(_ZERO_MIB))]
+            self.write(chunk)
+            n -= len(chunk)
+
+    def finish(self) -> tuple[bytes, str, str]:
+        """(blob, media type, diffID)."""
+        if self.compression == "gzip":
+            self._out.write(self._z.flush())
+            media = OCI_LAYER_GZIP
+        else:
+            self._zw.flush(zstandard.FLUSH_FRAME)
+            media = OCI_LAYER_ZSTD
+        return self._out.getvalue(), media, "sha256:" + self.sha.hexdigest()
+
+
+def _zero_file_layer(name: str, size: int, compression: str) -> tuple[bytes, str, str]:
+    layer = _Layer(compression)
+    layer.write(_header(name, size))
+    layer.zeros(size)
+    layer.write(_end())
+    return layer.finish()
+
+
+def _plain_layer(tar: bytes) -> tuple[bytes, str, str]:
+    return gzip.compress(tar), OCI_LAYER_GZIP, "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+async def _push(repo: str, blob: bytes, media: str, diff_id: str, store: ContentStore) -> None:
+    """busybox's layers plus ``blob`` on top, pushed as ``repo``."""
+    client = RegistryClient()
+    try:
+        base = await client.resolve(
+            "127.0.0.1:5000/busybox:latest", Platform("linux", "amd64"), store=store
+        )
+        for d in base.layer_descriptors:
+            await client.fetch_blob("127.0.0.1:5000/busybox:latest", d, store)
+        config = json.loads(base.config_json)
+        layer = Descriptor(media, store.put(blob), len(blob))
+        config["rootfs"]["diff_ids"].append(diff_id)
+        config["history"] = []
+        cfg_bytes = json.dumps(config).encode()
+        cfg = Descriptor(OCI_CONFIG, store.put(cfg_bytes), len(cfg_bytes))
+        layers = [*base.layer_descriptors, layer]
+        for d in (*layers, cfg):
+            await client.push_blob(repo, d, store, mount_from="127.0.0.1:5000/busybox")
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": cfg.to_json(),
+            "layers": [d.to_json() for d in layers],
+        }
+        await client.push_manifest(repo, OCI_MANIFEST, json.dumps(manifest).encode())
+    finally:
+        await client.aclose()
+
+
+def push_hostile(tmp: Path, what: str, layer: tuple[bytes, str, str]) -> str:
+    HOSTILE_INPUTS.append(what)
+    repo = f"127.0.0.1:5000/ociworker-test/r2-{what}-{uuid.uuid4().hex[:8]}:latest"
+    asyncio.run(_push(repo, *layer, ContentStore(tmp / f"push-{uuid.uuid4().hex[:6]}")))
+    return repo
+
+
+# --- running the worker ----------------------------------------------------------------------
+
+
+def build(
+    tmp: Path, dockerfile: str, root: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    ctx = tmp / f"ctx-{uuid.uuid4().hex[:6]}"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(dockerfile)
+    out = tmp / f"out-{uuid.uuid4().hex[:6]}"
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ociworker",
+            "build",
+            "--root",
+            str(root),
+            "--progress",
+            "plain",
+            *extra,
+            "--output",
+            f"type=local,dest={out}",
+            str(ctx),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def assert_clear_failure(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def assert_still_builds(tmp: Path, root: Path) -> None:
+    marker = uuid.uuid4().hex
+    proc = build(tmp, f"FROM 127.0.0.1:5000/busybox:latest\nRUN echo {marker} > /m\n", root)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Iterator[Path]:
+    """A dir outside every state dir; the test must leave it as it was."""
+    d = tmp_path / "canary"
+    (d / "b" / "c").mkdir(parents=True)
+    (d / "keep").write_text("untouched")
+    (d / "empty").write_bytes(b"")
+    before = _snapshot(d)
+    yield d
+    assert _snapshot(d) == before
+
+
+def _snapshot(d: Path) -> list[tuple[str, int, int, bytes]]:
+    out = []
+    for p in sorted(d.rglob("*")):
+        st = p.lstat()
+        data = p.read_bytes() if p.is_file() and not p.is_symlink() else b""
+        out.append((str(p.relative_to(d)), st.st_mode, st.st_mtime_ns, data))
+    return out
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path, require_root: None) -> Iterator[Path]:
+    """A 256 MiB tmpfs, the worker's whole state dir: a bomb meets its disk there."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(d)], check=False)
+
+
+# --- decompression bombs -----------------------------------------------------------------------
+
+
+def test_gzip_bomb_stops_at_the_disk_reserve(
+    tmp_path: Path, canary: Path, small_fs: Path, base_image: str
+) -> None:
+    # 1 GiB of zeros in one file: ~1 MiB of gzip, four times the disk the worker has
+    repo = push_hostile(tmp_path, "gzip-bomb", _zero_file_layer("zeros", 1 << 30, "gzip"))
+    root = small_fs / "state"
+    proc = build(tmp_path, f"FROM {repo}\nRUN true\n", root)
+    assert_clear_failure(proc, "no space left on device", "stopped")
+    st = os.statvfs(small_fs)
+    # the reserve held: the failed layer's partial snapshot is gone, the disk is not full
+    assert st.f_bavail * st.f_frsize > (256 << 20) // 2
+    assert_still_builds(tmp_path, root)
+
+
+def test_zstd_bomb_stops_at_the_ratio_bound(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None
+) -> None:
+    # 3 GiB of zeros in one file: ~100 KiB of zstd; the bound is the first GiB
+    layer = _zero_file_layer("zeros", 3 << 30, "zstd")
+    assert len(layer[0]) * 1100 < 1 << 30
+    repo = push_hostile(tmp_path, "zstd-bomb", layer)
+    root = tmp_path / "state"
+    proc = build(tmp_path, f"FROM {repo}\nRUN true\n", root)
+    assert_clear_failure(proc, "decompression bomb", "decompresses to more than")
+    # what it had written was removed with the failed snapshot
+    assert _du(root) < 256 << 20
+    assert_still_builds(tmp_path, root)
+
+
+def test_zstd_bomb_after_the_end_of_the_tar_is_bounded(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None
+) -> None:
+    # a valid tiny tar, then 3 GiB of zeros that never reach the disk but would be
+    # decompressed and hashed for the diffID
+    layer = _Layer("zstd")
+    layer.write(_header("hello", 5) + b"hello" + bytes(507))
+    layer.write(_end())
+    layer.zeros(3 << 30)
+    repo = push_hostile(tmp_path, "zstd-trailer-bomb", layer.finish())
+    root = tmp_path / "state"
+    proc = build(tmp_path, f"FROM {repo}\nRUN true\n", root)
+    assert_clear_failure(proc, "decompression bomb")
+    assert_still_builds(tmp_path, root)
+
+
+# --- a 1 GiB tar header --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("what", "kind"),
+    [
+        ("pax-header", tarfile.XHDTYPE),
+        ("pax-global", tarfile.XGLTYPE),
+        ("gnu-longname", tarfile.GNUTYPE_LONGNAME),
+        ("gnu-longlink", tarfile.GNUTYPE_LONGLINK),
+    ],
+)
+def test_a_1gib_tar_header_is_refused(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None, what: str, kind: bytes
+) -> None:
+    layer = _Layer("gzip")
+    layer.write(_header("././@LongHeader", 1 << 30, kind))
+    layer.zeros(1 << 30)
+    layer.write(_header("after", 0) + _end())
+    repo = push_hostile(tmp_path, f"{what}-1g", layer.finish())
+    root = tmp_path / "state"
+    proc = build(tmp_path, f"FROM {repo}\nRUN true\n", root)
+    assert_clear_failure(proc, f"record of {1 << 30} bytes", "1048576 bytes allowed")
+    assert_still_builds(tmp_path, root)
+
+
+# --- a whiteout of / -------------------------------------------------------------------------------
+
+
+def _entries(*names: str, kind: bytes = tarfile.REGTYPE) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mode = 0o644
+            tf.addfile(info, io.BytesIO(b""))
+    return buf.getvalue()
+
+
+def test_opaque_whiteout_at_the_root_hides_only_lower_layers(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None
+) -> None:
+    # An opaque root is legal (the layer replaces the whole tree), so it is applied:
+    # busybox's files vanish, this layer's stay, and nothing outside the snapshot goes.
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in ((".wh..wh..opq", b""), ("kept", b"mine")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    repo = push_hostile(tmp_path, "opaque-root", _plain_layer(buf.getvalue()))
+    out = tmp_path / "opaque-out"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "ociworker", "build", "--root", str(tmp_path / "state"),
+            "--progress", "plain", "--output", f"type=local,dest={out}", "-",
+        ],
+        input=f"FROM {repo}\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["kept"]
+    assert (out / "kept").read_text() == "mine"
+    assert_still_builds(tmp_path, tmp_path / "state")
+
+
+@pytest.mark.parametrize(
+    ("what", "name"),
+    [
+        ("wh-dot", ".wh.."),
+        ("wh-dotdot", ".wh..."),
+        ("wh-slash", "/.wh./"),
+        ("wh-empty", ".wh."),
+        ("wh-dotdot-abs", "/.wh..."),
+    ],
+)
+def test_whiteout_naming_the_root_fails_clearly(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None, what: str, name: str
+) -> None:
+    repo = push_hostile(tmp_path, what, _plain_layer(_entries(name)))
+    root = tmp_path / "state"
+    proc = build(tmp_path, f"FROM {repo}\nRUN true\n", root)
+    assert_clear_failure(proc, "names no entry")
+    assert_still_builds(tmp_path, root)
+

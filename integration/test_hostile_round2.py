@@ -153,11 +153,13 @@ def push_hostile(tmp: Path, what: str, layer: tuple[bytes, str, str]) -> str:
 
 
 def build(
-    tmp: Path, dockerfile: str, root: Path, *extra: str
+    tmp: Path, dockerfile: str, root: Path, *extra: str, files: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     ctx = tmp / f"ctx-{uuid.uuid4().hex[:6]}"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(dockerfile)
+    for name, text in (files or {}).items():
+        (ctx / name).write_text(text)
     out = tmp / f"out-{uuid.uuid4().hex[:6]}"
     return subprocess.run(
         [
@@ -373,3 +375,26 @@ def test_whiteout_naming_the_root_fails_clearly(
     assert_clear_failure(proc, "names no entry")
     assert_still_builds(tmp_path, root)
 
+
+
+# --- mount stubs swapped for symlinks (CVE-2024-23652 class) ----------------------------------
+
+
+def test_mount_stub_swapped_for_a_symlink_removes_nothing_outside(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None
+) -> None:
+    # The runtime makes /a/b/c (and /a/b, /a) for the tmpfs; the step moves /a away and
+    # puts a symlink to a host dir shaped like the stubs there. The cleanup that removes
+    # the stubs after the step must not follow it: canary/b/c and canary/empty stay.
+    HOSTILE_INPUTS.append("mount-stub-swap")
+    dockerfile = (
+        f"FROM {base_image}\n"
+        "RUN --mount=type=tmpfs,target=/a/b/c --mount=type=bind,source=f,target=/a/empty "
+        f"sh -c 'mv /a /a2 && ln -s {canary} /a && ls -la /a2'\n"
+    )
+    root = tmp_path / "state"
+    proc = build(tmp_path, dockerfile, root, "--no-cache", files={"f": "x"})
+    assert proc.returncode == 0, proc.stderr
+    assert (canary / "b" / "c").is_dir()
+    assert (canary / "empty").is_file()
+    assert_still_builds(tmp_path, root)

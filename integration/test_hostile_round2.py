@@ -398,3 +398,45 @@ def test_mount_stub_swapped_for_a_symlink_removes_nothing_outside(
     assert (canary / "b" / "c").is_dir()
     assert (canary / "empty").is_file()
     assert_still_builds(tmp_path, root)
+
+
+# --- a cache mount's source= swapped for a symlink while a step runs -------------------------
+
+
+def test_cache_source_swapped_for_a_symlink_cannot_redirect_the_mount(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None
+) -> None:
+    # Stage `attacker` holds the shared cache and waits for the worker to make `sub`
+    # (it does when the victim step asks for source=sub), then at once swaps `sub` for a
+    # symlink to a host dir. The worker resolved `sub` before; the runtime binds it a
+    # moment later. Bound by path, the victim's mount would be the host dir and its
+    # `touch` would land there; bound through the descriptor resolved inside the cache,
+    # it lands in the cache dir that was `sub`.
+    HOSTILE_INPUTS.append("cache-source-swap")
+    tag = uuid.uuid4().hex[:8]
+    dockerfile = f"""\
+FROM {base_image} AS attacker
+RUN --mount=type=cache,id=race-{tag},target=/c sh -c '\\
+  rm -rf /c/sub /c/old; touch /c/ready; i=0; \\
+  while [ ! -d /c/sub ]; do i=$((i+1)); [ $i -lt 5000000 ] || exit 3; done; \\
+  mv /c/sub /c/old && ln -s {canary} /c/sub && echo swapped; sleep 3'
+RUN echo attacker-done > /attacker
+
+FROM {base_image} AS victim
+RUN --mount=type=cache,id=race-{tag},target=/w sh -c '\\
+  i=0; while [ ! -e /w/ready ]; do i=$((i+1)); [ $i -lt 600 ] || exit 4; sleep 0.1; done'
+RUN --mount=type=cache,id=race-{tag},target=/m,source=sub sh -c 'touch /m/pwned; ls -la /m; echo ok > /victim'
+
+FROM {base_image}
+COPY --from=attacker /attacker /attacker
+COPY --from=victim /victim /victim
+"""
+    root = tmp_path / "state"
+    proc = build(tmp_path, dockerfile, root, "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "swapped" in proc.stderr, proc.stderr
+    assert not (canary / "pwned").exists()
+    # the victim's file is in the cache, in the dir it asked for (since moved to old)
+    caches = list((root / "cachemounts").glob("*/i0/old/pwned"))
+    assert len(caches) == 1, proc.stderr
+    assert_still_builds(tmp_path, root)

@@ -440,3 +440,85 @@ COPY --from=victim /victim /victim
     caches = list((root / "cachemounts").glob("*/i0/old/pwned"))
     assert len(caches) == 1, proc.stderr
     assert_still_builds(tmp_path, root)
+
+
+# --- a manifest over 4 MiB ---------------------------------------------------------------------
+#
+# Debian's docker-registry (distribution 2.8) refuses to store a manifest over 4 MiB and to
+# serve one ("storage: read exceeds limit"), so the registry here is a hostile one: a loopback
+# HTTP server speaking just enough of the distribution API to serve it.
+
+
+class _HostileRegistry:
+    def __init__(self, body: bytes | None) -> None:
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/v2/":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if not self.path.startswith("/v2/big/manifests/"):
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", OCI_MANIFEST)
+                if outer.body is not None:
+                    self.send_header("Content-Length", str(len(outer.body)))
+                    self.end_headers()
+                    self.wfile.write(outer.body)
+                    return
+                # no length, never ends: only the reader's bound stops it
+                self.end_headers()
+                outer.endless_started = True
+                try:
+                    while True:
+                        self.wfile.write(b" " * 65536)
+                except OSError:
+                    pass
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self.send_error(405)
+
+        self.body = body
+        self.endless_started = False
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.addr = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("endless", [False, True], ids=["5mib", "endless"])
+def test_manifest_over_4mib_is_refused(
+    tmp_path: Path, canary: Path, base_image: str, require_root: None, endless: bool
+) -> None:
+    HOSTILE_INPUTS.append("manifest-" + ("endless" if endless else "5mib"))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + "0" * 64, "size": 2},
+        "layers": [],
+        "annotations": {"pad": "x" * (5 << 20)},
+    }
+    registry = _HostileRegistry(None if endless else json.dumps(manifest).encode())
+    try:
+        root = tmp_path / "state"
+        proc = build(tmp_path, f"FROM {registry.addr}/big:latest\nRUN true\n", root)
+        assert_clear_failure(proc, "manifest of", f"more than {4 << 20} bytes")
+        assert registry.endless_started == endless
+    finally:
+        registry.close()
+    assert_still_builds(tmp_path, root)

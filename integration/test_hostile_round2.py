@@ -73,9 +73,7 @@ class _Layer:
             self._out = io.BytesIO()
         else:
             self._out = io.BytesIO()
-            self._zw = zstandard.ZstdCompressor(level=3).stream_writer(
-                self._out, closefd=False
-            )
+            self._zw = zstandard.ZstdCompressor(level=3).stream_writer(self._out, closefd=False)
 
     def write(self, data: bytes) -> None:
         self.sha.update(data)
@@ -374,7 +372,6 @@ def test_whiteout_naming_the_root_fails_clearly(
     proc = build(tmp_path, f"FROM {repo}\nRUN true\n", root)
     assert_clear_failure(proc, "names no entry")
     assert_still_builds(tmp_path, root)
-
 
 
 # --- mount stubs swapped for symlinks (CVE-2024-23652 class) ----------------------------------

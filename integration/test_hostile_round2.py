@@ -12,6 +12,7 @@ may not exceed 1 MiB (Go's archive/tar's limit).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import io
@@ -218,10 +219,8 @@ def _du(path: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-            except FileNotFoundError:
-                pass
     return total
 
 
@@ -311,7 +310,7 @@ def test_a_1gib_tar_header_is_refused(
     assert_still_builds(tmp_path, root)
 
 
-# --- a whiteout of / -------------------------------------------------------------------------------
+# --- a whiteout of / -----------------------------------------------------------------------
 
 
 def _entries(*names: str, kind: bytes = tarfile.REGTYPE) -> bytes:
@@ -422,7 +421,8 @@ RUN echo attacker-done > /attacker
 FROM {base_image} AS victim
 RUN --mount=type=cache,id=race-{tag},target=/w sh -c '\\
   i=0; while [ ! -e /w/ready ]; do i=$((i+1)); [ $i -lt 600 ] || exit 4; sleep 0.1; done'
-RUN --mount=type=cache,id=race-{tag},target=/m,source=sub sh -c 'touch /m/pwned; ls -la /m; echo ok > /victim'
+RUN --mount=type=cache,id=race-{tag},target=/m,source=sub sh -c '\\
+  touch /m/pwned; ls -la /m; echo ok > /victim'
 
 FROM {base_image}
 COPY --from=attacker /attacker /attacker
@@ -457,7 +457,7 @@ class _HostileRegistry:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 if self.path == "/v2/":
                     self.send_response(200)
                     self.send_header("Content-Length", "0")
@@ -482,7 +482,7 @@ class _HostileRegistry:
                 except OSError:
                     pass
 
-            def do_HEAD(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:
                 self.send_error(405)
 
         self.body = body

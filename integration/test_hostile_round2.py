@@ -25,6 +25,7 @@ import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -519,3 +520,61 @@ def test_manifest_over_4mib_is_refused(
     finally:
         registry.close()
     assert_still_builds(tmp_path, root)
+
+
+# --- device nodes in a rootless build -------------------------------------------------------
+
+
+def _devices_layer() -> tuple[bytes, str, str]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind, major, minor in (
+            ("devs/null2", tarfile.CHRTYPE, 1, 3),
+            ("devs/loop9", tarfile.BLKTYPE, 7, 9),
+            ("devs/kmem", tarfile.CHRTYPE, 1, 2),
+            ("devs/fifo", tarfile.FIFOTYPE, 0, 0),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mode = 0o666
+            info.devmajor, info.devminor = major, minor
+            tf.addfile(info)
+        info = tarfile.TarInfo("devs/plain")
+        info.size = 2
+        tf.addfile(info, io.BytesIO(b"ok"))
+    return _plain_layer(buf.getvalue())
+
+
+def test_rootless_build_skips_a_layers_device_nodes(
+    tmp_path: Path, canary: Path, base_image: str, as_user: Any
+) -> None:
+    # BuildKit rootless (containerd's archive code) leaves device nodes out: a user
+    # namespace cannot make them. The fifo and the plain file are kept.
+    repo = push_hostile(tmp_path, "devices-rootless", _devices_layer())
+    ctx = as_user.home / "ctx-dev"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {repo}\nRUN ls -la /devs\n")
+    out = as_user.home / "out-dev"
+    proc = as_user.run(
+        "build", "--progress", "plain", "--output", f"type=local,dest={out}", str(ctx),
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (out / "devs").iterdir()) == ["fifo", "plain"]
+    assert (out / "devs" / "plain").read_text() == "ok"
+
+
+def test_rootless_run_mknod_fails_with_the_commands_error(
+    tmp_path: Path, canary: Path, base_image: str, as_user: Any
+) -> None:
+    HOSTILE_INPUTS.append("rootless-run-mknod")
+    ctx = as_user.home / "ctx-mknod"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN mknod /kmem c 1 2\n")
+    proc = as_user.run("build", "--progress", "plain", str(ctx), check=False)
+    assert_clear_failure(proc, "Operation not permitted", "did not complete successfully")
+    # and the worker still builds
+    (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo fine\n")
+    again = as_user.run("build", "--progress", "plain", str(ctx), check=False)
+    assert again.returncode == 0, again.stderr

@@ -67,6 +67,7 @@ from ociworker.errors import (
     UserError,
 )
 from ociworker.fs.paths import clean, secure_join
+from ociworker.fs.userns import in_user_namespace
 
 __all__ = ["LayerApplier", "apply_tar_stream"]
 
@@ -169,6 +170,8 @@ class _Extractor:
         self.whiteouts = whiteouts
         self.reserve_for = reserve_for
         self.reserve = 0
+        #: device nodes a rootless worker left out (see ``_create``)
+        self.skipped_devices: list[str] = []
         self.entries = 0
         if reserve_for:
             fd = os.open(self.root, _DIR_PATH)
@@ -353,6 +356,13 @@ class _Extractor:
                     dev = os.makedev(m.devmajor, m.devminor)
                     os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
             except PermissionError as e:
+                if not m.isfifo() and in_user_namespace():
+                    # As BuildKit rootless (containerd's and moby's archive code
+                    # skip them, logging at debug level): no user namespace may
+                    # make a device node, so a base image's /dev entries are left
+                    # out; the runtime gives every step its own /dev anyway.
+                    self.skipped_devices.append(m.name)
+                    return
                 raise HostError(f"cannot create device node {m.name!r}: needs root") from e
             self._meta_at(pfd, base, m, chmod=True)
         else:

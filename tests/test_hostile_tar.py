@@ -156,3 +156,111 @@ def test_extraction_stops_at_the_disk_reserve(
     assert desc.digest in str(err.value)
     # it stopped at the first look (16 MiB), not at the file's end
     assert (root / "big").stat().st_size <= 17 << 20
+
+
+# --- GNU sparse maps ----------------------------------------------------------------------
+
+
+def _old_sparse_header(name: str, extended: bool, origsize: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    info.size = 512
+    buf = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    # one sparse struct (offset 0, 512 bytes) in the header, then the chain flag
+    buf[386:398] = b"%011o\0" % 0
+    buf[398:410] = b"%011o\0" % 512
+    buf[482] = 1 if extended else 0
+    buf[483:495] = b"%011o\0" % origsize
+    buf[148:156] = b" " * 8
+    buf[148:156] = b"%06o\0 " % sum(buf[:512])
+    return bytes(buf)
+
+
+def _extension_block(more: bool) -> bytes:
+    block = bytearray(512)
+    for i in range(21):
+        block[i * 24 : i * 24 + 12] = b"%011o\0" % (1024 + i)
+        block[i * 24 + 12 : i * 24 + 24] = b"%011o\0" % 1
+    block[504] = 1 if more else 0
+    return bytes(block)
+
+
+class _Chain:
+    """An old GNU sparse header followed by ``n`` chained extension blocks, made as read."""
+
+    def __init__(self, n: int) -> None:
+        self._head = _old_sparse_header("sparse", True, 1 << 40)
+        self._n = n
+        self._buf = b""
+
+    def read(self, size: int = -1) -> bytes:
+        size = 1 << 20 if size < 0 else size
+        while len(self._buf) < size and (self._head or self._n):
+            if self._head:
+                self._buf += self._head
+                self._head = b""
+            else:
+                self._n -= 1
+                self._buf += _extension_block(self._n > 0)
+        out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+
+def test_an_endless_old_gnu_sparse_map_is_refused(tmp_path: Path) -> None:
+    stream = _Chain(2_000_000)  # a GiB of extension blocks: 42 million entries
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="GNU sparse map of more than"):
+            apply_tar_stream(stream, tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pax_sparse_map_announcing_a_billion_entries_is_refused(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("sparse")
+        info.pax_headers = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": "sparse",
+            "GNU.sparse.realsize": str(1 << 40),
+        }
+        data = b"1000000000\n" + b"0\n1\n" * 100
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    with pytest.raises(UserError, match="GNU sparse map of more than"):
+        apply_tar_stream(buf, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_gnu_tar_sparse_files_still_extract(tmp_path: Path, fmt: str) -> None:
+    # what GNU tar itself writes (old format, and PAX 1.0): the bounded parser reads it
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.fail("GNU tar is part of the host (coreutils' companion on Debian)")
+    src = tmp_path / "src"
+    src.mkdir()
+    sparse = src / "sparse"
+    with sparse.open("wb") as f:
+        for i in range(12):  # more holes than the header's 4 structs: extension blocks
+            f.seek(i * (1 << 20))
+            f.write(b"data%d" % i)
+        f.truncate(13 << 20)
+    extra = ["--sparse-version=1.0"] if fmt == "posix" else []
+    archive = tmp_path / "a.tar"
+    subprocess.run(
+        ["tar", "-S", f"--format={fmt}", *extra, "-cf", str(archive), "-C", str(src), "sparse"],
+        check=True,
+    )
+    root = tmp_path / "root"
+    root.mkdir()
+    with archive.open("rb") as f:
+        apply_tar_stream(f, root)
+    assert (root / "sparse").read_bytes() == sparse.read_bytes()

@@ -153,13 +153,20 @@ def push_hostile(tmp: Path, what: str, layer: tuple[bytes, str, str]) -> str:
 
 
 def build(
-    tmp: Path, dockerfile: str, root: Path, *extra: str, files: dict[str, str] | None = None
+    tmp: Path,
+    dockerfile: str,
+    root: Path,
+    *extra: str,
+    files: dict[str, str] | None = None,
+    files_bytes: dict[str, bytes] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     ctx = tmp / f"ctx-{uuid.uuid4().hex[:6]}"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(dockerfile)
     for name, text in (files or {}).items():
         (ctx / name).write_text(text)
+    for name, data in (files_bytes or {}).items():
+        (ctx / name).write_bytes(data)
     out = tmp / f"out-{uuid.uuid4().hex[:6]}"
     return subprocess.run(
         [
@@ -578,3 +585,22 @@ def test_rootless_run_mknod_fails_with_the_commands_error(
     (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN echo fine\n")
     again = as_user.run("build", "--progress", "plain", str(ctx), check=False)
     assert again.returncode == 0, again.stderr
+
+
+def test_add_of_a_gzip_bomb_archive_stops_at_the_disk_reserve(
+    tmp_path: Path, canary: Path, small_fs: Path, base_image: str
+) -> None:
+    # ADD unpacks a local archive: 1 GiB of zeros, ~1 MiB gzipped, onto a 256 MiB disk
+    HOSTILE_INPUTS.append("add-gzip-bomb")
+    blob, _, _ = _zero_file_layer("zeros", 1 << 30, "gzip")
+    root = small_fs / "state"
+    proc = build(
+        tmp_path,
+        f"FROM {base_image}\nADD bomb.tar.gz /x/\n",
+        root,
+        files_bytes={"bomb.tar.gz": blob},
+    )
+    assert_clear_failure(proc, "no space left on device", "stopped", "zeros")
+    st = os.statvfs(small_fs)
+    assert st.f_bavail * st.f_frsize > (256 << 20) // 2
+    assert_still_builds(tmp_path, root)

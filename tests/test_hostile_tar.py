@@ -154,8 +154,8 @@ def test_extraction_stops_at_the_disk_reserve(
     with pytest.raises(HostError, match="no space left on device") as err:
         apply_blob(store, desc, root)
     assert desc.digest in str(err.value)
-    # it stopped at the first look (16 MiB), not at the file's end
-    assert (root / "big").stat().st_size <= 17 << 20
+    # it stopped at the first look (after 1 MiB), not at the file's end
+    assert (root / "big").stat().st_size <= 2 << 20
 
 
 # --- GNU sparse maps ----------------------------------------------------------------------

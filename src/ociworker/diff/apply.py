@@ -161,9 +161,11 @@ class _Extractor:
     ``tarutil.check_reserve`` applies; an output the user asked for (a local
     export) gets the whole disk, as any copy would."""
 
-    #: how often (entries, bytes of one file) the disk reserve is looked at
+    #: how often (entries, bytes of one file) the disk reserve is looked at: far
+    #: less than the smallest reserve, or a check could come only after the disk
+    #: was full (an fstatvfs per MiB written costs nothing against the write)
     _CHECK_ENTRIES = 256
-    _CHECK_BYTES = 16 * CHUNK
+    _CHECK_BYTES = CHUNK
 
     def __init__(self, root: Path, *, whiteouts: bool = True, reserve_for: str = "") -> None:
         self.root = os.path.realpath(root)

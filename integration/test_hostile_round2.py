@@ -41,9 +41,6 @@ from ociworker.core.oci import (
 )
 from ociworker.registry.client import RegistryClient
 
-#: every hostile input this file feeds the worker, for the closing note's count
-HOSTILE_INPUTS: list[str] = []
-
 _ZERO_MIB = bytes(1 << 20)
 
 
@@ -143,7 +140,6 @@ async def _push(repo: str, blob: bytes, media: str, diff_id: str, store: Content
 
 
 def push_hostile(tmp: Path, what: str, layer: tuple[bytes, str, str]) -> str:
-    HOSTILE_INPUTS.append(what)
     repo = f"127.0.0.1:5000/ociworker-test/r2-{what}-{uuid.uuid4().hex[:8]}:latest"
     asyncio.run(_push(repo, *layer, ContentStore(tmp / f"push-{uuid.uuid4().hex[:6]}")))
     return repo
@@ -390,7 +386,6 @@ def test_mount_stub_swapped_for_a_symlink_removes_nothing_outside(
     # The runtime makes /a/b/c (and /a/b, /a) for the tmpfs; the step moves /a away and
     # puts a symlink to a host dir shaped like the stubs there. The cleanup that removes
     # the stubs after the step must not follow it: canary/b/c and canary/empty stay.
-    HOSTILE_INPUTS.append("mount-stub-swap")
     dockerfile = (
         f"FROM {base_image}\n"
         "RUN --mount=type=tmpfs,target=/a/b/c --mount=type=bind,source=f,target=/a/empty "
@@ -416,7 +411,6 @@ def test_cache_source_swapped_for_a_symlink_cannot_redirect_the_mount(
     # moment later. Bound by path, the victim's mount would be the host dir and its
     # `touch` would land there; bound through the descriptor resolved inside the cache,
     # it lands in the cache dir that was `sub`.
-    HOSTILE_INPUTS.append("cache-source-swap")
     tag = uuid.uuid4().hex[:8]
     dockerfile = f"""\
 FROM {base_image} AS attacker
@@ -510,7 +504,6 @@ class _HostileRegistry:
 def test_manifest_over_4mib_is_refused(
     tmp_path: Path, canary: Path, base_image: str, require_root: None, endless: bool
 ) -> None:
-    HOSTILE_INPUTS.append("manifest-" + ("endless" if endless else "5mib"))
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -575,7 +568,6 @@ def test_rootless_build_skips_a_layers_device_nodes(
 def test_rootless_run_mknod_fails_with_the_commands_error(
     tmp_path: Path, canary: Path, base_image: str, as_user: Any
 ) -> None:
-    HOSTILE_INPUTS.append("rootless-run-mknod")
     ctx = as_user.home / "ctx-mknod"
     ctx.mkdir()
     (ctx / "Dockerfile").write_text(f"FROM {base_image}\nRUN mknod /kmem c 1 2\n")
@@ -591,7 +583,6 @@ def test_add_of_a_gzip_bomb_archive_stops_at_the_disk_reserve(
     tmp_path: Path, canary: Path, small_fs: Path, base_image: str
 ) -> None:
     # ADD unpacks a local archive: 1 GiB of zeros, ~1 MiB gzipped, onto a 256 MiB disk
-    HOSTILE_INPUTS.append("add-gzip-bomb")
     blob, _, _ = _zero_file_layer("zeros", 1 << 30, "gzip")
     root = small_fs / "state"
     proc = build(

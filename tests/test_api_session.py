@@ -20,7 +20,7 @@ from ociworker.api.server import serve_session
 from ociworker.api.session import ClientSession, SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
 from ociworker.api.v1 import control_pb2_grpc as pb_grpc
-from ociworker.errors import UnsafePathError
+from ociworker.errors import UnsafePathError, UserError
 from ociworker.fs.ignore import IgnoreMatcher
 from ociworker.session import filesync
 
@@ -324,3 +324,143 @@ async def test_a_real_agent_answers_through_the_session_every_time(
         assert got[4] == 12  # SSH_AGENT_IDENTITIES_ANSWER
         assert blob in got
         await c.close()
+
+
+# --- a hostile client during context sync (issue 18 item 4) ---------------------------------
+
+
+def _stat_json(st: filesync.FileStat) -> bytes:
+    return json.dumps(st.to_json()).encode()
+
+
+class _BatchingClient(ClientSession):
+    """Answers a stat request with the given batches, as they are."""
+
+    batches: list[list[filesync.FileStat]] = []
+
+    async def _stat(self, rid: int, name: str) -> None:
+        for i, batch in enumerate(self.batches):
+            raw = [_stat_json(st) for st in batch]
+            done = i == len(self.batches) - 1
+            await self._put(id=rid, stat_batch=pb.StatBatch(stats_json=raw, done=done))
+
+
+_T0 = 1_700_000_000 * 10**9
+
+
+def _d(path: str) -> filesync.FileStat:
+    return filesync.FileStat(path, 0o040755, 0, _T0, 0, 0)
+
+
+def _f(path: str, size: int) -> filesync.FileStat:
+    return filesync.FileStat(path, 0o100644, size, _T0, 0, 0)
+
+
+async def test_a_path_listed_twice_in_two_batches_is_refused(link: Link, tmp_path: Path) -> None:
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "a").write_bytes(b"abc")
+    cs = _BatchingClient(uuid.uuid4().hex, {"context": (ctx, None)})
+    cs.batches = [[_f("a", 3)], [_f("a", 3)]]
+    ws = await link.open(cs)
+    stats = await asyncio.wait_for(ws.stat("context"), 30)
+    with pytest.raises(UnsafePathError, match="listed twice"):
+        filesync.ContextStore(tmp_path / "store").begin("k", stats)
+    assert not (tmp_path / "store" / "a").exists()
+
+
+async def test_a_list_out_of_order_gives_the_listed_tree(link: Link, tmp_path: Path) -> None:
+    # children before their dirs, across batches: the set is what counts (BuildKit's
+    # fsutil refuses an unsorted stream; we sort, so the tree is the same either way)
+    ctx = tmp_path / "ctx"
+    (ctx / "d" / "e").mkdir(parents=True)
+    (ctx / "d" / "e" / "x").write_bytes(b"xx")
+    (ctx / "d" / "y").write_bytes(b"yyy")
+    cs = _BatchingClient(uuid.uuid4().hex, {"context": (ctx, None)})
+    cs.batches = [[_f("d/e/x", 2)], [_f("d/y", 3), _d("d/e")], [_d("d")]]
+    ws = await link.open(cs)
+    tree, got = await asyncio.wait_for(_sync(ws, filesync.ContextStore(tmp_path / "s"), "k"), 30)
+    assert got == 5
+    assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*")) == [
+        "d", "d/e", "d/e/x", "d/y",
+    ]  # fmt: skip
+    assert (tree / "d" / "e" / "x").read_bytes() == b"xx"
+
+
+class _OutOfTurnClient(ClientSession):
+    """Answers a stat request with a file chunk."""
+
+    async def _stat(self, rid: int, name: str) -> None:
+        await self._put(id=rid, file_chunk=pb.FileChunk(path="a", data=b"zz"))
+
+
+async def test_a_file_chunk_answering_a_stat_request_is_refused(link: Link, tmp_path: Path) -> None:
+    cs = _OutOfTurnClient(uuid.uuid4().hex, {"context": (tmp_path, None)})
+    ws = await link.open(cs)
+    # before: read as an empty, unfinished batch, and waited past forever
+    with pytest.raises(UserError, match="answered a stat request with file_chunk"):
+        await asyncio.wait_for(ws.stat("context"), 30)
+
+
+class _StatForFilesClient(ClientSession):
+    async def _files(self, rid: int, name: str, paths: list[str]) -> None:
+        await self._put(id=rid, stat_batch=pb.StatBatch(done=True))
+
+
+async def test_a_stat_batch_answering_a_files_request_is_refused(
+    link: Link, tmp_path: Path
+) -> None:
+    ctx = _context(tmp_path)
+    cs = _StatForFilesClient(uuid.uuid4().hex, {"context": (ctx, None)})
+    ws = await link.open(cs)
+    stats = await ws.stat("context")
+    with (
+        filesync.ContextStore(tmp_path / "store").begin("k", stats) as transfer,
+        pytest.raises(UserError, match="answered a files request with stat_batch"),
+    ):
+        await asyncio.wait_for(ws.fetch("context", transfer), 30)
+
+
+class _TwiceClient(ClientSession):
+    """Sends every wanted file's content twice."""
+
+    async def _files(self, rid: int, name: str, paths: list[str]) -> None:
+        root, _ = self._dir(name)
+        for _ in range(2):
+            for p in paths:
+                data = (root / p).read_bytes()
+                await self._put(id=rid, file_chunk=pb.FileChunk(path=p, data=data))
+        await self._put(id=rid, file_chunk=pb.FileChunk(done=True))
+
+
+async def test_a_file_sent_twice_is_refused_and_keeps_the_last_copy(
+    link: Link, tmp_path: Path
+) -> None:
+    ctx = _context(tmp_path)
+    store = filesync.ContextStore(tmp_path / "store")
+    good = ClientSession(uuid.uuid4().hex, {"context": (ctx, None)})
+    tree, _ = await _sync(await link.open(good), store, "k")
+    before = {p: p.read_bytes() for p in tree.rglob("*") if p.is_file() and not p.is_symlink()}
+    (ctx / "big").write_bytes(os.urandom(1000))
+    cs = _TwiceClient(uuid.uuid4().hex, {"context": (ctx, None)})
+    with pytest.raises(UserError, match="sent more than the 1000 bytes"):
+        await asyncio.wait_for(_sync(await link.open(cs), store, "k"), 30)
+    after = {p: p.read_bytes() for p in tree.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert after == before  # the aborted transfer left the previous copy
+
+
+class _EarlyDoneClient(ClientSession):
+    """Ends the files answer after the first wanted file."""
+
+    async def _files(self, rid: int, name: str, paths: list[str]) -> None:
+        root, _ = self._dir(name)
+        p = paths[0]
+        await self._put(id=rid, file_chunk=pb.FileChunk(path=p, data=(root / p).read_bytes()))
+        await self._put(id=rid, file_chunk=pb.FileChunk(done=True))
+
+
+async def test_a_files_answer_ended_early_is_refused(link: Link, tmp_path: Path) -> None:
+    ctx = _context(tmp_path)
+    cs = _EarlyDoneClient(uuid.uuid4().hex, {"context": (ctx, None)})
+    with pytest.raises(UserError, match="context sync incomplete"):
+        await asyncio.wait_for(_sync(await link.open(cs), filesync.ContextStore(tmp_path), "k"), 30)

@@ -115,3 +115,33 @@ def test_stubs_never_leave_the_root(tmp_path: Path) -> None:
     (outside / "sub").mkdir()
     stubs.remove()
     assert (outside / "sub").is_dir()
+
+
+def test_stubs_whose_parent_became_a_symlink_are_left_alone(tmp_path: Path) -> None:
+    # CVE-2024-23652 class: during the run the step moves the stubs' top dir away
+    # and leaves a symlink to a host dir shaped like them; removing the stubs
+    # afterwards must not reach through it.
+    outside = tmp_path / "outside"
+    (outside / "b" / "c").mkdir(parents=True)
+    (outside / "f").write_bytes(b"")
+    root = tmp_path / "root"
+    root.mkdir()
+    stubs = rt._Stubs(root, ["/a/b/c", "/a/f"])
+    (root / "a" / "b" / "c").mkdir(parents=True)  # what the runtime makes
+    (root / "a" / "f").write_bytes(b"")
+    (root / "a").rename(root / "a2")  # what the step does
+    (root / "a").symlink_to(str(outside))
+    stubs.remove()
+    assert (outside / "b" / "c").is_dir()
+    assert (outside / "f").is_file()
+    assert (root / "a").is_symlink()  # not ours any more: kept
+
+
+def test_stubs_are_removed_through_the_rootfs_when_nothing_was_swapped(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    stubs = rt._Stubs(root, ["/a/b/c", "/a/f"])
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "a" / "f").write_bytes(b"")
+    stubs.remove()
+    assert list(root.iterdir()) == []

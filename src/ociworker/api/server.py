@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from ociworker import controller
 from ociworker.api import errors as api_errors
@@ -670,6 +671,9 @@ class ControlService:
 async def serve_session(hub: SessionHub, context: grpc.aio.ServicerContext[Any, Any]) -> None:
     """The worker's side of one Session call: register, then route both ways."""
     first = await context.read()
+    if isinstance(first, Malformed):
+        await _abort(context, UserError(str(first)))
+        return
     if not isinstance(first, pb.SessionMessage) or first.WhichOneof("msg") != "hello":
         await _abort(context, UserError("a session starts with a hello"))
         return
@@ -683,10 +687,14 @@ async def serve_session(hub: SessionHub, context: grpc.aio.ServicerContext[Any, 
     # the echo tells the client the session is registered: a Solve may follow
     await context.write(pb.SessionMessage(hello=first.hello))
 
+    bad: list[Malformed] = []
+
     async def read_loop() -> None:
         try:
             while isinstance(msg := await context.read(), pb.SessionMessage):
                 session.dispatch(msg)
+            if isinstance(msg, Malformed):
+                bad.append(msg)
         finally:
             out.put_nowait(None)
 
@@ -698,6 +706,8 @@ async def serve_session(hub: SessionHub, context: grpc.aio.ServicerContext[Any, 
         hub.remove(session)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+    if bad:
+        await _abort(context, UserError(str(bad[0])))
 
 
 def _output_text(o: pb.Output) -> str:
@@ -730,8 +740,70 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: OciworkerErro
     context.set_details(str(exc))
 
 
+class Malformed:
+    """What a request that is no valid protobuf deserializes to: the handler then
+    refuses it with INVALID_ARGUMENT (grpc.aio would answer UNKNOWN with the
+    Python exception's class name, as if the daemon had failed)."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"malformed request (not a valid protobuf message): {self.error}"
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Malformed(str(exc))
+
+    return deserialize
+
+
+def _refusing(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, Malformed):
+            await _abort(context, UserError(str(request)))
+            return None
+        return await behavior(request, context)
+
+    return call
+
+
+class _Collect:
+    """Stands in for the server while the generated code registers its handlers."""
+
+    handlers: dict[str, Any]
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service = service
+        self.handlers = handlers
+
+
 def add_to_server(service: ControlService, server: grpc.aio.Server) -> None:
-    pb_grpc.add_ControlServicer_to_server(cast(pb_grpc.ControlServicer, service), server)
+    collect = _Collect()
+    pb_grpc.add_ControlServicer_to_server(
+        cast(pb_grpc.ControlServicer, service), cast(grpc.aio.Server, collect)
+    )
+    handlers: dict[str, Any] = {}
+    for name, h in collect.handlers.items():
+        # a grpc method handler is a namedtuple: _replace keeps everything else
+        fixed = h._replace(request_deserializer=_tolerant(h.request_deserializer))
+        if h.unary_unary is not None:
+            fixed = fixed._replace(unary_unary=_refusing(h.unary_unary))
+        elif h.unary_stream is not None:
+            fixed = fixed._replace(unary_stream=_refusing(h.unary_stream))
+        # the stream-stream Session checks each message it reads (serve_session)
+        handlers[name] = fixed
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(collect.service, handlers),)
+    )
+    server.add_registered_method_handlers(collect.service, handlers)
 
 
 def unix_socket_path(addr: str) -> Path | None:

@@ -97,7 +97,7 @@ class WorkerSession:
         out: list[filesync.FileStat] = []
         with self._request(stat_request=pb.StatRequest(dir=dir_name)) as (_, q):
             while True:
-                msg = await self._answer(q)
+                msg = _expect(await self._answer(q), "stat_batch", "a stat request")
                 for raw in msg.stat_batch.stats_json:
                     try:
                         out.append(filesync.FileStat.from_json(json.loads(raw)))
@@ -115,7 +115,7 @@ class WorkerSession:
         req = pb.FilesRequest(dir=dir_name, paths=wanted)
         with self._request(files_request=req) as (_, q):
             while True:
-                msg = await self._answer(q)
+                msg = _expect(await self._answer(q), "file_chunk", "a files request")
                 chunk = msg.file_chunk
                 if chunk.done:
                     return
@@ -147,6 +147,15 @@ class WorkerSession:
         self._pending[rid] = q
         self._send(pb.SessionMessage(id=rid, ssh_open=pb.SSHOpen(agent_id=agent_id)))
         return _RemoteConn(self, rid, q)
+
+
+def _expect(msg: pb.SessionMessage, kind: str, what: str) -> pb.SessionMessage:
+    """``msg`` if it is a ``kind``: a client answering out of turn (a file chunk to
+    a stat request) would otherwise be read as an empty answer and waited past."""
+    got = msg.WhichOneof("msg")
+    if got != kind:
+        raise UserError(f"context sync: the client answered {what} with {got or 'nothing'}")
+    return msg
 
 
 class _RemoteConn:

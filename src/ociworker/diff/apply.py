@@ -45,9 +45,15 @@ from ociworker.diff.tarutil import (
     WHITEOUT_OPAQUE,
     WHITEOUT_PREFIX,
     XATTR_PAX_PREFIX,
+    BoundedReader,
+    BoundedTarInfo,
     HashingReader,
+    bomb_limit,
+    check_reserve,
     decompressed,
+    disk_reserve,
     is_overlay_xattr,
+    iter_members,
     map_os_error,
     mounted,
     parse_mounts,
@@ -61,6 +67,7 @@ from ociworker.errors import (
     UserError,
 )
 from ociworker.fs.paths import clean, secure_join
+from ociworker.fs.userns import in_user_namespace
 
 __all__ = ["LayerApplier", "apply_tar_stream"]
 
@@ -107,8 +114,12 @@ def apply_blob(store: ContentStore, layer: Descriptor, root: Path) -> Digest:
     with store.open(layer.digest) as raw:
         blob = HashingReader(raw)
         try:
-            tar_stream = HashingReader(decompressed(blob, layer.media_type))
-            apply_tar_stream(tar_stream, root)
+            what = f"layer {layer.digest}"
+            bounded = BoundedReader(
+                decompressed(blob, layer.media_type), bomb_limit(layer.size), what
+            )
+            tar_stream = HashingReader(bounded)
+            _Extractor(root, reserve_for=what).run(tar_stream)
             # the diffID covers the whole uncompressed stream, including the
             # padding after the end-of-archive blocks that tarfile never reads
             tar_stream.drain()
@@ -146,9 +157,30 @@ class _DirMeta:
 
 
 class _Extractor:
-    def __init__(self, root: Path, *, whiteouts: bool = True) -> None:
+    """``reserve_for`` names what is extracted (a layer) when the disk reserve of
+    ``tarutil.check_reserve`` applies; an output the user asked for (a local
+    export) gets the whole disk, as any copy would."""
+
+    #: how often (entries, bytes of one file) the disk reserve is looked at: far
+    #: less than the smallest reserve, or a check could come only after the disk
+    #: was full (an fstatvfs per MiB written costs nothing against the write)
+    _CHECK_ENTRIES = 256
+    _CHECK_BYTES = CHUNK
+
+    def __init__(self, root: Path, *, whiteouts: bool = True, reserve_for: str = "") -> None:
         self.root = os.path.realpath(root)
         self.whiteouts = whiteouts
+        self.reserve_for = reserve_for
+        self.reserve = 0
+        #: device nodes a rootless worker left out (see ``_create``)
+        self.skipped_devices: list[str] = []
+        self.entries = 0
+        if reserve_for:
+            fd = os.open(self.root, _DIR_PATH)
+            try:
+                self.reserve = disk_reserve(fd)
+            finally:
+                os.close(fd)
         self.privileged = os.geteuid() == 0
         # resolved paths (relative to root) this layer wrote, and their
         # ancestors: an opaque marker must not remove them
@@ -159,8 +191,10 @@ class _Extractor:
 
     def run(self, fileobj: SupportsRead | IO[bytes]) -> None:
         try:
-            with tarfile.open(fileobj=cast(IO[bytes], fileobj), mode="r|", bufsize=CHUNK) as tar:
-                for member in tar:
+            with tarfile.open(
+                fileobj=cast(IO[bytes], fileobj), mode="r|", bufsize=CHUNK, tarinfo=BoundedTarInfo
+            ) as tar:
+                for member in iter_members(tar):
                     try:
                         self._entry(tar, member)
                     except OSError as e:
@@ -174,7 +208,22 @@ class _Extractor:
             raise UserError(f"corrupt layer tar: {e}") from e
         self._finish_dirs()
 
+    def _check_reserve(self, fd: int | None = None) -> None:
+        if not self.reserve_for:
+            return
+        if fd is not None:
+            check_reserve(fd, self.reserve, self.reserve_for)
+            return
+        rfd = os.open(self.root, _DIR_PATH)
+        try:
+            check_reserve(rfd, self.reserve, self.reserve_for)
+        finally:
+            os.close(rfd)
+
     def _entry(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        self.entries += 1
+        if self.entries % self._CHECK_ENTRIES == 0:
+            self._check_reserve()
         rel = clean(m.name).lstrip("/")
         parent_rel, base = posixpath.split(rel)
         if self.whiteouts and base.startswith(WHITEOUT_PREFIX):
@@ -283,8 +332,7 @@ class _Extractor:
             try:
                 src = tar.extractfile(m)
                 if src is not None:
-                    with os.fdopen(fd, "wb", closefd=False) as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
+                    self._copy(src, fd)
                 self._owner_xattrs_fd(fd, m)
                 os.fchmod(fd, mode)
                 os.utime(fd, ns=_times_ns(m))
@@ -310,10 +358,27 @@ class _Extractor:
                     dev = os.makedev(m.devmajor, m.devminor)
                     os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
             except PermissionError as e:
+                if not m.isfifo() and in_user_namespace():
+                    # As BuildKit rootless (containerd's and moby's archive code
+                    # skip them, logging at debug level): no user namespace may
+                    # make a device node, so a base image's /dev entries are left
+                    # out; the runtime gives every step its own /dev anyway.
+                    self.skipped_devices.append(m.name)
+                    return
                 raise HostError(f"cannot create device node {m.name!r}: needs root") from e
             self._meta_at(pfd, base, m, chmod=True)
         else:
             raise UnsupportedError(f"layer entry {m.name!r} has unsupported tar type {m.type!r}")
+
+    def _copy(self, src: IO[bytes], fd: int) -> None:
+        written = 0
+        while data := src.read(CHUNK):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            written += len(data)
+            if written % self._CHECK_BYTES < len(data):
+                self._check_reserve(fd)
 
     def _link_source(self, linkname: str) -> tuple[str, str]:
         """(resolved parent, name) of a hardlink's target inside the root."""

@@ -401,6 +401,187 @@ class HashingReader:
         return Digest("sha256:" + self._hash.hexdigest())
 
 
+# --- decompression bombs --------------------------------------------------------
+#
+# containerd and BuildKit bound neither a layer's uncompressed size nor its ratio:
+# a gzip layer of 10 MiB may hold 10 GiB of zeros and they write it all. We keep
+# two bounds, both far from any real layer:
+#
+# * a ratio: past the first BOMB_FLOOR bytes, a layer may not decompress to more
+#   than BOMB_RATIO times its compressed size. Deflate cannot exceed 1032:1, so no
+#   gzip layer ever hits it (a gzip bomb is stopped by the disk reserve below);
+#   zstd's RLE blocks reach 32768:1, and bytes that never reach the disk (the
+#   stream after the tar's end, which we hash for the diffID) are bounded only
+#   by this;
+# * a disk reserve: extraction stops with "no space left on device" once the
+#   snapshot's filesystem has less than min(5% of its size, 1 GiB) free, so a
+#   bomb (or an honest layer too big for the disk) never takes the last blocks
+#   other builds, the content store and the databases need.
+
+BOMB_FLOOR = 1 << 30
+BOMB_RATIO = 1100
+RESERVE_FRACTION = 0.05
+RESERVE_MAX = 1 << 30
+
+
+class DecompressionBombError(UserError):
+    """A layer decompresses to more than its ratio bound allows."""
+
+
+class BoundedReader:
+    """A reader that refuses to yield more than ``limit`` bytes in total."""
+
+    def __init__(self, raw: Any, limit: int, what: str) -> None:
+        self._raw = raw
+        self._limit = limit
+        self._what = what
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        # never ask for more than one byte past the limit: a -1 read of a bomb
+        # would otherwise decompress it whole before we could count it
+        want = self._limit + 1 - self.size
+        data: bytes = self._raw.read(want if n < 0 else min(n, want))
+        self.size += len(data)
+        if self.size > self._limit:
+            raise DecompressionBombError(
+                f"{self._what} decompresses to more than {self._limit} bytes "
+                f"(the bound is {BOMB_RATIO}x its compressed size past the first "
+                f"{BOMB_FLOOR} bytes): refusing a decompression bomb"
+            )
+        return data
+
+
+def bomb_limit(compressed_size: int) -> int:
+    """How many uncompressed bytes a blob of ``compressed_size`` may yield."""
+    return max(BOMB_FLOOR, BOMB_RATIO * compressed_size)
+
+
+def disk_reserve(fd: int) -> int:
+    """Bytes to leave free on the filesystem of ``fd``."""
+    st = os.fstatvfs(fd)
+    return min(int(st.f_blocks * st.f_frsize * RESERVE_FRACTION), RESERVE_MAX)
+
+
+def check_reserve(fd: int, reserve: int, what: str) -> None:
+    """Raise "no space left on device" when the filesystem of ``fd`` has less
+    than ``reserve`` bytes (or 1% of its inodes) left."""
+    st = os.fstatvfs(fd)
+    low_inodes = st.f_files > 0 and st.f_favail < st.f_files // 100
+    if st.f_bavail * st.f_frsize < reserve or low_inodes:
+        raise HostError(
+            f"{what}: no space left on device: extracting it would leave less than "
+            f"{reserve} bytes (or 1% of the inodes) free on the snapshot's filesystem; "
+            "stopped (a decompression bomb, or a layer too large for this disk)"
+        )
+
+
+#: the largest PAX or GNU long-name record a tar may carry. tarfile reads such a
+#: record whole into memory, so a header claiming 1 GiB (a few KiB once
+#: compressed) would cost 1 GiB; Go's archive/tar, which containerd and BuildKit
+#: use, refuses records over 1 MiB (``maxSpecialFileSize``) and so do we.
+MAX_SPECIAL_RECORD = 1 << 20
+
+_SPECIAL_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class HeaderTooLargeError(UserError):
+    """A tar's PAX or long-name record is larger than :data:`MAX_SPECIAL_RECORD`."""
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """``tarfile.TarInfo`` that refuses an oversized PAX/long-name record before
+    tarfile reads it into memory (pass it as ``tarfile.open(tarinfo=...)``)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _SPECIAL_TYPES and self.size > MAX_SPECIAL_RECORD:
+            kind = "PAX header" if self.type not in _SPECIAL_TYPES[3:] else "GNU long name"
+            raise HeaderTooLargeError(
+                f"tar {kind} record of {self.size} bytes is larger than the "
+                f"{MAX_SPECIAL_RECORD} bytes allowed (as Go's archive/tar)"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+    # GNU sparse maps are read whole too: an old-format map chains 512-byte
+    # extension blocks (a GiB of them, compressed to a MiB, would be 40 million
+    # tuples), a 1.0-format map announces its length in its first line. Both are
+    # tarfile's own code (CPython 3.11-3.13) with a bound of MAX_SPARSE_ENTRIES.
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        fileobj: Any = tarfile_.fileobj
+        while isextended:
+            buf = fileobj.read(tarfile.BLOCKSIZE)
+            pos = 0
+            for _ in range(21):
+                try:
+                    offset = tarfile.nti(buf[pos : pos + 12])  # type: ignore[attr-defined]
+                    numbytes = tarfile.nti(buf[pos + 12 : pos + 24])  # type: ignore[attr-defined]
+                except ValueError:
+                    break
+                if offset and numbytes:
+                    structs.append((offset, numbytes))
+                pos += 24
+            _check_sparse(len(structs), self.name)
+            isextended = len(buf) > 504 and bool(buf[504])
+        self.sparse = structs
+        self.offset_data = fileobj.tell()
+        tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = origsize
+        return self
+
+    def _proc_gnusparse_10(
+        self, next_: tarfile.TarInfo, pax_headers: dict[str, str], tarfile_: tarfile.TarFile
+    ) -> None:
+        fileobj: Any = tarfile_.fileobj
+        sparse: list[int] = []
+        buf = fileobj.read(tarfile.BLOCKSIZE)
+        head, buf = buf.split(b"\n", 1)
+        fields = int(head)
+        _check_sparse(fields, next_.name)
+        while len(sparse) < fields * 2:
+            if b"\n" not in buf:
+                more = fileobj.read(tarfile.BLOCKSIZE)
+                if not more:
+                    raise tarfile.ReadError("truncated GNU sparse map")
+                buf += more
+            number, buf = buf.split(b"\n", 1)
+            sparse.append(int(number))
+        next_.offset_data = fileobj.tell()
+        pairs: Any = list(zip(sparse[::2], sparse[1::2], strict=False))
+        next_.sparse = pairs  # typeshed says bytes; tarfile stores (offset, size) pairs
+
+
+#: entries of a GNU sparse map: as many as fit in MAX_SPECIAL_RECORD (24 bytes each)
+MAX_SPARSE_ENTRIES = MAX_SPECIAL_RECORD // 24
+
+
+def _check_sparse(n: int, name: str) -> None:
+    if n > MAX_SPARSE_ENTRIES:
+        raise HeaderTooLargeError(
+            f"tar entry {name!r}: GNU sparse map of more than {MAX_SPARSE_ENTRIES} "
+            "entries (a map larger than the 1048576 bytes a record may have)"
+        )
+
+
+def iter_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of a stream-mode tar, without keeping them all.
+
+    tarfile appends every member it reads to ``tar.members``, even in stream
+    mode, so a layer of ten million empty entries (a few MiB compressed) would
+    hold ten million TarInfo objects; here each is dropped once handled."""
+    while (member := tar.next()) is not None:
+        tar.members.clear()  # type: ignore[attr-defined]
+        yield member
+
+
 def decompressed(raw: Any, media_type: str) -> Any:
     """A reader of the uncompressed tar inside a layer blob of ``media_type``."""
     try:

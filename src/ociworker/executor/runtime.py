@@ -92,12 +92,20 @@ class _Stubs:
     file bind) inside the rootfs; left there they would end up in the step's
     layer. Like BuildKit, remember what did not exist before the run and remove
     it after, if still empty, restoring the parent's timestamps.
+
+    The step may have replaced a stub's parent by a symlink to a host path
+    (CVE-2024-23652: BuildKit then deleted host files). So removal walks from a
+    descriptor of the rootfs one component at a time with ``O_NOFOLLOW`` and
+    removes relative to the parent's descriptor: where a component is no longer
+    a plain directory, the stub is not ours any more and is left alone.
     """
 
     def __init__(self, root: Path, destinations: Sequence[str]) -> None:
-        self._created: set[Path] = set()
+        self._root = root
+        #: stubs as components relative to the rootfs (symlinks resolved before the run)
+        self._created: set[tuple[str, ...]] = set()
         #: first missing component of a destination -> its parent's (atime, mtime)
-        self._tops: dict[Path, tuple[Path, tuple[int, int]]] = {}
+        self._tops: dict[tuple[str, ...], tuple[int, int]] = {}
         for dest in destinations:
             parts = [p for p in clean(dest).split("/") if p]
             missing = False
@@ -105,34 +113,91 @@ class _Stubs:
                 path = secure_join(root, "/".join(parts[: i + 1]), follow_last=False)
                 if not missing and os.path.lexists(path):
                     continue
+                rel = path.relative_to(root).parts
+                if not rel:
+                    break
                 if not missing:
                     missing = True
                     try:
                         st = os.lstat(path.parent)
                     except OSError:
                         break
-                    self._tops.setdefault(path, (path.parent, (st.st_atime_ns, st.st_mtime_ns)))
-                self._created.add(path)
+                    self._tops.setdefault(rel, (st.st_atime_ns, st.st_mtime_ns))
+                self._created.add(rel)
 
     def remove(self) -> None:
-        for path in sorted(self._created, key=lambda p: len(p.parts), reverse=True):
-            _remove_if_empty(path)
-        for top, (parent, times) in self._tops.items():
-            if not os.path.lexists(top):
-                with contextlib.suppress(OSError):
-                    os.utime(parent, ns=times, follow_symlinks=False)
+        if not self._created:
+            return
+        root_fd = os.open(self._root, _DIR_PATH)
+        try:
+            for rel in sorted(self._created, key=len, reverse=True):
+                pfd = _open_beneath(root_fd, rel[:-1])
+                if pfd is not None:
+                    try:
+                        _remove_if_empty(pfd, rel[-1])
+                    finally:
+                        os.close(pfd)
+            for top, times in self._tops.items():
+                pfd = _open_beneath(root_fd, top[:-1])
+                if pfd is None:
+                    continue
+                try:
+                    if not _exists_at(pfd, top[-1]):
+                        # utimensat has no O_PATH form; the magic link names the
+                        # very directory we walked to, never a path to re-resolve
+                        with contextlib.suppress(OSError):
+                            os.utime(f"/proc/self/fd/{pfd}", ns=times)
+                finally:
+                    os.close(pfd)
+        finally:
+            os.close(root_fd)
 
 
-def _remove_if_empty(path: Path) -> bool:
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_beneath(root_fd: int, parts: Sequence[str]) -> int | None:
+    """A descriptor of the directory ``parts`` below ``root_fd``, or None when a
+    component is missing or is not a plain directory (a symlink included)."""
+    fd = os.dup(root_fd)
     try:
-        st = os.lstat(path)
+        for part in parts:
+            try:
+                nfd = os.open(part, _DIR_PATH, dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
+                os.close(fd)
+                return None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                os.close(fd)
+                return None
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _exists_at(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove_if_empty(dfd: int, name: str) -> bool:
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     except FileNotFoundError:
         return True
     try:
         if stat.S_ISDIR(st.st_mode):
-            os.rmdir(path)
+            os.rmdir(name, dir_fd=dfd)
         elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dfd)
         else:
             return False
     except OSError:

@@ -130,6 +130,17 @@ def _sys_mount(source: str, target: str, fstype: str | None, flags: int, data: s
     )
 
 
+def bind_fd(fd: int, target: Path, *, recursive: bool = True) -> None:
+    """Bind the directory open as ``fd`` (an ``O_PATH`` descriptor will do) on
+    ``target``.
+
+    The source is the fd's ``/proc/self/fd`` magic link, which the kernel
+    follows to the very inode the fd holds: whatever was renamed or swapped
+    for a symlink since it was opened, the mount is of what was resolved."""
+    flags = _MS_BIND | (_MS_REC if recursive else 0)
+    _sys_mount(f"/proc/self/fd/{fd}", str(target), None, flags, None)
+
+
 def _split_options(m: Mount) -> tuple[int, bool, list[str]]:
     """(flags, readonly, data options) of ``m``."""
     flags = 0

@@ -240,7 +240,9 @@ class ExecHandler(StepHandler[ExecDeps]):
                 await copy_seed(src, dst)
 
         path = await stack.enter_async_context(
-            self.deps.cache_mounts.acquire(spec, m.selector, seed if m.input >= 0 else None)
+            self.deps.cache_mounts.acquire(
+                spec, m.selector, seed if m.input >= 0 else None, pin_in=self.deps.scratch
+            )
         )
         return Mount("bind", str(path), ("rbind", "ro" if m.readonly else "rw"), m.target)
 

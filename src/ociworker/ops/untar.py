@@ -32,6 +32,7 @@ from typing import BinaryIO, cast
 
 import zstandard
 
+from ociworker.diff.tarutil import BoundedTarInfo, check_reserve, disk_reserve, iter_members
 from ociworker.errors import UnsafePathError, UnsupportedError, UserError
 from ociworker.fs.paths import clean, secure_join
 
@@ -95,7 +96,10 @@ def is_tar_archive(path: Path) -> bool:
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
             return False
-        with open_decompressed(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+        with (
+            open_decompressed(path) as stream,
+            tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tf,
+        ):
             return tf.next() is not None
     except _CORRUPT:
         return False
@@ -123,6 +127,11 @@ def _member_name(name: str, what: str) -> str:
     return out
 
 
+#: how often (bytes of one file) the disk reserve is looked at: far less than
+#: the smallest reserve, or the check could come only after the disk was full
+_CHECK_BYTES = 1 << 20
+
+
 class _Extractor:
     def __init__(self, root: Path, dest: str, owner: ArchiveOwner | None) -> None:
         self.root = root
@@ -132,6 +141,13 @@ class _Extractor:
         self.same_owner = owner is None and os.geteuid() == 0
         self.written: set[Path] = set()
         self.dirs: list[tuple[Path, tarfile.TarInfo]] = []
+        # the same disk reserve as a layer's (diff.tarutil): an archive of
+        # zeros, a MiB gzipped, must not take the last blocks of the worker's disk
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.reserve = disk_reserve(fd)
+        finally:
+            os.close(fd)
 
     def ids(self, m: tarfile.TarInfo | None) -> tuple[int, int] | None:
         if self.owner is not None:
@@ -165,7 +181,7 @@ class _Extractor:
         return "/" + str(p.relative_to(self.root)) if p != self.root else "/"
 
     def extract(self, tf: tarfile.TarFile) -> None:
-        for m in tf:
+        for m in iter_members(tf):
             rel = _member_name(m.name, "path")
             if not rel:
                 continue
@@ -216,7 +232,13 @@ class _Extractor:
             raise UserError(f"ADD: archive entry {m.name!r} has no data")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(data, out, 1 << 20)
+            written = 0
+            while chunk := data.read(1 << 20):
+                out.write(chunk)
+                written += len(chunk)
+                if written % _CHECK_BYTES < len(chunk):
+                    out.flush()
+                    check_reserve(fd, self.reserve, f"ADD: archive entry {m.name!r}")
         self.chown(path, m)
         os.chmod(path, m.mode & 0o7777)  # after chown, which clears set-id bits
         self.settime(path, m)
@@ -277,7 +299,10 @@ def extract_archive(
     owners (when we may chown) unless ``owner`` is given."""
     ex = _Extractor(root, dest, owner)
     try:
-        with open_decompressed(archive) as stream, tarfile.open(fileobj=stream, mode="r|") as tf:
+        with (
+            open_decompressed(archive) as stream,
+            tarfile.open(fileobj=stream, mode="r|", tarinfo=BoundedTarInfo) as tf,
+        ):
             ex.extract(tf)
     except (UserError, UnsupportedError):
         raise

@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ociworker.errors import ConfigError, HostError
+from ociworker.errors import ConfigError, HostError, UserError
+from ociworker.fs.mount import bind_fd, unmount
 from ociworker.fs.paths import secure_join
 from ociworker.fs.tree import disk_usage
 
@@ -92,10 +93,21 @@ class CacheMounts:
 
     @contextlib.asynccontextmanager
     async def acquire(
-        self, spec: CacheSpec, subdir: str = "/", seed: Seed | None = None
+        self,
+        spec: CacheSpec,
+        subdir: str = "/",
+        seed: Seed | None = None,
+        *,
+        pin_in: Path | None = None,
     ) -> AsyncIterator[Path]:
         """The directory to mount for ``spec`` (``subdir`` of the instance),
-        held for the ``with`` block as its sharing mode says."""
+        held for the ``with`` block as its sharing mode says.
+
+        With ``pin_in``, what is yielded is a bind mount (in a new dir under
+        ``pin_in``) of ``subdir`` as resolved now: another step sharing the cache
+        may swap ``subdir`` for a symlink to a host path at any moment, and the
+        runtime binding the path a moment later would follow it. The bind is made
+        through a descriptor opened beneath the instance (see ``pinned``)."""
         d = self.dir_for(spec.id)
         async with contextlib.AsyncExitStack() as outer:
             if spec.sharing == "locked":
@@ -123,7 +135,11 @@ class CacheMounts:
                 break
             path = await asyncio.to_thread(_subdir, inst, subdir, spec)
             try:
-                yield path
+                if pin_in is None:
+                    yield path
+                else:
+                    async with pinned(inst, subdir, spec, pin_in) as pin:
+                        yield pin
             finally:
                 with contextlib.suppress(OSError):
                     os.utime(d / "id")
@@ -230,6 +246,73 @@ def _subdir(inst: Path, subdir: str, spec: CacheSpec) -> Path:
         path.mkdir(mode=spec.mode, parents=True, exist_ok=True)
         os.chown(path, spec.uid, spec.gid)
     return path
+
+
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: how many times a subdir swapped between its resolution and its opening is resolved again
+_PIN_TRIES = 8
+
+
+def _open_pinned(inst: Path, subdir: str, spec: CacheSpec) -> int:
+    """An ``O_PATH`` descriptor of ``subdir`` of ``inst``, resolved inside it.
+
+    ``secure_join`` resolves symlinks as if ``inst`` were /, then every
+    component of its answer is opened with ``O_NOFOLLOW`` from a descriptor of
+    ``inst``: a component that became a symlink (or vanished) in between makes
+    us resolve again, so what we hold is always a directory inside the cache."""
+    for _ in range(_PIN_TRIES):
+        rel = _subdir(inst, subdir, spec).relative_to(inst).parts
+        fd = os.open(inst, _DIR_PATH)
+        try:
+            for part in rel:
+                nfd = os.open(part, _DIR_PATH, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+                continue
+            raise
+        return fd
+    raise UserError(
+        f"cache mount source {subdir!r} kept changing while it was resolved "
+        "(another step is replacing it); refusing to mount it"
+    )
+
+
+@contextlib.asynccontextmanager
+async def pinned(inst: Path, subdir: str, spec: CacheSpec, scratch: Path) -> AsyncIterator[Path]:
+    """``subdir`` of ``inst`` bound on a fresh dir under ``scratch`` through a
+    descriptor (``fs.mount.bind_fd``), unmounted and removed after."""
+    target = Path(await asyncio.to_thread(tempfile.mkdtemp, dir=scratch, prefix="cache-"))
+
+    def bind() -> None:
+        fd = _open_pinned(inst, subdir, spec)
+        try:
+            bind_fd(fd, target)
+        finally:
+            os.close(fd)
+
+    binding = asyncio.ensure_future(asyncio.to_thread(bind))
+
+    async def undo() -> None:
+        # a cancelled caller must not unmount while the bind is still being made
+        await asyncio.wait([binding])
+        if not binding.cancelled():
+            binding.exception()  # the caller saw it already; mark it retrieved
+        await asyncio.to_thread(_unpin, target)
+
+    try:
+        await asyncio.shield(binding)
+        yield target
+    finally:
+        await asyncio.shield(undo())
+
+
+def _unpin(target: Path) -> None:
+    unmount(target)
+    # rmdir, never rmtree: were it still mounted, rmtree would empty the cache
+    target.rmdir()
 
 
 def _try_flock(path: Path, kind: int) -> int | None:

@@ -30,7 +30,7 @@ _BASE = settings(
     print_blob=True,
 )
 
-settings.register_profile("ci", _BASE, max_examples=60, derandomize=True)
+settings.register_profile("ci", _BASE, max_examples=100, derandomize=True)
 settings.register_profile(
     "long", _BASE, max_examples=int(os.environ.get("OCIWORKER_FUZZ_EXAMPLES", "2000"))
 )

@@ -217,6 +217,7 @@ def patterns_and_paths(draw: st.DrawFn) -> tuple[list[str], list[str]]:
 # a model bug the long run found: an escape after a leading "**" makes a regexp,
 # not patternmatcher's plain suffix test
 @example((["**\\."], ["a.", "a\\.", "b/c."]))
+@example((["*/*?[aa]", "**\\*"], ["aa", "*"]))
 def test_excluded_matches_the_model(case: tuple[list[str], list[str]]) -> None:
     patterns, paths = case
     matcher = IgnoreMatcher(patterns)

@@ -121,7 +121,7 @@ def test_can_skip_dir_is_never_wrong() -> None:
                 assert m.excluded(path), (d, path)
 
 
-@pytest.mark.parametrize("bad", ["[", "a[b", "x\\", "[]", "!"])
+@pytest.mark.parametrize("bad", ["[", "a[b", "x\\", "[]", "!", "[?-/]", "[b-a]"])
 def test_invalid_patterns(bad: str) -> None:
     with pytest.raises(DockerfileError):
         IgnoreMatcher([bad])

@@ -101,7 +101,8 @@ class WorkerSession:
                 for raw in msg.stat_batch.stats_json:
                     try:
                         out.append(filesync.FileStat.from_json(json.loads(raw)))
-                    except (ValueError, KeyError, TypeError) as exc:
+                    # RecursionError: a stat nested thousands of arrays deep
+                    except (ValueError, KeyError, TypeError, RecursionError) as exc:
                         raise UserError(f"bad file stat from the client: {exc}") from None
                 if msg.stat_batch.done:
                     return out

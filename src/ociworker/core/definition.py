@@ -342,7 +342,7 @@ def read_config(raw: bytes) -> dict[str, Any]:
     """The image config of a protobuf definition (canonical JSON bytes)."""
     try:
         config = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deeply nested arrays recurse
         raise DefinitionError(f"image config is not JSON: {exc}") from None
     if not isinstance(config, dict):
         raise DefinitionError("image config is not a JSON object")

@@ -127,9 +127,17 @@ def _validate(pattern: str) -> None:
                     break
                 if i >= n:
                     raise _bad(pattern, "expected ']' to close '['")
-                i = class_char(i)
-                if i < n and pattern[i] == "-":
-                    i = class_char(i + 1)
+                lo_end = class_char(i)
+                if lo_end < n and pattern[lo_end] == "-":
+                    i = class_char(lo_end + 1)
+                    lo, hi = pattern[lo_end - 1], pattern[i - 1]
+                    # Go's filepath.Match accepts a reversed range, but the
+                    # regexp patternmatcher compiles the pattern to refuses it,
+                    # so docker fails the build; say so here, not in re's words.
+                    if lo > hi:
+                        raise _bad(pattern, f"character range {lo}-{hi} is out of order")
+                else:
+                    i = lo_end
                 ranges += 1
         else:
             i += 1

@@ -164,6 +164,9 @@ def _check_name(name: str) -> str:
 def _check_entry(st: FileStat) -> None:
     _check_name(st.path)
     where = f"context entry {st.path!r}"
+    # before S_IFMT, which raises OverflowError outside an unsigned int
+    if not 0 <= st.mode <= 0o177777:
+        raise UserError(f"{where}: invalid mode {st.mode}")
     if st.kind not in _TYPES:
         raise UserError(f"{where}: mode {st.mode:o} is not a file, directory or symlink")
     if st.mode & ~(stat.S_IFMT(st.mode) | 0o7777):

@@ -8,6 +8,8 @@ service. The gRPC boundary maps each class to a status code once (see api/).
 
 from __future__ import annotations
 
+import errno
+
 
 class OciworkerError(Exception):
     """Base of all errors raised on purpose by ociworker."""
@@ -189,3 +191,18 @@ class BuildFailed(OciworkerError):
         self.log = log
         self.cause = cause
         self.code = cause.code
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError in words: ``[Errno 28] No space left on device: '/x'`` is Python's
+    spelling; users read ``no space left on device: /x`` (as Go tools print it). Here, not in
+    ``fs``, because the pure scheduler words a step's host error with it."""
+    if exc.errno == errno.EPIPE:
+        return "the reader went away before everything was written (broken pipe)"
+    reason = (exc.strerror or errno.errorcode.get(exc.errno or 0, "unknown error")).lower()
+    if exc.filename is None:
+        return reason
+    # A failed rename (temp file -> dest) is about the dest, the name the user gave.
+    where = exc.filename if exc.filename2 is None else exc.filename2
+    shown = where.decode(errors="surrogateescape") if isinstance(where, bytes) else str(where)
+    return f"{reason}: {shown}"

@@ -44,8 +44,7 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
-from ociworker.errors import HostError
-from ociworker.fs.oserror import os_error_text
+from ociworker.errors import HostError, os_error_text
 
 T = TypeVar("T")
 

@@ -58,7 +58,7 @@ from ociworker.executor.spec import (
 )
 from ociworker.fs.mount import mount_all, mountpoints_under, unmount
 from ociworker.fs.oserror import os_error_text
-from ociworker.fs.paths import clean, secure_join
+from ociworker.fs.paths import DIR_PATH, clean, open_dir_beneath, secure_join
 from ociworker.fs.userns import CGROUP_BASE, CGROUP_WARNING, in_user_namespace
 from ociworker.fs.users import resolve_user
 from ociworker.log import get_logger
@@ -128,17 +128,17 @@ class _Stubs:
     def remove(self) -> None:
         if not self._created:
             return
-        root_fd = os.open(self._root, _DIR_PATH)
+        root_fd = os.open(self._root, DIR_PATH)
         try:
             for rel in sorted(self._created, key=len, reverse=True):
-                pfd = _open_beneath(root_fd, rel[:-1])
+                pfd = open_dir_beneath(root_fd, rel[:-1])
                 if pfd is not None:
                     try:
                         _remove_if_empty(pfd, rel[-1])
                     finally:
                         os.close(pfd)
             for top, times in self._tops.items():
-                pfd = _open_beneath(root_fd, top[:-1])
+                pfd = open_dir_beneath(root_fd, top[:-1])
                 if pfd is None:
                     continue
                 try:
@@ -151,33 +151,6 @@ class _Stubs:
                     os.close(pfd)
         finally:
             os.close(root_fd)
-
-
-_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _open_beneath(root_fd: int, parts: Sequence[str]) -> int | None:
-    """A descriptor of the directory ``parts`` below ``root_fd``, or None when a
-    component is missing or is not a plain directory (a symlink included)."""
-    fd = os.dup(root_fd)
-    try:
-        for part in parts:
-            try:
-                nfd = os.open(part, _DIR_PATH, dir_fd=fd)
-            except (FileNotFoundError, NotADirectoryError):
-                os.close(fd)
-                return None
-            except OSError as exc:
-                if exc.errno != errno.ELOOP:
-                    raise
-                os.close(fd)
-                return None
-            os.close(fd)
-            fd = nfd
-        return fd
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _exists_at(dfd: int, name: str) -> bool:

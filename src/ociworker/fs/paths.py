@@ -10,9 +10,11 @@ there is no maintained Python equivalent.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 from ociworker.errors import UnsafePathError
@@ -86,3 +88,32 @@ def check_relative_name(name: str) -> str:
     if norm != name.rstrip("/") or norm == ".." or norm.startswith("../"):
         raise UnsafePathError(f"invalid path {name!r}: must be clean and stay inside the root")
     return norm
+
+
+#: a directory opened only to be walked from or bound, never through a symlink
+DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir_beneath(root_fd: int, parts: Sequence[str]) -> int | None:
+    """A descriptor of the directory ``parts`` below ``root_fd``, or None when a
+    component is missing or is not a plain directory (a symlink included).
+
+    Why one component at a time: a directory a build can write to may be swapped
+    for a symlink at any moment; ``O_NOFOLLOW`` on each step means what we hold
+    is always beneath ``root_fd``, whatever the tree looked like when checked."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            try:
+                nfd = os.open(part, DIR_PATH, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise
+                os.close(fd)
+                return None
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise

@@ -34,7 +34,7 @@ from typing import Literal
 
 from ociworker.errors import ConfigError, HostError, UserError
 from ociworker.fs.mount import bind_fd, unmount
-from ociworker.fs.paths import secure_join
+from ociworker.fs.paths import DIR_PATH, open_dir_beneath, secure_join
 from ociworker.fs.tree import disk_usage
 
 Sharing = Literal["shared", "private", "locked"]
@@ -248,7 +248,6 @@ def _subdir(inst: Path, subdir: str, spec: CacheSpec) -> Path:
     return path
 
 
-_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: how many times a subdir swapped between its resolution and its opening is resolved again
 _PIN_TRIES = 8
 
@@ -262,18 +261,13 @@ def _open_pinned(inst: Path, subdir: str, spec: CacheSpec) -> int:
     us resolve again, so what we hold is always a directory inside the cache."""
     for _ in range(_PIN_TRIES):
         rel = _subdir(inst, subdir, spec).relative_to(inst).parts
-        fd = os.open(inst, _DIR_PATH)
+        root = os.open(inst, DIR_PATH)
         try:
-            for part in rel:
-                nfd = os.open(part, _DIR_PATH, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
-                continue
-            raise
-        return fd
+            fd = open_dir_beneath(root, rel)
+        finally:
+            os.close(root)
+        if fd is not None:
+            return fd
     raise UserError(
         f"cache mount source {subdir!r} kept changing while it was resolved "
         "(another step is replacing it); refusing to mount it"

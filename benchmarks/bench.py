@@ -17,8 +17,9 @@ Each tool keeps all its state in the run's work dir: ociworker a fresh --root, B
 dockerd of its own (own data root and socket, no iptables, no bridge), buildah its own
 --root/--runroot and TMPDIR. Every tool leaves the image in its local store (--output store:
 docker's image store, containers-storage, ociworker's image store: what each keeps there,
-e.g. compressed blobs where the peers keep unpacked layers, is part of its time) or, with --output docker-archive, also as a `docker save`-format tar
-(ociworker -o type=docker, `docker save`, `buildah push docker-archive:`), timed with the build.
+e.g. compressed blobs where the peers keep unpacked layers, is part of its time) or, with
+--output docker-archive, also as a `docker save`-format tar (ociworker -o type=docker,
+`docker save`, `buildah push docker-archive:`), timed with the build.
 Times are wall-clock seconds of the build command(s) alone; the median over --repeat runs is
 reported, with each of ours divided by the fastest peer (BuildKit or buildah) on that row and
 by each peer. A tool that fails is reported as failed, never fatal. Table on stdout; the raw

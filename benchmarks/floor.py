@@ -42,6 +42,7 @@ from pathlib import Path
 from ociworker.core.mounts import Mount
 from ociworker.executor import OCIRuntimeExecutor, ProcessSpec
 from ociworker.executor.binary import find_runtime
+from ociworker.executor.runtime import _nofile_limit
 from ociworker.executor.spec import SpecOptions, make_spec
 from ociworker.fs.mount import mount_all, unmount
 from ociworker.testing.daemon import spawn_daemon
@@ -89,6 +90,8 @@ def time_bare(runtime: str, lower: Path, work: Path, repeat: int) -> list[float]
             SpecOptions(
                 args=("true",),
                 isolated_network=False,
+                # the limit the executor asks for (ours, where we may not raise it)
+                nofile=_nofile_limit(),
                 resolv_conf=str(bundle / "resolv.conf"),
                 hosts=str(bundle / "hosts"),
             )
@@ -158,7 +161,7 @@ def time_builds(
     so drift hurts both alike."""
     ctx = {n: work / f"ctx-{n}" for n in (0, steps)}
     for n, d in ctx.items():
-        d.mkdir(exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True)
         (d / "Dockerfile").write_text(dockerfile(n))
     where = [f"--addr={addr}"] if addr else [f"--root={work / 'root'}", f"--runtime={runtime}"]
     head = [sys.executable, "-m", "ociworker", "build", *where, "--progress=quiet"]

@@ -11,9 +11,11 @@ read-only lower of a fresh overlay (a fresh upper per run, as a RUN step gets):
               mount, user lookup, /etc files, step cgroup, spec, the runtime, clean-up
   build       per RUN step of a real build, embedded (``ociworker build --root``) and through
               the daemon (``ociworker serve`` + ``build --addr``), with the cache off:
-                (time of a build with K ``RUN true`` steps - time with 0) / K
-              so the build's fixed costs (start-up, solve, resolving the base, export) cancel;
-              each build is the median of --repeat builds of that Dockerfile with --no-cache
+                (time of a build with 1 + K ``RUN true`` steps - time with 1) / K
+              so the build's fixed costs (start-up, solve, resolving the base, export) cancel,
+              and so do the one-off costs of a process's first RUN (the executor's start,
+              the ptrace supervisor), printed apart as (time with 1 - time with 0);
+              each build is the median of --builds builds of that Dockerfile with --no-cache
 
 "extra ms per RUN" = executor (or build per-RUN) minus crun; the issue's target is <= 15 ms.
 The builds use the busybox base in the local registry (--base; primed before timing) and the
@@ -76,50 +78,46 @@ def overlay(lower: Path, scratch: Path) -> list[Mount]:
     return [Mount("overlay", "overlay", options)]
 
 
-def time_bare(runtime: str, lower: Path, work: Path, repeat: int) -> list[float]:
-    """Seconds of ``<runtime> run`` of a prepared bundle, one per repeat."""
+def time_bare(runtime: str, lower: Path, work: Path, i: int) -> float:
+    """Seconds of one ``<runtime> run`` of a prepared bundle."""
     binary = find_runtime(runtime)
-    times = []
-    for i in range(repeat):
-        bundle = work / f"bare-{runtime}-{i}"
-        rootfs = bundle / "rootfs"
-        rootfs.mkdir(parents=True)
-        for name in ("resolv.conf", "hosts"):
-            shutil.copyfile(f"/etc/{name}", bundle / name)
-        spec = make_spec(
-            SpecOptions(
-                args=("true",),
-                isolated_network=False,
-                # the limit the executor asks for (ours, where we may not raise it)
-                nofile=_nofile_limit(),
-                resolv_conf=str(bundle / "resolv.conf"),
-                hosts=str(bundle / "hosts"),
-            )
+    bundle = work / f"bare-{runtime}-{i}"
+    rootfs = bundle / "rootfs"
+    rootfs.mkdir(parents=True)
+    for name in ("resolv.conf", "hosts"):
+        shutil.copyfile(f"/etc/{name}", bundle / name)
+    spec = make_spec(
+        SpecOptions(
+            args=("true",),
+            isolated_network=False,
+            # the limit the executor asks for (ours, where we may not raise it)
+            nofile=_nofile_limit(),
+            resolv_conf=str(bundle / "resolv.conf"),
+            hosts=str(bundle / "hosts"),
         )
-        (bundle / "config.json").write_text(json.dumps(spec, indent=1))
-        mount_all(overlay(lower, work / f"bare-{runtime}-{i}-scratch"), rootfs)
-        try:
-            argv = [binary, f"--root={work / 'bare-state'}", "run", "--bundle", str(bundle)]
-            t0 = time.perf_counter()
-            proc = subprocess.run(
-                [*argv, f"floor-{runtime}-{i}"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                check=False,
-            )
-            times.append(time.perf_counter() - t0)
-        finally:
-            unmount(rootfs)
-        if proc.returncode != 0:
-            raise SystemExit(f"{runtime} run failed: {proc.stderr.decode(errors='replace')}")
-    return times
+    )
+    (bundle / "config.json").write_text(json.dumps(spec, indent=1))
+    mount_all(overlay(lower, work / f"bare-{runtime}-{i}-scratch"), rootfs)
+    try:
+        argv = [binary, f"--root={work / 'bare-state'}", "run", "--bundle", str(bundle)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [*argv, f"floor-{runtime}-{i}"], stdin=subprocess.DEVNULL, capture_output=True
+        )
+        seconds = time.perf_counter() - t0
+    finally:
+        unmount(rootfs)
+    if proc.returncode != 0:
+        raise SystemExit(f"{runtime} run failed: {proc.stderr.decode(errors='replace')}")
+    return seconds
 
 
-async def time_executor(runtime: str, lower: Path, work: Path, repeat: int) -> list[float]:
-    """Seconds of ``OCIRuntimeExecutor.run`` of ``true`` on the host network, per repeat."""
+async def time_runs(runtime: str, lower: Path, work: Path, repeat: int) -> dict[str, list[float]]:
+    """Seconds of bare crun, bare runc and ``OCIRuntimeExecutor.run`` of ``true`` (host
+    network), taking turns so the machine's drift hurts them alike."""
     executor = OCIRuntimeExecutor(work / "executor-state", runtime)
     out: list[bytes] = []
-    times = []
+    times: dict[str, list[float]] = {"crun": [], "runc": [], "executor": []}
     try:
         for i in range(repeat + 1):
             rootfs = overlay(lower, work / f"exec-{runtime}-{i}")
@@ -127,10 +125,13 @@ async def time_executor(runtime: str, lower: Path, work: Path, repeat: int) -> l
             code = await executor.run(
                 rootfs, ProcessSpec(args=("true",), network="host"), (), lambda _s, d: out.append(d)
             )
+            seconds = time.perf_counter() - t0
             if code != 0:
                 raise SystemExit(f"the executor's run of true exited {code}: {b''.join(out)!r}")
             if i:  # the first run starts the ptrace supervisor: a worker's one-off cost
-                times.append(time.perf_counter() - t0)
+                times["executor"].append(seconds)
+                for bare in ("crun", "runc"):
+                    times[bare].append(time_bare(bare, lower, work, i))
     finally:
         await executor.aclose()
     return times
@@ -156,10 +157,10 @@ def daemon(root: Path, logs: Path, runtime: str) -> Iterator[str]:
 
 def time_builds(
     steps: int, repeat: int, work: Path, base: str, runtime: str, addr: str | None
-) -> tuple[list[float], list[float]]:
-    """Seconds of builds with 0 and with ``steps`` trivial RUN steps (cache off), interleaved
-    so drift hurts both alike."""
-    ctx = {n: work / f"ctx-{n}" for n in (0, steps)}
+) -> dict[int, list[float]]:
+    """Seconds of builds with 0, 1 and 1 + ``steps`` trivial RUN steps (cache off), by step
+    count, interleaved so drift hurts them alike."""
+    ctx = {n: work / f"ctx-{n}" for n in (0, 1, 1 + steps)}
     for n, d in ctx.items():
         d.mkdir(parents=True, exist_ok=True)
         (d / "Dockerfile").write_text(dockerfile(n))
@@ -177,11 +178,11 @@ def time_builds(
         return time.perf_counter() - t0
 
     build(0)  # pulls the base: the timed builds find it
-    zero, many = [], []
+    times: dict[int, list[float]] = {n: [] for n in ctx}
     for _ in range(repeat):
-        zero.append(build(0, "--no-cache"))
-        many.append(build(steps, "--no-cache"))
-    return zero, many
+        for n in ctx:
+            times[n].append(build(n, "--no-cache"))
+    return times
 
 
 def median_ms(times: Sequence[float]) -> float:
@@ -210,9 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     figures: dict[str, float | str | int] = {"runtime": args.runtime, "steps": args.steps}
     try:
         lower = busybox_tree(work / "lower")
-        bare = {rt: time_bare(rt, lower, work, args.repeat) for rt in ("crun", "runc")}
-        execd = asyncio.run(time_executor(args.runtime, lower, work, args.repeat))
-        floor, runc, ex = median_ms(bare["crun"]), median_ms(bare["runc"]), median_ms(execd)
+        runs = asyncio.run(time_runs(args.runtime, lower, work, args.repeat))
+        floor, runc, ex = (median_ms(runs[k]) for k in ("crun", "runc", "executor"))
         figures.update(crun_run_ms=floor, runc_run_ms=runc, executor_run_ms=ex)
         figures["executor_extra_ms"] = ex - floor
         print(f"bare crun run           {floor:8.1f} ms (median of {args.repeat})")
@@ -228,16 +228,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             droot.mkdir(parents=True)
             with daemon(droot, logs, args.runtime) as addr:
                 dae = time_builds(args.steps, args.builds, work / "daemon", args.base, "", addr)
-            for label, (zero, many) in (("embedded", emb), ("daemon", dae)):
-                step = per_step_ms(zero, many, args.steps)
-                figures[f"{label}_build0_ms"] = median_ms(zero)
-                figures[f"{label}_buildK_ms"] = median_ms(many)
-                figures[f"{label}_per_run_ms"] = step
-                figures[f"{label}_extra_ms"] = step - floor
+            k = args.steps
+            for label, t in (("embedded", emb), ("daemon", dae)):
+                step = per_step_ms(t[1], t[1 + k], k)
+                first = median_ms(t[1]) - median_ms(t[0])
+                figures.update(
+                    {
+                        f"{label}_build0_ms": median_ms(t[0]),
+                        f"{label}_build1_ms": median_ms(t[1]),
+                        f"{label}_build1K_ms": median_ms(t[1 + k]),
+                        f"{label}_per_run_ms": step,
+                        f"{label}_extra_ms": step - floor,
+                        f"{label}_first_run_ms": first,
+                    }
+                )
                 print(
                     f"build per RUN, {label:<8} {step:8.1f} ms  -> +{step - floor:.1f} ms over"
-                    f" crun (0 steps {median_ms(zero):.0f} ms, {args.steps} steps"
-                    f" {median_ms(many):.0f} ms, median of {args.builds})"
+                    f" crun (1 step {median_ms(t[1]):.0f} ms, {1 + k} steps"
+                    f" {median_ms(t[1 + k]):.0f} ms, median of {args.builds}); the first RUN"
+                    f" {first:.0f} ms (0 steps {median_ms(t[0]):.0f} ms)"
                 )
     finally:
         for point in sorted(

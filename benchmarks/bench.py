@@ -388,13 +388,13 @@ class BuildKit:
             run(self.docker("rmi", "-f", f"bench-{case.name}:latest"), log, timeout=120)
         run(self.docker("builder", "prune", "-af"), log, timeout=600, env=self.env)
 
-    def build(self, case: Case, log: Path, *extra: str) -> None:
+    def build(self, case: Case, log: Path, *extra: str, save: bool = True) -> None:
         tag = f"bench-{case.name}:latest"
         argv = self.docker("build", "--network=host", "--progress=plain")
         argv += ["--build-arg", f"BASE={case.base}", "-f", str(case.dockerfile), *extra]
         argv += ["-t", tag, str(case.context)]
         run(argv, log, timeout=self.s.timeout, env=self.env)
-        if self.s.output == "docker-archive" and not extra:
+        if self.s.output == "docker-archive" and save:
             # dockerd's builder has no docker-archive output: the image it stored, saved
             dest = self.s.archive(self.name, case.name)
             run(self.docker("save", "-o", str(dest), tag), log, timeout=self.s.timeout)
@@ -402,7 +402,7 @@ class BuildKit:
     def export_cache(self, case: Case, log: Path) -> None:
         # dockerd's builder (docker driver) exports inline caches only: the image is the cache
         image = self.s.cache_ref(self.name, case.name)
-        self.build(case, log, "--build-arg", "BUILDKIT_INLINE_CACHE=1", "-t", image)
+        self.build(case, log, "--build-arg", "BUILDKIT_INLINE_CACHE=1", "-t", image, save=False)
         run(self.docker("push", "-q", image), log, timeout=self.s.timeout, env=self.env)
         # the cache must come from the registry, not from the local image store
         run(self.docker("rmi", "-f", image), log, timeout=120, env=self.env)

@@ -8,7 +8,9 @@ compressible (decimal numbers, one per line, as logs and text compress), with th
   peak RSS     VmHWM of the build process, read from /proc/PID/status every 20 ms until it
                exits (VmHWM only grows: the last read is the peak over the whole build, an
                upper bound of the export's); ``ru_maxrss`` from wait4() is printed next to it
-               (the largest of the process and the children it reaped: runc/crun, any helper)
+               (the largest of the process and the children it reaped: runc/crun, any helper),
+               and the highest VmRSS sampled within the export window and before it (where
+               the peak happened)
   export       from the start of the first ``exporting ...`` vertex to the end of the last
                one, from the build's own ``--progress=rawjson`` timestamps (the diff, tar,
                compression and digest of the layers, then the OCI archive written)
@@ -61,6 +63,12 @@ def _timestamp(value: str) -> float:
 def export_window(lines: Iterable[str]) -> tuple[float, dict[str, float]]:
     """Seconds from the first ``exporting`` vertex's start to the last one's completion in a
     rawjson progress stream, and each such vertex's own seconds (by name)."""
+    start, end, parts = export_span(lines)
+    return end - start, parts
+
+
+def export_span(lines: Iterable[str]) -> tuple[float, float, dict[str, float]]:
+    """``export_window`` as the epoch seconds of its start and end, and the parts."""
     spans: dict[str, tuple[float, float]] = {}
     for line in lines:
         line = line.strip()
@@ -74,7 +82,7 @@ def export_window(lines: Iterable[str]) -> tuple[float, dict[str, float]]:
         raise ValueError("no completed 'exporting' vertex in the progress")
     start = min(s for s, _ in spans.values())
     end = max(e for _, e in spans.values())
-    return end - start, {name: e - s for name, (s, e) in spans.items()}
+    return start, end, {name: e - s for name, (s, e) in spans.items()}
 
 
 def status_kib(pid: int, field: str) -> int | None:
@@ -94,6 +102,9 @@ class Built:
     parts: dict[str, float]
     vmhwm_kib: int
     ru_maxrss_kib: int
+    #: the highest VmRSS sampled within the export window, and before it
+    export_rss_kib: int
+    before_rss_kib: int
 
 
 def build(args: argparse.Namespace, work: Path) -> Built:
@@ -108,6 +119,7 @@ def build(args: argparse.Namespace, work: Path) -> Built:
     with progress.open("wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         hwm = [0]
+        rss: list[tuple[float, int]] = []  # (epoch seconds, VmRSS), to place the peak
         done = threading.Event()
 
         def poll() -> None:
@@ -115,6 +127,9 @@ def build(args: argparse.Namespace, work: Path) -> Built:
                 value = status_kib(proc.pid, "VmHWM")
                 if value is not None:
                     hwm[0] = max(hwm[0], value)
+                now = status_kib(proc.pid, "VmRSS")
+                if now is not None:
+                    rss.append((time.time(), now))
                 time.sleep(0.02)
 
         watcher = threading.Thread(target=poll, daemon=True)
@@ -127,8 +142,10 @@ def build(args: argparse.Namespace, work: Path) -> Built:
     text = progress.read_text(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"the build failed ({proc.returncode}):\n{text[-3000:]}")
-    seconds, parts = export_window(text.splitlines())
-    return Built(out, seconds, parts, hwm[0], usage.ru_maxrss)
+    start, end, parts = export_span(text.splitlines())
+    during = max((kib for t, kib in rss if start <= t <= end), default=0)
+    before = max((kib for t, kib in rss if t < start), default=0)
+    return Built(out, end - start, parts, hwm[0], usage.ru_maxrss, during, before)
 
 
 def layer_tree(archive: Path, dest: Path) -> tuple[int, int]:
@@ -199,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "layer_zstd_bytes": compressed,
         "peak_rss_mib": got.vmhwm_kib / 1024,
         "ru_maxrss_mib": got.ru_maxrss_kib / 1024,
+        "export_rss_mib": got.export_rss_kib / 1024,
+        "before_export_rss_mib": got.before_rss_kib / 1024,
         "export_s": got.export_s,
         "export_vertices_s": got.parts,
         "export_mib_s": raw / MiB / got.export_s,
@@ -209,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"layer: {raw / MiB:.0f} MiB uncompressed, {compressed / MiB:.0f} MiB as zstd")
     print(
         f"peak RSS of the build process: {got.vmhwm_kib / 1024:.0f} MiB (VmHWM; target"
-        f" < 200), ru_maxrss {got.ru_maxrss_kib / 1024:.0f} MiB"
+        f" < 200), ru_maxrss {got.ru_maxrss_kib / 1024:.0f} MiB; highest VmRSS sampled during"
+        f" the export {got.export_rss_kib / 1024:.0f} MiB, before it"
+        f" {got.before_rss_kib / 1024:.0f} MiB"
     )
     for name, seconds in sorted(got.parts.items()):
         print(f"  {name}: {seconds:.2f}s")

@@ -1,6 +1,10 @@
 """Benchmark ociworker against BuildKit (dockerd's builder) and buildah on ../shared/bench.
 
-For every case the tools take turns (interleaved, so a noisy minute hurts all of them alike):
+The cases are ../shared/bench's and ours in benchmarks/cases/ (debian: a real-world two-stage
+build on a debootstrapped base). For every case the tools take turns (interleaved, so a noisy
+minute hurts all of them alike); repeat k starts at tool k mod n (the order rotates, so no
+tool always follows the big writer), and dirty pages are flushed (sync) before each timed build.
+Phases:
   cold         empty build cache, base image already pulled
   warm         unchanged rebuild
   incremental  (context case only) one context file changed, rebuild
@@ -11,8 +15,15 @@ For every case the tools take turns (interleaved, so a noisy minute hurts all of
                `docker builder prune -af` and removing the images; the export is not timed
 Each tool keeps all its state in the run's work dir: ociworker a fresh --root, BuildKit a
 dockerd of its own (own data root and socket, no iptables, no bridge), buildah its own
---root/--runroot and TMPDIR. Times are wall-clock seconds of the build command alone; the
-median over --repeat runs is reported. A tool that fails is reported as failed, never fatal.
+--root/--runroot and TMPDIR. Every tool leaves the image in its local store (--output store:
+docker's image store, containers-storage, ociworker's image store: what each keeps there,
+e.g. compressed blobs where the peers keep unpacked layers, is part of its time) or, with
+--output docker-archive, also as a `docker save`-format tar (ociworker -o type=docker,
+`docker save`, `buildah push docker-archive:`), timed with the build.
+Times are wall-clock seconds of the build command(s) alone; the median over --repeat runs is
+reported, with each of ours divided by the fastest peer (BuildKit or buildah) on that row and
+by each peer. A tool that fails is reported as failed, never fatal. Table on stdout; the raw
+results and the table's rows as JSON in --out.
 
 Run as root through benchmarks/run (which prepares the host first).
 """
@@ -34,17 +45,24 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol, TypeVar, cast
 
 from ociworker.testing.daemon import DaemonStartError, spawn_daemon
 
+T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BENCH_DIR = REPO.parent / "shared" / "bench"
+#: our own cases (benchmarks/cases/), loaded next to the shared ones
+OWN_CASES_DIR = REPO / "benchmarks" / "cases"
 DEFAULT_BASE = "127.0.0.1:5000/busybox:latest"
-ALL_CASES = ("steps", "fanout", "layer-export", "cachemount", "context")
+#: the debian case's base (scripts/make-debian-base pushes it; benchmarks/run makes sure)
+DEFAULT_DEBIAN_BASE = "127.0.0.1:5000/debian:bookworm"
+ALL_CASES = ("steps", "fanout", "layer-export", "cachemount", "context", "debian")
+#: the tools ours are compared with; a ratio's denominator is the fastest of them
+PEERS = ("buildkit", "buildah")
 ALL_TOOLS = (
     "ociworker", "ociworkerd", "buildkit", "buildah", "ociworker-rootless", "buildah-rootless",
 )  # fmt: skip
@@ -71,6 +89,8 @@ class Case:
     dockerfile: Path
     context: Path
     phases: tuple[str, ...]
+    #: the image its Dockerfile's ``ARG BASE`` gets, pulled before the cold build
+    base: str = DEFAULT_BASE
 
 
 @dataclass(frozen=True)
@@ -91,12 +111,23 @@ class Settings:
     env: dict[str, str] = field(default_factory=dict)
     #: ociworker's RUN network: host (as the other tools are run) or default
     network: str = "host"
+    #: what every tool leaves behind: "store" (an image in its local store: docker's
+    #: image store, containers-storage, ociworker's image store) or "docker-archive" (that
+    #: image also written as a `docker save` tar, as the issue's figures were measured)
+    output: str = "store"
     #: names this run's cache refs in the registry (a rerun never finds an old cache)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def cache_ref(self, tool: str, case: str) -> str:
         host = self.base.split("/", 1)[0]
         return f"{host}/ociworker-bench-cache/{tool}-{case}:{self.run_id}"
+
+    def archive(self, tool: str, case: str) -> Path:
+        """Where ``tool`` writes ``case``'s docker archive (output docker-archive)."""
+        folder = self.work / "archives"
+        folder.mkdir(exist_ok=True)
+        folder.chmod(0o1777)  # the rootless tools write theirs as BENCH_USER
+        return folder / f"{tool}-{case}.tar"
 
 
 def _network_flags(network: str) -> list[str]:
@@ -190,9 +221,17 @@ class Ociworker:
         self.root = s.work / "ociworker-root"
         self.prime = s.work / "ociworker-prime"
 
-    def _build(self, *args: str) -> list[str]:
-        base = [str(self.exe), "build", f"--root={self.root}", "--progress=plain"]
-        return [*base, *_network_flags(self.s.network), f"--build-arg=BASE={self.s.base}", *args]
+    def _build(self, base: str, *args: str) -> list[str]:
+        head = [str(self.exe), "build", f"--root={self.root}", "--progress=plain"]
+        return [*head, *_network_flags(self.s.network), f"--build-arg=BASE={base}", *args]
+
+    def _output(self, case: Case) -> list[str]:
+        tag = f"bench-{case.name}:latest"
+        if self.s.output == "docker-archive":
+            dest = self.s.archive(self.name, case.name)
+            # the tag names the archive's image (RepoTags), as `docker save` of it would
+            return ["-t", tag, f"--output=type=docker,dest={dest}"]
+        return ["-t", tag]
 
     def start(self) -> None:
         run([str(self.exe), "build", "--help"], self.s.logs / "ociworker-start.log", timeout=60)
@@ -204,12 +243,11 @@ class Ociworker:
         # build puts the base image back so "cold" does not pay for the pull.
         remove_tree(self.root)
         log = self.s.logs / f"ociworker-{case.name}-prime.log"
-        run(self._build(str(self.prime)), log, timeout=self.s.timeout)
+        run(self._build(case.base, str(self.prime)), log, timeout=self.s.timeout)
 
     def build(self, case: Case, log: Path) -> None:
-        tag = f"bench-{case.name}:latest"
-        argv = self._build("-f", str(case.dockerfile), "-t", tag, str(case.context))
-        run(argv, log, timeout=self.s.timeout)
+        argv = self._build(case.base, "-f", str(case.dockerfile), *self._output(case))
+        run([*argv, str(case.context)], log, timeout=self.s.timeout)
 
     def stop(self) -> None:
         remove_tree(self.root)
@@ -218,14 +256,14 @@ class Ociworker:
         ref = self.s.cache_ref(self.name, case.name)
         cache = f"--cache-to=type=registry,ref={ref},mode=max"
         run(
-            self._build("-f", str(case.dockerfile), cache, str(case.context)),
+            self._build(case.base, "-f", str(case.dockerfile), cache, str(case.context)),
             log,
             timeout=self.s.timeout,
         )
 
     def build_from_cache(self, case: Case, log: Path) -> None:
         ref = self.s.cache_ref(self.name, case.name)
-        argv = self._build("-f", str(case.dockerfile), "-t", f"bench-{case.name}:latest")
+        argv = self._build(case.base, "-f", str(case.dockerfile), *self._output(case))
         argv += [f"--cache-from=type=registry,ref={ref}", str(case.context)]
         run(argv, log, timeout=self.s.timeout)
 
@@ -244,9 +282,9 @@ class OciworkerDaemon(Ociworker):
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def _build(self, *args: str) -> list[str]:
-        base = [str(self.exe), "build", f"--addr=unix://{self.sock}", "--progress=plain"]
-        return [*base, *_network_flags(self.s.network), f"--build-arg=BASE={self.s.base}", *args]
+    def _build(self, base: str, *args: str) -> list[str]:
+        head = [str(self.exe), "build", f"--addr=unix://{self.sock}", "--progress=plain"]
+        return [*head, *_network_flags(self.s.network), f"--build-arg=BASE={base}", *args]
 
     def _serve(self) -> None:
         self.starts += 1
@@ -277,7 +315,7 @@ class OciworkerDaemon(Ociworker):
         remove_tree(self.root)
         self._serve()
         log = self.s.logs / f"ociworkerd-{case.name}-prime.log"
-        run(self._build(str(self.prime)), log, timeout=self.s.timeout)
+        run(self._build(case.base, str(self.prime)), log, timeout=self.s.timeout)
 
     def stop(self) -> None:
         self._shutdown()
@@ -296,6 +334,7 @@ class BuildKit:
         self.sock = self.dir / "docker.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.env = {"DOCKER_BUILDKIT": "1", "DOCKER_CONFIG": str(self.dir / "client")}
+        self.pulled: set[str] = set()
 
     def docker(self, *args: str) -> list[str]:
         return [DOCKER, "-H", f"unix://{self.sock}", *args]
@@ -333,29 +372,37 @@ class BuildKit:
             time.sleep(0.3)
         else:
             raise ToolError("dockerd did not answer within 60s (log dockerd.log)")
-        run(
-            self.docker("pull", "-q", self.s.base),
-            self.s.logs / "buildkit-pull.log",
-            timeout=self.s.timeout,
-            env=self.env,
-        )
+        self._pull(self.s.base)
+
+    def _pull(self, base: str) -> None:
+        # 127.0.0.0/8 is an insecure registry to dockerd by default: plain HTTP works
+        if base not in self.pulled:
+            log = self.s.logs / "buildkit-pull.log"
+            run(self.docker("pull", "-q", base), log, timeout=self.s.timeout, env=self.env)
+            self.pulled.add(base)
 
     def reset(self, case: Case) -> None:
+        self._pull(case.base)
         log = self.s.logs / f"buildkit-{case.name}-reset.log"
         with contextlib.suppress(ToolError):  # absent on the first round
             run(self.docker("rmi", "-f", f"bench-{case.name}:latest"), log, timeout=120)
         run(self.docker("builder", "prune", "-af"), log, timeout=600, env=self.env)
 
-    def build(self, case: Case, log: Path, *extra: str) -> None:
+    def build(self, case: Case, log: Path, *extra: str, save: bool = True) -> None:
+        tag = f"bench-{case.name}:latest"
         argv = self.docker("build", "--network=host", "--progress=plain")
-        argv += ["--build-arg", f"BASE={self.s.base}", "-f", str(case.dockerfile), *extra]
-        argv += ["-t", f"bench-{case.name}:latest", str(case.context)]
+        argv += ["--build-arg", f"BASE={case.base}", "-f", str(case.dockerfile), *extra]
+        argv += ["-t", tag, str(case.context)]
         run(argv, log, timeout=self.s.timeout, env=self.env)
+        if self.s.output == "docker-archive" and save:
+            # dockerd's builder has no docker-archive output: the image it stored, saved
+            dest = self.s.archive(self.name, case.name)
+            run(self.docker("save", "-o", str(dest), tag), log, timeout=self.s.timeout)
 
     def export_cache(self, case: Case, log: Path) -> None:
         # dockerd's builder (docker driver) exports inline caches only: the image is the cache
         image = self.s.cache_ref(self.name, case.name)
-        self.build(case, log, "--build-arg", "BUILDKIT_INLINE_CACHE=1", "-t", image)
+        self.build(case, log, "--build-arg", "BUILDKIT_INLINE_CACHE=1", "-t", image, save=False)
         run(self.docker("push", "-q", image), log, timeout=self.s.timeout, env=self.env)
         # the cache must come from the registry, not from the local image store
         run(self.docker("rmi", "-f", image), log, timeout=120, env=self.env)
@@ -440,7 +487,7 @@ class OciworkerRootless(Ociworker):
             raise ToolError(f"no user {BENCH_USER} (scripts/setup-host makes it)") from None
         self.prime.mkdir(parents=True, exist_ok=True)
         (self.prime / "Dockerfile").write_text("ARG BASE\nFROM $BASE\nRUN true\n")
-        run(self._build("--help"), self.s.logs / f"{self.name}-start.log", timeout=60)
+        run(self._build(self.s.base, "--help"), self.s.logs / f"{self.name}-start.log", timeout=60)
 
 
 # --- buildah -------------------------------------------------------------------------------
@@ -454,6 +501,7 @@ class Buildah:
         self.dir = s.work / "buildah"
         # buildah keeps RUN --mount=type=cache data under $TMPDIR; point it into the work dir.
         self.env = {"TMPDIR": str(self.dir / "tmp")}
+        self.pulled: set[str] = set()
 
     def buildah(self, *args: str) -> list[str]:
         return [
@@ -469,15 +517,18 @@ class Buildah:
 
     def start(self) -> None:
         (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
-        run(
-            self.buildah("pull", "-q", "--tls-verify=false", self.s.base),
-            self.s.logs / "buildah-pull.log",
-            timeout=self.s.timeout,
-            env=self.env,
-        )
+        self._pull(self.s.base)
+
+    def _pull(self, base: str) -> None:
+        if base not in self.pulled:
+            argv = self.buildah("pull", "-q", "--tls-verify=false", base)
+            log = self.s.logs / f"{self.name}-pull.log"
+            run(argv, log, timeout=self.s.timeout, env=self.env)
+            self.pulled.add(base)
 
     def reset(self, case: Case) -> None:
-        log = self.s.logs / f"buildah-{case.name}-reset.log"
+        self._pull(case.base)
+        log = self.s.logs / f"{self.name}-{case.name}-reset.log"
         with contextlib.suppress(ToolError):  # absent on the first round
             run(self.buildah("rmi", "-f", f"localhost/bench-{case.name}:latest"), log, timeout=120)
         # --layers leaves its cache as dangling intermediate images; the base stays tagged.
@@ -487,9 +538,15 @@ class Buildah:
 
     def build(self, case: Case, log: Path) -> None:
         argv = self.buildah("bud", "--layers", "--runtime", RUNC, "--tls-verify=false")
-        argv += ["--network", "host", "--build-arg", f"BASE={self.s.base}"]
-        argv += ["-f", str(case.dockerfile), "-t", f"bench-{case.name}:latest", str(case.context)]
+        tag = f"localhost/bench-{case.name}:latest"
+        argv += ["--network", "host", "--build-arg", f"BASE={case.base}"]
+        argv += ["-f", str(case.dockerfile), "-t", tag, str(case.context)]
         run(argv, log, timeout=self.s.timeout, env=self.env)
+        if self.s.output == "docker-archive":
+            dest = self.s.archive(self.name, case.name)
+            dest.unlink(missing_ok=True)  # buildah push refuses to overwrite an archive
+            tar = f"docker-archive:{dest}:bench-{case.name}:latest"
+            run(self.buildah("push", "-q", tag, tar), log, timeout=self.s.timeout, env=self.env)
 
     def stop(self) -> None:
         with contextlib.suppress(ToolError):
@@ -572,30 +629,52 @@ def touch_one_file(context: Path, generation: int) -> None:
 
 
 def load_cases(
-    bench_dir: Path, names: Sequence[str], work: Path, *, registry_cache: bool = False
+    bench_dirs: Sequence[Path],
+    names: Sequence[str],
+    work: Path,
+    *,
+    registry_cache: bool = False,
+    base: str = DEFAULT_BASE,
+    bases: Mapping[str, str] | None = None,
 ) -> list[Case]:
-    """The cases; with ``registry_cache`` each also has the ``import`` phase."""
+    """The cases, each from the first of ``bench_dirs`` that has it; a case's base is
+    ``bases[name]`` if given, else ``base``. With ``registry_cache`` each also has the
+    ``import`` phase."""
     more = ("import",) if registry_cache else ()
     cases = []
     for name in names:
-        dockerfile = bench_dir / name / "Dockerfile"
-        if not dockerfile.is_file():
-            raise SystemExit(f"no benchmark case {name!r}: {dockerfile} is missing")
+        found = [d / name / "Dockerfile" for d in bench_dirs if (d / name / "Dockerfile").is_file()]
+        if not found:
+            where = ", ".join(str(d) for d in bench_dirs)
+            raise SystemExit(f"no benchmark case {name!r}: no {name}/Dockerfile in {where}")
+        dockerfile = found[0]
+        case_base = (bases or {}).get(name, base)
         if name == "context":
             # Dockerfile stays in the read-only shared dir; the generated tree is the context.
             ctx = work / "context"
             generate_context(ctx)
             touch_one_file(ctx, 0)
-            cases.append(Case(name, dockerfile, ctx, ("cold", "warm", "incremental", *more)))
+            phases = ("cold", "warm", "incremental", *more)
+            cases.append(Case(name, dockerfile, ctx, phases, case_base))
         else:
-            cases.append(Case(name, dockerfile, dockerfile.parent, ("cold", "warm", *more)))
+            phases = ("cold", "warm", *more)
+            cases.append(Case(name, dockerfile, dockerfile.parent, phases, case_base))
     return cases
 
 
 # --- running and reporting -----------------------------------------------------------------
 
 
-def run_case(tool: Tool, case: Case, logs: Path, rep: int, counter: Iterator[int]) -> list[Result]:
+def run_case(
+    tool: Tool,
+    case: Case,
+    logs: Path,
+    rep: int,
+    counter: Iterator[int],
+    flush: Callable[[], None] = os.sync,
+) -> list[Result]:
+    """Run ``case``'s phases with ``tool``; ``flush`` runs before each timed build, outside
+    the timing, so a tool does not pay for the writeback of the build before it."""
     results = []
     for phase in case.phases:
         measured = phase == "import" and hasattr(tool, "build_from_cache")
@@ -611,6 +690,7 @@ def run_case(tool: Tool, case: Case, logs: Path, rep: int, counter: Iterator[int
             elif cache_tool is not None:
                 cache_tool.export_cache(case, log.with_suffix(".export.log"))
                 tool.reset(case)  # a fresh worker: no build cache, base image kept
+            flush()
             t0 = time.perf_counter()
             if cache_tool is not None:
                 cache_tool.build_from_cache(case, log)
@@ -635,48 +715,116 @@ def summarise(results: Sequence[Result]) -> dict[tuple[str, str, str], float | N
     }
 
 
-def format_table(results: Sequence[Result], tools: Sequence[str]) -> str:
+def rotated(items: Sequence[T], rep: int) -> list[T]:
+    """The order of repeat ``rep``: it starts at item ``rep mod n`` and wraps, so over n
+    repeats every tool runs once in every position (after a big writer, first, last)."""
+    if not items:
+        return []
+    k = rep % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def fastest_peer(
+    summary: Mapping[tuple[str, str, str], float | None],
+    case: str,
+    phase: str,
+    peers: Sequence[str] = PEERS,
+) -> tuple[str, float] | None:
+    """The peer with the lowest median on (case, phase): failed or absent peers do not
+    count; None when no peer has a time (or the fastest took no measurable time)."""
+    timed = [
+        (seconds, peer)
+        for peer in peers
+        if (seconds := summary.get((case, phase, peer))) is not None and seconds > 0
+    ]
+    if not timed:
+        return None
+    seconds, peer = min(timed)
+    return peer, seconds
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (case, phase) of the report: medians, the fastest peer, and the ratios."""
+
+    case: str
+    phase: str
+    #: median seconds per tool; None when a repeat failed (tools not run are absent)
+    medians: dict[str, float | None]
+    fastest: str | None
+    #: "ours/peer" (peer also "fastest") -> ours' median / the peer's
+    ratios: dict[str, float | None]
+
+
+def ratio_pairs(tools: Sequence[str]) -> list[tuple[str, str]]:
+    """(ours, other) pairs the report shows, "fastest" first (the issue's targets are
+    ratios to the fastest peer), then each peer, then the rootless comparisons."""
+    ours = [o for o in OURS if o in tools]
+    peers = [t for t in PEERS if t in tools]
+    pairs = [(o, "fastest") for o in ours if o != "ociworker-rootless"] if peers else []
+    pairs += [(o, t) for o in ours for t in peers]
+    # rootless against root, and against rootless buildah
+    for extra in (("ociworker-rootless", "ociworker"), ("ociworker-rootless", "buildah-rootless")):
+        if all(t in tools for t in extra):
+            pairs.append(extra)
+    return pairs
+
+
+def summary_rows(results: Sequence[Result], tools: Sequence[str]) -> list[Row]:
     summary = summarise(results)
-    rows_keys = sorted(
+    keys = sorted(
         {(c, p) for c, p, _ in summary},
         key=lambda cp: (
             ALL_CASES.index(cp[0]) if cp[0] in ALL_CASES else 99,
             PHASES.index(cp[1]),
         ),
     )
+    rows = []
+    for case, phase in keys:
+        best = fastest_peer(summary, case, phase, [t for t in PEERS if t in tools])
+        ratios: dict[str, float | None] = {}
+        for ours, other in ratio_pairs(tools):
+            a = summary.get((case, phase, ours))
+            if other == "fastest":
+                b: float | None = best[1] if best else None
+            else:
+                b = summary.get((case, phase, other))
+            ratios[f"{ours}/{other}"] = a / b if a is not None and b else None
+        medians = {t: summary[(case, phase, t)] for t in tools if (case, phase, t) in summary}
+        rows.append(Row(case, phase, medians, best[0] if best else None, ratios))
+    return rows
 
-    def cell(key: tuple[str, str, str]) -> str:
-        if key not in summary:
+
+def format_table(results: Sequence[Result], tools: Sequence[str]) -> str:
+    rows = summary_rows(results, tools)
+    pairs = [f"{o}/{t}" for o, t in ratio_pairs(tools)]
+    with_fastest = any(t == "fastest" for _, t in ratio_pairs(tools))
+
+    def cell(row: Row, tool: str) -> str:
+        if tool not in row.medians:
             return "-"
-        value = summary[key]
+        value = row.medians[tool]
         return "FAILED" if value is None else f"{value:.2f}"
 
-    def ratio(case: str, phase: str, ours: str, other: str) -> str:
-        a = summary.get((case, phase, ours))
-        b = summary.get((case, phase, other))
-        return f"{a / b:.2f}x" if a is not None and b else "-"
+    def ratio(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
 
-    header = ["case", "phase", *tools]
-    pairs = [(o, t) for o in OURS if o in tools for t in ("buildkit", "buildah") if t in tools]
-    # rootless against root, and against rootless buildah
-    for extra in (("ociworker-rootless", "ociworker"), ("ociworker-rootless", "buildah-rootless")):
-        if all(t in tools for t in extra):
-            pairs.append(extra)
-    header += [f"{o}/{t}" for o, t in pairs]
-    rows = [header]
-    for case, phase in rows_keys:
-        row = [case, phase, *(cell((case, phase, t)) for t in tools)]
-        row += [ratio(case, phase, o, t) for o, t in pairs]
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    header = ["case", "phase", *tools, *(["fastest"] if with_fastest else []), *pairs]
+    lines_ = [header]
+    for row in rows:
+        line = [row.case, row.phase, *(cell(row, t) for t in tools)]
+        line += [row.fastest or "-"] if with_fastest else []
+        line += [ratio(row.ratios[p]) for p in pairs]
+        lines_.append(line)
+    widths = [max(len(r[i]) for r in lines_) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in lines_]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def progress_line(r: Result) -> str:
     shown = f"FAILED: {r.error}" if r.seconds is None else f"{r.seconds:.2f}s"
-    return f"-- {r.case:<12} {r.phase:<11} {r.tool:<9} {shown}"
+    return f"-- {r.case:<12} {r.phase:<11} {r.tool:<10} {shown}"
 
 
 def parse_list(value: str, allowed: Sequence[str]) -> list[str]:
@@ -693,7 +841,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tools", type=lambda v: parse_list(v, ALL_TOOLS), default=list(ALL_TOOLS[:4]))
     p.add_argument("--repeat", "-n", type=int, default=1, help="runs per case (median shown)")
     p.add_argument("--bench-dir", type=Path, default=DEFAULT_BENCH_DIR)
+    p.add_argument(
+        "--cases-dir",
+        type=Path,
+        default=OWN_CASES_DIR,
+        help="our own cases, looked up after --bench-dir",
+    )
     p.add_argument("--base", default=DEFAULT_BASE, help="base image (BASE build-arg)")
+    p.add_argument(
+        "--debian-base", default=DEFAULT_DEBIAN_BASE, help="the debian case's base image"
+    )
+    p.add_argument(
+        "--output",
+        choices=("store", "docker-archive"),
+        default="store",
+        help="what each tool leaves: an image in its local store (default), or that image "
+        "also as a docker archive (ociworker -o type=docker, docker save, buildah push)",
+    )
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     p.add_argument("--timeout", type=float, default=900, help="seconds per build")
     p.add_argument("--keep", action="store_true", help="keep the work dir for inspection")
@@ -718,12 +882,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Short path under /tmp: dockerd's unix socket path must stay under 108 bytes.
     work = Path(tempfile.mkdtemp(prefix="ocib-", dir="/tmp"))
     settings = Settings(
-        base=args.base, work=work, logs=logs, timeout=args.timeout, network=args.network
+        base=args.base,
+        work=work,
+        logs=logs,
+        timeout=args.timeout,
+        network=args.network,
+        output=args.output,
     )
     results: list[Result] = []
     tools: list[Tool] = []
     try:
-        cases = load_cases(args.bench_dir, args.cases, work, registry_cache=args.registry_cache)
+        cases = load_cases(
+            [args.bench_dir, args.cases_dir],
+            args.cases,
+            work,
+            registry_cache=args.registry_cache,
+            base=args.base,
+            bases={"debian": args.debian_base},
+        )
         for name in args.tools:
             tool: Tool = TOOL_TYPES[name](settings)
             try:
@@ -736,15 +912,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         counter = iter(range(1, 1_000_000))
         for case in cases:
             for rep in range(args.repeat):
-                for tool in tools:
+                for tool in rotated(tools, rep):
                     for r in run_case(tool, case, logs, rep, counter):
                         results.append(r)
-                        shown = (
-                            "FAILED: " + (r.error or "")
-                            if r.seconds is None
-                            else f"{r.seconds:.2f}s"
-                        )
-                        print(f"-- {r.case:<12} {r.phase:<11} {r.tool:<9} {shown}", file=sys.stderr)
+                        print(progress_line(r), file=sys.stderr)
     finally:
         for tool in tools:
             try:
@@ -760,6 +931,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / f"results-{stamp}.json").write_text(
         json.dumps([asdict(r) for r in results], indent=2) + "\n"
     )
+    summary = [asdict(row) for row in summary_rows(results, args.tools)]
+    (args.out / f"summary-{stamp}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nlogs and JSON results: {args.out}", file=sys.stderr)
     return 1 if any(r.seconds is None for r in results) else 0
 

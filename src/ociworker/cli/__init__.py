@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ociworker import log, rootless
+from ociworker import log
 from ociworker.cli.failures import Phase, UsageError, describe
 from ociworker.core.build import (
     BuildDefinition,
@@ -332,16 +332,17 @@ def make_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the worker daemon (gRPC)")
     _serve_flags(sv)
 
-    from ociworker.cli.doctor import doctor_flags
-
-    doctor_flags(sub.add_parser("doctor", help="check that this host and user can build"))
-
-    from ociworker.cli.info import info_flags
+    # doctor's and info's modules load only when they run (info's pulls in grpc)
+    _format_flag(sub.add_parser("doctor", help="check that this host and user can build"))
 
     inf = sub.add_parser("info", help="show what a running daemon says about itself")
-    info_flags(inf)
+    _format_flag(inf)
     _client_flags(inf)
     return parser
+
+
+def _format_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def _history_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -1065,9 +1066,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("serve", "doctor"):
             _resolve_addrs(args)
         _state.root = getattr(args, "root", None)
-        if _embedded(args) and rootless.needed():
-            # An ordinary user's worker runs as root of a user namespace of its own.
-            return rootless.run(list(sys.argv[1:] if argv is None else argv))
+        # rootless (and its imports) only for an ordinary user: root and a daemon's
+        # client never need it
+        if _embedded(args) and os.geteuid() != 0:
+            from ociworker import rootless
+
+            if rootless.needed():
+                # An ordinary user's worker runs as root of a user namespace of its own.
+                return rootless.run(list(sys.argv[1:] if argv is None else argv))
         return asyncio.run(_main(args))
     except BaseException as exc:  # the one place that maps every way out to words
         if isinstance(exc, SystemExit):  # --help, --version

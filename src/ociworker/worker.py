@@ -36,6 +36,7 @@ from ociworker.executor.base import (
     RecoverableExecutor,
     StepLimits,
 )
+from ociworker.executor.binary import default_runtime
 from ociworker.executor.binary import find_runtime as find_runtime  # the CLI checks --runtime first
 from ociworker.executor.owners import Owner, live_owners, recover_dead
 from ociworker.exporter.imagestore import ImageStore
@@ -70,7 +71,7 @@ DEFAULT_STEP_PIDS = 16384
 @dataclass(frozen=True)
 class WorkerConfig:
     root: Path = Path(DEFAULT_ROOT)
-    runtime: str = "runc"
+    runtime: str = field(default_factory=default_runtime)
     snapshotter: Literal["auto", "overlayfs", "fuse-overlayfs", "native"] = "auto"
     insecure_registries: tuple[str, ...] = ()
     #: registry domain (``host:port`` or ``host``) -> CA files trusted for it
@@ -151,6 +152,10 @@ class Worker:
         if close is not None:
             await close()
         await self.registry.aclose()
+        # the snapshotter keeps its metadata connection open (fakes have none)
+        close_snapshots = getattr(self.snapshots, "close", None)
+        if close_snapshots is not None:
+            close_snapshots()
         self.cache.close()
         self.layers.close()
         if self.history is not None:

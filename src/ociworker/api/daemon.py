@@ -42,6 +42,7 @@ from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
+from ociworker.executor.binary import default_runtime
 from ociworker.fs.userns import default_config, default_root, default_socket, rootless
 from ociworker.log import get_logger
 from ociworker.worker import DEFAULT_ROOT, DEFAULT_STEP_PIDS, WorkerConfig, open_worker
@@ -75,7 +76,7 @@ class DaemonConfig:
     tlscacert: str = ""
     tlscert: str = ""
     tlskey: str = ""
-    runtime: str = "runc"
+    runtime: str = field(default_factory=default_runtime)
     snapshotter: str = "auto"
     insecure_registries: tuple[str, ...] = ()
     #: buildkitd's ``[registry."HOST"]`` tables: ``ca = [FILE, ...]`` trusted for

@@ -37,6 +37,7 @@ from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.core.units import human_size, parse_size
 from ociworker.errors import ConfigError, NotFoundError, OciworkerError
+from ociworker.executor.binary import default_runtime
 from ociworker.fs.userns import default_root
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
@@ -81,7 +82,11 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
         help="state directory (default $OCIWORKER_ROOT, else /var/lib/ociworker for root "
         "and $XDG_DATA_HOME/ociworker for a user)",
     )
-    p.add_argument("--runtime", default="runc", help="OCI runtime: runc, crun or a PATH")
+    p.add_argument(
+        "--runtime",
+        default=None,
+        help="OCI runtime: runc, crun or a PATH (default crun when installed, else runc)",
+    )
     p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default="auto")
     p.add_argument(
         "--insecure-registry",
@@ -124,7 +129,11 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tlscacert", default=None, help="CA that signs client certificates")
     p.add_argument("--tlscert", default=None, help="server certificate")
     p.add_argument("--tlskey", default=None, help="server key")
-    p.add_argument("--runtime", default=None, help="OCI runtime: runc, crun or a PATH")
+    p.add_argument(
+        "--runtime",
+        default=None,
+        help="OCI runtime: runc, crun or a PATH (default crun when installed, else runc)",
+    )
     p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default=None)
     p.add_argument("--insecure-registry", action="append", default=None, metavar="HOST")
     p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
@@ -481,7 +490,7 @@ def _worker(args: argparse.Namespace) -> Worker:
     return open_worker(
         WorkerConfig(
             root=args.root,
-            runtime=args.runtime,
+            runtime=args.runtime or default_runtime(),
             snapshotter=args.snapshotter,
             insecure_registries=tuple(args.insecure_registry),
             registry_ca=_registry_ca(getattr(args, "registry_ca", ())),
@@ -662,7 +671,7 @@ async def _build(
         # A runtime that is not there is refused before the state dir is made.
         from ociworker.worker import find_runtime
 
-        find_runtime(args.runtime)
+        find_runtime(args.runtime or default_runtime())
     check_build_paths(req, root=None if args.addr else args.root)
     # Parsed before the worker opens anything: a bad flag changes nothing.
     from ociworker.session.secrets import LocalSecrets, SecretSource

@@ -18,6 +18,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
+from ociworker.cachedb.filehashes import SQLiteFileHashes
 from ociworker.cachedb.history import SQLiteHistory
 from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
@@ -158,6 +159,7 @@ class Worker:
             close_snapshots()
         self.cache.close()
         self.layers.close()
+        self.checksums.close()
         if self.history is not None:
             self.history.close()
         if self.owner is not None:
@@ -250,7 +252,8 @@ def _open_worker(
         return result.kind == "none"
 
     cache = SQLiteCacheIndex(root / "cache.db", validate=valid)
-    checksums = ContextChecksums()
+    # a new process per embedded build: the context's file hashes are kept on disk
+    checksums = ContextChecksums(SQLiteFileHashes(root / "filehashes.db"))
     # leases of builds whose process died (a crash, SIGKILL) are released now
     cache.held_since()
     comparer = _LazyComparer(functools.partial(_comparer, content, tmp))

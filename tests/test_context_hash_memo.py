@@ -14,6 +14,7 @@ import pytest
 from ociworker.cachedb import filehashes
 from ociworker.cachedb.filehashes import SQLiteFileHashes
 from ociworker.core.graph import Copy
+from ociworker.ops import context
 from ociworker.ops.context import ContextChecksums, LocalContext
 
 
@@ -27,7 +28,7 @@ def _settle(path: Path) -> None:
 @pytest.fixture
 def settled_now(monkeypatch: pytest.MonkeyPatch) -> None:
     # every file of the test counts as settled (its ctime is "now")
-    monkeypatch.setattr(filehashes, "SETTLED_NS", -60_000_000_000)
+    monkeypatch.setattr(context, "SETTLED_NS", -60_000_000_000)
 
 
 def _checksum(db: Path, ctx: Path) -> str:

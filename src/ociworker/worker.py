@@ -37,7 +37,7 @@ from ociworker.executor.base import (
     RecoverableExecutor,
     StepLimits,
 )
-from ociworker.executor.binary import default_runtime
+from ociworker.executor.binary import default_runtime as default_runtime
 from ociworker.executor.binary import find_runtime as find_runtime  # the CLI checks --runtime first
 from ociworker.executor.owners import Owner, live_owners, recover_dead
 from ociworker.exporter.imagestore import ImageStore

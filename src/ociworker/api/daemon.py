@@ -42,10 +42,15 @@ from ociworker.core.history import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
 from ociworker.core.progress import DEFAULT_LOG_CAP
 from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
-from ociworker.executor.binary import default_runtime
 from ociworker.fs.userns import default_config, default_root, default_socket, rootless
 from ociworker.log import get_logger
-from ociworker.worker import DEFAULT_ROOT, DEFAULT_STEP_PIDS, WorkerConfig, open_worker
+from ociworker.worker import (
+    DEFAULT_ROOT,
+    DEFAULT_STEP_PIDS,
+    WorkerConfig,
+    default_runtime,
+    open_worker,
+)
 
 _log = get_logger(__name__)
 

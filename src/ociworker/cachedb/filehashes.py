@@ -5,23 +5,18 @@ rebuild would read and hash every file a COPY selects again (BuildKit keeps its
 context checksums in its own database for the same reason). A hash is looked up by
 the file's identity: real path, device, inode, size, mtime and ctime. A write moves
 ctime forward, and ctime cannot be set back, so a changed file is never matched.
-Only files whose times are older than ``SETTLED_NS`` are stored: a file written in
-the same clock tick as it was hashed (the "racy git" case) is hashed again next time.
+Which hashes are worth keeping is the caller's rule (``ops.context``).
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
 
 from ociworker.fs.sqlite import enable_wal
 
-#: a file's times must be this much older than its hashing for the hash to be kept
-SETTLED_NS = 2_000_000_000
 #: rows kept; beyond it the oldest go (hashes of files long changed or gone)
 MAX_ROWS = 200_000
 
@@ -40,20 +35,6 @@ CREATE TABLE IF NOT EXISTS file_hashes (
     PRIMARY KEY (path, dev, ino, size, mtime, ctime)
 )
 """
-
-
-class FileHashMemo(Protocol):
-    def under(self, directory: str) -> dict[FileKey, str]:
-        """Every hash kept for a file below ``directory`` (one query for a context)."""
-        ...
-
-    def put_many(self, items: Iterable[tuple[FileKey, str]]) -> None: ...
-
-
-def settled(key: FileKey, now_ns: int | None = None) -> bool:
-    """Whether ``key``'s times are old enough for its hash to be kept."""
-    now = time.time_ns() if now_ns is None else now_ns
-    return max(key[4], key[5]) < now - SETTLED_NS
 
 
 class SQLiteFileHashes:

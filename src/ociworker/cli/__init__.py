@@ -37,7 +37,6 @@ from ociworker.core.progress import Event, EventSink
 from ociworker.core.session import NoSSH, SSHAgents
 from ociworker.core.units import human_size, parse_size
 from ociworker.errors import ConfigError, NotFoundError, OciworkerError
-from ociworker.executor.binary import default_runtime
 from ociworker.fs.userns import default_root
 from ociworker.progress_ui import PROGRESS_MODES, PlainPrinter, QuietPrinter, RawJSONPrinter
 from ociworker.session.credentials import DockerConfigCredentials
@@ -483,7 +482,7 @@ def _worker(args: argparse.Namespace) -> Worker:
     # The worker (and the controller) load only for an embedded command: a
     # client of a daemon never needs them, and they are most of start-up.
     from ociworker.session.preflight import check_worker_root
-    from ociworker.worker import WorkerConfig, open_worker
+    from ociworker.worker import WorkerConfig, default_runtime, open_worker
 
     check_worker_root(args.root)
 
@@ -669,7 +668,7 @@ async def _build(
 
     if not args.addr:
         # A runtime that is not there is refused before the state dir is made.
-        from ociworker.worker import find_runtime
+        from ociworker.worker import default_runtime, find_runtime
 
         find_runtime(args.runtime or default_runtime())
     check_build_paths(req, root=None if args.addr else args.root)

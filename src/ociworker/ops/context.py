@@ -11,11 +11,11 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from ociworker.cachedb.filehashes import FileHashMemo, FileKey, settled
 from ociworker.core.digest import digest_of
 from ociworker.core.graph import Copy, OpSpec, SourceOp, Vertex
 from ociworker.errors import NotFoundError, UserError
@@ -23,6 +23,28 @@ from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
 from ociworker.ops import fileactions as fileops
 from ociworker.solver.scheduler import Job, Result
+
+#: path, device, inode, size, mtime_ns, ctime_ns: a file's identity for its hash
+FileKey = tuple[str, int, int, int, int, int]
+#: a file's times must be this much older than its hashing for the hash to be kept
+#: beyond the process: one written in the same clock tick as it was hashed could
+#: change again without moving its times (the "racy git" case)
+SETTLED_NS = 2_000_000_000
+
+
+class FileHashMemo(Protocol):
+    """File hashes kept beyond the process (``cachedb.filehashes``)."""
+
+    def under(self, directory: str) -> dict[FileKey, str]:
+        """Every hash kept for a file below ``directory`` (one query for a context)."""
+        ...
+
+    def put_many(self, items: Iterable[tuple[FileKey, str]]) -> None: ...
+
+
+def settled(key: FileKey, now_ns: int) -> bool:
+    """Whether ``key``'s times are old enough for its hash to be kept."""
+    return max(key[4], key[5]) < now_ns - SETTLED_NS
 
 
 @dataclass(frozen=True)

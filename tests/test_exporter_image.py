@@ -137,3 +137,17 @@ def test_read_image_rejects_non_manifests(store: ContentStore) -> None:
         read_image(store, not_json)
     with pytest.raises(NotFoundError):
         read_image(store, sha256_bytes(b"absent"))
+
+
+def test_an_unchanged_image_leaves_its_stored_blobs_as_they_are(store: ContentStore) -> None:
+    # A rebuild that changed nothing: the same config and manifest are already stored,
+    # so they are not written (nor fsynced) again; the result is the same image.
+    layer = make_layer(store, {"a": b"1"})
+    first = write_image(store, base_config(1), [layer])
+    blobs = [store.blob_path(d.digest) for d in (first.manifest, first.config)]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in blobs]
+    again = write_image(store, base_config(1), [layer])
+    assert again == first
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in blobs] == before
+    # and the blobs read back as what their digests name
+    assert sha256_bytes(store.read(first.manifest.digest)) == first.manifest.digest

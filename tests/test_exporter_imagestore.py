@@ -91,3 +91,17 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
     names = [n for n, _ in ImageStore(tmp_path).list()]
     assert len(names) == 201
     assert "example.com/a:99" in names and "example.com/b:0" in names
+
+
+def test_tagging_the_same_manifest_again_changes_nothing(tmp_path: Path) -> None:
+    # an unchanged rebuild tags the manifest it tagged before: no write (the record,
+    # its times included, stays as it was); a new manifest is recorded as before
+    store = ImageStore(tmp_path)
+    store.put("docker.io/library/foo:latest", _desc(1))
+    first = store.record("docker.io/library/foo:latest")
+    store.put("foo", _desc(1))
+    assert store.record("docker.io/library/foo:latest") == first
+    store.put("foo", _desc(2))
+    second = store.record("docker.io/library/foo:latest")
+    assert first is not None and second is not None
+    assert second.descriptor == _desc(2) and second.created == first.created

@@ -48,8 +48,6 @@ from ociworker.core.session import (
     Secrets,
     SSHAgents,
 )
-from ociworker.definition import decode as decode_definition
-from ociworker.definition import encode as encode_definition
 from ociworker.errors import (
     ConfigError,
     DockerfileError,
@@ -203,6 +201,10 @@ async def plan_frontend(
         # survives its own serialized form's checks.
         target = result.target
         if target is not None:
+            # the protobuf runtime loads for these frontends only, not for a Dockerfile
+            from ociworker.definition import decode as decode_definition
+            from ociworker.definition import encode as encode_definition
+
             target = await asyncio.to_thread(
                 lambda: decode_definition(encode_definition(target)).target
             )

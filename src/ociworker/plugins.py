@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ociworker.errors import ConfigError
-from ociworker.frontend.base import Frontend
-from ociworker.frontend.graph import GraphFrontend
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
+
+    from ociworker.frontend.base import Frontend
 
 GROUP = "ociworker.frontends"
 DOCKERFILE = "dockerfile.v0"
@@ -65,6 +65,10 @@ def get(name: str) -> Chosen:
     if name == DOCKERFILE:
         return Chosen(DOCKERFILE, None)
     if name == GRAPH:
+        # loaded when asked for: it brings the protobuf runtime, which a Dockerfile
+        # build (the common case) never needs
+        from ociworker.frontend.graph import GraphFrontend
+
         return Chosen(GRAPH, GraphFrontend())
     ep = _plugins().get(name)
     if ep is None:

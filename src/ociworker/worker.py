@@ -18,6 +18,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
+from ociworker.cachedb.filehashes import SQLiteFileHashes
 from ociworker.cachedb.history import SQLiteHistory
 from ociworker.cachedb.records import SQLiteCacheIndex
 from ociworker.content.store import ContentStore
@@ -36,6 +37,7 @@ from ociworker.executor.base import (
     RecoverableExecutor,
     StepLimits,
 )
+from ociworker.executor.binary import default_runtime as default_runtime
 from ociworker.executor.binary import find_runtime as find_runtime  # the CLI checks --runtime first
 from ociworker.executor.owners import Owner, live_owners, recover_dead
 from ociworker.exporter.imagestore import ImageStore
@@ -71,7 +73,7 @@ DEFAULT_STEP_PIDS = 16384
 @dataclass(frozen=True)
 class WorkerConfig:
     root: Path = Path(DEFAULT_ROOT)
-    runtime: str = "runc"
+    runtime: str = field(default_factory=default_runtime)
     snapshotter: Literal["auto", "overlayfs", "fuse-overlayfs", "native"] = "auto"
     insecure_registries: tuple[str, ...] = ()
     #: registry domain (``host:port`` or ``host``) -> CA files trusted for it
@@ -152,8 +154,13 @@ class Worker:
         if close is not None:
             await close()
         await self.registry.aclose()
+        # the snapshotter keeps its metadata connection open (fakes have none)
+        close_snapshots = getattr(self.snapshots, "close", None)
+        if close_snapshots is not None:
+            close_snapshots()
         self.cache.close()
         self.layers.close()
+        self.checksums.close()
         if self.history is not None:
             self.history.close()
         if self.owner is not None:
@@ -247,7 +254,8 @@ def _open_worker(
         return result.kind == "none"
 
     cache = SQLiteCacheIndex(root / "cache.db", validate=valid)
-    checksums = ContextChecksums()
+    # a new process per embedded build: the context's file hashes are kept on disk
+    checksums = ContextChecksums(SQLiteFileHashes(root / "filehashes.db"))
     # leases of builds whose process died (a crash, SIGKILL) are released now
     cache.held_since()
     comparer = _LazyComparer(functools.partial(_comparer, content, tmp))

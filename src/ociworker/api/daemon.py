@@ -44,7 +44,13 @@ from ociworker.core.units import parse_size
 from ociworker.errors import ConfigError, HostError
 from ociworker.fs.userns import default_config, default_root, default_socket, rootless
 from ociworker.log import get_logger
-from ociworker.worker import DEFAULT_ROOT, DEFAULT_STEP_PIDS, WorkerConfig, open_worker
+from ociworker.worker import (
+    DEFAULT_ROOT,
+    DEFAULT_STEP_PIDS,
+    WorkerConfig,
+    default_runtime,
+    open_worker,
+)
 
 _log = get_logger(__name__)
 
@@ -75,7 +81,7 @@ class DaemonConfig:
     tlscacert: str = ""
     tlscert: str = ""
     tlskey: str = ""
-    runtime: str = "runc"
+    runtime: str = field(default_factory=default_runtime)
     snapshotter: str = "auto"
     insecure_registries: tuple[str, ...] = ()
     #: buildkitd's ``[registry."HOST"]`` tables: ``ca = [FILE, ...]`` trusted for

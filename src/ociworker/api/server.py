@@ -231,6 +231,7 @@ class ControlService:
         self.gc = gc if gc is not None else GCConfig(enabled=False)
         self._gc_task: asyncio.Task[None] | None = None
         self._gc_again = False
+        self._gc_full = False
         self.sessions = SessionHub()
         self.contexts = ContextStore(worker.root / "contexts")
         self._builds: OrderedDict[str, _Build] = OrderedDict()
@@ -245,24 +246,31 @@ class ControlService:
             self.gc_soon()
             await asyncio.sleep(interval)
 
-    def gc_soon(self) -> None:
+    def gc_soon(self, *, skip_unchanged: bool = False) -> None:
         """A GC pass in the background; one at a time (a request during a pass
-        runs one more after it, so the last build's records are counted)."""
+        runs one more after it, so the last build's records are counted).
+        ``skip_unchanged``: the pass may end at once when no record was written
+        since the last one (``gc.collect``); a full pass asked for meanwhile wins."""
         if not self.gc.enabled:
             return
         if self._gc_task is not None and not self._gc_task.done():
             self._gc_again = True
+            self._gc_full = self._gc_full or not skip_unchanged
             return
+        self._gc_full = not skip_unchanged
         self._gc_task = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
         again = True
         while again:
             self._gc_again = False
+            skip, self._gc_full = not self._gc_full, False
             try:
                 st = os.statvfs(self.worker.root)
                 policies = self.gc.effective(st.f_blocks * st.f_frsize)
-                await controller.collect_garbage(self.worker, policies, self.contexts.root)
+                await controller.collect_garbage(
+                    self.worker, policies, self.contexts.root, skip_unchanged=skip
+                )
             except Exception as exc:  # GC must never take the daemon down
                 _log.warning("gc failed", error=str(exc))
             again = self._gc_again
@@ -425,7 +433,9 @@ class ControlService:
                     prelude=tuple(early),
                 )
             finally:
-                self.gc_soon()
+                # A rebuild that wrote no record and synced no file leaves nothing new
+                # to collect: its pass is one query (the timer's passes stay full).
+                self.gc_soon(skip_unchanged=sent == 0 and not named)
         metadata = dict(result.metadata)
         metadata["ociworker.context.bytes_sent"] = sent
         return pb.SolveResult(

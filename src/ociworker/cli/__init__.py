@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ociworker import log, rootless
+from ociworker import log
 from ociworker.cli.failures import Phase, UsageError, describe
 from ociworker.core.build import (
     BuildDefinition,
@@ -81,7 +81,11 @@ def _worker_flags(p: argparse.ArgumentParser) -> None:
         help="state directory (default $OCIWORKER_ROOT, else /var/lib/ociworker for root "
         "and $XDG_DATA_HOME/ociworker for a user)",
     )
-    p.add_argument("--runtime", default="runc", help="OCI runtime: runc, crun or a PATH")
+    p.add_argument(
+        "--runtime",
+        default=None,
+        help="OCI runtime: runc, crun or a PATH (default crun when installed, else runc)",
+    )
     p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default="auto")
     p.add_argument(
         "--insecure-registry",
@@ -124,7 +128,11 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tlscacert", default=None, help="CA that signs client certificates")
     p.add_argument("--tlscert", default=None, help="server certificate")
     p.add_argument("--tlskey", default=None, help="server key")
-    p.add_argument("--runtime", default=None, help="OCI runtime: runc, crun or a PATH")
+    p.add_argument(
+        "--runtime",
+        default=None,
+        help="OCI runtime: runc, crun or a PATH (default crun when installed, else runc)",
+    )
     p.add_argument("--snapshotter", choices=SNAPSHOTTERS, default=None)
     p.add_argument("--insecure-registry", action="append", default=None, metavar="HOST")
     p.add_argument("--max-parallelism", type=int, default=None, metavar="N")
@@ -332,16 +340,17 @@ def make_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the worker daemon (gRPC)")
     _serve_flags(sv)
 
-    from ociworker.cli.doctor import doctor_flags
-
-    doctor_flags(sub.add_parser("doctor", help="check that this host and user can build"))
-
-    from ociworker.cli.info import info_flags
+    # doctor's and info's modules load only when they run (info's pulls in grpc)
+    _format_flag(sub.add_parser("doctor", help="check that this host and user can build"))
 
     inf = sub.add_parser("info", help="show what a running daemon says about itself")
-    info_flags(inf)
+    _format_flag(inf)
     _client_flags(inf)
     return parser
+
+
+def _format_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def _history_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -473,14 +482,14 @@ def _worker(args: argparse.Namespace) -> Worker:
     # The worker (and the controller) load only for an embedded command: a
     # client of a daemon never needs them, and they are most of start-up.
     from ociworker.session.preflight import check_worker_root
-    from ociworker.worker import WorkerConfig, open_worker
+    from ociworker.worker import WorkerConfig, default_runtime, open_worker
 
     check_worker_root(args.root)
 
     return open_worker(
         WorkerConfig(
             root=args.root,
-            runtime=args.runtime,
+            runtime=args.runtime or default_runtime(),
             snapshotter=args.snapshotter,
             insecure_registries=tuple(args.insecure_registry),
             registry_ca=_registry_ca(getattr(args, "registry_ca", ())),
@@ -659,9 +668,9 @@ async def _build(
 
     if not args.addr:
         # A runtime that is not there is refused before the state dir is made.
-        from ociworker.worker import find_runtime
+        from ociworker.worker import default_runtime, find_runtime
 
-        find_runtime(args.runtime)
+        find_runtime(args.runtime or default_runtime())
     check_build_paths(req, root=None if args.addr else args.root)
     # Parsed before the worker opens anything: a bad flag changes nothing.
     from ociworker.session.secrets import LocalSecrets, SecretSource
@@ -1065,9 +1074,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command not in ("serve", "doctor"):
             _resolve_addrs(args)
         _state.root = getattr(args, "root", None)
-        if _embedded(args) and rootless.needed():
-            # An ordinary user's worker runs as root of a user namespace of its own.
-            return rootless.run(list(sys.argv[1:] if argv is None else argv))
+        # rootless (and its imports) only for an ordinary user: root and a daemon's
+        # client never need it
+        if _embedded(args) and os.geteuid() != 0:
+            from ociworker import rootless
+
+            if rootless.needed():
+                # An ordinary user's worker runs as root of a user namespace of its own.
+                return rootless.run(list(sys.argv[1:] if argv is None else argv))
         return asyncio.run(_main(args))
     except BaseException as exc:  # the one place that maps every way out to words
         if isinstance(exc, SystemExit):  # --help, --version

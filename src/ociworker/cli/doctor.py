@@ -29,10 +29,6 @@ _SYSCTLS = (
 _PROBE_TIMEOUT = 30
 
 
-def doctor_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=("text", "json"), default="text")
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     report = diagnose(gather())
     print(report.to_json() if args.format == "json" else report.render(), end="")

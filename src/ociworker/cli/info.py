@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from ociworker.api.client import Client, DaemonInfo
 from ociworker.fs.userns import default_socket
+
+if TYPE_CHECKING:
+    from ociworker.api.client import DaemonInfo
 
 # Below the worker image's HEALTHCHECK --timeout (10 s): the check fails with our one-line
 # reason rather than being killed by dockerd without one.
 INFO_TIMEOUT_S = 5.0
-
-
-def info_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", choices=("text", "json"), default="text")
 
 
 def format_info(info: DaemonInfo, fmt: str) -> str:
@@ -49,6 +48,10 @@ def format_info(info: DaemonInfo, fmt: str) -> str:
 
 
 async def cmd_info(args: argparse.Namespace) -> int:
+    # grpc and the protobuf modules load here, not with the parser: every command's
+    # start-up (an embedded build's most of all) would pay for them otherwise.
+    from ociworker.api.client import Client
+
     # The daemon's own default when no address is given: root's socket under /run, a user's
     # under $XDG_RUNTIME_DIR (what `ociworker serve` listens on as that user).
     addr = args.addr or f"unix://{default_socket()}"

@@ -642,7 +642,14 @@ class OCIRuntimeExecutor:
         log = bundle / "runtime.log"
         pid_file = bundle / "init.pid"
 
+        exited: list[int] = []  # the runtime's own exit status, once it has one
+
         async def delete() -> None:
+            # runc and crun remove a container they ran in the foreground when it
+            # exits: a runtime that exited on its own and left no state needs no
+            # `delete` (a process of its own: one spawn fewer per step).
+            if exited and exited[0] >= 0 and not (root / cid).exists():
+                return
             # Also reaps a container left "created" by a runtime killed mid-start.
             await self._ctl("delete", "--force", cid, root=root)
 
@@ -670,6 +677,7 @@ class OCIRuntimeExecutor:
         try:
             await asyncio.gather(*pumps)
             rc = await proc.wait()
+            exited.append(rc)
         finally:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

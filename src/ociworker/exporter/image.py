@@ -14,7 +14,7 @@ from typing import Any
 
 from ociworker.content.image import read_image
 from ociworker.content.store import ContentStore
-from ociworker.core.digest import canonical_json, check_digest
+from ociworker.core.digest import Digest, canonical_json, check_digest, sha256_bytes
 from ociworker.core.oci import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
@@ -44,6 +44,17 @@ class ImageResult:
     manifest: Descriptor
     config: Descriptor
     layers: tuple[Layer, ...]
+
+
+def _put_once(store: ContentStore, data: bytes) -> Digest:
+    """Store ``data`` unless a blob of its digest is already there. A rebuild that
+    changed nothing makes the same config and manifest: the stored blob was verified
+    and fsynced by the commit that wrote it, so writing and fsyncing it again (two
+    fsyncs per blob) would only cost time."""
+    digest = sha256_bytes(data)
+    if store.has(digest):
+        return digest
+    return store.put(data, expected=digest)
 
 
 def write_image(
@@ -81,7 +92,7 @@ def write_image(
     cfg_bytes = canonical_json(cfg)
     cfg_desc = Descriptor(
         media_type=OCI_CONFIG if oci_media_types else DOCKER_CONFIG,
-        digest=store.put(cfg_bytes),
+        digest=_put_once(store, cfg_bytes),
         size=len(cfg_bytes),
     )
 
@@ -96,7 +107,7 @@ def write_image(
     man_bytes = canonical_json(manifest)
     man_desc = Descriptor(
         media_type=manifest["mediaType"],
-        digest=store.put(man_bytes),
+        digest=_put_once(store, man_bytes),
         size=len(man_bytes),
     )
     return ImageResult(manifest=man_desc, config=cfg_desc, layers=layers)

@@ -38,7 +38,7 @@ class StoredImage:
     name: str
     descriptor: Descriptor
     created: float  # unix time of the first put under this name
-    updated: float  # unix time of the last put
+    updated: float  # unix time of the last put that changed the descriptor
 
 
 class ImageStore:
@@ -53,12 +53,18 @@ class ImageStore:
     def put(self, name: str, desc: Descriptor) -> None:
         name = normalize_name(name)
         now = time.time()
+        text = json.dumps(desc.to_json(), sort_keys=True)
         with self._db() as db:
+            # A rebuild that changed nothing tags the same manifest again: a read
+            # answers that, where a write would cost a commit (and its fsync) per build.
+            row = db.execute("SELECT descriptor FROM images WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] == text:
+                return
             db.execute(
                 "INSERT INTO images (name, descriptor, created, updated) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET "
                 "descriptor = excluded.descriptor, updated = excluded.updated",
-                (name, json.dumps(desc.to_json(), sort_keys=True), now, now),
+                (name, text, now, now),
             )
 
     def get(self, name: str) -> Descriptor | None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -73,7 +72,9 @@ _FLAGS: dict[str, tuple[int, bool]] = {
 # Overlay options whose values are paths (lowerdir is a ':'-separated list).
 _OVERLAY_PATH_OPTIONS = ("lowerdir", "upperdir", "workdir")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library the interpreter is linked with, by its already loaded symbols:
+# find_library("c") runs ldconfig in a subprocess, milliseconds on every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,

@@ -9,9 +9,12 @@ import asyncio
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ociworker.core.digest import digest_of
 from ociworker.core.graph import Copy, OpSpec, SourceOp, Vertex
@@ -20,6 +23,28 @@ from ociworker.fs import walk
 from ociworker.fs.paths import secure_join
 from ociworker.ops import fileactions as fileops
 from ociworker.solver.scheduler import Job, Result
+
+#: path, device, inode, size, mtime_ns, ctime_ns: a file's identity for its hash
+FileKey = tuple[str, int, int, int, int, int]
+#: a file's times must be this much older than its hashing for the hash to be kept
+#: beyond the process: one written in the same clock tick as it was hashed could
+#: change again without moving its times (the "racy git" case)
+SETTLED_NS = 2_000_000_000
+
+
+class FileHashMemo(Protocol):
+    """File hashes kept beyond the process (``cachedb.filehashes``)."""
+
+    def under(self, directory: str) -> dict[FileKey, str]:
+        """Every hash kept for a file below ``directory`` (one query for a context)."""
+        ...
+
+    def put_many(self, items: Iterable[tuple[FileKey, str]]) -> None: ...
+
+
+def settled(key: FileKey, now_ns: int) -> bool:
+    """Whether ``key``'s times are old enough for its hash to be kept."""
+    return max(key[4], key[5]) < now_ns - SETTLED_NS
 
 
 @dataclass(frozen=True)
@@ -32,16 +57,22 @@ class LocalContext:
 
 class ContextChecksums:
     """Checksums of what steps select from local contexts, with a memo of
-    per-file hashes (kept while a file's inode, size and times are unchanged)."""
+    per-file hashes (kept while a file's inode, size and times are unchanged);
+    ``stored``: a memo that outlives the process (``cachedb.filehashes``)."""
 
-    def __init__(self) -> None:
-        self._memo: dict[tuple[str, int, int, int, int], str] = {}
+    def __init__(self, stored: FileHashMemo | None = None) -> None:
+        self._memo: dict[FileKey, str] = {}
+        self._stored = stored
+        self._lock = threading.Lock()
+        self._new: list[tuple[FileKey, str]] = []
+        self._loaded: set[str] = set()  # context roots whose stored hashes are in _memo
 
     def content_checksum(self, ctx: LocalContext, copies: Sequence[Copy]) -> str:
         """Digest of the files that ``copies`` select from a local context (content,
         names, modes and link targets; not mtimes), reusing per-file hashes while the
         file's inode, size and times are unchanged."""
         src = walk.Source(ctx.root, ctx.ignore, is_context=True)
+        self._load(ctx.root)
         h = hashlib.sha256()
         for copy in copies:
             h.update(b"\x00pattern\x00" + copy.src.encode())
@@ -62,7 +93,34 @@ class ContextChecksums:
                         h.update(b"L" + link.encode())
                     elif stat.S_ISDIR(st.st_mode):
                         h.update(b"D")
+        self._save()
         return "sha256:" + h.hexdigest()
+
+    def _load(self, root: Path) -> None:
+        """The stored hashes of the files below ``root``, in one query (a lookup per
+        file would cost more than the rest of an unchanged rebuild's key)."""
+        if self._stored is None:
+            return
+        key = str(root)
+        with self._lock:
+            if key in self._loaded:
+                return
+            self._loaded.add(key)
+        self._memo.update(self._stored.under(key))
+
+    def close(self) -> None:
+        close = getattr(self._stored, "close", None)
+        if close is not None:
+            close()
+
+    def _save(self) -> None:
+        """Hand the hashes made since the last call to the stored memo, in one write."""
+        if self._stored is None:
+            return
+        with self._lock:
+            new, self._new = self._new, []
+        now = time.time_ns()
+        self._stored.put_many((k, d) for k, d in new if settled(k, now))
 
     def selected_files(self, ctx: LocalContext, copies: Sequence[Copy]) -> dict[str, str]:
         """The regular files (and links) ``copies`` select, each with the digest of
@@ -89,7 +147,7 @@ class ContextChecksums:
 
     def _file_hash(self, root: Path, rel: str, st: os.stat_result) -> str:
         real = secure_join(root, rel, follow_last=True)
-        key = (str(real), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = (str(real), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         cached = self._memo.get(key)
         if cached is not None:
             return cached
@@ -98,6 +156,9 @@ class ContextChecksums:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         self._memo[key] = h.hexdigest()
+        if self._stored is not None:
+            with self._lock:
+                self._new.append((key, h.hexdigest()))
         return h.hexdigest()
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import pwd
 import shutil
@@ -62,7 +61,9 @@ _NET_READY_TIMEOUT = 30.0
 #: exit code of a namespace process that failed before the worker ran
 _SETUP_FAILED = 125
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# The C library the interpreter is linked with, by its already loaded symbols:
+# find_library("c") runs ldconfig in a subprocess, milliseconds on every start.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -69,13 +70,48 @@ def _probe(root: Path, userxattr: bool, mount_type: str = "overlay") -> bool:
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: a root where the overlay probe passed since the last boot (see ``overlay_supported``)
+PROBED_MARKER = "overlay-probe.ok"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _probe_stamp(userxattr: bool) -> str:
+    # what the answer depends on besides the root's filesystem: the kernel that
+    # runs (a new one comes with a boot) and whether we are in a user namespace
+    return f"{_boot_id()} userxattr={userxattr}\n"
+
+
+def _passed_before(root: Path, stamp: str) -> bool:
+    try:
+        return (root / PROBED_MARKER).read_text(encoding="ascii") == stamp and bool(_boot_id())
+    except (OSError, ValueError):
+        return False
+
+
 def overlay_supported(root: Path) -> bool:
     """Whether overlayfs with upper and work dirs on ``root``'s filesystem can be
-    mounted here. Probed once per root per process."""
+    mounted here. Probed once per root per process; a pass is remembered in the root
+    until the next boot, so an embedded build does not pay for a mount and an unmount
+    on every start (a failure is probed again each time)."""
     key = os.path.abspath(root)
     with _probe_lock:
         if key not in _probed:
-            _probed[key] = _probe(Path(key), in_user_namespace())
+            userxattr = in_user_namespace()
+            stamp = _probe_stamp(userxattr)
+            ok = _passed_before(Path(key), stamp)
+            if not ok:
+                ok = _probe(Path(key), userxattr)
+                if ok:
+                    with contextlib.suppress(OSError):
+                        (Path(key) / PROBED_MARKER).write_text(stamp, encoding="ascii")
+            _probed[key] = ok
         return _probed[key]
 
 

@@ -45,8 +45,8 @@ from ociworker.diff.tarutil import (
     WHITEOUT_OPAQUE,
     WHITEOUT_PREFIX,
     XATTR_PAX_PREFIX,
-    HashingReader,
-    decompressed,
+    DecompressingPipe,
+    ForwardReader,
     is_overlay_xattr,
     map_os_error,
     mounted,
@@ -105,20 +105,21 @@ class LayerApplier:
 def apply_blob(store: ContentStore, layer: Descriptor, root: Path) -> Digest:
     """Extract blob ``layer`` from ``store`` onto directory ``root``; its diffID."""
     with store.open(layer.digest) as raw:
-        blob = HashingReader(raw)
+        tar_stream = DecompressingPipe(raw, layer.media_type)
         try:
-            tar_stream = HashingReader(decompressed(blob, layer.media_type))
             apply_tar_stream(tar_stream, root)
             # the diffID covers the whole uncompressed stream, including the
             # padding after the end-of-archive blocks that tarfile never reads
             tar_stream.drain()
-            blob.drain()
         except DECOMPRESS_ERRORS as e:
             raise UserError(f"layer {layer.digest}: corrupt compressed stream: {e}") from e
-    if blob.digest != layer.digest or blob.size != layer.size:
+        finally:
+            tar_stream.close()
+    if tar_stream.blob_digest != layer.digest or tar_stream.blob_size != layer.size:
         raise DigestMismatchError(
             f"layer blob {layer.digest} ({layer.size} bytes) read back as "
-            f"{blob.digest} ({blob.size} bytes); the snapshot it was applied to is invalid"
+            f"{tar_stream.blob_digest} ({tar_stream.blob_size} bytes); the snapshot it was "
+            "applied to is invalid"
         )
     want = dict(layer.annotations).get(ANNOTATION_UNCOMPRESSED)
     if want is not None and want != tar_stream.digest:
@@ -159,7 +160,9 @@ class _Extractor:
 
     def run(self, fileobj: SupportsRead | IO[bytes]) -> None:
         try:
-            with tarfile.open(fileobj=cast(IO[bytes], fileobj), mode="r|", bufsize=CHUNK) as tar:
+            # the ordinary mode over a forward-only reader: see ForwardReader
+            src = cast(IO[bytes], ForwardReader(fileobj))
+            with tarfile.TarFile(fileobj=src, mode="r") as tar:
                 for member in tar:
                     try:
                         self._entry(tar, member)
@@ -283,8 +286,7 @@ class _Extractor:
             try:
                 src = tar.extractfile(m)
                 if src is not None:
-                    with os.fdopen(fd, "wb", closefd=False) as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
+                    _copy_to_fd(src, fd)
                 self._owner_xattrs_fd(fd, m)
                 os.fchmod(fd, mode)
                 os.utime(fd, ns=_times_ns(m))
@@ -431,6 +433,15 @@ class _Extractor:
                 os.utime(fd, ns=(meta.atime_ns, meta.mtime_ns))
             finally:
                 os.close(fd)
+
+
+def _copy_to_fd(src: IO[bytes], fd: int) -> None:
+    # straight to the descriptor: a file object per entry costs more than
+    # writing a small file does
+    while chunk := src.read(CHUNK):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def _remove(dfd: int, name: str, st: os.stat_result) -> None:

@@ -14,11 +14,13 @@ import errno
 import gzip
 import hashlib
 import os
+import queue
 import shutil
 import stat
 import struct
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -409,6 +411,152 @@ def decompressed(raw: Any, media_type: str) -> Any:
     if kind == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     return raw
+
+
+class ForwardReader:
+    """``read``/``tell``/forward-only ``seek`` over a stream, for ``tarfile.TarFile``
+    in its ordinary (seekable) mode.
+
+    tarfile's stream mode (``r|``) keeps its buffer as one ``bytes`` and slices
+    the rest off after every read: with a large buffer each 512-byte header read
+    copies up to the whole buffer (about half the time of unpacking a layer of
+    small files, measured in docs/performance.md). Here a read copies only what
+    it returns. A backward seek, which tarfile never makes on a sequential walk,
+    is refused rather than silently wrong.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or pos < self._pos:
+            raise OSError(errno.ESPIPE, "layer stream cannot seek backwards")
+        while self._pos < pos:
+            if not self.read(min(pos - self._pos, CHUNK)):
+                break  # past the end: the next read says so
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts = [self._buf[self._off :]]
+            while chunk := self._raw.read(CHUNK):
+                parts.append(chunk)
+            self._buf, self._off = b"", 0
+            out = b"".join(parts)
+            self._pos += len(out)
+            return out
+        avail = len(self._buf) - self._off
+        if n <= avail:
+            out = self._buf[self._off : self._off + n]
+            self._off += n
+            self._pos += n
+            return out
+        parts = [self._buf[self._off :]] if avail else []
+        need = n - avail
+        self._buf, self._off = b"", 0
+        while need > 0:
+            chunk = self._raw.read(max(need, CHUNK))
+            if not chunk:
+                break
+            if len(chunk) > need:
+                parts.append(chunk[:need])
+                self._buf, self._off = chunk, need
+                need = 0
+            else:
+                parts.append(chunk)
+                need -= len(chunk)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos += len(out)
+        return out
+
+
+class DecompressingPipe:
+    """The uncompressed tar of a layer blob, decompressed by a thread of its own
+    while the caller extracts, so inflating (zlib and libzstd release the GIL)
+    and hashing overlap with the file writes instead of taking turns.
+
+    The thread hashes the blob as read (``blob_digest``, ``blob_size``) and the
+    tar it yields (``digest``: the diffID, ``size``). At most ``depth`` chunks
+    wait between the two threads, so memory stays bounded. A decompression
+    error is raised by the ``read`` that reaches it, as the reader would have.
+    Always ``close`` it (it stops and joins the thread) before closing ``raw``.
+    """
+
+    _DONE = object()
+
+    def __init__(self, raw: IO[bytes] | Any, media_type: str, *, depth: int = 8) -> None:
+        self._blob = HashingReader(raw)
+        self._src = decompressed(self._blob, media_type)
+        self._tar = hashlib.sha256()
+        self.size = 0
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._eof = False
+        self._thread = threading.Thread(target=self._produce, name="decompress", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._src.read(CHUNK)
+                if not chunk:
+                    # bytes after the compressed stream still count in the blob digest
+                    self._blob.drain()
+                    break
+                self._tar.update(chunk)
+                self.size += len(chunk)
+                self._put(chunk)
+            self._put(self._DONE)
+        except BaseException as e:  # handed to the reader, which raises it
+            self._put(e)
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int = -1) -> bytes:
+        # one chunk per call whatever ``n``: ForwardReader does the gathering
+        if self._eof:
+            return b""
+        item = self._queue.get()
+        if item is self._DONE:
+            self._eof = True
+            return b""
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        assert isinstance(item, bytes)
+        return item
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256:" + self._tar.hexdigest())
+
+    @property
+    def blob_digest(self) -> Digest:
+        return self._blob.digest
+
+    @property
+    def blob_size(self) -> int:
+        return self._blob.size
 
 
 #: errors a corrupt or truncated compressed stream raises from its reader

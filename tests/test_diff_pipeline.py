@@ -1,0 +1,155 @@
+"""The applier's read pipeline: a decompressing thread feeding a forward-only
+reader under tarfile. Expectations come from the tar and blob bytes the tests
+make themselves (hashlib over them), never from the pipeline."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import random
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from ociworker.content.store import ContentStore
+from ociworker.core.digest import Digest
+from ociworker.core.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
+from ociworker.diff.apply import apply_blob
+from ociworker.diff.tarutil import DecompressingPipe, ForwardReader
+from ociworker.errors import DigestMismatchError, UnsafePathError, UserError
+
+
+def _sha(data: bytes) -> Digest:
+    return Digest("sha256:" + hashlib.sha256(data).hexdigest())
+
+
+def _tar(files: dict[str, bytes], *, hostile_last: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mode = 0o644
+            tf.addfile(ti, io.BytesIO(data))
+        if hostile_last:
+            ti = tarfile.TarInfo("evil")
+            ti.type = tarfile.LNKTYPE
+            ti.linkname = "../../outside"
+            tf.addfile(ti)
+    return buf.getvalue()
+
+
+def _compress(tar: bytes, media_type: str) -> bytes:
+    if media_type == OCI_LAYER_GZIP:
+        return gzip.compress(tar, mtime=0)
+    if media_type == OCI_LAYER_ZSTD:
+        return zstandard.ZstdCompressor().compress(tar)
+    return tar
+
+
+def _store_blob(tmp_path: Path, blob: bytes, media_type: str) -> tuple[ContentStore, Descriptor]:
+    store = ContentStore(tmp_path / "content")
+    digest = store.put(blob)
+    return store, Descriptor(media_type, digest, len(blob))
+
+
+def _decompress_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "decompress"]
+
+
+def test_forward_reader_returns_the_stream_in_any_read_sizes() -> None:
+    data = random.Random(7).randbytes(3 * (1 << 20) + 4321)
+    rnd = random.Random(11)
+    reader = ForwardReader(io.BytesIO(data))
+    got = bytearray()
+    while True:
+        n = rnd.choice([0, 1, 511, 512, 10_000, 1 << 20, 3 << 20])
+        chunk = reader.read(n)
+        if n and not chunk:
+            break
+        assert len(chunk) <= n
+        got += chunk
+        assert reader.tell() == len(got)
+    assert bytes(got) == data
+
+
+def test_forward_reader_seeks_forward_and_refuses_backwards() -> None:
+    data = bytes(range(256)) * 100
+    reader = ForwardReader(io.BytesIO(data))
+    assert reader.read(10) == data[:10]
+    assert reader.seek(5000) == 5000
+    assert reader.read(3) == data[5000:5003]
+    with pytest.raises(OSError):
+        reader.seek(100)
+    assert reader.read(-1) == data[5003:]
+
+
+@pytest.mark.parametrize("media_type", [OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD])
+def test_apply_blob_extracts_and_returns_the_diff_id(tmp_path: Path, media_type: str) -> None:
+    rnd = random.Random(3)
+    files = {f"d/f{i}": rnd.randbytes(rnd.choice([0, 1, 700, 70_000])) for i in range(300)}
+    files["big"] = rnd.randbytes(5 << 20)  # more than the pipe's queue holds
+    # zero padding after the end-of-archive blocks counts in the diffID
+    tar = _tar(files) + bytes(4096)
+    store, desc = _store_blob(tmp_path, _compress(tar, media_type), media_type)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert apply_blob(store, desc, root) == _sha(tar)
+    for name, data in files.items():
+        assert (root / name).read_bytes() == data
+    assert not _decompress_threads()
+
+
+def test_hostile_entry_after_a_large_file_fails_without_leaving_a_thread(tmp_path: Path) -> None:
+    files = {"big": random.Random(5).randbytes(12 << 20)}
+    tar = _tar(files, hostile_last=True)
+    store, desc = _store_blob(tmp_path, _compress(tar, OCI_LAYER_GZIP), OCI_LAYER_GZIP)
+    root = tmp_path / "a" / "root"
+    root.mkdir(parents=True)
+    with pytest.raises(UnsafePathError, match="evil"):
+        apply_blob(store, desc, root)
+    assert not (tmp_path / "outside").exists()
+    assert not _decompress_threads()
+
+
+def test_failing_extraction_mid_stream_stops_the_thread(tmp_path: Path) -> None:
+    # the reader gives up while the thread still has megabytes to decompress
+    blob = gzip.compress(random.Random(9).randbytes(40 << 20), mtime=0)
+    pipe = DecompressingPipe(io.BytesIO(blob), OCI_LAYER_GZIP, depth=2)
+    assert pipe.read(1 << 20)
+    pipe.close()
+    assert not _decompress_threads()
+
+
+def test_truncated_gzip_is_a_user_error(tmp_path: Path) -> None:
+    blob = gzip.compress(_tar({"a": b"x" * 100_000}), mtime=0)
+    store, desc = _store_blob(tmp_path, blob[: len(blob) // 2], OCI_LAYER_GZIP)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(UserError, match="corrupt compressed stream"):
+        apply_blob(store, desc, root)
+    assert not _decompress_threads()
+
+
+def test_blob_changed_in_the_store_is_detected(tmp_path: Path) -> None:
+    tar = _tar({"a": b"hello\n"})
+    blob = gzip.compress(tar, mtime=0)
+    store, desc = _store_blob(tmp_path, blob, OCI_LAYER_GZIP)
+    # the store's file rots after it was verified: the applier reads it back
+    path = next(
+        p
+        for p in (tmp_path / "content").rglob("*")
+        if p.is_file() and p.stat().st_size == len(blob)
+    )
+    os.chmod(path, 0o644)
+    # zero padding after the gzip member: gzip ignores it, the blob digest must not
+    path.write_bytes(blob + bytes(16))
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(DigestMismatchError, match="read back as"):
+        apply_blob(store, desc, root)

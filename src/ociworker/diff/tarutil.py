@@ -176,9 +176,64 @@ def _deflate_block(block: bytes, zdict: bytes, level: int, final: bool) -> bytes
     return c.compress(block) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
 
 
+class _Stage:
+    """One step of the layer pipeline on a thread of its own, fed through a
+    bounded queue (so memory stays a few chunks). sha256, zlib and libzstd
+    release the GIL on large buffers, so the stages run on separate CPUs.
+
+    The first error is kept and raised by the next ``put`` or by ``close``;
+    after it the thread only drains, so a producer never blocks on it."""
+
+    _END = None
+
+    def __init__(self, name: str, fn: Any, depth: int = 4) -> None:
+        self._fn = fn
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._END:
+            if self._error is None:
+                try:
+                    self._fn(item)
+                except BaseException as e:  # raised in the producer's thread
+                    self._error = e
+
+    def put(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def close(self, *, abort: bool = False) -> None:
+        """Wait until every chunk is through; its first error (unless aborting)."""
+        if not self._closed:
+            self._closed = True
+            if abort and self._error is None:
+                self._error = _Aborted()
+            self._queue.put(self._END)
+            self._thread.join()
+        if self._error is not None and not abort:
+            raise self._error
+
+
+class _Aborted(Exception):
+    """Marks a stage whose remaining chunks are to be dropped."""
+
+
 class LayerBlobWriter:
     """The sink ``LayerTarWriter`` writes into: hashes the tar (diffID),
-    compresses it and streams the result into a content store ingest."""
+    compresses it and streams the result into a content store ingest.
+
+    The three run as a pipeline (``_Stage``): the caller's thread only makes
+    tar bytes, one thread hashes them, one compresses, one hashes and writes
+    the blob. Small writes (tar headers) are gathered into ``BATCH`` bytes
+    first, so a queue hand-off is never per entry. The bytes out are the same
+    as from the serial chain: each stage sees the chunks in order."""
+
+    BATCH = 256 * 1024
 
     def __init__(self, store: ContentStore, opts: CompressionOpts) -> None:
         self.media_type = layer_media_type(opts)
@@ -191,18 +246,46 @@ class LayerBlobWriter:
             raise
         self._diff = hashlib.sha256()
         self._ingest: Ingest = store.ingest()
+        self._pending = bytearray()
+        # compressed pieces can be a whole zstd job (megabytes): keep few waiting
+        self._blob = _Stage("layer-blob", self._ingest.write, depth=2)
+        self._compress = _Stage("layer-compress", self._compress_chunk)
+        self._hash = _Stage("layer-diffid", self._diff.update)
 
-    def write(self, data: bytes) -> int:
-        self._diff.update(data)
+    def _compress_chunk(self, data: bytes) -> None:
         out = self._comp.compress(data)
         if out:
-            self._ingest.write(out)
-        return len(data)
+            self._blob.put(out)
+
+    def _dispatch(self, data: bytes) -> None:
+        self._hash.put(data)
+        self._compress.put(data)
+
+    def write(self, data: bytes) -> int:
+        n = len(data)
+        if n < self.BATCH:
+            self._pending += data
+            if len(self._pending) >= self.BATCH:
+                self._flush_pending()
+        else:
+            self._flush_pending()
+            # the stages keep a reference: hand them an immutable copy only
+            self._dispatch(data if type(data) is bytes else bytes(data))
+        return n
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._dispatch(bytes(self._pending))
+            self._pending.clear()
 
     def finish(self) -> Layer:
+        self._flush_pending()
+        self._hash.close()
+        self._compress.close()
         tail = self._comp.flush()
         if tail:
-            self._ingest.write(tail)
+            self._blob.put(tail)
+        self._blob.close()
         self._pool.shutdown()
         size = self._ingest.size
         digest = self._ingest.commit()
@@ -210,6 +293,8 @@ class LayerBlobWriter:
         return Layer(Descriptor(self.media_type, digest, size), diff_id)
 
     def abort(self) -> None:
+        for stage in (self._hash, self._compress, self._blob):
+            stage.close(abort=True)
         self._pool.shutdown(cancel_futures=True)
         self._ingest.__exit__(None, None, None)
 

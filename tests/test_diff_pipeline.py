@@ -4,6 +4,7 @@ make themselves (hashlib over them), never from the pipeline."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -16,12 +17,13 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from ociworker.content.store import ContentStore
+from ociworker.content.store import ContentStore, Ingest
 from ociworker.core.digest import Digest
 from ociworker.core.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
+from ociworker.diff import CompressionOpts, write_dir_layer
 from ociworker.diff.apply import apply_blob
 from ociworker.diff.tarutil import DecompressingPipe, ForwardReader
-from ociworker.errors import DigestMismatchError, UnsafePathError, UserError
+from ociworker.errors import DigestMismatchError, HostError, UnsafePathError, UserError
 
 
 def _sha(data: bytes) -> Digest:
@@ -119,7 +121,7 @@ def test_hostile_entry_after_a_large_file_fails_without_leaving_a_thread(tmp_pat
 
 def test_failing_extraction_mid_stream_stops_the_thread(tmp_path: Path) -> None:
     # the reader gives up while the thread still has megabytes to decompress
-    blob = gzip.compress(random.Random(9).randbytes(40 << 20), mtime=0)
+    blob = gzip.compress(bytes(64 << 20), compresslevel=1, mtime=0)
     pipe = DecompressingPipe(io.BytesIO(blob), OCI_LAYER_GZIP, depth=2)
     assert pipe.read(1 << 20)
     pipe.close()
@@ -153,3 +155,57 @@ def test_blob_changed_in_the_store_is_detected(tmp_path: Path) -> None:
     root.mkdir()
     with pytest.raises(DigestMismatchError, match="read back as"):
         apply_blob(store, desc, root)
+
+
+def _layer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("layer-")]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", "uncompressed"])
+def test_written_layer_digests_match_its_bytes(tmp_path: Path, compression: str) -> None:
+    rnd = random.Random(4)
+    tree = tmp_path / "tree"
+    for i in range(120):  # many small entries (batched) and big ones (passed through)
+        (tree / f"d{i % 7}").mkdir(parents=True, exist_ok=True)
+        (tree / f"d{i % 7}" / f"f{i}").write_bytes(rnd.randbytes(rnd.choice([3, 900, 300_000])))
+    store = ContentStore(tmp_path / "content")
+    layer = write_dir_layer(store, tree, CompressionOpts(compression=compression))  # type: ignore[arg-type]
+    with store.open(layer.descriptor.digest) as f:
+        blob = f.read()
+    assert layer.descriptor.digest == _sha(blob) and layer.descriptor.size == len(blob)
+    if compression == "gzip":
+        tar = gzip.decompress(blob)
+    elif compression == "zstd":
+        tar = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
+    else:
+        tar = blob
+    assert layer.diff_id == _sha(tar)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        names = {m.name for m in tf.getmembers() if m.isfile()}
+    assert names == {str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file()}
+    assert not _layer_threads()
+
+
+def test_a_failing_blob_write_fails_the_layer_and_stops_every_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(8):
+        (tree / f"f{i}").write_bytes(random.Random(i).randbytes(2 << 20))
+    written = 0
+    real_write = Ingest.write
+
+    def full_disk(self: Ingest, data: bytes) -> None:
+        nonlocal written
+        written += len(data)
+        if written > (4 << 20):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+
+    monkeypatch.setattr(Ingest, "write", full_disk)
+    store = ContentStore(tmp_path / "content")
+    with pytest.raises(HostError, match="No space left"):
+        write_dir_layer(store, tree, CompressionOpts(compression="gzip"))
+    assert not _layer_threads()
+    assert not any(store.ingest_dir.iterdir())  # the partial blob is gone

@@ -10,8 +10,11 @@ import hashlib
 import io
 import os
 import random
+import subprocess
 import tarfile
 import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,12 @@ from ociworker.core.digest import Digest
 from ociworker.core.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
 from ociworker.diff import CompressionOpts, write_dir_layer
 from ociworker.diff.apply import apply_blob
-from ociworker.diff.tarutil import DecompressingPipe, ForwardReader
+from ociworker.diff.tarutil import (
+    DecompressingPipe,
+    ForwardReader,
+    ParallelGzip,
+    _incompressible,
+)
 from ociworker.errors import DigestMismatchError, HostError, UnsafePathError, UserError
 
 
@@ -209,3 +217,30 @@ def test_a_failing_blob_write_fails_the_layer_and_stops_every_stage(
         write_dir_layer(store, tree, CompressionOpts(compression="gzip"))
     assert not _layer_threads()
     assert not any(store.ingest_dir.iterdir())  # the partial blob is gone
+
+
+def _pgzip(data: bytes, workers: int = 2) -> bytes:
+    with ThreadPoolExecutor(workers) as pool:
+        gz = ParallelGzip(6, pool, workers)
+        return gz.compress(data) + gz.flush()
+
+
+def test_gzip_stores_incompressible_blocks_and_deflates_the_rest() -> None:
+    rnd = random.Random(2)
+    noise = rnd.randbytes(3 * ParallelGzip.BLOCK)
+    text = b"".join(b"line %d of a text file\n" % i for i in range(200_000))
+    # a block half noise, half text: one probe finds text, so it is deflated
+    half = noise[: ParallelGzip.BLOCK // 2] + text[: ParallelGzip.BLOCK // 2]
+    for data in (noise, text, half, noise + text + half):
+        out = _pgzip(data)
+        assert gzip.decompress(out) == data
+        subprocess.run(["gzip", "-t"], input=out, check=True)
+        assert _pgzip(data, workers=1) == out
+    # noise is stored (deflate would have found nothing to shrink either), the rest deflated
+    assert _incompressible(noise[: ParallelGzip.BLOCK])
+    assert not _incompressible(text[: ParallelGzip.BLOCK])
+    assert not _incompressible(half)
+    assert len(_pgzip(noise)) <= len(noise) * 1.001 + 64
+    # deflated as ever: zlib's own level 6 on the whole text is the yardstick
+    assert len(_pgzip(text)) < 1.05 * len(zlib.compress(text, 6))
+    assert len(_pgzip(half)) < 0.6 * len(half)

@@ -24,7 +24,7 @@ from ociworker.content.store import ContentStore, Ingest
 from ociworker.core.digest import Digest
 from ociworker.core.oci import OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Descriptor
 from ociworker.diff import CompressionOpts, write_dir_layer
-from ociworker.diff.apply import apply_blob
+from ociworker.diff.apply import apply_blob, apply_tar_stream
 from ociworker.diff.tarutil import (
     DecompressingPipe,
     ForwardReader,
@@ -244,3 +244,47 @@ def test_gzip_stores_incompressible_blocks_and_deflates_the_rest() -> None:
     # deflated as ever: zlib's own level 6 on the whole text is the yardstick
     assert len(_pgzip(text)) < 1.05 * len(zlib.compress(text, 6))
     assert len(_pgzip(half)) < 0.6 * len(half)
+
+
+def _entries_tar(*entries: tuple[str, str, str]) -> io.BytesIO:
+    """(kind, name, data or link target) entries, in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for kind, name, arg in entries:
+            ti = tarfile.TarInfo(name)
+            if kind == "dir":
+                ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(ti)
+            elif kind == "sym":
+                ti.type, ti.linkname = tarfile.SYMTYPE, arg
+                tf.addfile(ti)
+            else:
+                ti.size, ti.mode = len(arg), 0o644
+                tf.addfile(ti, io.BytesIO(arg.encode()))
+    buf.seek(0)
+    return buf
+
+
+def test_a_dir_replaced_by_a_symlink_mid_layer_is_followed_by_later_entries(
+    tmp_path: Path,
+) -> None:
+    # "a" is resolved as a plain dir for a/f; then it becomes a symlink to b, so
+    # a/g is b/g: no answer about "a" from before may outlive the symlink
+    root = tmp_path / "root"
+    root.mkdir()
+    tar = _entries_tar(
+        ("dir", "b", ""),
+        ("dir", "a", ""),
+        ("reg", "a/f", "one"),
+        ("sym", "a", "b"),
+        ("reg", "a/g", "two"),
+        ("reg", ".wh.a", ""),
+        ("dir", "a", ""),
+        ("reg", "a/h", "three"),
+    )
+    apply_tar_stream(tar, root)
+    assert (root / "b" / "g").read_text() == "two"
+    assert not (root / "a").is_symlink()
+    assert sorted(p.name for p in (root / "a").iterdir()) == ["h"]
+    assert (root / "a" / "h").read_text() == "three"
+    assert sorted(p.name for p in (root / "b").iterdir()) == ["g"]

@@ -155,6 +155,11 @@ class _Extractor:
         # ancestors: an opaque marker must not remove them
         self.unpacked: set[str] = set()
         self.dirs: dict[str, _DirMeta] = {}
+        # _resolve's answers, kept while this layer only adds files and dirs (which
+        # resolve the same before and after they exist); cleared by anything that
+        # makes or removes a symlink. Never the safety net: _open_dirs still walks
+        # every component with O_NOFOLLOW.
+        self._resolved: dict[str, str] = {}
 
     # --- driver ----------------------------------------------------------------
 
@@ -199,12 +204,16 @@ class _Extractor:
 
     def _resolve(self, rel: str) -> str:
         """``rel`` with symlinks resolved inside the root, relative to the root."""
+        hit = self._resolved.get(rel)
+        if hit is not None:
+            return hit
         p = os.fspath(secure_join(self.root, rel))
         out = os.path.relpath(p, self.root)
         if out == ".":
-            return ""
+            out = ""
         if out == ".." or out.startswith("../"):  # secure_join guarantees this never happens
             raise UnsafePathError(f"{rel!r} resolves outside the root")
+        self._resolved[rel] = out
         return out
 
     def _open_dirs(self, rel: str, *, create: bool, flags: int = _DIR_PATH) -> int:
@@ -264,6 +273,7 @@ class _Extractor:
         except FileNotFoundError:
             existing = None
         if existing is not None and not (stat.S_ISDIR(existing.st_mode) and m.isdir()):
+            self._resolved.clear()
             _remove(pfd, base, existing)
         self._mark(rel)
         mode = stat.S_IMODE(m.mode)
@@ -293,11 +303,13 @@ class _Extractor:
             finally:
                 os.close(fd)
         elif m.issym():
+            self._resolved.clear()
             os.symlink(m.linkname, base, dir_fd=pfd)
             self._meta_at(pfd, base, m, chmod=False)
         elif m.islnk():
             assert link_src is not None
             sparent, sbase = link_src
+            self._resolved.clear()  # a hardlink to a symlink is a symlink
             sfd = self._open_dirs(sparent, create=False)
             try:
                 os.link(sbase, base, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
@@ -343,6 +355,7 @@ class _Extractor:
         return parent, name
 
     def _whiteout(self, parent_rel: str, base: str, name: str) -> None:
+        self._resolved.clear()
         if base == WHITEOUT_OPAQUE:
             self._opaque(parent_rel)
             return

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
+import functools
 import gzip
 import hashlib
 import os
@@ -206,6 +208,23 @@ def _deflate_block(block: bytes, zdict: bytes, level: int, final: bool) -> bytes
     return c.compress(block) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
 
 
+#: glibc's mallopt parameter (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _return_big_buffers() -> None:
+    """Keep glibc's mmap threshold at 256 KiB for the rest of the process.
+
+    glibc raises the threshold each time an mmapped block is freed (up to 32 MiB);
+    after that the pipeline's 1 MiB chunks come from the heaps of the threads that
+    allocate them, which do not shrink: a 1 GiB zstd export then peaked at 285 MiB
+    instead of 193 MiB (docs/performance.md, "Layer export"). With a fixed
+    threshold every such chunk is mmapped and given back when freed."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+
+
 class _Stage:
     """One step of the layer pipeline on a thread of its own, fed through a
     bounded queue (so memory stays a few chunks). sha256, zlib and libzstd
@@ -266,6 +285,7 @@ class LayerBlobWriter:
     BATCH = 256 * 1024
 
     def __init__(self, store: ContentStore, opts: CompressionOpts) -> None:
+        _return_big_buffers()
         self.media_type = layer_media_type(opts)
         workers = os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gzip")
@@ -606,6 +626,7 @@ class DecompressingPipe:
     _DONE = object()
 
     def __init__(self, raw: IO[bytes] | Any, media_type: str, *, depth: int = 8) -> None:
+        _return_big_buffers()
         self._blob = HashingReader(raw)
         self._src = decompressed(self._blob, media_type)
         self._tar = hashlib.sha256()

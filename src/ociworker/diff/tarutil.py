@@ -54,8 +54,10 @@ WHITEOUT_META_PREFIX = ".wh..wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 
-#: chunk size of every copy in the pipeline; bounds the memory of one layer
-CHUNK = 1 << 20
+#: chunk size of every copy in the pipeline; bounds the memory of one layer. Small
+#: enough to stay in cache between the read, the hashes and the write: with 1 MiB a
+#: 1 GiB zstd layer took twice the system time (docs/performance.md, "Layer export")
+CHUNK = 256 * 1024
 
 # zlib's own default (6) is what Go's gzip.DefaultCompression maps to, which
 # is what BuildKit and containerd use when no level is configured.

@@ -45,12 +45,11 @@ from ociworker.diff.tarutil import (
     WHITEOUT_OPAQUE,
     WHITEOUT_PREFIX,
     XATTR_PAX_PREFIX,
-    BoundedReader,
     BoundedTarInfo,
-    HashingReader,
+    DecompressingPipe,
+    ForwardReader,
     bomb_limit,
     check_reserve,
-    decompressed,
     disk_reserve,
     is_overlay_xattr,
     iter_members,
@@ -112,24 +111,24 @@ class LayerApplier:
 def apply_blob(store: ContentStore, layer: Descriptor, root: Path) -> Digest:
     """Extract blob ``layer`` from ``store`` onto directory ``root``; its diffID."""
     with store.open(layer.digest) as raw:
-        blob = HashingReader(raw)
+        what = f"layer {layer.digest}"
+        tar_stream = DecompressingPipe(
+            raw, layer.media_type, limit=bomb_limit(layer.size), what=what
+        )
         try:
-            what = f"layer {layer.digest}"
-            bounded = BoundedReader(
-                decompressed(blob, layer.media_type), bomb_limit(layer.size), what
-            )
-            tar_stream = HashingReader(bounded)
             _Extractor(root, reserve_for=what).run(tar_stream)
             # the diffID covers the whole uncompressed stream, including the
             # padding after the end-of-archive blocks that tarfile never reads
             tar_stream.drain()
-            blob.drain()
         except DECOMPRESS_ERRORS as e:
             raise UserError(f"layer {layer.digest}: corrupt compressed stream: {e}") from e
-    if blob.digest != layer.digest or blob.size != layer.size:
+        finally:
+            tar_stream.close()
+    if tar_stream.blob_digest != layer.digest or tar_stream.blob_size != layer.size:
         raise DigestMismatchError(
             f"layer blob {layer.digest} ({layer.size} bytes) read back as "
-            f"{blob.digest} ({blob.size} bytes); the snapshot it was applied to is invalid"
+            f"{tar_stream.blob_digest} ({tar_stream.blob_size} bytes); the snapshot it was "
+            "applied to is invalid"
         )
     want = dict(layer.annotations).get(ANNOTATION_UNCOMPRESSED)
     if want is not None and want != tar_stream.digest:
@@ -165,7 +164,7 @@ class _Extractor:
     #: less than the smallest reserve, or a check could come only after the disk
     #: was full (an fstatvfs per MiB written costs nothing against the write)
     _CHECK_ENTRIES = 256
-    _CHECK_BYTES = CHUNK
+    _CHECK_BYTES = 1 << 20
 
     def __init__(self, root: Path, *, whiteouts: bool = True, reserve_for: str = "") -> None:
         self.root = os.path.realpath(root)
@@ -186,14 +185,19 @@ class _Extractor:
         # ancestors: an opaque marker must not remove them
         self.unpacked: set[str] = set()
         self.dirs: dict[str, _DirMeta] = {}
+        # _resolve's answers, kept while this layer only adds files and dirs (which
+        # resolve the same before and after they exist); cleared by anything that
+        # makes or removes a symlink. Never the safety net: _open_dirs still walks
+        # every component with O_NOFOLLOW.
+        self._resolved: dict[str, str] = {}
 
     # --- driver ----------------------------------------------------------------
 
     def run(self, fileobj: SupportsRead | IO[bytes]) -> None:
         try:
-            with tarfile.open(
-                fileobj=cast(IO[bytes], fileobj), mode="r|", bufsize=CHUNK, tarinfo=BoundedTarInfo
-            ) as tar:
+            # the ordinary mode over a forward-only reader: see ForwardReader
+            src = cast(IO[bytes], ForwardReader(fileobj))
+            with tarfile.TarFile(fileobj=src, mode="r", tarinfo=BoundedTarInfo) as tar:
                 for member in iter_members(tar):
                     try:
                         self._entry(tar, member)
@@ -245,12 +249,16 @@ class _Extractor:
 
     def _resolve(self, rel: str) -> str:
         """``rel`` with symlinks resolved inside the root, relative to the root."""
+        hit = self._resolved.get(rel)
+        if hit is not None:
+            return hit
         p = os.fspath(secure_join(self.root, rel))
         out = os.path.relpath(p, self.root)
         if out == ".":
-            return ""
+            out = ""
         if out == ".." or out.startswith("../"):  # secure_join guarantees this never happens
             raise UnsafePathError(f"{rel!r} resolves outside the root")
+        self._resolved[rel] = out
         return out
 
     def _open_dirs(self, rel: str, *, create: bool, flags: int = _DIR_PATH) -> int:
@@ -310,6 +318,7 @@ class _Extractor:
         except FileNotFoundError:
             existing = None
         if existing is not None and not (stat.S_ISDIR(existing.st_mode) and m.isdir()):
+            self._resolved.clear()
             _remove(pfd, base, existing)
         self._mark(rel)
         mode = stat.S_IMODE(m.mode)
@@ -339,11 +348,13 @@ class _Extractor:
             finally:
                 os.close(fd)
         elif m.issym():
+            self._resolved.clear()
             os.symlink(m.linkname, base, dir_fd=pfd)
             self._meta_at(pfd, base, m, chmod=False)
         elif m.islnk():
             assert link_src is not None
             sparent, sbase = link_src
+            self._resolved.clear()  # a hardlink to a symlink is a symlink
             sfd = self._open_dirs(sparent, create=False)
             try:
                 os.link(sbase, base, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
@@ -406,6 +417,7 @@ class _Extractor:
         return parent, name
 
     def _whiteout(self, parent_rel: str, base: str, name: str) -> None:
+        self._resolved.clear()
         if base == WHITEOUT_OPAQUE:
             self._opaque(parent_rel)
             return

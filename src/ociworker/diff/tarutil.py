@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
+import functools
 import gzip
 import hashlib
 import os
+import queue
 import shutil
 import stat
 import struct
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,8 +55,10 @@ WHITEOUT_META_PREFIX = ".wh..wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
 XATTR_PAX_PREFIX = "SCHILY.xattr."
 
-#: chunk size of every copy in the pipeline; bounds the memory of one layer
-CHUNK = 1 << 20
+#: chunk size of every copy in the pipeline; bounds the memory of one layer. Small
+#: enough to stay in cache between the read, the hashes and the write: with 1 MiB a
+#: 1 GiB zstd layer took twice the system time (docs/performance.md, "Layer export")
+CHUNK = 256 * 1024
 
 # zlib's own default (6) is what Go's gzip.DefaultCompression maps to, which
 # is what BuildKit and containerd use when no level is configured.
@@ -167,7 +173,37 @@ class ParallelGzip:
         self._pending.append(self._pool.submit(_deflate_block, block, zdict, self._level, final))
 
 
+#: the probes ``_incompressible`` takes from a block, and the ratio they must miss
+_PROBES = 4
+_PROBE_SIZE = 16 * 1024
+_PROBE_RATIO = 0.9
+
+
+def _incompressible(block: bytes) -> bool:
+    """Whether every probe spread over ``block`` shrinks by less than 10% at level 1.
+
+    Deflate at level 6 spends as long searching already-compressed data
+    (archives, media, wheels, random bytes) as it does text, for nothing: such a
+    block is stored instead, a few bytes bigger than the data and ~50x faster
+    (docs/performance.md, "Layer export"). The 10% lets tar headers between
+    such files through (they save a few % and would make every block of a tree
+    of media files look compressible). A pure function of the block, so the
+    blob stays reproducible; a block with any compressible probe is deflated."""
+    if len(block) < _PROBES * _PROBE_SIZE:
+        return False
+    step = len(block) // _PROBES
+    for i in range(_PROBES):
+        probe = block[i * step : i * step + _PROBE_SIZE]
+        if len(zlib.compress(probe, 1)) < _PROBE_RATIO * len(probe):
+            return False
+    return True
+
+
 def _deflate_block(block: bytes, zdict: bytes, level: int, final: bool) -> bytes:
+    if level != 0 and _incompressible(block):
+        # stored blocks: the dictionary (the previous block's tail) is not needed
+        c = zlib.compressobj(0, zlib.DEFLATED, -15)
+        return c.compress(block) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
     if zdict:
         c = zlib.compressobj(level, zlib.DEFLATED, -15, zdict=zdict)
     else:
@@ -175,11 +211,84 @@ def _deflate_block(block: bytes, zdict: bytes, level: int, final: bool) -> bytes
     return c.compress(block) + c.flush(zlib.Z_FINISH if final else zlib.Z_SYNC_FLUSH)
 
 
+#: glibc's mallopt parameter (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.cache
+def _return_big_buffers() -> None:
+    """Keep glibc's mmap threshold at 256 KiB for the rest of the process.
+
+    glibc raises the threshold each time an mmapped block is freed (up to 32 MiB);
+    after that the pipeline's 1 MiB chunks come from the heaps of the threads that
+    allocate them, which do not shrink: a 1 GiB zstd export then peaked at 285 MiB
+    instead of 193 MiB (docs/performance.md, "Layer export"). With a fixed
+    threshold every such chunk is mmapped and given back when freed."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
+
+
+class _Stage:
+    """One step of the layer pipeline on a thread of its own, fed through a
+    bounded queue (so memory stays a few chunks). sha256, zlib and libzstd
+    release the GIL on large buffers, so the stages run on separate CPUs.
+
+    The first error is kept and raised by the next ``put`` or by ``close``;
+    after it the thread only drains, so a producer never blocks on it."""
+
+    _END = None
+
+    def __init__(self, name: str, fn: Any, depth: int = 4) -> None:
+        self._fn = fn
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._END:
+            if self._error is None:
+                try:
+                    self._fn(item)
+                except BaseException as e:  # raised in the producer's thread
+                    self._error = e
+
+    def put(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(data)
+
+    def close(self, *, abort: bool = False) -> None:
+        """Wait until every chunk is through; its first error (unless aborting)."""
+        if not self._closed:
+            self._closed = True
+            if abort and self._error is None:
+                self._error = _Aborted()
+            self._queue.put(self._END)
+            self._thread.join()
+        if self._error is not None and not abort:
+            raise self._error
+
+
+class _Aborted(Exception):
+    """Marks a stage whose remaining chunks are to be dropped."""
+
+
 class LayerBlobWriter:
     """The sink ``LayerTarWriter`` writes into: hashes the tar (diffID),
-    compresses it and streams the result into a content store ingest."""
+    compresses it and streams the result into a content store ingest.
+
+    The three run as a pipeline (``_Stage``): the caller's thread only makes
+    tar bytes, one thread hashes them, one compresses, one hashes and writes
+    the blob. Small writes (tar headers) are gathered into ``BATCH`` bytes
+    first, so a queue hand-off is never per entry. The bytes out are the same
+    as from the serial chain: each stage sees the chunks in order."""
+
+    BATCH = 256 * 1024
 
     def __init__(self, store: ContentStore, opts: CompressionOpts) -> None:
+        _return_big_buffers()
         self.media_type = layer_media_type(opts)
         workers = os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gzip")
@@ -190,20 +299,53 @@ class LayerBlobWriter:
             raise
         self._diff = hashlib.sha256()
         self._ingest: Ingest = store.ingest()
+        self._pending = bytearray()
+        # compressed pieces can be a whole zstd job (megabytes): keep few waiting
+        self._blob = _Stage("layer-blob", self._write_blob, depth=2)
+        self._compress = _Stage("layer-compress", self._compress_chunk)
+        self._hash = _Stage("layer-diffid", self._diff.update)
 
-    def write(self, data: bytes) -> int:
-        self._diff.update(data)
+    def _write_blob(self, data: bytes) -> None:
+        # mapped here, on the stage's thread: the error reaches the caller through
+        # the other stages, and must still name the content store
+        with _store_errors():
+            self._ingest.write(data)
+
+    def _compress_chunk(self, data: bytes) -> None:
         out = self._comp.compress(data)
         if out:
-            with _store_errors():
-                self._ingest.write(out)
-        return len(data)
+            self._blob.put(out)
+
+    def _dispatch(self, data: bytes) -> None:
+        self._hash.put(data)
+        self._compress.put(data)
+
+    def write(self, data: bytes) -> int:
+        n = len(data)
+        if n < self.BATCH:
+            self._pending += data
+            if len(self._pending) >= self.BATCH:
+                self._flush_pending()
+        else:
+            self._flush_pending()
+            # the stages keep a reference: hand them an immutable copy only
+            self._dispatch(data if type(data) is bytes else bytes(data))
+        return n
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._dispatch(bytes(self._pending))
+            self._pending.clear()
 
     def finish(self) -> Layer:
+        self._flush_pending()
+        self._hash.close()
+        self._compress.close()
         tail = self._comp.flush()
         with _store_errors():
             if tail:
-                self._ingest.write(tail)
+                self._blob.put(tail)
+            self._blob.close()
             self._pool.shutdown()
             size = self._ingest.size
             digest = self._ingest.commit()
@@ -211,6 +353,8 @@ class LayerBlobWriter:
         return Layer(Descriptor(self.media_type, digest, size), diff_id)
 
     def abort(self) -> None:
+        for stage in (self._hash, self._compress, self._blob):
+            stage.close(abort=True)
         self._pool.shutdown(cancel_futures=True)
         self._ingest.__exit__(None, None, None)
 
@@ -593,6 +737,166 @@ def decompressed(raw: Any, media_type: str) -> Any:
     if kind == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     return raw
+
+
+class ForwardReader:
+    """``read``/``tell``/forward-only ``seek`` over a stream, for ``tarfile.TarFile``
+    in its ordinary (seekable) mode.
+
+    tarfile's stream mode (``r|``) keeps its buffer as one ``bytes`` and slices
+    the rest off after every read: with a large buffer each 512-byte header read
+    copies up to the whole buffer (about half the time of unpacking a layer of
+    small files, measured in docs/performance.md). Here a read copies only what
+    it returns. A backward seek, which tarfile never makes on a sequential walk,
+    is refused rather than silently wrong.
+    """
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or pos < self._pos:
+            raise OSError(errno.ESPIPE, "layer stream cannot seek backwards")
+        while self._pos < pos:
+            if not self.read(min(pos - self._pos, CHUNK)):
+                break  # past the end: the next read says so
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts = [self._buf[self._off :]]
+            while chunk := self._raw.read(CHUNK):
+                parts.append(chunk)
+            self._buf, self._off = b"", 0
+            out = b"".join(parts)
+            self._pos += len(out)
+            return out
+        avail = len(self._buf) - self._off
+        if n <= avail:
+            out = self._buf[self._off : self._off + n]
+            self._off += n
+            self._pos += n
+            return out
+        parts = [self._buf[self._off :]] if avail else []
+        need = n - avail
+        self._buf, self._off = b"", 0
+        while need > 0:
+            chunk = self._raw.read(max(need, CHUNK))
+            if not chunk:
+                break
+            if len(chunk) > need:
+                parts.append(chunk[:need])
+                self._buf, self._off = chunk, need
+                need = 0
+            else:
+                parts.append(chunk)
+                need -= len(chunk)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos += len(out)
+        return out
+
+
+class DecompressingPipe:
+    """The uncompressed tar of a layer blob, decompressed by a thread of its own
+    while the caller extracts, so inflating (zlib and libzstd release the GIL)
+    and hashing overlap with the file writes instead of taking turns.
+
+    The thread hashes the blob as read (``blob_digest``, ``blob_size``) and the
+    tar it yields (``digest``: the diffID, ``size``). At most ``depth`` chunks
+    wait between the two threads, so memory stays bounded. A decompression
+    error (or ``DecompressionBombError`` past ``limit`` uncompressed bytes) is
+    raised by the ``read`` that reaches it, as the reader would have.
+    Always ``close`` it (it stops and joins the thread) before closing ``raw``.
+    """
+
+    _DONE = object()
+
+    def __init__(
+        self,
+        raw: IO[bytes] | Any,
+        media_type: str,
+        *,
+        depth: int = 8,
+        limit: int | None = None,
+        what: str = "layer",
+    ) -> None:
+        _return_big_buffers()
+        self._blob = HashingReader(raw)
+        self._src = decompressed(self._blob, media_type)
+        if limit is not None:
+            # bytes past the tar's end are read (and hashed) here too: the bound
+            # covers them, which is where a zstd bomb would put its bulk
+            self._src = BoundedReader(self._src, limit, what)
+        self._tar = hashlib.sha256()
+        self.size = 0
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._eof = False
+        self._thread = threading.Thread(target=self._produce, name="decompress", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._src.read(CHUNK)
+                if not chunk:
+                    # bytes after the compressed stream still count in the blob digest
+                    self._blob.drain()
+                    break
+                self._tar.update(chunk)
+                self.size += len(chunk)
+                self._put(chunk)
+            self._put(self._DONE)
+        except BaseException as e:  # handed to the reader, which raises it
+            self._put(e)
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int = -1) -> bytes:
+        # one chunk per call whatever ``n``: ForwardReader does the gathering
+        if self._eof:
+            return b""
+        item = self._queue.get()
+        if item is self._DONE:
+            self._eof = True
+            return b""
+        if isinstance(item, BaseException):
+            self._eof = True
+            raise item
+        assert isinstance(item, bytes)
+        return item
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256:" + self._tar.hexdigest())
+
+    @property
+    def blob_digest(self) -> Digest:
+        return self._blob.digest
+
+    @property
+    def blob_size(self) -> int:
+        return self._blob.size
 
 
 #: errors a corrupt or truncated compressed stream raises from its reader

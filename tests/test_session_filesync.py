@@ -657,8 +657,12 @@ async def test_waiting_for_a_busy_key_takes_no_executor_thread(env: Env) -> None
     # the holder's own work in the executor goes on (a guard against a hang, not a timing)
     assert await asyncio.wait_for(asyncio.to_thread(lambda: "ran"), 60) == "ran"
     held.close()
-    for w in waiters:  # each in turn, as the one before lets go
-        (await w).close()
+    # in the order they get the key, which the kernel does not promise to be the
+    # order they asked in: awaiting them in list order hung when a later waiter
+    # won (it held the key until the earlier one, waiting for it, returned)
+    async with asyncio.timeout(60):  # a guard against a hang, not a timing
+        for w in asyncio.as_completed(waiters):
+            (await w).close()
     pool.shutdown()
 
 

@@ -401,8 +401,11 @@ def test_add_git_checksum_pins_the_commit(
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"expected checksum to match {c.main}, got {c.feature}" in bad.stderr, bad.stderr
     assert http.url("repo.git") in bad.stderr, bad.stderr
+    # a 9-digit prefix that names neither: its last digit differs from both hashes'
+    # (a fixed "0" was the tag's own 9th digit one run in sixteen, and the build passed)
+    ninth = next(d for d in "0123456789abcdef" if d not in (tag_object[8], c.main[8]))
     (ctx / "Dockerfile").write_text(
-        f"FROM {base_image}\nADD --checksum={tag_object[:8]}0 {http.url('repo.git#v1')} /x\n"
+        f"FROM {base_image}\nADD --checksum={tag_object[:8]}{ninth} {http.url('repo.git#v1')} /x\n"
     )
     bad = ow(tmp_path / "root", "build", "--progress=plain", str(ctx), check=False)
     assert f"got {tag_object} or {c.main}" in bad.stderr, bad.stderr

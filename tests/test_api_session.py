@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from ociworker.api import session as session_mod
 from ociworker.api.server import serve_session
 from ociworker.api.session import ClientSession, SessionHub, WorkerSession
 from ociworker.api.v1 import control_pb2 as pb
@@ -121,6 +123,28 @@ async def test_sync_is_incremental_and_keeps_symlinks(link: Link, tmp_path: Path
     assert (dest2 / "sub" / "f3").read_bytes() == b"changed"
     assert not (dest2 / "sub" / "f4").exists()
     assert (dest2 / "big").read_bytes() == (ctx / "big").read_bytes()
+
+
+async def test_files_larger_than_a_batch_and_many_small_ones_arrive_whole(
+    link: Link, tmp_path: Path
+) -> None:
+    # the client reads and the worker writes in batches (of at most _BATCH_BYTES
+    # or _BATCH_CHUNKS chunks); files spanning batches, and more small files than
+    # one batch holds, must come out as the source has them
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    rng = random.Random(7)
+    want: dict[str, bytes] = {}
+    sizes = [session_mod._BATCH_BYTES * 2 + 5, session_mod._CHUNK - 1, 0, 1]
+    sizes += [rng.randrange(1, 3000) for _ in range(3 * session_mod._BATCH_CHUNKS)]
+    for i, size in enumerate(sizes):
+        want[f"f{i:04d}"] = rng.randbytes(size)
+        (ctx / f"f{i:04d}").write_bytes(want[f"f{i:04d}"])
+    cs = ClientSession(uuid.uuid4().hex, {"context": (ctx, None)})
+    ws = await link.open(cs)
+    dest, received = await _sync(ws, filesync.ContextStore(tmp_path / "store"), "k")
+    assert received == cs.bytes_sent == sum(sizes)
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == want
 
 
 class _LyingClient(ClientSession):

@@ -215,7 +215,7 @@ def test_a_failing_blob_write_fails_the_layer_and_stops_every_stage(
     store = ContentStore(tmp_path / "content")
     # the error raised on the blob stage's thread still names the content store
     with pytest.raises(
-        HostError, match="^cannot write the layer into the content store: no space left on device$"
+        HostError, match=r"^cannot write the layer into the content store: no space left on device$"
     ):
         write_dir_layer(store, tree, CompressionOpts(compression="gzip"))
     assert not _layer_threads()

@@ -123,28 +123,25 @@ class WorkerSession:
                 transfer.write(path, data)
 
         with self._request(files_request=req) as (_, q):
-            done = False
-            while not done:
-                # the chunks that have already arrived are written in one thread
-                # hop: one per chunk was most of the time of a context of small files
-                batch: list[tuple[str, bytes]] = []
-                size = 0
-                while True:
-                    msg = _expect(await self._answer(q), "file_chunk", "a files request")
-                    chunk = msg.file_chunk
-                    if chunk.done:
-                        done = True
-                        break
+            batch: list[tuple[str, bytes]] = []
+            size = 0
+            while True:
+                chunk = _expect(await self._answer(q), "file_chunk", "a files request").file_chunk
+                if not chunk.done:
                     if chunk.path not in allowed:
                         raise UnsafePathError(
                             f"client sent {chunk.path!r}, which was not asked for"
                         )
                     batch.append((chunk.path, chunk.data))
                     size += len(chunk.data)
-                    if q.empty() or size >= _BATCH_BYTES or len(batch) >= _BATCH_CHUNKS:
-                        break
-                if batch:
+                # what has already arrived is written in one thread hop: one hop per
+                # chunk was most of the time of a context of small files
+                full = size >= _BATCH_BYTES or len(batch) >= _BATCH_CHUNKS
+                if batch and (chunk.done or full or q.empty()):
                     await asyncio.to_thread(write, batch)
+                    batch, size = [], 0
+                if chunk.done:
+                    return
 
     async def get_secret(self, secret_id: str) -> bytes | None:
         if secret_id not in self.secret_ids:
